@@ -1,0 +1,12 @@
+import { InvalidArgumentError } from 'commander';
+
+const UNITS: Record<string, number> = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4 };
+
+/** "4096", "2M", "37.5M", "1GiB", "5g" → bytes (binary units). */
+export function parseSize(text: string): number {
+  const m = /^\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]?)(?:i?[bB])?\s*$/.exec(text);
+  if (!m) throw new InvalidArgumentError(`"${text}" is not a size (bytes, or a number with K, M, G or T)`);
+  const bytes = Number(m[1]) * UNITS[m[2]!.toUpperCase()]!;
+  if (!Number.isSafeInteger(bytes)) throw new InvalidArgumentError(`"${text}" is not a whole number of bytes`);
+  return bytes;
+}

@@ -1,0 +1,183 @@
+import { Command, InvalidArgumentError, Option } from 'commander';
+import { extname } from 'node:path';
+import { backup } from '../store/backup.js';
+import { benchStages, formatStages } from '../store/benchStages.js';
+import { benchMerge, formatMergeRows } from '../store/benchMerge.js';
+import { Repository, type Layout } from '../store/repository.js';
+import { restore, type RestoreFormat } from '../store/restore.js';
+import { verify } from '../store/verify.js';
+import { prune } from '../store/prune.js';
+import { settlePendingMerge } from '../store/merge.js';
+import { KEEP_OPTIONS, type RetentionPolicy } from '../store/retention.js';
+import { UsageError } from '../vhd/errors.js';
+import { checkBackupId } from '../store/names.js';
+import { type Compression, COMPRESSIONS } from '../vhd/compression.js';
+import { progressBar } from './progress.js';
+import { parseSize } from './sizes.js';
+import { EXIT_FAILURE, ExitStatus } from './run.js';
+
+function parseCount(text: string): number {
+  const n = Number(text);
+  if (!Number.isInteger(n) || n < 1 || n > 256) throw new InvalidArgumentError(`"${text}" is not a whole number from 1 to 256`);
+  return n;
+}
+
+function parseKeep(text: string): number {
+  const n = Number(text);
+  if (!Number.isInteger(n) || n < 0) throw new InvalidArgumentError(`"${text}" is not a whole number`);
+  return n;
+}
+
+function parseRate(text: string): number {
+  const bytes = parseSize(text.replace(/\/s$/i, ''));
+  if (bytes <= 0) throw new InvalidArgumentError(`"${text}" is not a positive rate`);
+  return bytes;
+}
+
+const fmtBytes = (n: number) => (n >= 1048576 ? `${(n / 1048576).toFixed(1)} MiB` : `${n} B`);
+
+export function storeCommands(): Command[] {
+  const init = new Command('init')
+    .description('create a backup repository')
+    .argument('<repo>')
+    .addOption(new Option('--layout <layout>', 'how backups are stored: dir (exploded, one file per block) or vhd').choices(['dir', 'vhd']).default('dir'))
+    .addOption(new Option('--compression <codec>', 'codec of stored blocks (dir layout)').choices([...COMPRESSIONS]).default('none'))
+    .action(async (root: string, opts: { layout: Layout; compression: Compression }) => {
+      const repo = await Repository.init(root, opts);
+      console.log(`initialized ${repo.root} (layout ${opts.layout}, compression ${opts.compression})`);
+    });
+
+  const backupCmd = new Command('backup')
+    .description('back up a disk image as the next backup of <disk>: full the first time, then deltas')
+    .argument('<repo>')
+    .argument('<disk>', 'disk name in the repository')
+    .requiredOption('--source <path>', 'raw image or VHD (file, directory or chain)')
+    .option('--full', 'take a full backup even if an earlier one exists')
+    .option('--changed <bitmap>', 'read only the blocks set in this bitmap (one bit per 2 MiB block, MSB first)')
+    .option('--concurrency <n>', 'worker threads (default: number of cores)', parseCount)
+    .option('--max-read <rate>', 'read bandwidth limit, e.g. 50M (per second)', parseRate)
+    .option('--max-write <rate>', 'write bandwidth limit, e.g. 20M (per second)', parseRate)
+    .option('--json', 'print one JSON object')
+    .action(async (root: string, disk: string, opts: { source: string; full?: boolean; changed?: string; concurrency?: number; maxRead?: number; maxWrite?: number; json?: boolean }) => {
+      const repo = await Repository.open(root);
+      repo.diskDir(disk); // validate the name before any work
+      const bar = progressBar(`backup ${disk}`, opts.json ?? false);
+      let report;
+      try {
+        report = await backup(repo, disk, { ...opts, onProgress: (d, t, b) => bar.update(d, t, b) });
+      } finally {
+        bar.stop();
+      }
+      if (opts.json) console.log(JSON.stringify(report, null, 2));
+      else {
+        console.log(report.id);
+        if (report.note) console.error(`note: ${report.note}`);
+      }
+    });
+
+  const list = new Command('list')
+    .description('list backups, oldest first')
+    .argument('<repo>')
+    .argument('[disk]')
+    .option('--json', 'print a JSON array')
+    .action(async (root: string, disk: string | undefined, opts: { json?: boolean }) => {
+      const repo = await Repository.open(root);
+      const rows = [];
+      for (const d of disk ? [disk] : await repo.disks()) {
+        await settlePendingMerge(repo, d);
+        for (const m of await repo.backups(d, (err) => console.error(`vhdvault: warning: ${err.message}`))) {
+          rows.push({ disk: m.disk, id: m.id, kind: m.kind, parent: m.parent, createdAt: m.createdAt, size: m.size, bytesStored: m.bytesStored, blocksWritten: m.blocksWritten });
+        }
+      }
+      if (opts.json) return console.log(JSON.stringify(rows, null, 2));
+      for (const r of rows) console.log(`${r.disk}\t${r.id}\t${r.kind}\t${r.createdAt}\t${fmtBytes(r.size)}\tstored ${fmtBytes(r.bytesStored)}`);
+    });
+
+  const restoreCmd = new Command('restore')
+    .description('restore a backup (default the latest) as a full VHD or raw image')
+    .argument('<repo>')
+    .argument('<disk>')
+    .argument('<out>')
+    .option('--backup <id>', 'backup id (default: the latest)')
+    .addOption(new Option('--format <format>', 'output format (default from the extension: .vhd → VHD, else raw)').choices(['vhd', 'raw']))
+    .action(async (root: string, disk: string, out: string, opts: { backup?: string; format?: RestoreFormat }) => {
+      const repo = await Repository.open(root);
+      repo.diskDir(disk);
+      if (opts.backup) checkBackupId(opts.backup);
+      const format = opts.format ?? (extname(out).toLowerCase() === '.vhd' ? 'vhd' : 'raw');
+      const r = await restore(repo, disk, out, { backup: opts.backup, format });
+      console.log(`restored ${disk} backup ${r.id} to ${out} (${format}, ${r.bytesWritten} bytes)`);
+    });
+
+  const verifyCmd = new Command('verify')
+    .description('re-read every stored block and check digests and structure')
+    .argument('<repo>')
+    .argument('[disk]')
+    .option('--json', 'print one JSON object')
+    .action(async (root: string, disk: string | undefined, opts: { json?: boolean }) => {
+      const repo = await Repository.open(root);
+      if (disk) repo.diskDir(disk);
+      const report = await verify(repo, disk);
+      if (opts.json) console.log(JSON.stringify({ ok: report.problems.length === 0, ...report }, null, 2));
+      else if (report.problems.length === 0) console.log(`ok: ${report.backups} backups, ${report.blocks} blocks verified`);
+      for (const p of report.problems) {
+        if (!opts.json) {
+          console.error(`vhdvault: ${p.disk}${p.id ? ` backup ${p.id}` : ''}${p.block !== null ? ` block ${p.block}` : ''}: ${p.problem}`);
+        }
+      }
+      if (report.problems.length > 0) throw new ExitStatus(EXIT_FAILURE);
+    });
+
+  const pruneCmd = new Command('prune')
+    .description('remove backups a retention policy does not keep; merge forward those later backups depend on')
+    .argument('<repo>')
+    .argument('[disk]');
+  for (const option of KEEP_OPTIONS) pruneCmd.option(`--keep-${option} <n>`, `keep the newest backup of this many ${option === 'last' ? 'backups' : `${option} periods`}`, parseKeep);
+  pruneCmd
+    .option('--max-merges <n>', 'merge at most this many backups in this run', parseKeep)
+    .option('--dry-run', 'print what would be kept and removed; change nothing')
+    .option('--json', 'print { kept, removed, merged }')
+    .action(async (root: string, disk: string | undefined, opts: Record<string, unknown>) => {
+      const policy: RetentionPolicy = {};
+      for (const option of KEEP_OPTIONS) {
+        const n = opts[`keep${option[0]!.toUpperCase()}${option.slice(1)}`];
+        if (typeof n === 'number') policy[option] = n;
+      }
+      if (Object.keys(policy).length === 0) throw new UsageError('at least one --keep-* option is required');
+      const repo = await Repository.open(root);
+      if (disk) repo.diskDir(disk);
+      const report = await prune(repo, disk, { policy, maxMerges: opts.maxMerges as number | undefined, dryRun: opts.dryRun === true });
+      if (opts.json) return console.log(JSON.stringify(report, null, 2));
+      const verb = opts.dryRun ? 'would ' : '';
+      for (const id of report.kept) console.log(`${verb}keep    ${id}`);
+      for (const id of report.removed) console.log(`${verb}remove  ${id}`);
+      for (const id of report.deferred) console.log(`deferred ${id} (--max-merges reached; next run)`);
+      console.log(`${opts.dryRun ? 'would merge' : 'merged'}: ${report.merged}`);
+    });
+
+  const bench = new Command('bench').description('measure this machine');
+  bench
+    .command('stages')
+    .description('measure read, digest, compression, decompression and write speed')
+    .option('--repo <repo>', 'write the test data inside this repository (its storage is what is measured)')
+    .option('--json', 'print JSON')
+    .action(async (opts: { repo?: string; json?: boolean }) => {
+      const dir = opts.repo ? (await Repository.open(opts.repo)).root : undefined;
+      const results = await benchStages(dir);
+      console.log(opts.json ? JSON.stringify(results, null, 2) : formatStages(results));
+    });
+
+  bench
+    .command('merge')
+    .description('time a retention merge in both layouts (same chain), to compare them on your storage')
+    .option('--dir <path>', 'where to build the chains (default: the current folder, i.e. the disk you are on)', '.')
+    .option('--size <size>', 'virtual disk size', parseSize, 1024 ** 3)
+    .option('--changed <percent|blocks>', 'blocks the delta changes: "10%" or a count', '10%')
+    .option('--json', 'print the rows as JSON')
+    .action(async (opts: { dir: string; size: number; changed: string; json?: boolean }) => {
+      const rows = await benchMerge(opts);
+      console.log(opts.json ? JSON.stringify(rows, null, 2) : formatMergeRows(rows));
+    });
+
+  return [init, backupCmd, list, restoreCmd, verifyCmd, pruneCmd, bench];
+}

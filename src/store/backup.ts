@@ -1,0 +1,205 @@
+import { mkdir, readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { testBit } from '../vhd/bitmap.js';
+import { VhdError } from '../vhd/errors.js';
+import { openDisk } from '../vhd/openDisk.js';
+import { openSource, type BlockSource } from '../vhd/source.js';
+import { VhdDirectoryWriter } from '../vhd/VhdDirectory.js';
+import { DynamicVhdWriter, type ParentLink } from '../vhd/VhdWriter.js';
+import { newUuid } from '../vhd/uuid.js';
+import { BLOCK_READ_AHEAD, orderedReadAhead, range } from '../util/pipeline.js';
+import { releaseBuffer } from '../util/bufferPool.js';
+import { DigestReader, DigestWriter, zeroDigest } from './digests.js';
+import { withDiskLock } from './lock.js';
+import { completePendingMerge } from './merge.js';
+import { newBackupId } from './names.js';
+import { BlockPool, defaultConcurrency } from './pool.js';
+import type { BackupMetadata, Repository } from './repository.js';
+import { newBackupMetadata, writeJsonAtomically } from './repository.js';
+import { BusyClock, figures, slowest, type Stage, type StageFigures } from './stages.js';
+import { limiter } from './throttle.js';
+
+export interface BackupOptions {
+  source: string;
+  full?: boolean;
+  /** A file of one bit per block (MSB first): only blocks whose bit is 1 are read. */
+  changed?: string;
+  concurrency?: number;
+  maxRead?: number;
+  maxWrite?: number;
+  onProgress?: (doneBlocks: number, totalBlocks: number, bytesRead: number) => void;
+}
+
+export interface BackupReport {
+  id: string;
+  kind: 'full' | 'delta';
+  parent: string | null;
+  size: number;
+  blocksRead: number;
+  blocksWritten: number;
+  bytesWritten: number;
+  durationMs: number;
+  stages: Record<Stage, StageFigures>;
+  slowestStage: Stage;
+  /** Why a delta was not possible, when the backup is full although not asked to be. */
+  note?: string;
+}
+
+/** Read a changed-block bitmap, which must cover every block. */
+async function readChangedBitmap(path: string, blockCount: number): Promise<Buffer> {
+  const bits = await readFile(path).catch((err: unknown) => {
+    throw new VhdError(path, `cannot read changed-block bitmap: ${(err as Error).message}`);
+  });
+  const needed = Math.ceil(blockCount / 8);
+  if (bits.length < needed) throw new VhdError(path, `changed-block bitmap has ${bits.length} bytes, ${needed} needed for ${blockCount} blocks`);
+  return bits;
+}
+
+/**
+ * Take a backup of `source` as the next backup of `disk`. Blocks are read in
+ * order (ahead of the workers), digested, compared with the previous backup's
+ * digests, and only changed ones are stored. Data and digests are written under
+ * temporary names; the metadata file, written last, is what makes the backup exist.
+ */
+export async function backup(repo: Repository, disk: string, options: BackupOptions): Promise<BackupReport> {
+  const diskDir = repo.diskDir(disk);
+  await mkdir(diskDir, { recursive: true });
+  return withDiskLock(diskDir, 'backup', async () => {
+    await completePendingMerge(repo, disk);
+    await repo.cleanLeftovers(disk);
+    const source = await openSource(options.source);
+    try {
+      return await backupFrom(repo, disk, source, options);
+    } finally {
+      await source.close();
+    }
+  });
+}
+
+async function backupFrom(repo: Repository, disk: string, source: BlockSource, options: BackupOptions): Promise<BackupReport> {
+  const started = performance.now();
+  const { layout, compression, blockSize } = repo.config;
+  if (source.blockSize !== blockSize) {
+    throw new VhdError(options.source, `has ${source.blockSize}-byte blocks; backups use ${blockSize}-byte blocks (convert it first)`);
+  }
+  const { size, blockCount } = source;
+  const latest = await repo.latest(disk);
+  let parent: BackupMetadata | null = options.full ? null : (latest ?? null);
+  let note: string | undefined;
+  if (parent && parent.size !== size) {
+    note = `disk size changed (${parent.size} → ${size} bytes): taking a full backup`;
+    parent = null;
+  }
+  if (options.changed && !parent) note ??= 'no previous backup to compare with: --changed ignored, every block read';
+
+  const id = newBackupId(latest?.id);
+  const uuid = newUuid();
+  let link: ParentLink | undefined;
+  if (parent) {
+    const parentDisk = await openDisk(repo.dataPath(disk, parent.id, parent.layout));
+    await parentDisk.close();
+    const relativePath = repo.dataName(parent.id, parent.layout);
+    link = { uuid: parentDisk.footer.uuid, timestamp: parentDisk.footer.timestamp, relativePath, absolutePath: join(repo.diskDir(disk), relativePath) };
+  }
+  const dataPath = repo.dataPath(disk, id);
+  const writerOptions = { size, blockSize, parent: link, uuid };
+  const writer = layout === 'dir' ? await VhdDirectoryWriter.create(dataPath, { ...writerOptions, compression }) : await DynamicVhdWriter.create(dataPath, writerOptions);
+  const digests = await DigestWriter.create(repo.digestsPath(disk, id));
+  const previous = parent ? await DigestReader.open(repo.digestsPath(disk, parent.id), parent.blockCount) : null;
+  const changed = parent && options.changed ? await readChangedBitmap(options.changed, blockCount) : null;
+  const concurrency = Math.max(1, options.concurrency ?? defaultConcurrency());
+  const pool = new BlockPool(concurrency);
+  const readLimit = limiter(options.maxRead);
+  const writeLimit = limiter(options.maxWrite);
+  const clocks = { read: new BusyClock(), write: new BusyClock() };
+  const workerMs = { digest: 0, compress: 0, write: 0 };
+  let blocksRead = 0;
+  let blocksWritten = 0;
+  let bytesWritten = 0;
+  let bytesCompressed = 0;
+  const zero = zeroDigest(blockSize);
+
+  /** Read, digest and (dir layout) store one block; resolves to what the in-order consumer needs. */
+  const produce = async (block: number) => {
+    const prev = previous ? await previous.get(block) : null;
+    if (changed && prev && !testBit(changed, block)) return { digest: prev, store: false, data: null, storedBytes: 0 };
+    await readLimit.take(blockSize);
+    let data = await clocks.read.time(() => source.readBlock(block));
+    blocksRead++;
+    clocks.read.bytes += blockSize;
+    if (data === null) {
+      // Known zero (unallocated in a VHD source): stored only to hide older data.
+      if (prev === null || prev.equals(zero)) return { digest: zero, store: false, data: null, storedBytes: 0 };
+      data = Buffer.alloc(blockSize);
+    }
+    const targetFile = writer instanceof VhdDirectoryWriter ? await writer.externalBlockFile(block) : null;
+    const result = await pool.run({
+      block,
+      data: data.buffer as ArrayBuffer,
+      byteOffset: data.byteOffset,
+      length: data.length,
+      previousDigest: prev,
+      compression,
+      targetFile,
+    });
+    workerMs.digest += result.digestMs;
+    workerMs.compress += result.compressMs;
+    workerMs.write += result.writeMs;
+    if (result.store) await writeLimit.take(result.storedBytes);
+    const keep = result.store && !(writer instanceof VhdDirectoryWriter); // the main thread still has to append it
+    if (!keep) releaseBuffer(result.data);
+    return { digest: Buffer.from(result.digest), store: result.store, data: keep ? Buffer.from(result.data.buffer, result.data.byteOffset, result.data.length) : null, storedBytes: result.storedBytes };
+  };
+
+  try {
+    let done = 0;
+    for await (const [block, r] of orderedReadAhead(range(blockCount), Math.max(BLOCK_READ_AHEAD, concurrency * 2), produce)) {
+      await digests.append(r.digest);
+      if (r.store) {
+        blocksWritten++;
+        bytesWritten += r.storedBytes;
+        if (writer instanceof VhdDirectoryWriter) {
+          writer.adoptBlock(block);
+          bytesCompressed += blockSize;
+        } else {
+          await clocks.write.time(() => writer.writeBlock(block, r.data!));
+          releaseBuffer(r.data!);
+        }
+      }
+      options.onProgress?.(++done, blockCount, clocks.read.bytes);
+    }
+    await writer.finish();
+    await digests.finish();
+  } catch (err) {
+    await writer.abort();
+    await digests.abort();
+    throw err;
+  } finally {
+    await previous?.close();
+    await pool.close();
+  }
+
+  const metadata = await newBackupMetadata(repo, { disk, id, parent: parent?.id ?? null, size, blockCount, uuid, blocksWritten, bytesWritten });
+  await writeJsonAtomically(repo.metadataPath(disk, id), metadata);
+
+  const threads = concurrency;
+  const stages: Record<Stage, StageFigures> = {
+    read: figures(clocks.read.bytes, clocks.read.busyMs),
+    digest: figures(blocksRead * blockSize, workerMs.digest / threads),
+    compress: figures(compression === 'none' ? 0 : bytesCompressed, workerMs.compress / threads),
+    write: figures(bytesWritten, layout === 'dir' ? workerMs.write / threads : clocks.write.busyMs),
+  };
+  return {
+    id,
+    kind: metadata.kind,
+    parent: metadata.parent,
+    size,
+    blocksRead,
+    blocksWritten,
+    bytesWritten,
+    durationMs: Math.round(performance.now() - started),
+    stages,
+    slowestStage: slowest(stages),
+    ...(note ? { note } : {}),
+  };
+}

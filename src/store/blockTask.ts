@@ -1,0 +1,68 @@
+import { open } from 'node:fs/promises';
+import { fullBitmap } from '../vhd/bitmap.js';
+import { type Compression, compress } from '../vhd/compression.js';
+import { digestOf, zeroDigest } from './digests.js';
+
+/** One block handed to a worker thread (the data's ArrayBuffer is transferred). */
+export interface BlockTask {
+  block: number;
+  data: ArrayBuffer;
+  byteOffset: number;
+  length: number;
+  /** The block's digest in the previous backup; null for a full backup. */
+  previousDigest: Uint8Array | null;
+  compression: Compression;
+  /** dir layout: the block file to create; vhd layout: null (the data comes back to be appended). */
+  targetFile: string | null;
+}
+
+export interface BlockResult {
+  block: number;
+  digest: Uint8Array;
+  /** True when this backup must store the block. */
+  store: boolean;
+  /** The block's bytes, handed back (transferred) to be written (vhd layout) and then recycled. */
+  data: Uint8Array;
+  storedBytes: number;
+  digestMs: number;
+  compressMs: number;
+  writeMs: number;
+}
+
+const now = () => performance.now();
+
+/**
+ * Digest a block, decide whether the backup stores it (changed since the
+ * previous backup; in a full backup, not all zero), and for the dir layout
+ * compress it and write its file (the file's folder is a temporary directory,
+ * flushed to disk and renamed into place only when the backup is complete).
+ */
+export async function processBlock(task: BlockTask): Promise<BlockResult> {
+  const data = new Uint8Array(task.data, task.byteOffset, task.length);
+  let t = now();
+  const digest = digestOf(data);
+  const digestMs = now() - t;
+  const store = task.previousDigest === null ? !digest.equals(zeroDigest(task.length)) : !digest.equals(task.previousDigest);
+  const result: BlockResult = { block: task.block, digest, store, data, storedBytes: 0, digestMs, compressMs: 0, writeMs: 0 };
+  if (!store) return result;
+  if (task.targetFile === null) {
+    result.storedBytes = data.length;
+    return result;
+  }
+  t = now();
+  const bitmap = fullBitmap(task.length);
+  // Uncompressed blocks are written as two pieces: no 2 MiB copy to join them.
+  const parts = task.compression === 'none' ? [bitmap, data] : [await compress(task.compression, Buffer.concat([bitmap, data]))];
+  result.compressMs = task.compression === 'none' ? 0 : now() - t;
+  t = now();
+  const fh = await open(task.targetFile, 'wx');
+  try {
+    // Made durable all at once, before the backup's directory is renamed into place.
+    await fh.writev(parts);
+  } finally {
+    await fh.close();
+  }
+  result.writeMs = now() - t;
+  result.storedBytes = parts.reduce((n, p) => n + p.length, 0);
+  return result;
+}

@@ -1,0 +1,30 @@
+import { availableParallelism } from 'node:os';
+import { dirname, resolve } from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import { Piscina } from 'piscina';
+import type { BlockResult, BlockTask } from './blockTask.js';
+
+/** The compiled worker: beside us in dist/, or in dist/ when running from sources (tests). */
+function workerFile(): string {
+  const here = fileURLToPath(import.meta.url);
+  const root = here.endsWith('.ts') ? resolve(dirname(here), '../../dist') : resolve(dirname(here), '../..');
+  return pathToFileURL(resolve(root, 'workers/blockWorker.js')).href;
+}
+
+export const defaultConcurrency = (): number => availableParallelism();
+
+export class BlockPool {
+  private readonly pool: Piscina;
+
+  constructor(readonly threads: number) {
+    this.pool = new Piscina({ filename: workerFile(), minThreads: threads, maxThreads: threads });
+  }
+
+  run(task: BlockTask): Promise<BlockResult> {
+    return this.pool.run(task, { transferList: [task.data] });
+  }
+
+  async close(): Promise<void> {
+    await this.pool.destroy();
+  }
+}

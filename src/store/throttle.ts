@@ -1,0 +1,33 @@
+import { setTimeout as sleep } from 'node:timers/promises';
+
+/**
+ * Paces bytes to an average rate: each take() reserves its share of time and
+ * waits until the reservation starts. Idle time is not banked beyond `burstMs`,
+ * so the rate holds over any window longer than a block or two.
+ */
+export class RateLimiter {
+  private next = 0;
+
+  constructor(
+    readonly bytesPerSecond: number,
+    private readonly burstMs = 100,
+  ) {
+    if (!(bytesPerSecond > 0)) throw new RangeError('rate must be positive');
+  }
+
+  async take(bytes: number): Promise<void> {
+    const now = performance.now();
+    this.next = Math.max(this.next, now - this.burstMs);
+    const wait = this.next - now;
+    this.next += (bytes / this.bytesPerSecond) * 1000;
+    if (wait > 0) await sleep(wait);
+  }
+}
+
+/** A limiter that never waits (no limit set). */
+export const unlimited = { take: async (_bytes: number): Promise<void> => undefined };
+export type Limiter = Pick<RateLimiter, 'take'>;
+
+export function limiter(bytesPerSecond: number | undefined): Limiter {
+  return bytesPerSecond ? new RateLimiter(bytesPerSecond) : unlimited;
+}

@@ -1,0 +1,178 @@
+import { realpath, stat } from 'node:fs/promises';
+import { dirname, basename, isAbsolute, resolve } from 'node:path';
+import { isSectorSet } from './bitmap.js';
+import { SECTOR_SIZE } from './constants.js';
+import type { VhdDisk } from './disk.js';
+import { VhdError } from './errors.js';
+import { decodeLocatorPath, PLATFORM_W2KU, PLATFORM_W2RU } from './parentLocator.js';
+import type { BlockSource } from './source.js';
+import { openDisk } from './openDisk.js';
+
+/** Chains deeper than this are refused as hostile rather than walked. */
+const MAX_CHAIN_DEPTH = 4096;
+
+/**
+ * A disk and its ancestors, top first. Reading a block takes, sector by
+ * sector, the topmost member that holds it: a differencing member holds the
+ * sectors whose bitmap bit is 1; a dynamic or fixed member holds all of its
+ * allocated blocks (qemu likewise ignores their bitmaps).
+ */
+export class VhdChain implements BlockSource {
+  private constructor(readonly members: VhdDisk[]) {}
+
+  static async open(path: string): Promise<VhdChain> {
+    const members: VhdDisk[] = [];
+    try {
+      const seen = new Set<string>();
+      let disk: VhdDisk = await openDisk(path);
+      members.push(disk);
+      seen.add(await realpath(path));
+      while (disk.footer.diskType === 'differencing') {
+        if (members.length >= MAX_CHAIN_DEPTH) throw new VhdError(path, `parent chain is deeper than ${MAX_CHAIN_DEPTH} disks`);
+        const parentPath = await findParent(disk);
+        const real = await realpath(parentPath);
+        if (seen.has(real)) throw new VhdError(disk.path, `parent chain loops: parent ${parentPath} is already in the chain`);
+        seen.add(real);
+        const child = disk;
+        const parent = await openDisk(parentPath, { fixedBlockSize: disk.blockSize }).catch((err: unknown) => {
+          // Name the child too: the user is looking at it, not at its parent.
+          throw err instanceof VhdError ? new VhdError(err.file, `${err.problem} (parent of ${child.path})`) : err;
+        });
+        members.push(parent);
+        checkParent(disk, parent);
+        disk = parent;
+      }
+      return new VhdChain(members);
+    } catch (err) {
+      await Promise.all(members.map((m) => m.close()));
+      throw err;
+    }
+  }
+
+  get top(): VhdDisk {
+    return this.members[0]!;
+  }
+
+  get size(): number {
+    return this.top.size;
+  }
+
+  get blockSize(): number {
+    return this.top.blockSize;
+  }
+
+  get blockCount(): number {
+    return this.top.blockCount;
+  }
+
+  /** The block's bytes as the chain presents them, or null when no member stores any of it. */
+  async readBlock(block: number): Promise<Buffer | null> {
+    const sectors = this.blockSize / SECTOR_SIZE;
+    let out: Buffer | null = null;
+    // Sectors of `out` still to be taken from a lower member.
+    let missing: Uint8Array | null = null;
+    let missingCount = 0;
+    for (const member of this.members) {
+      if (!member.isAllocated(block)) continue;
+      const stored = await member.readBlock(block);
+      if (stored === null) continue;
+      const partial = member.footer.diskType === 'differencing';
+      if (out === null) {
+        out = stored.data;
+        if (!partial) return out;
+        missing = new Uint8Array(sectors);
+        for (let s = 0; s < sectors; s++) {
+          if (!isSectorSet(stored.bitmap, s)) {
+            missing[s] = 1;
+            missingCount++;
+          }
+        }
+        if (missingCount === 0) return out;
+        continue;
+      }
+      for (let s = 0; s < sectors; s++) {
+        if (missing![s] && (!partial || isSectorSet(stored.bitmap, s))) {
+          stored.data.copy(out, s * SECTOR_SIZE, s * SECTOR_SIZE, (s + 1) * SECTOR_SIZE);
+          missing![s] = 0;
+          missingCount--;
+        }
+      }
+      if (missingCount === 0) return out;
+    }
+    if (out === null) return null;
+    for (let s = 0; s < sectors; s++) if (missing![s]) out.fill(0, s * SECTOR_SIZE, (s + 1) * SECTOR_SIZE);
+    return out;
+  }
+
+  /** Bytes [offset, offset + length) of the virtual disk. */
+  async read(offset: number, length: number): Promise<Buffer> {
+    if (offset < 0 || offset + length > this.size) throw new RangeError('read outside the disk');
+    const out = Buffer.alloc(length);
+    let done = 0;
+    while (done < length) {
+      const at = offset + done;
+      const block = Math.floor(at / this.blockSize);
+      const inBlock = at - block * this.blockSize;
+      const n = Math.min(this.blockSize - inBlock, length - done);
+      const data = await this.readBlock(block);
+      if (data) data.copy(out, done, inBlock, inBlock + n);
+      done += n;
+    }
+    return out;
+  }
+
+  async close(): Promise<void> {
+    await Promise.all(this.members.map((m) => m.close()));
+  }
+}
+
+/** Where a differencing disk's parent may be, in the order we try them. */
+async function parentCandidates(child: VhdDisk): Promise<string[]> {
+  const header = child.header!;
+  const here = dirname(child.path);
+  const candidates: string[] = [];
+  const fromChild = (p: string) => (isAbsolute(p) ? p : resolve(here, p));
+  const ordered = header.parentLocators
+    .map((loc, index) => ({ code: loc.platformCode, index }))
+    .filter(({ code }) => code === PLATFORM_W2RU || code === PLATFORM_W2KU)
+    .sort((a, b) => rank(a.code) - rank(b.code));
+  for (const { index } of ordered) {
+    const data = await child.readLocatorData(index);
+    if (data === null) continue;
+    const p = decodeLocatorPath(data);
+    if (p !== '' && !/^[A-Za-z]:/.test(p)) candidates.push(fromChild(p));
+  }
+  if (header.parentName !== '') {
+    const name = header.parentName.replace(/\\/g, '/');
+    if (!/^[A-Za-z]:/.test(name)) candidates.push(fromChild(name));
+    candidates.push(resolve(here, basename(name)));
+  }
+  return [...new Set(candidates)];
+}
+
+function rank(code: string): number {
+  return code === PLATFORM_W2RU ? 0 : code === PLATFORM_W2KU ? 1 : 2;
+}
+
+async function findParent(child: VhdDisk): Promise<string> {
+  const candidates = await parentCandidates(child);
+  for (const c of candidates) {
+    const s = await stat(c).catch(() => null);
+    if (s?.isFile() || s?.isDirectory()) return c;
+  }
+  const tried = candidates.length > 0 ? `tried ${candidates.join(', ')}` : 'it records no parent name or locator';
+  throw new VhdError(child.path, `parent disk not found (${tried})`);
+}
+
+function checkParent(child: VhdDisk, parent: VhdDisk): void {
+  const expected = child.header!.parentUuid;
+  if (parent.footer.uuid !== expected) {
+    throw new VhdError(child.path, `parent ${parent.path} has UUID ${parent.footer.uuid}, this disk expects ${expected}`);
+  }
+  if (parent.header !== null && parent.blockSize !== child.blockSize) {
+    throw new VhdError(child.path, `block size ${child.blockSize} differs from parent ${parent.path}'s ${parent.blockSize}`);
+  }
+  if (child.size > parent.size) {
+    throw new VhdError(child.path, `disk of ${child.size} bytes is larger than its parent ${parent.path} (${parent.size} bytes)`);
+  }
+}

@@ -1,0 +1,349 @@
+import { mkdir, open, readFile, rename, stat } from 'node:fs/promises';
+import { dirname, join } from 'node:path';
+import pLimit from 'p-limit';
+import { bitmapByteSize, fullBitmap, setBit, testBit } from './bitmap.js';
+import { type Compression, compress, decompress, isCompression } from './compression.js';
+import { FOOTER_SIZE, HEADER_SIZE } from './constants.js';
+import { type StoredBlock, type WritableVhdDisk, writeSectors } from './disk.js';
+import { describeFsError, VhdError } from './errors.js';
+import { type Footer, parseFooter, serializeFooter, virtualSize } from './footer.js';
+import { type DynamicHeader, LOCATOR_COUNT, parseHeader, serializeHeader } from './header.js';
+import { MAX_LOCATOR_BYTES, PLATFORM_NONE } from './parentLocator.js';
+import { newDiskMetadata, type WriterOptions } from './VhdWriter.js';
+import { pathExists } from '../util/files.js';
+import { AtomicFile, fsyncDirectory, removeQuietly, syncFilesystem, temporaryPath } from '../util/fsync.js';
+
+/**
+ * The exploded layout (Xen Orchestra vhd-lib's VhdDirectory): a directory with
+ * `footer`, `header`, `bat` (bit array, MSB first), `parentLocatorEntry<i>`,
+ * `blocks/<floor(id/1000)>/<id%1000>` (bitmap + block) and an optional
+ * `chunk-filters.json` naming the codec every one of those files is stored with.
+ */
+export const FOOTER_FILE = 'footer';
+export const HEADER_FILE = 'header';
+export const BAT_FILE = 'bat';
+export const CHUNK_FILTERS_FILE = 'chunk-filters.json';
+export const locatorFile = (index: number) => `parentLocatorEntry${index}`;
+
+/** `blocks/1/234` for block 1234: at most 1000 files per folder. */
+export function blockFile(block: number): string {
+  return `blocks/${Math.floor(block / 1000)}/${block % 1000}`;
+}
+
+/** Bytes of our `bat`: one bit per block. vhd-lib writes one byte per entry; both read the same bits. */
+export function batBitsSize(entries: number): number {
+  return Math.ceil(entries / 8);
+}
+
+/** Compressed files may be a little larger than their content; anything far larger is hostile. */
+const storedLimit = (contentLength: number, codec: Compression) =>
+  codec === 'none' ? contentLength : contentLength + (contentLength >> 3) + 65536;
+
+/** Read one stored file of a VHD directory, decompressed, at most `maxLength` bytes of content. */
+async function readChunk(dir: string, name: string, codec: Compression, maxLength: number): Promise<Buffer> {
+  const file = join(dir, name);
+  let stored: Buffer;
+  try {
+    const s = await stat(file);
+    if (!s.isFile()) throw new VhdError(file, 'is not a regular file');
+    if (s.size > storedLimit(maxLength, codec)) throw new VhdError(file, `is ${s.size} bytes, more than its content can be (${maxLength} bytes)`);
+    stored = await readFile(file);
+  } catch (err) {
+    if (err instanceof VhdError) throw err;
+    throw new VhdError(file, (err as NodeJS.ErrnoException).code === 'ENOENT' ? 'is missing' : describeFsError(err));
+  }
+  try {
+    return await decompress(codec, stored, maxLength);
+  } catch (err) {
+    const tooLong = (err as NodeJS.ErrnoException).code === 'ERR_BUFFER_TOO_LARGE' || /larger than|maxOutputLength/i.test(String(err));
+    throw new VhdError(file, tooLong ? `decompresses to more than ${maxLength} bytes` : `cannot be decompressed as ${codec}: ${(err as Error).message}`);
+  }
+}
+
+/** The codec named by `chunk-filters.json`: absent, `[]` or `["none"]` mean none. */
+export async function readChunkFilters(dir: string): Promise<Compression> {
+  const file = join(dir, CHUNK_FILTERS_FILE);
+  let text: string;
+  try {
+    const s = await stat(file);
+    if (s.size > 4096) throw new VhdError(file, `is ${s.size} bytes: not a filter list`);
+    text = await readFile(file, 'utf8');
+  } catch (err) {
+    if (err instanceof VhdError) throw err;
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return 'none';
+    throw new VhdError(file, describeFsError(err));
+  }
+  let filters: unknown;
+  try {
+    filters = JSON.parse(text);
+  } catch {
+    throw new VhdError(file, 'is not valid JSON');
+  }
+  if (!Array.isArray(filters) || filters.length > 1 || (filters.length === 1 && !isCompression(filters[0]))) {
+    throw new VhdError(file, `unsupported chunk filters ${JSON.stringify(filters).slice(0, 80)} (expected [], ["gzip"] or ["brotli"])`);
+  }
+  return filters.length === 0 ? 'none' : (filters[0] as Compression);
+}
+
+/** Write a small file durably under its final name (temporary name, fsync, rename). */
+async function writeChunkAtomically(dir: string, name: string, content: Buffer | string): Promise<void> {
+  const file = await AtomicFile.create(join(dir, name));
+  await file.commit(async () => {
+    await file.handle.writeFile(content);
+  });
+}
+
+/** A VHD stored as a directory (dynamic or differencing). */
+export class VhdDirectory implements WritableVhdDisk {
+  private constructor(
+    readonly path: string,
+    readonly footer: Footer,
+    readonly header: DynamicHeader,
+    private readonly bat: Buffer,
+    readonly compression: Compression,
+    private readonly writable: boolean,
+  ) {}
+
+  get size(): number {
+    return virtualSize(this.footer);
+  }
+
+  get blockSize(): number {
+    return this.header.blockSize;
+  }
+
+  get blockCount(): number {
+    return Math.ceil(this.size / this.blockSize);
+  }
+
+  get storedBlockSize(): number {
+    return bitmapByteSize(this.blockSize) + this.blockSize;
+  }
+
+  static async open(path: string, options: { writable?: boolean } = {}): Promise<VhdDirectory> {
+    const s = await stat(path).catch((err: unknown) => {
+      throw new VhdError(path, describeFsError(err));
+    });
+    if (!s.isDirectory()) throw new VhdError(path, 'is not a directory');
+    const codec = await readChunkFilters(path);
+    if (!(await pathExists(join(path, FOOTER_FILE)))) {
+      throw new VhdError(path, 'is not a VHD directory (it has no footer file)');
+    }
+    const footerBytes = await readChunk(path, FOOTER_FILE, codec, FOOTER_SIZE);
+    if (footerBytes.length !== FOOTER_SIZE) throw new VhdError(join(path, FOOTER_FILE), `is ${footerBytes.length} bytes, expected ${FOOTER_SIZE}`);
+    const footer = parseFooter(footerBytes, join(path, FOOTER_FILE));
+    if (footer.diskType === 'fixed') throw new VhdError(join(path, FOOTER_FILE), 'declares a fixed disk, which a VHD directory cannot hold');
+    const headerBytes = await readChunk(path, HEADER_FILE, codec, HEADER_SIZE);
+    if (headerBytes.length !== HEADER_SIZE) throw new VhdError(join(path, HEADER_FILE), `is ${headerBytes.length} bytes, expected ${HEADER_SIZE}`);
+    const header = parseHeader(headerBytes, join(path, HEADER_FILE));
+    const size = virtualSize(footer);
+    const blockCount = Math.ceil(size / header.blockSize);
+    if (header.maxTableEntries < blockCount) {
+      throw new VhdError(join(path, HEADER_FILE), `block allocation table too small: ${header.maxTableEntries} entries for ${blockCount} blocks`);
+    }
+    // vhd-lib's bat has one byte per table entry; ours one bit per block. Accept either.
+    const bat = await readChunk(path, BAT_FILE, codec, Math.max(header.maxTableEntries, batBitsSize(blockCount)));
+    if (bat.length < batBitsSize(blockCount)) {
+      throw new VhdError(join(path, BAT_FILE), `is ${bat.length} bytes, too short for ${blockCount} blocks (${batBitsSize(blockCount)} bytes)`);
+    }
+    return new VhdDirectory(path, footer, header, bat, codec, options.writable ?? false);
+  }
+
+  isAllocated(block: number): boolean {
+    return block >= 0 && block < this.blockCount && testBit(this.bat, block);
+  }
+
+  allocatedBlocks(): number {
+    let n = 0;
+    for (let b = 0; b < this.blockCount; b++) if (testBit(this.bat, b)) n++;
+    return n;
+  }
+
+  async readBlock(block: number): Promise<StoredBlock | null> {
+    if (!this.isAllocated(block)) return null;
+    const name = blockFile(block);
+    let stored: Buffer;
+    try {
+      stored = await readChunk(this.path, name, this.compression, this.storedBlockSize);
+    } catch (err) {
+      if (!(err instanceof VhdError)) throw err;
+      const problem = err.problem === 'is missing' ? 'is missing although the bat marks the block present' : err.problem;
+      throw new VhdError(this.path, `block ${block} (${name}) ${problem}`);
+    }
+    if (stored.length !== this.storedBlockSize) {
+      throw new VhdError(this.path, `block ${block} (${name}) is ${stored.length} bytes, expected ${this.storedBlockSize} (bitmap + block)`);
+    }
+    const bitmapSize = bitmapByteSize(this.blockSize);
+    return { bitmap: stored.subarray(0, bitmapSize), data: stored.subarray(bitmapSize) };
+  }
+
+  async readLocatorData(index: number): Promise<Buffer | null> {
+    const loc = this.header.parentLocators[index];
+    if (!loc || loc.platformCode === PLATFORM_NONE || loc.dataLength === 0 || loc.dataLength > MAX_LOCATOR_BYTES) return null;
+    try {
+      const data = await readChunk(this.path, locatorFile(index), this.compression, MAX_LOCATOR_BYTES);
+      return data.subarray(0, loc.dataLength);
+    } catch {
+      return null;
+    }
+  }
+
+  /** Read every block the bat marks present: the deep part of `vhd check`. */
+  async verifyBlocks(): Promise<void> {
+    const limit = pLimit(8);
+    const checks: Array<Promise<unknown>> = [];
+    for (let b = 0; b < this.blockCount; b++) if (this.isAllocated(b)) checks.push(limit(() => this.readBlock(b)));
+    await Promise.all(checks);
+  }
+
+  /**
+   * Store a block: its file is written under a temporary name, fsynced and
+   * renamed into place; a newly present block is then recorded in the bat
+   * (also replaced atomically), so the bat never names a block not yet durable.
+   */
+  async writeBlock(block: number, data: Buffer, bitmap: Buffer = fullBitmap(this.blockSize)): Promise<void> {
+    if (!this.writable) throw new Error(`${this.path} was opened read-only`);
+    if (block < 0 || block >= this.blockCount) throw new RangeError(`block ${block} outside disk of ${this.blockCount} blocks`);
+    if (data.length !== this.blockSize || bitmap.length !== bitmapByteSize(this.blockSize)) throw new RangeError('block or bitmap of the wrong size');
+    await writeBlockFile(this.path, block, Buffer.concat([bitmap, data]), this.compression);
+    if (!testBit(this.bat, block)) {
+      setBit(this.bat, block);
+      await writeChunkAtomically(this.path, BAT_FILE, await compress(this.compression, this.bat));
+    }
+  }
+
+  async writeSectors(diskOffset: number, bytes: Buffer): Promise<void> {
+    await writeSectors(this, diskOffset, bytes);
+  }
+
+  async close(): Promise<void> {
+    // Nothing is held open between calls.
+  }
+}
+
+/** Write `blocks/<a>/<b>` durably: temporary name, fsync, rename. */
+async function writeBlockFile(dir: string, block: number, stored: Buffer, codec: Compression): Promise<void> {
+  const target = join(dir, blockFile(block));
+  await mkdir(dirname(target), { recursive: true });
+  await writeChunkAtomically(dirname(target), String(block % 1000), await compress(codec, stored));
+}
+
+export interface DirectoryWriterOptions extends WriterOptions {
+  compression?: Compression;
+  /** Blocks compressed and written at once. */
+  concurrency?: number;
+}
+
+/**
+ * Writes a new VHD directory: everything goes into a temporary sibling
+ * directory, every file is fsynced, and finish() renames it into place. The
+ * target must not exist yet.
+ */
+export class VhdDirectoryWriter {
+  private readonly bat: Buffer;
+  private readonly pending = new Set<Promise<void>>();
+  private readonly folders = new Set<number>();
+  private failure: unknown = null;
+  private readonly concurrency: number;
+
+  private constructor(
+    readonly target: string,
+    private readonly temp: string,
+    readonly footer: Footer,
+    readonly header: DynamicHeader,
+    private readonly locatorData: Buffer[],
+    readonly compression: Compression,
+    concurrency: number,
+  ) {
+    this.bat = Buffer.alloc(batBitsSize(header.maxTableEntries));
+    this.concurrency = concurrency;
+  }
+
+  static async create(target: string, options: DirectoryWriterOptions): Promise<VhdDirectoryWriter> {
+    const { footer, header, locatorData } = newDiskMetadata(options);
+    if (await pathExists(target)) throw new VhdError(target, 'already exists: choose a new name for the directory');
+    const temp = temporaryPath(target);
+    await mkdir(join(temp, 'blocks'), { recursive: true });
+    return new VhdDirectoryWriter(target, temp, footer, header, locatorData, options.compression ?? 'none', options.concurrency ?? 4);
+  }
+
+  get blockSize(): number {
+    return this.header.blockSize;
+  }
+
+  /** Queue a block; resolves once it is accepted (backpressure past `concurrency` blocks in flight). */
+  async writeBlock(block: number, data: Buffer, bitmap: Buffer = fullBitmap(this.blockSize)): Promise<void> {
+    if (this.failure) throw this.failure;
+    if (block < 0 || block >= this.header.maxTableEntries) throw new RangeError(`block ${block} outside the disk`);
+    if (testBit(this.bat, block)) throw new Error(`block ${block} written twice`);
+    setBit(this.bat, block);
+    await this.externalBlockFile(block);
+    const job = this.storeBlock(block, Buffer.concat([bitmap, data])).catch((err: unknown) => {
+      this.failure ??= err;
+    });
+    this.pending.add(job);
+    void job.finally(() => this.pending.delete(job));
+    while (this.pending.size >= this.concurrency) await Promise.race(this.pending);
+    if (this.failure) throw this.failure;
+  }
+
+  /**
+   * Where another writer (a worker thread) may create block `block`'s file,
+   * already compressed; its folder exists. Call adoptBlock() once it is durable.
+   */
+  async externalBlockFile(block: number): Promise<string> {
+    const folder = Math.floor(block / 1000);
+    if (!this.folders.has(folder)) {
+      this.folders.add(folder);
+      await mkdir(join(this.temp, 'blocks', String(folder)), { recursive: true });
+    }
+    return join(this.temp, blockFile(block));
+  }
+
+  adoptBlock(block: number): void {
+    if (testBit(this.bat, block)) throw new Error(`block ${block} written twice`);
+    setBit(this.bat, block);
+  }
+
+  private async storeBlock(block: number, stored: Buffer): Promise<void> {
+    await this.writeFile(blockFile(block), await compress(this.compression, stored));
+  }
+
+  /** Files are flushed together by finish(), before the rename that publishes them. */
+  private async writeFile(name: string, content: Buffer | string): Promise<void> {
+    const fh = await open(join(this.temp, name), 'wx');
+    try {
+      await fh.writeFile(content);
+    } finally {
+      await fh.close();
+    }
+  }
+
+  /** Metadata files, one filesystem flush, then the rename that makes the directory exist. */
+  async finish(): Promise<void> {
+    try {
+      await Promise.all(this.pending);
+      if (this.failure) throw this.failure;
+      const c = this.compression;
+      for (let i = 0; i < this.locatorData.length && i < LOCATOR_COUNT; i++) {
+        await this.writeFile(locatorFile(i), await compress(c, this.locatorData[i]!));
+      }
+      await this.writeFile(HEADER_FILE, await compress(c, serializeHeader(this.header)));
+      await this.writeFile(BAT_FILE, await compress(c, this.bat));
+      if (c !== 'none') await this.writeFile(CHUNK_FILTERS_FILE, JSON.stringify([c]));
+      await this.writeFile(FOOTER_FILE, await compress(c, serializeFooter(this.footer)));
+      // One flush of the filesystem makes every file and folder above durable.
+      await syncFilesystem(this.temp);
+      await rename(this.temp, this.target);
+      await fsyncDirectory(dirname(this.target));
+    } catch (err) {
+      await this.abort();
+      throw err;
+    }
+  }
+
+  async abort(): Promise<void> {
+    await Promise.allSettled(this.pending);
+    await removeQuietly(this.temp);
+  }
+}

@@ -1,0 +1,102 @@
+import { type FileHandle, open, stat } from 'node:fs/promises';
+import { SECTOR_SIZE, DEFAULT_BLOCK_SIZE, FOOTER_COOKIE, FOOTER_SIZE, MAX_DISK_SIZE } from './constants.js';
+import { describeFsError, VhdError } from './errors.js';
+import { VhdChain } from './VhdChain.js';
+import { takeBuffer } from '../util/bufferPool.js';
+
+/** A virtual disk read block by block: a VHD chain or a raw image. */
+export interface BlockSource {
+  readonly size: number;
+  readonly blockSize: number;
+  readonly blockCount: number;
+  /**
+   * `blockSize` bytes (zero past the disk's end), or null when known to be all
+   * zeros. The caller owns the buffer; it may hand it to releaseBuffer() when done.
+   */
+  readBlock(block: number): Promise<Buffer | null>;
+  close(): Promise<void>;
+}
+
+/** A raw image; its size is rounded up to whole sectors (the tail reads as zeros). */
+export class RawSource implements BlockSource {
+  readonly blockCount: number;
+
+  private constructor(
+    readonly path: string,
+    private readonly fh: FileHandle,
+    private readonly fileSize: number,
+    readonly size: number,
+    readonly blockSize: number,
+  ) {
+    this.blockCount = Math.ceil(size / blockSize);
+  }
+
+  static async open(path: string, blockSize = DEFAULT_BLOCK_SIZE): Promise<RawSource> {
+    const fh = await openForReading(path);
+    const stat = await fh.stat();
+    if (!stat.isFile() && !stat.isBlockDevice()) {
+      await fh.close();
+      throw new VhdError(path, 'not a regular file');
+    }
+    const size = Math.ceil(stat.size / SECTOR_SIZE) * SECTOR_SIZE;
+    if (size === 0 || size > MAX_DISK_SIZE) {
+      await fh.close();
+      throw new VhdError(path, size === 0 ? 'raw image is empty' : `raw image of ${stat.size} bytes is above the VHD maximum of 2040 GiB`);
+    }
+    return new RawSource(path, fh, stat.size, size, blockSize);
+  }
+
+  async readBlock(block: number): Promise<Buffer | null> {
+    const start = block * this.blockSize;
+    const length = Math.max(0, Math.min(this.blockSize, this.fileSize - start));
+    const buf = length === this.blockSize ? takeBuffer(this.blockSize) : Buffer.alloc(this.blockSize);
+    let done = 0;
+    while (done < length) {
+      const { bytesRead } = await this.fh.read(buf, done, length - done, start + done);
+      if (bytesRead === 0) throw new VhdError(this.path, `raw image shrank while being read (at offset ${start + done})`);
+      done += bytesRead;
+    }
+    return buf;
+  }
+
+  async close(): Promise<void> {
+    await this.fh.close();
+  }
+}
+
+async function openForReading(path: string): Promise<FileHandle> {
+  try {
+    return await open(path, 'r');
+  } catch (err) {
+    throw new VhdError(path, describeFsError(err));
+  }
+}
+
+/** True when either footer position carries the VHD cookie. */
+export async function looksLikeVhd(path: string): Promise<boolean> {
+  const fh = await openForReading(path);
+  try {
+    const { size } = await fh.stat();
+    const probe = Buffer.alloc(8);
+    for (const at of size >= FOOTER_SIZE ? [0, size - FOOTER_SIZE] : [0]) {
+      const { bytesRead } = await fh.read(probe, 0, 8, at);
+      if (bytesRead === 8 && probe.toString('latin1') === FOOTER_COOKIE) return true;
+    }
+    return false;
+  } finally {
+    await fh.close();
+  }
+}
+
+/**
+ * Open a conversion input: a VHD file or directory (through its whole chain)
+ * or, when forced or not a VHD, a raw image.
+ */
+export async function openSource(path: string, options: { fromRaw?: boolean } = {}): Promise<BlockSource> {
+  const s = await stat(path).catch((err: unknown) => {
+    throw new VhdError(path, describeFsError(err));
+  });
+  if (s.isDirectory()) return VhdChain.open(path);
+  if (!options.fromRaw && (await looksLikeVhd(path))) return VhdChain.open(path);
+  return RawSource.open(path);
+}

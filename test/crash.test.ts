@@ -1,0 +1,106 @@
+import { spawn } from 'node:child_process';
+import { randomBytes, randomInt } from 'node:crypto';
+import { copyFile, open, readdir, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { describe, expect, it } from 'vitest';
+import { CLI, vhdvault } from './helpers/cli.js';
+import { makeRaw, sha256, tempDir } from './helpers/files.js';
+
+const MiB = 1024 * 1024;
+const BLOCK = 2 * MiB;
+const SIZE = 24 * MiB;
+const KILLS = 22;
+const dir = await tempDir();
+
+interface Row {
+  id: string;
+}
+
+function listIds(repo: string): string[] {
+  const r = vhdvault('list', repo, 'vm', '--json');
+  expect(r.code, r.stderr).toBe(0);
+  return (JSON.parse(r.stdout) as Row[]).map((row) => row.id);
+}
+
+/** Run a backup and SIGKILL it after `afterMs` (it may also finish first). */
+async function killedBackup(repo: string, source: string, afterMs: number): Promise<void> {
+  // Rate-limited so that a run lasts about a second and kills land in every stage.
+  const child = spawn(process.execPath, [CLI, 'backup', repo, 'vm', '--source', source, '--max-read', '24M', '--concurrency', '2'], { stdio: 'ignore' });
+  const exited = new Promise((resolve) => child.on('exit', resolve));
+  await Promise.race([sleep(afterMs), exited]);
+  child.kill('SIGKILL');
+  await exited;
+}
+
+async function scribble(raw: string): Promise<void> {
+  const fh = await open(raw, 'r+');
+  for (let i = 0; i < 3; i++) await fh.write(randomBytes(64 * 1024), 0, 64 * 1024, randomInt(SIZE / BLOCK) * BLOCK);
+  await fh.close();
+}
+
+for (const layout of ['dir', 'vhd'] as const) {
+  describe(`backup killed with SIGKILL at ${KILLS} random moments (layout ${layout})`, () => {
+    it('never lists a partial backup, recovers on the next run, and keeps every earlier backup exact', async () => {
+      const repo = join(dir, `repo-${layout}`);
+      const disk = join(dir, `disk-${layout}.raw`);
+      expect(vhdvault('init', repo, '--layout', layout, ...(layout === 'dir' ? ['--compression', 'gzip'] : [])).code).toBe(0);
+      await makeRaw(disk, SIZE, [[0, SIZE]]);
+      /** The disk's content for each committed backup. */
+      const expected = new Map<string, string>();
+      const commit = async (ids: string[]) => {
+        for (const id of ids) {
+          if (expected.has(id)) continue;
+          const copy = join(dir, `${layout}-${id}.raw`);
+          await copyFile(disk, copy);
+          expected.set(id, copy);
+        }
+      };
+
+      expect(vhdvault('backup', repo, 'vm', '--source', disk).code).toBe(0);
+      await commit(listIds(repo));
+
+      for (let k = 0; k < KILLS; k++) {
+        await scribble(disk);
+        const before = listIds(repo);
+        await killedBackup(repo, disk, randomInt(30, 1400));
+        const after = listIds(repo);
+        // Earlier backups are all still listed; at most the one attempted appears, and only complete.
+        expect(after.slice(0, before.length)).toEqual(before);
+        expect(after.length - before.length).toBeLessThanOrEqual(1);
+        await commit(after);
+        // Every few kills, a run that completes: it must succeed despite the leftovers.
+        if (k % 4 === 3) {
+          const r = vhdvault('backup', repo, 'vm', '--source', disk);
+          expect(r.stderr).toBe('');
+          expect(r.code).toBe(0);
+          await commit(listIds(repo));
+        }
+      }
+
+      const final = vhdvault('backup', repo, 'vm', '--source', disk);
+      expect(final.code, final.stderr).toBe(0);
+      const ids = listIds(repo);
+      await commit(ids);
+      expect(ids.length).toBeGreaterThanOrEqual(KILLS / 4 + 2);
+
+      // Nothing but committed backups remains: no temporary files, no orphans, no lock.
+      const files = await readdir(join(repo, 'disks', 'vm'));
+      const committed = new Set(ids);
+      for (const f of files) {
+        const stem = f.replace(/\.(json|digests|vhd-dir|vhd)$/, '');
+        expect(committed.has(stem), `leftover ${f}`).toBe(true);
+      }
+      expect(files).toHaveLength(ids.length * 3);
+
+      expect(vhdvault('verify', repo).code).toBe(0);
+      for (const id of ids) {
+        const out = join(dir, `${layout}-restored.raw`);
+        const r = vhdvault('restore', repo, 'vm', out, '--backup', id);
+        expect(r.code, r.stderr).toBe(0);
+        expect(await sha256(out), `backup ${id}`).toBe(await sha256(expected.get(id)!));
+        await rm(out);
+      }
+    });
+  });
+}

@@ -1,0 +1,250 @@
+import { randomBytes } from 'node:crypto';
+import { spawn } from 'node:child_process';
+import { copyFile, mkdir, open, readdir, readFile, stat, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { CLI, vhdvault } from './helpers/cli.js';
+import { makeRaw, sha256, tempDir } from './helpers/files.js';
+import { hasQemuImg, qemuImg, qemuInfo } from './helpers/qemu.js';
+
+const MiB = 1024 * 1024;
+const BLOCK = 2 * MiB;
+const dir = await tempDir();
+
+/** Overwrite blocks of a raw image with random data (never past its end). */
+async function changeBlocks(raw: string, blocks: number[]): Promise<void> {
+  const fh = await open(raw, 'r+');
+  const { size } = await fh.stat();
+  for (const b of blocks) await fh.write(randomBytes(BLOCK), 0, Math.min(BLOCK, size - b * BLOCK), b * BLOCK);
+  await fh.close();
+}
+
+function json<T>(args: string[]): T {
+  const r = vhdvault(...args);
+  expect(r.stderr, r.stderr).toBe('');
+  expect(r.code).toBe(0);
+  return JSON.parse(r.stdout) as T;
+}
+
+interface ListRow {
+  disk: string;
+  id: string;
+  kind: 'full' | 'delta';
+  parent: string | null;
+  createdAt: string;
+  size: number;
+  bytesStored: number;
+}
+
+for (const layout of ['dir', 'vhd'] as const) {
+  describe(`repository, layout ${layout}`, () => {
+    const repo = join(dir, `repo-${layout}`);
+    const work = join(dir, `work-${layout}`);
+    const disk = join(work, 'disk.raw');
+    const SIZE = 40 * MiB + 1536; // 21 blocks, the last one partial
+    const snapshots: Array<{ id: string; copy: string }> = [];
+
+    it('init creates a repository and refuses a second init', async () => {
+      await mkdir(work, { recursive: true });
+      const extra = layout === 'dir' ? ['--compression', 'gzip'] : [];
+      expect(vhdvault('init', repo, '--layout', layout, ...extra).code).toBe(0);
+      const again = vhdvault('init', repo);
+      expect(again.code).toBe(1);
+      expect(again.stderr).toMatch(/already a vhdvault repository/);
+    });
+
+    it('takes a full backup and four deltas; each delta stores exactly the changed blocks', async () => {
+      await makeRaw(disk, SIZE, [[0, 6 * MiB], [17 * MiB, MiB], [SIZE - 1536, 1536]]);
+      const changes = [[], [1, 5], [20], [0, 7, 8, 9], [3]];
+      for (let i = 0; i < changes.length; i++) {
+        await changeBlocks(disk, changes[i]!);
+        const report = json<{ id: string; kind: string; parent: string | null; blocksWritten: number; bytesWritten: number; durationMs: number; stages: Record<string, { bytesPerSecond: number; busyMs: number }>; slowestStage: string }>([
+          'backup', repo, 'vm-1', '--source', disk, '--json', '--concurrency', '2',
+        ]);
+        expect(report.kind).toBe(i === 0 ? 'full' : 'delta');
+        expect(report.parent).toBe(i === 0 ? null : snapshots[i - 1]!.id);
+        // Full: only the blocks holding data (0-2, 8, 20); deltas: exactly what changed.
+        expect(report.blocksWritten).toBe(i === 0 ? 5 : changes[i]!.length);
+        expect(Object.keys(report.stages).sort()).toEqual(['compress', 'digest', 'read', 'write']);
+        expect(['read', 'digest', 'compress', 'write']).toContain(report.slowestStage);
+        const copy = join(work, `at-${i}.raw`);
+        await copyFile(disk, copy);
+        snapshots.push({ id: report.id, copy });
+      }
+      const rows = json<ListRow[]>(['list', repo, '--json']);
+      expect(rows.map((r) => r.id)).toEqual(snapshots.map((s) => s.id));
+      expect(rows.map((r) => r.kind)).toEqual(['full', 'delta', 'delta', 'delta', 'delta']);
+      for (const r of rows) {
+        expect(r.disk).toBe('vm-1');
+        expect(r.size).toBe(SIZE);
+        expect(new Date(r.createdAt).toISOString()).toBe(r.createdAt);
+        expect(r.bytesStored).toBeGreaterThan(0);
+      }
+    });
+
+    it('every backup restores byte-identical to the disk at its time', async () => {
+      for (const [i, s] of snapshots.entries()) {
+        const out = join(work, `restored-${i}.raw`);
+        const r = vhdvault('restore', repo, 'vm-1', out, '--backup', s.id);
+        expect(r.stderr).toBe('');
+        expect(await sha256(out)).toBe(await sha256(s.copy));
+      }
+    });
+
+    it.skipIf(!hasQemuImg)('restores the latest as a VHD that qemu-img reads exactly', async () => {
+      const out = join(work, 'latest.vhd');
+      expect(vhdvault('restore', repo, 'vm-1', out).code).toBe(0);
+      expect(qemuInfo(out)['virtual-size']).toBe(SIZE);
+      const back = join(work, 'latest-qemu.raw');
+      qemuImg('convert', '-f', 'vpc', '-O', 'raw', out, back);
+      expect(await sha256(back)).toBe(await sha256(snapshots.at(-1)!.copy));
+    });
+
+    it('verify passes, then finds a flipped byte and names backup and block', async () => {
+      expect(vhdvault('verify', repo).code).toBe(0);
+      const target = snapshots[3]!; // a delta that stored blocks 0, 7, 8, 9
+      const data = join(repo, 'disks', 'vm-1', `${target.id}.${layout === 'dir' ? 'vhd-dir' : 'vhd'}`);
+      let restoreFlip: () => Promise<void>;
+      if (layout === 'dir') {
+        // gzip-compressed block file: flip a byte in the deflate stream's middle.
+        const file = join(data, 'blocks', '0', '8');
+        const original = await readFile(file);
+        const flipped = Buffer.from(original);
+        flipped[Math.floor(flipped.length / 2)] = flipped[Math.floor(flipped.length / 2)]! ^ 0x40;
+        await writeFile(file, flipped);
+        restoreFlip = () => writeFile(file, original);
+      } else {
+        // The VHD's 4th stored block is block 9 (appended in order 0, 7, 8, 9): flip one data byte.
+        const fh = await open(data, 'r+');
+        const { size } = await fh.stat();
+        const at = size - 512 - BLOCK + 12345;
+        const b = Buffer.alloc(1);
+        await fh.read(b, 0, 1, at);
+        await fh.write(Buffer.from([b[0]! ^ 0x01]), 0, 1, at);
+        await fh.close();
+        restoreFlip = async () => {
+          const h = await open(data, 'r+');
+          await h.write(b, 0, 1, at);
+          await h.close();
+        };
+      }
+      const bad = vhdvault('verify', repo, 'vm-1');
+      expect(bad.code).toBe(1);
+      const block = layout === 'dir' ? 8 : 9;
+      expect(bad.stderr).toContain(`backup ${target.id} block ${block}`);
+      expect(bad.stderr.trim().split('\n')).toHaveLength(1);
+      const j = JSON.parse(vhdvault('verify', repo, '--json').stdout);
+      expect(j.ok).toBe(false);
+      expect(j.problems).toEqual([expect.objectContaining({ disk: 'vm-1', id: target.id, block })]);
+      // Restore of that backup fails naming the block rather than emitting wrong data.
+      const out = join(work, 'should-not-exist.raw');
+      const r = vhdvault('restore', repo, 'vm-1', out, '--backup', target.id);
+      expect(r.code).toBe(1);
+      expect(r.stderr).toContain(`block ${block}`);
+      expect(r.stderr).toContain(target.id);
+      await expect(stat(out)).rejects.toThrow();
+      await restoreFlip();
+      expect(vhdvault('verify', repo).code).toBe(0);
+    });
+
+    it('--changed reads only the listed blocks', async () => {
+      await changeBlocks(disk, [4, 11]);
+      const bitmap = Buffer.alloc(3);
+      bitmap[0] = 0x80 >> 4; // block 4
+      bitmap[1] = 0x80 >> 3; // block 11
+      const bits = join(work, 'changed.bin');
+      await writeFile(bits, bitmap);
+      const report = json<{ id: string; blocksRead: number; blocksWritten: number }>(['backup', repo, 'vm-1', '--source', disk, '--changed', bits, '--json']);
+      expect(report.blocksRead).toBe(2);
+      expect(report.blocksWritten).toBe(2);
+      const out = join(work, 'after-changed.raw');
+      expect(vhdvault('restore', repo, 'vm-1', out, '--backup', report.id).code).toBe(0);
+      expect(await sha256(out)).toBe(await sha256(disk));
+    });
+
+    it('a block that became zero is stored, so the restore shows zeros', async () => {
+      const fh = await open(disk, 'r+');
+      await fh.write(Buffer.alloc(BLOCK), 0, BLOCK, 0);
+      await fh.close();
+      const report = json<{ id: string; blocksWritten: number }>(['backup', repo, 'vm-1', '--source', disk, '--json']);
+      expect(report.blocksWritten).toBe(1);
+      const out = join(work, 'zeroed.raw');
+      expect(vhdvault('restore', repo, 'vm-1', out).code).toBe(0);
+      expect(await sha256(out)).toBe(await sha256(disk));
+    });
+  });
+}
+
+describe('repository rules', () => {
+  const repo = join(dir, 'rules');
+  const raw = join(dir, 'rules.raw');
+
+  it('refuses a non-empty folder that is not a repository', async () => {
+    const folder = join(dir, 'busy');
+    await mkdir(folder);
+    await writeFile(join(folder, 'precious.txt'), 'keep me');
+    const r = vhdvault('init', folder);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/not empty/);
+    expect(await readdir(folder)).toEqual(['precious.txt']);
+  });
+
+  it('refuses disk names and ids that could escape the repository', async () => {
+    expect(vhdvault('init', repo).code).toBe(0);
+    await makeRaw(raw, 4 * MiB, [[0, 4096]]);
+    for (const name of ['..', '../x', 'a/b', '.hidden', 'a..b', 'x y']) {
+      const r = vhdvault('backup', repo, name, '--source', raw);
+      expect(r.code, name).toBe(2);
+      expect(r.stderr).toMatch(/invalid disk name/);
+    }
+    const r = vhdvault('restore', repo, 'vm', join(dir, 'x.raw'), '--backup', '../../etc');
+    expect(r.code).toBe(2);
+    expect(r.stderr).toMatch(/invalid backup id/);
+    expect(await readdir(join(repo, 'disks'))).toEqual([]);
+  });
+
+  it('one writer per disk: a live lock is refused clearly, a dead one is taken over', async () => {
+    const diskDir = join(repo, 'disks', 'locked');
+    await mkdir(diskDir, { recursive: true });
+    // A live holder: this test process.
+    await writeFile(join(diskDir, 'lock'), JSON.stringify({ pid: process.pid, host: (await import('node:os')).hostname(), startedAt: 'now', command: 'backup' }));
+    const r = vhdvault('backup', repo, 'locked', '--source', raw);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/locked by process \d+/);
+    // A dead holder: a process that has exited.
+    const dead = spawn(process.execPath, ['-e', '0']);
+    await new Promise((res) => dead.on('exit', res));
+    await writeFile(join(diskDir, 'lock'), JSON.stringify({ pid: dead.pid, host: (await import('node:os')).hostname(), startedAt: 'then', command: 'backup' }));
+    const ok = vhdvault('backup', repo, 'locked', '--source', raw);
+    expect(ok.stderr).toBe('');
+    expect(ok.code).toBe(0);
+    expect(await readdir(diskDir)).not.toContain('lock');
+  });
+
+  it('--max-read holds the read rate', async () => {
+    const big = join(dir, 'rate.raw');
+    await makeRaw(big, 24 * MiB, [[0, 24 * MiB]]);
+    const started = performance.now();
+    const r = vhdvault('backup', repo, 'rate', '--source', big, '--max-read', '12M', '--json');
+    const seconds = (performance.now() - started) / 1000;
+    expect(r.code).toBe(0);
+    // 24 MiB at 12 MiB/s: at least ~1.9 s (one block of burst allowed).
+    expect(seconds).toBeGreaterThan(1.7);
+  });
+
+  it('usage errors exit 2', () => {
+    expect(vhdvault('backup', repo, 'vm').code).toBe(2); // --source missing
+    expect(vhdvault('backup', repo, 'vm', '--source', raw, '--concurrency', '0').code).toBe(2);
+    expect(vhdvault('backup', repo, 'vm', '--source', raw, '--max-read', 'fast').code).toBe(2);
+    expect(vhdvault('init', join(dir, 'r2'), '--layout', 'zip').code).toBe(2);
+  });
+
+  it('a missing repository is one clear line, exit 1', () => {
+    const r = vhdvault('list', join(dir, 'nowhere'));
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/not a vhdvault repository/);
+    expect(r.stderr.trim().split('\n')).toHaveLength(1);
+  });
+});
+
+export { CLI };

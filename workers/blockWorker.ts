@@ -1,0 +1,16 @@
+// Piscina entry point: digest, compress and write one block (logic in src/store/blockTask.ts).
+import { move, transferableSymbol, valueSymbol } from 'piscina';
+import { type BlockResult, type BlockTask, processBlock } from '../src/store/blockTask.js';
+
+export default async function blockWorker(task: BlockTask): Promise<unknown> {
+  const result: BlockResult = await processBlock(task);
+  // Transfer the block's buffer back instead of copying it, so the main thread can recycle it.
+  return move({
+    get [transferableSymbol]() {
+      return [result.data.buffer];
+    },
+    get [valueSymbol]() {
+      return result;
+    },
+  });
+}
