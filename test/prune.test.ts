@@ -1,4 +1,5 @@
 import { spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import { randomBytes, randomInt } from 'node:crypto';
 import { copyFile, open, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -189,9 +190,8 @@ for (const layout of ['dir', 'vhd'] as const) {
           copies.set(r.stdout.trim(), copy);
         }
       };
-      // Start-up and planning take most of a run: aim the kills at the window after them,
-      // measured on one uninterrupted cycle.
-      const planningMs = timed(['prune', repo, '--keep-last', '3', '--dry-run']);
+      const journal = join(repo, 'disks', 'vm', 'merge.json');
+      // One uninterrupted cycle measures the whole run and the merge window (while merge.json exists).
       await twoBackups();
       const runMs = timed(['prune', repo, '--keep-last', '3']);
       let interrupted = 0;
@@ -199,13 +199,22 @@ for (const layout of ['dir', 'vhd'] as const) {
         // Two new backups, then a prune that merges two: killed somewhere in it.
         await twoBackups();
         const child = spawn(process.execPath, [CLI, 'prune', repo, '--keep-last', '3'], { stdio: 'ignore' });
-        const exited = new Promise((resolve) => child.on('exit', resolve));
-        await Promise.race([sleep(randomInt(Math.floor(planningMs * 0.85), Math.ceil(Math.max(runMs, planningMs + 20)))), exited]);
+        let done = false;
+        const exited = new Promise((resolve) => child.on('exit', resolve)).then(() => (done = true));
+        if (k % 2 === 0) {
+          // Anywhere in the run, start-up included.
+          await Promise.race([sleep(randomInt(0, Math.ceil(runMs))), exited]);
+        } else {
+          // Aimed: start-up is most of a run, so wait for the journal, then kill within a few ms of it.
+          while (!done && !existsSync(journal)) await sleep(1);
+          await Promise.race([sleep(randomInt(0, 12)), exited]);
+        }
         child.kill('SIGKILL');
         await exited;
-        if ((await readdir(join(repo, 'disks', 'vm'))).includes('merge.json')) interrupted++;
+        if (existsSync(journal)) interrupted++;
         // The next command finds any interrupted merge and finishes it; the rerun completes the policy.
         timed(['prune', repo, '--keep-last', '3']);
+        expect(existsSync(journal)).toBe(false);
         expect(list(repo)).toHaveLength(3);
         if (k % 10 === 9 || k === KILLS - 1) await expectSound(repo, copies);
       }
