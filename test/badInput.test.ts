@@ -212,6 +212,12 @@ const structural: BadInput[] = [
 
   // -- footer
   {
+    name: 'size not a whole number of sectors (checksums valid)',
+    make: fromGood((image) => editFooters(image, (f) => f.writeBigUInt64BE(BigInt(SIZE - 412), F.currentSize))),
+    problem: /declares size 4193892 bytes, not a whole number of 512-byte sectors/,
+    commands: ALL,
+  },
+  {
     name: 'bad footer cookie (both copies, checksums valid)',
     make: fromGood((image) => editFooters(image, (f) => f.write('conectiX', F.cookie, 'latin1'))),
     problem: /footer at end of file has bad cookie "conectiX"/,
@@ -723,6 +729,44 @@ describe('bad input: paths that are not files', () => {
   });
 });
 
+describe('outputs never destroy inputs', () => {
+  it('vhd create refuses an existing file, even its own --parent', async () => {
+    const dir = join(root, 'exists');
+    await mkdir(dir);
+    const base = join(dir, 'base.vhd');
+    expect(vhdvault('vhd', 'create', base, '--size', '4M').code).toBe(0);
+    const before = await sha256(base);
+    expectRejected(vhdvault('vhd', 'create', base, '--size', '8M'), [base], /already exists/);
+    expectRejected(vhdvault('vhd', 'create', base, '--parent', base), [base], /already exists/);
+    expect(await sha256(base)).toBe(before);
+    expect((await readdir(dir)).sort()).toEqual(['base.vhd']);
+  });
+
+  it('vhd convert refuses to write over a parent of its input', async () => {
+    const dir = join(root, 'over-parent');
+    await mkdir(dir);
+    const base = join(dir, 'base.vhd');
+    const child = join(dir, 'child.vhd-dir');
+    expect(vhdvault('vhd', 'create', base, '--size', '4M').code).toBe(0);
+    expect(vhdvault('vhd', 'create', child, '--parent', base).code).toBe(0);
+    const before = await sha256(base);
+    const r = vhdvault('vhd', 'convert', child, base);
+    expect(r.code, r.stderr).toBe(2);
+    expect(r.stderr).toMatch(/a parent of the input/);
+    expect(await sha256(base)).toBe(before);
+    expect(vhdvault('vhd', 'check', child).code).toBe(0);
+  });
+
+  it('an output in a missing folder or on a directory is named as the user gave it', async () => {
+    const dir = join(root, 'bad-out');
+    await mkdir(join(dir, 'adir.raw'), { recursive: true });
+    const missing = join(dir, 'nope', 'x.raw');
+    expectRejected(vhdvault('vhd', 'convert', good, missing), [missing], /its folder does not exist/);
+    expectRejected(vhdvault('vhd', 'convert', good, join(dir, 'adir.raw')), [join(dir, 'adir.raw')], /is a directory/);
+    expect(await readdir(dir)).toEqual(['adir.raw']);
+  });
+});
+
 describe('usage errors exit 2', () => {
   let dir: string;
   beforeAll(async () => {
@@ -754,6 +798,12 @@ describe('usage errors exit 2', () => {
     expectUsage(vhdvault('vhd', 'create', join(dir, 'zero.vhd'), '--size', '0'), /positive/);
     expectUsage(vhdvault('vhd', 'create', join(dir, 'huge.vhd'), '--size', '3T'), /2040 GiB/);
     expectUsage(vhdvault('vhd', 'create', join(dir, 'bs.vhd'), '--size', '4M', '--block-size', '3M'), /block size/);
+    expect(await readdir(dir)).toEqual([]);
+  });
+
+  it('vhd create with a block size too small for the disk', async () => {
+    expectUsage(vhdvault('vhd', 'create', join(dir, 'small-blocks.vhd'), '--size', '300G', '--block-size', '4K'), /table entries.*larger block size/);
+    expectUsage(vhdvault('vhd', 'create', join(dir, 'past-2t.vhd'), '--size', '2040G', '--block-size', '64K'), /2 TiB.*larger block size/);
     expect(await readdir(dir)).toEqual([]);
   });
 

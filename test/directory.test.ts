@@ -194,6 +194,11 @@ describe('bad directories are refused with one clear line', () => {
       await writeFile(join(d, 'blocks/0/0'), gzipSync(await readFile(join(d, 'blocks/0/0'))));
       // blocks/0/2 left uncompressed
     }, /block 2 \(blocks\/0\/2\) cannot be decompressed as gzip/],
+    ['a header claiming 4 Gi table entries (a bat decompression bomb must not be read)', async (d) => {
+      const { serializeHeader } = await import('../src/vhd/header.js');
+      const h = (await VhdDirectory.open(d)).header;
+      await writeFile(join(d, 'header'), serializeHeader({ ...h, maxTableEntries: 0xffffffff }));
+    }, /header.*table of 4294967295 entries is implausibly large/],
     ['bad header checksum', async (d) => {
       const h = await readFile(join(d, 'header'));
       h[100] = h[100]! ^ 0xff;

@@ -24,6 +24,15 @@ async function sameFile(a: string, b: string): Promise<boolean> {
   return ra === rb;
 }
 
+/** Every file a conversion reads: the input and, for a VHD, its parents (a raw or unreadable input is just itself). */
+async function inputFiles(input: string, fromRaw: boolean): Promise<string[]> {
+  if (fromRaw) return [input];
+  const chain = await VhdChain.open(input).catch(() => null);
+  if (!chain) return [input];
+  await chain.close();
+  return chain.members.map((m) => m.path);
+}
+
 export function vhdCommand(): Command {
   const vhd = new Command('vhd').description('create, inspect, check and convert VHD files and directories');
 
@@ -85,7 +94,10 @@ export function vhdCommand(): Command {
     .action(async (input: string, output: string, opts: { format?: OutputFormat; from?: 'raw'; compression?: Compression }) => {
       const format = outputFormatFor(output, opts.format);
       if (opts.compression && format !== 'dir') throw new UsageError('--compression applies only to directory output (--format dir)');
-      if (await sameFile(input, output)) throw new UsageError('input and output are the same file');
+      for (const file of await inputFiles(input, opts.from === 'raw')) {
+        if (!(await sameFile(file, output))) continue;
+        throw new UsageError(file === input ? 'input and output are the same file' : `output ${output} is ${file}, a parent of the input: converting would destroy the chain`);
+      }
       await convert(input, output, { format, fromRaw: opts.from === 'raw', compression: opts.compression });
     });
 

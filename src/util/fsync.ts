@@ -1,5 +1,6 @@
 import { execFile } from 'node:child_process';
-import { type FileHandle, open, rename, rm } from 'node:fs/promises';
+import { type FileHandle, open, rename, rm, stat } from 'node:fs/promises';
+import { describeFsError, VhdError } from '../vhd/errors.js';
 import { promisify } from 'node:util';
 import { basename, dirname, join } from 'node:path';
 import { randomBytes } from 'node:crypto';
@@ -42,9 +43,17 @@ export class AtomicFile {
     readonly handle: FileHandle,
   ) {}
 
+  /** Errors name `target`, never the temporary name the user does not know. */
   static async create(target: string): Promise<AtomicFile> {
+    const existing = await stat(target).catch(() => null);
+    if (existing?.isDirectory()) throw new VhdError(target, 'is a directory: cannot write a file there');
     const temp = temporaryPath(target);
-    return new AtomicFile(target, temp, await open(temp, 'wx'));
+    try {
+      return new AtomicFile(target, temp, await open(temp, 'wx'));
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      throw new VhdError(target, code === 'ENOENT' || code === 'ENOTDIR' ? 'cannot be written: its folder does not exist' : `cannot be written: ${describeFsError(err)}`);
+    }
   }
 
   /**
@@ -75,7 +84,9 @@ export class AtomicFile {
       if (this.flushError) throw this.flushError;
       await this.handle.sync();
       await this.handle.close();
-      await rename(this.temp, this.target);
+      await rename(this.temp, this.target).catch((err: unknown) => {
+        throw new VhdError(this.target, `cannot be replaced: ${describeFsError(err)}`);
+      });
       await fsyncDirectory(dirname(this.target));
     } catch (err) {
       await this.abort();

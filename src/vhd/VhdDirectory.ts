@@ -3,7 +3,7 @@ import { dirname, join } from 'node:path';
 import pLimit from 'p-limit';
 import { bitmapByteSize, fullBitmap, setBit, testBit } from './bitmap.js';
 import { type Compression, compress, decompress, isCompression } from './compression.js';
-import { FOOTER_SIZE, HEADER_SIZE } from './constants.js';
+import { FOOTER_SIZE, HEADER_SIZE, MAX_TABLE_ENTRIES } from './constants.js';
 import { type StoredBlock, type WritableVhdDisk, writeSectors } from './disk.js';
 import { describeFsError, VhdError } from './errors.js';
 import { type Footer, parseFooter, serializeFooter, virtualSize } from './footer.js';
@@ -141,6 +141,9 @@ export class VhdDirectory implements WritableVhdDisk {
     if (header.maxTableEntries < blockCount) {
       throw new VhdError(join(path, HEADER_FILE), `block allocation table too small: ${header.maxTableEntries} entries for ${blockCount} blocks`);
     }
+    if (header.maxTableEntries > MAX_TABLE_ENTRIES) {
+      throw new VhdError(join(path, HEADER_FILE), `block allocation table of ${header.maxTableEntries} entries is implausibly large`);
+    }
     // vhd-lib's bat has one byte per table entry; ours one bit per block. Accept either.
     const bat = await readChunk(path, BAT_FILE, codec, Math.max(header.maxTableEntries, batBitsSize(blockCount)));
     if (bat.length < batBitsSize(blockCount)) {
@@ -190,9 +193,12 @@ export class VhdDirectory implements WritableVhdDisk {
 
   /** Read every block the bat marks present: the deep part of `vhd check`. */
   async verifyBlocks(): Promise<void> {
+    // Each check drops its block once read: memory stays at the 8 blocks in flight.
     const limit = pLimit(8);
-    const checks: Array<Promise<unknown>> = [];
-    for (let b = 0; b < this.blockCount; b++) if (this.isAllocated(b)) checks.push(limit(() => this.readBlock(b)));
+    const checks: Array<Promise<void>> = [];
+    for (let b = 0; b < this.blockCount; b++) {
+      if (this.isAllocated(b)) checks.push(limit(async () => void (await this.readBlock(b))));
+    }
     await Promise.all(checks);
   }
 
@@ -224,7 +230,11 @@ export class VhdDirectory implements WritableVhdDisk {
 /** Write `blocks/<a>/<b>` durably: temporary name, fsync, rename. */
 async function writeBlockFile(dir: string, block: number, stored: Buffer, codec: Compression): Promise<void> {
   const target = join(dir, blockFile(block));
-  await mkdir(dirname(target), { recursive: true });
+  // A folder made here must itself be durable before the bat can name a block inside it.
+  const created = await mkdir(dirname(target), { recursive: true });
+  if (created !== undefined) {
+    for (let folder = dirname(target); folder !== dirname(created); folder = dirname(folder)) await fsyncDirectory(dirname(folder));
+  }
   await writeChunkAtomically(dirname(target), String(block % 1000), await compress(codec, stored));
 }
 

@@ -5,6 +5,7 @@ import {
   DEFAULT_BLOCK_SIZE,
   FOOTER_SIZE,
   HEADER_SIZE,
+  MAX_TABLE_ENTRIES,
   SECTOR_SIZE,
 } from './constants.js';
 import { type StoredBlock, type WritableVhdDisk, writeSectors } from './disk.js';
@@ -15,7 +16,6 @@ import { type DynamicHeader, parseHeader } from './header.js';
 import { MAX_LOCATOR_BYTES, PLATFORM_NONE } from './parentLocator.js';
 
 /** Refuse tables whose in-memory copy would not stay small (a hostile header can claim anything). */
-const MAX_BAT_ENTRIES = 64 * 1024 * 1024;
 
 export interface OpenOptions {
   writable?: boolean;
@@ -113,7 +113,7 @@ export class VhdFile implements WritableVhdDisk {
           `${header.maxTableEntries * blockSize} bytes, the disk is ${size} bytes`,
       );
     }
-    if (header.maxTableEntries > MAX_BAT_ENTRIES) {
+    if (header.maxTableEntries > MAX_TABLE_ENTRIES) {
       throw new VhdError(path, `block allocation table of ${header.maxTableEntries} entries is implausibly large`);
     }
     const batBytes = batByteSize(header.maxTableEntries);

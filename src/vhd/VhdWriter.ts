@@ -3,8 +3,8 @@ import { bitmapByteSize, fullBitmap } from './bitmap.js';
 import { BAT_OFFSET, DEFAULT_BLOCK_SIZE, FOOTER_SIZE, HEADER_OFFSET, SECTOR_SIZE } from './constants.js';
 import { type Footer, newFooter, serializeFooter } from './footer.js';
 import { type DynamicHeader, newHeader, serializeHeader } from './header.js';
-import { encodeLocatorPath, PLATFORM_W2KU, PLATFORM_W2RU } from './parentLocator.js';
-import { validateBlockSize, validateDiskSize } from './limits.js';
+import { encodeLocatorPath, PLATFORM_NONE, PLATFORM_W2KU, PLATFORM_W2RU } from './parentLocator.js';
+import { validateBlockSize, validateDiskSize, validateTable } from './limits.js';
 import { AtomicFile } from '../util/fsync.js';
 
 /** What a differencing disk records about its parent. */
@@ -58,6 +58,8 @@ export function newDiskMetadata(options: WriterOptions): DiskMetadata {
       locatorData.push(data);
     }
   }
+  const locatorBytes = header.parentLocators.reduce((n, l) => n + (l.platformCode === PLATFORM_NONE ? 0 : l.dataSpace), 0);
+  validateTable(options.size, blockSize, BAT_OFFSET + batByteSize(header.maxTableEntries) + locatorBytes);
   return { footer, header, locatorData };
 }
 

@@ -1,4 +1,4 @@
-import { BAT_UNUSED, SECTOR_SIZE } from './constants.js';
+import { BAT_UNUSED, MAX_BAT_SECTOR, SECTOR_SIZE } from './constants.js';
 
 /** Bytes the BAT occupies on disk: 4 per entry, padded to a whole sector. */
 export function batByteSize(entries: number): number {
@@ -32,6 +32,7 @@ export class Bat {
   }
 
   set(block: number, sector: number | undefined): void {
+    if (sector !== undefined && sector > MAX_BAT_SECTOR) throw new RangeError(`block ${block} would start at sector ${sector}, past what a VHD table can address`);
     this.buf.writeUInt32BE(sector === undefined ? BAT_UNUSED : sector, block * 4);
   }
 

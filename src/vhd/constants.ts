@@ -26,6 +26,16 @@ export const DiskType = {
 } as const;
 export type DiskTypeName = keyof typeof DiskType;
 
+/**
+ * Most BAT entries we create or open: 64 Mi entries (a 256 MiB table), so a
+ * hostile header cannot make us allocate gigabytes. 2 MiB blocks need at most
+ * 1 Mi entries; 4 KiB blocks reach 256 GiB.
+ */
+export const MAX_TABLE_ENTRIES = 64 * 1024 * 1024;
+
+/** A BAT entry is a 32-bit sector number; 0xFFFFFFFF means unallocated. */
+export const MAX_BAT_SECTOR = 0xfffffffe;
+
 /** 2040 GiB: the largest size the format (and qemu, Hyper-V) accepts. */
 export const MAX_DISK_SIZE = 0xff000000 * SECTOR_SIZE;
 

@@ -119,6 +119,9 @@ export function parseFooter(buf: Buffer, file: string, where = 'footer'): Footer
   if (currentSize > BigInt(MAX_DISK_SIZE)) {
     throw new VhdError(file, `${where} declares size ${currentSize} bytes, above the 2040 GiB maximum`);
   }
+  if (currentSize % BigInt(SECTOR_SIZE) !== 0n) {
+    throw new VhdError(file, `${where} declares size ${currentSize} bytes, not a whole number of 512-byte sectors`);
+  }
   const footer: Footer = {
     features: buf.readUInt32BE(8),
     formatVersion,
