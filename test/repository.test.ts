@@ -147,6 +147,39 @@ for (const layout of ['dir', 'vhd'] as const) {
       expect(vhdvault('verify', repo).code).toBe(0);
     });
 
+    it('verify checks what restore checks: sector bitmaps and the digests of blocks a delta does not store', async () => {
+      const target = snapshots[1]!; // a delta that stored blocks 1 and 5
+      const diskDir = join(repo, 'disks', 'vm-1');
+      // A digest of a block the delta does not store (block 0) no longer matches the parent's.
+      const digests = join(diskDir, `${target.id}.digests`);
+      const original = await readFile(digests);
+      const damaged = Buffer.from(original);
+      damaged[3] = damaged[3]! ^ 0x10;
+      await writeFile(digests, damaged);
+      const bad = vhdvault('verify', repo, 'vm-1');
+      expect(bad.code).toBe(1);
+      expect(bad.stderr).toContain(`backup ${target.id} block 0`);
+      expect(vhdvault('restore', repo, 'vm-1', join(work, 'no.raw'), '--backup', target.id).code).toBe(1);
+      await writeFile(digests, original);
+      if (layout === 'vhd') {
+        // One sector bitmap bit cleared in the delta's first stored block (block 1, right after the metadata).
+        const data = join(diskDir, `${target.id}.vhd`);
+        const fh = await open(data, 'r+');
+        const bat = Buffer.alloc(8);
+        await fh.read(bat, 0, 8, 1536);
+        const at = bat.readUInt32BE(4) * 512; // block 1's entry
+        const bit = Buffer.alloc(1);
+        await fh.read(bit, 0, 1, at);
+        await fh.write(Buffer.from([bit[0]! & 0x7f]), 0, 1, at);
+        const v = vhdvault('verify', repo, 'vm-1');
+        expect(v.code).toBe(1);
+        expect(v.stderr).toContain(`backup ${target.id} block 1`);
+        await fh.write(bit, 0, 1, at);
+        await fh.close();
+      }
+      expect(vhdvault('verify', repo).code).toBe(0);
+    });
+
     it('--changed reads only the listed blocks', async () => {
       await changeBlocks(disk, [4, 11]);
       const bitmap = Buffer.alloc(3);
@@ -189,6 +222,13 @@ describe('repository rules', () => {
     expect(await readdir(folder)).toEqual(['precious.txt']);
   });
 
+  it('a refused init leaves the folder as it was', async () => {
+    const folder = join(dir, 'refused');
+    expect(vhdvault('init', folder, '--layout', 'vhd', '--compression', 'gzip').code).toBe(2);
+    await expect(stat(folder)).rejects.toThrow();
+    expect(vhdvault('init', folder, '--layout', 'vhd').code).toBe(0);
+  });
+
   it('refuses disk names and ids that could escape the repository', async () => {
     expect(vhdvault('init', repo).code).toBe(0);
     await makeRaw(raw, 4 * MiB, [[0, 4096]]);
@@ -219,6 +259,86 @@ describe('repository rules', () => {
     expect(ok.stderr).toBe('');
     expect(ok.code).toBe(0);
     expect(await readdir(diskDir)).not.toContain('lock');
+  });
+
+  it('a disk that does not exist is an error, not an empty all-clear', () => {
+    for (const args of [['verify', repo, 'nosuch'], ['list', repo, 'nosuch'], ['prune', repo, 'nosuch', '--keep-last', '1']]) {
+      const r = vhdvault(...args);
+      expect(r.code, args.join(' ')).toBe(1);
+      expect(r.stderr).toMatch(/has no disk named nosuch/);
+    }
+  });
+
+  it('list without a disk is oldest first across disks', async () => {
+    const small = join(dir, 'order.raw');
+    await makeRaw(small, 4 * MiB, [[0, 4096]]);
+    for (const d of ['zz', 'aa', 'zz']) expect(vhdvault('backup', repo, d, '--source', small, '--full').code).toBe(0);
+    const rows = json<ListRow[]>(['list', repo, '--json']);
+    const ids = rows.map((r) => r.id);
+    expect(ids).toEqual([...ids].sort());
+    expect(rows.filter((r) => r.disk === 'aa' || r.disk === 'zz').map((r) => r.disk)).toEqual(['zz', 'aa', 'zz']);
+  });
+
+  it('stale locks: a reused pid or an unreadable old lock does not block forever', async () => {
+    const diskDir = join(repo, 'disks', 'stale');
+    await mkdir(diskDir, { recursive: true });
+    const small = join(dir, 'stale.raw');
+    await makeRaw(small, 4 * MiB, [[0, 4096]]);
+    const host = (await import('node:os')).hostname();
+    // pid 1 is alive, but it is not the process that took this lock (its start time differs).
+    await writeFile(join(diskDir, 'lock'), JSON.stringify({ pid: 1, host, startedAt: 'then', command: 'backup', processStart: '1' }));
+    let r = vhdvault('backup', repo, 'stale', '--source', small);
+    expect(r.stderr).toBe('');
+    expect(r.code).toBe(0);
+    // Garbage left by a power loss: stale once old.
+    await writeFile(join(diskDir, 'lock'), 'garb');
+    const { utimes } = await import('node:fs/promises');
+    await utimes(join(diskDir, 'lock'), new Date(Date.now() - 60_000), new Date(Date.now() - 60_000));
+    r = vhdvault('backup', repo, 'stale', '--source', small);
+    expect(r.code, r.stderr).toBe(0);
+    expect(await readdir(diskDir)).not.toContain('lock');
+  });
+
+  it('stale lock taken over by several writers at once: exactly one wins', async () => {
+    const diskDir = join(repo, 'disks', 'race');
+    await mkdir(diskDir, { recursive: true });
+    const small = join(dir, 'race.raw');
+    await makeRaw(small, 8 * MiB, [[0, 8 * MiB]]);
+    const host = (await import('node:os')).hostname();
+    const dead = spawn(process.execPath, ['-e', '0']);
+    await new Promise((res) => dead.on('exit', res));
+    for (let round = 0; round < 4; round++) {
+      await writeFile(join(diskDir, 'lock'), JSON.stringify({ pid: dead.pid, host, startedAt: 'then', command: 'backup' }));
+      const runs = [0, 1, 2].map(
+        () =>
+          new Promise<number>((res) => {
+            const c = spawn(process.execPath, [CLI, 'backup', repo, 'race', '--source', small, '--max-read', '4M'], { stdio: 'ignore' });
+            c.on('exit', (code) => res(code ?? -1));
+          }),
+      );
+      const codes = await Promise.all(runs);
+      expect(codes.filter((c) => c === 0), `round ${round}: ${codes}`).toHaveLength(1);
+    }
+    // The chain stayed a chain: every backup's parent is the one before it.
+    const rows = json<ListRow[]>(['list', repo, 'race', '--json']);
+    rows.slice(1).forEach((row, i) => expect(row.parent).toBe(rows[i]!.id));
+  });
+
+  it('--max-write holds the write rate in the dir layout (blocks are not written ahead of it)', async () => {
+    const big = join(dir, 'wrate.raw');
+    await makeRaw(big, 24 * MiB, [[0, 24 * MiB]]);
+    const diskDir = join(repo, 'disks', 'wrate');
+    const started = performance.now();
+    const child = spawn(process.execPath, [CLI, 'backup', repo, 'wrate', '--source', big, '--max-write', '6M'], { stdio: 'ignore' });
+    const exited = new Promise<number>((res) => child.on('exit', (code) => res(code ?? -1)));
+    await new Promise((res) => setTimeout(res, 1500));
+    const { execFileSync } = await import('node:child_process');
+    const midway = Number(execFileSync('du', ['-sb', diskDir], { encoding: 'utf8' }).split('\t')[0]);
+    const elapsed = (performance.now() - started) / 1000;
+    // At most the rate times the elapsed time, plus a block of burst and one in flight.
+    expect(midway).toBeLessThan(elapsed * 6 * MiB + 3 * BLOCK);
+    expect(await exited).toBe(0);
+    expect((performance.now() - started) / 1000).toBeGreaterThan(3.5);
   });
 
   it('--max-read holds the read rate', async () => {

@@ -1,6 +1,6 @@
-// Piscina entry point: digest, compress and write one block (logic in src/store/blockTask.ts).
+// Piscina entry points: digest, compress and write one block (logic in src/store/blockTask.ts).
 import { move, transferableSymbol, valueSymbol } from 'piscina';
-import { type BlockResult, type BlockTask, processBlock } from '../src/store/blockTask.js';
+import { type BlockResult, type BlockTask, processBlock, type WriteTask, writePreparedBlock } from '../src/store/blockTask.js';
 
 export default async function blockWorker(task: BlockTask): Promise<unknown> {
   const result: BlockResult = await processBlock(task);
@@ -13,4 +13,9 @@ export default async function blockWorker(task: BlockTask): Promise<unknown> {
       return result;
     },
   });
+}
+
+/** Second step of a rate-limited block: write what blockWorker prepared. */
+export function writeBlock(task: WriteTask): Promise<number> {
+  return writePreparedBlock(task);
 }

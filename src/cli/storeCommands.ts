@@ -16,9 +16,10 @@ import { progressBar } from './progress.js';
 import { parseSize } from './sizes.js';
 import { EXIT_FAILURE, ExitStatus } from './run.js';
 
+/** Worker threads: each holds blocks in flight (2 MiB each), so memory grows with this; 64 is plenty. */
 function parseCount(text: string): number {
   const n = Number(text);
-  if (!Number.isInteger(n) || n < 1 || n > 256) throw new InvalidArgumentError(`"${text}" is not a whole number from 1 to 256`);
+  if (!Number.isInteger(n) || n < 1 || n > 64) throw new InvalidArgumentError(`"${text}" is not a whole number from 1 to 64`);
   return n;
 }
 
@@ -83,12 +84,14 @@ export function storeCommands(): Command[] {
     .action(async (root: string, disk: string | undefined, opts: { json?: boolean }) => {
       const repo = await Repository.open(root);
       const rows = [];
-      for (const d of disk ? [disk] : await repo.disks()) {
+      for (const d of disk ? [await repo.requireDisk(disk)] : await repo.disks()) {
         await settlePendingMerge(repo, d);
         for (const m of await repo.backups(d, (err) => console.error(`vhdvault: warning: ${err.message}`))) {
           rows.push({ disk: m.disk, id: m.id, kind: m.kind, parent: m.parent, createdAt: m.createdAt, size: m.size, bytesStored: m.bytesStored, blocksWritten: m.blocksWritten });
         }
       }
+      // Oldest first across disks too (ids start with their UTC creation time).
+      rows.sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : a.disk < b.disk ? -1 : 1));
       if (opts.json) return console.log(JSON.stringify(rows, null, 2));
       for (const r of rows) console.log(`${r.disk}\t${r.id}\t${r.kind}\t${r.createdAt}\t${fmtBytes(r.size)}\tstored ${fmtBytes(r.bytesStored)}`);
     });
@@ -116,7 +119,7 @@ export function storeCommands(): Command[] {
     .option('--json', 'print one JSON object')
     .action(async (root: string, disk: string | undefined, opts: { json?: boolean }) => {
       const repo = await Repository.open(root);
-      if (disk) repo.diskDir(disk);
+      if (disk) await repo.requireDisk(disk);
       const report = await verify(repo, disk);
       if (opts.json) console.log(JSON.stringify({ ok: report.problems.length === 0, ...report }, null, 2));
       else if (report.problems.length === 0) console.log(`ok: ${report.backups} backups, ${report.blocks} blocks verified`);
@@ -145,7 +148,7 @@ export function storeCommands(): Command[] {
       }
       if (Object.keys(policy).length === 0) throw new UsageError('at least one --keep-* option is required');
       const repo = await Repository.open(root);
-      if (disk) repo.diskDir(disk);
+      if (disk) await repo.requireDisk(disk);
       const report = await prune(repo, disk, { policy, maxMerges: opts.maxMerges as number | undefined, dryRun: opts.dryRun === true });
       if (opts.json) return console.log(JSON.stringify(report, null, 2));
       const verb = opts.dryRun ? 'would ' : '';

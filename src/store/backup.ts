@@ -141,19 +141,24 @@ async function backupFrom(repo: Repository, disk: string, source: BlockSource, o
       previousDigest: prev,
       compression,
       targetFile,
+      // Under a write limit the file is written only once the limiter lets its bytes through.
+      deferWrite: targetFile !== null && options.maxWrite !== undefined,
     });
     workerMs.digest += result.digestMs;
     workerMs.compress += result.compressMs;
     workerMs.write += result.writeMs;
     if (result.store) await writeLimit.take(result.storedBytes);
+    if (result.prepared) workerMs.write += await pool.write({ targetFile: targetFile!, parts: result.prepared });
     const keep = result.store && !(writer instanceof VhdDirectoryWriter); // the main thread still has to append it
     if (!keep) releaseBuffer(result.data);
     return { digest: Buffer.from(result.digest), store: result.store, data: keep ? Buffer.from(result.data.buffer, result.data.byteOffset, result.data.length) : null, storedBytes: result.storedBytes };
   };
 
+  // Two blocks per worker keep them all busy; at most 64 blocks (128 MiB) in flight whatever --concurrency.
+  const readAhead = Math.min(64, Math.max(BLOCK_READ_AHEAD, concurrency * 2));
   try {
     let done = 0;
-    for await (const [block, r] of orderedReadAhead(range(blockCount), Math.max(BLOCK_READ_AHEAD, concurrency * 2), produce)) {
+    for await (const [block, r] of orderedReadAhead(range(blockCount), readAhead, produce)) {
       await digests.append(r.digest);
       if (r.store) {
         blocksWritten++;

@@ -14,6 +14,17 @@ export interface BlockTask {
   compression: Compression;
   /** dir layout: the block file to create; vhd layout: null (the data comes back to be appended). */
   targetFile: string | null;
+  /**
+   * dir layout under a write-rate limit: prepare the file's bytes but do not write
+   * them; the main thread paces them and hands them to writePreparedBlock().
+   */
+  deferWrite?: boolean;
+}
+
+/** A prepared block file, written by a second task once the write limiter allows it. */
+export interface WriteTask {
+  targetFile: string;
+  parts: Uint8Array[];
 }
 
 export interface BlockResult {
@@ -24,6 +35,8 @@ export interface BlockResult {
   /** The block's bytes, handed back (transferred) to be written (vhd layout) and then recycled. */
   data: Uint8Array;
   storedBytes: number;
+  /** With deferWrite: the block file's bytes, still to be written. */
+  prepared?: Uint8Array[];
   digestMs: number;
   compressMs: number;
   writeMs: number;
@@ -54,15 +67,24 @@ export async function processBlock(task: BlockTask): Promise<BlockResult> {
   // Uncompressed blocks are written as two pieces: no 2 MiB copy to join them.
   const parts = task.compression === 'none' ? [bitmap, data] : [await compress(task.compression, Buffer.concat([bitmap, data]))];
   result.compressMs = task.compression === 'none' ? 0 : now() - t;
-  t = now();
+  result.storedBytes = parts.reduce((n, p) => n + p.length, 0);
+  if (task.deferWrite) {
+    result.prepared = parts;
+    return result;
+  }
+  result.writeMs = await writePreparedBlock({ targetFile: task.targetFile, parts });
+  return result;
+}
+
+/** Create a block file from its prepared bytes; returns the milliseconds spent. */
+export async function writePreparedBlock(task: WriteTask): Promise<number> {
+  const t = now();
   const fh = await open(task.targetFile, 'wx');
   try {
     // Made durable all at once, before the backup's directory is renamed into place.
-    await fh.writev(parts);
+    await fh.writev(task.parts);
   } finally {
     await fh.close();
   }
-  result.writeMs = now() - t;
-  result.storedBytes = parts.reduce((n, p) => n + p.length, 0);
-  return result;
+  return now() - t;
 }

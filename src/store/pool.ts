@@ -2,7 +2,7 @@ import { availableParallelism } from 'node:os';
 import { dirname, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { Piscina } from 'piscina';
-import type { BlockResult, BlockTask } from './blockTask.js';
+import type { BlockResult, BlockTask, WriteTask } from './blockTask.js';
 
 /** The compiled worker: beside us in dist/, or in dist/ when running from sources (tests). */
 function workerFile(): string {
@@ -22,6 +22,11 @@ export class BlockPool {
 
   run(task: BlockTask): Promise<BlockResult> {
     return this.pool.run(task, { transferList: [task.data] });
+  }
+
+  /** Write a block prepared with `deferWrite`; resolves to the milliseconds the write took. */
+  write(task: WriteTask): Promise<number> {
+    return this.pool.run(task, { name: 'writeBlock' });
   }
 
   async close(): Promise<void> {

@@ -134,6 +134,9 @@ export class Repository {
 
   /** Create a repository in an empty or missing folder. */
   static async init(root: string, options: { layout: Layout; compression: Compression }): Promise<Repository> {
+    if (options.layout === 'vhd' && options.compression !== 'none') {
+      throw new UsageError('compression applies to the dir layout only (VHD files are stored uncompressed)');
+    }
     const configPath = join(root, CONFIG_FILE);
     if (await pathExists(configPath)) throw new VhdError(root, 'is already a vhdvault repository');
     const s = await stat(root).catch(() => null);
@@ -148,9 +151,6 @@ export class Repository {
       blockSize: DEFAULT_BLOCK_SIZE,
       createdAt: new Date().toISOString(),
     };
-    if (options.layout === 'vhd' && options.compression !== 'none') {
-      throw new UsageError('compression applies to the dir layout only (VHD files are stored uncompressed)');
-    }
     await writeJsonAtomically(configPath, config);
     return new Repository(resolve(root), config);
   }
@@ -179,6 +179,12 @@ export class Repository {
 
   metadataPath(disk: string, id: string): string {
     return join(this.diskDir(disk), `${checkBackupId(id)}.json`);
+  }
+
+  /** A disk named on the command line must exist: a misspelt name must not read as "nothing wrong". */
+  async requireDisk(disk: string): Promise<string> {
+    if (!(await pathExists(this.diskDir(disk)))) throw new VhdError(this.root, `has no disk named ${disk}`);
+    return disk;
   }
 
   async disks(): Promise<string[]> {

@@ -1,7 +1,9 @@
 import { VhdError } from '../vhd/errors.js';
 import { VhdChain } from '../vhd/VhdChain.js';
 import { BLOCK_READ_AHEAD, orderedReadAhead } from '../util/pipeline.js';
-import { DigestReader, digestOf } from './digests.js';
+import { isBitmapFull } from '../vhd/bitmap.js';
+import { SECTOR_SIZE } from '../vhd/constants.js';
+import { DigestReader, digestOf, zeroDigest } from './digests.js';
 import { settlePendingMerge } from './merge.js';
 import type { BackupMetadata, Repository } from './repository.js';
 
@@ -56,25 +58,43 @@ async function verifyBackup(repo: Repository, meta: BackupMetadata, report: Veri
     return;
   }
   const member = chain.top;
+  const sectors = member.blockSize / SECTOR_SIZE;
   const stored: number[] = [];
   for (let b = 0; b < member.blockCount; b++) if (member.isAllocated(b)) stored.push(b);
+  /** The block's digest as a restore would see it: a partial block is completed from the parents. */
   const read = async (block: number) => {
     try {
       const blk = await member.readBlock(block);
-      return { digest: blk ? digestOf(blk.data) : null, error: null };
+      if (blk === null) return { digest: null, error: null };
+      if (isBitmapFull(blk.bitmap, sectors)) return { digest: digestOf(blk.data), error: null };
+      return { digest: digestOf((await chain.readBlock(block)) ?? Buffer.alloc(member.blockSize)), error: null };
     } catch (err) {
       if (!(err instanceof VhdError)) throw err;
       return { digest: null, error: err.message };
     }
   };
+  let parentDigests: DigestReader | null = null;
   try {
     for await (const [block, r] of orderedReadAhead(stored, BLOCK_READ_AHEAD, read)) {
       report.blocks++;
       if (r.error) problem(block, r.error);
       else if (!r.digest || !r.digest.equals(await digests.get(block))) problem(block, 'stored data does not match its digest');
     }
+    // A block this backup does not store is its parent's (or zero in a full): so must its digest be,
+    // or a restore, which checks every block against these digests, would fail on it.
+    parentDigests = meta.parent ? await DigestReader.open(repo.digestsPath(meta.disk, meta.parent), meta.blockCount) : null;
+    const zero = zeroDigest(member.blockSize);
+    for (let b = 0; b < meta.blockCount; b++) {
+      if (member.isAllocated(b)) continue;
+      const expected = parentDigests ? await parentDigests.get(b) : zero;
+      if (!(await digests.get(b)).equals(expected)) problem(b, `recorded digest differs from ${parentDigests ? "the parent's" : 'an all-zero block'} although the backup does not store the block`);
+    }
+  } catch (err) {
+    if (!(err instanceof VhdError)) throw err;
+    problem(null, err.message);
   } finally {
     await chain.close();
     await digests.close();
+    await parentDigests?.close();
   }
 }
