@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { readFile, rename, mkdir } from 'node:fs/promises';
+import { mkdir, open, readFile, rename, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { vhdvault } from './helpers/cli.js';
@@ -132,5 +132,33 @@ describe('a 3-deep differencing chain written through the API', () => {  const m
     } finally {
       for (const name of ['base.vhd', 'mid.vhd', 'top.vhd']) await rename(join(moved, name), join(dir, name));
     }
+  });
+});
+
+describe('an append interrupted after its footer moved (a killed merge) leaves no dead space once resumed', () => {
+  it('trimUnreferencedTail cuts the unreferenced block and keeps the file valid', async () => {
+    const path = join(dir, 'tail.vhd');
+    await createDynamicVhd(path, { size: 8 * MiB });
+    const data = randomBytes(BLOCK);
+    let vhd = await VhdFile.open(path, { writable: true });
+    await vhd.writeBlock(1, data);
+    await vhd.close();
+    const { size: sound } = await stat(path);
+    // What writeBlock's first step leaves when killed: the footer moved one stored block further.
+    const footer = (await readFile(path)).subarray(sound - 512);
+    const fh = await open(path, 'r+');
+    await fh.write(footer, 0, 512, sound - 512 + bitmapByteSize(BLOCK) + BLOCK);
+    await fh.close();
+    expect(vhdvault('vhd', 'check', path).code).toBe(0); // valid, but 2 MiB of it is dead
+    vhd = await VhdFile.open(path, { writable: true });
+    await vhd.trimUnreferencedTail();
+    await vhd.writeBlock(2, data); // appends where the dead block was
+    await vhd.close();
+    expect((await stat(path)).size).toBe(sound + bitmapByteSize(BLOCK) + BLOCK);
+    expect(vhdvault('vhd', 'check', path).code).toBe(0);
+    const back = await VhdFile.open(path);
+    expect((await back.readBlock(1))!.data.equals(data)).toBe(true);
+    expect((await back.readBlock(2))!.data.equals(data)).toBe(true);
+    await back.close();
   });
 });

@@ -142,6 +142,71 @@ for (const layout of ['dir', 'vhd'] as const) {
       await expectSound(repo, copies);
     });
 
+    it('a chain nothing kept depends on is deleted, not merged', async () => {
+      const repo = join(dir, `dead-${layout}`);
+      const copies = await makeChain(repo, layout, 2); // F1 ← D1
+      const disk = `${repo}.raw`;
+      for (let i = 0; i < 3; i++) {
+        await scribble(disk, [i]);
+        const r = vhdvault('backup', repo, 'vm', '--source', disk, ...(i === 0 ? ['--full'] : [])); // F2 ← D2 ← D3
+        expect(r.code, r.stderr).toBe(0);
+        const copy = `${repo}-${r.stdout.trim()}.raw`;
+        await copyFile(disk, copy);
+        copies.set(r.stdout.trim(), copy);
+      }
+      const ids = [...copies.keys()];
+      const r = JSON.parse(vhdvault('prune', repo, '--keep-last', '3', '--max-merges', '0', '--json').stdout);
+      expect(r).toMatchObject({ kept: ids.slice(2), removed: ids.slice(0, 2), merged: 0 });
+      expect(list(repo).map((x) => x.id)).toEqual(ids.slice(2));
+      await expectSound(repo, copies);
+    });
+
+    it('merging a partial block keeps the sectors it does not hold coming from further down the chain', async () => {
+      const repo = join(dir, `partial-${layout}`);
+      const copies = await makeChain(repo, layout, 1); // F: every block random
+      const disk = `${repo}.raw`;
+      const ids = [...copies.keys()];
+      // D1 changes block 0 only; D2 changes the first half of block 3 only.
+      for (const change of [{ block: 0, bytes: BLOCK }, { block: 3, bytes: BLOCK / 2 }]) {
+        const fh = await open(disk, 'r+');
+        await fh.write(randomBytes(change.bytes), 0, change.bytes, change.block * BLOCK);
+        await fh.close();
+        const r = vhdvault('backup', repo, 'vm', '--source', disk);
+        expect(r.code, r.stderr).toBe(0);
+        ids.push(r.stdout.trim());
+        const copy = `${repo}-${r.stdout.trim()}.raw`;
+        await copyFile(disk, copy);
+        copies.set(r.stdout.trim(), copy);
+      }
+      const [full, d1, d2] = ids as [string, string, string];
+      // Make D2's block 3 partial, as other writers store blocks: the unchanged second half
+      // (sectors 2048–4095) marked absent, so it must come from F (D1 does not store block 3).
+      const diskDir = join(repo, 'disks', 'vm');
+      if (layout === 'dir') {
+        const file = join(diskDir, `${d2}.vhd-dir`, 'blocks', '0', '3');
+        const stored = await readFile(file);
+        stored.fill(0, 256, 512);
+        await writeFile(file, stored);
+      } else {
+        const fh = await open(join(diskDir, `${d2}.vhd`), 'r+');
+        const entry = Buffer.alloc(4);
+        await fh.read(entry, 0, 4, 1536 + 3 * 4);
+        await fh.write(Buffer.alloc(256), 0, 256, entry.readUInt32BE(0) * 512 + 256);
+        await fh.close();
+      }
+      const metaPath = join(diskDir, `${d2}.json`);
+      const meta = JSON.parse(await readFile(metaPath, 'utf8'));
+      await writeFile(metaPath, JSON.stringify({ ...meta, wholeBlocks: false }));
+      // Only D1 goes: F is alone in an older year; keep-last keeps D2.
+      const fullMeta = join(diskDir, `${full}.json`);
+      await writeFile(fullMeta, JSON.stringify({ ...JSON.parse(await readFile(fullMeta, 'utf8')), createdAt: new Date(2020, 5, 1).toISOString() }));
+      await expectSound(repo, copies); // sound before the merge
+      const r = JSON.parse(vhdvault('prune', repo, '--keep-last', '1', '--keep-yearly', '2', '--json').stdout);
+      expect(r).toMatchObject({ kept: [full, d2], removed: [d1], merged: 1 });
+      await expectSound(repo, copies);
+      expect(vhdvault('verify', repo).code).toBe(0);
+    });
+
     if (layout === 'dir') {
       it("a merged delta's block files keep their inodes (renamed, not copied)", async () => {
         const repo = join(dir, 'inode');
@@ -163,6 +228,14 @@ describe('usage', () => {
     const r = vhdvault('prune', join(dir, 'last-dir'));
     expect(r.code).toBe(2);
     expect(r.stderr).toMatch(/--keep/);
+  });
+
+  it('a --keep-* count must be a whole number of at least 1 (0 would keep nothing of it)', () => {
+    for (const bad of ['0', '', '-1', '1.5', '0x2', '1e1']) {
+      const r = vhdvault('prune', join(dir, 'last-dir'), '--keep-daily', bad, '--dry-run');
+      expect(r.code, `--keep-daily ${JSON.stringify(bad)}: ${r.stderr}`).toBe(2);
+    }
+    expect(vhdvault('prune', join(dir, 'last-dir'), '--keep-last', '1', '--max-merges', '-1').code).toBe(2);
   });
 });
 

@@ -23,10 +23,16 @@ function parseCount(text: string): number {
   return n;
 }
 
+/** A --keep-* count: 0 would silently keep nothing of that period, so like PBS we want at least 1. */
 function parseKeep(text: string): number {
-  const n = Number(text);
-  if (!Number.isInteger(n) || n < 0) throw new InvalidArgumentError(`"${text}" is not a whole number`);
-  return n;
+  if (!/^[1-9]\d{0,8}$/.test(text.trim())) throw new InvalidArgumentError(`"${text}" is not a whole number of at least 1`);
+  return Number(text);
+}
+
+/** --max-merges may be 0: delete what needs no merge, merge nothing this run. */
+function parseMaxMerges(text: string): number {
+  if (!/^\d{1,9}$/.test(text.trim())) throw new InvalidArgumentError(`"${text}" is not a whole number`);
+  return Number(text);
 }
 
 function parseRate(text: string): number {
@@ -137,7 +143,7 @@ export function storeCommands(): Command[] {
     .argument('[disk]');
   for (const option of KEEP_OPTIONS) pruneCmd.option(`--keep-${option} <n>`, `keep the newest backup of this many ${option === 'last' ? 'backups' : `${option} periods`}`, parseKeep);
   pruneCmd
-    .option('--max-merges <n>', 'merge at most this many backups in this run', parseKeep)
+    .option('--max-merges <n>', 'merge at most this many backups in this run', parseMaxMerges)
     .option('--dry-run', 'print what would be kept and removed; change nothing')
     .option('--json', 'print { kept, removed, merged }')
     .action(async (root: string, disk: string | undefined, opts: Record<string, unknown>) => {

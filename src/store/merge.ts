@@ -1,7 +1,7 @@
 import { mkdir, open, readFile, rename, rm, unlink } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import pLimit from 'p-limit';
-import { bitmapByteSize, isBitmapFull, isSectorSet, setBit } from '../vhd/bitmap.js';
+import { bitmapByteSize, fullBitmap, isBitmapFull, isSectorSet, setBit, setSector } from '../vhd/bitmap.js';
 import { compress } from '../vhd/compression.js';
 import { FOOTER_SIZE, SECTOR_SIZE } from '../vhd/constants.js';
 import type { StoredBlock, VhdDisk } from '../vhd/disk.js';
@@ -42,13 +42,22 @@ function ignoreMissing(err: NodeJS.ErrnoException): void {
   if (err.code !== 'ENOENT') throw err;
 }
 
-/** Sectors of `child` over `parent` (or zeros): the block a partial child block stands for. */
-function overlay(parent: StoredBlock | null, child: StoredBlock, blockSize: number): Buffer {
-  const out = parent ? Buffer.from(parent.data) : Buffer.alloc(blockSize);
+/**
+ * A partial child block laid over the parent's block (or zeros): the child's
+ * sectors win. Over a differencing parent the result keeps the union of both
+ * bitmaps, so sectors neither holds still come from further down the chain;
+ * over a full disk every sector is defined (absent ones read as zeros).
+ * Idempotent: laying the child over an already combined block changes nothing.
+ */
+function overlay(parent: StoredBlock | null, child: StoredBlock, blockSize: number, parentIsDifferencing: boolean): StoredBlock {
+  const data = parent ? Buffer.from(parent.data) : Buffer.alloc(blockSize);
+  const bitmap = !parentIsDifferencing ? fullBitmap(blockSize) : parent ? Buffer.from(parent.bitmap) : Buffer.alloc(bitmapByteSize(blockSize));
   for (let s = 0; s < blockSize / SECTOR_SIZE; s++) {
-    if (isSectorSet(child.bitmap, s)) child.data.copy(out, s * SECTOR_SIZE, s * SECTOR_SIZE, (s + 1) * SECTOR_SIZE);
+    if (!isSectorSet(child.bitmap, s)) continue;
+    child.data.copy(data, s * SECTOR_SIZE, s * SECTOR_SIZE, (s + 1) * SECTOR_SIZE);
+    setSector(bitmap, s);
   }
-  return out;
+  return { bitmap, data };
 }
 
 /** Is this stored block whole (every sector present)? Reads only the bitmap of an uncompressed file. */
@@ -120,6 +129,7 @@ class Merge {
     const child = await VhdDirectory.open(this.childPath);
     // vhdvault stores whole blocks only (DESIGN.md §4.3); other writers' blocks are checked one by one.
     const knownWhole = this.journal.child.wholeBlocks === true && child.compression === parent.compression;
+    const parentIsDifferencing = parent.footer.diskType === 'differencing';
     const folders = new Map<string, Promise<unknown>>();
     const folder = (path: string) => {
       if (!folders.has(path)) folders.set(path, mkdir(path, { recursive: true }));
@@ -148,10 +158,10 @@ class Merge {
           }
           const stored = await child.readBlock(b).catch(() => null);
           if (stored === null) return; // already combined and removed by an interrupted run
-          const data = isBitmapFull(stored.bitmap, child.blockSize / SECTOR_SIZE) ? stored.data : overlay(await parent.readBlock(b).catch(() => null), stored, child.blockSize);
+          const merged = isBitmapFull(stored.bitmap, child.blockSize / SECTOR_SIZE) ? stored : overlay(await parent.readBlock(b).catch(() => null), stored, child.blockSize, parentIsDifferencing);
           const temp = `${target}.merge.tmp`;
           const fh = await open(temp, 'w');
-          await fh.writeFile(await compress(parent.compression, Buffer.concat([Buffer.alloc(bitmapByteSize(child.blockSize), 0xff), data])));
+          await fh.writeFile(await compress(parent.compression, Buffer.concat([merged.bitmap, merged.data])));
           await fh.sync();
           await fh.close();
           await rename(temp, target);
@@ -192,14 +202,17 @@ class Merge {
   private async fileBlocks(): Promise<void> {
     const parent = await VhdFile.open(this.parentPath, { writable: true });
     const child = await VhdFile.open(this.childPath);
+    const parentIsDifferencing = parent.footer.diskType === 'differencing';
     try {
+      // A resumed run must not leave the interrupted run's half-appended block as dead space.
+      await parent.trimUnreferencedTail();
       for (let b = 0; b < child.blockCount; b++) {
         if (!child.isAllocated(b)) continue;
         const stored = (await child.readBlock(b))!;
         const whole = isBitmapFull(stored.bitmap, child.blockSize / SECTOR_SIZE);
-        const data = whole ? stored.data : overlay(await parent.readBlock(b), stored, child.blockSize);
+        const merged = whole ? stored : overlay(await parent.readBlock(b), stored, child.blockSize, parentIsDifferencing);
         // No fsync per block: one at the end; a crash redoes this whole step from the journal.
-        await parent.writeBlock(b, Buffer.from(data), undefined, { sync: false });
+        await parent.writeBlock(b, Buffer.from(merged.data), Buffer.from(merged.bitmap), { sync: false });
       }
       await parent.flush();
     } finally {

@@ -34,17 +34,24 @@ async function pruneDisk(repo: Repository, disk: string, options: PruneOptions, 
   // The chain as it will be after each step (merges re-parent children), simulated for --dry-run.
   const byId = new Map(backups.map((b) => [b.id, { ...b }]));
   const childOf = (id: string) => [...byId.values()].find((b) => b.parent === id);
+  const keptIds = new Set(kept.map((b) => b.id));
+  const hasKeptDescendant = (id: string): boolean => {
+    for (let c = childOf(id); c; c = childOf(c.id)) if (keptIds.has(c.id)) return true;
+    return false;
+  };
+  // A removed backup nothing kept depends on is deleted, not merged: newest first,
+  // so no listed backup ever loses its parent.
+  const dead = removed.filter((r) => !hasKeptDescendant(r.id)).reverse();
+  for (const r of dead) {
+    if (!options.dryRun) await deleteBackup(repo, byId.get(r.id)!);
+    byId.delete(r.id);
+    report.removed.push(r.id);
+  }
   let merges = 0;
   const deferred: string[] = [];
-  for (const r of removed) {
+  for (const r of removed.filter((x) => byId.has(x.id))) {
     const current = byId.get(r.id)!;
-    const child = childOf(r.id);
-    if (!child) {
-      if (!options.dryRun) await deleteBackup(repo, current);
-      byId.delete(r.id);
-      report.removed.push(r.id);
-      continue;
-    }
+    const child = childOf(r.id)!; // it has a kept descendant
     if (options.maxMerges !== undefined && merges >= options.maxMerges) {
       deferred.push(r.id);
       continue;

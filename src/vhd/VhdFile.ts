@@ -212,6 +212,30 @@ export class VhdFile implements WritableVhdDisk {
     if (sync) await this.fh.datasync();
   }
 
+  /**
+   * Cut off what no BAT entry references at the end of the file (a block an
+   * interrupted append left there), moving the trailing footer back over it.
+   * For a writer resuming after a crash, before it appends again.
+   */
+  async trimUnreferencedTail(): Promise<void> {
+    if (!this.writable) throw new Error(`${this.path} was opened read-only`);
+    if (this.bat === null || this.header === null) return;
+    const roundUp = (n: number) => Math.ceil(n / SECTOR_SIZE) * SECTOR_SIZE;
+    let end = Math.max(this.footer.dataOffset! + HEADER_SIZE, this.header.tableOffset + batByteSize(this.header.maxTableEntries));
+    for (const loc of this.header.parentLocators) {
+      if (loc.platformCode !== PLATFORM_NONE && loc.dataLength > 0) end = Math.max(end, roundUp(loc.dataOffset + loc.dataLength));
+    }
+    for (let b = 0; b < this.blockCount; b++) {
+      const offset = this.blockOffset(b);
+      if (offset !== undefined) end = Math.max(end, offset + this.bitmapSize + this.blockSize);
+    }
+    if (end + FOOTER_SIZE >= this.fileSize) return;
+    await this.fh.write(serializeFooter(this.footer), 0, FOOTER_SIZE, end);
+    await this.fh.truncate(end + FOOTER_SIZE);
+    await this.fh.datasync();
+    this.fileSize = end + FOOTER_SIZE;
+  }
+
   /** Make every write so far durable (after writeBlock calls with `sync: false`). */
   async flush(): Promise<void> {
     await this.fh.sync();
