@@ -162,3 +162,31 @@ describe('an append interrupted after its footer moved (a killed merge) leaves n
     await back.close();
   });
 });
+
+describe('finding a parent', () => {
+  it('passes over a candidate with the wrong UUID for the next locator that fits', async () => {
+    const home = join(dir, 'parent-home');
+    const moved = join(dir, 'parent-moved');
+    await mkdir(home);
+    await mkdir(moved);
+    const base = join(home, 'base.vhd');
+    await createDynamicVhd(base, { size: 4 * MiB });
+    const writable = await VhdFile.open(base, { writable: true });
+    const data = randomBytes(BLOCK);
+    await writable.writeBlock(1, data);
+    await writable.close();
+    await createDifferencingVhd(join(home, 'child.vhd'), base);
+    // The child moves away; beside it, a different disk named like its parent (relative locator).
+    await rename(join(home, 'child.vhd'), join(moved, 'child.vhd'));
+    await createDynamicVhd(join(moved, 'base.vhd'), { size: 4 * MiB });
+    const chain = await VhdChain.open(join(moved, 'child.vhd'));
+    expect(chain.members.map((m) => m.path)).toEqual([join(moved, 'child.vhd'), base]);
+    expect((await chain.readBlock(1))!.equals(data)).toBe(true);
+    await chain.close();
+    // With the absolute one gone too, the wrong disk's UUID is the error.
+    await rename(base, `${base}.gone`);
+    const r = vhdvault('vhd', 'check', join(moved, 'child.vhd'));
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/has UUID .* expects/);
+  });
+});

@@ -29,17 +29,8 @@ export class VhdChain implements BlockSource {
       seen.add(await realpath(path));
       while (disk.footer.diskType === 'differencing') {
         if (members.length >= MAX_CHAIN_DEPTH) throw new VhdError(path, `parent chain is deeper than ${MAX_CHAIN_DEPTH} disks`);
-        const parentPath = await findParent(disk);
-        const real = await realpath(parentPath);
-        if (seen.has(real)) throw new VhdError(disk.path, `parent chain loops: parent ${parentPath} is already in the chain`);
-        seen.add(real);
-        const child = disk;
-        const parent = await openDisk(parentPath, { fixedBlockSize: disk.blockSize }).catch((err: unknown) => {
-          // Name the child too: the user is looking at it, not at its parent.
-          throw err instanceof VhdError ? new VhdError(err.file, `${err.problem} (parent of ${child.path})`) : err;
-        });
+        const parent = await openParent(disk, seen);
         members.push(parent);
-        checkParent(disk, parent);
         disk = parent;
       }
       return new VhdChain(members);
@@ -154,12 +145,43 @@ function rank(code: string): number {
   return code === PLATFORM_W2RU ? 0 : code === PLATFORM_W2KU ? 1 : 2;
 }
 
-async function findParent(child: VhdDisk): Promise<string> {
+/**
+ * The first parent candidate that opens and is the parent the child expects
+ * (UUID, block size, size). A candidate that exists but fails is passed over
+ * for the next one (a stale relative path, say, with the right parent at the
+ * absolute one); when none fits, the first failure is the error.
+ */
+async function openParent(child: VhdDisk, seen: Set<string>): Promise<VhdDisk> {
   const candidates = await parentCandidates(child);
+  let firstProblem: unknown = null;
   for (const c of candidates) {
     const s = await stat(c).catch(() => null);
-    if (s?.isFile() || s?.isDirectory()) return c;
+    if (!s?.isFile() && !s?.isDirectory()) continue;
+    const real = await realpath(c);
+    if (seen.has(real)) {
+      firstProblem ??= new VhdError(child.path, `parent chain loops: parent ${c} is already in the chain`);
+      continue;
+    }
+    let parent: VhdDisk;
+    try {
+      parent = await openDisk(c, { fixedBlockSize: child.blockSize });
+    } catch (err) {
+      if (!(err instanceof VhdError)) throw err;
+      // Name the child too: the user is looking at it, not at its parent.
+      firstProblem ??= new VhdError(err.file, `${err.problem} (parent of ${child.path})`);
+      continue;
+    }
+    try {
+      checkParent(child, parent);
+    } catch (err) {
+      await parent.close();
+      firstProblem ??= err;
+      continue;
+    }
+    seen.add(real);
+    return parent;
   }
+  if (firstProblem) throw firstProblem;
   const tried = candidates.length > 0 ? `tried ${candidates.join(', ')}` : 'it records no parent name or locator';
   throw new VhdError(child.path, `parent disk not found (${tried})`);
 }
