@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { spawn } from 'node:child_process';
-import { copyFile, mkdir, open, readdir, readFile, stat, writeFile } from 'node:fs/promises';
+import { copyFile, mkdir, open, readdir, readFile, rename, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { CLI, vhdvault } from './helpers/cli.js';
@@ -176,6 +176,17 @@ for (const layout of ['dir', 'vhd'] as const) {
         expect(v.stderr).toContain(`backup ${target.id} block 1`);
         await fh.write(bit, 0, 1, at);
         await fh.close();
+      } else {
+        // Without its digests file, the backup's blocks are still read: a missing one is still named.
+        const block = join(diskDir, `${target.id}.vhd-dir`, 'blocks', '0', '5');
+        await rename(block, `${block}.aside`);
+        await writeFile(digests, original.subarray(0, 64));
+        const v = vhdvault('verify', repo, 'vm-1');
+        expect(v.code).toBe(1);
+        expect(v.stderr).toMatch(/digests file has 64 bytes/);
+        expect(v.stderr).toContain(`backup ${target.id} block 5`);
+        await rename(`${block}.aside`, block);
+        await writeFile(digests, original);
       }
       expect(vhdvault('verify', repo).code).toBe(0);
     });

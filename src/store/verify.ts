@@ -43,20 +43,22 @@ export async function verify(repo: Repository, disk?: string): Promise<VerifyRep
 async function verifyBackup(repo: Repository, meta: BackupMetadata, report: VerifyReport): Promise<void> {
   const problem = (block: number | null, text: string) => report.problems.push({ disk: meta.disk, id: meta.id, block, problem: text });
   const dataPath = repo.dataPath(meta.disk, meta.id, meta.layout);
-  let digests: DigestReader | undefined;
-  let chain: VhdChain | undefined;
+  let chain: VhdChain;
   try {
     // Opening the chain checks structure, parents and UUIDs; its top member is this backup's own data.
     chain = await VhdChain.open(dataPath);
-    digests = await DigestReader.open(repo.digestsPath(meta.disk, meta.id), meta.blockCount);
-    if (chain.blockCount !== meta.blockCount) problem(null, `holds ${chain.blockCount} blocks, metadata records ${meta.blockCount}`);
   } catch (err) {
     if (!(err instanceof VhdError)) throw err;
     problem(null, err.message);
-    await chain?.close();
-    await digests?.close();
     return;
   }
+  if (chain.blockCount !== meta.blockCount) problem(null, `holds ${chain.blockCount} blocks, metadata records ${meta.blockCount}`);
+  // Without its digests a backup's blocks are still read, so unreadable ones are still named.
+  const digests = await DigestReader.open(repo.digestsPath(meta.disk, meta.id), meta.blockCount).catch((err: unknown) => {
+    if (!(err instanceof VhdError)) throw err;
+    problem(null, err.message);
+    return null;
+  });
   const member = chain.top;
   const sectors = member.blockSize / SECTOR_SIZE;
   const stored: number[] = [];
@@ -78,8 +80,9 @@ async function verifyBackup(repo: Repository, meta: BackupMetadata, report: Veri
     for await (const [block, r] of orderedReadAhead(stored, BLOCK_READ_AHEAD, read)) {
       report.blocks++;
       if (r.error) problem(block, r.error);
-      else if (!r.digest || !r.digest.equals(await digests.get(block))) problem(block, 'stored data does not match its digest');
+      else if (digests && (!r.digest || !r.digest.equals(await digests.get(block)))) problem(block, 'stored data does not match its digest');
     }
+    if (!digests) return;
     // A block this backup does not store is its parent's (or zero in a full): so must its digest be,
     // or a restore, which checks every block against these digests, would fail on it.
     parentDigests = meta.parent ? await DigestReader.open(repo.digestsPath(meta.disk, meta.parent), meta.blockCount) : null;
@@ -94,7 +97,7 @@ async function verifyBackup(repo: Repository, meta: BackupMetadata, report: Veri
     problem(null, err.message);
   } finally {
     await chain.close();
-    await digests.close();
+    await digests?.close();
     await parentDigests?.close();
   }
 }
