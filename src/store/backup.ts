@@ -1,5 +1,6 @@
 import { mkdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import pLimit from 'p-limit';
 import { testBit } from '../vhd/bitmap.js';
 import { VhdError } from '../vhd/errors.js';
 import { openDisk } from '../vhd/openDisk.js';
@@ -18,6 +19,8 @@ import type { BackupMetadata, Repository } from './repository.js';
 import { newBackupMetadata, writeJsonAtomically } from './repository.js';
 import { BusyClock, figures, slowest, type Stage, type StageFigures } from './stages.js';
 import { limiter } from './throttle.js';
+
+const SOURCE_READS_IN_FLIGHT = 4;
 
 export interface BackupOptions {
   source: string;
@@ -110,6 +113,9 @@ async function backupFrom(repo: Repository, disk: string, source: BlockSource, o
   const concurrency = Math.max(1, options.concurrency ?? defaultConcurrency());
   const pool = new BlockPool(concurrency);
   const readLimit = limiter(options.maxRead);
+  // Source reads in flight at once: enough to keep storage busy, few enough not to thrash a disk
+  // (the pipeline around them holds more blocks, waiting for workers).
+  const readSlots = pLimit(SOURCE_READS_IN_FLIGHT);
   const writeLimit = limiter(options.maxWrite);
   const clocks = { read: new BusyClock(), write: new BusyClock() };
   const workerMs = { digest: 0, compress: 0, write: 0 };
@@ -123,8 +129,10 @@ async function backupFrom(repo: Repository, disk: string, source: BlockSource, o
   const produce = async (block: number) => {
     const prev = previous ? await previous.get(block) : null;
     if (changed && prev && !testBit(changed, block)) return { digest: prev, store: false, data: null, storedBytes: 0 };
-    await readLimit.take(blockSize);
-    let data = await clocks.read.time(() => source.readBlock(block));
+    let data = await readSlots(async () => {
+      await readLimit.take(blockSize);
+      return clocks.read.time(() => source.readBlock(block));
+    });
     blocksRead++;
     clocks.read.bytes += blockSize;
     if (data === null) {
