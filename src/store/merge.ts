@@ -81,6 +81,8 @@ class Merge {
   constructor(
     private readonly repo: Repository,
     private readonly journal: MergeJournal,
+    /** Resuming an interrupted run: steps must check what that run already did. */
+    private readonly resumed: boolean,
   ) {}
 
   private get disk(): string {
@@ -150,7 +152,8 @@ class Merge {
           if (whole) {
             // Resume: a child block file that is gone was moved by the interrupted run; then
             // `target` already holds the child's data and must not be moved aside again.
-            if (!(await pathExists(source))) return;
+            // (A fresh run knows every source exists and spares the look-up.)
+            if (this.resumed && !(await pathExists(source))) return;
             // Move the replaced block aside first: freeing 2 MiB inside the rename costs ~40× the rename.
             if (parent.isAllocated(b)) await rename(target, join(replaced, String(b))).catch(ignoreMissing);
             await rename(source, target);
@@ -294,7 +297,7 @@ export async function mergeForward(repo: Repository, parent: BackupMetadata, chi
   const footer = serializeFooter({ ...parentDisk.footer, uuid: childDisk.footer.uuid, timestamp: childDisk.footer.timestamp });
   const journal: MergeJournal = { format: 1, parent, child, footer: footer.toString('base64'), step: 'blocks' };
   await writeJsonAtomically(join(repo.diskDir(child.disk), JOURNAL), journal);
-  const merge = new Merge(repo, journal);
+  const merge = new Merge(repo, journal, false);
   await merge.run();
   if (options.reclaim ?? true) await merge.reclaim();
 }
@@ -331,7 +334,7 @@ export async function completePendingMerge(repo: Repository, disk: string): Prom
     throw new VhdError(path, 'merge journal is not valid JSON: the merge cannot be resumed safely');
   }
   if (journal.format !== 1 || journal.child?.disk !== disk) throw new VhdError(path, 'is not a merge journal of this disk');
-  const merge = new Merge(repo, journal);
+  const merge = new Merge(repo, journal, true);
   await merge.run();
   await merge.reclaim();
   return true;
