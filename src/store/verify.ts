@@ -1,8 +1,6 @@
 import { VhdError } from '../vhd/errors.js';
 import { VhdChain } from '../vhd/VhdChain.js';
 import { BLOCK_READ_AHEAD, orderedReadAhead } from '../util/pipeline.js';
-import { isBitmapFull } from '../vhd/bitmap.js';
-import { SECTOR_SIZE } from '../vhd/constants.js';
 import { DigestReader, digestOf, zeroDigest } from './digests.js';
 import { settlePendingMerge } from './merge.js';
 import type { BackupMetadata, Repository } from './repository.js';
@@ -60,16 +58,16 @@ async function verifyBackup(repo: Repository, meta: BackupMetadata, report: Veri
     return null;
   });
   const member = chain.top;
-  const sectors = member.blockSize / SECTOR_SIZE;
   const stored: number[] = [];
   for (let b = 0; b < member.blockCount; b++) if (member.isAllocated(b)) stored.push(b);
-  /** The block's digest as a restore would see it: a partial block is completed from the parents. */
+  /**
+   * The block's digest as a restore sees it: read through the chain, which takes a
+   * whole block from this backup alone and completes a partial one from its parents.
+   */
   const read = async (block: number) => {
     try {
-      const blk = await member.readBlock(block);
-      if (blk === null) return { digest: null, error: null };
-      if (isBitmapFull(blk.bitmap, sectors)) return { digest: digestOf(blk.data), error: null };
-      return { digest: digestOf((await chain.readBlock(block)) ?? Buffer.alloc(member.blockSize)), error: null };
+      const data = await chain.readBlock(block);
+      return { digest: data ? digestOf(data) : null, error: null };
     } catch (err) {
       if (!(err instanceof VhdError)) throw err;
       return { digest: null, error: err.message };
