@@ -3,7 +3,7 @@ import { dirname, join } from 'node:path';
 import pLimit from 'p-limit';
 import { bitmapByteSize, fullBitmap, setBit, testBit } from './bitmap.js';
 import { type Compression, compress, decompress, isCompression } from './compression.js';
-import { FOOTER_SIZE, HEADER_SIZE, MAX_TABLE_ENTRIES } from './constants.js';
+import { FOOTER_SIZE, HEADER_SIZE } from './constants.js';
 import { type StoredBlock, type WritableVhdDisk, writeSectors } from './disk.js';
 import { describeFsError, VhdError } from './errors.js';
 import { type Footer, parseFooter, serializeFooter, virtualSize } from './footer.js';
@@ -140,9 +140,6 @@ export class VhdDirectory implements WritableVhdDisk {
     const blockCount = Math.ceil(size / header.blockSize);
     if (header.maxTableEntries < blockCount) {
       throw new VhdError(join(path, HEADER_FILE), `block allocation table too small: ${header.maxTableEntries} entries for ${blockCount} blocks`);
-    }
-    if (header.maxTableEntries > MAX_TABLE_ENTRIES) {
-      throw new VhdError(join(path, HEADER_FILE), `block allocation table of ${header.maxTableEntries} entries is implausibly large`);
     }
     // vhd-lib's bat has one byte per table entry; ours one bit per block. Accept either.
     const bat = await readChunk(path, BAT_FILE, codec, Math.max(header.maxTableEntries, batBitsSize(blockCount)));

@@ -5,7 +5,6 @@ import {
   DEFAULT_BLOCK_SIZE,
   FOOTER_SIZE,
   HEADER_SIZE,
-  MAX_TABLE_ENTRIES,
   SECTOR_SIZE,
 } from './constants.js';
 import { type StoredBlock, type WritableVhdDisk, writeSectors } from './disk.js';
@@ -14,8 +13,6 @@ import { takeBuffer } from '../util/bufferPool.js';
 import { type Footer, parseFooter, serializeFooter, virtualSize } from './footer.js';
 import { type DynamicHeader, parseHeader } from './header.js';
 import { MAX_LOCATOR_BYTES, PLATFORM_NONE } from './parentLocator.js';
-
-/** Refuse tables whose in-memory copy would not stay small (a hostile header can claim anything). */
 
 export interface OpenOptions {
   writable?: boolean;
@@ -112,9 +109,6 @@ export class VhdFile implements WritableVhdDisk {
         `block allocation table too small: ${header.maxTableEntries} entries of ${blockSize} bytes cover ` +
           `${header.maxTableEntries * blockSize} bytes, the disk is ${size} bytes`,
       );
-    }
-    if (header.maxTableEntries > MAX_TABLE_ENTRIES) {
-      throw new VhdError(path, `block allocation table of ${header.maxTableEntries} entries is implausibly large`);
     }
     const batBytes = batByteSize(header.maxTableEntries);
     if (header.tableOffset + batBytes > fileSize - FOOTER_SIZE) {

@@ -1,5 +1,5 @@
 import { vhdChecksum } from './checksum.js';
-import { BAT_OFFSET, HEADER_COOKIE, HEADER_SIZE, HEADER_VERSION, MAX_BLOCK_SIZE, NO_OFFSET, SECTOR_SIZE } from './constants.js';
+import { BAT_OFFSET, HEADER_COOKIE, HEADER_SIZE, HEADER_VERSION, MAX_BLOCK_SIZE, MAX_TABLE_ENTRIES, NO_OFFSET, SECTOR_SIZE } from './constants.js';
 import { VhdError } from './errors.js';
 import { type ParentLocator, PLATFORM_NONE } from './parentLocator.js';
 import { NIL_UUID, uuidFromBytes, uuidToBytes } from './uuid.js';
@@ -84,6 +84,9 @@ export function parseHeader(buf: Buffer, file: string): DynamicHeader {
   if (blockSize < SECTOR_SIZE || blockSize > MAX_BLOCK_SIZE || (blockSize & (blockSize - 1)) !== 0) {
     throw new VhdError(file, `block size ${blockSize} is not a power of two from 512 bytes to 256 MiB`);
   }
+  const maxTableEntries = buf.readUInt32BE(28);
+  // Files and directories alike: a hostile header must not make us read a gigantic table.
+  if (maxTableEntries > MAX_TABLE_ENTRIES) throw new VhdError(file, `block allocation table of ${maxTableEntries} entries is implausibly large`);
   const nameBytes = Buffer.from(buf.subarray(PARENT_NAME_OFFSET, PARENT_NAME_OFFSET + PARENT_NAME_SIZE)).swap16();
   const parentLocators: ParentLocator[] = [];
   for (let i = 0; i < LOCATOR_COUNT; i++) {
@@ -100,7 +103,7 @@ export function parseHeader(buf: Buffer, file: string): DynamicHeader {
   return {
     tableOffset: Number(tableOffset),
     headerVersion,
-    maxTableEntries: buf.readUInt32BE(28),
+    maxTableEntries,
     blockSize,
     parentUuid: uuidFromBytes(buf.subarray(40, 56)),
     parentTimestamp: buf.readUInt32BE(56),
