@@ -1,36 +1,26 @@
 import { Command, Option } from 'commander';
-import { realpath } from 'node:fs/promises';
-import { extname, resolve } from 'node:path';
+import { extname } from 'node:path';
 import { convert, type OutputFormat } from '../vhd/convert.js';
 import { createDifferencingVhd, createDynamicVhd } from '../vhd/create.js';
 import { describeVhd, formatDescription } from '../vhd/describe.js';
 import { UsageError } from '../vhd/errors.js';
 import { VhdChain } from '../vhd/VhdChain.js';
 import { VhdDirectory } from '../vhd/VhdDirectory.js';
+import { checkFormatFits, implicitFormat, type OutputTarget, outputTarget } from '../vhd/outputTarget.js';
 import { type Compression, COMPRESSIONS } from '../vhd/compression.js';
+import { progressBar } from './progress.js';
 import { parseSize } from './sizes.js';
 
 const FORMAT_BY_EXTENSION: Record<string, OutputFormat> = { '.vhd': 'vhd', '.raw': 'raw', '.img': 'raw', '.vhd-dir': 'dir' };
 
-export function outputFormatFor(output: string, requested?: OutputFormat): OutputFormat {
+/** --format, else raw for a device or `-`, else the name's extension (as typed: a symlink's own name). */
+export function outputFormatFor(target: OutputTarget, requested?: OutputFormat): OutputFormat {
   if (requested) return requested;
-  const byExtension = FORMAT_BY_EXTENSION[extname(output).toLowerCase()];
-  if (!byExtension) throw new UsageError(`cannot tell the output format from "${output}": use --format vhd|fixed|raw|dir`);
+  const byTarget = implicitFormat(target);
+  if (byTarget) return byTarget;
+  const byExtension = FORMAT_BY_EXTENSION[extname(target.name).toLowerCase()];
+  if (!byExtension) throw new UsageError(`cannot tell the output format from "${target.name}": use --format vhd|fixed|raw|dir`);
   return byExtension;
-}
-
-async function sameFile(a: string, b: string): Promise<boolean> {
-  const [ra, rb] = await Promise.all([realpath(a).catch(() => resolve(a)), realpath(b).catch(() => resolve(b))]);
-  return ra === rb;
-}
-
-/** Every file a conversion reads: the input and, for a VHD, its parents (a raw or unreadable input is just itself). */
-async function inputFiles(input: string, fromRaw: boolean): Promise<string[]> {
-  if (fromRaw) return [input];
-  const chain = await VhdChain.open(input).catch(() => null);
-  if (!chain) return [input];
-  await chain.close();
-  return chain.members.map((m) => m.path);
 }
 
 export function vhdCommand(): Command {
@@ -40,7 +30,7 @@ export function vhdCommand(): Command {
     .command('create')
     .description('create an empty dynamic VHD, or a differencing VHD over --parent (a name ending .vhd-dir makes a directory)')
     .argument('<out.vhd>', 'file (or .vhd-dir directory) to create')
-    .option('--size <size>', 'virtual size (bytes or K/M/G/T)', parseSize)
+    .option('--size <size>', 'virtual size (bytes or K/M/G/T); with --parent, optional and equal to the parent\'s', parseSize)
     .option('--block-size <size>', 'block size, a power of two (default 2M)', parseSize)
     .option('--parent <parent.vhd>', 'make a differencing disk over this VHD')
     .addOption(new Option('--compression <codec>', 'codec of a directory\'s files').choices([...COMPRESSIONS]))
@@ -49,8 +39,7 @@ export function vhdCommand(): Command {
       if (opts.compression && layout !== 'dir') throw new UsageError('--compression applies only to a directory (a name ending .vhd-dir)');
       const storage = { layout, compression: opts.compression } as const;
       if (opts.parent) {
-        if (opts.size !== undefined) throw new UsageError('--size does not apply with --parent: a differencing disk takes its parent\'s size');
-        await createDifferencingVhd(out, opts.parent, { blockSize: opts.blockSize, ...storage });
+        await createDifferencingVhd(out, opts.parent, { size: opts.size, blockSize: opts.blockSize, ...storage });
       } else {
         if (opts.size === undefined) throw new UsageError('--size is required (or --parent)');
         await createDynamicVhd(out, { size: opts.size, blockSize: opts.blockSize, ...storage });
@@ -86,19 +75,22 @@ export function vhdCommand(): Command {
   vhd
     .command('convert')
     .description('convert a VHD (read through its chain) or raw image to a full disk')
-    .argument('<input>')
-    .argument('<output>')
-    .addOption(new Option('--format <format>', 'output format (default from the extension)').choices(['vhd', 'fixed', 'raw', 'dir']))
+    .argument('<input>', 'VHD file or directory, Xen Orchestra *.alias.vhd, or raw image')
+    .argument('<output>', 'file (replaced atomically), block or character device (raw, in place), or - for standard output')
+    .addOption(new Option('--format <format>', 'output format (default: raw for a device or -, else from the extension)').choices(['vhd', 'fixed', 'raw', 'dir']))
     .addOption(new Option('--from <format>', 'treat the input as this format').choices(['raw']))
     .addOption(new Option('--compression <codec>', 'codec of a directory output\'s files').choices([...COMPRESSIONS]))
     .action(async (input: string, output: string, opts: { format?: OutputFormat; from?: 'raw'; compression?: Compression }) => {
-      const format = outputFormatFor(output, opts.format);
+      const target = await outputTarget(output);
+      const format = outputFormatFor(target, opts.format);
       if (opts.compression && format !== 'dir') throw new UsageError('--compression applies only to directory output (--format dir)');
-      for (const file of await inputFiles(input, opts.from === 'raw')) {
-        if (!(await sameFile(file, output))) continue;
-        throw new UsageError(file === input ? 'input and output are the same file' : `output ${output} is ${file}, a parent of the input: converting would destroy the chain`);
+      checkFormatFits(target, format);
+      const bar = progressBar('convert', false);
+      try {
+        await convert(input, target, { format, fromRaw: opts.from === 'raw', compression: opts.compression, onProgress: (d, t, b) => bar.update(d, t, b) });
+      } finally {
+        bar.stop();
       }
-      await convert(input, output, { format, fromRaw: opts.from === 'raw', compression: opts.compression });
     });
 
   return vhd;

@@ -1,3 +1,4 @@
+import type { Stats } from 'node:fs';
 import { readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import pLimit from 'p-limit';
@@ -7,6 +8,18 @@ export async function pathExists(path: string): Promise<boolean> {
     () => true,
     () => false,
   );
+}
+
+/**
+ * Why a path of this kind cannot hold a disk image (opening a FIFO would block,
+ * and none of these can be read at an offset), or null for files, folders and
+ * block devices.
+ */
+export function notADiskImage(s: Stats): string | null {
+  if (s.isFIFO()) return 'is a FIFO, not a disk image';
+  if (s.isSocket()) return 'is a socket, not a disk image';
+  if (s.isCharacterDevice()) return 'is a character device, not a disk image';
+  return null;
 }
 
 /** Bytes the given files and directories occupy (directories: the sum of every file below them). */

@@ -2,6 +2,7 @@ import { realpath, stat } from 'node:fs/promises';
 import { dirname, basename, isAbsolute, resolve } from 'node:path';
 import { isSectorSet } from './bitmap.js';
 import { SECTOR_SIZE } from './constants.js';
+import { isAliasName, resolveAlias } from './alias.js';
 import type { VhdDisk } from './disk.js';
 import { VhdError } from './errors.js';
 import { decodeLocatorPath, PLATFORM_W2KU, PLATFORM_W2RU } from './parentLocator.js';
@@ -18,20 +19,49 @@ const MAX_CHAIN_DEPTH = 4096;
  * allocated blocks (qemu likewise ignores their bitmaps).
  */
 export class VhdChain implements BlockSource {
-  private constructor(readonly members: VhdDisk[]) {}
+  private constructor(
+    readonly members: VhdDisk[],
+    /** For each member, the alias file (Xen Orchestra's `*.alias.vhd`) it was reached through, or null. */
+    readonly aliases: ReadonlyArray<string | null> = members.map(() => null),
+  ) {}
 
   static async open(path: string): Promise<VhdChain> {
     const members: VhdDisk[] = [];
+    const aliases: Array<string | null> = [];
     try {
       const seen = new Set<string>();
       let disk: VhdDisk = await openDisk(path);
       members.push(disk);
-      seen.add(await realpath(path));
+      aliases.push(disk.path !== path ? path : null);
+      seen.add(await realpath(disk.path));
       while (disk.footer.diskType === 'differencing') {
         if (members.length >= MAX_CHAIN_DEPTH) throw new VhdError(path, `parent chain is deeper than ${MAX_CHAIN_DEPTH} disks`);
-        const parent = await openParent(disk, seen);
-        members.push(parent);
-        disk = parent;
+        const parent = await openParent(disk, aliases[aliases.length - 1]!, seen);
+        members.push(parent.disk);
+        aliases.push(parent.alias);
+        disk = parent.disk;
+      }
+      return new VhdChain(members, aliases);
+    } catch (err) {
+      await Promise.all(members.map((m) => m.close()));
+      throw err;
+    }
+  }
+
+  /**
+   * A chain whose members the caller found (a repository resolves parents from
+   * its own metadata, never from locators): each link is checked as open() checks
+   * the parents it finds. Takes ownership of the members (closed on failure).
+   */
+  static async fromMembers(members: VhdDisk[]): Promise<VhdChain> {
+    try {
+      for (let i = 0; i < members.length; i++) {
+        const disk = members[i]!;
+        const parent = members[i + 1];
+        const differencing = disk.footer.diskType === 'differencing';
+        if (differencing && !parent) throw new VhdError(disk.path, 'is a differencing disk but its chain names no parent');
+        if (!differencing && parent) throw new VhdError(disk.path, `is a ${disk.footer.diskType} disk but its chain names a parent (${parent.path})`);
+        if (parent) checkParent(disk, parent);
       }
       return new VhdChain(members);
     } catch (err) {
@@ -117,12 +147,20 @@ export class VhdChain implements BlockSource {
   }
 }
 
-/** Where a differencing disk's parent may be, in the order we try them. */
-async function parentCandidates(child: VhdDisk): Promise<string[]> {
+/**
+ * Where a differencing disk's parent may be, in the order we try them. A child
+ * reached through an alias may name its parent relative to the alias's folder
+ * (Xen Orchestra does): those candidates come after all the others.
+ */
+async function parentCandidates(child: VhdDisk, childAlias: string | null): Promise<string[]> {
   const header = child.header!;
   const here = dirname(child.path);
   const candidates: string[] = [];
-  const fromChild = (p: string) => (isAbsolute(p) ? p : resolve(here, p));
+  const relativePaths: string[] = [];
+  const fromChild = (p: string) => {
+    if (!isAbsolute(p)) relativePaths.push(p);
+    candidates.push(isAbsolute(p) ? p : resolve(here, p));
+  };
   const ordered = header.parentLocators
     .map((loc, index) => ({ code: loc.platformCode, index }))
     .filter(({ code }) => code === PLATFORM_W2RU || code === PLATFORM_W2KU)
@@ -131,13 +169,15 @@ async function parentCandidates(child: VhdDisk): Promise<string[]> {
     const data = await child.readLocatorData(index);
     if (data === null) continue;
     const p = decodeLocatorPath(data);
-    if (p !== '' && !/^[A-Za-z]:/.test(p)) candidates.push(fromChild(p));
+    if (p !== '' && !/^[A-Za-z]:/.test(p)) fromChild(p);
   }
   if (header.parentName !== '') {
     const name = header.parentName.replace(/\\/g, '/');
-    if (!/^[A-Za-z]:/.test(name)) candidates.push(fromChild(name));
+    if (!/^[A-Za-z]:/.test(name)) fromChild(name);
     candidates.push(resolve(here, basename(name)));
+    relativePaths.push(basename(name));
   }
+  if (childAlias) for (const p of relativePaths) candidates.push(resolve(dirname(childAlias), p));
   return [...new Set(candidates)];
 }
 
@@ -151,12 +191,23 @@ function rank(code: string): number {
  * for the next one (a stale relative path, say, with the right parent at the
  * absolute one); when none fits, the first failure is the error.
  */
-async function openParent(child: VhdDisk, seen: Set<string>): Promise<VhdDisk> {
-  const candidates = await parentCandidates(child);
+async function openParent(child: VhdDisk, childAlias: string | null, seen: Set<string>): Promise<{ disk: VhdDisk; alias: string | null }> {
+  const candidates = await parentCandidates(child, childAlias);
   let firstProblem: unknown = null;
-  for (const c of candidates) {
-    const s = await stat(c).catch(() => null);
+  for (const candidate of candidates) {
+    const s = await stat(candidate).catch(() => null);
     if (!s?.isFile() && !s?.isDirectory()) continue;
+    // A candidate may be an alias (how XO children name their parent): follow it.
+    let c = candidate;
+    if (isAliasName(candidate)) {
+      try {
+        c = await resolveAlias(candidate);
+      } catch (err) {
+        if (!(err instanceof VhdError)) throw err;
+        firstProblem ??= new VhdError(err.file, `${err.problem} (parent of ${child.path})`);
+        continue;
+      }
+    }
     const real = await realpath(c);
     if (seen.has(real)) {
       firstProblem ??= new VhdError(child.path, `parent chain loops: parent ${c} is already in the chain`);
@@ -179,14 +230,15 @@ async function openParent(child: VhdDisk, seen: Set<string>): Promise<VhdDisk> {
       continue;
     }
     seen.add(real);
-    return parent;
+    return { disk: parent, alias: c !== candidate ? candidate : null };
   }
   if (firstProblem) throw firstProblem;
   const tried = candidates.length > 0 ? `tried ${candidates.join(', ')}` : 'it records no parent name or locator';
   throw new VhdError(child.path, `parent disk not found (${tried})`);
 }
 
-function checkParent(child: VhdDisk, parent: VhdDisk): void {
+/** Does `parent` fit as `child`'s parent (UUID, block size, size)? Throws naming the child. */
+export function checkParent(child: VhdDisk, parent: VhdDisk): void {
   const expected = child.header!.parentUuid;
   if (parent.footer.uuid !== expected) {
     throw new VhdError(child.path, `parent ${parent.path} has UUID ${parent.footer.uuid}, this disk expects ${expected}`);

@@ -14,8 +14,8 @@ export interface ParentLink {
   timestamp: number;
   /** Path from the child's directory to the parent (parent unicode name, W2ru locator). */
   relativePath: string;
-  /** Absolute path of the parent (W2ku locator). */
-  absolutePath: string;
+  /** Absolute path of the parent (W2ku locator); left out where only relative paths may be followed. */
+  absolutePath?: string;
 }
 
 export interface WriterOptions {
@@ -48,10 +48,9 @@ export function newDiskMetadata(options: WriterOptions): DiskMetadata {
     header.parentUuid = p.uuid;
     header.parentTimestamp = p.timestamp;
     header.parentName = p.relativePath;
-    for (const [platformCode, path] of [
-      [PLATFORM_W2RU, p.relativePath],
-      [PLATFORM_W2KU, p.absolutePath],
-    ] as const) {
+    const locators: Array<[string, string]> = [[PLATFORM_W2RU, p.relativePath]];
+    if (p.absolutePath !== undefined) locators.push([PLATFORM_W2KU, p.absolutePath]);
+    for (const [platformCode, path] of locators) {
       const data = encodeLocatorPath(path);
       const dataSpace = Math.max(SECTOR_SIZE, Math.ceil(data.length / SECTOR_SIZE) * SECTOR_SIZE);
       header.parentLocators[locatorData.length] = { platformCode, dataSpace, dataLength: data.length, dataOffset: 0 };

@@ -1,6 +1,6 @@
 import { dirname, relative, resolve } from 'node:path';
 import { pathExists } from '../util/files.js';
-import { VhdError } from './errors.js';
+import { UsageError, VhdError } from './errors.js';
 import type { Compression } from './compression.js';
 import { DEFAULT_BLOCK_SIZE } from './constants.js';
 import { VhdChain } from './VhdChain.js';
@@ -31,17 +31,22 @@ export async function createDynamicVhd(path: string, options: { size: number; bl
 
 /**
  * Create an empty differencing VHD on top of `parentPath` (itself validated
- * with its whole chain). It takes the parent's size and block size and records
- * the parent by UUID, by relative (W2ru) and absolute (W2ku) locators.
+ * with its whole chain). It takes the parent's size (a `size` given must equal
+ * it) and block size and records the parent by UUID, by relative (W2ru) and
+ * absolute (W2ku) locators: the path given, so a parent named by its Xen
+ * Orchestra alias stays named by its alias.
  */
 export async function createDifferencingVhd(
   path: string,
   parentPath: string,
-  options: { blockSize?: number } & StorageOptions = {},
+  options: { size?: number; blockSize?: number } & StorageOptions = {},
 ): Promise<void> {
   const parentChain = await VhdChain.open(parentPath);
   try {
     const parent = parentChain.top;
+    if (options.size !== undefined && options.size !== parent.size) {
+      throw new UsageError(`--size ${options.size} differs from the parent's size (${parent.size} bytes): a differencing disk has its parent's size (leave --size out)`);
+    }
     const absolutePath = resolve(parentPath);
     const relativePath = relative(dirname(resolve(path)), absolutePath);
     await createEmpty(path, {

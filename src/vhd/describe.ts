@@ -11,6 +11,8 @@ import { decodeLocatorPath, PLATFORM_NONE } from './parentLocator.js';
 /** What `vhd info --json` prints. */
 export interface VhdDescription {
   path: string;
+  /** When `path` is a Xen Orchestra alias (`*.alias.vhd`): the VHD it points to, which is what is described. */
+  aliasTarget: string | null;
   type: DiskTypeName;
   /** Virtual size in bytes, as qemu reads it. */
   size: number;
@@ -76,6 +78,7 @@ export async function describeVhd(path: string): Promise<VhdDescription> {
     const v = footer.creatorVersion;
     return {
       path,
+      aliasTarget: vhd.path !== path ? vhd.path : null,
       type: footer.diskType,
       size: vhd.size,
       currentSize: footer.currentSize,
@@ -94,8 +97,8 @@ export async function describeVhd(path: string): Promise<VhdDescription> {
       geometry: footer.geometry,
       storage: isDirectory ? 'directory' : 'file',
       compression: isDirectory ? vhd.compression : 'none',
-      storedBytes: await bytesUnder([path]),
-      ...(differencing ? await describeChain(path) : { chain: [{ path, type: footer.diskType, uuid: footer.uuid, storage: isDirectory ? 'directory' : 'file' }] }),
+      storedBytes: await bytesUnder([vhd.path]),
+      ...(differencing ? await describeChain(path) : { chain: [{ path: vhd.path, type: footer.diskType, uuid: footer.uuid, storage: isDirectory ? 'directory' : 'file' }] }),
     };
   } finally {
     await vhd.close();
@@ -106,6 +109,7 @@ export function formatDescription(d: VhdDescription): string {
   const g = d.geometry;
   const lines = [
     `path:             ${d.path}`,
+    ...(d.aliasTarget ? [`alias of:         ${d.aliasTarget}`] : []),
     `type:             ${d.type}`,
     `size:             ${d.size} bytes`,
     `block size:       ${d.blockSize}`,

@@ -1,13 +1,21 @@
 import { stat } from 'node:fs/promises';
+import { notADiskImage } from '../util/files.js';
+import { isAliasName, resolveAlias } from './alias.js';
 import { describeFsError, VhdError } from './errors.js';
 import { VhdDirectory } from './VhdDirectory.js';
 import { type OpenOptions, VhdFile } from './VhdFile.js';
 
-/** Open one VHD, stored as a file or as an exploded directory. */
+/**
+ * Open one VHD, stored as a file or as an exploded directory, or the one a
+ * Xen Orchestra alias (`*.alias.vhd`) points to: the disk's path is then the target's.
+ */
 export async function openDisk(path: string, options: OpenOptions = {}): Promise<VhdFile | VhdDirectory> {
-  const s = await stat(path).catch((err: unknown) => {
-    throw new VhdError(path, describeFsError(err));
+  const at = isAliasName(path) ? await resolveAlias(path) : path;
+  const s = await stat(at).catch((err: unknown) => {
+    throw new VhdError(at, describeFsError(err));
   });
-  return s.isDirectory() ? VhdDirectory.open(path, options) : VhdFile.open(path, options);
+  // Checked before opening: opening a FIFO would wait for a writer.
+  const odd = notADiskImage(s);
+  if (odd) throw new VhdError(at, odd);
+  return s.isDirectory() ? VhdDirectory.open(at, options) : VhdFile.open(at, options);
 }
-

@@ -1,8 +1,17 @@
 import { type FileHandle, open, stat } from 'node:fs/promises';
 import { SECTOR_SIZE, DEFAULT_BLOCK_SIZE, FOOTER_COOKIE, FOOTER_SIZE, MAX_DISK_SIZE } from './constants.js';
+import { isAliasName, resolveAlias } from './alias.js';
 import { describeFsError, VhdError } from './errors.js';
 import { VhdChain } from './VhdChain.js';
 import { takeBuffer } from '../util/bufferPool.js';
+import { blockDeviceSize } from '../util/device.js';
+import { notADiskImage } from '../util/files.js';
+
+/** Bytes an open file or block device holds (fstat says 0 for a device). */
+async function sizeOf(fh: FileHandle): Promise<{ size: number; isFile: boolean; isBlockDevice: boolean }> {
+  const s = await fh.stat();
+  return { size: s.isBlockDevice() ? await blockDeviceSize(fh) : s.size, isFile: s.isFile(), isBlockDevice: s.isBlockDevice() };
+}
 
 /** A virtual disk read block by block: a VHD chain or a raw image. */
 export interface BlockSource {
@@ -33,8 +42,11 @@ export class RawSource implements BlockSource {
 
   static async open(path: string, blockSize = DEFAULT_BLOCK_SIZE): Promise<RawSource> {
     const fh = await openForReading(path);
-    const stat = await fh.stat();
-    if (!stat.isFile() && !stat.isBlockDevice()) {
+    const stat = await sizeOf(fh).catch(async (err: unknown) => {
+      await fh.close();
+      throw new VhdError(path, describeFsError(err));
+    });
+    if (!stat.isFile && !stat.isBlockDevice) {
       await fh.close();
       throw new VhdError(path, 'not a regular file');
     }
@@ -76,7 +88,7 @@ async function openForReading(path: string): Promise<FileHandle> {
 export async function looksLikeVhd(path: string): Promise<boolean> {
   const fh = await openForReading(path);
   try {
-    const { size } = await fh.stat();
+    const { size } = await sizeOf(fh);
     const probe = Buffer.alloc(8);
     for (const at of size >= FOOTER_SIZE ? [0, size - FOOTER_SIZE] : [0]) {
       const { bytesRead } = await fh.read(probe, 0, 8, at);
@@ -88,15 +100,35 @@ export async function looksLikeVhd(path: string): Promise<boolean> {
   }
 }
 
+export interface SourceOptions {
+  /** Read the input as raw bytes even when it looks like a VHD or is named like one. */
+  fromRaw?: boolean;
+  /** The caller's flag for fromRaw (e.g. `--from raw`), suggested when a `.vhd` is not one. */
+  fromRawFlag?: string;
+}
+
 /**
- * Open a conversion input: a VHD file or directory (through its whole chain)
- * or, when forced or not a VHD, a raw image.
+ * Open a conversion input: a VHD file or directory (through its whole chain),
+ * a Xen Orchestra alias to one, or, when forced or not a VHD, a raw image. A
+ * name ending in .vhd must hold a VHD: taking it for a raw image would turn a
+ * damaged or mistaken file into a "disk" of garbage.
  */
-export async function openSource(path: string, options: { fromRaw?: boolean } = {}): Promise<BlockSource> {
-  const s = await stat(path).catch((err: unknown) => {
-    throw new VhdError(path, describeFsError(err));
+export async function openSource(path: string, options: SourceOptions = {}): Promise<BlockSource> {
+  // The chain is opened through the alias itself: its parent may be named relative to the alias's folder.
+  if (isAliasName(path) && !options.fromRaw) return VhdChain.open(path);
+  const at = isAliasName(path) ? await resolveAlias(path) : path;
+  const s = await stat(at).catch((err: unknown) => {
+    throw new VhdError(at, describeFsError(err));
   });
-  if (s.isDirectory()) return VhdChain.open(path);
-  if (!options.fromRaw && (await looksLikeVhd(path))) return VhdChain.open(path);
-  return RawSource.open(path);
+  // Before any open: opening a FIFO would wait for a writer, and none of these can be read at an offset.
+  const odd = notADiskImage(s);
+  if (odd) throw new VhdError(at, odd);
+  if (s.isDirectory()) return VhdChain.open(at);
+  if (options.fromRaw) return RawSource.open(at);
+  if (await looksLikeVhd(at)) return VhdChain.open(at);
+  if (/\.vhd$/i.test(at)) {
+    const hint = options.fromRawFlag ? `; to read it as a raw image, use ${options.fromRawFlag}` : '';
+    throw new VhdError(at, `is not a VHD: no VHD footer at its start or end${hint}`);
+  }
+  return RawSource.open(at);
 }

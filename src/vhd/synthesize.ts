@@ -23,6 +23,9 @@ export function blocksWithData(chain: VhdChain): number[] {
   return blocks;
 }
 
+/** Reads one block of the chain's content (the chain's own reader, or one that also verifies). */
+export type BlockReader = (block: number) => Promise<Buffer | null>;
+
 /**
  * A full dynamic VHD of the chain's current content, streamed: footer copy,
  * header, BAT, then every block some member stores (bitmap all ones, data read
@@ -31,19 +34,36 @@ export function blocksWithData(chain: VhdChain): number[] {
  * block content (default: the chain's). The caller closes the chain after the
  * stream ends.
  */
-/** Reads one block of the chain's content (the chain's own reader, or one that also verifies). */
-export type BlockReader = (block: number) => Promise<Buffer | null>;
-
 export function synthesizeVhd(chain: VhdChain, read: BlockReader = (b) => chain.readBlock(b)): SynthesizedImage {
-  const { size, blockSize, blockCount } = chain;
-  const present = blocksWithData(chain);
+  const top = chain.top.footer;
+  return synthesizeDynamic(chain, blocksWithData(chain), read, { uuid: top.uuid, timestamp: top.timestamp });
+}
+
+/** The shape of a disk to synthesize. */
+export interface DiskShape {
+  size: number;
+  blockSize: number;
+  blockCount: number;
+}
+
+/**
+ * A full dynamic VHD carrying the `present` blocks (ascending), streamed. With
+ * no `identity`, the disk gets a new UUID and the current time.
+ */
+export function synthesizeDynamic(
+  disk: DiskShape,
+  present: number[],
+  read: BlockReader,
+  identity?: { uuid: string; timestamp: number },
+): SynthesizedImage {
+  const { size, blockSize, blockCount } = disk;
   const storedBlock = bitmapByteSize(blockSize) + blockSize;
   const firstBlock = BAT_OFFSET + batByteSize(blockCount);
   const bat = Bat.empty(blockCount);
   present.forEach((block, i) => bat.set(block, (firstBlock + i * storedBlock) / SECTOR_SIZE));
 
-  const top = chain.top.footer;
-  const footer: Footer = { ...newFooter('dynamic', size, top.uuid), timestamp: top.timestamp };
+  const fresh = newFooter('dynamic', size, identity?.uuid);
+  const footer: Footer = { ...fresh, timestamp: identity?.timestamp ?? fresh.timestamp };
   const footerBytes = serializeFooter(footer);
   const header = serializeHeader(newHeader(blockCount, blockSize));
   const bitmap = fullBitmap(blockSize);

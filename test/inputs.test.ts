@@ -1,0 +1,142 @@
+/**
+ * Inputs that are not disk images: a `.vhd` holding no VHD (which must not be
+ * taken for a raw image unless asked), and FIFOs and sockets (which must be
+ * named, not waited on or read at an offset).
+ */
+import { execFileSync, spawnSync } from 'node:child_process';
+import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
+import { createServer, type Server } from 'node:net';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { CLI, vhdvault, type CliResult } from './helpers/cli.js';
+import { tempDir } from './helpers/files.js';
+
+const dir = await tempDir('vhdvault-inputs-');
+const repo = join(dir, 'repo');
+const out = join(dir, 'out');
+
+beforeAll(async () => {
+  await mkdir(out);
+  ok(vhdvault('init', repo));
+});
+
+function ok(r: CliResult): CliResult {
+  expect(r.code, `exit ${r.code}\nstdout: ${r.stdout}\nstderr: ${r.stderr}`).toBe(0);
+  return r;
+}
+
+/** The CLI, killed after 20 s: opening a FIFO for reading waits for a writer, forever. */
+function vhdvaultBounded(...args: string[]): CliResult {
+  const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', timeout: 20_000 });
+  return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
+}
+
+/** Exit 1, nothing on stdout, one line naming `name` and matching `problem`, no stack. */
+function refused(r: CliResult, name: string, problem: RegExp): string {
+  const context = `exit ${r.code}\nstdout: ${r.stdout}\nstderr: ${r.stderr}`;
+  expect(r.code, context).toBe(1);
+  expect(r.stdout, context).toBe('');
+  expect(r.stderr, context).not.toContain('    at ');
+  expect(r.stderr.trimEnd().split('\n'), context).toHaveLength(1);
+  expect(r.stderr, context).toContain(name);
+  expect(r.stderr, context).toMatch(problem);
+  return r.stderr;
+}
+
+/** Nothing was written: no output, no temporary file, no backup. */
+async function nothingWritten(): Promise<void> {
+  expect(await readdir(out)).toEqual([]);
+  expect(ok(vhdvault('list', repo)).stdout).toBe('');
+}
+
+describe('a .vhd that holds no VHD', () => {
+  it('is refused by convert (suggesting --from raw), info, check and backup --source', async () => {
+    const text = join(dir, 'x.vhd');
+    await writeFile(text, 'just some text\n'); // 15 bytes
+    const line = refused(vhdvault('vhd', 'convert', text, join(out, 'x.raw')), text, /is not a VHD/);
+    expect(line).toContain('--from raw');
+    refused(vhdvault('vhd', 'info', text), text, /not a VHD|too small to be a VHD/);
+    refused(vhdvault('vhd', 'check', text), text, /not a VHD|too small to be a VHD/);
+    refused(vhdvault('backup', repo, 'vm', '--source', text), text, /is not a VHD/);
+    await nothingWritten();
+  });
+
+  it('a larger one too (no cookie at either end), and one spelt .VHD', async () => {
+    const big = join(dir, 'big.VHD');
+    await writeFile(big, Buffer.alloc(8192, 0x41));
+    refused(vhdvault('vhd', 'convert', big, join(out, 'big.raw')), big, /is not a VHD/);
+    refused(vhdvault('vhd', 'check', big), big, /not a VHD/);
+    refused(vhdvault('backup', repo, 'vm', '--source', big), big, /is not a VHD/);
+    await nothingWritten();
+  });
+
+  it('--from raw reads it as a raw image', async () => {
+    const text = join(dir, 'raw-anyway.vhd');
+    await writeFile(text, 'just some text\n');
+    ok(vhdvault('vhd', 'convert', text, join(dir, 'raw-anyway.raw'), '--from', 'raw'));
+    // 15 bytes padded to a sector, as qemu-img does.
+    const converted = await readFile(join(dir, 'raw-anyway.raw'));
+    expect(converted.length).toBe(512);
+    expect(converted.subarray(0, 15).toString()).toBe('just some text\n');
+  });
+
+  it('a folder given as a VHD that is not a VHD directory is refused as a backup source', async () => {
+    const folder = join(dir, 'folder.vhd');
+    await mkdir(folder);
+    refused(vhdvault('backup', repo, 'vm', '--source', folder), folder, /not a VHD directory/);
+    refused(vhdvault('vhd', 'convert', folder, join(out, 'f.raw')), folder, /not a VHD directory/);
+    await nothingWritten();
+  });
+});
+
+describe('FIFOs and sockets', () => {
+  let fifo: string;
+  let socket: string;
+  let server: Server;
+  beforeAll(async () => {
+    fifo = join(dir, 'pipe.vhd');
+    execFileSync('mkfifo', [fifo]);
+    socket = join(dir, 'sock.raw');
+    server = createServer();
+    await new Promise<void>((resolve) => server.listen(socket, resolve));
+  });
+  afterAll(() => new Promise<void>((resolve) => server.close(() => resolve())));
+
+  it('a FIFO is named, not waited on (no writer ever comes)', async () => {
+    refused(vhdvaultBounded('vhd', 'convert', fifo, join(out, 'p.raw')), fifo, /is a FIFO, not a disk image/);
+    refused(vhdvaultBounded('vhd', 'convert', fifo, join(out, 'p.raw'), '--from', 'raw'), fifo, /is a FIFO, not a disk image/);
+    refused(vhdvaultBounded('vhd', 'info', fifo), fifo, /is a FIFO, not a disk image/);
+    refused(vhdvaultBounded('vhd', 'check', fifo), fifo, /is a FIFO, not a disk image/);
+    refused(vhdvaultBounded('backup', repo, 'vm', '--source', fifo), fifo, /is a FIFO, not a disk image/);
+    await nothingWritten();
+  });
+
+  it('a socket is named', async () => {
+    refused(vhdvault('vhd', 'convert', socket, join(out, 's.raw')), socket, /is a socket, not a disk image/);
+    refused(vhdvault('vhd', 'info', socket), socket, /is a socket, not a disk image/);
+    refused(vhdvault('backup', repo, 'vm', '--source', socket), socket, /is a socket, not a disk image/);
+    await nothingWritten();
+  });
+
+  it('a character device is named as an input', async () => {
+    refused(vhdvault('vhd', 'convert', '/dev/zero', join(out, 'z.raw')), '/dev/zero', /is a character device, not a disk image/);
+    await nothingWritten();
+  });
+});
+
+describe('vhd create --parent with --size', () => {
+  it('accepts the parent\'s size and refuses another (usage error)', async () => {
+    const sub = join(dir, 'create');
+    await mkdir(sub);
+    const base = join(sub, 'base.vhd');
+    ok(vhdvault('vhd', 'create', base, '--size', '6M'));
+    ok(vhdvault('vhd', 'create', join(sub, 'same.vhd'), '--parent', base, '--size', '6M'));
+    ok(vhdvault('vhd', 'create', join(sub, 'same-bytes.vhd-dir'), '--parent', base, '--size', String(6 * 1024 * 1024)));
+    const info = JSON.parse(ok(vhdvault('vhd', 'info', join(sub, 'same.vhd'), '--json')).stdout) as { type: string; size: number };
+    expect(info).toMatchObject({ type: 'differencing', size: 6 * 1024 * 1024 });
+    const r = vhdvault('vhd', 'create', join(sub, 'other.vhd'), '--parent', base, '--size', '8M');
+    expect(r.code, r.stderr).toBe(2);
+    expect(r.stderr).toMatch(/--size .*parent's size/);
+    expect((await readdir(sub)).sort()).toEqual(['base.vhd', 'same-bytes.vhd-dir', 'same.vhd']);
+  });
+});
