@@ -1,4 +1,5 @@
 import { CommanderError } from 'commander';
+import { constants } from 'node:os';
 import { describeFsError, UsageError, VhdError } from '../vhd/errors.js';
 
 export const EXIT_OK = 0;
@@ -12,10 +13,31 @@ export class ExitStatus extends Error {
   }
 }
 
+/** A command cut short by SIGINT or SIGTERM (see progress.ts); exits 128 + the signal's number, as shells do. */
+export class Interrupted extends Error {
+  constructor(readonly signal: NodeJS.Signals) {
+    super('interrupted');
+  }
+
+  get code(): number {
+    return 128 + (constants.signals[this.signal] ?? 0);
+  }
+}
+
+let interruptReported = false;
+
+/** The one "interrupted" line, printed once whether the command unwound or was cut short; returns the exit code. */
+export function reportInterrupt(signal: NodeJS.Signals): number {
+  if (!interruptReported) console.error('vhdvault: interrupted');
+  interruptReported = true;
+  return new Interrupted(signal).code;
+}
+
 /** Map any error to one line on stderr and an exit code; stacks only with VHDVAULT_DEBUG=1. */
 export function reportError(err: unknown): number {
   if (err instanceof ExitStatus) return err.code;
   if (err instanceof CommanderError) return err.exitCode === 0 ? EXIT_OK : EXIT_USAGE;
+  if (err instanceof Interrupted) return reportInterrupt(err.signal);
   if (process.env.VHDVAULT_DEBUG === '1') console.error(err);
   if (err instanceof UsageError) {
     console.error(`vhdvault: ${err.message}`);
