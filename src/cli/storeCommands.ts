@@ -1,5 +1,4 @@
 import { Command, InvalidArgumentError, Option } from 'commander';
-import { extname } from 'node:path';
 import { backup } from '../store/backup.js';
 import { benchStages, formatStages } from '../store/benchStages.js';
 import { benchMerge, formatMergeRows } from '../store/benchMerge.js';
@@ -7,7 +6,7 @@ import { Repository, type Layout } from '../store/repository.js';
 import { restore, type RestoreFormat } from '../store/restore.js';
 import { verify } from '../store/verify.js';
 import { prune } from '../store/prune.js';
-import { settlePendingMerge } from '../store/merge.js';
+import { describeFinding, listBackups } from '../store/list.js';
 import { KEEP_OPTIONS, type RetentionPolicy } from '../store/retention.js';
 import { UsageError } from '../vhd/errors.js';
 import { checkBackupId } from '../store/names.js';
@@ -29,9 +28,9 @@ function parseKeep(text: string): number {
   return Number(text);
 }
 
-/** --max-merges may be 0: delete what needs no merge, merge nothing this run. */
+/** --max-merges: at least 1 (a prune that may not merge would keep what the policy removes without saying so). */
 function parseMaxMerges(text: string): number {
-  if (!/^\d{1,9}$/.test(text.trim())) throw new InvalidArgumentError(`"${text}" is not a whole number`);
+  if (!/^[1-9]\d{0,8}$/.test(text.trim())) throw new InvalidArgumentError(`"${text}" is not a whole number of at least 1`);
   return Number(text);
 }
 
@@ -78,6 +77,11 @@ export function storeCommands(): Command[] {
       if (opts.json) console.log(JSON.stringify(report, null, 2));
       else {
         console.log(report.id);
+        // For people only: on stderr, so a script reading stdout still gets the id alone.
+        if (process.stdout.isTTY) {
+          const { kind, id, blocksRead, blocksWritten, bytesWritten, durationMs } = report;
+          console.error(`${kind} backup ${id}: ${blocksRead} blocks read, ${blocksWritten} written (${fmtBytes(bytesWritten)}) in ${(durationMs / 1000).toFixed(1)} s`);
+        }
         if (report.note) console.error(`note: ${report.note}`);
       }
     });
@@ -89,15 +93,9 @@ export function storeCommands(): Command[] {
     .option('--json', 'print a JSON array')
     .action(async (root: string, disk: string | undefined, opts: { json?: boolean }) => {
       const repo = await Repository.open(root);
-      const rows = [];
-      for (const d of disk ? [await repo.requireDisk(disk)] : await repo.disks()) {
-        await settlePendingMerge(repo, d);
-        for (const m of await repo.backups(d, (err) => console.error(`vhdvault: warning: ${err.message}`))) {
-          rows.push({ disk: m.disk, id: m.id, kind: m.kind, parent: m.parent, createdAt: m.createdAt, size: m.size, bytesStored: m.bytesStored, blocksWritten: m.blocksWritten });
-        }
-      }
-      // Oldest first across disks too (ids start with their UTC creation time).
-      rows.sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : a.disk < b.disk ? -1 : 1));
+      const listing = await listBackups(repo, disk);
+      for (const f of listing.findings) console.error(`vhdvault: warning: ${describeFinding(f)}`);
+      const rows = listing.backups.map((m) => ({ disk: m.disk, id: m.id, kind: m.kind, parent: m.parent, createdAt: m.createdAt, size: m.size, bytesStored: m.bytesStored, blocksWritten: m.blocksWritten }));
       if (opts.json) return console.log(JSON.stringify(rows, null, 2));
       for (const r of rows) console.log(`${r.disk}\t${r.id}\t${r.kind}\t${r.createdAt}\t${fmtBytes(r.size)}\tstored ${fmtBytes(r.bytesStored)}`);
     });
@@ -106,16 +104,22 @@ export function storeCommands(): Command[] {
     .description('restore a backup (default the latest) as a full VHD or raw image')
     .argument('<repo>')
     .argument('<disk>')
-    .argument('<out>')
+    .argument('<out>', 'file (replaced atomically), block or character device (raw, in place), or - for standard output')
     .option('--backup <id>', 'backup id (default: the latest)')
-    .addOption(new Option('--format <format>', 'output format (default from the extension: .vhd → VHD, else raw)').choices(['vhd', 'raw']))
+    .addOption(new Option('--format <format>', 'output format (default: raw for a device or -, else from the extension: .vhd → VHD, else raw)').choices(['vhd', 'raw']))
     .action(async (root: string, disk: string, out: string, opts: { backup?: string; format?: RestoreFormat }) => {
       const repo = await Repository.open(root);
       repo.diskDir(disk);
       if (opts.backup) checkBackupId(opts.backup);
-      const format = opts.format ?? (extname(out).toLowerCase() === '.vhd' ? 'vhd' : 'raw');
-      const r = await restore(repo, disk, out, { backup: opts.backup, format });
-      console.log(`restored ${disk} backup ${r.id} to ${out} (${format}, ${r.bytesWritten} bytes)`);
+      const bar = progressBar(`restore ${disk}`, false, 'written');
+      let r;
+      try {
+        r = await restore(repo, disk, out, { backup: opts.backup, format: opts.format, onProgress: (d, t, b) => bar.update(d, t, b) });
+      } finally {
+        bar.stop();
+      }
+      // With `-`, standard output carries the disk and nothing else.
+      (out === '-' ? console.error : console.log)(`restored ${disk} backup ${r.id} to ${out} (${r.format}, ${r.bytesWritten} bytes)`);
     });
 
   const verifyCmd = new Command('verify')
@@ -126,7 +130,13 @@ export function storeCommands(): Command[] {
     .action(async (root: string, disk: string | undefined, opts: { json?: boolean }) => {
       const repo = await Repository.open(root);
       if (disk) await repo.requireDisk(disk);
-      const report = await verify(repo, disk);
+      const bar = progressBar('verify', opts.json ?? false);
+      let report;
+      try {
+        report = await verify(repo, disk, { onProgress: (d, t, b) => bar.update(d, t, b) });
+      } finally {
+        bar.stop();
+      }
       if (opts.json) console.log(JSON.stringify({ ok: report.problems.length === 0, ...report }, null, 2));
       else if (report.problems.length === 0) console.log(`ok: ${report.backups} backups, ${report.blocks} blocks verified`);
       for (const p of report.problems) {
@@ -145,7 +155,7 @@ export function storeCommands(): Command[] {
   pruneCmd
     .option('--max-merges <n>', 'merge at most this many backups in this run', parseMaxMerges)
     .option('--dry-run', 'print what would be kept and removed; change nothing')
-    .option('--json', 'print { kept, removed, merged }')
+    .option('--json', 'print { kept, removed, merged, merges, deferred }')
     .action(async (root: string, disk: string | undefined, opts: Record<string, unknown>) => {
       const policy: RetentionPolicy = {};
       for (const option of KEEP_OPTIONS) {
@@ -155,11 +165,18 @@ export function storeCommands(): Command[] {
       if (Object.keys(policy).length === 0) throw new UsageError('at least one --keep-* option is required');
       const repo = await Repository.open(root);
       if (disk) await repo.requireDisk(disk);
-      const report = await prune(repo, disk, { policy, maxMerges: opts.maxMerges as number | undefined, dryRun: opts.dryRun === true });
+      const report = await prune(repo, disk, {
+        policy,
+        maxMerges: opts.maxMerges as number | undefined,
+        dryRun: opts.dryRun === true,
+        onWait: (message) => console.error(`vhdvault: ${message}`),
+        onFinding: (f) => console.error(`vhdvault: warning: ${describeFinding(f)}`),
+      });
       if (opts.json) return console.log(JSON.stringify(report, null, 2));
       const verb = opts.dryRun ? 'would ' : '';
       for (const id of report.kept) console.log(`${verb}keep    ${id}`);
       for (const id of report.removed) console.log(`${verb}remove  ${id}`);
+      for (const m of report.merges) console.log(`${verb}merge   ${m.removed} into ${m.into}`);
       for (const id of report.deferred) console.log(`deferred ${id} (--max-merges reached; next run)`);
       console.log(`${opts.dryRun ? 'would merge' : 'merged'}: ${report.merged}`);
     });
@@ -169,10 +186,11 @@ export function storeCommands(): Command[] {
     .command('stages')
     .description('measure read, digest, compression, decompression and write speed')
     .option('--repo <repo>', 'write the test data inside this repository (its storage is what is measured)')
+    .option('--drop-caches', "read from storage after dropping the whole machine's page cache (root; slows everything else running); default: O_DIRECT reads")
     .option('--json', 'print JSON')
-    .action(async (opts: { repo?: string; json?: boolean }) => {
+    .action(async (opts: { repo?: string; dropCaches?: boolean; json?: boolean }) => {
       const dir = opts.repo ? (await Repository.open(opts.repo)).root : undefined;
-      const results = await benchStages(dir);
+      const results = await benchStages(dir, { dropCaches: opts.dropCaches === true });
       console.log(opts.json ? JSON.stringify(results, null, 2) : formatStages(results));
     });
 
@@ -184,7 +202,13 @@ export function storeCommands(): Command[] {
     .option('--changed <percent|blocks>', 'blocks the delta changes: "10%" or a count', '10%')
     .option('--json', 'print the rows as JSON')
     .action(async (opts: { dir: string; size: number; changed: string; json?: boolean }) => {
-      const rows = await benchMerge(opts);
+      const bar = progressBar('bench merge', opts.json ?? false, 'written');
+      let rows;
+      try {
+        rows = await benchMerge({ ...opts, onProgress: (d, t, b) => bar.update(d, t, b) });
+      } finally {
+        bar.stop();
+      }
       console.log(opts.json ? JSON.stringify(rows, null, 2) : formatMergeRows(rows));
     });
 

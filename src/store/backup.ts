@@ -1,5 +1,5 @@
 import { mkdir, readFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { pathExists } from '../util/files.js';
 import pLimit from 'p-limit';
 import { testBit } from '../vhd/bitmap.js';
 import { VhdError } from '../vhd/errors.js';
@@ -12,11 +12,14 @@ import { BLOCK_READ_AHEAD, orderedReadAhead, range } from '../util/pipeline.js';
 import { releaseBuffer } from '../util/bufferPool.js';
 import { DigestReader, DigestWriter, zeroDigest } from './digests.js';
 import { withDiskLock } from './lock.js';
-import { completePendingMerge } from './merge.js';
+import { withExclusiveAccess } from './access.js';
+import { openBackupChain } from './chain.js';
+import { completePendingMerge, hasPendingMerge } from './merge.js';
+import { isNoSpace } from './reserve.js';
 import { newBackupId } from './names.js';
 import { BlockPool, defaultConcurrency } from './pool.js';
 import type { BackupMetadata, Repository } from './repository.js';
-import { newBackupMetadata, writeJsonAtomically } from './repository.js';
+import { newBackupMetadata } from './repository.js';
 import { BusyClock, figures, slowest, type Stage, type StageFigures } from './stages.js';
 import { limiter } from './throttle.js';
 
@@ -68,15 +71,39 @@ export async function backup(repo: Repository, disk: string, options: BackupOpti
   const diskDir = repo.diskDir(disk);
   await mkdir(diskDir, { recursive: true });
   return withDiskLock(diskDir, 'backup', async () => {
-    await completePendingMerge(repo, disk);
+    if (await hasPendingMerge(repo, disk)) await withExclusiveAccess(repo, disk, 'backup', () => completePendingMerge(repo, disk));
+    await repo.recoverCommits(disk);
     await repo.cleanLeftovers(disk);
     const source = await openSource(options.source);
     try {
       return await backupFrom(repo, disk, source, options);
+    } catch (err) {
+      // Staged files are gone (the writers' abort): say where space ran out, and that nothing changed.
+      if (isNoSpace(err)) throw new VhdError(diskDir, 'no space left on device while writing the backup; nothing was committed and earlier backups are unchanged (free space, or run prune, then try again)');
+      throw err;
     } finally {
       await source.close();
     }
   });
+}
+
+/**
+ * The backup a new delta may build on: the latest, if its chain is sound. A
+ * delta over a broken chain could never be restored, so the backup is full
+ * instead and says why.
+ */
+async function deltaBase(repo: Repository, disk: string, latest: BackupMetadata | undefined): Promise<{ parent: BackupMetadata | null; note?: string }> {
+  if (!latest) return { parent: null };
+  try {
+    const chain = await openBackupChain(repo, latest);
+    await chain.close();
+    // Unchanged blocks are found through the parent's digests: they must be there.
+    if (!(await pathExists(repo.digestsPath(disk, latest.id)))) throw new VhdError(repo.digestsPath(disk, latest.id), 'is missing');
+    return { parent: latest };
+  } catch (err) {
+    if (!(err instanceof VhdError)) throw err;
+    return { parent: null, note: `the latest backup's chain cannot be built on (${err.message}): taking a full backup; run vhdvault verify` };
+  }
 }
 
 async function backupFrom(repo: Repository, disk: string, source: BlockSource, options: BackupOptions): Promise<BackupReport> {
@@ -87,8 +114,9 @@ async function backupFrom(repo: Repository, disk: string, source: BlockSource, o
   }
   const { size, blockCount } = source;
   const latest = await repo.latest(disk);
-  let parent: BackupMetadata | null = options.full ? null : (latest ?? null);
-  let note: string | undefined;
+  const base = options.full ? { parent: null } : await deltaBase(repo, disk, latest);
+  let parent = base.parent;
+  let note = base.note;
   if (parent && parent.size !== size) {
     note = `disk size changed (${parent.size} → ${size} bytes): taking a full backup`;
     parent = null;
@@ -101,13 +129,13 @@ async function backupFrom(repo: Repository, disk: string, source: BlockSource, o
   if (parent) {
     const parentDisk = await openDisk(repo.dataPath(disk, parent.id, parent.layout));
     await parentDisk.close();
-    const relativePath = repo.dataName(parent.id, parent.layout);
-    link = { uuid: parentDisk.footer.uuid, timestamp: parentDisk.footer.timestamp, relativePath, absolutePath: join(repo.diskDir(disk), relativePath) };
+    // Relative locators only: a moved or copied repository must never reach back into the original.
+    link = { uuid: parentDisk.footer.uuid, timestamp: parentDisk.footer.timestamp, relativePath: repo.dataName(parent.id, parent.layout) };
   }
-  const dataPath = repo.dataPath(disk, id);
+  const dataPath = repo.stagedDataPath(disk, id);
   const writerOptions = { size, blockSize, parent: link, uuid };
   const writer = layout === 'dir' ? await VhdDirectoryWriter.create(dataPath, { ...writerOptions, compression }) : await DynamicVhdWriter.create(dataPath, writerOptions);
-  const digests = await DigestWriter.create(repo.digestsPath(disk, id));
+  const digests = await DigestWriter.create(repo.stagedDigestsPath(disk, id));
   const previous = parent ? await DigestReader.open(repo.digestsPath(disk, parent.id), parent.blockCount) : null;
   const changed = parent && options.changed ? await readChangedBitmap(options.changed, blockCount) : null;
   const concurrency = Math.max(1, options.concurrency ?? defaultConcurrency());
@@ -193,7 +221,7 @@ async function backupFrom(repo: Repository, disk: string, source: BlockSource, o
   }
 
   const metadata = await newBackupMetadata(repo, { disk, id, parent: parent?.id ?? null, size, blockCount, uuid, blocksWritten, bytesWritten });
-  await writeJsonAtomically(repo.metadataPath(disk, id), metadata);
+  await repo.commitBackup(metadata);
 
   const threads = concurrency;
   const stages: Record<Stage, StageFigures> = {

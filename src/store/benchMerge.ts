@@ -5,10 +5,11 @@ import { UsageError } from '../vhd/errors.js';
 import { VhdDirectoryWriter } from '../vhd/VhdDirectory.js';
 import { DynamicVhdWriter } from '../vhd/VhdWriter.js';
 import { newUuid } from '../vhd/uuid.js';
+import type { OnProgress } from '../util/progress.js';
 import { DigestWriter, digestOf } from './digests.js';
 import { mergeForward, reclaimMergeSpace } from './merge.js';
 import { newBackupId } from './names.js';
-import { type BackupMetadata, type Layout, newBackupMetadata, Repository, writeJsonAtomically } from './repository.js';
+import { type BackupMetadata, type Layout, newBackupMetadata, Repository } from './repository.js';
 
 const BLOCK = 2 * 1024 * 1024;
 
@@ -32,7 +33,7 @@ export function changedBlocks(spec: string, blockCount: number): number {
  * changing `changed` blocks spread evenly over the disk, in the given layout,
  * written directly with the repository's formats (no hashing of the source).
  */
-export async function buildMergeChain(root: string, layout: Layout, size: number, changed: number): Promise<MergeChain> {
+export async function buildMergeChain(root: string, layout: Layout, size: number, changed: number, onBlockWritten?: () => void): Promise<MergeChain> {
   if (size % BLOCK !== 0) throw new UsageError('--size must be a multiple of 2M');
   const repo = await Repository.init(root, { layout, compression: 'none' });
   const disk = 'bench';
@@ -46,29 +47,25 @@ export async function buildMergeChain(root: string, layout: Layout, size: number
   const write = async (parent: BackupMetadata | null): Promise<BackupMetadata> => {
     const id = newBackupId(parent?.id);
     const uuid = newUuid();
-    const path = repo.dataPath(disk, id);
-    const link = parent && {
-      uuid: parent.uuid,
-      timestamp: 0,
-      relativePath: repo.dataName(parent.id),
-      absolutePath: repo.dataPath(disk, parent.id),
-    };
+    const path = repo.stagedDataPath(disk, id);
+    const link = parent && { uuid: parent.uuid, timestamp: 0, relativePath: repo.dataName(parent.id) };
     const options = { size, uuid, parent: link ?? undefined };
     const writer = layout === 'dir' ? await VhdDirectoryWriter.create(path, options) : await DynamicVhdWriter.create(path, options);
-    const digests = await DigestWriter.create(repo.digestsPath(disk, id));
+    const digests = await DigestWriter.create(repo.stagedDigestsPath(disk, id));
     let written = 0;
     for (let b = 0; b < blockCount; b++) {
       const isChanged = changedSet.has(b);
       if (!parent || isChanged) {
         await writer.writeBlock(b, parent ? update : base);
         written++;
+        onBlockWritten?.();
       }
       await digests.append(digestOf(parent && isChanged ? update : base));
     }
     await writer.finish();
     await digests.finish();
     const meta = await newBackupMetadata(repo, { disk, id, parent: parent?.id ?? null, size, blockCount, uuid, blocksWritten: written, bytesWritten: written * (BLOCK + 512) });
-    await writeJsonAtomically(repo.metadataPath(disk, id), meta);
+    await repo.commitBackup(meta);
     return meta;
   };
   const parent = await write(null);
@@ -93,18 +90,23 @@ export interface MergeRow {
  * Build the same chain in both layouts under `dir`, merge the delta into the
  * full (what prune does when it removes the full), and time the merge alone.
  */
-export async function benchMerge(options: { dir: string; size: number; changed: string }): Promise<MergeRow[]> {
+export async function benchMerge(options: { dir: string; size: number; changed: string; onProgress?: OnProgress }): Promise<MergeRow[]> {
   const work = await mkdtemp(join(options.dir, '.vhdvault-bench-merge-'));
   try {
     const count = changedBlocks(options.changed, options.size / BLOCK);
     const rows: MergeRow[] = [];
+    // Progress, in blocks: each layout writes a full chain and a delta, then merges the delta (counted when done, outside the timing).
+    const total = 2 * (options.size / BLOCK + 2 * count);
+    let done = 0;
+    const advance = (blocks: number) => options.onProgress?.((done += blocks), total, done * BLOCK);
     for (const layout of ['dir', 'vhd'] as const) {
-      const chain = await buildMergeChain(join(work, layout), layout, options.size, count);
+      const chain = await buildMergeChain(join(work, layout), layout, options.size, count, () => advance(1));
       const start = performance.now();
       await mergeForward(chain.repo, chain.parent, chain.child, { reclaim: false });
       const mergeMs = performance.now() - start;
       await reclaimMergeSpace(chain.repo, chain.child);
       const reclaimMs = performance.now() - start - mergeMs;
+      advance(count);
       const round = (n: number) => Math.round(n * 10) / 10;
       rows.push({ layout, size: options.size, changedBlocks: count, mergeMs: round(mergeMs), reclaimMs: round(reclaimMs), blocksPerSecond: Math.round((count / mergeMs) * 1000), dirSpeedup: 1 });
       await rm(join(work, layout), { recursive: true, force: true });

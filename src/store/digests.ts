@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto';
 import { type FileHandle, open } from 'node:fs/promises';
-import { VhdError } from '../vhd/errors.js';
+import { describeFsError, VhdError } from '../vhd/errors.js';
 import { AtomicFile } from '../util/fsync.js';
 
 /** SHA-256 of a block's content, 32 bytes. */
@@ -75,7 +75,7 @@ export class DigestReader {
 
   static async open(path: string, expectedCount: number): Promise<DigestReader> {
     const fh = await open(path, 'r').catch((err: unknown) => {
-      throw new VhdError(path, `cannot open digests: ${(err as Error).message}`);
+      throw new VhdError(path, (err as NodeJS.ErrnoException).code === 'ENOENT' ? 'digests file is missing' : `cannot open digests: ${describeFsError(err)}`);
     });
     const { size } = await fh.stat();
     if (size !== expectedCount * DIGEST_SIZE) {

@@ -6,7 +6,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { VhdError } from '../vhd/errors.js';
 import { temporaryPath } from '../util/fsync.js';
 
-interface LockOwner {
+export interface LockOwner {
   pid: number;
   host: string;
   startedAt: string;
@@ -16,6 +16,9 @@ interface LockOwner {
   /** The owner's start time in clock ticks since boot (/proc/<pid>/stat): tells a reused pid from the owner. */
   processStart?: string;
 }
+
+/** The disk is locked by a live process. */
+export class LockBusyError extends VhdError {}
 
 /** A lock file nobody could parse is stale once this old (ours are never seen half-written). */
 const UNREADABLE_STALE_MS = 10_000;
@@ -49,8 +52,34 @@ function processAlive(pid: number): boolean {
   }
 }
 
+/** Who we are, as a lock, marker or reader registration records it. */
+export function lockOwner(command: string): LockOwner {
+  return {
+    pid: process.pid,
+    host: hostname(),
+    startedAt: new Date().toISOString(),
+    command,
+    bootId: bootId(),
+    processStart: processStart(process.pid),
+  };
+}
+
+/** An owner record, or null when the text is not one. */
+export function parseOwner(text: string): LockOwner | null {
+  try {
+    const v = JSON.parse(text) as LockOwner;
+    return v !== null && Number.isSafeInteger(v.pid) && typeof v.host === 'string' ? v : null;
+  } catch {
+    return null;
+  }
+}
+
+export function describeOwner(o: LockOwner): string {
+  return `process ${o.pid} on ${o.host} (${o.command}, since ${o.startedAt})`;
+}
+
 /** Is the lock's owner certainly gone? Only provable on the same host. */
-function ownerGone(holder: LockOwner, me: LockOwner): boolean {
+export function isOwnerGone(holder: LockOwner, me: LockOwner): boolean {
   if (holder.host !== me.host) return false;
   if (holder.bootId && me.bootId && holder.bootId !== me.bootId) return true;
   if (!processAlive(holder.pid)) return true;
@@ -72,23 +101,16 @@ export class DiskLock {
 
   static async acquire(diskDir: string, command: string): Promise<DiskLock> {
     const path = join(diskDir, 'lock');
-    const owner: LockOwner = {
-      pid: process.pid,
-      host: hostname(),
-      startedAt: new Date().toISOString(),
-      command,
-      bootId: bootId(),
-      processStart: processStart(process.pid),
-    };
+    const owner = lockOwner(command);
     const temp = temporaryPath(path);
-    const fh = await open(temp, 'wx');
     try {
-      await fh.writeFile(JSON.stringify(owner));
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
-    try {
+      const fh = await open(temp, 'wx');
+      try {
+        await fh.writeFile(JSON.stringify(owner));
+        await fh.sync();
+      } finally {
+        await fh.close();
+      }
       for (let attempt = 0; attempt < 50; attempt++) {
         try {
           await link(temp, path);
@@ -99,8 +121,8 @@ export class DiskLock {
         const seen = await readLock(path);
         if (seen === null) continue; // released meanwhile
         if (!seen.stale(owner)) {
-          const who = seen.holder ? `process ${seen.holder.pid} on ${seen.holder.host} (${seen.holder.command}, since ${seen.holder.startedAt})` : 'another process';
-          throw new VhdError(diskDir, `is locked by ${who}; if that process is gone, remove ${path}`);
+          const who = seen.holder ? describeOwner(seen.holder) : 'another process';
+          throw new LockBusyError(diskDir, `is locked by ${who}; if that process is gone, remove ${path}`);
         }
         if (!(await takeOver(path, seen.text, owner))) await sleep(20);
       }
@@ -130,17 +152,12 @@ async function readLock(path: string): Promise<SeenLock | null> {
   } catch {
     return null;
   }
-  let holder: LockOwner | null = null;
-  try {
-    const v = JSON.parse(text) as LockOwner;
-    if (Number.isSafeInteger(v.pid) && typeof v.host === 'string') holder = v;
-  } catch {
-    // unreadable: stale once old enough (see below)
-  }
+  // An unreadable lock is stale once old enough.
+  const holder = parseOwner(text);
   return {
     text,
     holder,
-    stale: (me) => (holder ? ownerGone(holder, me) : Date.now() - mtimeMs > UNREADABLE_STALE_MS),
+    stale: (me) => (holder ? isOwnerGone(holder, me) : Date.now() - mtimeMs > UNREADABLE_STALE_MS),
   };
 }
 

@@ -11,7 +11,10 @@ import { BAT_FILE, blockFile, FOOTER_FILE, VhdDirectory } from '../vhd/VhdDirect
 import { VhdFile } from '../vhd/VhdFile.js';
 import { fsyncDirectory, removeQuietly } from '../util/fsync.js';
 import { pathExists } from '../util/files.js';
-import { withDiskLock } from './lock.js';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { withExclusiveAccess, withReadAccess } from './access.js';
+import { LockBusyError, withDiskLock } from './lock.js';
+import { isBackupId } from './names.js';
 import { type BackupMetadata, type Repository, storedBytes, writeJsonAtomically } from './repository.js';
 
 /**
@@ -327,26 +330,60 @@ export async function completePendingMerge(repo: Repository, disk: string): Prom
   } catch {
     return false;
   }
+  const damaged = (what: string) =>
+    new VhdError(
+      path,
+      `the journal of an interrupted retention merge ${what}, so the merge cannot be finished and nothing on this disk is changed or read until it is resolved: ` +
+        'put back an intact copy of the file if you have one; otherwise move it out of the folder and run `vhdvault verify` to see which backups the half-done merge damaged',
+    );
   let journal: MergeJournal;
   try {
     journal = JSON.parse(text) as MergeJournal;
   } catch {
-    throw new VhdError(path, 'merge journal is not valid JSON: the merge cannot be resumed safely');
+    throw damaged('is damaged (not valid JSON)');
   }
-  if (journal.format !== 1 || journal.child?.disk !== disk) throw new VhdError(path, 'is not a merge journal of this disk');
+  const steps: Array<MergeJournal['step']> = ['blocks', 'identity', 'swap', 'metadata'];
+  const sound =
+    journal !== null &&
+    typeof journal === 'object' &&
+    journal.format === 1 &&
+    journal.child?.disk === disk &&
+    journal.parent?.disk === disk &&
+    isBackupId(String(journal.parent?.id)) &&
+    isBackupId(String(journal.child?.id)) &&
+    journal.child.parent === journal.parent.id &&
+    typeof journal.footer === 'string' &&
+    steps.includes(journal.step);
+  if (!sound) throw damaged('is damaged (not a merge journal of this disk)');
   const merge = new Merge(repo, journal, true);
   await merge.run();
   await merge.reclaim();
   return true;
 }
 
+/** Is a merge journal present (a merge running, or abandoned by a killed run)? */
+export function hasPendingMerge(repo: Repository, disk: string): Promise<boolean> {
+  return pathExists(join(repo.diskDir(disk), JOURNAL));
+}
+
 /**
- * For commands that only read: if an interrupted merge is pending, take the
- * disk's lock just long enough to finish it, so they never see a half-merged disk.
+ * For commands that only read, seeing an abandoned merge: take the disk's lock
+ * just long enough to finish it. If a live process holds the lock, it finishes
+ * the merge itself (every writer does first): wait a moment and let the caller look again.
  */
 export async function settlePendingMerge(repo: Repository, disk: string): Promise<void> {
-  if (!(await pathExists(join(repo.diskDir(disk), JOURNAL)))) return;
-  await withDiskLock(repo.diskDir(disk), 'merge recovery', async () => {
-    await completePendingMerge(repo, disk);
+  try {
+    await withDiskLock(repo.diskDir(disk), 'merge recovery', () => withExclusiveAccess(repo, disk, 'merge recovery', () => completePendingMerge(repo, disk)));
+  } catch (err) {
+    if (!(err instanceof LockBusyError)) throw err;
+    await sleep(100);
+  }
+}
+
+/** Run `fn` as a reader of `disk` (see access.ts), finishing an abandoned merge first. */
+export function readingDisk<T>(repo: Repository, disk: string, command: string, fn: () => Promise<T>, onWait?: (message: string) => void): Promise<T> {
+  return withReadAccess(repo, disk, command, fn, {
+    onWait,
+    recover: { pending: () => hasPendingMerge(repo, disk), settle: () => settlePendingMerge(repo, disk) },
   });
 }

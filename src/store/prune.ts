@@ -1,8 +1,12 @@
 import { rm } from 'node:fs/promises';
+import { VhdError } from '../vhd/errors.js';
 import { fsyncDirectory, removeQuietly } from '../util/fsync.js';
+import { withExclusiveAccess } from './access.js';
+import { diskFindings, type Finding } from './inspect.js';
 import { withDiskLock } from './lock.js';
-import { completePendingMerge, mergeForward } from './merge.js';
+import { completePendingMerge, hasPendingMerge, mergeForward } from './merge.js';
 import type { BackupMetadata, Repository } from './repository.js';
+import { ensureReserve, withReserve } from './reserve.js';
 import { type RetentionPolicy, selectRetention } from './retention.js';
 
 export interface PruneOptions {
@@ -10,14 +14,62 @@ export interface PruneOptions {
   /** At most this many merges in this run; backups needing more stay for the next run. */
   maxMerges?: number;
   dryRun?: boolean;
+  /** Told when prune has to wait for readers of a disk to finish. */
+  onWait?: (message: string) => void;
+  /** Told of files that belong to no backup (reported, never removed). */
+  onFinding?: (finding: Finding) => void;
 }
 
 export interface PruneReport {
   kept: string[];
   removed: string[];
   merged: number;
+  /** Each merge (done, or with --dry-run to be done): the removed backup and the kept one it is folded into. */
+  merges: Array<{ removed: string; into: string }>;
   /** Backups the policy removes but that wait for a later run (--max-merges). */
   deferred: string[];
+}
+
+/** What prune will do to one disk, worked out before anything changes. */
+interface Plan {
+  kept: BackupMetadata[];
+  /** Removed backups nothing kept depends on: deleted, newest first. */
+  deletions: BackupMetadata[];
+  /** Removed backups folded into their child, oldest first (each child standing in its parent's place for the next). */
+  merges: Array<{ parent: BackupMetadata; child: BackupMetadata }>;
+  deferred: BackupMetadata[];
+}
+
+function plan(backups: BackupMetadata[], options: PruneOptions): Plan {
+  const { kept, removed } = selectRetention(backups, options.policy);
+  // The chain as it will be after each step (merges re-parent children).
+  const byId = new Map(backups.map((b) => [b.id, { ...b }]));
+  const childOf = (id: string) => [...byId.values()].find((b) => b.parent === id);
+  const keptIds = new Set(kept.map((b) => b.id));
+  const hasKeptDescendant = (id: string): boolean => {
+    for (let c = childOf(id); c; c = childOf(c.id)) if (keptIds.has(c.id)) return true;
+    return false;
+  };
+  // A removed backup nothing kept depends on is deleted, not merged: newest first,
+  // so no listed backup ever loses its parent.
+  const deletions = removed.filter((r) => !hasKeptDescendant(r.id)).reverse().map((r) => byId.get(r.id)!);
+  for (const d of deletions) byId.delete(d.id);
+  const merges: Plan['merges'] = [];
+  const deferred: BackupMetadata[] = [];
+  for (const r of removed.filter((x) => byId.has(x.id))) {
+    if (options.maxMerges !== undefined && merges.length >= options.maxMerges) {
+      deferred.push(r);
+      continue;
+    }
+    const parent = byId.get(r.id)!;
+    const child = childOf(r.id)!; // it has a kept descendant
+    merges.push({ parent: { ...parent }, child: { ...child } });
+    // The child now stands where the parent stood: same parent, same kind.
+    child.parent = parent.parent;
+    child.kind = parent.kind;
+    byId.delete(r.id);
+  }
+  return { kept, deletions, merges, deferred };
 }
 
 /** Remove a backup nothing depends on: metadata first (it stops being listed), then its files. */
@@ -28,65 +80,78 @@ async function deleteBackup(repo: Repository, meta: BackupMetadata): Promise<voi
   await rm(repo.digestsPath(meta.disk, meta.id), { force: true });
 }
 
+/**
+ * Refuse to touch a disk whose chains are not sound: a merge or deletion over a
+ * broken chain can turn a damaged backup into a lost one. Files that belong to no
+ * backup are only reported (prune leaves them alone).
+ */
+async function checkStructure(repo: Repository, disk: string, options: PruneOptions): Promise<BackupMetadata[]> {
+  const unreadable: Finding[] = [];
+  const backups = await repo.backups(disk, (err) => unreadable.push({ disk, id: null, kind: 'metadata', problem: err.message }));
+  const findings = [...unreadable, ...(await diskFindings(repo, disk, backups))];
+  const blocking = [...unreadable, ...findings.filter((f) => f.id !== null)];
+  for (const f of findings) if (f.id === null && !unreadable.includes(f)) options.onFinding?.(f);
+  if (blocking.length > 0) {
+    const first = blocking[0]!;
+    const more = blocking.length > 1 ? ` (and ${blocking.length - 1} more: see vhdvault verify)` : '';
+    throw new VhdError(repo.diskDir(disk), `prune refused, nothing changed: ${first.id ? `backup ${first.id}: ` : ''}${first.problem}${more}`);
+  }
+  return backups;
+}
+
+async function applyPlan(repo: Repository, p: Plan): Promise<void> {
+  for (const d of p.deletions) await deleteBackup(repo, d);
+  for (const { parent, child } of p.merges) await mergeForward(repo, parent, child);
+}
+
+function record(report: PruneReport, p: Plan): void {
+  report.removed.push(...p.deletions.map((d) => d.id), ...p.merges.map((m) => m.parent.id));
+  report.merged += p.merges.length;
+  report.merges.push(...p.merges.map((m) => ({ removed: m.parent.id, into: m.child.id })));
+  report.deferred.push(...p.deferred.map((d) => d.id));
+  report.kept.push(...p.kept.map((b) => b.id), ...p.deferred.map((d) => d.id));
+}
+
 async function pruneDisk(repo: Repository, disk: string, options: PruneOptions, report: PruneReport): Promise<void> {
-  const backups = await repo.backups(disk);
-  const { kept, removed } = selectRetention(backups, options.policy);
-  // The chain as it will be after each step (merges re-parent children), simulated for --dry-run.
-  const byId = new Map(backups.map((b) => [b.id, { ...b }]));
-  const childOf = (id: string) => [...byId.values()].find((b) => b.parent === id);
-  const keptIds = new Set(kept.map((b) => b.id));
-  const hasKeptDescendant = (id: string): boolean => {
-    for (let c = childOf(id); c; c = childOf(c.id)) if (keptIds.has(c.id)) return true;
-    return false;
-  };
-  // A removed backup nothing kept depends on is deleted, not merged: newest first,
-  // so no listed backup ever loses its parent.
-  const dead = removed.filter((r) => !hasKeptDescendant(r.id)).reverse();
-  for (const r of dead) {
-    if (!options.dryRun) await deleteBackup(repo, byId.get(r.id)!);
-    byId.delete(r.id);
-    report.removed.push(r.id);
+  if (options.dryRun) {
+    record(report, plan(await checkStructure(repo, disk, options), options));
+    return;
   }
-  let merges = 0;
-  const deferred: string[] = [];
-  for (const r of removed.filter((x) => byId.has(x.id))) {
-    const current = byId.get(r.id)!;
-    const child = childOf(r.id)!; // it has a kept descendant
-    if (options.maxMerges !== undefined && merges >= options.maxMerges) {
-      deferred.push(r.id);
-      continue;
-    }
-    if (!options.dryRun) await mergeForward(repo, current, child);
-    // The child now stands where `current` stood: same parent, same kind.
-    child.parent = current.parent;
-    child.kind = current.kind;
-    byId.delete(r.id);
-    merges++;
-    report.removed.push(r.id);
-  }
-  report.merged += merges;
-  report.deferred.push(...deferred);
-  report.kept.push(...kept.map((b) => b.id), ...deferred);
+  await withDiskLock(repo.diskDir(disk), 'prune', async () => {
+    // Finish what an interrupted run left before judging the structure.
+    if (await hasPendingMerge(repo, disk)) await withExclusiveAccess(repo, disk, 'prune', () => completePendingMerge(repo, disk), options);
+    await repo.recoverCommits(disk);
+    await repo.cleanLeftovers(disk);
+    const p = plan(await checkStructure(repo, disk, options), options);
+    if (p.deletions.length + p.merges.length > 0) await withExclusiveAccess(repo, disk, 'prune', () => applyPlan(repo, p), options);
+    record(report, p);
+  });
 }
 
 /**
  * Apply a retention policy to one disk or all: backups not kept are removed;
- * one with a descendant is merged forward into it (see merge.ts). Holds each
- * disk's lock; finishes any interrupted merge first.
+ * one with a descendant is merged forward into it (see merge.ts). Checks each
+ * disk's chains first and refuses a disk whose chains are not sound. Holds each
+ * disk's lock; finishes any interrupted merge first; waits for readers before
+ * changing anything they could be reading. On a full filesystem the repository's
+ * reserve is given back so that prune can still run and free space.
  */
 export async function prune(repo: Repository, disk: string | undefined, options: PruneOptions): Promise<PruneReport> {
-  const report: PruneReport = { kept: [], removed: [], merged: 0, deferred: [] };
+  const report: PruneReport = { kept: [], removed: [], merged: 0, merges: [], deferred: [] };
   for (const d of disk ? [disk] : await repo.disks()) {
-    if (options.dryRun) {
-      await pruneDisk(repo, d, options, report);
-      continue;
-    }
-    await withDiskLock(repo.diskDir(d), 'prune', async () => {
-      await completePendingMerge(repo, d);
-      await repo.cleanLeftovers(d);
-      await pruneDisk(repo, d, options, report);
+    // A rerun after running out of space must not count the first attempt's work twice.
+    const attempt: PruneReport = { kept: [], removed: [], merged: 0, merges: [], deferred: [] };
+    await withReserve(repo, async () => {
+      Object.assign(attempt, { kept: [], removed: [], merged: 0, merges: [], deferred: [] });
+      await pruneDisk(repo, d, options, attempt);
     });
+    report.kept.push(...attempt.kept);
+    report.removed.push(...attempt.removed);
+    report.merged += attempt.merged;
+    report.merges.push(...attempt.merges);
+    report.deferred.push(...attempt.deferred);
   }
+  if (!options.dryRun) await ensureReserve(repo);
   report.kept.sort();
   report.removed.sort();
   return report;

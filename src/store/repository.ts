@@ -1,11 +1,12 @@
-import { mkdir, readdir, readFile, stat } from 'node:fs/promises';
+import { mkdir, readdir, readFile, rename, stat } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { type Compression, isCompression } from '../vhd/compression.js';
 import { DEFAULT_BLOCK_SIZE } from '../vhd/constants.js';
 import { describeFsError, UsageError, VhdError } from '../vhd/errors.js';
-import { AtomicFile, removeQuietly } from '../util/fsync.js';
+import { AtomicFile, fsyncDirectory, removeQuietly } from '../util/fsync.js';
 import { bytesUnder, pathExists } from '../util/files.js';
 import { checkBackupId, checkDiskName, isBackupId } from './names.js';
+import { ensureReserve } from './reserve.js';
 
 export type Layout = 'dir' | 'vhd';
 
@@ -47,7 +48,8 @@ export interface BackupMetadata {
 
 /**
  * Metadata of a backup just written by vhdvault (whole blocks, SHA-256 digests),
- * its kind following from its parent. Its size on disk is measured here.
+ * its kind following from its parent. Its size on disk is measured here, on
+ * the staged files the commit will rename into place.
  */
 export async function newBackupMetadata(
   repo: Repository,
@@ -62,7 +64,7 @@ export async function newBackupMetadata(
     blockSize,
     layout,
     compression: layout === 'dir' ? compression : 'none',
-    bytesStored: await storedBytes([repo.dataPath(fields.disk, fields.id), repo.digestsPath(fields.disk, fields.id)]),
+    bytesStored: await storedBytes([repo.stagedDataPath(fields.disk, fields.id), repo.stagedDigestsPath(fields.disk, fields.id)]),
     digestAlgorithm: 'sha256',
     wholeBlocks: true,
   };
@@ -79,7 +81,6 @@ export async function writeJsonAtomically(path: string, value: unknown): Promise
   });
 }
 
-/** Bytes a backup occupies on disk: its data (file or directory) and its digests. */
 /** Bytes a backup occupies: its data (file or directory) and its digests. */
 export const storedBytes = bytesUnder;
 
@@ -152,7 +153,9 @@ export class Repository {
       createdAt: new Date().toISOString(),
     };
     await writeJsonAtomically(configPath, config);
-    return new Repository(resolve(root), config);
+    const repo = new Repository(resolve(root), config);
+    await ensureReserve(repo);
+    return repo;
   }
 
   static async open(root: string): Promise<Repository> {
@@ -179,6 +182,78 @@ export class Repository {
 
   metadataPath(disk: string, id: string): string {
     return join(this.diskDir(disk), `${checkBackupId(id)}.json`);
+  }
+
+  /** Where a backup's data is written before its commit: a temporary name cleanup may remove. */
+  stagedDataPath(disk: string, id: string, layout?: Layout): string {
+    return join(this.diskDir(disk), stagedName(this.dataName(id, layout)));
+  }
+
+  stagedDigestsPath(disk: string, id: string): string {
+    return join(this.diskDir(disk), stagedName(`${checkBackupId(id)}.digests`));
+  }
+
+  /** The metadata of a backup being committed: while it exists, its staged files are not garbage. */
+  pendingMetadataPath(disk: string, id: string): string {
+    return join(this.diskDir(disk), stagedName(`${checkBackupId(id)}.json`));
+  }
+
+  /**
+   * Make a staged backup (data and digests under their staged names, durable)
+   * exist: its metadata is written under the pending name, the data and digests
+   * are renamed into place, and the metadata's rename commits it. A kill at any
+   * moment leaves either staged files without pending metadata (garbage: the
+   * next cleanup removes them) or pending metadata, which recoverCommits() rolls
+   * forward. Data under a final name never lacks metadata that says what it is.
+   */
+  async commitBackup(meta: BackupMetadata): Promise<void> {
+    await writeJsonAtomically(this.pendingMetadataPath(meta.disk, meta.id), meta);
+    await this.finishCommit(meta);
+  }
+
+  private async finishCommit(meta: BackupMetadata): Promise<void> {
+    const { disk, id, layout } = meta;
+    await renameIfPresent(this.stagedDataPath(disk, id, layout), this.dataPath(disk, id, layout));
+    await renameIfPresent(this.stagedDigestsPath(disk, id), this.digestsPath(disk, id));
+    await fsyncDirectory(this.diskDir(disk));
+    await rename(this.pendingMetadataPath(disk, id), this.metadataPath(disk, id));
+    await fsyncDirectory(this.diskDir(disk));
+  }
+
+  /**
+   * Finish commits an interrupted backup left (pending metadata whose data and
+   * digests are all there, staged or renamed). One that cannot be finished is
+   * left as it is, for inspect() to report. Call with the disk's lock held.
+   */
+  async recoverCommits(disk: string): Promise<string[]> {
+    const finished: string[] = [];
+    for (const name of await readdir(this.diskDir(disk)).catch(() => [] as string[])) {
+      const id = pendingId(name);
+      if (id === null) continue;
+      const meta = await this.readPending(disk, id);
+      if (meta && (await this.hasCommitFiles(meta))) {
+        await this.finishCommit(meta);
+        finished.push(id);
+      }
+    }
+    return finished;
+  }
+
+  private async readPending(disk: string, id: string): Promise<BackupMetadata | null> {
+    const path = this.pendingMetadataPath(disk, id);
+    try {
+      return parseMetadata(await readJson(path), path, disk, id);
+    } catch (err) {
+      if (err instanceof VhdError) return null;
+      throw err;
+    }
+  }
+
+  private async hasCommitFiles(meta: BackupMetadata): Promise<boolean> {
+    const { disk, id, layout } = meta;
+    const data = (await pathExists(this.stagedDataPath(disk, id, layout))) || (await pathExists(this.dataPath(disk, id, layout)));
+    const digests = (await pathExists(this.stagedDigestsPath(disk, id))) || (await pathExists(this.digestsPath(disk, id)));
+    return data && digests;
   }
 
   /** A disk named on the command line must exist: a misspelt name must not read as "nothing wrong". */
@@ -225,22 +300,44 @@ export class Repository {
   }
 
   /**
-   * Remove what interrupted runs left: temporary files and folders, and data or
-   * digests with no metadata (never committed). Call with the disk's lock held.
+   * Remove what interrupted runs left, and nothing else: names that are ours
+   * and temporary (`.<name>.tmp`), unless pending metadata still claims them.
+   * Data or digests without metadata are never removed here: inspect() reports
+   * them. Call with the disk's lock held, after recoverCommits().
    */
   async cleanLeftovers(disk: string): Promise<string[]> {
     const dir = this.diskDir(disk);
     const names = await readdir(dir).catch(() => [] as string[]);
-    const committed = new Set(names.filter((n) => n.endsWith('.json')).map((n) => n.slice(0, -'.json'.length)));
+    const claimed = new Set(names.map(pendingId).filter((id): id is string => id !== null));
     const removed: string[] = [];
     for (const name of names) {
-      const stem = name.replace(/\.(vhd-dir|vhd|digests)$/, '');
-      const leftover = (name.startsWith('.') && name.endsWith('.tmp')) || (stem !== name && isBackupId(stem) && !committed.has(stem));
-      if (leftover) {
-        await removeQuietly(join(dir, name));
-        removed.push(name);
-      }
+      if (!isTemporaryName(name) || pendingId(name) !== null) continue;
+      // A lock being acquired right now stages its file under `.lock.*.tmp`.
+      if (name.startsWith('.lock.')) continue;
+      const stagedOf = /^\.(\d{8}T\d{9}Z-[0-9a-f]{6})\.(vhd-dir|vhd|digests)\.tmp$/.exec(name)?.[1];
+      if (stagedOf !== undefined && claimed.has(stagedOf)) continue;
+      await removeQuietly(join(dir, name));
+      removed.push(name);
     }
     return removed;
   }
+}
+
+/** `.<name>.tmp`: a name only vhdvault's own temporary files carry. */
+export function isTemporaryName(name: string): boolean {
+  return name.startsWith('.') && name.endsWith('.tmp');
+}
+
+const stagedName = (name: string) => `.${name}.tmp`;
+
+/** The backup id of a pending metadata name (`.<id>.json.tmp`), else null. */
+export function pendingId(name: string): string | null {
+  const m = /^\.(.+)\.json\.tmp$/.exec(name);
+  return m && isBackupId(m[1]!) ? m[1]! : null;
+}
+
+async function renameIfPresent(from: string, to: string): Promise<void> {
+  await rename(from, to).catch((err: NodeJS.ErrnoException) => {
+    if (err.code !== 'ENOENT') throw err;
+  });
 }

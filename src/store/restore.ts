@@ -1,12 +1,14 @@
-import { basename } from 'node:path';
+import { basename, extname } from 'node:path';
 import { VhdError } from '../vhd/errors.js';
 import { copyDisk, createDiskWriter } from '../vhd/convert.js';
 import type { BlockSource } from '../vhd/source.js';
 import { blocksWithData, synthesizeVhd } from '../vhd/synthesize.js';
-import { VhdChain } from '../vhd/VhdChain.js';
-import { AtomicFile } from '../util/fsync.js';
+import type { VhdChain } from '../vhd/VhdChain.js';
+import { checkFormatFits, implicitFormat, outputTarget, refuseProtected, writeImage } from '../vhd/outputTarget.js';
+import type { OnProgress } from '../util/progress.js';
 import { DigestReader, digestOf, zeroDigest } from './digests.js';
-import { settlePendingMerge } from './merge.js';
+import { openBackupChain } from './chain.js';
+import { readingDisk } from './merge.js';
 import type { BackupMetadata, Repository } from './repository.js';
 
 export type RestoreFormat = 'vhd' | 'raw';
@@ -21,9 +23,8 @@ export interface RestoreReport {
 /** Which backup a chain member is (its data is named `<id>.vhd` or `<id>.vhd-dir`). */
 const backupIdOf = (path: string) => basename(path).replace(/\.(vhd-dir|vhd)$/, '');
 
-/** The backup to restore: the named one, or the disk's latest. */
+/** The backup to restore: the named one, or the disk's latest. Call as a reader of the disk (readingDisk). */
 export async function pickBackup(repo: Repository, disk: string, id?: string): Promise<BackupMetadata> {
-  await settlePendingMerge(repo, disk);
   if (id) return repo.backup(disk, id);
   const latest = await repo.latest(disk);
   if (!latest) throw new VhdError(repo.diskDir(disk), `disk "${disk}" has no backups`);
@@ -36,7 +37,7 @@ export async function pickBackup(repo: Repository, disk: string, id?: string): P
  * of being emitted.
  */
 async function verifiedChain(repo: Repository, meta: BackupMetadata): Promise<{ chain: VhdChain; source: BlockSource }> {
-  const chain = await VhdChain.open(repo.dataPath(meta.disk, meta.id, meta.layout));
+  const chain = await openBackupChain(repo, meta);
   let digests: DigestReader;
   try {
     if (chain.size !== meta.size || chain.blockCount !== meta.blockCount) {
@@ -80,30 +81,38 @@ async function verifiedChain(repo: Repository, meta: BackupMetadata): Promise<{ 
 }
 
 /**
- * Restore a backup to `out`: a dynamic VHD streamed straight from the chain
- * (synthesized, never materializing intermediate disks), or a sparse raw image.
- * The output appears under its name only when complete.
+ * Restore a backup to `out` (see outputTarget.ts): a dynamic VHD streamed
+ * straight from the chain (synthesized, never materializing intermediate
+ * disks), or a raw image. A file appears under its name only when complete
+ * (raw: sparse); a device or `-` gets every byte, zeros included. Format:
+ * `options.format`, else raw on a device or `-`, else by extension.
  */
-export async function restore(repo: Repository, disk: string, out: string, options: { backup?: string; format: RestoreFormat }): Promise<RestoreReport> {
+async function restoreAsReader(repo: Repository, disk: string, out: string, options: { backup?: string; format?: RestoreFormat; onProgress?: OnProgress }): Promise<RestoreReport> {
+  // Checked before anything is read: a restore never writes into the repository.
+  const target = await outputTarget(out);
+  const format = options.format ?? implicitFormat(target) ?? (extname(out).toLowerCase() === '.vhd' ? 'vhd' : 'raw');
+  checkFormatFits(target, format);
+  await refuseProtected(target, [{ path: repo.root, what: `the repository ${repo.root}` }]);
   const meta = await pickBackup(repo, disk, options.backup);
   const { chain, source } = await verifiedChain(repo, meta);
   try {
-    if (options.format === 'raw') {
-      await copyDisk(source, await createDiskWriter(out, 'raw', source.size, source.blockSize));
+    if (format === 'raw') {
+      await copyDisk(source, await createDiskWriter(target, 'raw', source.size, source.blockSize), options.onProgress);
       return { id: meta.id, format: 'raw', size: meta.size, bytesWritten: meta.size };
     }
     const image = synthesizeVhd(chain, (b) => source.readBlock(b));
-    const file = await AtomicFile.create(out);
-    await file.commit(async () => {
-      let at = 0;
-      for await (const chunk of image.stream as AsyncIterable<Buffer>) {
-        await file.handle.write(chunk, 0, chunk.length, at);
-        at += chunk.length;
-      }
-      if (at !== image.length) throw new Error(`synthesized ${at} bytes, announced ${image.length}`);
-    });
+    await writeImage(target, image, options.onProgress);
     return { id: meta.id, format: 'vhd', size: meta.size, bytesWritten: image.length };
   } finally {
     await source.close();
   }
+}
+
+/**
+ * Restore a backup (the disk's latest unless `options.backup`) to `out`, as a
+ * reader of the disk: a merge or deletion never runs beside it (access.ts).
+ */
+export function restore(...args: Parameters<typeof restoreAsReader>): ReturnType<typeof restoreAsReader> {
+  const [repo, disk] = args;
+  return readingDisk(repo, disk, 'restore', () => restoreAsReader(...args));
 }

@@ -1,8 +1,12 @@
 import { VhdError } from '../vhd/errors.js';
-import { VhdChain } from '../vhd/VhdChain.js';
+import type { VhdChain } from '../vhd/VhdChain.js';
+import { pathExists } from '../util/files.js';
 import { BLOCK_READ_AHEAD, orderedReadAhead } from '../util/pipeline.js';
+import type { OnProgress } from '../util/progress.js';
 import { DigestReader, digestOf, zeroDigest } from './digests.js';
-import { settlePendingMerge } from './merge.js';
+import { openBackupChain } from './chain.js';
+import { fileFindings } from './inspect.js';
+import { readingDisk } from './merge.js';
 import type { BackupMetadata, Repository } from './repository.js';
 
 export interface VerifyProblem {
@@ -25,38 +29,56 @@ export interface VerifyReport {
  * backup recorded; check each backup's structure and its chain (parents found,
  * UUIDs matching). Reports every problem; changes nothing.
  */
-export async function verify(repo: Repository, disk?: string): Promise<VerifyReport> {
+export async function verify(repo: Repository, disk?: string, options: { onProgress?: OnProgress } = {}): Promise<VerifyReport> {
   const report: VerifyReport = { backups: 0, blocks: 0, problems: [] };
-  for (const d of disk ? [disk] : await repo.disks()) {
-    await settlePendingMerge(repo, d);
-    const backups = await repo.backups(d, (err) => report.problems.push({ disk: d, id: null, block: null, problem: err.message }));
-    for (const meta of backups) {
-      report.backups++;
-      await verifyBackup(repo, meta, report);
-    }
+  const disks = disk ? [disk] : await repo.disks();
+  // Progress is the position through all backups' block ranges: its total is known before any is opened.
+  let total = 0;
+  for (const d of disks) total += (await repo.backups(d)).reduce((n, m) => n + m.blockCount, 0);
+  let before = 0;
+  let bytes = 0;
+  for (const d of disks) {
+    // As a reader: a merge or deletion never runs beside the checks (access.ts).
+    await readingDisk(repo, d, 'verify', async () => {
+      const backups = await repo.backups(d, (err) => report.problems.push({ disk: d, id: null, block: null, problem: err.message }));
+      const findings = await fileFindings(repo, d, backups);
+      for (const f of findings) report.problems.push({ disk: d, id: f.id, block: null, problem: f.problem });
+      const unreadable = new Set(findings.filter((f) => f.kind === 'missing-data' || f.kind === 'missing-parent').map((f) => f.id));
+      for (const meta of backups) {
+        report.backups++;
+        if (!unreadable.has(meta.id)) {
+          await verifyBackup(repo, meta, report, (block) => options.onProgress?.(before + block + 1, total, (bytes += meta.blockSize)));
+        }
+        before += meta.blockCount;
+        options.onProgress?.(Math.min(before, total), total, bytes);
+      }
+    });
   }
   return report;
 }
 
-async function verifyBackup(repo: Repository, meta: BackupMetadata, report: VerifyReport): Promise<void> {
+async function verifyBackup(repo: Repository, meta: BackupMetadata, report: VerifyReport, onBlockRead: (block: number) => void): Promise<void> {
   const problem = (block: number | null, text: string) => report.problems.push({ disk: meta.disk, id: meta.id, block, problem: text });
-  const dataPath = repo.dataPath(meta.disk, meta.id, meta.layout);
   let chain: VhdChain;
   try {
-    // Opening the chain checks structure, parents and UUIDs; its top member is this backup's own data.
-    chain = await VhdChain.open(dataPath);
+    // Opening the chain (by metadata) checks structure, parents and UUIDs; its top member is this backup's own data.
+    chain = await openBackupChain(repo, meta);
   } catch (err) {
     if (!(err instanceof VhdError)) throw err;
     problem(null, err.message);
     return;
   }
   if (chain.blockCount !== meta.blockCount) problem(null, `holds ${chain.blockCount} blocks, metadata records ${meta.blockCount}`);
-  // Without its digests a backup's blocks are still read, so unreadable ones are still named.
-  const digests = await DigestReader.open(repo.digestsPath(meta.disk, meta.id), meta.blockCount).catch((err: unknown) => {
-    if (!(err instanceof VhdError)) throw err;
-    problem(null, err.message);
-    return null;
-  });
+  // Without its digests a backup's blocks are still read, so unreadable ones are still named
+  // (a missing digests file is already reported by fileFindings).
+  const digestsPath = repo.digestsPath(meta.disk, meta.id);
+  const digests = !(await pathExists(digestsPath))
+    ? null
+    : await DigestReader.open(digestsPath, meta.blockCount).catch((err: unknown) => {
+        if (!(err instanceof VhdError)) throw err;
+        problem(null, err.message);
+        return null;
+      });
   const member = chain.top;
   const stored: number[] = [];
   for (let b = 0; b < member.blockCount; b++) if (member.isAllocated(b)) stored.push(b);
@@ -77,6 +99,7 @@ async function verifyBackup(repo: Repository, meta: BackupMetadata, report: Veri
   try {
     for await (const [block, r] of orderedReadAhead(stored, BLOCK_READ_AHEAD, read)) {
       report.blocks++;
+      onBlockRead(block);
       if (r.error) problem(block, r.error);
       else if (digests && (!r.digest || !r.digest.equals(await digests.get(block)))) problem(block, 'stored data does not match its digest');
     }

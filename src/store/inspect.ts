@@ -1,0 +1,117 @@
+import { readdir, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { VhdDisk } from '../vhd/disk.js';
+import { VhdError } from '../vhd/errors.js';
+import { checkParent } from '../vhd/VhdChain.js';
+import { blockFile, VhdDirectory } from '../vhd/VhdDirectory.js';
+import { pathExists } from '../util/files.js';
+import { openBackupData } from './chain.js';
+import { DIGEST_SIZE } from './digests.js';
+import { isBackupId } from './names.js';
+import { type BackupMetadata, pendingId, type Repository } from './repository.js';
+
+/** A problem with one backup's structure, or with a file no backup accounts for. */
+export interface Finding {
+  disk: string;
+  /** What is wrong, for callers that treat kinds differently (verify skips reading a backup whose data or parent is gone). */
+  kind: 'metadata' | 'orphan' | 'pending' | 'missing-data' | 'missing-digests' | 'missing-parent' | 'structure';
+  /** The backup concerned; null for files that belong to no listed backup. */
+  id: string | null;
+  problem: string;
+}
+
+/**
+ * Blocks a directory's bat marks present whose files are not there: a merge
+ * moves block files, so it must know every one exists before it starts. One
+ * readdir per 1000 blocks; block contents are verify's business.
+ */
+async function missingBlockFiles(dir: VhdDirectory): Promise<number[]> {
+  const missing: number[] = [];
+  const folders = new Map<number, Set<string>>();
+  for (let b = 0; b < dir.blockCount; b++) {
+    if (!dir.isAllocated(b)) continue;
+    const folder = Math.floor(b / 1000);
+    if (!folders.has(folder)) folders.set(folder, new Set(await readdir(join(dir.path, 'blocks', String(folder))).catch(() => [])));
+    if (!folders.get(folder)!.has(String(b % 1000))) missing.push(b);
+  }
+  return missing;
+}
+
+/**
+ * Files of a disk's folder that no committed backup accounts for, and backups
+ * missing a file they need: data or digests without metadata (left in place:
+ * only a person can tell a lost metadata file from rubbish), a commit that
+ * cannot be finished, a backup without its data, digests or parent. Reads the
+ * folder's names only. The cheap check `list` runs.
+ */
+export async function fileFindings(repo: Repository, disk: string, backups: BackupMetadata[]): Promise<Finding[]> {
+  const findings: Finding[] = [];
+  const names = new Set(await readdir(repo.diskDir(disk)).catch(() => [] as string[]));
+  const listed = new Set(backups.map((b) => b.id));
+  const committing = new Set([...names].map(pendingId).filter((id): id is string => id !== null));
+  for (const id of committing) {
+    findings.push({ disk, id, kind: 'pending', problem: `an interrupted commit cannot be finished: ${repo.pendingMetadataPath(disk, id)} is kept with whatever data it names; a backup with the lock will retry it` });
+  }
+  for (const name of [...names].sort()) {
+    const m = /^(.+)\.(vhd-dir|vhd|digests|json)$/.exec(name);
+    if (!m || !isBackupId(m[1]!) || listed.has(m[1]!) || committing.has(m[1]!)) continue;
+    if (m[2] === 'json') continue; // unreadable metadata: reported by Repository.backups()
+    findings.push({ disk, id: null, kind: 'orphan', problem: `${repo.diskDir(disk)}/${name} belongs to no listed backup (its metadata ${m[1]}.json is missing): left in place` });
+  }
+  for (const meta of backups) {
+    const problem = (kind: Finding['kind'], text: string) => findings.push({ disk, id: meta.id, kind, problem: text });
+    if (!names.has(repo.dataName(meta.id, meta.layout))) problem('missing-data', `its data ${repo.dataPath(disk, meta.id, meta.layout)} is missing`);
+    if (!names.has(`${meta.id}.digests`)) problem('missing-digests', `its digests file ${repo.digestsPath(disk, meta.id)} is missing`);
+    if (meta.parent !== null && !listed.has(meta.parent)) problem('missing-parent', `its parent backup ${meta.parent} is not in the repository`);
+  }
+  return findings;
+}
+
+/**
+ * What is wrong with the structure of a disk's backups, without reading block
+ * data: every backup's data and digests present and of the right shape, its
+ * VHD's UUID as recorded, its parent listed and linked as the metadata says.
+ * Each backup's data is opened once (headers and tables only).
+ */
+export async function structureFindings(repo: Repository, backups: BackupMetadata[]): Promise<Finding[]> {
+  const findings: Finding[] = [];
+  const opened = new Map<string, VhdDisk>();
+  try {
+    for (const meta of backups) {
+      const problem = (text: string) => findings.push({ disk: meta.disk, id: meta.id, kind: 'structure', problem: text });
+      if (!(await pathExists(repo.dataPath(meta.disk, meta.id, meta.layout)))) continue; // fileFindings names it
+      try {
+        const disk = await openBackupData(repo, meta);
+        opened.set(meta.id, disk);
+        if (disk instanceof VhdDirectory) for (const b of await missingBlockFiles(disk)) problem(`${join(disk.path, blockFile(b))}: block ${b} is missing although the bat marks it present`);
+      } catch (err) {
+        if (!(err instanceof VhdError)) throw err;
+        problem(err.message);
+      }
+      const digests = repo.digestsPath(meta.disk, meta.id);
+      const size = await stat(digests).then((s) => s.size, () => null);
+      if (size !== null && size !== meta.blockCount * DIGEST_SIZE) problem(`its digests file ${digests} has ${size} bytes, ${meta.blockCount * DIGEST_SIZE} expected`);
+    }
+    for (const meta of backups) {
+      const disk = opened.get(meta.id);
+      const parent = meta.parent === null ? undefined : opened.get(meta.parent);
+      if (!disk || (meta.parent !== null && !parent)) continue;
+      try {
+        if (parent && disk.footer.diskType !== 'differencing') throw new VhdError(disk.path, `is a ${disk.footer.diskType} disk, but backup ${meta.id} is a delta of ${meta.parent}`);
+        if (!parent && disk.footer.diskType === 'differencing') throw new VhdError(disk.path, `is a differencing disk, but backup ${meta.id} is recorded as full`);
+        if (parent) checkParent(disk, parent);
+      } catch (err) {
+        if (!(err instanceof VhdError)) throw err;
+        findings.push({ disk: meta.disk, id: meta.id, kind: 'structure', problem: err.message });
+      }
+    }
+  } finally {
+    await Promise.all([...opened.values()].map((d) => d.close()));
+  }
+  return findings;
+}
+
+/** Everything structurally wrong with a disk's backups: what verify reports besides block data, and what stops prune. */
+export async function diskFindings(repo: Repository, disk: string, backups: BackupMetadata[]): Promise<Finding[]> {
+  return [...(await fileFindings(repo, disk, backups)), ...(await structureFindings(repo, backups))];
+}

@@ -1,0 +1,244 @@
+import { execFileSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { mkdir, readFile, readdir, rename, rm, writeFile, open } from 'node:fs/promises';
+import { join } from 'node:path';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { vhdvault } from './helpers/cli.js';
+import { makeRaw, sha256, tempDir } from './helpers/files.js';
+import { BLOCK, copyFixture, expectRestores, type Fixture, isCoordination, makeFixture, MiB, snapshot, vhdvaultAsync } from './helpers/repoFixture.js';
+
+const dir = await tempDir();
+const diskDir = (f: Fixture) => join(f.repo, 'disks', 'vm');
+const meta = (f: Fixture, id: string) => join(diskDir(f), `${id}.json`);
+let n = 0;
+const fresh = (base: Fixture) => copyFixture(base, join(dir, `case-${n++}`));
+
+for (const layout of ['dir', 'vhd'] as const) {
+  describe(`trust (layout ${layout})`, () => {
+    let base: Fixture; // F ← D1 ← D2 ← D3
+    const ext = layout === 'dir' ? 'vhd-dir' : 'vhd';
+    beforeAll(async () => {
+      base = await makeFixture(join(dir, `base-${layout}`), layout, 4);
+    });
+
+    it('1: a backup whose metadata is lost is reported and never deleted; the next backup is full', async () => {
+      const f = await fresh(base);
+      const [, d1, d2] = f.ids as [string, string, string, string];
+      await rename(meta(f, d1), join(dir, `saved-${layout}.json`));
+
+      const list = vhdvault('list', f.repo);
+      expect(list.code).toBe(0);
+      expect(list.stderr).toContain(`${d1}.${ext} belongs to no listed backup`);
+      expect(list.stderr).toContain(`backup ${d2}: its parent backup ${d1} is not in the repository`);
+      const verify = vhdvault('verify', f.repo);
+      expect(verify.code).toBe(1);
+      expect(verify.stderr).toContain(`${d1}.${ext} belongs to no listed backup`);
+
+      const before = await snapshot(f.repo, isCoordination);
+      const backup = vhdvault('backup', f.repo, 'vm', '--source', `${base.repo}.raw`);
+      expect(backup.code, backup.stderr).toBe(0);
+      expect(backup.stderr).toMatch(/taking a full backup/);
+      const after = await snapshot(f.repo, isCoordination);
+      for (const file of Object.keys(before)) expect(after[file], `${file} after backup`).toBe(before[file]);
+
+      // Prune refuses to touch the broken chain, and changes nothing.
+      const prune = vhdvault('prune', f.repo, '--keep-last', '1');
+      expect(prune.code).toBe(1);
+      expect(prune.stderr).toMatch(/prune refused, nothing changed/);
+      expect(await snapshot(f.repo, isCoordination)).toEqual(after);
+
+      // Putting the metadata back makes every backup whole again: nothing was lost.
+      await rename(join(dir, `saved-${layout}.json`), meta(f, d1));
+      expect(vhdvault('verify', f.repo).code).toBe(0);
+      for (const id of f.ids) await expectRestores(f, id, dir);
+    });
+
+    it('2: prune refuses a chain whose metadata names the wrong parent, changing nothing', async () => {
+      const f = await fresh(base);
+      const [full, d1, d2] = f.ids as [string, string, string, string];
+      const original = await readFile(meta(f, d2), 'utf8');
+      await writeFile(meta(f, d2), JSON.stringify({ ...JSON.parse(original), parent: full }));
+      expect(vhdvault('verify', f.repo).code).toBe(1);
+      const before = await snapshot(f.repo, isCoordination);
+      const prune = vhdvault('prune', f.repo, '--keep-last', '1');
+      expect(prune.code).toBe(1);
+      expect(prune.stderr).toContain(`backup ${d2}`);
+      expect(prune.stderr).toMatch(/UUID/);
+      const dry = vhdvault('prune', f.repo, '--keep-last', '1', '--dry-run', '--json');
+      expect(dry.code).toBe(1);
+      expect(await snapshot(f.repo, isCoordination)).toEqual(before);
+      await writeFile(meta(f, d2), original);
+      expect(vhdvault('verify', f.repo).code).toBe(0);
+      for (const id of [full, d1, d2]) await expectRestores(f, id, dir);
+    });
+
+    it('4: a moved repository restores; a copy missing a parent fails clearly instead of reading the original', async () => {
+      const moved = await fresh(base);
+      const elsewhere = join(dir, `moved-${layout}`);
+      await rename(moved.repo, elsewhere);
+      const m = { ...moved, repo: elsewhere };
+      expect(vhdvault('verify', m.repo).code).toBe(0);
+      await expectRestores(m, m.ids[3]!, dir);
+
+      // The copy lacks D1's data; the original (at its absolute path) still has it.
+      const copy = await fresh(base);
+      const d1 = copy.ids[1]!;
+      await rm(join(diskDir(copy), `${d1}.${ext}`), { recursive: true });
+      const r = vhdvault('restore', copy.repo, 'vm', join(dir, 'nope.raw'), '--backup', copy.ids[3]!);
+      expect(r.code).toBe(1);
+      expect(r.stderr).toContain(`${d1}.${ext}`);
+      expect(r.stderr.trim().split('\n')).toHaveLength(1);
+      expect(vhdvault('verify', copy.repo).code).toBe(1);
+    });
+
+    it('5: restores and verifies running beside prunes always succeed and are exact', async () => {
+      for (let round = 0; round < 3; round++) {
+        const f = await fresh(base);
+        const latest = f.ids.at(-1)!;
+        const out = join(dir, `during-prune-${layout}-${round}.raw`);
+        const readers = (async () => {
+          const results = [];
+          for (let i = 0; i < 4; i++) {
+            results.push(await vhdvaultAsync('restore', f.repo, 'vm', `${out}.${i}`));
+            results.push(await vhdvaultAsync('verify', f.repo));
+          }
+          return results;
+        })();
+        const prune = vhdvaultAsync('prune', f.repo, '--keep-last', String(1 + (round % 2)));
+        const [results, pr] = await Promise.all([readers, prune]);
+        expect(pr.code, pr.stderr).toBe(0);
+        for (const r of results) expect(r.code, r.stderr).toBe(0);
+        for (let i = 0; i < 4; i++) expect(await sha256(`${out}.${i}`)).toBe(f.content.get(latest));
+      }
+    });
+
+    it('a damaged merge journal stops every command with a line saying what it is, and nothing is deleted', async () => {
+      const f = await fresh(base);
+      await writeFile(join(diskDir(f), 'merge.json'), '{"format":1,"step":');
+      const before = await snapshot(f.repo, isCoordination);
+      for (const args of [
+        ['list', f.repo],
+        ['verify', f.repo],
+        ['restore', f.repo, 'vm', join(dir, 'j.raw')],
+        ['backup', f.repo, 'vm', '--source', `${base.repo}.raw`],
+        ['prune', f.repo, '--keep-last', '1'],
+      ]) {
+        const r = vhdvault(...args);
+        expect(r.code, args[0]).toBe(1);
+        expect(r.stderr).toMatch(/merge\.json: the journal of an interrupted retention merge is damaged/);
+        expect(r.stderr.trim().split('\n')).toHaveLength(1);
+      }
+      expect(await snapshot(f.repo, isCoordination)).toEqual(before);
+    });
+
+    it('a missing digests file is named; restore of that backup says so; the next backup is full', async () => {
+      const f = await fresh(base);
+      const last = f.ids.at(-1)!;
+      await rm(join(diskDir(f), `${last}.digests`));
+      const v = vhdvault('verify', f.repo);
+      expect(v.code).toBe(1);
+      expect(v.stderr).toContain(`${last}.digests is missing`);
+      const r = vhdvault('restore', f.repo, 'vm', join(dir, 'x.raw'), '--backup', last);
+      expect(r.code).toBe(1);
+      expect(r.stderr).toMatch(/digests file is missing/);
+      expect(r.stderr).not.toMatch(/ENOENT/);
+      const b = vhdvault('backup', f.repo, 'vm', '--source', `${base.repo}.raw`, '--json');
+      expect(b.code, b.stderr).toBe(0);
+      expect(JSON.parse(b.stdout).kind).toBe('full');
+      await expectRestores(f, f.ids[2]!, dir);
+    });
+  });
+}
+
+describe('crash between commit steps', () => {
+  it('data renamed into place without its metadata yet is finished by the next run, not reported or removed', async () => {
+    const f = await makeFixture(join(dir, 'commit'), 'dir', 2);
+    const d = join(f.repo, 'disks', 'vm');
+    const last = f.ids[1]!;
+    // The state a kill between the data's rename and the metadata's leaves: pending metadata, data in place.
+    await rename(join(d, `${last}.json`), join(d, `.${last}.json.tmp`));
+    await rename(join(d, `${last}.digests`), join(d, `.${last}.digests.tmp`));
+    const b = vhdvault('backup', f.repo, 'vm', '--source', `${f.repo}.raw`);
+    expect(b.code, b.stderr).toBe(0);
+    expect(b.stderr).toBe('');
+    const rows = JSON.parse(vhdvault('list', f.repo, '--json').stdout) as Array<{ id: string; parent: string | null }>;
+    expect(rows.map((r) => r.id).slice(0, 2)).toEqual(f.ids);
+    expect(rows[2]!.parent).toBe(last);
+    expect(vhdvault('verify', f.repo).code).toBe(0);
+    expect((await readdir(d)).filter((x) => x.endsWith('.tmp'))).toEqual([]);
+  });
+});
+
+/** A small tmpfs, so that a full filesystem is real. Needs root (CI is root); elsewhere the test is skipped. */
+function mountTmpfs(path: string, size: string): boolean {
+  try {
+    execFileSync('mount', ['-t', 'tmpfs', '-o', `size=${size}`, 'tmpfs', path], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+describe('a full filesystem', () => {
+  it('a backup that runs out of space names the folder and changes nothing; prune still frees space', async (ctx) => {
+    const mnt = join(dir, 'small');
+    await mkdir(mnt);
+    if (!mountTmpfs(mnt, '36m')) {
+      if (process.env.CI) throw new Error('CI runs as root and must be able to mount a tmpfs for this test');
+      ctx.skip();
+    }
+    try {
+      const repo = join(mnt, 'repo');
+      const disk = join(dir, 'full-disk.raw');
+      const size = 16 * MiB;
+      await makeRaw(disk, size, [[0, size]]);
+      expect(vhdvault('init', repo).code).toBe(0);
+      const content = new Map<string, string>();
+      const take = (...extra: string[]) => vhdvault('backup', repo, 'vm', '--source', disk, ...extra);
+      const first = take();
+      expect(first.code, first.stderr).toBe(0);
+      content.set(first.stdout.trim(), await sha256(disk));
+      const fh = await open(disk, 'r+');
+      await fh.write(randomBytes(BLOCK), 0, BLOCK, 0);
+      await fh.close();
+      const second = take();
+      expect(second.code, second.stderr).toBe(0);
+      content.set(second.stdout.trim(), await sha256(disk));
+
+      // 16 + 2 MiB stored and a 4 MiB reserve: another full 16 MiB does not fit in 36 MiB.
+      const before = await snapshot(repo, isCoordination);
+      const third = take('--full');
+      expect(third.code).toBe(1);
+      expect(third.stderr).toMatch(new RegExp(`${join(repo, 'disks', 'vm')}: no space left on device`));
+      expect(third.stderr.trim().split('\n')).toHaveLength(1);
+      expect(await snapshot(repo, isCoordination)).toEqual(before);
+      expect(vhdvault('verify', repo).code).toBe(0);
+
+      // Fill every last byte, then prune: it must still run and free space.
+      const filler = await open(join(mnt, 'filler'), 'w');
+      const chunk = Buffer.alloc(MiB, 1);
+      try {
+        for (;;) await filler.write(chunk);
+      } catch (err) {
+        expect((err as NodeJS.ErrnoException).code).toBe('ENOSPC');
+      }
+      try {
+        for (;;) await filler.write(chunk, 0, 4096);
+      } catch {
+        // full to the page
+      }
+      await filler.close();
+      const prune = vhdvault('prune', repo, '--keep-last', '1');
+      expect(prune.code, prune.stderr).toBe(0);
+      const latest = second.stdout.trim();
+      const rows = JSON.parse(vhdvault('list', repo, '--json').stdout) as Array<{ id: string }>;
+      expect(rows.map((r) => r.id)).toEqual([latest]);
+      expect(vhdvault('verify', repo).code).toBe(0);
+      const out = join(dir, 'after-full.raw');
+      expect(vhdvault('restore', repo, 'vm', out).code).toBe(0);
+      expect(await sha256(out)).toBe(content.get(latest));
+    } finally {
+      execFileSync('umount', ['-l', mnt]);
+    }
+  });
+});
