@@ -1,8 +1,7 @@
-import { mkdir, open, readdir, readFile, rename, rm, unlink } from 'node:fs/promises';
 import { randomBytes } from 'node:crypto';
-import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { VhdError } from '../vhd/errors.js';
+import { key, type Storage, type StorageError } from '../storage/Storage.js';
+import { checkDiskName, inUseByAnother, isTemporaryName } from './names.js';
 import { describeOwner, isOwnerGone, type LockOwner, lockOwner, parseOwner } from './lock.js';
 import type { Repository } from './repository.js';
 
@@ -22,40 +21,25 @@ const ACCESS_DIR = 'access';
 const MARKER = 'exclusive';
 const POLL_MS = 50;
 
-function accessDir(repo: Repository, disk: string): string {
-  return join(repo.root, ACCESS_DIR, disk);
+function accessKey(disk: string): string {
+  return key(ACCESS_DIR, checkDiskName(disk));
 }
 
-async function readOwner(path: string): Promise<LockOwner | null> {
-  const text = await readFile(path, 'utf8').catch(() => null);
-  return text === null ? null : parseOwner(text);
-}
-
-/** Give `path` our owner record at once (written aside, then renamed): nobody ever reads it half-written. */
-async function publish(path: string, owner: LockOwner): Promise<void> {
-  const temp = `${join(path, '..')}/.${randomBytes(6).toString('hex')}.tmp`;
-  const fh = await open(temp, 'wx');
-  try {
-    await fh.writeFile(JSON.stringify(owner));
-  } finally {
-    await fh.close();
-  }
-  await rename(temp, path).catch(async (err: unknown) => {
-    await rm(temp, { force: true });
-    throw err;
-  });
+async function readOwner(storage: Storage, k: string): Promise<LockOwner | null> {
+  const bytes = await storage.get(k).catch(() => null);
+  return bytes === null ? null : parseOwner(bytes.toString('utf8'));
 }
 
 /** Register as a reader; false where the repository cannot be written (a read-only copy has no writers to fear). */
-async function register(path: string, owner: LockOwner): Promise<boolean> {
+async function register(storage: Storage, k: string, owner: LockOwner): Promise<boolean> {
   try {
-    await mkdir(join(path, '..'), { recursive: true });
-    await publish(path, owner);
+    // A put is whole or absent: nobody ever reads a registration half-written.
+    await storage.put(k, JSON.stringify(owner));
     return true;
   } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
+    const code = (err as StorageError).code;
     if (code === 'EROFS' || code === 'EACCES' || code === 'EPERM') return false;
-    throw new VhdError(path, `cannot register as a reader: ${(err as Error).message}`);
+    throw err;
   }
 }
 
@@ -75,29 +59,31 @@ export interface AccessOptions {
  * one in progress to finish, and has an abandoned one finished first.
  */
 export async function withReadAccess<T>(repo: Repository, disk: string, command: string, fn: () => Promise<T>, options: AccessOptions = {}): Promise<T> {
-  const dir = accessDir(repo, disk);
+  const { storage } = repo;
+  const dir = accessKey(disk);
   const me = lockOwner(command);
-  const path = join(dir, `reader-${process.pid}-${randomBytes(4).toString('hex')}`);
+  const mine = key(dir, `reader-${process.pid}-${randomBytes(4).toString('hex')}`);
+  const withdraw = () => storage.delete(mine).catch(() => undefined);
   let told = false;
   for (;;) {
-    const registered = await register(path, me);
-    const writer = await readOwner(join(dir, MARKER));
+    const registered = await register(storage, mine, me);
+    const writer = await readOwner(storage, key(dir, MARKER));
     if (writer && !isOwnerGone(writer, me)) {
-      if (registered) await unlink(path).catch(() => undefined);
+      if (registered) await withdraw();
       if (!told) options.onWait?.(`waiting for ${describeOwner(writer)} to finish changing ${disk}`);
       told = true;
       await sleep(POLL_MS);
       continue;
     }
     if (options.recover && (await options.recover.pending())) {
-      if (registered) await unlink(path).catch(() => undefined);
+      if (registered) await withdraw();
       await options.recover.settle();
       continue;
     }
     try {
       return await fn();
     } finally {
-      if (registered) await unlink(path).catch(() => undefined);
+      if (registered) await withdraw();
     }
   }
 }
@@ -107,22 +93,22 @@ export async function withReadAccess<T>(repo: Repository, disk: string, command:
  * readers arriving meanwhile wait. Call with the disk's lock held.
  */
 export async function withExclusiveAccess<T>(repo: Repository, disk: string, command: string, fn: () => Promise<T>, options: AccessOptions = {}): Promise<T> {
-  const dir = accessDir(repo, disk);
+  const { storage } = repo;
+  const dir = accessKey(disk);
   const me = lockOwner(command);
-  const marker = join(dir, MARKER);
-  await mkdir(dir, { recursive: true });
-  await publish(marker, me).catch((err: unknown) => {
-    throw new VhdError(marker, `cannot be written: ${(err as Error).message}`);
-  });
+  const marker = key(dir, MARKER);
+  await storage.put(marker, JSON.stringify(me));
   try {
     let told = false;
     for (;;) {
       const live: LockOwner[] = [];
-      for (const name of await readdir(dir)) {
+      for (const name of await storage.list(dir)) {
+        // A registration a killed process was still writing.
+        if (isTemporaryName(name) && !inUseByAnother(name)) await storage.delete(key(dir, name));
         if (!name.startsWith('reader-')) continue;
-        const owner = await readOwner(join(dir, name));
-        if (owner === null) continue; // unregistered meanwhile (files appear whole, by rename)
-        if (isOwnerGone(owner, me)) await rm(join(dir, name), { force: true });
+        const owner = await readOwner(storage, key(dir, name));
+        if (owner === null) continue; // withdrawn meanwhile (registrations appear whole)
+        if (isOwnerGone(owner, me)) await storage.delete(key(dir, name));
         else live.push(owner);
       }
       if (live.length === 0) break;
@@ -132,6 +118,6 @@ export async function withExclusiveAccess<T>(repo: Repository, disk: string, com
     }
     return await fn();
   } finally {
-    await rm(marker, { force: true });
+    await storage.delete(marker);
   }
 }

@@ -1,5 +1,4 @@
-import { mkdir, readFile } from 'node:fs/promises';
-import { pathExists } from '../util/files.js';
+import { readFile } from 'node:fs/promises';
 import pLimit from 'p-limit';
 import { testBit } from '../vhd/bitmap.js';
 import { VhdError } from '../vhd/errors.js';
@@ -69,8 +68,8 @@ async function readChangedBitmap(path: string, blockCount: number): Promise<Buff
  */
 export async function backup(repo: Repository, disk: string, options: BackupOptions): Promise<BackupReport> {
   const diskDir = repo.diskDir(disk);
-  await mkdir(diskDir, { recursive: true });
-  return withDiskLock(diskDir, 'backup', async () => {
+  // The lock, created first, makes the disk's folder.
+  return withDiskLock(repo, disk, 'backup', async () => {
     if (await hasPendingMerge(repo, disk)) await withExclusiveAccess(repo, disk, 'backup', () => completePendingMerge(repo, disk));
     await repo.recoverCommits(disk);
     await repo.cleanLeftovers(disk);
@@ -98,7 +97,7 @@ async function deltaBase(repo: Repository, disk: string, latest: BackupMetadata 
     const chain = await openBackupChain(repo, latest);
     await chain.close();
     // Unchanged blocks are found through the parent's digests: they must be there.
-    if (!(await pathExists(repo.digestsPath(disk, latest.id)))) throw new VhdError(repo.digestsPath(disk, latest.id), 'is missing');
+    if (!(await repo.storage.head(repo.digestsKey(disk, latest.id)))) throw new VhdError(repo.digestsPath(disk, latest.id), 'is missing');
     return { parent: latest };
   } catch (err) {
     if (!(err instanceof VhdError)) throw err;
@@ -168,7 +167,7 @@ async function backupFrom(repo: Repository, disk: string, source: BlockSource, o
       if (prev === null || prev.equals(zero)) return { digest: zero, store: false, data: null, storedBytes: 0 };
       data = Buffer.alloc(blockSize);
     }
-    const targetFile = writer instanceof VhdDirectoryWriter ? await writer.externalBlockFile(block) : null;
+    const target = writer instanceof VhdDirectoryWriter ? { storage: repo.storage.descriptor, key: repo.keyOfPath(await writer.externalBlockFile(block)) } : null;
     const result = await pool.run({
       block,
       data: data.buffer as ArrayBuffer,
@@ -176,15 +175,15 @@ async function backupFrom(repo: Repository, disk: string, source: BlockSource, o
       length: data.length,
       previousDigest: prev,
       compression,
-      targetFile,
+      target,
       // Under a write limit the file is written only once the limiter lets its bytes through.
-      deferWrite: targetFile !== null && options.maxWrite !== undefined,
+      deferWrite: target !== null && options.maxWrite !== undefined,
     });
     workerMs.digest += result.digestMs;
     workerMs.compress += result.compressMs;
     workerMs.write += result.writeMs;
     if (result.store) await writeLimit.take(result.storedBytes);
-    if (result.prepared) workerMs.write += await pool.write({ targetFile: targetFile!, parts: result.prepared });
+    if (result.prepared) workerMs.write += await pool.write({ target: target!, parts: result.prepared });
     const keep = result.store && !(writer instanceof VhdDirectoryWriter); // the main thread still has to append it
     if (!keep) releaseBuffer(result.data);
     return { digest: Buffer.from(result.digest), store: result.store, data: keep ? Buffer.from(result.data.buffer, result.data.byteOffset, result.data.length) : null, storedBytes: result.storedBytes };

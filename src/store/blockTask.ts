@@ -1,4 +1,5 @@
-import { open } from 'node:fs/promises';
+import { openStorage } from '../storage/LocalStorage.js';
+import type { Storage, StorageDescriptor } from '../storage/Storage.js';
 import { fullBitmap } from '../vhd/bitmap.js';
 import { type Compression, compress } from '../vhd/compression.js';
 import { digestOf, zeroDigest } from './digests.js';
@@ -12,8 +13,8 @@ export interface BlockTask {
   /** The block's digest in the previous backup; null for a full backup. */
   previousDigest: Uint8Array | null;
   compression: Compression;
-  /** dir layout: the block file to create; vhd layout: null (the data comes back to be appended). */
-  targetFile: string | null;
+  /** dir layout: the block object to create (the worker reopens the storage); vhd layout: null (the data comes back to be appended). */
+  target: BlockTarget | null;
   /**
    * dir layout under a write-rate limit: prepare the file's bytes but do not write
    * them; the main thread paces them and hands them to writePreparedBlock().
@@ -21,9 +22,15 @@ export interface BlockTask {
   deferWrite?: boolean;
 }
 
+/** Where a worker creates a block: a key in a storage it reopens from the descriptor. */
+export interface BlockTarget {
+  storage: StorageDescriptor;
+  key: string;
+}
+
 /** A prepared block file, written by a second task once the write limiter allows it. */
 export interface WriteTask {
-  targetFile: string;
+  target: BlockTarget;
   parts: Uint8Array[];
 }
 
@@ -58,7 +65,7 @@ export async function processBlock(task: BlockTask): Promise<BlockResult> {
   const store = task.previousDigest === null ? !digest.equals(zeroDigest(task.length)) : !digest.equals(task.previousDigest);
   const result: BlockResult = { block: task.block, digest, store, data, storedBytes: 0, digestMs, compressMs: 0, writeMs: 0 };
   if (!store) return result;
-  if (task.targetFile === null) {
+  if (task.target === null) {
     result.storedBytes = data.length;
     return result;
   }
@@ -72,19 +79,24 @@ export async function processBlock(task: BlockTask): Promise<BlockResult> {
     result.prepared = parts;
     return result;
   }
-  result.writeMs = await writePreparedBlock({ targetFile: task.targetFile, parts });
+  result.writeMs = await writePreparedBlock({ target: task.target, parts });
   return result;
+}
+
+/** Storages this worker has opened, by descriptor: one per repository. */
+const storages = new Map<string, Storage>();
+
+function storageFor(descriptor: StorageDescriptor): Storage {
+  const id = JSON.stringify(descriptor);
+  let storage = storages.get(id);
+  if (!storage) storages.set(id, (storage = openStorage(descriptor)));
+  return storage;
 }
 
 /** Create a block file from its prepared bytes; returns the milliseconds spent. */
 export async function writePreparedBlock(task: WriteTask): Promise<number> {
   const t = now();
-  const fh = await open(task.targetFile, 'wx');
-  try {
-    // Made durable all at once, before the backup's directory is renamed into place.
-    await fh.writev(task.parts);
-  } finally {
-    await fh.close();
-  }
+  // Made durable all at once, before the backup's directory is renamed into place.
+  await storageFor(task.target.storage).create(task.target.key, task.parts);
   return now() - t;
 }

@@ -1,10 +1,9 @@
-import { readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { VhdDisk } from '../vhd/disk.js';
 import { VhdError } from '../vhd/errors.js';
 import { checkParent } from '../vhd/VhdChain.js';
 import { blockFile, VhdDirectory } from '../vhd/VhdDirectory.js';
-import { pathExists } from '../util/files.js';
+import { key, type Storage } from '../storage/Storage.js';
 import { openBackupData } from './chain.js';
 import { DIGEST_SIZE } from './digests.js';
 import { isBackupId } from './names.js';
@@ -25,13 +24,13 @@ export interface Finding {
  * moves block files, so it must know every one exists before it starts. One
  * readdir per 1000 blocks; block contents are verify's business.
  */
-async function missingBlockFiles(dir: VhdDirectory): Promise<number[]> {
+async function missingBlockFiles(storage: Storage, dataKey: string, dir: VhdDirectory): Promise<number[]> {
   const missing: number[] = [];
   const folders = new Map<number, Set<string>>();
   for (let b = 0; b < dir.blockCount; b++) {
     if (!dir.isAllocated(b)) continue;
     const folder = Math.floor(b / 1000);
-    if (!folders.has(folder)) folders.set(folder, new Set(await readdir(join(dir.path, 'blocks', String(folder))).catch(() => [])));
+    if (!folders.has(folder)) folders.set(folder, new Set(await storage.list(key(dataKey, 'blocks', String(folder)))));
     if (!folders.get(folder)!.has(String(b % 1000))) missing.push(b);
   }
   return missing;
@@ -46,7 +45,7 @@ async function missingBlockFiles(dir: VhdDirectory): Promise<number[]> {
  */
 export async function fileFindings(repo: Repository, disk: string, backups: BackupMetadata[]): Promise<Finding[]> {
   const findings: Finding[] = [];
-  const names = new Set(await readdir(repo.diskDir(disk)).catch(() => [] as string[]));
+  const names = new Set(await repo.storage.list(repo.diskKey(disk)));
   const listed = new Set(backups.map((b) => b.id));
   const committing = new Set([...names].map(pendingId).filter((id): id is string => id !== null));
   for (const id of committing) {
@@ -79,17 +78,18 @@ export async function structureFindings(repo: Repository, backups: BackupMetadat
   try {
     for (const meta of backups) {
       const problem = (text: string) => findings.push({ disk: meta.disk, id: meta.id, kind: 'structure', problem: text });
-      if (!(await pathExists(repo.dataPath(meta.disk, meta.id, meta.layout)))) continue; // fileFindings names it
+      const dataKey = repo.dataKey(meta.disk, meta.id, meta.layout);
+      if (!(await repo.storage.head(dataKey))) continue; // fileFindings names it
       try {
         const disk = await openBackupData(repo, meta);
         opened.set(meta.id, disk);
-        if (disk instanceof VhdDirectory) for (const b of await missingBlockFiles(disk)) problem(`${join(disk.path, blockFile(b))}: block ${b} is missing although the bat marks it present`);
+        if (disk instanceof VhdDirectory) for (const b of await missingBlockFiles(repo.storage, dataKey, disk)) problem(`${join(disk.path, blockFile(b))}: block ${b} is missing although the bat marks it present`);
       } catch (err) {
         if (!(err instanceof VhdError)) throw err;
         problem(err.message);
       }
       const digests = repo.digestsPath(meta.disk, meta.id);
-      const size = await stat(digests).then((s) => s.size, () => null);
+      const size = (await repo.storage.head(repo.digestsKey(meta.disk, meta.id)))?.size ?? null;
       if (size !== null && size !== meta.blockCount * DIGEST_SIZE) problem(`its digests file ${digests} has ${size} bytes, ${meta.blockCount * DIGEST_SIZE} expected`);
     }
     for (const meta of backups) {

@@ -1,10 +1,9 @@
 import { readFileSync } from 'node:fs';
-import { link, open, readFile, stat, unlink } from 'node:fs/promises';
 import { hostname } from 'node:os';
-import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { VhdError } from '../vhd/errors.js';
-import { temporaryPath } from '../util/fsync.js';
+import { isNotFound, key, type Storage } from '../storage/Storage.js';
+import type { Repository } from './repository.js';
 
 export interface LockOwner {
   pid: number;
@@ -43,7 +42,8 @@ function processStart(pid: number): string | undefined {
   }
 }
 
-function processAlive(pid: number): boolean {
+/** Is a process with this pid running (on this host)? */
+export function processAlive(pid: number): boolean {
   try {
     process.kill(pid, 0);
     return true;
@@ -90,50 +90,40 @@ export function isOwnerGone(holder: LockOwner, me: LockOwner): boolean {
 
 /**
  * One writer per disk: `<disk>/lock` holds the owner (pid, host, boot, process
- * start). It is created whole: written and fsynced under a temporary name, then
- * hard-linked into place, which fails if it exists. A lock whose owner is gone
+ * start). It is created whole with the storage's put-if-absent (locally: written
+ * and fsynced under a temporary name, then hard-linked into place, which fails
+ * if it exists). A lock whose owner is gone
  * is stale; taking it over is serialized by `lock.takeover` (created
  * exclusively), whose holder re-reads the lock before removing it, so two
  * processes can never both remove one stale lock and both go on.
  */
 export class DiskLock {
-  private constructor(private readonly path: string) {}
+  private constructor(
+    private readonly storage: Storage,
+    private readonly key: string,
+  ) {}
 
-  static async acquire(diskDir: string, command: string): Promise<DiskLock> {
-    const path = join(diskDir, 'lock');
+  static async acquire(repo: Repository, disk: string, command: string): Promise<DiskLock> {
+    const { storage } = repo;
+    const lockKey = key(repo.diskKey(disk), 'lock');
     const owner = lockOwner(command);
-    const temp = temporaryPath(path);
-    try {
-      const fh = await open(temp, 'wx');
-      try {
-        await fh.writeFile(JSON.stringify(owner));
-        await fh.sync();
-      } finally {
-        await fh.close();
+    const text = JSON.stringify(owner);
+    for (let attempt = 0; attempt < 50; attempt++) {
+      // Created whole and durable, and only where no lock is (put-if-absent).
+      if (await storage.put(lockKey, text, { ifAbsent: true })) return new DiskLock(storage, lockKey);
+      const seen = await readLock(storage, lockKey);
+      if (seen === null) continue; // released meanwhile
+      if (!seen.stale(owner)) {
+        const who = seen.holder ? describeOwner(seen.holder) : 'another process';
+        throw new LockBusyError(repo.diskDir(disk), `is locked by ${who}; if that process is gone, remove ${storage.describe(lockKey)}`);
       }
-      for (let attempt = 0; attempt < 50; attempt++) {
-        try {
-          await link(temp, path);
-          return new DiskLock(path);
-        } catch (err) {
-          if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
-        }
-        const seen = await readLock(path);
-        if (seen === null) continue; // released meanwhile
-        if (!seen.stale(owner)) {
-          const who = seen.holder ? describeOwner(seen.holder) : 'another process';
-          throw new LockBusyError(diskDir, `is locked by ${who}; if that process is gone, remove ${path}`);
-        }
-        if (!(await takeOver(path, seen.text, owner))) await sleep(20);
-      }
-      throw new VhdError(diskDir, `could not take the lock ${path}`);
-    } finally {
-      await unlink(temp).catch(() => undefined);
+      if (!(await takeOver(storage, lockKey, seen.text, owner))) await sleep(20);
     }
+    throw new VhdError(repo.diskDir(disk), `could not take the lock ${storage.describe(lockKey)}`);
   }
 
   async release(): Promise<void> {
-    await unlink(this.path).catch(() => undefined);
+    await this.storage.delete(this.key).catch(() => undefined);
   }
 }
 
@@ -143,14 +133,17 @@ interface SeenLock {
   stale(me: LockOwner): boolean;
 }
 
-async function readLock(path: string): Promise<SeenLock | null> {
+async function readLock(storage: Storage, lockKey: string): Promise<SeenLock | null> {
   let text: string;
   let mtimeMs: number;
   try {
-    text = await readFile(path, 'utf8');
-    mtimeMs = (await stat(path)).mtimeMs;
-  } catch {
-    return null;
+    text = (await storage.get(lockKey)).toString('utf8');
+    const info = await storage.head(lockKey);
+    if (!info) return null;
+    mtimeMs = info.mtimeMs;
+  } catch (err) {
+    if (isNotFound(err)) return null;
+    throw err;
   }
   // An unreadable lock is stale once old enough.
   const holder = parseOwner(text);
@@ -165,32 +158,26 @@ async function readLock(path: string): Promise<SeenLock | null> {
  * Remove the stale lock whose content was `staleText`, if it is still that one.
  * Returns false when another process is taking over (try again shortly).
  */
-async function takeOver(path: string, staleText: string, me: LockOwner): Promise<boolean> {
-  const marker = `${path}.takeover`;
-  let fh;
-  try {
-    fh = await open(marker, 'wx');
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
-    const age = await stat(marker).then((s) => Date.now() - s.mtimeMs).catch(() => 0);
-    if (age > TAKEOVER_STALE_MS) await unlink(marker).catch(() => undefined);
+async function takeOver(storage: Storage, lockKey: string, staleText: string, me: LockOwner): Promise<boolean> {
+  const marker = `${lockKey}.takeover`;
+  if (!(await storage.put(marker, JSON.stringify(me), { ifAbsent: true }))) {
+    const info = await storage.head(marker);
+    if (info && Date.now() - info.mtimeMs > TAKEOVER_STALE_MS) await storage.delete(marker);
     return false;
   }
   try {
-    await fh.writeFile(JSON.stringify(me));
-    await fh.close();
     // Under the marker nobody else removes the lock; its owner is gone, so it cannot change but by us.
-    const now = await readFile(path, 'utf8').catch(() => null);
-    if (now === staleText) await unlink(path);
+    const now = await storage.get(lockKey).then((b) => b.toString('utf8'), () => null);
+    if (now === staleText) await storage.delete(lockKey);
     return true;
   } finally {
-    await unlink(marker).catch(() => undefined);
+    await storage.delete(marker);
   }
 }
 
 /** Run `fn` holding the disk's lock. */
-export async function withDiskLock<T>(diskDir: string, command: string, fn: () => Promise<T>): Promise<T> {
-  const lock = await DiskLock.acquire(diskDir, command);
+export async function withDiskLock<T>(repo: Repository, disk: string, command: string, fn: () => Promise<T>): Promise<T> {
+  const lock = await DiskLock.acquire(repo, disk, command);
   try {
     return await fn();
   } finally {

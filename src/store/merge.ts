@@ -1,5 +1,4 @@
-import { mkdir, open, readFile, rename, rm, unlink } from 'node:fs/promises';
-import { dirname, join } from 'node:path';
+import { open } from 'node:fs/promises';
 import pLimit from 'p-limit';
 import { bitmapByteSize, fullBitmap, isBitmapFull, isSectorSet, setBit, setSector } from '../vhd/bitmap.js';
 import { compress } from '../vhd/compression.js';
@@ -9,13 +8,12 @@ import { VhdError } from '../vhd/errors.js';
 import { serializeFooter } from '../vhd/footer.js';
 import { BAT_FILE, blockFile, FOOTER_FILE, VhdDirectory } from '../vhd/VhdDirectory.js';
 import { VhdFile } from '../vhd/VhdFile.js';
-import { fsyncDirectory, removeQuietly } from '../util/fsync.js';
-import { pathExists } from '../util/files.js';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { withExclusiveAccess, withReadAccess } from './access.js';
 import { LockBusyError, withDiskLock } from './lock.js';
 import { isBackupId } from './names.js';
-import { type BackupMetadata, type Repository, storedBytes, writeJsonAtomically } from './repository.js';
+import { type BackupMetadata, type Repository } from './repository.js';
+import { type BatchOp, isNotFound, key, type Storage } from '../storage/Storage.js';
 
 /**
  * `disks/<disk>/merge.json`: a merge in progress. Written (durably) before the
@@ -34,16 +32,12 @@ interface MergeJournal {
 }
 
 const JOURNAL = 'merge.json';
+const journalKey = (repo: Repository, disk: string) => key(repo.diskKey(disk), JOURNAL);
 /** The child's data, moved aside by the swap (the merged result takes its name). */
 const trashName = (childData: string) => `.${childData}.merged.tmp`;
 /** The parent's blocks that the child's replaced (renaming over them would free them on the spot). */
 const replacedName = (parentId: string) => `.${parentId}.replaced.tmp`;
 
-
-/** A rename whose source is gone was done by an interrupted run. */
-function ignoreMissing(err: NodeJS.ErrnoException): void {
-  if (err.code !== 'ENOENT') throw err;
-}
 
 /**
  * A partial child block laid over the parent's block (or zeros): the child's
@@ -64,17 +58,11 @@ function overlay(parent: StoredBlock | null, child: StoredBlock, blockSize: numb
 }
 
 /** Is this stored block whole (every sector present)? Reads only the bitmap of an uncompressed file. */
-async function wholeBlockInDirectory(dir: VhdDirectory, block: number): Promise<boolean> {
+async function wholeBlockInDirectory(storage: Storage, dirKey: string, dir: VhdDirectory, block: number): Promise<boolean> {
   const sectors = dir.blockSize / SECTOR_SIZE;
   if (dir.compression === 'none') {
-    const fh = await open(join(dir.path, blockFile(block)), 'r');
-    try {
-      const bitmap = Buffer.alloc(bitmapByteSize(dir.blockSize));
-      await fh.read(bitmap, 0, bitmap.length, 0);
-      return isBitmapFull(bitmap, sectors);
-    } finally {
-      await fh.close();
-    }
+    const bitmap = await storage.get(key(dirKey, blockFile(block)), { offset: 0, length: bitmapByteSize(dir.blockSize) });
+    return isBitmapFull(bitmap, sectors);
   }
   const stored = await dir.readBlock(block);
   return stored !== null && isBitmapFull(stored.bitmap, sectors);
@@ -91,19 +79,25 @@ class Merge {
   private get disk(): string {
     return this.journal.child.disk;
   }
+  private get storage(): Storage {
+    return this.repo.storage;
+  }
+  private get parentKey(): string {
+    return this.repo.dataKey(this.disk, this.journal.parent.id, this.journal.parent.layout);
+  }
+  private get childKey(): string {
+    return this.repo.dataKey(this.disk, this.journal.child.id, this.journal.child.layout);
+  }
   private get parentPath(): string {
-    return this.repo.dataPath(this.disk, this.journal.parent.id, this.journal.parent.layout);
+    return this.repo.path(this.parentKey);
   }
   private get childPath(): string {
-    return this.repo.dataPath(this.disk, this.journal.child.id, this.journal.child.layout);
-  }
-  private get journalPath(): string {
-    return join(this.repo.diskDir(this.disk), JOURNAL);
+    return this.repo.path(this.childKey);
   }
 
   private async advance(step: MergeJournal['step']): Promise<void> {
     this.journal.step = step;
-    await writeJsonAtomically(this.journalPath, this.journal);
+    await this.repo.writeJson(journalKey(this.repo, this.disk), this.journal);
   }
 
   async run(): Promise<void> {
@@ -135,51 +129,42 @@ class Merge {
     // vhdvault stores whole blocks only (DESIGN.md §4.3); other writers' blocks are checked one by one.
     const knownWhole = this.journal.child.wholeBlocks === true && child.compression === parent.compression;
     const parentIsDifferencing = parent.footer.diskType === 'differencing';
-    const folders = new Map<string, Promise<unknown>>();
-    const folder = (path: string) => {
-      if (!folders.has(path)) folders.set(path, mkdir(path, { recursive: true }));
-      return folders.get(path)!;
-    };
-    const replaced = join(this.repo.diskDir(this.disk), replacedName(this.journal.parent.id));
-    await mkdir(replaced, { recursive: true });
+    const replaced = key(this.repo.diskKey(this.disk), replacedName(this.journal.parent.id));
     const limit = pLimit(16);
-    const jobs: Array<Promise<void>> = [];
-    for (let b = 0; b < child.blockCount; b++) {
-      if (!child.isAllocated(b)) continue;
-      jobs.push(
-        limit(async () => {
-          const source = join(child.path, blockFile(b));
-          const target = join(parent.path, blockFile(b));
-          await folder(dirname(target));
-          const whole = knownWhole || (child.compression === parent.compression && (await wholeBlockInDirectory(child, b).catch(() => true)));
-          if (whole) {
+    const aside: Array<[string, string]> = [];
+    const moves: Array<[string, string]> = [];
+    const partial: number[] = [];
+    await Promise.all(
+      Array.from({ length: child.blockCount }, (_, b) => b)
+        .filter((b) => child.isAllocated(b))
+        .map((b) =>
+          limit(async () => {
+            const source = key(this.childKey, blockFile(b));
+            const target = key(this.parentKey, blockFile(b));
+            const whole = knownWhole || (child.compression === parent.compression && (await wholeBlockInDirectory(this.storage, this.childKey, child, b).catch(() => true)));
+            if (!whole) return void partial.push(b);
             // Resume: a child block file that is gone was moved by the interrupted run; then
             // `target` already holds the child's data and must not be moved aside again.
-            // (A fresh run knows every source exists and spares the look-up.)
-            if (this.resumed && !(await pathExists(source))) return;
+            // (A fresh run knows every source exists: the structure was checked, and spares the look-up.)
+            if (this.resumed && !(await this.storage.head(source))) return;
             // Move the replaced block aside first: freeing 2 MiB inside the rename costs ~40× the rename.
-            if (parent.isAllocated(b)) await rename(target, join(replaced, String(b))).catch(ignoreMissing);
-            await rename(source, target);
-            return;
-          }
-          const stored = await child.readBlock(b).catch(() => null);
-          if (stored === null) return; // already combined and removed by an interrupted run
-          const merged = isBitmapFull(stored.bitmap, child.blockSize / SECTOR_SIZE) ? stored : overlay(await parent.readBlock(b).catch(() => null), stored, child.blockSize, parentIsDifferencing);
-          const temp = `${target}.merge.tmp`;
-          const fh = await open(temp, 'w');
-          await fh.writeFile(await compress(parent.compression, Buffer.concat([merged.bitmap, merged.data])));
-          await fh.sync();
-          await fh.close();
-          await rename(temp, target);
-          await unlink(source);
-        }),
-      );
+            if (parent.isAllocated(b)) aside.push([target, key(replaced, String(b))]);
+            moves.push([source, target]);
+          }),
+        ),
+    );
+    const move = this.storage.moveAll?.bind(this.storage);
+    if (!move) throw new VhdError(this.repo.root, 'this storage cannot rename: a dir-layout merge needs it');
+    await move(aside, { ignoreMissing: true });
+    await move(moves, { ignoreMissing: this.resumed });
+    // A partial block is combined with the parent's and stored whole over it; the child's file goes after.
+    for (const b of partial) {
+      const stored = await child.readBlock(b).catch(() => null);
+      if (stored === null) continue; // already combined and removed by an interrupted run
+      const merged = isBitmapFull(stored.bitmap, child.blockSize / SECTOR_SIZE) ? stored : overlay(await parent.readBlock(b).catch(() => null), stored, child.blockSize, parentIsDifferencing);
+      await this.storage.put(key(this.parentKey, blockFile(b)), await compress(parent.compression, Buffer.concat([merged.bitmap, merged.data])));
+      await this.storage.delete(key(this.childKey, blockFile(b)));
     }
-    await Promise.all(jobs);
-    await fsyncDirectory(replaced);
-    // Renames are durable once their folders are.
-    for (const f of folders.keys()) await fsyncDirectory(f);
-    for (const f of new Set([...folders.keys()].map((t) => join(child.path, 'blocks', t.split('/').pop()!)))) await fsyncDirectory(f).catch(() => undefined);
   }
 
   /** The parent's bat gains the child's blocks; its footer takes the child's identity. */
@@ -190,18 +175,8 @@ class Merge {
     for (let b = 0; b < parent.blockCount; b++) {
       if (parent.isAllocated(b) || child.isAllocated(b)) setBit(bits, b);
     }
-    for (const [name, content] of [
-      [BAT_FILE, bits],
-      [FOOTER_FILE, Buffer.from(this.journal.footer, 'base64')],
-    ] as const) {
-      const temp = join(parent.path, `.${name}.merge.tmp`);
-      const fh = await open(temp, 'w');
-      await fh.writeFile(await compress(parent.compression, content));
-      await fh.sync();
-      await fh.close();
-      await rename(temp, join(parent.path, name));
-    }
-    await fsyncDirectory(parent.path);
+    await this.storage.put(key(this.parentKey, BAT_FILE), await compress(parent.compression, bits));
+    await this.storage.put(key(this.parentKey, FOOTER_FILE), await compress(parent.compression, Buffer.from(this.journal.footer, 'base64')));
   }
 
   /** VHD files: the child's blocks are copied into the parent file (combined where partial). */
@@ -247,12 +222,12 @@ class Merge {
    * the parent's name is gone, the swap is done.
    */
   private async swap(): Promise<void> {
-    const dir = this.repo.diskDir(this.disk);
-    if (!(await pathExists(this.parentPath))) return;
-    const childName = this.repo.dataName(this.journal.child.id, this.journal.child.layout);
-    if (await pathExists(this.childPath)) await rename(this.childPath, join(dir, trashName(childName)));
-    await rename(this.parentPath, this.childPath);
-    await fsyncDirectory(dir);
+    if (!(await this.storage.head(this.parentKey))) return;
+    const trash = key(this.repo.diskKey(this.disk), trashName(this.repo.dataName(this.journal.child.id, this.journal.child.layout)));
+    const ops: BatchOp[] = [];
+    if (await this.storage.head(this.childKey)) ops.push({ rename: this.childKey, to: trash });
+    ops.push({ rename: this.parentKey, to: this.childKey });
+    await this.storage.batch(ops);
   }
 
   /** The child's metadata now describes the merged result; the parent's files go; the journal last. */
@@ -267,19 +242,19 @@ class Merge {
       // An upper bound until reclaim() recounts (walking thousands of block files is not worth delaying the commit).
       bytesStored: parent.bytesStored + child.bytesStored,
     };
-    await writeJsonAtomically(this.repo.metadataPath(this.disk, child.id), merged);
-    await rm(this.repo.metadataPath(this.disk, parent.id), { force: true });
-    await fsyncDirectory(this.repo.diskDir(this.disk));
-    await rm(this.repo.digestsPath(this.disk, parent.id), { force: true });
-    await unlink(this.journalPath);
-    await fsyncDirectory(this.repo.diskDir(this.disk));
+    await this.storage.batch([
+      { put: this.repo.metadataKey(this.disk, child.id), data: `${JSON.stringify(merged, null, 2)}\n` },
+      { delete: this.repo.metadataKey(this.disk, parent.id) },
+      { delete: this.repo.digestsKey(this.disk, parent.id) },
+      { delete: journalKey(this.repo, this.disk) },
+    ]);
   }
 
   /** Free what the merge left aside (replaced blocks, the child's old data): after the commit, so never in its way. */
   async reclaim(): Promise<void> {
-    const dir = this.repo.diskDir(this.disk);
-    await removeQuietly(join(dir, replacedName(this.journal.parent.id)));
-    await removeQuietly(join(dir, trashName(this.repo.dataName(this.journal.child.id, this.journal.child.layout))));
+    const dir = this.repo.diskKey(this.disk);
+    await this.storage.delete(key(dir, replacedName(this.journal.parent.id)));
+    await this.storage.delete(key(dir, trashName(this.repo.dataName(this.journal.child.id, this.journal.child.layout))));
     await refreshStoredBytes(this.repo, this.journal.child);
   }
 }
@@ -299,7 +274,7 @@ export async function mergeForward(repo: Repository, parent: BackupMetadata, chi
   await childDisk.close();
   const footer = serializeFooter({ ...parentDisk.footer, uuid: childDisk.footer.uuid, timestamp: childDisk.footer.timestamp });
   const journal: MergeJournal = { format: 1, parent, child, footer: footer.toString('base64'), step: 'blocks' };
-  await writeJsonAtomically(join(repo.diskDir(child.disk), JOURNAL), journal);
+  await repo.writeJson(journalKey(repo, child.disk), journal);
   const merge = new Merge(repo, journal, false);
   await merge.run();
   if (options.reclaim ?? true) await merge.reclaim();
@@ -308,8 +283,8 @@ export async function mergeForward(repo: Repository, parent: BackupMetadata, chi
 /** Recount what a backup occupies and record it (after a merge changed its files). */
 async function refreshStoredBytes(repo: Repository, backup: BackupMetadata): Promise<void> {
   const meta = await repo.backup(backup.disk, backup.id);
-  const bytesStored = await storedBytes([repo.dataPath(meta.disk, meta.id, meta.layout), repo.digestsPath(meta.disk, meta.id)]);
-  if (bytesStored !== meta.bytesStored) await writeJsonAtomically(repo.metadataPath(meta.disk, meta.id), { ...meta, bytesStored });
+  const bytesStored = await repo.storedBytes([repo.dataKey(meta.disk, meta.id, meta.layout), repo.digestsKey(meta.disk, meta.id)]);
+  if (bytesStored !== meta.bytesStored) await repo.writeJson(repo.metadataKey(meta.disk, meta.id), { ...meta, bytesStored });
 }
 
 /**
@@ -323,12 +298,13 @@ export async function reclaimMergeSpace(repo: Repository, child: BackupMetadata)
 
 /** Finish a merge an interrupted run left behind, if any. Call with the disk's lock held. */
 export async function completePendingMerge(repo: Repository, disk: string): Promise<boolean> {
-  const path = join(repo.diskDir(disk), JOURNAL);
+  const path = repo.path(journalKey(repo, disk));
   let text: string;
   try {
-    text = await readFile(path, 'utf8');
-  } catch {
-    return false;
+    text = (await repo.storage.get(journalKey(repo, disk))).toString('utf8');
+  } catch (err) {
+    if (isNotFound(err)) return false;
+    throw err;
   }
   const damaged = (what: string) =>
     new VhdError(
@@ -363,7 +339,7 @@ export async function completePendingMerge(repo: Repository, disk: string): Prom
 
 /** Is a merge journal present (a merge running, or abandoned by a killed run)? */
 export function hasPendingMerge(repo: Repository, disk: string): Promise<boolean> {
-  return pathExists(join(repo.diskDir(disk), JOURNAL));
+  return repo.storage.head(journalKey(repo, disk)).then((x) => x !== null);
 }
 
 /**
@@ -373,7 +349,7 @@ export function hasPendingMerge(repo: Repository, disk: string): Promise<boolean
  */
 export async function settlePendingMerge(repo: Repository, disk: string): Promise<void> {
   try {
-    await withDiskLock(repo.diskDir(disk), 'merge recovery', () => withExclusiveAccess(repo, disk, 'merge recovery', () => completePendingMerge(repo, disk)));
+    await withDiskLock(repo, disk, 'merge recovery', () => withExclusiveAccess(repo, disk, 'merge recovery', () => completePendingMerge(repo, disk)));
   } catch (err) {
     if (!(err instanceof LockBusyError)) throw err;
     await sleep(100);

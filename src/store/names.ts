@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { UsageError } from '../vhd/errors.js';
+import { processAlive } from './lock.js';
 
 /** Disk names and backup ids become path components: only plain, safe characters. */
 const SAFE_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
@@ -37,4 +38,15 @@ export function newBackupId(after?: string, now = new Date()): string {
   let id = idAt(new Date(time));
   while (after !== undefined && id <= after) id = idAt(new Date(++time));
   return id;
+}
+
+/** `.<name>.tmp`: a name only vhdvault's own temporary files carry. */
+export function isTemporaryName(name: string): boolean {
+  return name.startsWith('.') && name.endsWith('.tmp');
+}
+
+/** A `.<name>.<pid>.<random>.tmp` name (util/fsync temporaryPath) of a process that is still running, not us. */
+export function inUseByAnother(name: string): boolean {
+  const pid = Number(/\.(\d+)\.[0-9a-f]{8}\.tmp$/.exec(name)?.[1] ?? NaN);
+  return Number.isSafeInteger(pid) && pid !== process.pid && processAlive(pid);
 }

@@ -1,6 +1,4 @@
-import { rm } from 'node:fs/promises';
 import { VhdError } from '../vhd/errors.js';
-import { fsyncDirectory, removeQuietly } from '../util/fsync.js';
 import { withExclusiveAccess } from './access.js';
 import { diskFindings, type Finding } from './inspect.js';
 import { withDiskLock } from './lock.js';
@@ -74,10 +72,7 @@ function plan(backups: BackupMetadata[], options: PruneOptions): Plan {
 
 /** Remove a backup nothing depends on: metadata first (it stops being listed), then its files. */
 async function deleteBackup(repo: Repository, meta: BackupMetadata): Promise<void> {
-  await rm(repo.metadataPath(meta.disk, meta.id), { force: true });
-  await fsyncDirectory(repo.diskDir(meta.disk));
-  await removeQuietly(repo.dataPath(meta.disk, meta.id, meta.layout));
-  await rm(repo.digestsPath(meta.disk, meta.id), { force: true });
+  await repo.storage.batch([{ delete: repo.metadataKey(meta.disk, meta.id) }, { delete: repo.dataKey(meta.disk, meta.id, meta.layout) }, { delete: repo.digestsKey(meta.disk, meta.id) }]);
 }
 
 /**
@@ -117,7 +112,7 @@ async function pruneDisk(repo: Repository, disk: string, options: PruneOptions, 
     record(report, plan(await checkStructure(repo, disk, options), options));
     return;
   }
-  await withDiskLock(repo.diskDir(disk), 'prune', async () => {
+  await withDiskLock(repo, disk, 'prune', async () => {
     // Finish what an interrupted run left before judging the structure.
     if (await hasPendingMerge(repo, disk)) await withExclusiveAccess(repo, disk, 'prune', () => completePendingMerge(repo, disk), options);
     await repo.recoverCommits(disk);

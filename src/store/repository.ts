@@ -1,13 +1,11 @@
-import { mkdir, readdir, readFile, rename, stat } from 'node:fs/promises';
-import { join, resolve } from 'node:path';
+import { isAbsolute, relative, resolve, sep } from 'node:path';
 import { type Compression, isCompression } from '../vhd/compression.js';
 import { DEFAULT_BLOCK_SIZE } from '../vhd/constants.js';
-import { describeFsError, UsageError, VhdError } from '../vhd/errors.js';
-import { AtomicFile, fsyncDirectory, removeQuietly } from '../util/fsync.js';
-import { bytesUnder, pathExists } from '../util/files.js';
-import { checkBackupId, checkDiskName, isBackupId } from './names.js';
+import { UsageError, VhdError } from '../vhd/errors.js';
+import { LocalStorage } from '../storage/LocalStorage.js';
+import { isNotFound, key, localPathOf, type Storage } from '../storage/Storage.js';
+import { checkBackupId, checkDiskName, inUseByAnother, isBackupId, isTemporaryName } from './names.js';
 import { ensureReserve } from './reserve.js';
-
 export type Layout = 'dir' | 'vhd';
 
 /** `vhdvault.json` at the repository's root. */
@@ -64,7 +62,7 @@ export async function newBackupMetadata(
     blockSize,
     layout,
     compression: layout === 'dir' ? compression : 'none',
-    bytesStored: await storedBytes([repo.stagedDataPath(fields.disk, fields.id), repo.stagedDigestsPath(fields.disk, fields.id)]),
+    bytesStored: await repo.storedBytes([repo.stagedDataKey(fields.disk, fields.id), repo.stagedDigestsKey(fields.disk, fields.id)]),
     digestAlgorithm: 'sha256',
     wholeBlocks: true,
   };
@@ -73,28 +71,13 @@ export async function newBackupMetadata(
 const CONFIG_FILE = 'vhdvault.json';
 const DISKS_DIR = 'disks';
 
+const jsonText = (value: unknown) => `${JSON.stringify(value, null, 2)}\n`;
 
-export async function writeJsonAtomically(path: string, value: unknown): Promise<void> {
-  const file = await AtomicFile.create(path);
-  await file.commit(async () => {
-    await file.handle.writeFile(`${JSON.stringify(value, null, 2)}\n`);
-  });
-}
-
-/** Bytes a backup occupies: its data (file or directory) and its digests. */
-export const storedBytes = bytesUnder;
-
-async function readJson(path: string): Promise<unknown> {
-  let text: string;
+function parseJson(bytes: Buffer, where: string): unknown {
   try {
-    text = await readFile(path, 'utf8');
-  } catch (err) {
-    throw new VhdError(path, describeFsError(err));
-  }
-  try {
-    return JSON.parse(text);
+    return JSON.parse(bytes.toString('utf8'));
   } catch {
-    throw new VhdError(path, 'is not valid JSON');
+    throw new VhdError(where, 'is not valid JSON');
   }
 }
 
@@ -126,24 +109,32 @@ function parseMetadata(value: unknown, path: string, disk: string, id: string): 
   return m as BackupMetadata;
 }
 
-/** A repository on a local (or mounted) filesystem. */
+/**
+ * A repository: its configuration and the names of everything in it, over a
+ * storage backend (src/storage). Keys name things; `…Path` methods give the
+ * files behind them to the VHD format code, which needs local files.
+ */
 export class Repository {
   private constructor(
-    readonly root: string,
+    readonly storage: Storage,
     readonly config: RepositoryConfig,
   ) {}
+
+  /** Where the repository is, as the user named it (for messages). */
+  get root(): string {
+    return this.storage.describe('');
+  }
 
   /** Create a repository in an empty or missing folder. */
   static async init(root: string, options: { layout: Layout; compression: Compression }): Promise<Repository> {
     if (options.layout === 'vhd' && options.compression !== 'none') {
       throw new UsageError('compression applies to the dir layout only (VHD files are stored uncompressed)');
     }
-    const configPath = join(root, CONFIG_FILE);
-    if (await pathExists(configPath)) throw new VhdError(root, 'is already a vhdvault repository');
-    const s = await stat(root).catch(() => null);
-    if (s && !s.isDirectory()) throw new VhdError(root, 'exists and is not a folder');
-    if (s && (await readdir(root)).length > 0) throw new VhdError(root, 'is not empty and is not a vhdvault repository: refusing to use it');
-    await mkdir(join(root, DISKS_DIR), { recursive: true });
+    const storage = new LocalStorage(resolve(root));
+    if (await storage.head(CONFIG_FILE)) throw new VhdError(root, 'is already a vhdvault repository');
+    const top = await storage.head('');
+    if (top && !top.prefix) throw new VhdError(root, 'exists and is not a folder');
+    if (top && (await storage.list('')).length > 0) throw new VhdError(root, 'is not empty and is not a vhdvault repository: refusing to use it');
     const config: RepositoryConfig = {
       format: 'vhdvault-repository',
       version: 1,
@@ -152,50 +143,116 @@ export class Repository {
       blockSize: DEFAULT_BLOCK_SIZE,
       createdAt: new Date().toISOString(),
     };
-    await writeJsonAtomically(configPath, config);
-    const repo = new Repository(resolve(root), config);
+    if (!(await storage.put(CONFIG_FILE, jsonText(config), { ifAbsent: true }))) throw new VhdError(root, 'is already a vhdvault repository');
+    const repo = new Repository(storage, config);
     await ensureReserve(repo);
     return repo;
   }
 
   static async open(root: string): Promise<Repository> {
-    const configPath = join(root, CONFIG_FILE);
-    if (!(await pathExists(configPath))) throw new VhdError(root, 'is not a vhdvault repository (no vhdvault.json); create one with `vhdvault init`');
-    return new Repository(resolve(root), parseConfig(await readJson(configPath), configPath));
+    const storage = new LocalStorage(resolve(root));
+    if (!(await storage.head(CONFIG_FILE))) throw new VhdError(root, 'is not a vhdvault repository (no vhdvault.json); create one with `vhdvault init`');
+    return new Repository(storage, parseConfig(parseJson(await storage.get(CONFIG_FILE), storage.describe(CONFIG_FILE)), storage.describe(CONFIG_FILE)));
   }
 
-  diskDir(disk: string): string {
-    return join(this.root, DISKS_DIR, checkDiskName(disk));
+  /** Read a JSON object; errors name the file as the user sees it. */
+  async readJson(k: string): Promise<unknown> {
+    return parseJson(await this.storage.get(k), this.storage.describe(k));
+  }
+
+  /** Store a JSON object whole and durably (readers see the old one or the new one). */
+  async writeJson(k: string, value: unknown): Promise<void> {
+    await this.storage.put(k, jsonText(value));
+  }
+
+  /** Bytes the given objects or prefixes occupy. */
+  async storedBytes(keys: string[]): Promise<number> {
+    let total = 0;
+    for (const k of keys) total += await this.usage(k);
+    return total;
+  }
+
+  private async usage(k: string): Promise<number> {
+    const info = await this.storage.head(k);
+    if (!info) return 0;
+    if (!info.prefix) return info.size;
+    let total = 0;
+    for (const name of await this.storage.list(k)) total += await this.usage(key(k, name));
+    return total;
+  }
+
+  diskKey(disk: string): string {
+    return key(DISKS_DIR, checkDiskName(disk));
   }
 
   dataName(id: string, layout: Layout = this.config.layout): string {
     return `${checkBackupId(id)}.${layout === 'dir' ? 'vhd-dir' : 'vhd'}`;
   }
 
-  dataPath(disk: string, id: string, layout?: Layout): string {
-    return join(this.diskDir(disk), this.dataName(id, layout));
+  dataKey(disk: string, id: string, layout?: Layout): string {
+    return key(this.diskKey(disk), this.dataName(id, layout));
   }
 
-  digestsPath(disk: string, id: string): string {
-    return join(this.diskDir(disk), `${checkBackupId(id)}.digests`);
+  digestsKey(disk: string, id: string): string {
+    return key(this.diskKey(disk), `${checkBackupId(id)}.digests`);
   }
 
-  metadataPath(disk: string, id: string): string {
-    return join(this.diskDir(disk), `${checkBackupId(id)}.json`);
+  metadataKey(disk: string, id: string): string {
+    return key(this.diskKey(disk), `${checkBackupId(id)}.json`);
   }
 
   /** Where a backup's data is written before its commit: a temporary name cleanup may remove. */
-  stagedDataPath(disk: string, id: string, layout?: Layout): string {
-    return join(this.diskDir(disk), stagedName(this.dataName(id, layout)));
+  stagedDataKey(disk: string, id: string, layout?: Layout): string {
+    return key(this.diskKey(disk), stagedName(this.dataName(id, layout)));
   }
 
-  stagedDigestsPath(disk: string, id: string): string {
-    return join(this.diskDir(disk), stagedName(`${checkBackupId(id)}.digests`));
+  stagedDigestsKey(disk: string, id: string): string {
+    return key(this.diskKey(disk), stagedName(`${checkBackupId(id)}.digests`));
   }
 
   /** The metadata of a backup being committed: while it exists, its staged files are not garbage. */
+  pendingMetadataKey(disk: string, id: string): string {
+    return key(this.diskKey(disk), stagedName(`${checkBackupId(id)}.json`));
+  }
+
+  /** The file behind a key, for the VHD format code (local storage only). */
+  path(k: string): string {
+    return localPathOf(this.storage, k);
+  }
+
+  /** The key of a file below the repository's folder (local storage: format code works with paths). */
+  keyOfPath(path: string): string {
+    const rel = relative(this.path(''), path);
+    if (rel === '' || rel.startsWith('..') || isAbsolute(rel)) throw new Error(`${path} is not inside the repository`);
+    return rel.split(sep).join('/');
+  }
+
+  diskDir(disk: string): string {
+    return this.path(this.diskKey(disk));
+  }
+
+  dataPath(disk: string, id: string, layout?: Layout): string {
+    return this.path(this.dataKey(disk, id, layout));
+  }
+
+  digestsPath(disk: string, id: string): string {
+    return this.path(this.digestsKey(disk, id));
+  }
+
+  metadataPath(disk: string, id: string): string {
+    return this.path(this.metadataKey(disk, id));
+  }
+
+  stagedDataPath(disk: string, id: string, layout?: Layout): string {
+    return this.path(this.stagedDataKey(disk, id, layout));
+  }
+
+  stagedDigestsPath(disk: string, id: string): string {
+    return this.path(this.stagedDigestsKey(disk, id));
+  }
+
   pendingMetadataPath(disk: string, id: string): string {
-    return join(this.diskDir(disk), stagedName(`${checkBackupId(id)}.json`));
+    return this.path(this.pendingMetadataKey(disk, id));
   }
 
   /**
@@ -207,27 +264,28 @@ export class Repository {
    * forward. Data under a final name never lacks metadata that says what it is.
    */
   async commitBackup(meta: BackupMetadata): Promise<void> {
-    await writeJsonAtomically(this.pendingMetadataPath(meta.disk, meta.id), meta);
+    await this.writeJson(this.pendingMetadataKey(meta.disk, meta.id), meta);
     await this.finishCommit(meta);
   }
 
   private async finishCommit(meta: BackupMetadata): Promise<void> {
     const { disk, id, layout } = meta;
-    await renameIfPresent(this.stagedDataPath(disk, id, layout), this.dataPath(disk, id, layout));
-    await renameIfPresent(this.stagedDigestsPath(disk, id), this.digestsPath(disk, id));
-    await fsyncDirectory(this.diskDir(disk));
-    await rename(this.pendingMetadataPath(disk, id), this.metadataPath(disk, id));
-    await fsyncDirectory(this.diskDir(disk));
+    const ops = [];
+    // A staged name that is gone was renamed by the interrupted run.
+    if (await this.storage.head(this.stagedDataKey(disk, id, layout))) ops.push({ rename: this.stagedDataKey(disk, id, layout), to: this.dataKey(disk, id, layout) });
+    if (await this.storage.head(this.stagedDigestsKey(disk, id))) ops.push({ rename: this.stagedDigestsKey(disk, id), to: this.digestsKey(disk, id) });
+    ops.push({ rename: this.pendingMetadataKey(disk, id), to: this.metadataKey(disk, id) });
+    await this.storage.batch(ops);
   }
 
   /**
    * Finish commits an interrupted backup left (pending metadata whose data and
    * digests are all there, staged or renamed). One that cannot be finished is
-   * left as it is, for inspect() to report. Call with the disk's lock held.
+   * left as it is, for the findings to report. Call with the disk's lock held.
    */
   async recoverCommits(disk: string): Promise<string[]> {
     const finished: string[] = [];
-    for (const name of await readdir(this.diskDir(disk)).catch(() => [] as string[])) {
+    for (const name of await this.storage.list(this.diskKey(disk))) {
       const id = pendingId(name);
       if (id === null) continue;
       const meta = await this.readPending(disk, id);
@@ -240,9 +298,9 @@ export class Repository {
   }
 
   private async readPending(disk: string, id: string): Promise<BackupMetadata | null> {
-    const path = this.pendingMetadataPath(disk, id);
+    const k = this.pendingMetadataKey(disk, id);
     try {
-      return parseMetadata(await readJson(path), path, disk, id);
+      return parseMetadata(await this.readJson(k), this.storage.describe(k), disk, id);
     } catch (err) {
       if (err instanceof VhdError) return null;
       throw err;
@@ -251,36 +309,29 @@ export class Repository {
 
   private async hasCommitFiles(meta: BackupMetadata): Promise<boolean> {
     const { disk, id, layout } = meta;
-    const data = (await pathExists(this.stagedDataPath(disk, id, layout))) || (await pathExists(this.dataPath(disk, id, layout)));
-    const digests = (await pathExists(this.stagedDigestsPath(disk, id))) || (await pathExists(this.digestsPath(disk, id)));
-    return data && digests;
+    const there = async (...keys: string[]) => (await Promise.all(keys.map((k) => this.storage.head(k)))).some((x) => x !== null);
+    return (await there(this.stagedDataKey(disk, id, layout), this.dataKey(disk, id, layout))) && (await there(this.stagedDigestsKey(disk, id), this.digestsKey(disk, id)));
   }
 
   /** A disk named on the command line must exist: a misspelt name must not read as "nothing wrong". */
   async requireDisk(disk: string): Promise<string> {
-    if (!(await pathExists(this.diskDir(disk)))) throw new VhdError(this.root, `has no disk named ${disk}`);
+    if (!(await this.storage.head(this.diskKey(disk)))) throw new VhdError(this.root, `has no disk named ${disk}`);
     return disk;
   }
 
   async disks(): Promise<string[]> {
-    const entries = await readdir(join(this.root, DISKS_DIR), { withFileTypes: true }).catch(() => []);
-    return entries
-      .filter((e) => e.isDirectory())
-      .map((e) => e.name)
-      .sort();
+    return (await this.storage.list(DISKS_DIR)).filter((name) => !name.startsWith('.'));
   }
 
   /** Committed backups of a disk, oldest first. Unreadable metadata is reported through `onProblem`. */
   async backups(disk: string, onProblem: (err: VhdError) => void = () => undefined): Promise<BackupMetadata[]> {
-    const dir = this.diskDir(disk);
-    const names = await readdir(dir).catch(() => [] as string[]);
     const out: BackupMetadata[] = [];
-    for (const name of names.sort()) {
+    for (const name of await this.storage.list(this.diskKey(disk))) {
       const id = name.replace(/\.json$/, '');
       if (!name.endsWith('.json') || !isBackupId(id)) continue;
-      const path = join(dir, name);
+      const k = key(this.diskKey(disk), name);
       try {
-        out.push(parseMetadata(await readJson(path), path, disk, id));
+        out.push(parseMetadata(await this.readJson(k), this.storage.describe(k), disk, id));
       } catch (err) {
         if (!(err instanceof VhdError)) throw err;
         onProblem(err);
@@ -290,9 +341,13 @@ export class Repository {
   }
 
   async backup(disk: string, id: string): Promise<BackupMetadata> {
-    const path = this.metadataPath(disk, id);
-    if (!(await pathExists(path))) throw new VhdError(this.diskDir(disk), `has no backup ${id}`);
-    return parseMetadata(await readJson(path), path, disk, id);
+    const k = this.metadataKey(disk, id);
+    try {
+      return parseMetadata(await this.readJson(k), this.storage.describe(k), disk, id);
+    } catch (err) {
+      if (isNotFound(err)) throw new VhdError(this.diskDir(disk), `has no backup ${id}`);
+      throw err;
+    }
   }
 
   async latest(disk: string): Promise<BackupMetadata | undefined> {
@@ -302,30 +357,24 @@ export class Repository {
   /**
    * Remove what interrupted runs left, and nothing else: names that are ours
    * and temporary (`.<name>.tmp`), unless pending metadata still claims them.
-   * Data or digests without metadata are never removed here: inspect() reports
-   * them. Call with the disk's lock held, after recoverCommits().
+   * Data or digests without metadata are never removed here: the findings
+   * report them. Call with the disk's lock held, after recoverCommits().
    */
   async cleanLeftovers(disk: string): Promise<string[]> {
-    const dir = this.diskDir(disk);
-    const names = await readdir(dir).catch(() => [] as string[]);
+    const names = await this.storage.list(this.diskKey(disk));
     const claimed = new Set(names.map(pendingId).filter((id): id is string => id !== null));
     const removed: string[] = [];
     for (const name of names) {
       if (!isTemporaryName(name) || pendingId(name) !== null) continue;
-      // A lock being acquired right now stages its file under `.lock.*.tmp`.
-      if (name.startsWith('.lock.')) continue;
+      // Another live process's work in progress (a lock being acquired right now, say) is not ours to remove.
+      if (inUseByAnother(name)) continue;
       const stagedOf = /^\.(\d{8}T\d{9}Z-[0-9a-f]{6})\.(vhd-dir|vhd|digests)\.tmp$/.exec(name)?.[1];
       if (stagedOf !== undefined && claimed.has(stagedOf)) continue;
-      await removeQuietly(join(dir, name));
+      await this.storage.delete(key(this.diskKey(disk), name));
       removed.push(name);
     }
     return removed;
   }
-}
-
-/** `.<name>.tmp`: a name only vhdvault's own temporary files carry. */
-export function isTemporaryName(name: string): boolean {
-  return name.startsWith('.') && name.endsWith('.tmp');
 }
 
 const stagedName = (name: string) => `.${name}.tmp`;
@@ -334,10 +383,4 @@ const stagedName = (name: string) => `.${name}.tmp`;
 export function pendingId(name: string): string | null {
   const m = /^\.(.+)\.json\.tmp$/.exec(name);
   return m && isBackupId(m[1]!) ? m[1]! : null;
-}
-
-async function renameIfPresent(from: string, to: string): Promise<void> {
-  await rename(from, to).catch((err: NodeJS.ErrnoException) => {
-    if (err.code !== 'ENOENT') throw err;
-  });
 }

@@ -1,11 +1,7 @@
-import { open, rename, unlink } from 'node:fs/promises';
-import { join } from 'node:path';
-import { fsyncDirectory, removeQuietly, temporaryPath } from '../util/fsync.js';
-import { pathExists } from '../util/files.js';
 import type { Repository } from './repository.js';
 
 /**
- * `reserve` at the repository's root: 4 MiB of allocated space that only prune
+ * `reserve` at the repository's root: 4 MiB of stored zeros that only prune
  * gives back, so that on a completely full filesystem prune can still write its
  * lock, marker and journal and go on to free space. Recreated (when there is
  * room) after prune has freed some.
@@ -14,38 +10,26 @@ const RESERVE_FILE = 'reserve';
 const RESERVE_BYTES = 4 * 1024 * 1024;
 
 export function isNoSpace(err: unknown): boolean {
+  // Errors from worker threads arrive as plain Errors: their text is all that is left.
   return (err as NodeJS.ErrnoException)?.code === 'ENOSPC' || /ENOSPC|no space left on device/i.test(String((err as Error)?.message));
 }
 
 /** Create the reserve if it is missing; quietly nothing when there is no room for it. */
 export async function ensureReserve(repo: Repository): Promise<void> {
-  const path = join(repo.root, RESERVE_FILE);
-  if (await pathExists(path)) return;
-  const temp = temporaryPath(path);
+  if (await repo.storage.head(RESERVE_FILE)) return;
   try {
-    const fh = await open(temp, 'wx');
-    try {
-      // Real zeros, not a hole: the point is blocks the filesystem has handed out.
-      const zeros = Buffer.alloc(1024 * 1024);
-      for (let at = 0; at < RESERVE_BYTES; at += zeros.length) await fh.write(zeros, 0, zeros.length, at);
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
-    await rename(temp, path);
-    await fsyncDirectory(repo.root);
+    // Real zeros, not a hole: the point is blocks the filesystem has handed out.
+    await repo.storage.put(RESERVE_FILE, Buffer.alloc(RESERVE_BYTES));
   } catch (err) {
-    await removeQuietly(temp);
     if (!isNoSpace(err)) throw err;
   }
 }
 
-/** Give the reserve back to the filesystem; false when there was none. */
+/** Give the reserve back to the storage; false when there was none. */
 async function releaseReserve(repo: Repository): Promise<boolean> {
-  return unlink(join(repo.root, RESERVE_FILE)).then(
-    () => true,
-    () => false,
-  );
+  if (!(await repo.storage.head(RESERVE_FILE))) return false;
+  await repo.storage.delete(RESERVE_FILE);
+  return true;
 }
 
 /**

@@ -1,6 +1,5 @@
 import { VhdError } from '../vhd/errors.js';
 import type { VhdChain } from '../vhd/VhdChain.js';
-import { pathExists } from '../util/files.js';
 import { BLOCK_READ_AHEAD, orderedReadAhead } from '../util/pipeline.js';
 import type { OnProgress } from '../util/progress.js';
 import { DigestReader, digestOf, zeroDigest } from './digests.js';
@@ -72,7 +71,7 @@ async function verifyBackup(repo: Repository, meta: BackupMetadata, report: Veri
   // Without its digests a backup's blocks are still read, so unreadable ones are still named
   // (a missing digests file is already reported by fileFindings).
   const digestsPath = repo.digestsPath(meta.disk, meta.id);
-  const digests = !(await pathExists(digestsPath))
+  const digests = !(await repo.storage.head(repo.digestsKey(meta.disk, meta.id)))
     ? null
     : await DigestReader.open(digestsPath, meta.blockCount).catch((err: unknown) => {
         if (!(err instanceof VhdError)) throw err;

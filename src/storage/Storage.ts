@@ -1,0 +1,100 @@
+import { VhdError } from '../vhd/errors.js';
+
+/**
+ * The repository's storage, shaped like an object store (DESIGN.md §4.13):
+ * keys are `/`-separated names relative to the repository (`disks/vm/<id>.json`),
+ * never paths. Everything above this seam (temporary names, metadata last,
+ * chains resolved by metadata, locks) is written once, in src/store, against it.
+ */
+
+/** Where a repository lives, in a form a worker thread can receive and reopen (see openStorage). */
+export type StorageDescriptor = { kind: 'local'; root: string };
+
+/** What a backend can do beyond the common operations; declared, never guessed. */
+export interface StorageCapabilities {
+  /** rename(): atomic rename of an object or of a whole prefix. A local folder has it; an object store does not. */
+  rename: boolean;
+  /** localPath(): objects are files that format code may open, seek in and write in place (the `vhd` layout needs it). */
+  localFiles: boolean;
+}
+
+export interface ObjectInfo {
+  size: number;
+  mtimeMs: number;
+  /** The key names a prefix (a folder) rather than one object. */
+  prefix: boolean;
+}
+
+export type BatchOp = { put: string; data: Buffer | string } | { delete: string } | { rename: string; to: string };
+
+export interface Storage {
+  readonly descriptor: StorageDescriptor;
+  readonly capabilities: StorageCapabilities;
+  /** A key as the user should see it in a message (a path, or a URI). */
+  describe(key: string): string;
+  /** An object's bytes (a range of them); NotFoundError when absent. */
+  get(key: string, range?: { offset: number; length: number }): Promise<Buffer>;
+  /** What is at `key`, or null. */
+  head(key: string): Promise<ObjectInfo | null>;
+  /** The names one level below `prefix` ('' for the top), sorted; [] when there is nothing. */
+  list(prefix: string): Promise<string[]>;
+  /**
+   * Store an object whole and durably: readers see the old object or the new
+   * one, never part. With `ifAbsent`, only if nothing is at `key` (false then).
+   */
+  put(key: string, data: Buffer | string, options?: { ifAbsent?: boolean }): Promise<boolean>;
+  /**
+   * Create a new object fast, not yet durable: for the many block files of a
+   * backup under its staged (temporary) prefix, made durable at once by sync().
+   */
+  create(key: string, parts: Uint8Array[]): Promise<void>;
+  /** Make everything created under `prefix` durable. */
+  sync(prefix: string): Promise<void>;
+  /** Remove an object, or a prefix and all below it; nothing there is not an error. Durable when it resolves. */
+  delete(key: string): Promise<void>;
+  /**
+   * Apply operations in order; durable when it resolves. A crash leaves some
+   * first part of them done: put the one that commits last.
+   */
+  batch(ops: BatchOp[]): Promise<void>;
+  /** Capability `rename`: move an object or prefix to a key where nothing is; durable when it resolves. */
+  rename?(from: string, to: string): Promise<void>;
+  /**
+   * Capability `rename`: move many objects, in any order and concurrently;
+   * durable when it resolves (a crash leaves any subset moved). A pair whose
+   * source is gone is skipped when `ignoreMissing` (a resumed merge).
+   */
+  moveAll?(pairs: Array<[from: string, to: string]>, options?: { ignoreMissing?: boolean }): Promise<void>;
+  /** Capability `localFiles`: the file behind a key, for the VHD format code. */
+  localPath?(key: string): string;
+}
+
+/** A storage operation failed; `code` keeps the backend's reason (an errno such as ENOSPC or EROFS). */
+export class StorageError extends VhdError {
+  constructor(
+    file: string,
+    problem: string,
+    readonly code?: string,
+  ) {
+    super(file, problem);
+  }
+}
+
+/** Nothing is stored at the key. */
+export class NotFoundError extends StorageError {}
+
+export function isNotFound(err: unknown): boolean {
+  return err instanceof NotFoundError;
+}
+
+/** Join key parts with '/', refusing parts that would climb out of the repository. */
+export function key(...parts: string[]): string {
+  for (const p of parts) if (p === '' || p === '.' || p === '..' || p.includes('\0')) throw new Error(`invalid storage key part ${JSON.stringify(p)}`);
+  return parts.join('/');
+}
+
+/** The file behind a key, for format code; a backend without local files cannot serve it. */
+export function localPathOf(storage: Storage, k: string): string {
+  if (!storage.localPath) throw new VhdError(storage.describe(k), 'this storage has no local files (the vhd layout and VHD tools need them)');
+  return storage.localPath(k);
+}
