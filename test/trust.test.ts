@@ -1,6 +1,6 @@
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdir, readFile, readdir, rename, rm, writeFile, open } from 'node:fs/promises';
+import { cp as cpDir, mkdir, readFile, readdir, rename, rm, writeFile, open } from 'node:fs/promises';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { vhdvault } from './helpers/cli.js';
@@ -91,7 +91,7 @@ for (const layout of ['dir', 'vhd'] as const) {
       expect(vhdvault('verify', copy.repo).code).toBe(1);
     });
 
-    it('5: restores and verifies running beside prunes always succeed and are exact', async () => {
+    it('5: restores, verifies and vhd checks running beside prunes always succeed and are exact', async () => {
       for (let round = 0; round < 3; round++) {
         const f = await fresh(base);
         const latest = f.ids.at(-1)!;
@@ -101,6 +101,8 @@ for (const layout of ['dir', 'vhd'] as const) {
           for (let i = 0; i < 4; i++) {
             results.push(await vhdvaultAsync('restore', f.repo, 'vm', `${out}.${i}`));
             results.push(await vhdvaultAsync('verify', f.repo));
+            // A vhd tool pointed into the repository is a reader of that disk too.
+            results.push(await vhdvaultAsync('vhd', 'check', join(diskDir(f), `${latest}.${ext}`)));
           }
           return results;
         })();
@@ -149,6 +151,105 @@ for (const layout of ['dir', 'vhd'] as const) {
     });
   });
 }
+
+describe('what a review found', () => {
+  it('a backup with two children (a fork) is never deleted or merged into one of them', async () => {
+    for (const keep of ['1', '2']) {
+      const repo = join(dir, `fork-${keep}`);
+      const disk = `${repo}.raw`;
+      expect(vhdvault('init', repo).code).toBe(0);
+      await makeRaw(disk, 8 * MiB, [[0, 8 * MiB]]);
+      const content = new Map<string, string>();
+      const take = async () => {
+        const r = vhdvault('backup', repo, 'vm', '--source', disk);
+        expect(r.code, r.stderr).toBe(0);
+        content.set(r.stdout.trim(), await sha256(disk));
+        return r.stdout.trim();
+      };
+      const scribble = async (block: number) => {
+        const fh = await open(disk, 'r+');
+        await fh.write(randomBytes(4096), 0, 4096, block * BLOCK);
+        await fh.close();
+      };
+      const a = await take();
+      await scribble(1);
+      const b = await take();
+      await scribble(3);
+      // With B's metadata lost, C is a delta of A; then B's metadata is put back: A has two children.
+      const bMeta = join(repo, 'disks', 'vm', `${b}.json`);
+      await rename(bMeta, `${bMeta}.saved`);
+      const c = await take();
+      await rename(`${bMeta}.saved`, bMeta);
+      const rows = JSON.parse(vhdvault('list', repo, '--json').stdout) as Array<{ id: string; parent: string | null }>;
+      expect(rows.find((r) => r.id === c)?.parent).toBe(a);
+      const prune = vhdvault('prune', repo, '--keep-last', keep);
+      expect(prune.code, prune.stderr).toBe(0);
+      expect(vhdvault('verify', repo).code).toBe(0);
+      const left = (JSON.parse(vhdvault('list', repo, '--json').stdout) as Array<{ id: string }>).map((r) => r.id);
+      expect(left).toContain(c);
+      if (keep === '2') expect(prune.stderr).toMatch(/kept although the policy removes it/);
+      for (const id of left) await expectRestores({ repo, ids: left, content }, id, dir);
+    }
+  });
+
+  it('a stale or forged merge journal that does not match the disk is refused, changing nothing', async () => {
+    const f = await makeFixture(join(dir, 'forged'), 'dir', 3);
+    const d = join(f.repo, 'disks', 'vm');
+    const [a, b] = f.ids as [string, string, string];
+    const journal = { format: 1, parent: JSON.parse(await readFile(join(d, `${a}.json`), 'utf8')), child: JSON.parse(await readFile(join(d, `${b}.json`), 'utf8')), footer: 'AAAA', step: 'swap' };
+    await writeFile(join(d, 'merge.json'), JSON.stringify(journal));
+    const before = await snapshot(f.repo, isCoordination);
+    const list = vhdvault('list', f.repo);
+    expect(list.code).toBe(1);
+    expect(list.stderr).toMatch(/does not match the disk/);
+    expect(await snapshot(f.repo, isCoordination)).toEqual(before);
+  });
+
+  it('a deletion a killed prune began is finished by the next writer, and never reported as orphaned data', async () => {
+    const f = await makeFixture(join(dir, 'deleting'), 'vhd', 2);
+    const d = join(f.repo, 'disks', 'vm');
+    const [old, kept] = f.ids as [string, string];
+    // Make the old backup a dead chain (the newer one a full), then stop its deletion after the intent.
+    const full = vhdvault('backup', f.repo, 'vm', '--source', `${f.repo}.raw`, '--full');
+    expect(full.code).toBe(0);
+    await rename(join(d, `${kept}.json`), join(d, `.${kept}.deleting.tmp`));
+    await rm(join(d, `${kept}.digests`));
+    const list = vhdvault('list', f.repo);
+    expect(list.code).toBe(0);
+    expect(list.stderr).toBe('');
+    expect(vhdvault('backup', f.repo, 'vm', '--source', `${f.repo}.raw`).code).toBe(0);
+    expect((await readdir(d)).filter((n) => n.startsWith(kept) || n.includes(`.${kept}.`))).toEqual([]);
+    expect(vhdvault('verify', f.repo).code).toBe(0);
+    await expectRestores(f, old, dir);
+  });
+
+  it('prune over every disk prunes the sound ones, refuses the broken one, and fails at the end', async () => {
+    const f = await makeFixture(join(dir, 'two-disks'), 'dir', 3);
+    const d = join(f.repo, 'disks');
+    await cpDir(join(d, 'vm'), join(d, 'avm'), { recursive: true });
+    for (const name of await readdir(join(d, 'avm'))) {
+      if (!name.endsWith('.json')) continue;
+      const m = JSON.parse(await readFile(join(d, 'avm', name), 'utf8'));
+      await writeFile(join(d, 'avm', name), JSON.stringify({ ...m, disk: 'avm' }));
+    }
+    await rm(join(d, 'avm', `${f.ids[1]}.digests`));
+    const r = vhdvault('prune', f.repo, '--keep-last', '1', '--json');
+    expect(r.code).toBe(1);
+    const report = JSON.parse(r.stdout);
+    expect(report.refused.map((x: { disk: string }) => x.disk)).toEqual(['avm']);
+    expect(report.merged).toBe(2);
+    expect((await readdir(join(d, 'avm'))).filter((n) => n.endsWith('.json'))).toHaveLength(3);
+  });
+
+  it('a block file missing from the latest chain makes the next backup full, with a note', async () => {
+    const f = await makeFixture(join(dir, 'missing-block'), 'dir', 3);
+    await rm(join(f.repo, 'disks', 'vm', `${f.ids[1]}.vhd-dir`, 'blocks', '0', '0'));
+    const r = vhdvault('backup', f.repo, 'vm', '--source', `${f.repo}.raw`, '--json');
+    expect(r.code, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout)).toMatchObject({ kind: 'full' });
+    expect(JSON.parse(r.stdout).note).toMatch(/blocks\/0\/0.*missing/);
+  });
+});
 
 describe('crash between commit steps', () => {
   it('data renamed into place without its metadata yet is finished by the next run, not reported or removed', async () => {

@@ -5,7 +5,7 @@ import { benchMerge, formatMergeRows } from '../store/benchMerge.js';
 import { Repository, type Layout } from '../store/repository.js';
 import { restore, type RestoreFormat } from '../store/restore.js';
 import { verify } from '../store/verify.js';
-import { prune } from '../store/prune.js';
+import { prune, type PruneReport } from '../store/prune.js';
 import { describeFinding, listBackups } from '../store/list.js';
 import { KEEP_OPTIONS, type RetentionPolicy } from '../store/retention.js';
 import { UsageError } from '../vhd/errors.js';
@@ -41,6 +41,16 @@ function parseRate(text: string): number {
 }
 
 const fmtBytes = (n: number) => (n >= 1048576 ? `${(n / 1048576).toFixed(1)} MiB` : `${n} B`);
+
+/** prune's report for a person: what is (or would be) kept, removed, merged and deferred. */
+function printPrune(report: PruneReport, dryRun: boolean): void {
+  const verb = dryRun ? 'would ' : '';
+  for (const id of report.kept) console.log(`${verb}keep    ${id}`);
+  for (const id of report.removed) console.log(`${verb}remove  ${id}`);
+  for (const m of report.merges) console.log(`${verb}merge   ${m.removed} into ${m.into}`);
+  for (const id of report.deferred) console.log(`deferred ${id} (--max-merges reached; next run)`);
+  console.log(`${dryRun ? 'would merge' : 'merged'}: ${report.merged}`);
+}
 
 export function storeCommands(): Command[] {
   const init = new Command('init')
@@ -95,9 +105,11 @@ export function storeCommands(): Command[] {
       const repo = await Repository.open(root);
       const listing = await listBackups(repo, disk);
       for (const f of listing.findings) console.error(`vhdvault: warning: ${describeFinding(f)}`);
+      for (const u of listing.unreadable) console.error(`vhdvault: ${u.problem}`);
       const rows = listing.backups.map((m) => ({ disk: m.disk, id: m.id, kind: m.kind, parent: m.parent, createdAt: m.createdAt, size: m.size, bytesStored: m.bytesStored, blocksWritten: m.blocksWritten }));
-      if (opts.json) return console.log(JSON.stringify(rows, null, 2));
-      for (const r of rows) console.log(`${r.disk}\t${r.id}\t${r.kind}\t${r.createdAt}\t${fmtBytes(r.size)}\tstored ${fmtBytes(r.bytesStored)}`);
+      if (opts.json) console.log(JSON.stringify(rows, null, 2));
+      else for (const r of rows) console.log(`${r.disk}\t${r.id}\t${r.kind}\t${r.createdAt}\t${fmtBytes(r.size)}\tstored ${fmtBytes(r.bytesStored)}`);
+      if (listing.unreadable.length > 0) throw new ExitStatus(EXIT_FAILURE);
     });
 
   const restoreCmd = new Command('restore')
@@ -172,13 +184,10 @@ export function storeCommands(): Command[] {
         onWait: (message) => console.error(`vhdvault: ${message}`),
         onFinding: (f) => console.error(`vhdvault: warning: ${describeFinding(f)}`),
       });
-      if (opts.json) return console.log(JSON.stringify(report, null, 2));
-      const verb = opts.dryRun ? 'would ' : '';
-      for (const id of report.kept) console.log(`${verb}keep    ${id}`);
-      for (const id of report.removed) console.log(`${verb}remove  ${id}`);
-      for (const m of report.merges) console.log(`${verb}merge   ${m.removed} into ${m.into}`);
-      for (const id of report.deferred) console.log(`deferred ${id} (--max-merges reached; next run)`);
-      console.log(`${opts.dryRun ? 'would merge' : 'merged'}: ${report.merged}`);
+      for (const r of report.refused) console.error(`vhdvault: ${r.problem}`);
+      if (opts.json) console.log(JSON.stringify(report, null, 2));
+      else printPrune(report, opts.dryRun === true);
+      if (report.refused.length > 0) throw new ExitStatus(EXIT_FAILURE);
     });
 
   const bench = new Command('bench').description('measure this machine');

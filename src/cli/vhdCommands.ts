@@ -3,6 +3,7 @@ import { extname } from 'node:path';
 import { convert, type OutputFormat } from '../vhd/convert.js';
 import { createDifferencingVhd, createDynamicVhd } from '../vhd/create.js';
 import { describeVhd, formatDescription } from '../vhd/describe.js';
+import { readingPath } from '../store/insideRepository.js';
 import { UsageError } from '../vhd/errors.js';
 import { VhdChain } from '../vhd/VhdChain.js';
 import { VhdDirectory } from '../vhd/VhdDirectory.js';
@@ -52,7 +53,7 @@ export function vhdCommand(): Command {
     .argument('<path>')
     .option('--json', 'print one JSON object')
     .action(async (path: string, opts: { json?: boolean }) => {
-      const description = await describeVhd(path);
+      const description = await readingPath(path, () => describeVhd(path));
       console.log(opts.json ? JSON.stringify(description, null, 2) : formatDescription(description));
     });
 
@@ -61,15 +62,18 @@ export function vhdCommand(): Command {
     .description('validate a VHD and its parents; exit 1 with the first problem')
     .argument('<path>')
     .action(async (path: string) => {
-      const chain = await VhdChain.open(path);
-      try {
-        // Directories are validated block by block only when asked: here.
-        for (const member of chain.members) if (member instanceof VhdDirectory) await member.verifyBlocks();
-        const depth = chain.members.length;
-        console.log(`${path}: ok (${chain.top.footer.diskType}, ${chain.size} bytes${depth > 1 ? `, chain of ${depth} disks` : ''})`);
-      } finally {
-        await chain.close();
-      }
+      // A backup's data inside a repository is read as a reader of its disk, never beside a merge.
+      await readingPath(path, async () => {
+        const chain = await VhdChain.open(path);
+        try {
+          // Directories are validated block by block only when asked: here.
+          for (const member of chain.members) if (member instanceof VhdDirectory) await member.verifyBlocks();
+          const depth = chain.members.length;
+          console.log(`${path}: ok (${chain.top.footer.diskType}, ${chain.size} bytes${depth > 1 ? `, chain of ${depth} disks` : ''})`);
+        } finally {
+          await chain.close();
+        }
+      });
     });
 
   vhd
@@ -87,7 +91,7 @@ export function vhdCommand(): Command {
       checkFormatFits(target, format);
       const bar = progressBar('convert', false);
       try {
-        await convert(input, target, { format, fromRaw: opts.from === 'raw', compression: opts.compression, onProgress: (d, t, b) => bar.update(d, t, b) });
+        await readingPath(input, () => convert(input, target, { format, fromRaw: opts.from === 'raw', compression: opts.compression, onProgress: (d, t, b) => bar.update(d, t, b) }));
       } finally {
         bar.stop();
       }

@@ -38,7 +38,10 @@ async function register(storage: Storage, k: string, owner: LockOwner): Promise<
     return true;
   } catch (err) {
     const code = (err as StorageError).code;
-    if (code === 'EROFS' || code === 'EACCES' || code === 'EPERM') return false;
+    // No writer can run on a read-only copy. On a full filesystem a prune can (it gives back
+    // the reserve), but a restore is what is needed most then: it reads unregistered, and its
+    // digest check still turns any block a merge moved away under it into an error, never wrong data.
+    if (code === 'EROFS' || code === 'EACCES' || code === 'EPERM' || code === 'ENOSPC' || code === 'EDQUOT') return false;
     throw err;
   }
 }

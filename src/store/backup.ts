@@ -12,7 +12,7 @@ import { releaseBuffer } from '../util/bufferPool.js';
 import { DigestReader, DigestWriter, zeroDigest } from './digests.js';
 import { withDiskLock } from './lock.js';
 import { withExclusiveAccess } from './access.js';
-import { openBackupChain } from './chain.js';
+import { lineageFindings } from './inspect.js';
 import { completePendingMerge, hasPendingMerge } from './merge.js';
 import { isNoSpace } from './reserve.js';
 import { newBackupId } from './names.js';
@@ -69,21 +69,23 @@ async function readChangedBitmap(path: string, blockCount: number): Promise<Buff
 export async function backup(repo: Repository, disk: string, options: BackupOptions): Promise<BackupReport> {
   const diskDir = repo.diskDir(disk);
   // The lock, created first, makes the disk's folder.
-  return withDiskLock(repo, disk, 'backup', async () => {
-    if (await hasPendingMerge(repo, disk)) await withExclusiveAccess(repo, disk, 'backup', () => completePendingMerge(repo, disk));
-    await repo.recoverCommits(disk);
-    await repo.cleanLeftovers(disk);
-    const source = await openSource(options.source);
-    try {
-      return await backupFrom(repo, disk, source, options);
-    } catch (err) {
-      // Staged files are gone (the writers' abort): say where space ran out, and that nothing changed.
-      if (isNoSpace(err)) throw new VhdError(diskDir, 'no space left on device while writing the backup; nothing was committed and earlier backups are unchanged (free space, or run prune, then try again)');
-      throw err;
-    } finally {
-      await source.close();
-    }
-  });
+  try {
+    return await withDiskLock(repo, disk, 'backup', async () => {
+      if (await hasPendingMerge(repo, disk)) await withExclusiveAccess(repo, disk, 'backup', () => completePendingMerge(repo, disk));
+      await repo.recoverCommits(disk);
+      await repo.cleanLeftovers(disk);
+      const source = await openSource(options.source);
+      try {
+        return await backupFrom(repo, disk, source, options);
+      } finally {
+        await source.close();
+      }
+    });
+  } catch (err) {
+    // Staged files are gone (the writers' abort): say where space ran out, and that nothing changed.
+    if (isNoSpace(err)) throw new VhdError(diskDir, 'no space left on device while writing the backup; nothing was committed and earlier backups are unchanged (free space, or run prune, then try again)');
+    throw err;
+  }
 }
 
 /**
@@ -91,18 +93,14 @@ export async function backup(repo: Repository, disk: string, options: BackupOpti
  * delta over a broken chain could never be restored, so the backup is full
  * instead and says why.
  */
-async function deltaBase(repo: Repository, disk: string, latest: BackupMetadata | undefined): Promise<{ parent: BackupMetadata | null; note?: string }> {
+async function deltaBase(repo: Repository, latest: BackupMetadata | undefined): Promise<{ parent: BackupMetadata | null; note?: string }> {
   if (!latest) return { parent: null };
-  try {
-    const chain = await openBackupChain(repo, latest);
-    await chain.close();
-    // Unchanged blocks are found through the parent's digests: they must be there.
-    if (!(await repo.storage.head(repo.digestsKey(disk, latest.id)))) throw new VhdError(repo.digestsPath(disk, latest.id), 'is missing');
-    return { parent: latest };
-  } catch (err) {
-    if (!(err instanceof VhdError)) throw err;
-    return { parent: null, note: `the latest backup's chain cannot be built on (${err.message}): taking a full backup; run vhdvault verify` };
-  }
+  // The same structure check prune runs, over the chain the delta would extend.
+  const findings = await lineageFindings(repo, latest);
+  if (findings.length === 0) return { parent: latest };
+  const first = findings[0]!;
+  const more = findings.length > 1 ? ` (and ${findings.length - 1} more)` : '';
+  return { parent: null, note: `the latest backup's chain cannot be built on (backup ${first.id}: ${first.problem}${more}): taking a full backup; run vhdvault verify` };
 }
 
 async function backupFrom(repo: Repository, disk: string, source: BlockSource, options: BackupOptions): Promise<BackupReport> {
@@ -113,7 +111,7 @@ async function backupFrom(repo: Repository, disk: string, source: BlockSource, o
   }
   const { size, blockCount } = source;
   const latest = await repo.latest(disk);
-  const base = options.full ? { parent: null } : await deltaBase(repo, disk, latest);
+  const base = options.full ? { parent: null } : await deltaBase(repo, latest);
   let parent = base.parent;
   let note = base.note;
   if (parent && parent.size !== size) {

@@ -4,10 +4,10 @@ import { VhdError } from '../vhd/errors.js';
 import { checkParent } from '../vhd/VhdChain.js';
 import { blockFile, VhdDirectory } from '../vhd/VhdDirectory.js';
 import { key, type Storage } from '../storage/Storage.js';
-import { openBackupData } from './chain.js';
+import { lineage, openBackupData } from './chain.js';
 import { DIGEST_SIZE } from './digests.js';
 import { isBackupId } from './names.js';
-import { type BackupMetadata, pendingId, type Repository } from './repository.js';
+import { type BackupMetadata, deletingId, pendingId, type Repository } from './repository.js';
 
 /** A problem with one backup's structure, or with a file no backup accounts for. */
 export interface Finding {
@@ -48,12 +48,16 @@ export async function fileFindings(repo: Repository, disk: string, backups: Back
   const names = new Set(await repo.storage.list(repo.diskKey(disk)));
   const listed = new Set(backups.map((b) => b.id));
   const committing = new Set([...names].map(pendingId).filter((id): id is string => id !== null));
+  // What a killed prune was deleting is garbage the next writer removes, not a finding.
+  const deleting = new Set([...names].map(deletingId).filter((id): id is string => id !== null));
   for (const id of committing) {
-    findings.push({ disk, id, kind: 'pending', problem: `an interrupted commit cannot be finished: ${repo.pendingMetadataPath(disk, id)} is kept with whatever data it names; a backup with the lock will retry it` });
+    // One the next backup or prune will finish is work in progress, not damage.
+    if (await repo.canFinishCommit(disk, id)) continue;
+    findings.push({ disk, id, kind: 'pending', problem: `an interrupted commit cannot be finished (its metadata, data or digests are damaged or missing): ${repo.pendingMetadataPath(disk, id)} and whatever data it names are left in place` });
   }
   for (const name of [...names].sort()) {
     const m = /^(.+)\.(vhd-dir|vhd|digests|json)$/.exec(name);
-    if (!m || !isBackupId(m[1]!) || listed.has(m[1]!) || committing.has(m[1]!)) continue;
+    if (!m || !isBackupId(m[1]!) || listed.has(m[1]!) || committing.has(m[1]!) || deleting.has(m[1]!)) continue;
     if (m[2] === 'json') continue; // unreadable metadata: reported by Repository.backups()
     findings.push({ disk, id: null, kind: 'orphan', problem: `${repo.diskDir(disk)}/${name} belongs to no listed backup (its metadata ${m[1]}.json is missing): left in place` });
   }
@@ -114,4 +118,25 @@ export async function structureFindings(repo: Repository, backups: BackupMetadat
 /** Everything structurally wrong with a disk's backups: what verify reports besides block data, and what stops prune. */
 export async function diskFindings(repo: Repository, disk: string, backups: BackupMetadata[]): Promise<Finding[]> {
   return [...(await fileFindings(repo, disk, backups)), ...(await structureFindings(repo, backups))];
+}
+
+/**
+ * What is wrong with one backup's chain (the backup and its ancestors by
+ * metadata): members, data, digests, block files and links. What a new delta
+ * over that backup needs to be sound.
+ */
+export async function lineageFindings(repo: Repository, meta: BackupMetadata): Promise<Finding[]> {
+  let members: BackupMetadata[];
+  try {
+    members = await lineage(repo, meta);
+  } catch (err) {
+    if (!(err instanceof VhdError)) throw err;
+    return [{ disk: meta.disk, id: meta.id, kind: 'missing-parent', problem: err.message }];
+  }
+  const findings: Finding[] = [];
+  for (const m of members) {
+    if (!(await repo.storage.head(repo.dataKey(m.disk, m.id, m.layout)))) findings.push({ disk: m.disk, id: m.id, kind: 'missing-data', problem: `its data ${repo.dataPath(m.disk, m.id, m.layout)} is missing` });
+    if (!(await repo.storage.head(repo.digestsKey(m.disk, m.id)))) findings.push({ disk: m.disk, id: m.id, kind: 'missing-digests', problem: `its digests file ${repo.digestsPath(m.disk, m.id)} is missing` });
+  }
+  return [...findings, ...(await structureFindings(repo, members))];
 }

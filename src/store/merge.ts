@@ -8,6 +8,7 @@ import { VhdError } from '../vhd/errors.js';
 import { serializeFooter } from '../vhd/footer.js';
 import { BAT_FILE, blockFile, FOOTER_FILE, VhdDirectory } from '../vhd/VhdDirectory.js';
 import { VhdFile } from '../vhd/VhdFile.js';
+import { openDisk } from '../vhd/openDisk.js';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { withExclusiveAccess, withReadAccess } from './access.js';
 import { LockBusyError, withDiskLock } from './lock.js';
@@ -331,10 +332,50 @@ export async function completePendingMerge(repo: Repository, disk: string): Prom
     typeof journal.footer === 'string' &&
     steps.includes(journal.step);
   if (!sound) throw damaged('is damaged (not a merge journal of this disk)');
+  const mismatch = await journalMismatch(repo, journal);
+  if (mismatch) throw damaged(`does not match the disk (${mismatch}): it may be stale or copied from elsewhere`);
   const merge = new Merge(repo, journal, true);
   await merge.run();
   await merge.reclaim();
   return true;
+}
+
+/**
+ * Does the disk look like the state the journal's step implies? A journal is
+ * only ever resumed over the backups it was written for: before the metadata
+ * step both are listed as parent and child; the data under the parent's name
+ * carries the parent's UUID until the identity step gives it the child's; after
+ * the swap the child's name holds the merged result (a disk of the parent's
+ * kind). Returns what does not match, or null.
+ */
+async function journalMismatch(repo: Repository, journal: MergeJournal): Promise<string | null> {
+  const { parent, child, step } = journal;
+  const listed = async (id: string) => repo.backup(child.disk, id).catch(() => null);
+  const uuidAt = async (k: string) => {
+    if (!(await repo.storage.head(k))) return null;
+    const disk = await openDisk(repo.path(k)).catch(() => null);
+    await disk?.close();
+    return disk ? { uuid: disk.footer.uuid, differencing: disk.footer.diskType === 'differencing' } : undefined;
+  };
+  const childMeta = await listed(child.id);
+  if (!childMeta) return `backup ${child.id} is not listed`;
+  const parentData = await uuidAt(repo.dataKey(child.disk, parent.id, parent.layout));
+  const childData = await uuidAt(repo.dataKey(child.disk, child.id, child.layout));
+  if (parentData === undefined || childData === undefined) return 'a backup named in it cannot be opened';
+  if (step !== 'metadata') {
+    if (!(await listed(parent.id)) || childMeta.parent !== parent.id) return `${child.id} is not listed as a child of ${parent.id}`;
+  }
+  if (step === 'blocks' || step === 'identity') {
+    const allowed = step === 'blocks' ? [parent.uuid] : [parent.uuid, child.uuid];
+    if (!parentData || !allowed.includes(parentData.uuid)) return `the data of ${parent.id} is not the one it names`;
+    if (!childData || childData.uuid !== child.uuid) return `the data of ${child.id} is not the one it names`;
+  } else if (parentData) {
+    // swap not done yet: the parent's data already has the child's identity.
+    if (parentData.uuid !== child.uuid) return `the data of ${parent.id} has not taken ${child.id}'s identity`;
+  } else if (!childData || childData.uuid !== child.uuid || childData.differencing !== (parent.parent !== null)) {
+    return `the data under ${child.id}'s name is not the merged result`;
+  }
+  return null;
 }
 
 /** Is a merge journal present (a merge running, or abandoned by a killed run)? */

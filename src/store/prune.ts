@@ -26,6 +26,8 @@ export interface PruneReport {
   merges: Array<{ removed: string; into: string }>;
   /** Backups the policy removes but that wait for a later run (--max-merges). */
   deferred: string[];
+  /** Disks left untouched, each with why (a broken chain, a damaged journal, a lock held): the other disks are pruned. */
+  refused: Array<{ disk: string; problem: string }>;
 }
 
 /** What prune will do to one disk, worked out before anything changes. */
@@ -39,40 +41,42 @@ interface Plan {
 }
 
 function plan(backups: BackupMetadata[], options: PruneOptions): Plan {
-  const { kept, removed } = selectRetention(backups, options.policy);
-  // The chain as it will be after each step (merges re-parent children).
+  const selected = selectRetention(backups, options.policy);
+  // The chains as they will be after each step (merges re-parent children).
   const byId = new Map(backups.map((b) => [b.id, { ...b }]));
-  const childOf = (id: string) => [...byId.values()].find((b) => b.parent === id);
-  const keptIds = new Set(kept.map((b) => b.id));
-  const hasKeptDescendant = (id: string): boolean => {
-    for (let c = childOf(id); c; c = childOf(c.id)) if (keptIds.has(c.id)) return true;
-    return false;
-  };
+  const childrenOf = (id: string) => [...byId.values()].filter((b) => b.parent === id);
+  const keptIds = new Set(selected.kept.map((b) => b.id));
+  // A backup may have several children (a fork: its metadata put back after a newer chain began).
+  const hasKeptDescendant = (id: string): boolean => childrenOf(id).some((c) => keptIds.has(c.id) || hasKeptDescendant(c.id));
   // A removed backup nothing kept depends on is deleted, not merged: newest first,
   // so no listed backup ever loses its parent.
-  const deletions = removed.filter((r) => !hasKeptDescendant(r.id)).reverse().map((r) => byId.get(r.id)!);
+  const deletions = selected.removed.filter((r) => !hasKeptDescendant(r.id)).reverse().map((r) => byId.get(r.id)!);
   for (const d of deletions) byId.delete(d.id);
+  const kept = [...selected.kept];
   const merges: Plan['merges'] = [];
   const deferred: BackupMetadata[] = [];
-  for (const r of removed.filter((x) => byId.has(x.id))) {
+  for (const r of selected.removed.filter((x) => byId.has(x.id))) {
+    const children = childrenOf(r.id); // each has a kept descendant: the dead ones are gone
+    if (children.length !== 1) {
+      // Folding one backup into two children is not a merge: it stays, and says why.
+      kept.push(r);
+      options.onFinding?.({ disk: r.disk, id: r.id, kind: 'structure', problem: `kept although the policy removes it: ${children.length} kept backups depend on it through different children` });
+      continue;
+    }
     if (options.maxMerges !== undefined && merges.length >= options.maxMerges) {
       deferred.push(r);
       continue;
     }
     const parent = byId.get(r.id)!;
-    const child = childOf(r.id)!; // it has a kept descendant
+    const child = children[0]!;
     merges.push({ parent: { ...parent }, child: { ...child } });
     // The child now stands where the parent stood: same parent, same kind.
     child.parent = parent.parent;
     child.kind = parent.kind;
     byId.delete(r.id);
   }
+  kept.sort((a, b) => (a.id < b.id ? -1 : 1));
   return { kept, deletions, merges, deferred };
-}
-
-/** Remove a backup nothing depends on: metadata first (it stops being listed), then its files. */
-async function deleteBackup(repo: Repository, meta: BackupMetadata): Promise<void> {
-  await repo.storage.batch([{ delete: repo.metadataKey(meta.disk, meta.id) }, { delete: repo.dataKey(meta.disk, meta.id, meta.layout) }, { delete: repo.digestsKey(meta.disk, meta.id) }]);
 }
 
 /**
@@ -95,7 +99,7 @@ async function checkStructure(repo: Repository, disk: string, options: PruneOpti
 }
 
 async function applyPlan(repo: Repository, p: Plan): Promise<void> {
-  for (const d of p.deletions) await deleteBackup(repo, d);
+  for (const d of p.deletions) await repo.deleteBackup(d);
   for (const { parent, child } of p.merges) await mergeForward(repo, parent, child);
 }
 
@@ -109,6 +113,8 @@ function record(report: PruneReport, p: Plan): void {
 
 async function pruneDisk(repo: Repository, disk: string, options: PruneOptions, report: PruneReport): Promise<void> {
   if (options.dryRun) {
+    // A dry run changes nothing, so it cannot finish an interrupted merge to plan from the result.
+    if (await hasPendingMerge(repo, disk)) throw new VhdError(repo.diskDir(disk), 'an interrupted merge is pending: a prune (without --dry-run), backup, list or restore finishes it first; then try the dry run again');
     record(report, plan(await checkStructure(repo, disk, options), options));
     return;
   }
@@ -132,14 +138,20 @@ async function pruneDisk(repo: Repository, disk: string, options: PruneOptions, 
  * reserve is given back so that prune can still run and free space.
  */
 export async function prune(repo: Repository, disk: string | undefined, options: PruneOptions): Promise<PruneReport> {
-  const report: PruneReport = { kept: [], removed: [], merged: 0, merges: [], deferred: [] };
+  const report: PruneReport = { kept: [], removed: [], merged: 0, merges: [], deferred: [], refused: [] };
   for (const d of disk ? [disk] : await repo.disks()) {
     // A rerun after running out of space must not count the first attempt's work twice.
-    const attempt: PruneReport = { kept: [], removed: [], merged: 0, merges: [], deferred: [] };
-    await withReserve(repo, async () => {
-      Object.assign(attempt, { kept: [], removed: [], merged: 0, merges: [], deferred: [] });
-      await pruneDisk(repo, d, options, attempt);
-    });
+    let attempt = emptyReport();
+    try {
+      await withReserve(repo, async () => {
+        attempt = emptyReport();
+        await pruneDisk(repo, d, options, attempt);
+      });
+    } catch (err) {
+      // One disk's problem never stops the others: it is reported, and the command fails at the end.
+      if (!(err instanceof VhdError)) throw err;
+      report.refused.push({ disk: d, problem: err.message });
+    }
     report.kept.push(...attempt.kept);
     report.removed.push(...attempt.removed);
     report.merged += attempt.merged;
@@ -151,3 +163,5 @@ export async function prune(repo: Repository, disk: string | undefined, options:
   report.removed.sort();
   return report;
 }
+
+const emptyReport = (): PruneReport => ({ kept: [], removed: [], merged: 0, merges: [], deferred: [], refused: [] });

@@ -93,6 +93,8 @@ function parseConfig(value: unknown, path: string): RepositoryConfig {
 
 function parseMetadata(value: unknown, path: string, disk: string, id: string): BackupMetadata {
   const m = value as Partial<BackupMetadata> | null;
+  // A renamed disk folder: say so, rather than "not valid".
+  if (m && typeof m.disk === 'string' && m.disk !== disk) throw new VhdError(path, `is the metadata of a backup of disk "${m.disk}", but it is in the folder of disk "${disk}" (was the folder renamed?)`);
   const ok =
     m !== null &&
     m.format === 1 &&
@@ -297,6 +299,12 @@ export class Repository {
     return finished;
   }
 
+  /** Can the next writer finish this pending commit (its metadata readable, its data and digests there)? */
+  async canFinishCommit(disk: string, id: string): Promise<boolean> {
+    const meta = await this.readPending(disk, id);
+    return meta !== null && (await this.hasCommitFiles(meta));
+  }
+
   private async readPending(disk: string, id: string): Promise<BackupMetadata | null> {
     const k = this.pendingMetadataKey(disk, id);
     try {
@@ -311,6 +319,30 @@ export class Repository {
     const { disk, id, layout } = meta;
     const there = async (...keys: string[]) => (await Promise.all(keys.map((k) => this.storage.head(k)))).some((x) => x !== null);
     return (await there(this.stagedDataKey(disk, id, layout), this.dataKey(disk, id, layout))) && (await there(this.stagedDigestsKey(disk, id), this.digestsKey(disk, id)));
+  }
+
+  /**
+   * Delete a backup for good: its metadata is first renamed to a deletion
+   * intent (`.<id>.deleting.tmp`: the backup stops being listed, and what is
+   * left of it is known to be garbage), then its data and digests go, the
+   * intent last. A killed deletion is finished by the next cleanLeftovers().
+   */
+  async deleteBackup(meta: BackupMetadata): Promise<void> {
+    await this.storage.batch([{ rename: this.metadataKey(meta.disk, meta.id), to: this.deletingKey(meta.disk, meta.id) }]);
+    await this.deleteBackupFiles(meta.disk, meta.id);
+  }
+
+  private deletingKey(disk: string, id: string): string {
+    return key(this.diskKey(disk), `.${checkBackupId(id)}.deleting.tmp`);
+  }
+
+  private async deleteBackupFiles(disk: string, id: string): Promise<void> {
+    await this.storage.batch([
+      { delete: this.dataKey(disk, id, 'dir') },
+      { delete: this.dataKey(disk, id, 'vhd') },
+      { delete: this.digestsKey(disk, id) },
+      { delete: this.deletingKey(disk, id) },
+    ]);
   }
 
   /** A disk named on the command line must exist: a misspelt name must not read as "nothing wrong". */
@@ -361,6 +393,11 @@ export class Repository {
    * report them. Call with the disk's lock held, after recoverCommits().
    */
   async cleanLeftovers(disk: string): Promise<string[]> {
+    // Deletions a killed prune began: the backup's files first, the intent last.
+    for (const name of await this.storage.list(this.diskKey(disk))) {
+      const id = deletingId(name);
+      if (id !== null) await this.deleteBackupFiles(disk, id);
+    }
     const names = await this.storage.list(this.diskKey(disk));
     const claimed = new Set(names.map(pendingId).filter((id): id is string => id !== null));
     const removed: string[] = [];
@@ -378,6 +415,12 @@ export class Repository {
 }
 
 const stagedName = (name: string) => `.${name}.tmp`;
+
+/** The backup id of a deletion intent (`.<id>.deleting.tmp`), else null. */
+export function deletingId(name: string): string | null {
+  const m = /^\.(.+)\.deleting\.tmp$/.exec(name);
+  return m && isBackupId(m[1]!) ? m[1]! : null;
+}
 
 /** The backup id of a pending metadata name (`.<id>.json.tmp`), else null. */
 export function pendingId(name: string): string | null {

@@ -37,7 +37,8 @@ export async function verify(repo: Repository, disk?: string, options: { onProgr
   let before = 0;
   let bytes = 0;
   for (const d of disks) {
-    // As a reader: a merge or deletion never runs beside the checks (access.ts).
+    // As a reader: a merge or deletion never runs beside the checks (access.ts). A disk that
+    // cannot be read at all (a damaged merge journal) is one problem; the other disks are still checked.
     await readingDisk(repo, d, 'verify', async () => {
       const backups = await repo.backups(d, (err) => report.problems.push({ disk: d, id: null, block: null, problem: err.message }));
       const findings = await fileFindings(repo, d, backups);
@@ -51,6 +52,9 @@ export async function verify(repo: Repository, disk?: string, options: { onProgr
         before += meta.blockCount;
         options.onProgress?.(Math.min(before, total), total, bytes);
       }
+    }).catch((err: unknown) => {
+      if (!(err instanceof VhdError)) throw err;
+      report.problems.push({ disk: d, id: null, block: null, problem: err.message });
     });
   }
   return report;
