@@ -136,7 +136,7 @@ async function backupFrom(repo: Repository, disk: string, source: BlockSource, o
   const previous = parent ? await DigestReader.open(repo.digestsPath(disk, parent.id), parent.blockCount) : null;
   const changed = parent && options.changed ? await readChangedBitmap(options.changed, blockCount) : null;
   const concurrency = Math.max(1, options.concurrency ?? defaultConcurrency());
-  const pool = new BlockPool(concurrency);
+  const pool = await BlockPool.create(concurrency);
   const readLimit = limiter(options.maxRead);
   // Source reads in flight at once: enough to keep storage busy, few enough not to thrash a disk
   // (the pipeline around them holds more blocks, waiting for workers).

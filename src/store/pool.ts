@@ -1,7 +1,7 @@
 import { availableParallelism } from 'node:os';
 import { dirname, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
-import { Piscina } from 'piscina';
+import type { Piscina } from 'piscina';
 import type { BlockResult, BlockTask, WriteTask } from './blockTask.js';
 
 /** The compiled worker: beside us in dist/, or in dist/ when running from sources (tests). */
@@ -14,10 +14,15 @@ function workerFile(): string {
 export const defaultConcurrency = (): number => availableParallelism();
 
 export class BlockPool {
-  private readonly pool: Piscina;
+  private constructor(
+    readonly threads: number,
+    private readonly pool: Piscina,
+  ) {}
 
-  constructor(readonly threads: number) {
-    this.pool = new Piscina({ filename: workerFile(), minThreads: threads, maxThreads: threads });
+  /** Piscina is loaded here, not at start-up: only backups need it, and every CLI run would pay for it. */
+  static async create(threads: number): Promise<BlockPool> {
+    const { Piscina } = await import('piscina');
+    return new BlockPool(threads, new Piscina({ filename: workerFile(), minThreads: threads, maxThreads: threads }));
   }
 
   run(task: BlockTask): Promise<BlockResult> {
