@@ -92,13 +92,13 @@ for (const layout of ['dir', 'vhd'] as const) {
     });
 
     it('5: restores, verifies and vhd checks running beside prunes always succeed and are exact', async () => {
-      for (let round = 0; round < 3; round++) {
+      for (let round = 0; round < 2; round++) {
         const f = await fresh(base);
         const latest = f.ids.at(-1)!;
         const out = join(dir, `during-prune-${layout}-${round}.raw`);
         const readers = (async () => {
           const results = [];
-          for (let i = 0; i < 4; i++) {
+          for (let i = 0; i < 3; i++) {
             results.push(await vhdvaultAsync('restore', f.repo, 'vm', `${out}.${i}`));
             results.push(await vhdvaultAsync('verify', f.repo));
             // A vhd tool pointed into the repository is a reader of that disk too.
@@ -110,7 +110,7 @@ for (const layout of ['dir', 'vhd'] as const) {
         const [results, pr] = await Promise.all([readers, prune]);
         expect(pr.code, pr.stderr).toBe(0);
         for (const r of results) expect(r.code, r.stderr).toBe(0);
-        for (let i = 0; i < 4; i++) expect(await sha256(`${out}.${i}`)).toBe(f.content.get(latest));
+        for (let i = 0; i < 3; i++) expect(await sha256(`${out}.${i}`)).toBe(f.content.get(latest));
       }
     });
 
