@@ -5,14 +5,15 @@
  * the policy's result with nothing left over, and, sampled, every kept backup
  * restores exactly.
  */
-import { spawnSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { randomBytes, randomInt } from 'node:crypto';
 import { cp, open, readdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
-import { CLI, vhdvault } from './helpers/cli.js';
+import { CLI, cliEnv, vhdvaultAsync } from './helpers/cli.js';
 import { makeRaw, sha256, tempDir } from './helpers/files.js';
+import { backupOf, initRepo, listed as listing } from './helpers/store.js';
 
 const MiB = 1024 * 1024;
 const BLOCK = 2 * MiB;
@@ -20,25 +21,30 @@ const SIZE = 8 * MiB;
 const PRELOAD = fileURLToPath(new URL('./helpers/killAtFsOp.cjs', import.meta.url));
 const POLICY = ['--keep-last', '2'];
 const POINTS = 24;
+/** Kill points checked at once (each on its own copy of the repository). */
+const SIDE_BY_SIDE = 2;
 const dir = await tempDir();
 
-function prune(repo: string, env: Record<string, string>): number {
-  const r = spawnSync(process.execPath, ['-r', PRELOAD, CLI, 'prune', repo, ...POLICY], { env: { ...process.env, ...env }, stdio: 'ignore' });
-  return r.status ?? -1;
+function prune(repo: string, env: Record<string, string>): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, ['-r', PRELOAD, CLI, 'prune', repo, ...POLICY], { env: cliEnv(env), stdio: 'ignore' });
+    child.on('error', reject);
+    child.on('exit', (code) => resolve(code ?? -1));
+  });
 }
 
-function ids(repo: string): string[] {
-  const r = vhdvault('list', repo, 'vm', '--json');
-  expect(r.code, r.stderr).toBe(0);
-  return (JSON.parse(r.stdout) as Array<{ id: string }>).map((x) => x.id);
+/** The ids `vhdvault list <repo> vm` lists (the same listing, read in this process). */
+async function ids(repo: string): Promise<string[]> {
+  return (await listing(repo, 'vm')).map((x) => x.id);
 }
 
+// The layouts run side by side: the kill points are counted, not timed, so load cannot move them.
 for (const layout of ['dir', 'vhd'] as const) {
-  describe(`prune killed before each of its filesystem changes (layout ${layout})`, () => {
+  describe.concurrent(`prune killed before each of its filesystem changes (layout ${layout})`, () => {
     it('leaves a repository that verifies, lists only whole backups, and finishes on the rerun', async () => {
-      // Four backups of a changing disk; keep-last 2 merges two of them forward.
+      // Four backups of a changing disk (taken in this process: set-up); keep-last 2 merges two of them forward.
       const pristine = join(dir, `pristine-${layout}`);
-      expect(vhdvault('init', pristine, '--layout', layout).code).toBe(0);
+      await initRepo(pristine, layout);
       const disk = join(dir, `disk-${layout}.raw`);
       await makeRaw(disk, SIZE, [[0, SIZE]]);
       const content = new Map<string, string>();
@@ -48,9 +54,7 @@ for (const layout of ['dir', 'vhd'] as const) {
           await fh.write(randomBytes(BLOCK), 0, BLOCK, (i % 4) * BLOCK);
           await fh.close();
         }
-        const r = vhdvault('backup', pristine, 'vm', '--source', disk);
-        expect(r.code, r.stderr).toBe(0);
-        content.set(r.stdout.trim(), await sha256(disk));
+        content.set(await backupOf(pristine, 'vm', disk), await sha256(disk));
       }
       const all = [...content.keys()];
       const kept = all.slice(2);
@@ -59,10 +63,10 @@ for (const layout of ['dir', 'vhd'] as const) {
       const counted = join(dir, `counted-${layout}`);
       await cp(pristine, counted, { recursive: true });
       const countFile = join(dir, `count-${layout}`);
-      expect(prune(counted, { VHDVAULT_COUNT_OPS: countFile })).toBe(0);
+      expect(await prune(counted, { VHDVAULT_COUNT_OPS: countFile })).toBe(0);
       const changes = Number(await readFile(countFile, 'utf8'));
       expect(changes).toBeGreaterThan(20); // the preload really sees the merge's steps
-      expect(ids(counted)).toEqual(kept);
+      expect(await ids(counted)).toEqual(kept);
 
       // Every change is a kill point across runs: each run takes an evenly spread sample of
       // POINTS of them from a random offset (all of them would take minutes per layout).
@@ -70,30 +74,35 @@ for (const layout of ['dir', 'vhd'] as const) {
       const points: number[] = [];
       for (let k = 1 + randomInt(step); k <= changes; k += step) points.push(k);
       if (points.at(-1) !== changes) points.push(changes);
-      const work = join(dir, `work-${layout}`);
-      for (const [n, k] of points.entries()) {
-        await rm(work, { recursive: true, force: true });
+      const killAt = async (n: number, k: number) => {
+        const work = join(dir, `work-${layout}-${k}`);
         await cp(pristine, work, { recursive: true });
-        expect(prune(work, { VHDVAULT_KILL_AT: String(k) }), `kill at change ${k}`).not.toBe(0);
+        expect(await prune(work, { VHDVAULT_KILL_AT: String(k) }), `kill at change ${k}`).not.toBe(0);
         // Right after the crash (verify first finishes any merge the kill interrupted).
-        const v = vhdvault('verify', work);
+        const v = await vhdvaultAsync('verify', work);
         expect(v.code, `after kill at change ${k}: ${v.stderr}`).toBe(0);
-        const listed = ids(work);
+        const listed = await ids(work);
         expect(listed.every((id) => content.has(id)), `kill at change ${k}`).toBe(true);
         expect(listed.slice(-2)).toEqual(kept);
         // The rerun completes the policy and leaves nothing but the kept backups.
-        expect(vhdvault('prune', work, ...POLICY).code).toBe(0);
-        expect(ids(work)).toEqual(kept);
+        expect((await vhdvaultAsync('prune', work, ...POLICY)).code).toBe(0);
+        expect(await ids(work)).toEqual(kept);
         const files = (await readdir(join(work, 'disks', 'vm'))).sort();
         expect(files, `kill at change ${k}`).toEqual(kept.flatMap((id) => [`${id}.digests`, `${id}.json`, `${id}.${layout === 'dir' ? 'vhd-dir' : 'vhd'}`]).sort());
         if (n % 6 === 0 || k === changes) {
-          for (const id of kept) {
-            const out = join(dir, `restored-${layout}.raw`);
-            expect(vhdvault('restore', work, 'vm', out, '--backup', id).code).toBe(0);
-            expect(await sha256(out), `backup ${id} after kill at change ${k}`).toBe(content.get(id));
-            await rm(out);
-          }
+          await Promise.all(
+            kept.map(async (id) => {
+              const out = join(dir, `restored-${layout}-${k}-${id}.raw`);
+              expect((await vhdvaultAsync('restore', work, 'vm', out, '--backup', id)).code).toBe(0);
+              expect(await sha256(out), `backup ${id} after kill at change ${k}`).toBe(content.get(id));
+              await rm(out);
+            }),
+          );
         }
+        await rm(work, { recursive: true, force: true });
+      };
+      for (let i = 0; i < points.length; i += SIDE_BY_SIDE) {
+        await Promise.all(points.slice(i, i + SIDE_BY_SIDE).map((k, j) => killAt(i + j, k)));
       }
     });
   });

@@ -1,0 +1,38 @@
+/**
+ * Test set-up through the store's own API, in this process: building a chain
+ * of backups this way costs no CLI start-up per backup. Use it for what a test
+ * needs in place before the behaviour it checks, which the test still drives
+ * through the built CLI.
+ */
+import { backup, type BackupOptions } from '../../src/store/backup.js';
+import { listBackups } from '../../src/store/list.js';
+import { Repository, type Layout } from '../../src/store/repository.js';
+import type { Compression } from '../../src/vhd/compression.js';
+
+/** `vhdvault init <root> --layout <layout> [--compression <codec>]`. */
+export async function initRepo(root: string, layout: Layout, compression: Compression = 'none'): Promise<void> {
+  await Repository.init(root, { layout, compression });
+}
+
+/**
+ * `vhdvault backup <root> <disk> --source <source> [--full]`; resolves to the new
+ * backup's id. One worker thread unless told otherwise: set-up backups are small,
+ * and starting a second thread per backup costs more than it saves.
+ */
+export async function backupOf(root: string, disk: string, source: string, options: Omit<BackupOptions, 'source'> = {}): Promise<string> {
+  const report = await backup(await Repository.open(root), disk, { source, concurrency: 1, ...options });
+  return report.id;
+}
+
+export interface ListedBackup {
+  disk: string;
+  id: string;
+  kind: 'full' | 'delta';
+  parent: string | null;
+}
+
+/** What `vhdvault list <root> [disk] --json` lists (the same listing, read in this process). */
+export async function listed(root: string, disk?: string): Promise<ListedBackup[]> {
+  const { backups } = await listBackups(await Repository.open(root), disk);
+  return backups.map(({ disk, id, kind, parent }) => ({ disk, id, kind, parent }));
+}

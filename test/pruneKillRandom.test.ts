@@ -1,0 +1,72 @@
+/**
+ * prune killed (SIGKILL) at random moments, then rerun: split off prune.test.ts
+ * (whose chains and checks it shares, helpers/pruneChain.ts) so that the two files
+ * can run on the two workers. Backups are taken in this process (set-up); prune
+ * and the restores that check the result run the built CLI.
+ */
+import { spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { randomInt } from 'node:crypto';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { describe, expect, it } from 'vitest';
+import { CLI, cliEnv, vhdvault } from './helpers/cli.js';
+import { tempDir } from './helpers/files.js';
+import { backupAndCopy, expectSound, list, makeChain, scribble } from './helpers/pruneChain.js';
+
+const dir = await tempDir();
+const KILLS = 30;
+
+for (const layout of ['dir', 'vhd'] as const) {
+  describe(`prune killed with SIGKILL at ${KILLS} random moments (layout ${layout})`, () => {
+    it('every kept backup restores exactly after the rerun, and no orphan files remain', async () => {
+      const repo = join(dir, `kill-${layout}`);
+      const copies = await makeChain(repo, layout, 3);
+      const disk = `${repo}.raw`;
+      const timed = (args: string[]) => {
+        const start = performance.now();
+        const r = vhdvault(...args);
+        expect(r.code, r.stderr).toBe(0);
+        return performance.now() - start;
+      };
+      const twoBackups = async () => {
+        for (let i = 0; i < 2; i++) {
+          await scribble(disk, [randomInt(8), randomInt(8), randomInt(8), randomInt(8)]);
+          await backupAndCopy(repo, disk, copies);
+        }
+      };
+      const journal = join(repo, 'disks', 'vm', 'merge.json');
+      // One uninterrupted cycle measures the whole run and the merge window (while merge.json exists).
+      await twoBackups();
+      const runMs = timed(['prune', repo, '--keep-last', '3']);
+      let interrupted = 0;
+      for (let k = 0; k < KILLS; k++) {
+        // Two new backups, then a prune that merges two: killed somewhere in it.
+        await twoBackups();
+        const child = spawn(process.execPath, [CLI, 'prune', repo, '--keep-last', '3'], { stdio: 'ignore', env: cliEnv() });
+        let done = false;
+        const exited = new Promise((resolve) => child.on('exit', resolve)).then(() => (done = true));
+        if (k % 2 === 0) {
+          // Anywhere in the run, start-up included.
+          await Promise.race([sleep(randomInt(0, Math.ceil(runMs))), exited]);
+        } else {
+          // Aimed: start-up is most of a run, so wait for the journal, then kill within a few ms of it.
+          while (!done && !existsSync(journal)) await sleep(1);
+          await Promise.race([sleep(randomInt(0, 12)), exited]);
+        }
+        child.kill('SIGKILL');
+        await exited;
+        if (existsSync(journal)) interrupted++;
+        // The next command finds any interrupted merge and finishes it; the rerun completes the policy.
+        timed(['prune', repo, '--keep-last', '3']);
+        expect(existsSync(journal)).toBe(false);
+        const rows = await list(repo);
+        expect(rows).toHaveLength(3);
+        if (k % 10 === 9 || k === KILLS - 1) await expectSound(repo, layout, copies, rows);
+      }
+      // The kills must really have landed inside merges, or this test proves nothing.
+      expect(interrupted, `${interrupted} of ${KILLS} kills interrupted a merge`).toBeGreaterThanOrEqual(KILLS / 6);
+      expect(vhdvault('verify', repo).code).toBe(0);
+    });
+  });
+}
