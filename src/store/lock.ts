@@ -113,7 +113,9 @@ export class DiskLock {
     const lockKey = key(repo.diskKey(disk), 'lock');
     const owner = lockOwner(command);
     const text = JSON.stringify(owner);
-    for (let attempt = 0; attempt < 50; attempt++) {
+    // Long enough for a takeover marker left by a killed process to become stale.
+    const deadline = Date.now() + TAKEOVER_STALE_MS + 5_000;
+    for (let attempt = 0; Date.now() < deadline || attempt < 50; attempt++) {
       // Created whole and durable, and only where no lock is (put-if-absent).
       if (await storage.put(lockKey, text, { ifAbsent: true })) return new DiskLock(storage, lockKey);
       const seen = await readLock(storage, lockKey);
@@ -166,8 +168,13 @@ async function readLock(storage: Storage, lockKey: string): Promise<SeenLock | n
 async function takeOver(storage: Storage, lockKey: string, staleText: string, me: LockOwner): Promise<boolean> {
   const marker = `${lockKey}.takeover`;
   if (!(await storage.put(marker, JSON.stringify(me), { ifAbsent: true }))) {
+    // A marker whose owner is dead (killed mid-takeover) is stale at once; one nobody can read, once old.
+    const seen = await storage.get(marker).then((b) => b.toString('utf8'), () => null);
     const info = await storage.head(marker);
-    if (info && Date.now() - info.mtimeMs > TAKEOVER_STALE_MS) await storage.delete(marker);
+    const owner = seen === null ? null : parseOwner(seen);
+    const stale = owner ? isOwnerGone(owner, me) : info !== null && Date.now() - info.mtimeMs > TAKEOVER_STALE_MS;
+    // Remove it only if it is still the one judged (another process may have replaced it meanwhile).
+    if (stale && (await storage.get(marker).then((b) => b.toString('utf8'), () => null)) === seen) await storage.delete(marker);
     return false;
   }
   try {

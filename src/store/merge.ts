@@ -359,8 +359,10 @@ async function journalMismatch(repo: Repository, journal: MergeJournal): Promise
   };
   const childMeta = await listed(child.id);
   if (!childMeta) return `backup ${child.id} is not listed`;
-  const parentData = await uuidAt(repo.dataKey(child.disk, parent.id, parent.layout));
+  let parentData = await uuidAt(repo.dataKey(child.disk, parent.id, parent.layout));
   const childData = await uuidAt(repo.dataKey(child.disk, child.id, child.layout));
+  // A vhd-layout parent killed mid-append does not open until the resumed step trims it: its UUID cannot be read then.
+  if (parentData === undefined && step === 'blocks' && parent.layout === 'vhd') parentData = { uuid: parent.uuid, differencing: parent.parent !== null };
   if (parentData === undefined || childData === undefined) return 'a backup named in it cannot be opened';
   if (step !== 'metadata') {
     if (!(await listed(parent.id)) || childMeta.parent !== parent.id) return `${child.id} is not listed as a child of ${parent.id}`;
