@@ -8,7 +8,7 @@ import { randomBytes } from 'node:crypto';
 import { mkdir, readFile, rename, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { vhdvault, type CliResult } from './helpers/cli.js';
+import { expectRefused, vhdvault, type CliResult } from './helpers/cli.js';
 import { sha256, tempDir } from './helpers/files.js';
 import { openDisk } from '../src/vhd/openDisk.js';
 
@@ -26,15 +26,7 @@ function ok(r: CliResult): CliResult {
   return r;
 }
 
-function refused(r: CliResult, name: string, problem: RegExp): void {
-  const context = `exit ${r.code}\nstdout: ${r.stdout}\nstderr: ${r.stderr}`;
-  expect(r.code, context).toBe(1);
-  expect(r.stdout, context).toBe('');
-  expect(r.stderr, context).not.toContain('    at ');
-  expect(r.stderr.trimEnd().split('\n'), context).toHaveLength(1);
-  expect(r.stderr, context).toContain(name);
-  expect(r.stderr, context).toMatch(problem);
-}
+const refused = expectRefused;
 
 /** A differencing directory over `parentAlias`, created at `createdAt` and moved to `data/<name>`, with block 1 rewritten. */
 async function makeChild(createdAt: string, name: string, parentAlias: string, block1: Buffer): Promise<void> {

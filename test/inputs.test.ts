@@ -8,7 +8,7 @@ import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
 import { createServer, type Server } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { CLI, vhdvault, type CliResult } from './helpers/cli.js';
+import { CLI, expectRefused, vhdvault, type CliResult } from './helpers/cli.js';
 import { tempDir } from './helpers/files.js';
 
 const dir = await tempDir('vhdvault-inputs-');
@@ -31,17 +31,7 @@ function vhdvaultBounded(...args: string[]): CliResult {
   return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
 }
 
-/** Exit 1, nothing on stdout, one line naming `name` and matching `problem`, no stack. */
-function refused(r: CliResult, name: string, problem: RegExp): string {
-  const context = `exit ${r.code}\nstdout: ${r.stdout}\nstderr: ${r.stderr}`;
-  expect(r.code, context).toBe(1);
-  expect(r.stdout, context).toBe('');
-  expect(r.stderr, context).not.toContain('    at ');
-  expect(r.stderr.trimEnd().split('\n'), context).toHaveLength(1);
-  expect(r.stderr, context).toContain(name);
-  expect(r.stderr, context).toMatch(problem);
-  return r.stderr;
-}
+const refused = expectRefused;
 
 /** Nothing was written: no output, no temporary file, no backup. */
 async function nothingWritten(): Promise<void> {

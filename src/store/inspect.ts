@@ -53,7 +53,7 @@ export async function fileFindings(repo: Repository, disk: string, backups: Back
   for (const id of committing) {
     // One the next backup or prune will finish is work in progress, not damage.
     if (await repo.canFinishCommit(disk, id)) continue;
-    findings.push({ disk, id, kind: 'pending', problem: `an interrupted commit cannot be finished (its metadata, data or digests are damaged or missing): ${repo.pendingMetadataPath(disk, id)} and whatever data it names are left in place` });
+    findings.push({ disk, id, kind: 'pending', problem: `an interrupted commit cannot be finished (its metadata, data or digests are damaged or missing): ${repo.path(repo.pendingMetadataKey(disk, id))} and whatever data it names are left in place` });
   }
   for (const name of [...names].sort()) {
     const m = /^(.+)\.(vhd-dir|vhd|digests|json)$/.exec(name);

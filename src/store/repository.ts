@@ -241,20 +241,12 @@ export class Repository {
     return this.path(this.digestsKey(disk, id));
   }
 
-  metadataPath(disk: string, id: string): string {
-    return this.path(this.metadataKey(disk, id));
-  }
-
   stagedDataPath(disk: string, id: string, layout?: Layout): string {
     return this.path(this.stagedDataKey(disk, id, layout));
   }
 
   stagedDigestsPath(disk: string, id: string): string {
     return this.path(this.stagedDigestsKey(disk, id));
-  }
-
-  pendingMetadataPath(disk: string, id: string): string {
-    return this.path(this.pendingMetadataKey(disk, id));
   }
 
   /**

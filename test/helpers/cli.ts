@@ -1,3 +1,4 @@
+import { expect } from 'vitest';
 import { spawn, spawnSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 
@@ -43,4 +44,16 @@ export function vhdvaultAsync(...args: string[]): Promise<CliResult> {
     child.on('error', reject);
     child.on('close', (code) => resolve({ code: code ?? -1, stdout, stderr }));
   });
+}
+
+/** Exit 1, nothing on stdout, one line naming `name` and matching `problem`, no stack; returns that line. */
+export function expectRefused(r: CliResult, name: string, problem: RegExp): string {
+  const context = `exit ${r.code}\nstdout: ${r.stdout}\nstderr: ${r.stderr}`;
+  expect(r.code, context).toBe(1);
+  expect(r.stdout, context).toBe('');
+  expect(r.stderr, context).not.toContain('    at ');
+  expect(r.stderr.trimEnd().split('\n'), context).toHaveLength(1);
+  expect(r.stderr, context).toContain(name);
+  expect(r.stderr, context).toMatch(problem);
+  return r.stderr;
 }
