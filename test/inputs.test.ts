@@ -68,6 +68,12 @@ describe('a .vhd that holds no VHD', () => {
     const converted = await readFile(join(dir, 'raw-anyway.raw'));
     expect(converted.length).toBe(512);
     expect(converted.subarray(0, 15).toString()).toBe('just some text\n');
+    // backup takes the same flag: a raw image that happens to be named .vhd can be backed up.
+    const own = join(dir, 'from-raw-repo');
+    expect(vhdvault('init', own).code).toBe(0);
+    const b = vhdvault('backup', own, 'vm', '--source', text, '--from', 'raw', '--json');
+    expect(b.code, b.stderr).toBe(0);
+    expect(JSON.parse(b.stdout)).toMatchObject({ kind: 'full', size: 512 });
   });
 
   it('a folder given as a VHD that is not a VHD directory is refused as a backup source', async () => {

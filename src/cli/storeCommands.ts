@@ -68,19 +68,20 @@ export function storeCommands(): Command[] {
     .argument('<repo>')
     .argument('<disk>', 'disk name in the repository')
     .requiredOption('--source <path>', 'raw image or VHD (file, directory or chain)')
+    .addOption(new Option('--from <format>', 'treat the source as this format (a raw image named .vhd)').choices(['raw']))
     .option('--full', 'take a full backup even if an earlier one exists')
     .option('--changed <bitmap>', 'read only the blocks set in this bitmap (one bit per 2 MiB block, MSB first)')
     .option('--concurrency <n>', 'worker threads (default: number of cores)', parseCount)
     .option('--max-read <rate>', 'read bandwidth limit, e.g. 50M (per second)', parseRate)
     .option('--max-write <rate>', 'write bandwidth limit, e.g. 20M (per second)', parseRate)
     .option('--json', 'print one JSON object')
-    .action(async (root: string, disk: string, opts: { source: string; full?: boolean; changed?: string; concurrency?: number; maxRead?: number; maxWrite?: number; json?: boolean }) => {
+    .action(async (root: string, disk: string, opts: { source: string; from?: 'raw'; full?: boolean; changed?: string; concurrency?: number; maxRead?: number; maxWrite?: number; json?: boolean }) => {
       const repo = await Repository.open(root);
       repo.diskDir(disk); // validate the name before any work
       const bar = progressBar(`backup ${disk}`, opts.json ?? false);
       let report;
       try {
-        report = await backup(repo, disk, { ...opts, onProgress: (d, t, b) => bar.update(d, t, b) });
+        report = await backup(repo, disk, { ...opts, fromRaw: opts.from === 'raw', onProgress: (d, t, b) => bar.update(d, t, b) });
       } finally {
         bar.stop();
       }

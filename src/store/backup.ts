@@ -26,6 +26,8 @@ const SOURCE_READS_IN_FLIGHT = 4;
 
 export interface BackupOptions {
   source: string;
+  /** Read the source as a raw image even if its name says VHD. */
+  fromRaw?: boolean;
   full?: boolean;
   /** A file of one bit per block (MSB first): only blocks whose bit is 1 are read. */
   changed?: string;
@@ -74,7 +76,7 @@ export async function backup(repo: Repository, disk: string, options: BackupOpti
       if (await hasPendingMerge(repo, disk)) await withExclusiveAccess(repo, disk, 'backup', () => completePendingMerge(repo, disk));
       await repo.recoverCommits(disk);
       await repo.cleanLeftovers(disk);
-      const source = await openSource(options.source);
+      const source = await openSource(options.source, { fromRaw: options.fromRaw });
       try {
         return await backupFrom(repo, disk, source, options);
       } finally {
