@@ -384,6 +384,26 @@ export class Repository {
    * Data or digests without metadata are never removed here: the findings
    * report them. Call with the disk's lock held, after recoverCommits().
    */
+  /**
+   * What a merge set aside (`.<P>.replaced.tmp`: the removed backup's replaced blocks;
+   * `.<C-data>.merged.tmp`: the child's old data) is garbage once the merge committed.
+   * Its journal is gone then — but also if someone removed it by hand mid-merge, when
+   * these may be all that is left of a backup. So look: committed means P is no longer
+   * listed, and C's recorded parent (if any) is listed with its data there.
+   */
+  private async mergeLeftoverIsGarbage(disk: string, name: string, names: string[]): Promise<boolean> {
+    const replacedOf = /^\.(.+)\.replaced\.tmp$/.exec(name)?.[1];
+    if (replacedOf !== undefined) return isBackupId(replacedOf) && !names.includes(`${replacedOf}.json`);
+    const mergedOf = /^\.(.+)\.(vhd-dir|vhd)\.merged\.tmp$/.exec(name)?.[1];
+    if (mergedOf === undefined) return true;
+    if (!isBackupId(mergedOf)) return false;
+    const child = await this.backup(disk, mergedOf).catch(() => null);
+    if (!child || !names.includes(this.dataName(child.id, child.layout))) return false;
+    if (child.parent === null) return true;
+    const parent = await this.backup(disk, child.parent).catch(() => null);
+    return parent !== null && names.includes(this.dataName(parent.id, parent.layout));
+  }
+
   async cleanLeftovers(disk: string): Promise<string[]> {
     // Deletions a killed prune began: the backup's files first, the intent last.
     for (const name of await this.storage.list(this.diskKey(disk))) {
@@ -399,6 +419,7 @@ export class Repository {
       if (inUseByAnother(name)) continue;
       const stagedOf = /^\.(\d{8}T\d{9}Z-[0-9a-f]{6})\.(vhd-dir|vhd|digests)\.tmp$/.exec(name)?.[1];
       if (stagedOf !== undefined && claimed.has(stagedOf)) continue;
+      if (!(await this.mergeLeftoverIsGarbage(disk, name, names))) continue;
       await this.storage.delete(key(this.diskKey(disk), name));
       removed.push(name);
     }
