@@ -223,6 +223,21 @@ describe('what a review found', () => {
     await expectRestores(f, old, dir);
   });
 
+  it("a merge's set-aside blocks outlive a journal removed by hand, until the merge visibly committed", async () => {
+    const f = await makeFixture(join(dir, 'set-aside'), 'dir', 2);
+    const d = join(f.repo, 'disks', 'vm');
+    const [p] = f.ids as [string, string];
+    // What a merge of P interrupted in its blocks step leaves, its journal then moved away by hand.
+    await mkdir(join(d, `.${p}.replaced.tmp`));
+    await writeFile(join(d, `.${p}.replaced.tmp`, '0'), randomBytes(4096));
+    expect(vhdvault('backup', f.repo, 'vm', '--source', `${f.repo}.raw`).code).toBe(0);
+    expect(await readdir(d)).toContain(`.${p}.replaced.tmp`);
+    // Once P is gone (the merge's commit), the set-aside blocks are garbage.
+    expect(vhdvault('prune', f.repo, '--keep-last', '1').code).toBe(0);
+    expect(vhdvault('backup', f.repo, 'vm', '--source', `${f.repo}.raw`).code).toBe(0);
+    expect((await readdir(d)).filter((n) => n.includes('.replaced.'))).toEqual([]);
+  });
+
   it('prune over every disk prunes the sound ones, refuses the broken one, and fails at the end', async () => {
     const f = await makeFixture(join(dir, 'two-disks'), 'dir', 3);
     const d = join(f.repo, 'disks');
