@@ -5,7 +5,7 @@ import { compress } from '../vhd/compression.js';
 import { FOOTER_SIZE, SECTOR_SIZE } from '../vhd/constants.js';
 import type { StoredBlock, VhdDisk } from '../vhd/disk.js';
 import { VhdError } from '../vhd/errors.js';
-import { serializeFooter } from '../vhd/footer.js';
+import { parseFooter, serializeFooter } from '../vhd/footer.js';
 import { BAT_FILE, blockFile, FOOTER_FILE, VhdDirectory } from '../vhd/VhdDirectory.js';
 import { VhdFile } from '../vhd/VhdFile.js';
 import { openDisk } from '../vhd/openDisk.js';
@@ -363,6 +363,11 @@ async function journalMismatch(repo: Repository, journal: MergeJournal): Promise
   const childData = await uuidAt(repo.dataKey(child.disk, child.id, child.layout));
   // A vhd-layout parent killed mid-append does not open until the resumed step trims it: its UUID cannot be read then.
   if (parentData === undefined && step === 'blocks' && parent.layout === 'vhd') parentData = { uuid: parent.uuid, differencing: parent.parent !== null };
+  // Killed between the identity step's two footer writes, its copies differ: each must carry one of the two identities.
+  if (parentData === undefined && step === 'identity' && parent.layout === 'vhd') {
+    const uuids = await footerCopyUuids(repo.path(repo.dataKey(child.disk, parent.id, parent.layout)));
+    if (uuids?.every((uuid) => uuid === parent.uuid || uuid === child.uuid)) parentData = { uuid: uuids[1]!, differencing: parent.parent !== null };
+  }
   if (parentData === undefined || childData === undefined) return 'a backup named in it cannot be opened';
   if (step !== 'metadata') {
     if (!(await listed(parent.id)) || childMeta.parent !== parent.id) return `${child.id} is not listed as a child of ${parent.id}`;
@@ -378,6 +383,25 @@ async function journalMismatch(repo: Repository, journal: MergeJournal): Promise
     return `the data under ${child.id}'s name is not the merged result`;
   }
   return null;
+}
+
+/** The UUIDs of a VHD file's two footer copies (offset 0, end), or null when either does not parse. */
+async function footerCopyUuids(path: string): Promise<[string, string] | null> {
+  const fh = await open(path, 'r').catch(() => null);
+  if (!fh) return null;
+  try {
+    const { size } = await fh.stat();
+    const copy = async (at: number) => {
+      const buf = Buffer.alloc(FOOTER_SIZE);
+      await fh.read(buf, 0, FOOTER_SIZE, at);
+      return parseFooter(buf, path).uuid;
+    };
+    return [await copy(0), await copy(size - FOOTER_SIZE)];
+  } catch {
+    return null;
+  } finally {
+    await fh.close();
+  }
 }
 
 /** Is a merge journal present (a merge running, or abandoned by a killed run)? */
