@@ -1,0 +1,21 @@
+/**
+ * What a peer may make us hold or do. A hostile peer cannot force allocation
+ * beyond these (nbdkit's limits, which qemu and libnbd live within).
+ */
+
+/** Largest READ or WRITE payload: qemu's own maximum (32 MiB); larger requests are refused. */
+export const MAX_REQUEST = 32 * 1024 * 1024;
+/** Export names, meta context queries and error messages (the spec's 4096-byte string cap). */
+export const MAX_STRING = 4096;
+/** Option payloads: the largest legitimate one holds a few strings. */
+export const MAX_OPTION_DATA = 64 * 1024;
+/** Options one handshake may send before the server gives up on it. */
+export const MAX_OPTIONS = 64;
+/** Meta context queries in one option. */
+export const MAX_QUERIES = 32;
+/** Requests one connection may have in flight; the server stops reading beyond this. */
+export const MAX_IN_FLIGHT = 64;
+/** BLOCK_STATUS descriptors one chunk may carry (8 bytes each): 1 MiB. */
+export const MAX_EXTENTS = 128 * 1024;
+/** Bytes buffered from a socket before reading pauses. */
+export const READ_HIGH_WATER = 4 * 1024 * 1024;
