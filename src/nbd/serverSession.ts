@@ -1,0 +1,197 @@
+/**
+ * One client's transmission phase: read a request, check it, run it, reply.
+ * Requests run concurrently (up to MAX_IN_FLIGHT) and are answered as each
+ * finishes, so replies may come out of order. A request that is wrong but
+ * well framed gets an error reply and the session goes on; a broken frame
+ * (bad magic, a write too large to drain) ends the connection.
+ */
+import type { Socket } from 'node:net';
+import { Command, CommandFlag, Errno, nameOf } from './constants.js';
+import { describeErrno, errnoOf, NbdProtocolError } from './errors.js';
+import type { FrameReader } from './FrameReader.js';
+import { MAX_EXTENTS, MAX_IN_FLIGHT, MAX_REQUEST, READ_HIGH_WATER } from './limits.js';
+import { ALLOCATION_CONTEXT_ID, type Negotiated } from './serverHandshake.js';
+import {
+  encodeBlockStatusChunk,
+  encodeDataChunk,
+  encodeErrorChunk,
+  encodeHoleChunk,
+  encodeSimpleReply,
+  type Extent,
+  parseRequest,
+  REQUEST_SIZE,
+  type Request,
+} from './transmission.js';
+
+/** A request refused before it reaches the export. */
+class Refusal {
+  constructor(
+    readonly errno: number,
+    readonly message: string,
+  ) {}
+}
+
+const KNOWN_FLAGS = CommandFlag.FUA | CommandFlag.NO_HOLE | CommandFlag.DF | CommandFlag.REQ_ONE | CommandFlag.FAST_ZERO;
+
+export class ServerSession {
+  private inFlight = 0;
+  private idle: (() => void) | null = null;
+  private slot: (() => void) | null = null;
+  private stopping = false;
+
+  constructor(
+    private readonly socket: Socket,
+    private readonly reader: FrameReader,
+    private readonly negotiated: Negotiated,
+    private readonly peer: string,
+    /** Where an export's failure is told in full (the client gets only an errno). */
+    private readonly log: (message: string) => void,
+  ) {}
+
+  /** Stop reading requests; run() returns once those in flight are answered. */
+  stop(): void {
+    this.stopping = true;
+    this.reader.cancel();
+  }
+
+  /** Serve until the client disconnects (DISC or EOF) or stop(); throws NbdProtocolError on a broken frame. */
+  async run(): Promise<void> {
+    try {
+      while (!this.stopping) {
+        while (this.inFlight >= MAX_IN_FLIGHT) await new Promise<void>((r) => (this.slot = r));
+        // A client that does not read its replies stops being read from.
+        while (this.socket.writableLength > READ_HIGH_WATER && !this.socket.destroyed) await new Promise<void>((r) => this.socket.once('drain', r));
+        const header = await this.reader.readOrEnd(REQUEST_SIZE, 'request header').catch((err: unknown) => {
+          if (this.stopping) return null;
+          throw err;
+        });
+        if (header === null) break;
+        const req = parseRequest(header);
+        if (!req) throw new NbdProtocolError(this.peer, 'request has a bad magic');
+        if (req.type === Command.DISC) break;
+        let payload: Buffer | null = null;
+        if (req.type === Command.WRITE) {
+          // Too large to drain safely: the spec lets the server hang up instead.
+          if (req.length > MAX_REQUEST) throw new NbdProtocolError(this.peer, `write of ${req.length} bytes (at most ${MAX_REQUEST})`);
+          payload = await this.reader.read(req.length, 'write payload');
+        }
+        this.inFlight++;
+        void this.handle(req, payload).finally(() => {
+          this.inFlight--;
+          const slot = this.slot;
+          this.slot = null;
+          slot?.();
+          if (this.inFlight === 0) this.idle?.();
+        });
+      }
+    } finally {
+      if (this.inFlight > 0) await new Promise<void>((r) => (this.idle = r));
+    }
+  }
+
+  private async handle(req: Request, payload: Buffer | null): Promise<void> {
+    try {
+      const refusal = this.check(req);
+      if (refusal) throw refusal;
+      await this.execute(req, payload);
+    } catch (err) {
+      const refusal = err instanceof Refusal ? err : null;
+      const errno = refusal ? refusal.errno : errnoOf(err);
+      const message = refusal ? refusal.message : `${nameOf(Command, req.type)} failed: ${describeErrno(errno)}`;
+      if (!refusal) this.log(`${this.peer}: ${nameOf(Command, req.type)} at ${req.offset} (+${req.length}): ${(err as Error)?.message ?? String(err)}`);
+      this.send(this.negotiated.structured && this.hasPayload(req) ? [encodeErrorChunk(req.cookie, errno, message)] : [encodeSimpleReply(req.cookie, errno)]);
+    }
+  }
+
+  private hasPayload(req: Request): boolean {
+    return req.type === Command.READ || req.type === Command.BLOCK_STATUS;
+  }
+
+  private send(parts: Buffer[]): void {
+    if (this.socket.destroyed) return;
+    // One write per reply keeps each reply whole on the wire, whatever else is answered meanwhile.
+    this.socket.write(parts.length === 1 ? parts[0]! : Buffer.concat(parts));
+  }
+
+  /** What the session refuses before the export sees the request. */
+  private check(req: Request): Refusal | null {
+    const exp = this.negotiated.export;
+    if ((req.flags & ~KNOWN_FLAGS) !== 0) return new Refusal(Errno.EINVAL, `unknown command flags 0x${req.flags.toString(16)}`);
+    const known = Object.values(Command) as number[];
+    if (!known.includes(req.type)) return new Refusal(Errno.EINVAL, `unknown command ${req.type}`);
+    const writes = req.type === Command.WRITE || req.type === Command.TRIM || req.type === Command.WRITE_ZEROES;
+    if (writes && !exp.writable) return new Refusal(Errno.EPERM, 'the export is read-only');
+    if (req.type === Command.FLUSH) return null;
+    if (req.type === Command.BLOCK_STATUS && !this.negotiated.allocationContext) return new Refusal(Errno.EINVAL, 'no meta context was selected');
+    if (req.length === 0 && req.type !== Command.CACHE) return new Refusal(Errno.EINVAL, 'zero-length request');
+    if (req.offset + req.length > exp.size) return new Refusal(writes ? Errno.ENOSPC : Errno.EINVAL, `request past the end of the export (${exp.size} bytes)`);
+    if (req.type === Command.READ && req.length > MAX_REQUEST) return new Refusal(Errno.EINVAL, `read of ${req.length} bytes (at most ${MAX_REQUEST})`);
+    return null;
+  }
+
+  private async execute(req: Request, payload: Buffer | null): Promise<void> {
+    const exp = this.negotiated.export;
+    const fua = (req.flags & CommandFlag.FUA) !== 0;
+    switch (req.type) {
+      case Command.READ:
+        return this.read(req);
+      case Command.WRITE:
+        await exp.write!(req.offset, payload!, fua);
+        break;
+      case Command.WRITE_ZEROES:
+        await (exp.writeZeroes ?? unsupported)(req.offset, req.length, fua);
+        break;
+      case Command.TRIM:
+        await (exp.trim ?? unsupported)(req.offset, req.length, fua);
+        break;
+      case Command.FLUSH:
+        await exp.flush?.();
+        break;
+      case Command.CACHE:
+        break; // a hint: our reads need no warming
+      case Command.BLOCK_STATUS:
+        return this.blockStatus(req);
+    }
+    this.send([encodeSimpleReply(req.cookie, 0)]);
+  }
+
+  private async read(req: Request): Promise<void> {
+    const pieces = await this.negotiated.export.read(req.offset, req.length);
+    if (!this.negotiated.structured) {
+      const parts = [encodeSimpleReply(req.cookie, 0), ...pieces.map((p) => ('data' in p ? p.data : Buffer.alloc(p.hole)))];
+      return this.send(parts);
+    }
+    const noHole = (req.flags & CommandFlag.NO_HOLE) !== 0;
+    const parts: Buffer[] = [];
+    pieces.forEach((p, i) => {
+      const done = i === pieces.length - 1;
+      if ('data' in p) parts.push(...encodeDataChunk(req.cookie, p.offset, p.data, done));
+      else if (noHole) parts.push(...encodeDataChunk(req.cookie, p.offset, Buffer.alloc(p.hole), done));
+      else parts.push(encodeHoleChunk(req.cookie, p.offset, p.hole, done));
+    });
+    this.send(parts);
+  }
+
+  private async blockStatus(req: Request): Promise<void> {
+    let extents = await this.negotiated.export.allocation(req.offset, req.length);
+    if ((req.flags & CommandFlag.REQ_ONE) !== 0) extents = extents.slice(0, 1);
+    extents = clip(extents.slice(0, MAX_EXTENTS), req.length);
+    this.send([encodeBlockStatusChunk(req.cookie, ALLOCATION_CONTEXT_ID, extents, true)]);
+  }
+}
+
+async function unsupported(): Promise<never> {
+  throw new Refusal(Errno.ENOTSUP, 'not supported by this export');
+}
+
+/** Extents never reach past the request (the spec lets a server stop short, not run over). */
+function clip(extents: Extent[], length: number): Extent[] {
+  const out: Extent[] = [];
+  let left = length;
+  for (const e of extents) {
+    if (left <= 0 || e.length <= 0) break;
+    out.push({ length: Math.min(e.length, left), flags: e.flags });
+    left -= e.length;
+  }
+  return out;
+}
