@@ -177,6 +177,28 @@ export class VhdDirectory implements WritableVhdDisk {
     return { bitmap: stored.subarray(0, bitmapSize), data: stored.subarray(bitmapSize) };
   }
 
+  /** Whether readBlockRange() reads in place: only uncompressed block files can be read at an offset. */
+  get rangeReads(): boolean {
+    return this.compression === 'none';
+  }
+
+  /** Part of an allocated block's data, read in place from its file (uncompressed directories only). */
+  async readBlockRange(block: number, offset: number, length: number): Promise<Buffer> {
+    if (!this.rangeReads) throw new Error(`${this.path}: compressed blocks are read whole`);
+    const name = blockFile(block);
+    const fh = await open(join(this.path, name), 'r').catch((err: unknown) => {
+      throw new VhdError(this.path, `block ${block} (${name}): ${describeFsError(err)}`);
+    });
+    try {
+      const data = Buffer.allocUnsafe(length);
+      const { bytesRead } = await fh.read(data, 0, length, bitmapByteSize(this.blockSize) + offset);
+      if (bytesRead !== length) throw new VhdError(this.path, `block ${block} (${name}) is shorter than a stored block`);
+      return data;
+    } finally {
+      await fh.close();
+    }
+  }
+
   async readLocatorData(index: number): Promise<Buffer | null> {
     const loc = this.header.parentLocators[index];
     if (!loc || loc.platformCode === PLATFORM_NONE || loc.dataLength === 0 || loc.dataLength > MAX_LOCATOR_BYTES) return null;

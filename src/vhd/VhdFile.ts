@@ -162,6 +162,62 @@ export class VhdFile implements WritableVhdDisk {
     return { bitmap: stored.subarray(0, this.bitmapSize), data: stored.subarray(this.bitmapSize) };
   }
 
+  /** Part of an allocated block's data, read in place (the caller knows the block is allocated). */
+  async readBlockRange(block: number, offset: number, length: number): Promise<Buffer> {
+    const at = this.blockOffset(block);
+    if (at === undefined) throw new RangeError(`block ${block} is not allocated in ${this.path}`);
+    const data = Buffer.allocUnsafe(length);
+    await this.readFully(data, at + (this.bat === null ? 0 : this.bitmapSize) + offset, block);
+    return data;
+  }
+
+  /** Whether readBlockRange() reads in place (always, for a file). */
+  get rangeReads(): boolean {
+    return true;
+  }
+
+  /** An allocated block's sector bitmap, or null when the block is not allocated. */
+  async readBitmap(block: number): Promise<Buffer | null> {
+    const at = this.blockOffset(block);
+    if (at === undefined) return null;
+    if (this.bat === null) return fullBitmap(this.blockSize);
+    const bitmap = Buffer.alloc(this.bitmapSize);
+    await this.readFully(bitmap, at, block);
+    return bitmap;
+  }
+
+  /**
+   * Write whole sectors inside one block of a differencing disk and mark them
+   * present: the data first, then the bitmap bytes that changed. A block not
+   * yet allocated is appended empty (its data region left sparse, reading as
+   * zeros). Nothing is synced: call flush() to make the writes durable.
+   */
+  async writeBlockSectors(block: number, firstSector: number, data: Buffer): Promise<void> {
+    if (!this.writable) throw new Error(`${this.path} was opened read-only`);
+    if (this.bat === null || this.header === null) throw new VhdError(this.path, 'fixed disks are not written sector by sector');
+    const sectors = data.length / SECTOR_SIZE;
+    if (!Number.isInteger(sectors) || firstSector < 0 || (firstSector + sectors) * SECTOR_SIZE > this.blockSize) throw new RangeError('sectors outside the block');
+    let at = this.blockOffset(block);
+    if (at === undefined) {
+      at = this.fileSize - FOOTER_SIZE;
+      const newEnd = at + this.bitmapSize + this.blockSize;
+      await this.fh.write(serializeFooter(this.footer), 0, FOOTER_SIZE, newEnd);
+      await this.fh.write(Buffer.alloc(this.bitmapSize), 0, this.bitmapSize, at);
+      this.fileSize = newEnd + FOOTER_SIZE;
+      this.bat.set(block, at / SECTOR_SIZE);
+      const { data: batSector, offset: inTable } = this.bat.sectorOf(block);
+      await this.fh.write(batSector, 0, SECTOR_SIZE, this.header.tableOffset + inTable);
+    }
+    await this.fh.write(data, 0, data.length, at + this.bitmapSize + firstSector * SECTOR_SIZE);
+    // The bitmap bytes covering these sectors (8 sectors a byte), read, set, written back.
+    const first = Math.floor(firstSector / 8);
+    const last = Math.floor((firstSector + sectors - 1) / 8);
+    const bytes = Buffer.alloc(last - first + 1);
+    await this.readFully(bytes, at + first, block);
+    for (let s = firstSector; s < firstSector + sectors; s++) bytes[Math.floor(s / 8) - first]! |= 0x80 >> s % 8;
+    await this.fh.write(bytes, 0, bytes.length, at + first);
+  }
+
   private async readFully(target: Buffer, position: number, block: number): Promise<void> {
     let done = 0;
     while (done < target.length) {

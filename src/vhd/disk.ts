@@ -25,6 +25,10 @@ export interface VhdDisk {
   isAllocated(block: number): boolean;
   /** The block as stored, or null when it is not allocated here. */
   readBlock(block: number): Promise<StoredBlock | null>;
+  /** Whether readBlockRange() reads part of a block in place (else blocks are read whole). */
+  readonly rangeReads?: boolean;
+  /** `length` bytes at `offset` of an allocated block's data. */
+  readBlockRange?(block: number, offset: number, length: number): Promise<Buffer>;
   /** The data of parent locator `index` (0-7), or null when it is absent or unreadable. */
   readLocatorData(index: number): Promise<Buffer | null>;
   close(): Promise<void>;
