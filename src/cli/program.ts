@@ -1,5 +1,6 @@
 import { Command } from 'commander';
 import { reportError } from './run.js';
+import { serveCommand } from './serveCommand.js';
 import { storeCommands } from './storeCommands.js';
 import { vhdCommand } from './vhdCommands.js';
 
@@ -10,6 +11,7 @@ export function buildProgram(): Command {
     .exitOverride()
     .showHelpAfterError('(run with --help for usage)');
   for (const command of storeCommands()) program.addCommand(command);
+  program.addCommand(serveCommand());
   program.addCommand(vhdCommand());
   // Subcommands inherit exitOverride only when set on each.
   const override = (cmd: Command): void => {

@@ -120,19 +120,20 @@ export function storeCommands(): Command[] {
     .argument('<out>', 'file (replaced atomically), block or character device (raw, in place), or - for standard output')
     .option('--backup <id>', 'backup id (default: the latest)')
     .addOption(new Option('--format <format>', 'output format (default: raw for a device or -, else from the extension: .vhd → VHD, else raw)').choices(['vhd', 'raw']))
-    .action(async (root: string, disk: string, out: string, opts: { backup?: string; format?: RestoreFormat }) => {
+    .option('--from-overlay <dir>', 'restore the backup with the writes a `serve --writable` kept in this overlay folder')
+    .action(async (root: string, disk: string, out: string, opts: { backup?: string; format?: RestoreFormat; fromOverlay?: string }) => {
       const repo = await Repository.open(root);
       repo.diskDir(disk);
       if (opts.backup) checkBackupId(opts.backup);
       const bar = progressBar(`restore ${disk}`, false, 'written');
       let r;
       try {
-        r = await restore(repo, disk, out, { backup: opts.backup, format: opts.format, onProgress: (d, t, b) => bar.update(d, t, b) });
+        r = await restore(repo, disk, out, { backup: opts.backup, format: opts.format, fromOverlay: opts.fromOverlay, onProgress: (d, t, b) => bar.update(d, t, b) });
       } finally {
         bar.stop();
       }
       // With `-`, standard output carries the disk and nothing else.
-      (out === '-' ? console.error : console.log)(`restored ${disk} backup ${r.id} to ${out} (${r.format}, ${r.bytesWritten} bytes)`);
+      (out === '-' ? console.error : console.log)(`restored ${disk} backup ${r.id}${opts.fromOverlay ? ` with overlay ${opts.fromOverlay}` : ''} to ${out} (${r.format}, ${r.bytesWritten} bytes)`);
     });
 
   const verifyCmd = new Command('verify')

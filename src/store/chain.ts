@@ -1,4 +1,8 @@
+import { basename } from 'node:path';
 import type { VhdDisk } from '../vhd/disk.js';
+import type { BlockSource } from '../vhd/source.js';
+import { blocksWithData } from '../vhd/synthesize.js';
+import { DigestReader, digestOf, zeroDigest } from './digests.js';
 import { VhdError } from '../vhd/errors.js';
 import { openDisk } from '../vhd/openDisk.js';
 import { VhdChain } from '../vhd/VhdChain.js';
@@ -53,4 +57,56 @@ export async function openBackupChain(repo: Repository, meta: BackupMetadata): P
     throw err;
   }
   return VhdChain.fromMembers(members);
+}
+
+/** Which backup a chain member is (its data is named `<id>.vhd` or `<id>.vhd-dir`). */
+const backupIdOf = (path: string) => basename(path).replace(/\.(vhd-dir|vhd)$/, '');
+
+/**
+ * The backup's chain as a block source whose every block is checked against
+ * the backup's digests: wrong data fails, naming the backup and block, instead
+ * of being emitted.
+ */
+export async function verifiedChain(repo: Repository, meta: BackupMetadata): Promise<{ chain: VhdChain; source: BlockSource }> {
+  const chain = await openBackupChain(repo, meta);
+  let digests: DigestReader;
+  try {
+    if (chain.size !== meta.size || chain.blockCount !== meta.blockCount) {
+      throw new VhdError(chain.top.path, `holds ${chain.size} bytes, backup ${meta.id} records ${meta.size}`);
+    }
+    digests = await DigestReader.open(repo.digestsPath(meta.disk, meta.id), meta.blockCount);
+  } catch (err) {
+    await chain.close();
+    throw err;
+  }
+  const zero = zeroDigest(meta.blockSize);
+  const readBlock = async (block: number): Promise<Buffer | null> => {
+    const data = await chain.readBlock(block);
+    const expected = await digests.get(block);
+    if (!(data ? digestOf(data) : zero).equals(expected)) {
+      const holder = chain.members.find((m) => m.isAllocated(block));
+      const where = holder ? ` (block stored in backup ${backupIdOf(holder.path)})` : ' (no backup of the chain stores it)';
+      throw new VhdError(repo.diskDir(meta.disk), `backup ${meta.id} block ${block} does not match its digest${where}`);
+    }
+    return data;
+  };
+  const source: BlockSource = {
+    size: chain.size,
+    blockSize: chain.blockSize,
+    blockCount: chain.blockCount,
+    readBlock,
+    close: async () => {
+      await digests.close();
+      await chain.close();
+    },
+  };
+  // A block no member stores reads as zeros: its recorded digest must say so too.
+  const carried = new Set(blocksWithData(chain));
+  for (let b = 0; b < chain.blockCount; b++) {
+    if (!carried.has(b) && !(await digests.get(b)).equals(zero)) {
+      await source.close();
+      throw new VhdError(repo.diskDir(meta.disk), `backup ${meta.id} block ${b} is missing: no backup of its chain stores it`);
+    }
+  }
+  return { chain, source };
 }
