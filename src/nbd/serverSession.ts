@@ -31,6 +31,7 @@ class Refusal {
   ) {}
 }
 
+const KNOWN_COMMANDS = new Set<number>(Object.values(Command));
 const KNOWN_FLAGS = CommandFlag.FUA | CommandFlag.NO_HOLE | CommandFlag.DF | CommandFlag.REQ_ONE | CommandFlag.FAST_ZERO;
 
 export class ServerSession {
@@ -38,6 +39,7 @@ export class ServerSession {
   private idle: (() => void) | null = null;
   private slot: (() => void) | null = null;
   private stopping = false;
+  private corked = false;
 
   constructor(
     private readonly socket: Socket,
@@ -107,18 +109,29 @@ export class ServerSession {
     return req.type === Command.READ || req.type === Command.BLOCK_STATUS;
   }
 
+  /**
+   * A reply's parts are written back to back (nothing else can come between:
+   * this runs to its end), and replies finished in the same tick leave in one
+   * system call (cork until the next tick).
+   */
   private send(parts: Buffer[]): void {
     if (this.socket.destroyed) return;
-    // One write per reply keeps each reply whole on the wire, whatever else is answered meanwhile.
-    this.socket.write(parts.length === 1 ? parts[0]! : Buffer.concat(parts));
+    if (!this.corked) {
+      this.corked = true;
+      this.socket.cork();
+      process.nextTick(() => {
+        this.corked = false;
+        this.socket.uncork();
+      });
+    }
+    for (const part of parts) this.socket.write(part);
   }
 
   /** What the session refuses before the export sees the request. */
   private check(req: Request): Refusal | null {
     const exp = this.negotiated.export;
     if ((req.flags & ~KNOWN_FLAGS) !== 0) return new Refusal(Errno.EINVAL, `unknown command flags 0x${req.flags.toString(16)}`);
-    const known = Object.values(Command) as number[];
-    if (!known.includes(req.type)) return new Refusal(Errno.EINVAL, `unknown command ${req.type}`);
+    if (!KNOWN_COMMANDS.has(req.type)) return new Refusal(Errno.EINVAL, `unknown command ${req.type}`);
     const writes = req.type === Command.WRITE || req.type === Command.TRIM || req.type === Command.WRITE_ZEROES;
     if (writes && !exp.writable) return new Refusal(Errno.EPERM, 'the export is read-only');
     if (req.type === Command.FLUSH) return null;

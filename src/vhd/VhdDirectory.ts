@@ -11,6 +11,8 @@ import { type DynamicHeader, LOCATOR_COUNT, parseHeader, serializeHeader } from 
 import { MAX_LOCATOR_BYTES, PLATFORM_NONE } from './parentLocator.js';
 import { newDiskMetadata, type WriterOptions } from './VhdWriter.js';
 import { pathExists } from '../util/files.js';
+import { HandleCache } from '../util/handleCache.js';
+import { readSmall } from '../util/smallReads.js';
 import { AtomicFile, fsyncDirectory, removeQuietly, syncFilesystem, temporaryPath } from '../util/fsync.js';
 
 /**
@@ -26,6 +28,9 @@ export const CHUNK_FILTERS_FILE = 'chunk-filters.json';
 export const locatorFile = (index: number) => `parentLocatorEntry${index}`;
 
 /** `blocks/1/234` for block 1234: at most 1000 files per folder. */
+/** Block files read in place (readBlockRange) stay open here between reads. */
+const openBlockFiles = new HandleCache(256);
+
 export function blockFile(block: number): string {
   return `blocks/${Math.floor(block / 1000)}/${block % 1000}`;
 }
@@ -186,16 +191,15 @@ export class VhdDirectory implements WritableVhdDisk {
   async readBlockRange(block: number, offset: number, length: number): Promise<Buffer> {
     if (!this.rangeReads) throw new Error(`${this.path}: compressed blocks are read whole`);
     const name = blockFile(block);
-    const fh = await open(join(this.path, name), 'r').catch((err: unknown) => {
-      throw new VhdError(this.path, `block ${block} (${name}): ${describeFsError(err)}`);
-    });
     try {
-      const data = Buffer.allocUnsafe(length);
-      const { bytesRead } = await fh.read(data, 0, length, bitmapByteSize(this.blockSize) + offset);
-      if (bytesRead !== length) throw new VhdError(this.path, `block ${block} (${name}) is shorter than a stored block`);
-      return data;
-    } finally {
-      await fh.close();
+      return await openBlockFiles.with(join(this.path, name), async (fh) => {
+        const data = Buffer.allocUnsafe(length);
+        if ((await readSmall(fh, data, bitmapByteSize(this.blockSize) + offset)) !== length) throw new VhdError(this.path, `block ${block} (${name}) is shorter than a stored block`);
+        return data;
+      });
+    } catch (err) {
+      if (err instanceof VhdError) throw err;
+      throw new VhdError(this.path, `block ${block} (${name}): ${describeFsError(err)}`);
     }
   }
 
@@ -242,7 +246,8 @@ export class VhdDirectory implements WritableVhdDisk {
   }
 
   async close(): Promise<void> {
-    // Nothing is held open between calls.
+    // Only block files read in place stay open (in a cache shared by every directory).
+    await openBlockFiles.closeUnder(join(this.path, '/'));
   }
 }
 

@@ -10,6 +10,7 @@ import {
 import { type StoredBlock, type WritableVhdDisk, writeSectors } from './disk.js';
 import { describeFsError, VhdError } from './errors.js';
 import { takeBuffer } from '../util/bufferPool.js';
+import { readSmall } from '../util/smallReads.js';
 import { type Footer, parseFooter, serializeFooter, virtualSize } from './footer.js';
 import { type DynamicHeader, parseHeader } from './header.js';
 import { MAX_LOCATOR_BYTES, PLATFORM_NONE } from './parentLocator.js';
@@ -167,7 +168,8 @@ export class VhdFile implements WritableVhdDisk {
     const at = this.blockOffset(block);
     if (at === undefined) throw new RangeError(`block ${block} is not allocated in ${this.path}`);
     const data = Buffer.allocUnsafe(length);
-    await this.readFully(data, at + (this.bat === null ? 0 : this.bitmapSize) + offset, block);
+    const position = at + (this.bat === null ? 0 : this.bitmapSize) + offset;
+    if ((await readSmall(this.fh, data, position)) !== length) throw new VhdError(this.path, `block ${block} is truncated at offset ${position}`);
     return data;
   }
 
