@@ -62,7 +62,7 @@ export class ServerSession {
       while (!this.stopping) {
         while (this.inFlight >= MAX_IN_FLIGHT) await new Promise<void>((r) => (this.slot = r));
         // A client that does not read its replies stops being read from.
-        while (this.socket.writableLength > READ_HIGH_WATER && !this.socket.destroyed) await new Promise<void>((r) => this.socket.once('drain', r));
+        while (this.socket.writableLength > READ_HIGH_WATER && !this.socket.destroyed) await this.drained();
         const header = await this.reader.readOrEnd(REQUEST_SIZE, 'request header').catch((err: unknown) => {
           if (this.stopping) return null;
           throw err;
@@ -89,6 +89,19 @@ export class ServerSession {
     } finally {
       if (this.inFlight > 0) await new Promise<void>((r) => (this.idle = r));
     }
+  }
+
+  /** The socket's buffered replies were sent, or the socket closed. */
+  private drained(): Promise<void> {
+    return new Promise((resolve) => {
+      const done = () => {
+        this.socket.off('drain', done);
+        this.socket.off('close', done);
+        resolve();
+      };
+      this.socket.once('drain', done);
+      this.socket.once('close', done);
+    });
   }
 
   private async handle(req: Request, payload: Buffer | null): Promise<void> {
