@@ -1,5 +1,5 @@
 import { Command, InvalidArgumentError, Option } from 'commander';
-import { backup } from '../store/backup.js';
+import { backup, planSource } from '../store/backup.js';
 import { benchStages, formatStages } from '../store/benchStages.js';
 import { benchMerge, formatMergeRows } from '../store/benchMerge.js';
 import { Repository, type Layout } from '../store/repository.js';
@@ -67,15 +67,17 @@ export function storeCommands(): Command[] {
     .description('back up a disk image as the next backup of <disk>: full the first time, then deltas')
     .argument('<repo>')
     .argument('<disk>', 'disk name in the repository')
-    .requiredOption('--source <path>', 'raw image or VHD (file, directory or chain)')
+    .requiredOption('--source <path|nbd-uri>', 'raw image, VHD (file, directory or chain), or NBD export (nbd://host[:port]/export, nbd+unix:///export?socket=/path)')
     .addOption(new Option('--from <format>', 'treat the source as this format (a raw image named .vhd)').choices(['raw']))
     .option('--full', 'take a full backup even if an earlier one exists')
     .option('--changed <bitmap>', 'read only the blocks set in this bitmap (one bit per 2 MiB block, MSB first)')
+    .option('--bitmap <name>', 'NBD source: build the delta from this qemu dirty bitmap (qemu:dirty-bitmap:<name>; also ?bitmap=<name>)')
     .option('--concurrency <n>', 'worker threads (default: number of cores)', parseCount)
     .option('--max-read <rate>', 'read bandwidth limit, e.g. 50M (per second)', parseRate)
     .option('--max-write <rate>', 'write bandwidth limit, e.g. 20M (per second)', parseRate)
     .option('--json', 'print one JSON object')
-    .action(async (root: string, disk: string, opts: { source: string; from?: 'raw'; full?: boolean; changed?: string; concurrency?: number; maxRead?: number; maxWrite?: number; json?: boolean }) => {
+    .action(async (root: string, disk: string, opts: { source: string; from?: 'raw'; full?: boolean; changed?: string; bitmap?: string; concurrency?: number; maxRead?: number; maxWrite?: number; json?: boolean }) => {
+      planSource({ ...opts, fromRaw: opts.from === 'raw' }); // usage errors about the source (NBD URI, --bitmap) come first
       const repo = await Repository.open(root);
       repo.diskDir(disk); // validate the name before any work
       const bar = progressBar(`backup ${disk}`, opts.json ?? false);

@@ -1,7 +1,9 @@
 import { readFile } from 'node:fs/promises';
 import pLimit from 'p-limit';
+import { NbdSource } from '../nbd/NbdSource.js';
+import { isNbdUri, type NbdAddress, parseNbdUri } from '../nbd/uri.js';
 import { testBit } from '../vhd/bitmap.js';
-import { VhdError } from '../vhd/errors.js';
+import { UsageError, VhdError } from '../vhd/errors.js';
 import { openDisk } from '../vhd/openDisk.js';
 import { openSource, type BlockSource } from '../vhd/source.js';
 import { VhdDirectoryWriter } from '../vhd/VhdDirectory.js';
@@ -31,6 +33,8 @@ export interface BackupOptions {
   full?: boolean;
   /** A file of one bit per block (MSB first): only blocks whose bit is 1 are read. */
   changed?: string;
+  /** With an NBD source: the qemu dirty bitmap whose dirty blocks are the delta's changed blocks (also `?bitmap=` in the URI). */
+  bitmap?: string;
   concurrency?: number;
   maxRead?: number;
   maxWrite?: number;
@@ -45,6 +49,12 @@ export interface BackupReport {
   blocksRead: number;
   blocksWritten: number;
   bytesWritten: number;
+  /** Bytes read from the source: for NBD, what came as data (holes are skipped); for a file, the blocks read that held data. */
+  bytesRead: number;
+  /** Data extents read from an NBD source; null for a file. */
+  extents: number | null;
+  /** The dirty bitmap the delta was built from, or null. */
+  bitmap: string | null;
   durationMs: number;
   stages: Record<Stage, StageFigures>;
   slowestStage: Stage;
@@ -62,6 +72,28 @@ async function readChangedBitmap(path: string, blockCount: number): Promise<Buff
   return bits;
 }
 
+/** Where a backup reads: a file (openSource) or an NBD export, with the dirty bitmap a delta may come from. */
+interface SourcePlan {
+  nbd: NbdAddress | null;
+  bitmap: string | null;
+}
+
+/** Usage errors about the source, found before any work (the CLI calls it before opening the repository). */
+export function planSource(options: BackupOptions): SourcePlan {
+  if (!isNbdUri(options.source)) {
+    if (options.bitmap !== undefined) throw new UsageError('--bitmap needs an NBD source (--source nbd://… or nbd+unix://…)');
+    return { nbd: null, bitmap: null };
+  }
+  const nbd = parseNbdUri(options.source);
+  if (options.bitmap === '') throw new UsageError('--bitmap names no bitmap');
+  if (options.bitmap !== undefined && nbd.bitmap !== null && options.bitmap !== nbd.bitmap) {
+    throw new UsageError(`--bitmap ${options.bitmap} and the source's bitmap=${nbd.bitmap} differ: give one`);
+  }
+  const bitmap = options.bitmap ?? nbd.bitmap;
+  if (bitmap !== null && options.changed) throw new UsageError('--changed and a dirty bitmap both say which blocks changed: give one');
+  return { nbd, bitmap };
+}
+
 /**
  * Take a backup of `source` as the next backup of `disk`. Blocks are read in
  * order (ahead of the workers), digested, compared with the previous backup's
@@ -70,15 +102,17 @@ async function readChangedBitmap(path: string, blockCount: number): Promise<Buff
  */
 export async function backup(repo: Repository, disk: string, options: BackupOptions): Promise<BackupReport> {
   const diskDir = repo.diskDir(disk);
+  const plan = planSource(options);
   // The lock, created first, makes the disk's folder.
   try {
     return await withDiskLock(repo, disk, 'backup', async () => {
       if (await hasPendingMerge(repo, disk)) await withExclusiveAccess(repo, disk, 'backup', () => completePendingMerge(repo, disk));
       await repo.recoverCommits(disk);
       await repo.cleanLeftovers(disk);
-      const source = await openSource(options.source, { fromRaw: options.fromRaw });
+      // A bitmap the export lacks is refused here, even for a full backup: the set-up is wrong either way.
+      const source = plan.nbd ? await NbdSource.open(plan.nbd, { bitmap: plan.bitmap }) : await openSource(options.source, { fromRaw: options.fromRaw });
       try {
-        return await backupFrom(repo, disk, source, options);
+        return await backupFrom(repo, disk, source, options, plan.bitmap);
       } finally {
         await source.close();
       }
@@ -105,7 +139,7 @@ async function deltaBase(repo: Repository, latest: BackupMetadata | undefined): 
   return { parent: null, note: `the latest backup's chain cannot be built on (backup ${first.id}: ${first.problem}${more}): taking a full backup; run vhdvault verify` };
 }
 
-async function backupFrom(repo: Repository, disk: string, source: BlockSource, options: BackupOptions): Promise<BackupReport> {
+async function backupFrom(repo: Repository, disk: string, source: BlockSource, options: BackupOptions, bitmap: string | null): Promise<BackupReport> {
   const started = performance.now();
   const { layout, compression, blockSize } = repo.config;
   if (source.blockSize !== blockSize) {
@@ -121,6 +155,10 @@ async function backupFrom(repo: Repository, disk: string, source: BlockSource, o
     parent = null;
   }
   if (options.changed && !parent) note ??= 'no previous backup to compare with: --changed ignored, every block read';
+  if (bitmap !== null && !parent) {
+    const why = note ?? (options.full ? '--full' : 'no previous backup to build on');
+    note = `${why}; dirty bitmap "${bitmap}" not used: every allocated block read`;
+  }
 
   const id = newBackupId(latest?.id);
   const uuid = newUuid();
@@ -131,12 +169,16 @@ async function backupFrom(repo: Repository, disk: string, source: BlockSource, o
     // Relative locators only: a moved or copied repository must never reach back into the original.
     link = { uuid: parentDisk.footer.uuid, timestamp: parentDisk.footer.timestamp, relativePath: repo.dataName(parent.id, parent.layout) };
   }
+  // Before anything is staged: a bitmap that cannot be read leaves nothing to clean up.
+  let changed: Buffer | null = null;
+  if (parent && options.changed) changed = await readChangedBitmap(options.changed, blockCount);
+  // The bitmap says what changed since the previous backup: its dirty blocks are all this delta reads.
+  if (parent && bitmap !== null && source instanceof NbdSource) changed = await source.dirtyBlocks(bitmap);
   const dataPath = repo.stagedDataPath(disk, id);
   const writerOptions = { size, blockSize, parent: link, uuid };
   const writer = layout === 'dir' ? await VhdDirectoryWriter.create(dataPath, { ...writerOptions, compression }) : await DynamicVhdWriter.create(dataPath, writerOptions);
   const digests = await DigestWriter.create(repo.stagedDigestsPath(disk, id));
   const previous = parent ? await DigestReader.open(repo.digestsPath(disk, parent.id), parent.blockCount) : null;
-  const changed = parent && options.changed ? await readChangedBitmap(options.changed, blockCount) : null;
   const concurrency = Math.max(1, options.concurrency ?? defaultConcurrency());
   const pool = await BlockPool.create(concurrency);
   const readLimit = limiter(options.maxRead);
@@ -150,6 +192,7 @@ async function backupFrom(repo: Repository, disk: string, source: BlockSource, o
   let blocksWritten = 0;
   let bytesWritten = 0;
   let bytesCompressed = 0;
+  let fileBytesRead = 0;
   const zero = zeroDigest(blockSize);
 
   /** Read, digest and (dir layout) store one block; resolves to what the in-order consumer needs. */
@@ -162,6 +205,7 @@ async function backupFrom(repo: Repository, disk: string, source: BlockSource, o
     });
     blocksRead++;
     clocks.read.bytes += blockSize;
+    if (data !== null) fileBytesRead += Math.min(blockSize, size - block * blockSize); // (an NbdSource counts its own)
     if (data === null) {
       // Known zero (unallocated in a VHD source): stored only to hide older data.
       if (prev === null || prev.equals(zero)) return { digest: zero, store: false, data: null, storedBytes: 0 };
@@ -237,6 +281,9 @@ async function backupFrom(repo: Repository, disk: string, source: BlockSource, o
     blocksRead,
     blocksWritten,
     bytesWritten,
+    bytesRead: source instanceof NbdSource ? source.bytesRead : fileBytesRead,
+    extents: source instanceof NbdSource ? source.extents : null,
+    bitmap: parent && bitmap !== null ? bitmap : null,
     durationMs: Math.round(performance.now() - started),
     stages,
     slowestStage: slowest(stages),
