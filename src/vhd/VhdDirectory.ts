@@ -11,8 +11,7 @@ import { type DynamicHeader, LOCATOR_COUNT, parseHeader, serializeHeader } from 
 import { MAX_LOCATOR_BYTES, PLATFORM_NONE } from './parentLocator.js';
 import { newDiskMetadata, type WriterOptions } from './VhdWriter.js';
 import { pathExists } from '../util/files.js';
-import { HandleCache } from '../util/handleCache.js';
-import { readSmall } from '../util/smallReads.js';
+import { OpenFiles } from '../util/smallReads.js';
 import { AtomicFile, fsyncDirectory, removeQuietly, syncFilesystem, temporaryPath } from '../util/fsync.js';
 
 /**
@@ -28,8 +27,11 @@ export const CHUNK_FILTERS_FILE = 'chunk-filters.json';
 export const locatorFile = (index: number) => `parentLocatorEntry${index}`;
 
 /** `blocks/1/234` for block 1234: at most 1000 files per folder. */
-/** Block files read in place (readBlockRange) stay open here between reads. */
-const openBlockFiles = new HandleCache(256);
+/**
+ * Block files read in place (readBlockRange) stay open here between reads:
+ * up to 1024 (2 GiB of blocks), well inside the descriptor limit Node starts with.
+ */
+const openBlockFiles = new OpenFiles(1024);
 
 export function blockFile(block: number): string {
   return `blocks/${Math.floor(block / 1000)}/${block % 1000}`;
@@ -191,16 +193,12 @@ export class VhdDirectory implements WritableVhdDisk {
   async readBlockRange(block: number, offset: number, length: number): Promise<Buffer> {
     if (!this.rangeReads) throw new Error(`${this.path}: compressed blocks are read whole`);
     const name = blockFile(block);
-    try {
-      return await openBlockFiles.with(join(this.path, name), async (fh) => {
-        const data = Buffer.allocUnsafe(length);
-        if ((await readSmall(fh, data, bitmapByteSize(this.blockSize) + offset)) !== length) throw new VhdError(this.path, `block ${block} (${name}) is shorter than a stored block`);
-        return data;
-      });
-    } catch (err) {
-      if (err instanceof VhdError) throw err;
+    const data = Buffer.allocUnsafe(length);
+    const n = await openBlockFiles.read(join(this.path, name), data, bitmapByteSize(this.blockSize) + offset).catch((err: unknown) => {
       throw new VhdError(this.path, `block ${block} (${name}): ${describeFsError(err)}`);
-    }
+    });
+    if (n !== length) throw new VhdError(this.path, `block ${block} (${name}) is shorter than a stored block`);
+    return data;
   }
 
   async readLocatorData(index: number): Promise<Buffer | null> {
@@ -247,7 +245,7 @@ export class VhdDirectory implements WritableVhdDisk {
 
   async close(): Promise<void> {
     // Only block files read in place stay open (in a cache shared by every directory).
-    await openBlockFiles.closeUnder(join(this.path, '/'));
+    openBlockFiles.closeUnder(join(this.path, '/'));
   }
 }
 
