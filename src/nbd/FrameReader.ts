@@ -46,6 +46,36 @@ export class FrameReader {
     return this.take(length, what, true);
   }
 
+  /**
+   * Copy the next `length` bytes straight into `target` at `at` (a READ's
+   * data into the caller's buffer), without assembling them first.
+   */
+  async readInto(target: Buffer, at: number, length: number, what: string): Promise<void> {
+    let filled = 0;
+    while (filled < length) {
+      if (this.buffered === 0) await this.waitForData(what, filled, length);
+      const chunk = this.chunks[0]!;
+      const n = Math.min(chunk.length, length - filled);
+      chunk.copy(target, at + filled, 0, n);
+      filled += n;
+      this.buffered -= n;
+      if (n === chunk.length) this.chunks.shift();
+      else this.chunks[0] = chunk.subarray(n);
+    }
+    if (this.buffered < READ_HIGH_WATER && this.socket.isPaused()) this.socket.resume();
+  }
+
+  /** Wait until at least one byte is buffered; fails like take() when none can come. */
+  private async waitForData(what: string, got: number, length: number): Promise<void> {
+    while (this.buffered === 0) {
+      if (this.cancelled) throw new NbdProtocolError(this.peer, 'reading stopped');
+      if (this.failure) throw new NbdProtocolError(this.peer, `connection failed while reading ${what}: ${this.failure.message}`);
+      if (this.ended) throw new NbdProtocolError(this.peer, `connection closed in the middle of ${what} (${got} of ${length} bytes)`);
+      this.socket.resume();
+      await new Promise<void>((resolve) => (this.wake = resolve));
+    }
+  }
+
   /** Consume `length` bytes without keeping them (a refused request's payload). */
   async skip(length: number, what: string): Promise<void> {
     for (let left = length; left > 0; ) {

@@ -22,7 +22,6 @@ import { Malformed } from './handshake.js';
 import { MAX_EXTENTS, MAX_IN_FLIGHT, MAX_REQUEST } from './limits.js';
 import {
   CHUNK_HEADER_REST,
-  type ChunkError,
   type ChunkHeader,
   DATA_OFFSET_SIZE,
   encodeRequest,
@@ -37,6 +36,7 @@ import {
   REPLY_MAGIC_SIZE,
   SIMPLE_REPLY_REST,
 } from './transmission.js';
+import { InFlight, type Submission } from './clientRequest.js';
 import { type NbdAddress, parseNbdUri } from './uri.js';
 
 export type RunState = 'connected' | 'closed' | 'dead';
@@ -50,8 +50,6 @@ export const TIMEOUT_ENV = 'VHDVAULT_NBD_TIMEOUT';
  * so it never waits on us for the next one.
  */
 export const DEFAULT_WINDOW = 32;
-/** A data chunk goes from the socket into the caller's buffer this much at a time, not as one large copy. */
-const READ_PIECE = 1024 * 1024;
 /**
  * Chunks one reply may carry beyond one per 512 bytes asked for (the spec's
  * advice for data and hole runs): room for error chunks and a final NONE.
@@ -88,88 +86,6 @@ export function defaultTimeoutMs(): number {
   const seconds = Number(text);
   if (!Number.isFinite(seconds) || seconds <= 0 || seconds > 86400) throw new UsageError(`${TIMEOUT_ENV}="${text}" is not a number of seconds from 0 to 86400`);
   return Math.round(seconds * 1000);
-}
-
-/** Byte ranges of one READ already answered, kept sorted and merged: catches overlaps and tells when the read is whole. */
-class Coverage {
-  private readonly starts: number[] = [];
-  private readonly ends: number[] = [];
-  covered = 0;
-
-  /** Record [start, end); false when it overlaps something already answered. */
-  add(start: number, end: number): boolean {
-    const { starts, ends } = this;
-    let lo = 0;
-    let hi = starts.length;
-    while (lo < hi) {
-      const mid = (lo + hi) >> 1;
-      if (starts[mid]! <= start) lo = mid + 1;
-      else hi = mid;
-    }
-    const i = lo; // ranges before i start at or before `start`
-    if (i > 0 && ends[i - 1]! > start) return false;
-    if (i < starts.length && starts[i]! < end) return false;
-    const joinsPrevious = i > 0 && ends[i - 1] === start;
-    const joinsNext = i < starts.length && starts[i] === end;
-    if (joinsPrevious && joinsNext) {
-      ends[i - 1] = ends[i]!;
-      starts.splice(i, 1);
-      ends.splice(i, 1);
-    } else if (joinsPrevious) ends[i - 1] = end;
-    else if (joinsNext) starts[i] = start;
-    else {
-      starts.splice(i, 0, start);
-      ends.splice(i, 0, end);
-    }
-    this.covered += end - start;
-    return true;
-  }
-}
-
-/** One request in flight, and what its reply has brought so far. */
-class InFlight {
-  readonly what: string;
-  /** READ: where the data goes, and which bytes have come. */
-  coverage = new Coverage();
-  dataBytes = 0;
-  chunks = 0;
-  /** BLOCK_STATUS: the extents of the context asked about, and the context ids answered. */
-  extents: Extent[] | null = null;
-  readonly contextsSeen = new Set<number>();
-  /** The first error chunk (the spec says not to trust anything else in an errored reply). */
-  error: ChunkError | null = null;
-  readonly done: Promise<InFlight>;
-  resolve!: (r: InFlight) => void;
-  reject!: (err: Error) => void;
-
-  constructor(
-    readonly cookie: bigint,
-    readonly type: CommandType,
-    readonly offset: number,
-    readonly length: number,
-    readonly target: Buffer | null,
-    readonly targetAt: number,
-    readonly contextId: number,
-  ) {
-    this.what = `${nameOf(Command, type)} at ${offset} (+${length})`;
-    this.done = new Promise<InFlight>((resolve, reject) => {
-      this.resolve = resolve;
-      this.reject = reject;
-    });
-    // Failed by the reader loop, possibly before its sender awaits it: never an unhandled rejection.
-    this.done.catch(() => undefined);
-  }
-}
-
-interface Submission {
-  type: CommandType;
-  flags?: number;
-  offset: number;
-  length: number;
-  payload?: Buffer;
-  target?: Buffer;
-  targetAt?: number;
-  contextId?: number;
 }
 
 export class NbdClient {
@@ -531,15 +447,9 @@ export class NbdClient {
     await this.receiveData(req, offset, length, 'OFFSET_DATA chunk');
   }
 
-  /** Copy `length` bytes of data from the socket into the request's target, a piece at a time. */
+  /** Copy `length` bytes of data from the socket straight into the request's target. */
   private async receiveData(req: InFlight, offset: number, length: number, what: string): Promise<void> {
-    let at = req.targetAt + offset - req.offset;
-    for (let left = length; left > 0; ) {
-      const piece = await this.reader.read(Math.min(left, READ_PIECE), `${req.what}: ${what}`);
-      piece.copy(req.target!, at);
-      at += piece.length;
-      left -= piece.length;
-    }
+    await this.reader.readInto(req.target!, req.targetAt + offset - req.offset, length, `${req.what}: ${what}`);
     req.dataBytes += length;
   }
 
