@@ -17,6 +17,7 @@ import { UsageError } from '../vhd/errors.js';
 import { clientHandshake, type BlockSizes, type ClientNegotiated } from './clientHandshake.js';
 import { Chunk, Command, type CommandType, CommandFlag, Errno, isChunkError, nameOf, ReplyFlag, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, TransmissionFlag } from './constants.js';
 import { describeErrno, NbdProtocolError, NbdRequestError } from './errors.js';
+import { drained } from './drained.js';
 import { FrameReader } from './FrameReader.js';
 import { Malformed } from './handshake.js';
 import { MAX_EXTENTS, MAX_IN_FLIGHT, MAX_REQUEST } from './limits.js';
@@ -303,25 +304,13 @@ export class NbdClient {
       // Header and payload in one tick: no other request can come between them.
       let flowing = this.socket.write(header);
       if (s.payload) flowing = this.socket.write(s.payload);
-      if (!flowing) await this.drained();
+      if (!flowing) await drained(this.socket);
       return await req.done;
     } finally {
       this.slotsTaken--;
       this.slotWaiters.shift()?.();
       this.wakeIdle();
     }
-  }
-
-  private drained(): Promise<void> {
-    return new Promise((resolve) => {
-      const done = () => {
-        this.socket.off('drain', done);
-        this.socket.off('close', done);
-        resolve();
-      };
-      this.socket.on('drain', done);
-      this.socket.on('close', done);
-    });
   }
 
   private wakeIdle(): void {

@@ -8,6 +8,7 @@
 import type { Socket } from 'node:net';
 import { Command, CommandFlag, Errno, nameOf } from './constants.js';
 import { describeErrno, errnoOf, NbdProtocolError } from './errors.js';
+import { drained } from './drained.js';
 import type { FrameReader } from './FrameReader.js';
 import { MAX_EXTENTS, MAX_IN_FLIGHT, MAX_REQUEST, READ_HIGH_WATER } from './limits.js';
 import { ALLOCATION_CONTEXT_ID, type Negotiated } from './serverHandshake.js';
@@ -62,7 +63,7 @@ export class ServerSession {
       while (!this.stopping) {
         while (this.inFlight >= MAX_IN_FLIGHT) await new Promise<void>((r) => (this.slot = r));
         // A client that does not read its replies stops being read from.
-        while (this.socket.writableLength > READ_HIGH_WATER && !this.socket.destroyed) await this.drained();
+        while (this.socket.writableLength > READ_HIGH_WATER && !this.socket.destroyed) await drained(this.socket);
         const header = await this.reader.readOrEnd(REQUEST_SIZE, 'request header').catch((err: unknown) => {
           if (this.stopping) return null;
           throw err;
@@ -89,19 +90,6 @@ export class ServerSession {
     } finally {
       if (this.inFlight > 0) await new Promise<void>((r) => (this.idle = r));
     }
-  }
-
-  /** The socket's buffered replies were sent, or the socket closed. */
-  private drained(): Promise<void> {
-    return new Promise((resolve) => {
-      const done = () => {
-        this.socket.off('drain', done);
-        this.socket.off('close', done);
-        resolve();
-      };
-      this.socket.once('drain', done);
-      this.socket.once('close', done);
-    });
   }
 
   private async handle(req: Request, payload: Buffer | null): Promise<void> {
