@@ -153,10 +153,12 @@ export class ServerSession {
         await exp.write!(req.offset, payload!, fua);
         break;
       case Command.WRITE_ZEROES:
-        await (exp.writeZeroes ?? unsupported)(req.offset, req.length, fua);
+        if (!exp.writeZeroes) return unsupported();
+        await exp.writeZeroes(req.offset, req.length, fua);
         break;
       case Command.TRIM:
-        await (exp.trim ?? unsupported)(req.offset, req.length, fua);
+        if (!exp.trim) return unsupported();
+        await exp.trim(req.offset, req.length, fua);
         break;
       case Command.FLUSH:
         await exp.flush?.();
