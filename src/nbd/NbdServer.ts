@@ -4,7 +4,8 @@
  * protocol error ends that connection only. stop() stops accepting, lets the
  * requests in flight finish, then flushes and closes the exports.
  */
-import { createServer, type Server, type Socket } from 'node:net';
+import { lstat, rm } from 'node:fs/promises';
+import { connect, createServer, type Server, type Socket } from 'node:net';
 import { NbdProtocolError } from './errors.js';
 import type { ExportCatalog } from './export.js';
 import { FrameReader } from './FrameReader.js';
@@ -39,6 +40,19 @@ export class NbdServer {
   }
 
   async listen(where: Listen): Promise<string> {
+    try {
+      await this.listenOnce(where);
+    } catch (err) {
+      // A socket file nobody listens on is what a killed server leaves: replace it (never anything else).
+      if ((err as NodeJS.ErrnoException).code !== 'EADDRINUSE' || !('path' in where) || !(await isStaleSocket(where.path))) throw err;
+      await rm(where.path, { force: true });
+      await this.listenOnce(where);
+    }
+    this.listening = where;
+    return this.address();
+  }
+
+  private async listenOnce(where: Listen): Promise<void> {
     await new Promise<void>((resolve, reject) => {
       this.server.once('error', reject);
       const done = () => {
@@ -48,8 +62,6 @@ export class NbdServer {
       if ('path' in where) this.server.listen(where.path, done);
       else this.server.listen(where.port, where.host, done);
     });
-    this.listening = where;
-    return this.address();
   }
 
   /** The listening address as a URI base (`nbd://host:port` or `nbd+unix:///?socket=path`). */
@@ -112,4 +124,18 @@ export class NbdServer {
     // (Node removes a Unix socket's file when the server closes.)
     await this.catalog.close();
   }
+}
+
+/** A Unix socket file whose server is gone: connecting is refused. */
+async function isStaleSocket(path: string): Promise<boolean> {
+  const s = await lstat(path).catch(() => null);
+  if (!s?.isSocket()) return false;
+  return new Promise((resolve) => {
+    const probe = connect(path);
+    probe.once('connect', () => {
+      probe.destroy();
+      resolve(false);
+    });
+    probe.once('error', (err: NodeJS.ErrnoException) => resolve(err.code === 'ECONNREFUSED'));
+  });
 }

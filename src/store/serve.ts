@@ -6,6 +6,8 @@
  * prune merges or deletes what it serves; with `writable`, the default export
  * takes writes into an overlay outside the repository (overlay.ts).
  */
+import { lstat, stat } from 'node:fs/promises';
+import { dirname } from 'node:path';
 import { NbdServer, type Listen } from '../nbd/NbdServer.js';
 import type { ExportCatalog, NbdExport } from '../nbd/export.js';
 import { VhdError } from '../vhd/errors.js';
@@ -119,9 +121,7 @@ export async function serve(repo: Repository, disk: string, options: ServeOption
         await options.until;
       } catch (err) {
         if (err instanceof VhdError || !(err as NodeJS.ErrnoException)?.code) throw err;
-        const code = (err as NodeJS.ErrnoException).code;
-        const where = 'path' in options.listen ? options.listen.path : `${options.listen.host}:${options.listen.port}`;
-        throw new VhdError(where, code === 'EADDRINUSE' ? 'address already in use' : code === 'EACCES' ? 'permission denied' : (err as Error).message);
+        throw await listenError(options.listen, err as NodeJS.ErrnoException);
       } finally {
         await server.stop();
       }
@@ -134,4 +134,23 @@ export async function serve(repo: Repository, disk: string, options: ServeOption
 function uriWithExport(base: string, name: string): string {
   const encoded = encodeURIComponent(name).replace(/%40/g, '@');
   return base.startsWith('nbd+unix:///') ? base.replace('nbd+unix:///', `nbd+unix:///${encoded}`) : `${base}/${encoded}`;
+}
+
+/** Why the server could not listen, in a user's words. */
+async function listenError(listen: Listen, err: NodeJS.ErrnoException): Promise<VhdError> {
+  if (!('path' in listen)) {
+    const where = `${listen.host}:${listen.port}`;
+    if (err.code === 'EADDRINUSE') return new VhdError(where, 'address already in use (another server listens there)');
+    if (err.code === 'EADDRNOTAVAIL' || err.code === 'ENOTFOUND') return new VhdError(where, 'no such address on this host');
+    if (err.code === 'EACCES') return new VhdError(where, 'permission denied (ports below 1024 need root)');
+    return new VhdError(where, err.message);
+  }
+  const path = listen.path;
+  const parent = await stat(dirname(path)).catch(() => null);
+  if (!parent?.isDirectory()) return new VhdError(path, `its folder ${dirname(path)} does not exist`);
+  const existing = await lstat(path).catch(() => null);
+  if (existing && !existing.isSocket()) return new VhdError(path, 'exists and is not a socket: refusing to replace it');
+  if (err.code === 'EADDRINUSE') return new VhdError(path, 'a server already listens on this socket');
+  if (err.code === 'EACCES') return new VhdError(path, 'permission denied');
+  return new VhdError(path, err.message);
 }
