@@ -38,6 +38,8 @@ export function serveCommand(): Command {
       if (opts.listen && opts.socket) throw new UsageError('--listen and --socket exclude each other');
       if (opts.overlay && !opts.writable) throw new UsageError('--overlay needs --writable');
       if (opts.name !== undefined && (opts.name.length === 0 || Buffer.byteLength(opts.name) > 4096 || opts.name.includes('\0'))) throw new UsageError('--name must be 1 to 4096 bytes');
+      // `<disk>@<id>` names the backups' own exports: a default export under one would serve the wrong backup.
+      if (opts.name?.startsWith(`${disk}@`)) throw new UsageError(`--name ${opts.name}: names of the form ${disk}@<id> are the backups' own exports`);
       const repo = await Repository.open(root);
       repo.diskDir(disk);
       if (opts.backup) checkBackupId(opts.backup);
