@@ -5,8 +5,8 @@
  * the backup itself never changes; `restore --from-overlay` turns backup plus
  * overlay into a full disk. One process uses an overlay at a time (`lock`).
  */
-import { mkdir, readFile, realpath, rm, writeFile } from 'node:fs/promises';
-import { join, relative, resolve } from 'node:path';
+import { mkdir, readdir, readFile, realpath, rm, stat, writeFile } from 'node:fs/promises';
+import { basename, dirname, isAbsolute, join, relative, resolve, sep } from 'node:path';
 import pLimit from 'p-limit';
 import { Errno } from '../nbd/constants.js';
 import { ExportError } from '../nbd/errors.js';
@@ -14,7 +14,7 @@ import type { NbdExport, ReadPiece } from '../nbd/export.js';
 import type { Extent } from '../nbd/transmission.js';
 import { isSectorSet } from '../vhd/bitmap.js';
 import { SECTOR_SIZE } from '../vhd/constants.js';
-import { UsageError, VhdError } from '../vhd/errors.js';
+import { describeFsError, UsageError, VhdError } from '../vhd/errors.js';
 import type { BlockSource } from '../vhd/source.js';
 import { VhdFile } from '../vhd/VhdFile.js';
 import { DynamicVhdWriter } from '../vhd/VhdWriter.js';
@@ -22,7 +22,8 @@ import { pathExists } from '../util/files.js';
 import { fsyncDirectory } from '../util/fsync.js';
 import { type BackupExport, pushPiece, segments } from './backupExport.js';
 import { openBackupData } from './chain.js';
-import { processAlive } from './lock.js';
+import { describeOwner, isOwnerGone, lockOwner, parseOwner } from './lock.js';
+import { pinBackup } from './overlayPins.js';
 import type { BackupMetadata, Repository } from './repository.js';
 
 const INFO = 'overlay.json';
@@ -46,6 +47,9 @@ export interface OverlayInfo {
 export const defaultOverlayDir = (disk: string, id: string) => resolve(`${disk}-${id}.overlay`);
 
 export async function readOverlayInfo(dir: string): Promise<OverlayInfo> {
+  const s = await stat(dir).catch(() => null);
+  if (!s) throw new VhdError(dir, 'no such overlay folder');
+  if (!s.isDirectory()) throw new VhdError(dir, 'is not a folder (an overlay is a folder made by vhdvault serve --writable)');
   const path = join(dir, INFO);
   let info: OverlayInfo;
   try {
@@ -76,15 +80,14 @@ export class Overlay {
   static async open(repo: Repository, meta: BackupMetadata, dir: string, options: { create: boolean; writable: boolean }): Promise<Overlay> {
     const at = resolve(dir);
     await refuseInsideRepository(repo, at);
-    if (options.create) await mkdir(at, { recursive: true });
-    else if (!(await pathExists(at))) throw new VhdError(at, 'no such overlay folder');
+    await prepareFolder(at, options.create);
     await takeLock(at);
     try {
       let info: OverlayInfo;
       if (await pathExists(join(at, INFO))) {
         info = await readOverlayInfo(at);
         if (info.disk !== meta.disk || info.uuid !== meta.uuid) {
-          throw new VhdError(join(at, INFO), `belongs to backup ${info.backup} of disk "${info.disk}", not to backup ${meta.id} of "${meta.disk}": pick another folder`);
+          throw new VhdError(join(at, INFO), `belongs to backup ${info.backup} of disk "${info.disk}", not to backup ${meta.id} of "${meta.disk}": serve that backup (--backup ${info.backup}) or pick another folder`);
         }
       } else {
         if (!options.create) throw new VhdError(join(at, INFO), 'is missing: not an overlay folder made by vhdvault serve --writable');
@@ -93,6 +96,8 @@ export class Overlay {
         await writeFile(join(at, INFO), `${JSON.stringify(info, null, 2)}\n`, { flag: 'wx' });
         await fsyncDirectory(at);
       }
+      // Registered before any write can land in it, and again on every open (a pin removed by hand comes back).
+      await pinBackup(repo, meta, await realpath(at));
       const data = join(at, DATA);
       if (!(await pathExists(data))) await createOverlayVhd(repo, meta, data);
       const vhd = await VhdFile.open(data, { writable: options.writable });
@@ -113,25 +118,66 @@ export class Overlay {
   }
 }
 
-async function refuseInsideRepository(repo: Repository, at: string): Promise<void> {
-  const root = await realpath(repo.root);
-  const real = await realpath(at).catch(() => at);
-  const rel = relative(root, real);
-  if (rel === '' || (!rel.startsWith('..') && !rel.startsWith('/'))) throw new UsageError(`${at}: an overlay cannot live inside the repository (${root})`);
+/** The real path of `path`, however spelt: its deepest existing ancestor resolved (symlinks included), the rest appended. */
+async function realPathOf(path: string): Promise<string> {
+  const rest: string[] = [];
+  for (let at = path; ; at = dirname(at)) {
+    const real = await realpath(at).catch(() => null);
+    if (real !== null) return join(real, ...rest.reverse());
+    if (dirname(at) === at) return path;
+    rest.push(basename(at));
+  }
 }
 
-/** The overlay's lock: our pid, created exclusively; a dead owner's lock is taken over. */
+async function refuseInsideRepository(repo: Repository, at: string): Promise<void> {
+  const root = await realpath(repo.root);
+  const rel = relative(root, await realPathOf(at));
+  if (rel === '' || (rel !== '..' && !rel.startsWith(`..${sep}`) && !isAbsolute(rel))) throw new UsageError(`${at}: an overlay cannot live inside the repository (${root})`);
+}
+
+/** Files an overlay folder may hold besides ours: none (a folder with other things in it is someone's). */
+const OURS = new Set([INFO, DATA, LOCK]);
+
+/**
+ * The overlay folder: made when missing (its parent must exist), refused when
+ * it is not a folder, or holds anything but an overlay's files.
+ */
+async function prepareFolder(at: string, create: boolean): Promise<void> {
+  const s = await stat(at).catch(() => null);
+  if (s && !s.isDirectory()) throw new VhdError(at, 'is not a folder');
+  if (!s) {
+    if (!create) throw new VhdError(at, 'no such overlay folder');
+    // Not recursive: a mistyped parent should be an error, not a tree of new folders.
+    await mkdir(at).catch((err: unknown) => {
+      const code = (err as NodeJS.ErrnoException).code;
+      throw new VhdError(at, code === 'ENOENT' ? `its parent folder ${dirname(at)} does not exist` : describeFsError(err));
+    });
+    return;
+  }
+  const stray = (await readdir(at)).filter((name) => !OURS.has(name) && !name.startsWith('.'));
+  if (stray.length > 0 && !(await pathExists(join(at, INFO)))) {
+    throw new VhdError(at, `holds other files (${stray.slice(0, 3).join(', ')}${stray.length > 3 ? ', …' : ''}) and no overlay: name an empty or new folder`);
+  }
+}
+
+/**
+ * The overlay's lock: its owner (pid, host, boot, process start, as a disk
+ * lock records it), created exclusively. A lock whose owner is provably gone
+ * (dead, an earlier boot, or its pid reused by another process) is taken over.
+ */
 async function takeLock(dir: string): Promise<void> {
   const path = join(dir, LOCK);
-  for (let attempt = 0; attempt < 2; attempt++) {
+  const me = lockOwner('serve --writable');
+  for (let attempt = 0; attempt < 3; attempt++) {
     try {
-      await writeFile(path, `${process.pid}\n`, { flag: 'wx' });
+      await writeFile(path, `${JSON.stringify(me)}\n`, { flag: 'wx' });
       return;
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw new VhdError(path, describeFsError(err));
     }
-    const pid = Number((await readFile(path, 'utf8').catch(() => '')).trim());
-    if (Number.isInteger(pid) && pid > 0 && processAlive(pid)) throw new VhdError(dir, `overlay is in use by process ${pid}`);
+    const holder = parseOwner(await readFile(path, 'utf8').catch(() => ''));
+    if (holder && !isOwnerGone(holder, me)) throw new VhdError(dir, `overlay is in use by ${describeOwner(holder)}`);
+    // Unreadable (not ours) or its owner is gone.
     await rm(path, { force: true });
   }
   throw new VhdError(dir, 'overlay lock keeps changing: is another vhdvault using it?');

@@ -50,7 +50,11 @@ async function restoreAsReader(repo: Repository, disk: string, out: string, opti
     backupId = info.backup;
     await refuseProtected(target, [{ path: options.fromOverlay, what: `the overlay ${options.fromOverlay}` }]);
   }
-  const meta = await pickBackup(repo, disk, backupId);
+  const meta = await pickBackup(repo, disk, backupId).catch(async (err: unknown) => {
+    if (!options.fromOverlay || !(err instanceof VhdError)) throw err;
+    const info = await readOverlayInfo(options.fromOverlay);
+    throw new VhdError(options.fromOverlay, `sits on backup ${info.backup} of "${disk}", which ${repo.root} does not hold (pruned, or the overlay was made over ${info.repository}): its writes cannot be restored without that backup`);
+  });
   const overlay = options.fromOverlay ? await Overlay.open(repo, meta, options.fromOverlay, { create: false, writable: false }) : null;
   let chain: VhdChain;
   let source: BlockSource;
