@@ -4,6 +4,7 @@ import { diskFindings, type Finding } from './inspect.js';
 import { withDiskLock } from './lock.js';
 import { completePendingMerge, hasPendingMerge, mergeForward } from './merge.js';
 import type { BackupMetadata, Repository } from './repository.js';
+import { pinnedBackups } from './overlayPins.js';
 import { ensureReserve, withReserve } from './reserve.js';
 import { type RetentionPolicy, selectRetention } from './retention.js';
 
@@ -40,8 +41,14 @@ interface Plan {
   deferred: BackupMetadata[];
 }
 
-function plan(backups: BackupMetadata[], options: PruneOptions): Plan {
+function plan(backups: BackupMetadata[], options: PruneOptions, pinned: Map<string, string> = new Map()): Plan {
   const selected = selectRetention(backups, options.policy);
+  // A backup an overlay sits on stays: its writes are restorable only over it.
+  for (const r of selected.removed.filter((b) => pinned.has(b.id))) {
+    selected.removed.splice(selected.removed.indexOf(r), 1);
+    selected.kept.push(r);
+    options.onFinding?.({ disk: r.disk, id: r.id, kind: 'structure', problem: `kept although the policy removes it: the overlay ${pinned.get(r.id)} sits on it (restore --from-overlay, then remove the folder, to let it go)` });
+  }
   // The chains as they will be after each step (merges re-parent children).
   const byId = new Map(backups.map((b) => [b.id, { ...b }]));
   const childrenOf = (id: string) => [...byId.values()].filter((b) => b.parent === id);
@@ -115,7 +122,7 @@ async function pruneDisk(repo: Repository, disk: string, options: PruneOptions, 
   if (options.dryRun) {
     // A dry run changes nothing, so it cannot finish an interrupted merge to plan from the result.
     if (await hasPendingMerge(repo, disk)) throw new VhdError(repo.diskDir(disk), 'an interrupted merge is pending: a prune (without --dry-run), backup, list or restore finishes it first; then try the dry run again');
-    record(report, plan(await checkStructure(repo, disk, options), options));
+    record(report, plan(await checkStructure(repo, disk, options), options, await pinnedBackups(repo, disk, { dryRun: true })));
     return;
   }
   await withDiskLock(repo, disk, 'prune', async () => {
@@ -123,7 +130,7 @@ async function pruneDisk(repo: Repository, disk: string, options: PruneOptions, 
     if (await hasPendingMerge(repo, disk)) await withExclusiveAccess(repo, disk, 'prune', () => completePendingMerge(repo, disk), options);
     await repo.recoverCommits(disk);
     await repo.cleanLeftovers(disk);
-    const p = plan(await checkStructure(repo, disk, options), options);
+    const p = plan(await checkStructure(repo, disk, options), options, await pinnedBackups(repo, disk));
     if (p.deletions.length + p.merges.length > 0) await withExclusiveAccess(repo, disk, 'prune', () => applyPlan(repo, p), options);
     record(report, p);
   });
