@@ -5,7 +5,7 @@
  */
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { copyFile, open, readFile } from 'node:fs/promises';
+import { copyFile, mkdir, open, readdir, readFile, rm, symlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { describe, expect, it } from 'vitest';
@@ -103,12 +103,13 @@ describe('serve --writable (instant restore)', () => {
     const overlay = join(dir, 'writable.overlay');
     const expected = join(dir, 'writable-expected.raw');
     await copyFile(c.disk, expected);
-    // Unaligned, aligned, across a block boundary, and into a hole.
+    // Unaligned, aligned, across a block boundary, into a hole, at the very end, and zeroes (WRITE_ZEROES).
     const writes: Array<[number, number, number]> = [
       [1000, 70000, 0x5a],
       [BLOCK - 4096, 8192, 0x11],
       [8 * MiB + 512, 4096, 0x77],
       [SIZE - 512, 512, 0xee],
+      [3 * MiB + 100, 5000, 0],
     ];
     const fh = await open(expected, 'r+');
     for (const [offset, length, pattern] of writes) await fh.write(Buffer.alloc(length, pattern), 0, length, offset);
@@ -117,7 +118,7 @@ describe('serve --writable (instant restore)', () => {
     const serving = await startServe(c.repo, 'vm', '--socket', join(dir, 'writable.sock'), '--writable', '--overlay', overlay);
     try {
       expect(serving.ready.writable).toBe(true);
-      const commands = writes.flatMap(([o, l, p]) => ['-c', `write -P ${p} ${o} ${l}`]);
+      const commands = writes.flatMap(([o, l, p]) => ['-c', p === 0 ? `write -z ${o} ${l}` : `write -P ${p} ${o} ${l}`]);
       const checks = writes.flatMap(([o, l, p]) => ['-c', `read -P ${p} ${o} ${l}`]);
       const io = await run('qemu-io', ['-f', 'raw', ...commands, ...checks, '-c', 'flush', serving.uri]);
       expect(io.stdout).not.toMatch(/fail/i);
@@ -160,6 +161,25 @@ describe('serve --writable (instant restore)', () => {
     const inside = await vhdvaultAsync('serve', c.repo, 'vm', '--socket', join(dir, 'x.sock'), '--writable', '--overlay', join(c.repo, 'ov'));
     expect(inside.code).toBe(2);
     expect(inside.stderr).toMatch(/inside the repository/);
+    // However spelt: a new folder under a symlink into the repository.
+    await symlink(join(c.repo, 'disks'), join(dir, 'into-repo'));
+    const linked = await vhdvaultAsync('serve', c.repo, 'vm', '--socket', join(dir, 'x.sock'), '--writable', '--overlay', join(dir, 'into-repo', 'vm', 'ov'));
+    expect(linked.code).toBe(2);
+    expect(linked.stderr).toMatch(/inside the repository/);
+    // Not a folder, or someone else's folder.
+    await writeFile(join(dir, 'precious.txt'), 'mine');
+    await mkdir(join(dir, 'busy-folder'));
+    await writeFile(join(dir, 'busy-folder', 'notes.txt'), 'mine');
+    for (const [target, problem] of [[join(dir, 'precious.txt'), /is not a folder/], [join(dir, 'busy-folder'), /holds other files \(notes\.txt\)/]] as const) {
+      const r = await vhdvaultAsync('serve', c.repo, 'vm', '--socket', join(dir, 'x.sock'), '--writable', '--overlay', target);
+      expect(r.code, r.stderr).toBe(1);
+      expect(r.stderr).toMatch(problem);
+    }
+    expect(await readFile(join(dir, 'precious.txt'), 'utf8')).toBe('mine');
+    expect((await readdir(join(dir, 'busy-folder'))).sort()).toEqual(['notes.txt']);
+    // A default export named like a backup's own export would serve the wrong backup.
+    const clash = await vhdvaultAsync('serve', c.repo, 'vm', '--socket', join(dir, 'x.sock'), '--backup', c.ids[0]!, '--name', `vm@${c.ids[1]}`);
+    expect(clash.code).toBe(2);
     const overlay = join(dir, 'refusals.overlay');
     const first = await startServe(c.repo, 'vm', '--socket', join(dir, 'r1.sock'), '--writable', '--overlay', overlay);
     try {
@@ -176,6 +196,57 @@ describe('serve --writable (instant restore)', () => {
     expect(other.stderr.trim().split('\n')).toHaveLength(1);
     expect(other.stderr).toMatch(/belongs to backup/);
     expect(JSON.parse(await readFile(join(overlay, 'overlay.json'), 'utf8')).backup).toBe(c.ids.at(-1));
+  });
+});
+
+describe('what a killed or crashed server leaves', () => {
+  it('a stale socket is replaced, a file where the socket should be is not', async () => {
+    const c = await chain('stale', 'vhd');
+    const socket = join(dir, 'stale.sock');
+    const first = await startServe(c.repo, 'vm', '--socket', socket);
+    expect(await first.stop('SIGKILL')).toBe(-1);
+    const second = await startServe(c.repo, 'vm', '--socket', socket);
+    const out = join(dir, 'stale.raw');
+    await run('nbdcopy', [second.uri, out]);
+    expect(await sha256(out)).toBe(c.content.get(c.ids.at(-1)!));
+    expect(await second.stop()).toBe(0);
+    await writeFile(join(dir, 'not-a-socket'), 'mine');
+    const r = await vhdvaultAsync('serve', c.repo, 'vm', '--socket', join(dir, 'not-a-socket'));
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/exists and is not a socket/);
+    expect(await readFile(join(dir, 'not-a-socket'), 'utf8')).toBe('mine');
+  });
+
+  it("an overlay's lock whose owner is gone (or unreadable: a reused pid) is taken over", async () => {
+    const c = await chain('relock', 'vhd');
+    const overlay = join(dir, 'relock.overlay');
+    const first = await startServe(c.repo, 'vm', '--socket', join(dir, 'relock.sock'), '--writable', '--overlay', overlay);
+    await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x42 0 4096', '-c', 'flush', first.uri]);
+    expect(await first.stop('SIGKILL')).toBe(-1);
+    await writeFile(join(overlay, 'lock'), '1\n'); // a bare pid, as a reused one would look
+    const again = await startServe(c.repo, 'vm', '--socket', join(dir, 'relock.sock'), '--writable', '--overlay', overlay);
+    const io = await run('qemu-io', ['-f', 'raw', '-r', '-c', 'read -P 0x42 0 4096', again.uri]);
+    expect(io.stdout).not.toMatch(/fail/i);
+    expect(await again.stop()).toBe(0);
+  });
+
+  it('prune keeps the backup an overlay sits on until the overlay folder is gone', async () => {
+    const c = await chain('pinned', 'dir');
+    const overlay = join(dir, 'pinned.overlay');
+    const serving = await startServe(c.repo, 'vm', '--socket', join(dir, 'pinned.sock'), '--backup', c.ids[0]!, '--writable', '--overlay', overlay);
+    await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x24 4096 4096', '-c', 'flush', serving.uri]);
+    expect(await serving.stop()).toBe(0);
+    const kept = await vhdvaultAsync('prune', c.repo, 'vm', '--keep-last', '1', '--json');
+    expect(kept.code, kept.stderr).toBe(0);
+    expect(JSON.parse(kept.stdout).kept).toContain(c.ids[0]);
+    expect(kept.stderr).toMatch(/the overlay .* sits on it/);
+    const restored = join(dir, 'pinned.raw');
+    expect((await vhdvaultAsync('restore', c.repo, 'vm', restored, '--from-overlay', overlay)).code).toBe(0);
+    await rm(overlay, { recursive: true });
+    const pruned = await vhdvaultAsync('prune', c.repo, 'vm', '--keep-last', '1', '--json');
+    expect(pruned.code, pruned.stderr).toBe(0);
+    expect(JSON.parse(pruned.stdout).kept).toEqual([c.ids.at(-1)]);
+    expect((await vhdvaultAsync('verify', c.repo)).code).toBe(0);
   });
 });
 
