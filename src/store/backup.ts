@@ -19,7 +19,7 @@ import { completePendingMerge, hasPendingMerge } from './merge.js';
 import { isNoSpace } from './reserve.js';
 import { newBackupId } from './names.js';
 import { BlockPool, defaultConcurrency } from './pool.js';
-import type { BackupMetadata, Repository } from './repository.js';
+import type { BackupMetadata, Checkpoint, Repository } from './repository.js';
 import { newBackupMetadata } from './repository.js';
 import { BusyClock, figures, slowest, type Stage, type StageFigures } from './stages.js';
 import { limiter } from './throttle.js';
@@ -101,27 +101,48 @@ export function planSource(options: BackupOptions): SourcePlan {
  * temporary names; the metadata file, written last, is what makes the backup exist.
  */
 export async function backup(repo: Repository, disk: string, options: BackupOptions): Promise<BackupReport> {
-  const diskDir = repo.diskDir(disk);
   const plan = planSource(options);
+  return withBackupLock(repo, disk, async () => {
+    // A bitmap the export lacks is refused here, even for a full backup: the set-up is wrong either way.
+    const source = plan.nbd ? await NbdSource.open(plan.nbd, { bitmap: plan.bitmap }) : await openSource(options.source, { fromRaw: options.fromRaw });
+    try {
+      return await backupFrom(repo, disk, source, options, plan.bitmap);
+    } finally {
+      await source.close();
+    }
+  });
+}
+
+/**
+ * Run `fn` holding the disk's backup lock, once a pending merge, commits and
+ * leftovers of interrupted runs are dealt with: what every backup of `disk`
+ * (from a file, NBD, or a live QEMU disk) runs under.
+ */
+export async function withBackupLock<T>(repo: Repository, disk: string, fn: () => Promise<T>): Promise<T> {
+  const diskDir = repo.diskDir(disk);
   // The lock, created first, makes the disk's folder.
   try {
     return await withDiskLock(repo, disk, 'backup', async () => {
       if (await hasPendingMerge(repo, disk)) await withExclusiveAccess(repo, disk, 'backup', () => completePendingMerge(repo, disk));
       await repo.recoverCommits(disk);
       await repo.cleanLeftovers(disk);
-      // A bitmap the export lacks is refused here, even for a full backup: the set-up is wrong either way.
-      const source = plan.nbd ? await NbdSource.open(plan.nbd, { bitmap: plan.bitmap }) : await openSource(options.source, { fromRaw: options.fromRaw });
-      try {
-        return await backupFrom(repo, disk, source, options, plan.bitmap);
-      } finally {
-        await source.close();
-      }
+      return await fn();
     });
   } catch (err) {
     // Staged files are gone (the writers' abort): say where space ran out, and that nothing changed.
     if (isNoSpace(err)) throw new VhdError(diskDir, 'no space left on device while writing the backup; nothing was committed and earlier backups are unchanged (free space, or run prune, then try again)');
     throw err;
   }
+}
+
+/** What a live backup decides before the pipeline runs. */
+export interface BackupExtras {
+  /** The new backup's id (a live backup names its checkpoint after it before reading). */
+  id?: string;
+  /** Why a delta is not built from a dirty bitmap, when it could have been. */
+  note?: string;
+  /** Recorded in the new backup's metadata. */
+  checkpoint?: Checkpoint;
 }
 
 /**
@@ -139,7 +160,8 @@ async function deltaBase(repo: Repository, latest: BackupMetadata | undefined): 
   return { parent: null, note: `the latest backup's chain cannot be built on (backup ${first.id}: ${first.problem}${more}): taking a full backup; run vhdvault verify` };
 }
 
-async function backupFrom(repo: Repository, disk: string, source: BlockSource, options: BackupOptions, bitmap: string | null): Promise<BackupReport> {
+/** The backup pipeline over an open source; call it under withBackupLock. */
+export async function backupFrom(repo: Repository, disk: string, source: BlockSource, options: BackupOptions, bitmap: string | null, extras: BackupExtras = {}): Promise<BackupReport> {
   const started = performance.now();
   const { layout, compression, blockSize } = repo.config;
   if (source.blockSize !== blockSize) {
@@ -149,7 +171,7 @@ async function backupFrom(repo: Repository, disk: string, source: BlockSource, o
   const latest = await repo.latest(disk);
   const base = options.full ? { parent: null } : await deltaBase(repo, latest);
   let parent = base.parent;
-  let note = base.note;
+  let note = base.note ?? extras.note;
   if (parent && parent.size !== size) {
     note = `disk size changed (${parent.size} → ${size} bytes): taking a full backup`;
     parent = null;
@@ -160,7 +182,7 @@ async function backupFrom(repo: Repository, disk: string, source: BlockSource, o
     note = `${why}; dirty bitmap "${bitmap}" not used: every allocated block read`;
   }
 
-  const id = newBackupId(latest?.id);
+  const id = extras.id ?? newBackupId(latest?.id);
   const uuid = newUuid();
   let link: ParentLink | undefined;
   if (parent) {
@@ -263,7 +285,7 @@ async function backupFrom(repo: Repository, disk: string, source: BlockSource, o
     await pool.close();
   }
 
-  const metadata = await newBackupMetadata(repo, { disk, id, parent: parent?.id ?? null, size, blockCount, uuid, blocksWritten, bytesWritten });
+  const metadata = await newBackupMetadata(repo, { disk, id, parent: parent?.id ?? null, size, blockCount, uuid, blocksWritten, bytesWritten, ...(extras.checkpoint ? { checkpoint: extras.checkpoint } : {}) });
   await repo.commitBackup(metadata);
 
   const threads = concurrency;

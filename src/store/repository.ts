@@ -42,6 +42,14 @@ export interface BackupMetadata {
   digestAlgorithm: 'sha256';
   /** Every stored block has a full sector bitmap (true for all vhdvault backups); lets merges rename blindly. */
   wholeBlocks?: boolean;
+  /** A live backup's QEMU dirty bitmap, recording every write since this backup's point in time. */
+  checkpoint?: Checkpoint;
+}
+
+/** A QEMU dirty bitmap by name, on the disk's format node. */
+export interface Checkpoint {
+  bitmap: string;
+  node: string;
 }
 
 /**
@@ -51,7 +59,7 @@ export interface BackupMetadata {
  */
 export async function newBackupMetadata(
   repo: Repository,
-  fields: Pick<BackupMetadata, 'disk' | 'id' | 'size' | 'blockCount' | 'uuid' | 'blocksWritten' | 'bytesWritten'> & { parent: string | null },
+  fields: Pick<BackupMetadata, 'disk' | 'id' | 'size' | 'blockCount' | 'uuid' | 'blocksWritten' | 'bytesWritten' | 'checkpoint'> & { parent: string | null },
 ): Promise<BackupMetadata> {
   const { layout, compression, blockSize } = repo.config;
   return {
