@@ -1,0 +1,102 @@
+/**
+ * Checkpoints: the QEMU dirty bitmap each live backup leaves on the disk's
+ * format node (`vhdvault-<backup id>`), recording every write since that
+ * backup's point in time. The next backup reads only what it marks, but only
+ * if it can be proved whole: it belongs to the latest backup, exists, is
+ * consistent and has been recording all along. On success the older one
+ * goes; on failure the new one is merged back into it, so no write is lost.
+ */
+import type { Checkpoint } from '../store/repository.js';
+import type { BackupMetadata } from '../store/repository.js';
+import { blockDirtyBitmapAdd, blockDirtyBitmapDisable, blockDirtyBitmapEnable, blockDirtyBitmapMerge, blockDirtyBitmapRemove, queryNamedBlockNodes, type DirtyBitmapInfo } from './commands.js';
+import { OUR_PREFIX } from './guestPath.js';
+import type { QmpClient } from './QmpClient.js';
+
+export interface PreviousCheckpoint {
+  /** The latest backup's checkpoint, if it names a bitmap on this node (valid or not): removed once a new one takes over. */
+  recorded: string | null;
+  /** The bitmap a delta may be built from, or null. */
+  valid: string | null;
+  /** Why not, when there is a previous backup. */
+  note?: string;
+}
+
+export const checkpointName = (backupId: string) => `${OUR_PREFIX}${backupId}`;
+
+/** The named bitmaps on `node` (a copy-before-write filter adds an anonymous one while it runs). */
+async function bitmapsOf(qmp: QmpClient, node: string): Promise<DirtyBitmapInfo[]> {
+  const all = (await queryNamedBlockNodes(qmp)).find((n) => n.nodeName === node)?.dirtyBitmaps ?? [];
+  return all.filter((b) => typeof b.name === 'string');
+}
+
+/** Remove `vhdvault-…` bitmaps on `node` a killed run left, all but `keep` (the latest backup's checkpoint). */
+export async function removeLeftoverBitmaps(qmp: QmpClient, node: string, keep: string | null): Promise<void> {
+  for (const b of await bitmapsOf(qmp, node)) {
+    if (b.name.startsWith(OUR_PREFIX) && b.name !== keep) await blockDirtyBitmapRemove(qmp, node, b.name);
+  }
+}
+
+/** The checkpoint a delta may come from: the latest backup's, if its bitmap can be trusted. */
+export async function previousCheckpoint(qmp: QmpClient, node: string, latest: BackupMetadata | undefined): Promise<PreviousCheckpoint> {
+  if (!latest) return { recorded: null, valid: null };
+  const fallback = (recorded: string | null, why: string) => ({ recorded, valid: null, note: `${why}: every allocated block read and compared by digest` });
+  const c = latest.checkpoint as Partial<Checkpoint> | undefined;
+  if (!c || typeof c.bitmap !== 'string' || typeof c.node !== 'string') return fallback(null, `no previous checkpoint (backup ${latest.id} was not taken from QEMU)`);
+  if (c.node !== node) return fallback(null, `previous checkpoint "${c.bitmap}" is on node "${c.node}", not "${node}"`);
+  const b = (await bitmapsOf(qmp, node)).find((x) => x.name === c.bitmap);
+  if (!b) return fallback(null, `previous checkpoint bitmap "${c.bitmap}" is missing on node "${node}" (QEMU restarted, or a transient bitmap was lost)`);
+  if (b.inconsistent) return fallback(b.name, `previous checkpoint bitmap "${c.bitmap}" is inconsistent (QEMU stopped uncleanly)`);
+  if (!b.recording) return fallback(b.name, `previous checkpoint bitmap "${c.bitmap}" is not recording (a backup was cut short)`);
+  return { recorded: b.name, valid: b.name };
+}
+
+/**
+ * The bitmap hand-over around the point in time. start() adds the new
+ * checkpoint before the filter goes in; handOver() disables the previous one
+ * after (it must be, to be exported): a write between the two is in both,
+ * read twice, never missed.
+ */
+export class CheckpointHandOver {
+  private added = false;
+  private previousDisabled = false;
+
+  constructor(
+    private readonly qmp: QmpClient,
+    private readonly node: string,
+    /** qcow2 stores bitmaps at a clean stop; others keep them in memory only. */
+    private readonly persistent: boolean,
+    readonly next: string,
+    readonly previous: PreviousCheckpoint,
+  ) {}
+
+  async start(): Promise<void> {
+    await blockDirtyBitmapAdd(this.qmp, { node: this.node, name: this.next, persistent: this.persistent });
+    this.added = true;
+  }
+
+  async handOver(): Promise<void> {
+    if (this.previous.valid === null) return;
+    await blockDirtyBitmapDisable(this.qmp, this.node, this.previous.valid);
+    this.previousDisabled = true;
+  }
+
+  /** The backup is committed: the new checkpoint takes over, the older one goes. */
+  async succeeded(): Promise<void> {
+    if (this.previous.recorded !== null) await blockDirtyBitmapRemove(this.qmp, this.node, this.previous.recorded);
+  }
+
+  /**
+   * The backup failed: the previous checkpoint gets back the writes it did
+   * not record (merged from the new one) and records again. If the merge
+   * fails it stays disabled, so the next backup does not trust it.
+   */
+  async failed(): Promise<void> {
+    if (!this.added) return;
+    const prev = this.previous.valid;
+    if (prev !== null && this.previousDisabled) {
+      await blockDirtyBitmapMerge(this.qmp, { node: this.node, target: prev, bitmaps: [this.next] });
+      await blockDirtyBitmapEnable(this.qmp, this.node, prev);
+    }
+    await blockDirtyBitmapRemove(this.qmp, this.node, this.next);
+  }
+}
