@@ -1,5 +1,7 @@
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { backup, planSource } from '../store/backup.js';
+import { parseNbdUri } from '../nbd/uri.js';
+import { DEFAULT_CBW_TIMEOUT, liveBackup, type LiveBackupOptions } from '../qemu/liveBackup.js';
 import { benchStages, formatStages } from '../store/benchStages.js';
 import { benchMerge, formatMergeRows } from '../store/benchMerge.js';
 import { Repository, type Layout } from '../store/repository.js';
@@ -52,6 +54,47 @@ function printPrune(report: PruneReport, dryRun: boolean): void {
   console.log(`${dryRun ? 'would merge' : 'merged'}: ${report.merged}`);
 }
 
+interface BackupCliOptions {
+  source?: string;
+  from?: 'raw';
+  full?: boolean;
+  changed?: string;
+  bitmap?: string;
+  qemu?: string;
+  node?: string;
+  device?: string;
+  fleecing?: string;
+  fleecingMax?: number;
+  cbwTimeout?: number;
+  qemuNbd?: string;
+  concurrency?: number;
+  maxRead?: number;
+  maxWrite?: number;
+  json?: boolean;
+}
+
+/** Options that only mean something for a running QEMU disk. */
+const QEMU_ONLY = ['node', 'device', 'fleecing', 'fleecingMax', 'cbwTimeout', 'qemuNbd'] as const;
+
+function parseSeconds(text: string): number {
+  if (!/^[1-9]\d{0,6}$/.test(text.trim())) throw new InvalidArgumentError(`"${text}" is not a whole number of seconds of at least 1`);
+  return Number(text);
+}
+
+/** A live backup's options from the command line; every usage error before any work. */
+function liveOptions(opts: BackupCliOptions): LiveBackupOptions {
+  if (opts.source !== undefined) throw new UsageError('--qemu and --source both say what to back up: give one');
+  for (const [given, name] of [[opts.from, '--from'], [opts.changed, '--changed'], [opts.bitmap, '--bitmap']] as const) {
+    if (given !== undefined) throw new UsageError(`${name} does not apply to --qemu (the checkpoint bitmaps say what changed)`);
+  }
+  if (opts.node === undefined) throw new UsageError('--qemu needs --node <node-name> (the guest\'s raw passthrough node)');
+  if (opts.device !== undefined) throw new UsageError('--device (a VM disk device) is not available yet: give --node <raw passthrough node> and --fleecing <dir>');
+  if (opts.fleecing === undefined) throw new UsageError('direct mode (no --fleecing) is not available yet: give --fleecing <dir>');
+  const qemuNbd = opts.qemuNbd === undefined ? undefined : parseNbdUri(opts.qemuNbd).endpoint;
+  const { qemu, node, fleecing, fleecingMax, cbwTimeout, full, concurrency, maxRead, maxWrite } = opts;
+  return { qemu: qemu!, node, fleecing, fleecingMax, cbwTimeout, qemuNbd, full, concurrency, maxRead, maxWrite };
+}
+
 export function storeCommands(): Command[] {
   const init = new Command('init')
     .description('create a backup repository')
@@ -64,26 +107,39 @@ export function storeCommands(): Command[] {
     });
 
   const backupCmd = new Command('backup')
-    .description('back up a disk image as the next backup of <disk>: full the first time, then deltas')
+    .description('back up a disk image, or a running QEMU disk, as the next backup of <disk>: full the first time, then deltas')
     .argument('<repo>')
     .argument('<disk>', 'disk name in the repository')
-    .requiredOption('--source <path|nbd-uri>', 'raw image, VHD (file, directory or chain), or NBD export (nbd://host[:port]/export, nbd+unix:///export?socket=/path)')
+    .option('--source <path|nbd-uri>', 'raw image, VHD (file, directory or chain), or NBD export (nbd://host[:port]/export, nbd+unix:///export?socket=/path)')
     .addOption(new Option('--from <format>', 'treat the source as this format (a raw image named .vhd)').choices(['raw']))
     .option('--full', 'take a full backup even if an earlier one exists')
     .option('--changed <bitmap>', 'read only the blocks set in this bitmap (one bit per 2 MiB block, MSB first)')
     .option('--bitmap <name>', 'NBD source: build the delta from this qemu dirty bitmap (qemu:dirty-bitmap:<name>; also ?bitmap=<name>)')
+    .option('--qemu <qmp-socket>', 'back up a running QEMU disk through this QMP socket (instead of --source)')
+    .option('--node <node-name>', 'with --qemu: the raw passthrough node in the guest\'s path (its file child is the disk)')
+    .option('--device <qdev-id>', 'with --qemu: the VM disk device (not available yet)')
+    .option('--fleecing <dir>', 'with --qemu: folder on fast local storage for the fleecing image (removed after the backup)')
+    .option('--fleecing-max <size>', 'with --fleecing: abort the backup when the fleecing image holds more than this (default: unlimited)', parseSize)
+    .option('--cbw-timeout <s>', `with --qemu: seconds a copy-before-write may take before the backup fails (default ${DEFAULT_CBW_TIMEOUT})`, parseSeconds)
+    .option('--qemu-nbd <uri>', "with --qemu: the address of QEMU's own NBD server when it already runs one (nbd+unix:///?socket=/path or nbd://host:port)")
     .option('--concurrency <n>', 'worker threads (default: number of cores)', parseCount)
     .option('--max-read <rate>', 'read bandwidth limit, e.g. 50M (per second)', parseRate)
     .option('--max-write <rate>', 'write bandwidth limit, e.g. 20M (per second)', parseRate)
     .option('--json', 'print one JSON object')
-    .action(async (root: string, disk: string, opts: { source: string; from?: 'raw'; full?: boolean; changed?: string; bitmap?: string; concurrency?: number; maxRead?: number; maxWrite?: number; json?: boolean }) => {
-      planSource({ ...opts, fromRaw: opts.from === 'raw' }); // usage errors about the source (NBD URI, --bitmap) come first
+    .action(async (root: string, disk: string, opts: BackupCliOptions) => {
+      const live = opts.qemu !== undefined ? liveOptions(opts) : null;
+      if (!live) {
+        if (opts.source === undefined) throw new UsageError('give --source <path|nbd-uri>, or --qemu <qmp-socket> for a running QEMU disk');
+        for (const o of QEMU_ONLY) if (opts[o] !== undefined) throw new UsageError(`--${o.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)} needs --qemu`);
+        planSource({ ...opts, source: opts.source, fromRaw: opts.from === 'raw' }); // usage errors about the source (NBD URI, --bitmap) come first
+      }
       const repo = await Repository.open(root);
       repo.diskDir(disk); // validate the name before any work
       const bar = progressBar(`backup ${disk}`, opts.json ?? false);
       let report;
       try {
-        report = await backup(repo, disk, { ...opts, fromRaw: opts.from === 'raw', onProgress: (d, t, b) => bar.update(d, t, b) });
+        const onProgress = (d: number, t: number, b: number) => bar.update(d, t, b);
+        report = live ? await liveBackup(repo, disk, { ...live, onProgress }) : await backup(repo, disk, { ...opts, source: opts.source!, fromRaw: opts.from === 'raw', onProgress });
       } finally {
         bar.stop();
       }
