@@ -7,8 +7,8 @@
  */
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { readFile } from 'node:fs/promises';
-import { connect } from 'node:net';
 import { CLI, cliEnv, type CliResult } from './cli.js';
+import { accepts } from './sockets.js';
 
 const has = (cmd: string, arg = '--version') => spawnSync(cmd, [arg]).status === 0;
 
@@ -60,23 +60,6 @@ async function serve(cmd: string, args: string[], socket: string): Promise<Runni
   return { socket, stop: () => stopChild(child) };
 }
 
-/** Resolves once a connection to `socket` succeeds: polls, since the server creates it when it is ready. */
-async function accepts(socket: string, withinMs: number): Promise<void> {
-  const deadline = Date.now() + withinMs;
-  for (;;) {
-    const ok = await new Promise<boolean>((resolve) => {
-      const s = connect(socket);
-      s.once('connect', () => {
-        s.destroy();
-        resolve(true);
-      });
-      s.once('error', () => resolve(false));
-    });
-    if (ok) return;
-    if (Date.now() > deadline) throw new Error(`nothing accepts connections on ${socket} after ${withinMs} ms`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
 
 async function stopChild(child: ChildProcess): Promise<void> {
   running.delete(child);

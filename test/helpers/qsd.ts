@@ -8,11 +8,11 @@
  */
 import { type ChildProcess, execFile, spawn, spawnSync } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
-import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll } from 'vitest';
+import { accepts } from './sockets.js';
 
 export const run = promisify(execFile);
 
@@ -25,6 +25,8 @@ export interface QsdOptions {
   size?: number;
   /** Serve this image (of `format`) instead of a new one: a restart after stop() or kill(). */
   image?: string;
+  /** A second QMP monitor (`qmpSocket2`), for a test to watch QEMU while vhdvault holds the first one. */
+  secondMonitor?: boolean;
 }
 
 export interface Qsd {
@@ -33,6 +35,8 @@ export interface Qsd {
   format: 'qcow2' | 'raw';
   size: number;
   qmpSocket: string;
+  /** The second monitor's socket, when asked for. */
+  qmpSocket2: string | null;
   nbdSocket: string;
   /** The guest's writable export, for qemu-io. */
   guestUri: string;
@@ -62,6 +66,7 @@ export async function startQsd(options: QsdOptions = {}): Promise<Qsd> {
   if (!options.image) await run('qemu-img', ['create', '-q', '-f', format, image, String(size)]);
   const qmpSocket = join(dir, 'qmp.sock');
   const nbdSocket = join(dir, 'nbd.sock');
+  const qmpSocket2 = options.secondMonitor ? join(dir, 'qmp2.sock') : null;
   const args = [
     ...['--blockdev', `driver=file,node-name=f0,filename=${image}`],
     ...['--blockdev', `driver=${format},node-name=disk0,file=f0`],
@@ -69,6 +74,7 @@ export async function startQsd(options: QsdOptions = {}): Promise<Qsd> {
     ...['--nbd-server', `addr.type=unix,addr.path=${nbdSocket}`],
     ...['--export', 'type=nbd,id=guest,node-name=g0,name=disk0,writable=on'],
     ...['--chardev', `socket,path=${qmpSocket},server=on,wait=off,id=m0`, '--monitor', 'chardev=m0'],
+    ...(qmpSocket2 ? ['--chardev', `socket,path=${qmpSocket2},server=on,wait=off,id=m1`, '--monitor', 'chardev=m1'] : []),
   ];
   const child = spawn('qemu-storage-daemon', args, { stdio: ['ignore', 'ignore', 'pipe'] });
   running.add(child);
@@ -81,7 +87,7 @@ export async function startQsd(options: QsdOptions = {}): Promise<Qsd> {
   exited.catch(() => undefined);
   try {
     // The monitor serves one client at a time: this probe lets go at once, so the test's client is next.
-    await Promise.race([Promise.all([accepts(nbdSocket), accepts(qmpSocket)]), exited]);
+    await Promise.race([Promise.all([accepts(nbdSocket), accepts(qmpSocket), ...(qmpSocket2 ? [accepts(qmpSocket2)] : [])]), exited]);
   } catch (err) {
     await end(child, 'SIGKILL');
     throw err;
@@ -92,6 +98,7 @@ export async function startQsd(options: QsdOptions = {}): Promise<Qsd> {
     format,
     size,
     qmpSocket,
+    qmpSocket2,
     nbdSocket,
     guestUri: nbdUri(nbdSocket, 'disk0'),
     pid: child.pid!,
@@ -100,23 +107,6 @@ export async function startQsd(options: QsdOptions = {}): Promise<Qsd> {
   };
 }
 
-/** Resolves once a connection to `socket` succeeds: polls, since the daemon creates it when it is ready. */
-async function accepts(socket: string, withinMs = 10_000): Promise<void> {
-  const deadline = Date.now() + withinMs;
-  for (;;) {
-    const ok = await new Promise<boolean>((resolve) => {
-      const s = connect(socket);
-      s.once('connect', () => {
-        s.destroy();
-        resolve(true);
-      });
-      s.once('error', () => resolve(false));
-    });
-    if (ok) return;
-    if (Date.now() > deadline) throw new Error(`nothing accepts connections on ${socket} after ${withinMs} ms`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
 
 async function end(child: ChildProcess, signal: NodeJS.Signals): Promise<void> {
   running.delete(child);

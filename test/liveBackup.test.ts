@@ -1,0 +1,222 @@
+/**
+ * Live backups of a running disk in fleecing mode, through the built CLI,
+ * against qemu-storage-daemon as the guest (test/helpers/qsd.ts): qemu-io
+ * writes through the guest's NBD export while vhdvault backs it up. The test
+ * watches QEMU on the daemon's second monitor, since vhdvault holds the first.
+ */
+import { readdir, readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { spawn } from 'node:child_process';
+import { CLI, cliEnv, vhdvault, vhdvaultAsync, type CliResult } from './helpers/cli.js';
+import { tempDir } from './helpers/files.js';
+import { hasQsd, type Qsd, run, startQsd } from './helpers/qsd.js';
+import { initRepo } from './helpers/store.js';
+import { queryBlockExports, queryNamedBlockNodes } from '../src/qemu/commands.js';
+import { QmpClient } from '../src/qemu/QmpClient.js';
+
+const MiB = 1024 * 1024;
+const BLOCK = 2 * MiB;
+const dir = await tempDir('vhdvault-live-');
+const repo = join(dir, 'repo');
+await initRepo(repo, 'dir');
+const fleecing = join(dir, 'fleece');
+await run('mkdir', ['-p', fleecing]);
+
+/** A guest: the daemon, our own monitor on it, and a model of its disk's bytes. */
+interface Guest {
+  qsd: Qsd;
+  qmp: QmpClient;
+  bytes: Buffer;
+}
+
+const guests: Guest[] = [];
+afterAll(() => Promise.all(guests.map((g) => g.qmp.close())));
+
+async function startGuest(format: 'qcow2' | 'raw', size: number, image?: string, bytes?: Buffer): Promise<Guest> {
+  const qsd = await startQsd({ format, size, image, secondMonitor: true });
+  const g = { qsd, qmp: await QmpClient.connect(qsd.qmpSocket2!), bytes: bytes ?? Buffer.alloc(size) };
+  guests.push(g);
+  return g;
+}
+
+/** A guest write through its export; must succeed whatever the backup does. */
+async function write(g: Guest, pattern: number, offset: number, length: number): Promise<void> {
+  await run('qemu-io', ['-f', 'raw', '-c', `write -P ${pattern} ${offset} ${length}`, g.qsd.guestUri]);
+  g.bytes.fill(pattern, offset, offset + length);
+}
+
+const liveArgs = (g: Guest, disk: string, ...extra: string[]) => ['backup', repo, disk, '--qemu', g.qsd.qmpSocket, '--node', 'g0', '--fleecing', fleecing, '--qemu-nbd', `nbd+unix:///?socket=${g.qsd.nbdSocket}`, '--json', ...extra];
+
+interface Report {
+  id: string;
+  kind: 'full' | 'delta';
+  mode: string;
+  bytesRead: number;
+  extents: number;
+  fleecingPeakBytes: number;
+  checkpoint: string;
+  previousCheckpoint: string | null;
+  note?: string;
+}
+
+function parsed(r: CliResult): Report {
+  expect(r.code, r.stderr).toBe(0);
+  return JSON.parse(r.stdout) as Report;
+}
+
+async function liveBackup(g: Guest, disk: string, ...extra: string[]): Promise<Report> {
+  return parsed(await vhdvaultAsync(...liveArgs(g, disk, ...extra)));
+}
+
+async function restored(disk: string, id: string): Promise<Buffer> {
+  const out = join(dir, `${disk}-${id}.raw`);
+  const r = await vhdvaultAsync('restore', repo, disk, out, '--backup', id);
+  expect(r.code, r.stderr).toBe(0);
+  return readFile(out);
+}
+
+/** Resolves once vhdvault's export exists: the point in time has passed. */
+async function exportShown(g: Guest): Promise<void> {
+  for (;;) {
+    if ((await queryBlockExports(g.qmp)).some((e) => e.id.startsWith('vhdvault-'))) return;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/** Every `vhdvault-` thing in QEMU: nodes, exports, bitmaps on disk0. */
+async function ours(g: Guest): Promise<{ nodes: string[]; exports: string[]; bitmaps: Array<{ name: string; recording: boolean; inconsistent: boolean }> }> {
+  const nodes = await queryNamedBlockNodes(g.qmp);
+  return {
+    nodes: nodes.map((n) => n.nodeName).filter((n) => n.startsWith('vhdvault-')),
+    exports: (await queryBlockExports(g.qmp)).map((e) => e.id).filter((id) => id.startsWith('vhdvault-')),
+    bitmaps: nodes.find((n) => n.nodeName === 'disk0')!.dirtyBitmaps.filter((b) => b.name !== undefined).map(({ name, recording, inconsistent }) => ({ name, recording, inconsistent })),
+  };
+}
+
+describe('backup --qemu usage', () => {
+  it('refuses what fleecing mode cannot do, with exit 2', async () => {
+    const base = ['backup', repo, 'u', '--qemu', '/nonexistent.sock'];
+    const cases: Array<[string[], RegExp]> = [
+      [[...base, '--node', 'g0'], /direct mode \(no --fleecing\) is not available yet: give --fleecing <dir>/],
+      [[...base, '--node', 'g0', '--fleecing', fleecing, '--source', 'x.raw'], /--qemu and --source/],
+      [[...base, '--fleecing', fleecing], /--qemu needs --node/],
+      [[...base, '--node', 'g0', '--fleecing', fleecing, '--device', 'd0'], /--device .* not available yet/],
+      [['backup', repo, 'u', '--source', 'x.raw', '--fleecing', fleecing], /--fleecing needs --qemu/],
+    ];
+    for (const [args, message] of cases) {
+      const r = vhdvault(...args);
+      expect(r.code, r.stderr).toBe(2);
+      expect(r.stderr).toMatch(message);
+    }
+  });
+});
+
+describe.skipIf(!hasQsd)('backup --qemu --fleecing', () => {
+  it('backs up the disk as it was when the backup started, while the guest overwrites it', async () => {
+    const g = await startGuest('qcow2', 8 * MiB);
+    await write(g, 0xaa, 0, 8 * MiB);
+    const a = Buffer.from(g.bytes);
+    const running = vhdvaultAsync(...liveArgs(g, 'consistent', '--max-read', '2M'));
+    await exportShown(g);
+    await write(g, 0xbb, 4 * MiB, 4 * MiB); // the last two blocks, read a second or more from now
+    const report = parsed(await running);
+    expect(report).toMatchObject({ mode: 'fleecing', kind: 'full', previousCheckpoint: null, bytesRead: 8 * MiB });
+    expect(report.fleecingPeakBytes).toBeGreaterThanOrEqual(4 * MiB); // the old data B overwrote
+    expect((await restored('consistent', report.id)).equals(a)).toBe(true);
+    await run('qemu-io', ['-f', 'raw', '-r', '-c', `read -P 0xbb ${4 * MiB} ${4 * MiB}`, '-c', `read -P 0xaa 0 ${4 * MiB}`, g.qsd.guestUri]);
+    expect(await ours(g)).toEqual({ nodes: [], exports: [], bitmaps: [{ name: report.checkpoint, recording: true, inconsistent: false }] });
+    expect(await readdir(fleecing)).toEqual([]);
+  });
+
+  it('reads only the blocks a checkpoint marks, five backups in a row, each restoring exactly', async () => {
+    const g = await startGuest('qcow2', 32 * MiB);
+    await write(g, 0x01, 0, 32 * MiB); // all allocated: every dirty block reads as 2 MiB of data
+    const expected = new Map<string, Buffer>();
+    const first = await liveBackup(g, 'ckpt');
+    expect(first).toMatchObject({ kind: 'full', previousCheckpoint: null, bytesRead: 32 * MiB });
+    expect(first.note).toBeUndefined();
+    expected.set(first.id, Buffer.from(g.bytes));
+    let previous = first;
+    // [pattern, offset, length] writes between backups, and the blocks they dirty.
+    const rounds: Array<{ writes: Array<[number, number, number]>; blocks: number }> = [
+      { writes: [[0x10, 64 * 1024, 64 * 1024]], blocks: 1 },
+      { writes: [[0x20, 3 * BLOCK - 32 * 1024, 64 * 1024]], blocks: 2 }, // across a block boundary
+      { writes: [[0x30, 0, 4096], [0x31, 15 * BLOCK, 4096], [0x32, 15 * BLOCK + 8192, 4096]], blocks: 2 },
+      { writes: [[0x40, 8 * BLOCK, 3 * BLOCK]], blocks: 3 },
+    ];
+    for (const round of rounds) {
+      for (const [pattern, offset, length] of round.writes) await write(g, pattern, offset, length);
+      const r = await liveBackup(g, 'ckpt');
+      expect(r).toMatchObject({ kind: 'delta', previousCheckpoint: previous.checkpoint, bytesRead: round.blocks * BLOCK });
+      expect(r.note).toBeUndefined();
+      expect((await ours(g)).bitmaps).toEqual([{ name: r.checkpoint, recording: true, inconsistent: false }]);
+      expected.set(r.id, Buffer.from(g.bytes));
+      previous = r;
+    }
+    for (const [id, bytes] of expected) expect((await restored('ckpt', id)).equals(bytes), id).toBe(true);
+  });
+
+  it('falls back to reading everything when the checkpoint is lost with a restart, and says why', async () => {
+    const size = 16 * MiB;
+    const g = await startGuest('raw', size);
+    await write(g, 0x05, 0, size);
+    const first = await liveBackup(g, 'raw');
+    await g.qmp.close();
+    await g.qsd.stop();
+    const again = await startGuest('raw', size, g.qsd.image, g.bytes);
+    expect((await ours(again)).bitmaps).toEqual([]); // transient on a raw disk
+    await write(again, 0x06, 5 * MiB, 64 * 1024);
+    const r = await liveBackup(again, 'raw');
+    expect(r).toMatchObject({ kind: 'delta', previousCheckpoint: null, bytesRead: size });
+    expect(r.note).toContain(`previous checkpoint bitmap "${first.checkpoint}" is missing`);
+    expect((await restored('raw', r.id)).equals(again.bytes)).toBe(true);
+  });
+
+  it('fails the backup, not the guest, when the fleecing image grows past --fleecing-max, and leaves nothing behind', async () => {
+    const size = 16 * MiB;
+    const g = await startGuest('qcow2', size);
+    await write(g, 0x07, 0, size);
+    const first = await liveBackup(g, 'small');
+    const running = vhdvaultAsync(...liveArgs(g, 'small', '--full', '--max-read', '2M', '--fleecing-max', '1M')); // full: slow enough to be written under
+    await exportShown(g);
+    await write(g, 0x08, 6 * MiB, 8 * MiB); // succeeds: copies go to the fleecing image, past its max
+    const r = await running;
+    expect(r.code, r.stderr).toBe(1);
+    expect(r.stdout).toBe('');
+    expect(r.stderr.trimEnd().split('\n')).toHaveLength(1);
+    expect(r.stderr).toMatch(/fleecing image grew to \d+ bytes, past --fleecing-max 1048576: backup aborted/);
+    // The previous checkpoint got the writes back, and records again.
+    expect(await ours(g)).toEqual({ nodes: [], exports: [], bitmaps: [{ name: first.checkpoint, recording: true, inconsistent: false }] });
+    expect(await readdir(fleecing)).toEqual([]);
+    await run('qemu-io', ['-f', 'raw', '-r', '-c', `read -P 0x08 ${6 * MiB} ${8 * MiB}`, g.qsd.guestUri]);
+    const next = await liveBackup(g, 'small');
+    expect(next).toMatchObject({ kind: 'delta', previousCheckpoint: first.checkpoint, bytesRead: 4 * BLOCK });
+    expect((await restored('small', next.id)).equals(g.bytes)).toBe(true);
+  });
+
+  it('removes what a killed run left in QEMU and in the fleecing folder, and trusts no bitmap it touched', async () => {
+    const size = 16 * MiB;
+    const g = await startGuest('qcow2', size);
+    await write(g, 0x09, 0, size);
+    const first = await liveBackup(g, 'killed');
+    const child = spawn(process.execPath, [CLI, ...liveArgs(g, 'killed', '--full', '--max-read', '2M')], { stdio: 'ignore', env: cliEnv() });
+    const gone = new Promise((resolve) => child.once('exit', resolve));
+    await exportShown(g);
+    child.kill('SIGKILL');
+    await gone;
+    const left = await ours(g);
+    expect(left.nodes.sort()).toEqual(['vhdvault-cbw', 'vhdvault-fleece', 'vhdvault-snap']);
+    expect(left.exports).toHaveLength(1);
+    expect(left.bitmaps).toHaveLength(2);
+    expect(await readdir(fleecing)).toHaveLength(1);
+    await write(g, 0x0a, 3 * MiB, MiB); // the guest goes on through the orphaned filter
+    const next = await liveBackup(g, 'killed');
+    // The previous checkpoint was disabled at the point in time: it missed writes since.
+    expect(next).toMatchObject({ kind: 'delta', previousCheckpoint: null, bytesRead: size });
+    expect(next.note).toContain(`previous checkpoint bitmap "${first.checkpoint}" is not recording`);
+    expect(await ours(g)).toEqual({ nodes: [], exports: [], bitmaps: [{ name: next.checkpoint, recording: true, inconsistent: false }] });
+    expect(await readdir(fleecing)).toEqual([]);
+    expect((await restored('killed', next.id)).equals(g.bytes)).toBe(true);
+  });
+});
