@@ -1,0 +1,310 @@
+/**
+ * What a live backup costs the guest: 4 KiB random writes measured with fio
+ * through a qemu-storage-daemon "guest" while idle, and while a fleecing-mode
+ * live backup (README "Backing up a running QEMU disk") runs against it.
+ *
+ *   npm run bench:live              # 1 GiB, table
+ *   npm run bench:live -- --json    # one JSON object
+ *
+ * Environment: BENCH_SIZE_MIB (default 1024), BENCH_SECONDS per fio job
+ * (default 10), BENCH_REWRITE_PCT (default 90), BENCH_MAX_WRITE (default 20M),
+ * BENCH_DIR (where to work).
+ *
+ * The guest: qemu-storage-daemon serving a qcow2 image (file f0 → qcow2 disk0
+ * → raw passthrough g0), g0 exported writable over NBD as `disk0` on a Unix
+ * socket (the guest's writes go there), two QMP monitors (vhdvault holds one,
+ * the bench watches on the other). Default cache mode (host page cache).
+ *
+ * Sequence: fill the whole disk with random data (fio, 1 MiB sequential
+ * writes); a first live backup (full, unthrottled); rewrite the first
+ * BENCH_REWRITE_PCT % of the disk with fresh random data, so the measured
+ * backup is a delta of most of the disk (every rewritten block is dirty in the
+ * checkpoint bitmap and differs from the stored one); then
+ *   (a) idle: fio randwrite 4k at iodepth 1, then 8, no backup;
+ *   (b) fleecing: start `backup --qemu … --fleecing … --max-write 20M --json`,
+ *       wait until its fleecing image exists and its export is shown in QEMU
+ *       (the point in time has passed: copy-before-write is in the guest's
+ *       path), then the same two fio jobs while it runs; the backup's duration
+ *       and fleecing image peak come from its --json report;
+ *   (c) direct mode: not implemented in vhdvault (exit 2), printed as such;
+ *   idle again after the backup ended, as a measure of run-to-run noise.
+ * fio jobs are time-based without ramp (the first writes to each cluster are
+ * the ones copy-before-write slows). Goal: fleecing p99 ≤ 1.5 × idle p99.
+ */
+import { spawn } from 'node:child_process';
+import { mkdir, mkdtemp, readdir, rm } from 'node:fs/promises';
+import { connect } from 'node:net';
+import { cpus, loadavg, tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { queryBlockExports } from '../src/qemu/commands.js';
+import { QmpClient } from '../src/qemu/QmpClient.js';
+import { formatTable, MiB, mustRun, runCommand, type RunResult } from './lib.js';
+
+const CLI = fileURLToPath(new URL('../src/cli/main.js', import.meta.url));
+const BLOCK = 2 * MiB;
+
+interface FioWrite {
+  iops: number;
+  p50us: number;
+  p99us: number;
+  /** Wall-clock start and end, ms since the bench started. */
+  startMs: number;
+  endMs: number;
+}
+
+interface BackupReport {
+  id: string;
+  kind: string;
+  mode: string;
+  bytesRead: number;
+  bytesWritten: number;
+  durationMs: number;
+  fleecingPeakBytes: number;
+  note?: string;
+}
+
+const t0 = performance.now();
+const now = () => performance.now() - t0;
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+async function fio(uri: string, job: string[]): Promise<RunResult> {
+  return mustRun('fio', ['--name=bench', '--ioengine=nbd', `--uri=${uri}`, ...job, '--output-format=json']);
+}
+
+async function randwrite(uri: string, iodepth: number, seconds: number): Promise<FioWrite> {
+  const startMs = now();
+  const r = await fio(uri, ['--rw=randwrite', '--bs=4k', `--iodepth=${iodepth}`, '--time_based', `--runtime=${seconds}`]);
+  const endMs = now();
+  // fio prints "fio: connected to NBD server" before its JSON.
+  const write = JSON.parse(r.stdout.slice(r.stdout.indexOf('{'))).jobs[0].write;
+  const pct = write.clat_ns.percentile as Record<string, number>;
+  return { iops: write.iops, p50us: pct['50.000000']! / 1000, p99us: pct['99.000000']! / 1000, startMs, endMs };
+}
+
+/** Sequential 1 MiB writes of fresh random data over [0, bytes). */
+async function fill(uri: string, bytes: number): Promise<void> {
+  await fio(uri, ['--rw=write', '--bs=1M', '--iodepth=4', '--refill_buffers', `--size=${bytes}`]);
+}
+
+async function waitForSocket(path: string): Promise<void> {
+  for (let i = 0; i < 200; i++) {
+    const ok = await new Promise<boolean>((resolve) => {
+      const s = connect(path).once('connect', () => (s.destroy(), resolve(true))).once('error', () => resolve(false));
+    });
+    if (ok) return;
+    await sleep(50);
+  }
+  throw new Error(`nothing listens on ${path}`);
+}
+
+interface Guest {
+  qmpSocket: string;
+  watchSocket: string;
+  nbdSocket: string;
+  guestUri: string;
+  stop(): Promise<void>;
+}
+
+/** qemu-storage-daemon as a running VM's disk, as test/helpers/qsd.ts sets it up. */
+async function startGuest(dir: string, size: number): Promise<Guest> {
+  const image = join(dir, 'disk.qcow2');
+  await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', image, String(size)]);
+  const qmpSocket = join(dir, 'qmp.sock');
+  const watchSocket = join(dir, 'qmp2.sock');
+  const nbdSocket = join(dir, 'nbd.sock');
+  const child = spawn(
+    'qemu-storage-daemon',
+    [
+      ...['--blockdev', `driver=file,node-name=f0,filename=${image}`],
+      ...['--blockdev', 'driver=qcow2,node-name=disk0,file=f0'],
+      ...['--blockdev', 'driver=raw,node-name=g0,file=disk0'],
+      ...['--nbd-server', `addr.type=unix,addr.path=${nbdSocket}`],
+      ...['--export', 'type=nbd,id=guest,node-name=g0,name=disk0,writable=on'],
+      ...['--chardev', `socket,path=${qmpSocket},server=on,wait=off,id=m0`, '--monitor', 'chardev=m0'],
+      ...['--chardev', `socket,path=${watchSocket},server=on,wait=off,id=m1`, '--monitor', 'chardev=m1'],
+    ],
+    { stdio: ['ignore', 'ignore', 'pipe'] },
+  );
+  // Kept for an error message only: our socket probes make it log "option negotiation failed".
+  let stderr = '';
+  child.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+  const stop = async () => {
+    if (child.exitCode !== null || child.signalCode !== null) return;
+    child.kill('SIGTERM');
+    const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
+    await exited;
+    clearTimeout(timer);
+  };
+  try {
+    await Promise.all([waitForSocket(nbdSocket), waitForSocket(qmpSocket), waitForSocket(watchSocket)]);
+  } catch (err) {
+    await stop();
+    throw new Error(`qemu-storage-daemon did not come up: ${(err as Error).message}; ${stderr.trim()}`);
+  }
+  return { qmpSocket, watchSocket, nbdSocket, guestUri: `nbd+unix:///disk0?socket=${nbdSocket}`, stop };
+}
+
+function liveBackupArgs(repo: string, g: Guest, fleecing: string, ...extra: string[]): string[] {
+  return [CLI, 'backup', repo, 'vm', '--qemu', g.qmpSocket, '--node', 'g0', '--fleecing', fleecing, '--qemu-nbd', `nbd+unix:///?socket=${g.nbdSocket}`, '--json', ...extra];
+}
+
+function parseReport(r: RunResult): BackupReport {
+  if (r.code !== 0) throw new Error(`live backup exited ${r.code}: ${r.stderr.trim()}`);
+  return JSON.parse(r.stdout) as BackupReport;
+}
+
+/** Resolves once the fleecing image exists and vhdvault's export is shown in QEMU. */
+async function fleecingStarted(watch: QmpClient, fleecing: string, backup: Promise<RunResult>): Promise<void> {
+  let ended = false;
+  void backup.finally(() => (ended = true));
+  for (;;) {
+    if (ended) throw new Error('the backup ended before its fleecing export appeared');
+    const image = (await readdir(fleecing)).some((f) => f.endsWith('.fleece.raw'));
+    if (image && (await queryBlockExports(watch)).some((e) => e.id.startsWith('vhdvault-'))) return;
+    await sleep(20);
+  }
+}
+
+const fmtUs = (us: number) => (us >= 1000 ? `${(us / 1000).toFixed(2)} ms` : `${us.toFixed(0)} µs`);
+
+async function main(): Promise<void> {
+  const json = process.argv.includes('--json');
+  const sizeMiB = Number(process.env.BENCH_SIZE_MIB ?? 1024);
+  const size = sizeMiB * MiB;
+  const seconds = Number(process.env.BENCH_SECONDS ?? 10);
+  const rewritePct = Number(process.env.BENCH_REWRITE_PCT ?? 90);
+  const maxWrite = process.env.BENCH_MAX_WRITE ?? '20M';
+  const depths = [1, 8];
+  const load = { before: loadavg().map((l) => Number(l.toFixed(2))), cores: cpus().length };
+  const log = (s: string) => {
+    if (!json) console.error(s);
+  };
+
+  // Short: Unix socket paths must fit in 108 bytes.
+  const work = await mkdtemp(join(process.env.BENCH_DIR ?? tmpdir(), 'vv-live-'));
+  const repo = join(work, 'repo');
+  const fleecing = join(work, 'fleece');
+  await mkdir(fleecing);
+  await mustRun(process.execPath, [CLI, 'init', repo, '--layout', 'dir', '--compression', 'none']);
+  const g = await startGuest(work, size);
+  const watch = await QmpClient.connect(g.watchSocket);
+  try {
+    log(`fill ${sizeMiB} MiB with random data`);
+    let t = now();
+    await fill(g.guestUri, size);
+    const fillSeconds = (now() - t) / 1000;
+
+    log('first live backup (full, unthrottled)');
+    const first = parseReport(await runCommand(process.execPath, liveBackupArgs(repo, g, fleecing)));
+
+    const rewriteBytes = Math.max(BLOCK, Math.floor((size * rewritePct) / 100 / BLOCK) * BLOCK);
+    log(`rewrite the first ${rewriteBytes / MiB} MiB (${rewritePct}%) with fresh random data`);
+    t = now();
+    await fill(g.guestUri, rewriteBytes);
+    const rewriteSeconds = (now() - t) / 1000;
+
+    const idle: FioWrite[] = [];
+    for (const d of depths) {
+      log(`idle: randwrite 4k iodepth ${d}, ${seconds} s`);
+      idle.push(await randwrite(g.guestUri, d, seconds));
+    }
+
+    log(`fleecing: live backup with --max-write ${maxWrite}, fio while it runs`);
+    const backupStart = now();
+    const running = runCommand(process.execPath, liveBackupArgs(repo, g, fleecing, '--max-write', maxWrite));
+    let backupEndMs = Infinity;
+    void running.then(() => (backupEndMs = now()));
+    await fleecingStarted(watch, fleecing, running);
+    const exportAfterMs = now() - backupStart;
+    const during: FioWrite[] = [];
+    for (const d of depths) {
+      log(`fleecing: randwrite 4k iodepth ${d}, ${seconds} s`);
+      during.push(await randwrite(g.guestUri, d, seconds));
+    }
+    const fioWithinBackup = during.every((r) => r.endMs <= backupEndMs);
+    const measured = parseReport(await running);
+    const backupWallSeconds = (backupEndMs - backupStart) / 1000;
+
+    const after: FioWrite[] = [];
+    for (const d of depths) {
+      log(`idle after: randwrite 4k iodepth ${d}, ${seconds} s`);
+      after.push(await randwrite(g.guestUri, d, seconds));
+    }
+    const loadAfter = loadavg().map((l) => Number(l.toFixed(2)));
+
+    const rows = depths.map((d, i) => {
+      const a = idle[i]!;
+      const f = during[i]!;
+      const p99Ratio = f.p99us / a.p99us;
+      return {
+        iodepth: d,
+        idle: a,
+        fleecing: f,
+        direct: null as null,
+        idleAfter: after[i]!,
+        iopsRatio: f.iops / a.iops,
+        p99Ratio,
+        goalMet: p99Ratio <= 1.5,
+      };
+    });
+    const result = {
+      sizeMiB,
+      seconds,
+      maxWrite,
+      machine: { cores: load.cores, loadavgBefore: load.before, loadavgAfter: loadAfter },
+      setup: {
+        fillSeconds,
+        firstBackup: { kind: first.kind, durationMs: first.durationMs, bytesRead: first.bytesRead, bytesWritten: first.bytesWritten, fleecingPeakBytes: first.fleecingPeakBytes },
+        rewritePct,
+        rewriteBytes,
+        rewriteSeconds,
+      },
+      backup: {
+        kind: measured.kind,
+        mode: measured.mode,
+        durationMs: measured.durationMs,
+        wallSeconds: backupWallSeconds,
+        exportShownAfterMs: exportAfterMs,
+        bytesRead: measured.bytesRead,
+        bytesWritten: measured.bytesWritten,
+        fleecingPeakBytes: measured.fleecingPeakBytes,
+        fioWithinBackup,
+        note: measured.note ?? null,
+      },
+      direct: 'not available: vhdvault has no direct mode yet (backup --qemu without --fleecing exits 2)',
+      rows,
+      goal: 'fleecing p99 ≤ 1.5 × idle p99',
+    };
+    if (json) {
+      console.log(JSON.stringify(result, null, 2));
+      return;
+    }
+    console.log(`guest 4 KiB random writes (fio nbd engine, ${seconds} s per job, no ramp), ${sizeMiB} MiB qcow2 under qemu-storage-daemon; ${load.cores} cores, load ${load.before.join(' ')} → ${loadAfter.join(' ')}`);
+    console.log(
+      `setup: fill ${fillSeconds.toFixed(1)} s; first live backup ${first.kind} ${(first.durationMs / 1000).toFixed(1)} s; rewrote ${rewriteBytes / MiB} MiB (${rewritePct}%) in ${rewriteSeconds.toFixed(1)} s`,
+    );
+    const row = (state: string, d: number, r: FioWrite | null) =>
+      r ? [state, String(d), r.iops.toFixed(0), fmtUs(r.p50us), fmtUs(r.p99us)] : [state, String(d), 'not available', '—', '—'];
+    const table: string[][] = [];
+    for (const [i, d] of depths.entries()) {
+      table.push(row('(a) idle', d, idle[i]!));
+      table.push(row('(b) fleecing backup', d, during[i]!));
+      table.push(row('(c) direct backup', d, null));
+      table.push(row('idle after (noise)', d, after[i]!));
+    }
+    console.log(formatTable(['state', 'iodepth', 'IOPS', 'p50', 'p99'], table));
+    console.log(
+      `backup during (b): ${measured.kind}, --max-write ${maxWrite}, ${(measured.durationMs / 1000).toFixed(1)} s (wall ${backupWallSeconds.toFixed(1)} s, export shown after ${(exportAfterMs / 1000).toFixed(1)} s), read ${(measured.bytesRead / MiB).toFixed(0)} MiB, wrote ${(measured.bytesWritten / MiB).toFixed(0)} MiB, fleecing peak ${(measured.fleecingPeakBytes / MiB).toFixed(1)} MiB${fioWithinBackup ? '' : '; WARNING: the backup ended before fio did'}`,
+    );
+    console.log('(c) direct mode: not available (vhdvault has no direct mode yet)');
+    for (const r of rows) console.log(`goal fleecing p99 ≤ 1.5× idle, iodepth ${r.iodepth}: ${r.p99Ratio.toFixed(2)}× — ${r.goalMet ? 'met' : 'not met'} (IOPS ${r.iopsRatio.toFixed(2)}× idle)`);
+  } finally {
+    await watch.close().catch(() => undefined);
+    await g.stop();
+    await rm(work, { recursive: true, force: true });
+  }
+}
+
+await main();
