@@ -14,6 +14,7 @@ const LONGEST_FIRST = [
   'test/pruneKillSweep.test.ts',
   'test/repository.test.ts',
   'test/crash.test.ts',
+  'test/liveBackupKills.test.ts',
   'test/prune.test.ts',
   'test/badInput.test.ts',
 ];
