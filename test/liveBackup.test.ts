@@ -8,9 +8,10 @@ import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { spawn } from 'node:child_process';
-import { CLI, cliEnv, vhdvault, vhdvaultAsync, type CliResult } from './helpers/cli.js';
+import { CLI, cliEnv, vhdvault, vhdvaultAsync } from './helpers/cli.js';
 import { tempDir } from './helpers/files.js';
 import { hasQsd, type Qsd, run, startQsd } from './helpers/qsd.js';
+import { liveArgs as argsOf, liveReport, type LiveReport } from './helpers/live.js';
 import { initRepo } from './helpers/store.js';
 import { queryBlockExports, queryNamedBlockNodes } from '../src/qemu/commands.js';
 import { QmpClient } from '../src/qemu/QmpClient.js';
@@ -46,26 +47,12 @@ async function write(g: Guest, pattern: number, offset: number, length: number):
   g.bytes.fill(pattern, offset, offset + length);
 }
 
-const liveArgs = (g: Guest, disk: string, ...extra: string[]) => ['backup', repo, disk, '--qemu', g.qsd.qmpSocket, '--node', 'g0', '--fleecing', fleecing, '--qemu-nbd', `nbd+unix:///?socket=${g.qsd.nbdSocket}`, '--json', ...extra];
+const liveArgs = (g: Guest, disk: string, ...extra: string[]) => argsOf(g.qsd, repo, disk, fleecing, ...extra);
 
-interface Report {
-  id: string;
-  kind: 'full' | 'delta';
-  mode: string;
-  bytesRead: number;
-  extents: number;
-  fleecingPeakBytes: number;
-  checkpoint: string;
-  previousCheckpoint: string | null;
-  note?: string;
-}
 
-function parsed(r: CliResult): Report {
-  expect(r.code, r.stderr).toBe(0);
-  return JSON.parse(r.stdout) as Report;
-}
+const parsed = liveReport;
 
-async function liveBackup(g: Guest, disk: string, ...extra: string[]): Promise<Report> {
+async function liveBackup(g: Guest, disk: string, ...extra: string[]): Promise<LiveReport> {
   return parsed(await vhdvaultAsync(...liveArgs(g, disk, ...extra)));
 }
 

@@ -10,9 +10,10 @@ import { spawn } from 'node:child_process';
 import { readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { CLI, cliEnv, vhdvaultAsync, type CliResult } from './helpers/cli.js';
+import { CLI, cliEnv, vhdvaultAsync } from './helpers/cli.js';
 import { sha256, tempDir } from './helpers/files.js';
 import { hasQsd, type Qsd, run, startQsd } from './helpers/qsd.js';
+import { liveArgs as argsOf, liveReport, type LiveReport } from './helpers/live.js';
 import { initRepo } from './helpers/store.js';
 import { queryBlockExports, queryNamedBlockNodes } from '../src/qemu/commands.js';
 import { QmpClient } from '../src/qemu/QmpClient.js';
@@ -131,22 +132,10 @@ class Writer {
   }
 }
 
-const liveArgs = (g: Guest, disk: string, ...extra: string[]) => ['backup', repo, disk, '--qemu', g.qsd.qmpSocket, '--node', 'g0', '--fleecing', fleecing, '--qemu-nbd', `nbd+unix:///?socket=${g.qsd.nbdSocket}`, '--json', ...extra];
+const liveArgs = (g: Guest, disk: string, ...extra: string[]) => argsOf(g.qsd, repo, disk, fleecing, ...extra);
 
-interface Report {
-  id: string;
-  kind: 'full' | 'delta';
-  mode: string;
-  bytesRead: number;
-  checkpoint: string;
-  previousCheckpoint: string | null;
-  note?: string;
-}
 
-function parsed(r: CliResult, context = ''): Report {
-  expect(r.code, `${context}\n${r.stderr}`).toBe(0);
-  return JSON.parse(r.stdout) as Report;
-}
+const parsed = liveReport;
 
 /** Every `vhdvault-` thing in QEMU: nodes, exports, bitmaps on disk0. */
 async function ours(g: Guest): Promise<{ nodes: string[]; exports: string[]; bitmaps: Array<{ name: string; recording: boolean; inconsistent: boolean }> }> {
@@ -177,7 +166,7 @@ async function until(cond: () => Promise<boolean>, done: { settled: boolean }): 
  * guest is read, the backup starts, and the writer resumes once the export
  * exists (the filter went in before it) — or once the backup is over.
  */
-async function knownBackup(g: Guest, writer: Writer, disk: string, label: string): Promise<{ report: Report; sha: string }> {
+async function knownBackup(g: Guest, writer: Writer, disk: string, label: string): Promise<{ report: LiveReport; sha: string }> {
   await writer.pause();
   const sha = await guestSha(g, label);
   // The export of a killed run may still be there: wait for the new one.

@@ -1,0 +1,27 @@
+/** `vhdvault backup --qemu` as the live-backup tests run it, and what its `--json` report holds. */
+import { expect } from 'vitest';
+import type { CliResult } from './cli.js';
+import type { Qsd } from './qsd.js';
+
+export interface LiveReport {
+  id: string;
+  kind: 'full' | 'delta';
+  mode: string;
+  bytesRead: number;
+  extents: number;
+  fleecingPeakBytes: number;
+  checkpoint: string;
+  previousCheckpoint: string | null;
+  note?: string;
+}
+
+/** The CLI arguments of a fleecing-mode live backup of the guest `qsd` runs, into `repo` as `disk`. */
+export function liveArgs(qsd: Qsd, repo: string, disk: string, fleecing: string, ...extra: string[]): string[] {
+  return ['backup', repo, disk, '--qemu', qsd.qmpSocket, '--node', 'g0', '--fleecing', fleecing, '--qemu-nbd', `nbd+unix:///?socket=${qsd.nbdSocket}`, '--json', ...extra];
+}
+
+/** The report of a live backup that must have succeeded. */
+export function liveReport(r: CliResult, context = ''): LiveReport {
+  expect(r.code, `${context}\n${r.stderr}`).toBe(0);
+  return JSON.parse(r.stdout) as LiveReport;
+}
