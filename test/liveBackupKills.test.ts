@@ -13,9 +13,9 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { CLI, cliEnv, vhdvaultAsync } from './helpers/cli.js';
 import { sha256, tempDir } from './helpers/files.js';
 import { hasQsd, type Qsd, run, startQsd } from './helpers/qsd.js';
-import { liveArgs as argsOf, liveReport, type LiveReport } from './helpers/live.js';
+import { liveArgs as argsOf, liveReport, type LiveReport, vhdvaultLeftovers } from './helpers/live.js';
 import { initRepo } from './helpers/store.js';
-import { queryBlockExports, queryNamedBlockNodes } from '../src/qemu/commands.js';
+import { queryBlockExports } from '../src/qemu/commands.js';
 import { QmpClient } from '../src/qemu/QmpClient.js';
 
 const MiB = 1024 * 1024;
@@ -137,15 +137,7 @@ const liveArgs = (g: Guest, disk: string, ...extra: string[]) => argsOf(g.qsd, r
 
 const parsed = liveReport;
 
-/** Every `vhdvault-` thing in QEMU: nodes, exports, bitmaps on disk0. */
-async function ours(g: Guest): Promise<{ nodes: string[]; exports: string[]; bitmaps: Array<{ name: string; recording: boolean; inconsistent: boolean }> }> {
-  const nodes = await queryNamedBlockNodes(g.qmp);
-  return {
-    nodes: nodes.map((n) => n.nodeName).filter((n) => n.startsWith('vhdvault-')),
-    exports: (await queryBlockExports(g.qmp)).map((e) => e.id).filter((id) => id.startsWith('vhdvault-')),
-    bitmaps: nodes.find((n) => n.nodeName === 'disk0')!.dirtyBitmaps.filter((b) => b.name !== undefined).map(({ name, recording, inconsistent }) => ({ name, recording, inconsistent })),
-  };
-}
+const ours = (g: Guest) => vhdvaultLeftovers(g.qmp);
 
 const ourExports = async (g: Guest) => (await queryBlockExports(g.qmp)).map((e) => e.id).filter((id) => id.startsWith('vhdvault-'));
 /** An export of ours other than those in `before` (what a killed run left) exists. */

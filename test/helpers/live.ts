@@ -1,5 +1,7 @@
 /** `vhdvault backup --qemu` as the live-backup tests run it, and what its `--json` report holds. */
 import { expect } from 'vitest';
+import { queryBlockExports, queryNamedBlockNodes } from '../../src/qemu/commands.js';
+import type { QmpClient } from '../../src/qemu/QmpClient.js';
 import type { CliResult } from './cli.js';
 import type { Qsd } from './qsd.js';
 
@@ -24,4 +26,14 @@ export function liveArgs(qsd: Qsd, repo: string, disk: string, fleecing: string,
 export function liveReport(r: CliResult, context = ''): LiveReport {
   expect(r.code, `${context}\n${r.stderr}`).toBe(0);
   return JSON.parse(r.stdout) as LiveReport;
+}
+
+/** Every `vhdvault-` thing in QEMU: nodes, exports, and the named bitmaps on disk0. */
+export async function vhdvaultLeftovers(qmp: QmpClient): Promise<{ nodes: string[]; exports: string[]; bitmaps: Array<{ name: string; recording: boolean; inconsistent: boolean }> }> {
+  const nodes = await queryNamedBlockNodes(qmp);
+  return {
+    nodes: nodes.map((n) => n.nodeName).filter((n) => n.startsWith('vhdvault-')),
+    exports: (await queryBlockExports(qmp)).map((e) => e.id).filter((id) => id.startsWith('vhdvault-')),
+    bitmaps: nodes.find((n) => n.nodeName === 'disk0')!.dirtyBitmaps.filter((b) => b.name !== undefined).map(({ name, recording, inconsistent }) => ({ name, recording, inconsistent })),
+  };
 }
