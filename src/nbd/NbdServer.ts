@@ -4,13 +4,14 @@
  * protocol error ends that connection only. stop() stops accepting, lets the
  * requests in flight finish, then flushes and closes the exports.
  */
-import { lstat, rm } from 'node:fs/promises';
-import { connect, createServer, type Server, type Socket } from 'node:net';
+import { rm } from 'node:fs/promises';
+import { createServer, type Server, type Socket } from 'node:net';
 import { NbdProtocolError } from './errors.js';
 import type { ExportCatalog } from './export.js';
 import { FrameReader } from './FrameReader.js';
 import { negotiate } from './serverHandshake.js';
 import { ServerSession } from './serverSession.js';
+import { socketState } from '../util/unixSocket.js';
 
 /** Where to listen: TCP (loopback unless told otherwise) or a Unix socket. */
 export type Listen = { host: string; port: number } | { path: string };
@@ -44,7 +45,7 @@ export class NbdServer {
       await this.listenOnce(where);
     } catch (err) {
       // A socket file nobody listens on is what a killed server leaves: replace it (never anything else).
-      if ((err as NodeJS.ErrnoException).code !== 'EADDRINUSE' || !('path' in where) || !(await isStaleSocket(where.path))) throw err;
+      if ((err as NodeJS.ErrnoException).code !== 'EADDRINUSE' || !('path' in where) || (await socketState(where.path)) !== 'stale') throw err;
       await rm(where.path, { force: true });
       await this.listenOnce(where);
     }
@@ -126,16 +127,3 @@ export class NbdServer {
   }
 }
 
-/** A Unix socket file whose server is gone: connecting is refused. */
-async function isStaleSocket(path: string): Promise<boolean> {
-  const s = await lstat(path).catch(() => null);
-  if (!s?.isSocket()) return false;
-  return new Promise((resolve) => {
-    const probe = connect(path);
-    probe.once('connect', () => {
-      probe.destroy();
-      resolve(false);
-    });
-    probe.once('error', (err: NodeJS.ErrnoException) => resolve(err.code === 'ECONNREFUSED'));
-  });
-}
