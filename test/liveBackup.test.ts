@@ -15,6 +15,7 @@ import { liveArgs as argsOf, liveReport, type LiveReport, vhdvaultLeftovers } fr
 import { initRepo } from './helpers/store.js';
 import { queryBlockExports } from '../src/qemu/commands.js';
 import { QmpClient } from '../src/qemu/QmpClient.js';
+import { ViewNames } from '../src/qemu/frozenView.js';
 
 const MiB = 1024 * 1024;
 const BLOCK = 2 * MiB;
@@ -47,14 +48,20 @@ async function write(g: Guest, pattern: number, offset: number, length: number):
   g.bytes.fill(pattern, offset, offset + length);
 }
 
-const liveArgs = (g: Guest, disk: string, ...extra: string[]) => argsOf(g.qsd, repo, disk, fleecing, ...extra);
-
+type Mode = 'fleecing' | 'direct';
+const liveArgs = (mode: Mode, g: Guest, disk: string, ...extra: string[]) => argsOf(g.qsd, repo, disk, mode === 'fleecing' ? fleecing : null, ...extra);
 
 const parsed = liveReport;
 
-async function liveBackup(g: Guest, disk: string, ...extra: string[]): Promise<LiveReport> {
-  return parsed(await vhdvaultAsync(...liveArgs(g, disk, ...extra)));
+async function liveBackup(mode: Mode, g: Guest, disk: string, ...extra: string[]): Promise<LiveReport> {
+  return parsed(await vhdvaultAsync(...liveArgs(mode, g, disk, ...extra)));
 }
+
+/** The `vhdvault-<tag>-` names a backup of the guest node g0 gives what it adds to QEMU. */
+const view = new ViewNames('g0');
+
+/** Files in the disk's folder a live backup leaves while it runs: direct mode's copies. */
+const copiesFiles = async (disk: string) => (await readdir(join(repo, 'disks', disk)).catch(() => [])).filter((n) => n.endsWith('.copies.tmp'));
 
 async function restored(disk: string, id: string): Promise<Buffer> {
   const out = join(dir, `${disk}-${id}.raw`);
@@ -74,10 +81,10 @@ async function exportShown(g: Guest): Promise<void> {
 const ours = (g: Guest) => vhdvaultLeftovers(g.qmp);
 
 describe('backup --qemu usage', () => {
-  it('refuses what fleecing mode cannot do, with exit 2', async () => {
+  it('refuses options that do not go together, with exit 2', async () => {
     const base = ['backup', repo, 'u', '--qemu', '/nonexistent.sock'];
     const cases: Array<[string[], RegExp]> = [
-      [[...base, '--node', 'g0'], /direct mode \(no --fleecing\) is not available yet: give --fleecing <dir>/],
+      [[...base, '--node', 'g0', '--fleecing-max', '1M'], /--fleecing-max needs --fleecing <dir>/],
       [[...base, '--node', 'g0', '--fleecing', fleecing, '--source', 'x.raw'], /--qemu and --source/],
       [[...base, '--fleecing', fleecing], /--qemu needs --node/],
       [[...base, '--node', 'g0', '--fleecing', fleecing, '--device', 'd0'], /--device .* not available yet/],
@@ -91,28 +98,33 @@ describe('backup --qemu usage', () => {
   });
 });
 
-describe.skipIf(!hasQsd)('backup --qemu --fleecing', () => {
+describe.skipIf(!hasQsd).each(['fleecing', 'direct'] as const)('backup --qemu, %s mode', (mode) => {
   it('backs up the disk as it was when the backup started, while the guest overwrites it', async () => {
     const g = await startGuest('qcow2', 8 * MiB);
     await write(g, 0xaa, 0, 8 * MiB);
     const a = Buffer.from(g.bytes);
-    const running = vhdvaultAsync(...liveArgs(g, 'consistent', '--max-read', '2M'));
+    const disk = `consistent-${mode}`;
+    const running = vhdvaultAsync(...liveArgs(mode, g, disk, '--max-read', '2M'));
     await exportShown(g);
     await write(g, 0xbb, 4 * MiB, 4 * MiB); // the last two blocks, read a second or more from now
     const report = parsed(await running);
-    expect(report).toMatchObject({ mode: 'fleecing', kind: 'full', previousCheckpoint: null, bytesRead: 8 * MiB });
-    expect(report.fleecingPeakBytes).toBeGreaterThanOrEqual(4 * MiB); // the old data B overwrote
-    expect((await restored('consistent', report.id)).equals(a)).toBe(true);
+    expect(report).toMatchObject({ mode, kind: 'full', previousCheckpoint: null, bytesRead: 8 * MiB });
+    expect(report.copiedBytes).toBeGreaterThanOrEqual(4 * MiB); // the old data B overwrote
+    if (mode === 'fleecing') expect(report.fleecingPeakBytes).toBe(report.copiedBytes);
+    else expect(report).toMatchObject({ fleecingPeakBytes: null, copies: expect.any(Number) });
+    expect((await restored(disk, report.id)).equals(a)).toBe(true);
     await run('qemu-io', ['-f', 'raw', '-r', '-c', `read -P 0xbb ${4 * MiB} ${4 * MiB}`, '-c', `read -P 0xaa 0 ${4 * MiB}`, g.qsd.guestUri]);
     expect(await ours(g)).toEqual({ nodes: [], exports: [], bitmaps: [{ name: report.checkpoint, recording: true, inconsistent: false }] });
     expect(await readdir(fleecing)).toEqual([]);
+    expect(await copiesFiles(disk)).toEqual([]);
   });
 
   it('reads only the blocks a checkpoint marks, five backups in a row, each restoring exactly', async () => {
     const g = await startGuest('qcow2', 32 * MiB);
     await write(g, 0x01, 0, 32 * MiB); // all allocated: every dirty block reads as 2 MiB of data
     const expected = new Map<string, Buffer>();
-    const first = await liveBackup(g, 'ckpt');
+    const disk = `ckpt-${mode}`;
+    const first = await liveBackup(mode, g, disk);
     expect(first).toMatchObject({ kind: 'full', previousCheckpoint: null, bytesRead: 32 * MiB });
     expect(first.note).toBeUndefined();
     expected.set(first.id, Buffer.from(g.bytes));
@@ -126,27 +138,59 @@ describe.skipIf(!hasQsd)('backup --qemu --fleecing', () => {
     ];
     for (const round of rounds) {
       for (const [pattern, offset, length] of round.writes) await write(g, pattern, offset, length);
-      const r = await liveBackup(g, 'ckpt');
+      const r = await liveBackup(mode, g, disk);
       expect(r).toMatchObject({ kind: 'delta', previousCheckpoint: previous.checkpoint, bytesRead: round.blocks * BLOCK });
       expect(r.note).toBeUndefined();
       expect((await ours(g)).bitmaps).toEqual([{ name: r.checkpoint, recording: true, inconsistent: false }]);
       expected.set(r.id, Buffer.from(g.bytes));
       previous = r;
     }
-    for (const [id, bytes] of expected) expect((await restored('ckpt', id)).equals(bytes), id).toBe(true);
+    for (const [id, bytes] of expected) expect((await restored(disk, id)).equals(bytes), id).toBe(true);
   });
+
+  it('removes what a killed run left in QEMU, the fleecing folder and the repository, and trusts no bitmap it touched', async () => {
+    const size = 16 * MiB;
+    const g = await startGuest('qcow2', size);
+    await write(g, 0x09, 0, size);
+    const disk = `killed-${mode}`;
+    const first = await liveBackup(mode, g, disk);
+    const child = spawn(process.execPath, [CLI, ...liveArgs(mode, g, disk, '--full', '--max-read', '2M')], { stdio: 'ignore', env: cliEnv() });
+    const gone = new Promise((resolve) => child.once('exit', resolve));
+    await exportShown(g);
+    child.kill('SIGKILL');
+    await gone;
+    const left = await ours(g);
+    expect(left.nodes.sort()).toEqual([view.cbw, view.snap, view.target]);
+    expect(left.exports).toHaveLength(1);
+    expect(left.bitmaps).toHaveLength(2);
+    expect(await readdir(fleecing)).toHaveLength(mode === 'fleecing' ? 1 : 0);
+    expect(await copiesFiles(disk)).toHaveLength(mode === 'direct' ? 1 : 0);
+    await write(g, 0x0a, 3 * MiB, MiB); // the guest goes on through the orphaned filter (direct mode: its target is gone)
+    const next = await liveBackup(mode, g, disk);
+    // The previous checkpoint was disabled at the point in time: it missed writes since.
+    expect(next).toMatchObject({ kind: 'delta', previousCheckpoint: null, bytesRead: size });
+    expect(next.note).toContain(`previous checkpoint bitmap "${first.checkpoint}" is not recording`);
+    expect(await ours(g)).toEqual({ nodes: [], exports: [], bitmaps: [{ name: next.checkpoint, recording: true, inconsistent: false }] });
+    expect(await readdir(fleecing)).toEqual([]);
+    expect(await copiesFiles(disk)).toEqual([]);
+    expect((await restored(disk, next.id)).equals(g.bytes)).toBe(true);
+  });
+});
+
+describe.skipIf(!hasQsd)('backup --qemu', () => {
+  const mode = 'fleecing';
 
   it('falls back to reading everything when the checkpoint is lost with a restart, and says why', async () => {
     const size = 16 * MiB;
     const g = await startGuest('raw', size);
     await write(g, 0x05, 0, size);
-    const first = await liveBackup(g, 'raw');
+    const first = await liveBackup(mode, g, 'raw');
     await g.qmp.close();
     await g.qsd.stop();
     const again = await startGuest('raw', size, g.qsd.image, g.bytes);
     expect((await ours(again)).bitmaps).toEqual([]); // transient on a raw disk
     await write(again, 0x06, 5 * MiB, 64 * 1024);
-    const r = await liveBackup(again, 'raw');
+    const r = await liveBackup(mode, again, 'raw');
     expect(r).toMatchObject({ kind: 'delta', previousCheckpoint: null, bytesRead: size });
     expect(r.note).toContain(`previous checkpoint bitmap "${first.checkpoint}" is missing`);
     expect((await restored('raw', r.id)).equals(again.bytes)).toBe(true);
@@ -156,8 +200,8 @@ describe.skipIf(!hasQsd)('backup --qemu --fleecing', () => {
     const size = 16 * MiB;
     const g = await startGuest('qcow2', size);
     await write(g, 0x07, 0, size);
-    const first = await liveBackup(g, 'small');
-    const running = vhdvaultAsync(...liveArgs(g, 'small', '--full', '--max-read', '2M', '--fleecing-max', '1M')); // full: slow enough to be written under
+    const first = await liveBackup(mode, g, 'small');
+    const running = vhdvaultAsync(...liveArgs(mode, g, 'small', '--full', '--max-read', '2M', '--fleecing-max', '1M')); // full: slow enough to be written under
     await exportShown(g);
     await write(g, 0x08, 6 * MiB, 8 * MiB); // succeeds: copies go to the fleecing image, past its max
     const r = await running;
@@ -169,33 +213,8 @@ describe.skipIf(!hasQsd)('backup --qemu --fleecing', () => {
     expect(await ours(g)).toEqual({ nodes: [], exports: [], bitmaps: [{ name: first.checkpoint, recording: true, inconsistent: false }] });
     expect(await readdir(fleecing)).toEqual([]);
     await run('qemu-io', ['-f', 'raw', '-r', '-c', `read -P 0x08 ${6 * MiB} ${8 * MiB}`, g.qsd.guestUri]);
-    const next = await liveBackup(g, 'small');
+    const next = await liveBackup(mode, g, 'small');
     expect(next).toMatchObject({ kind: 'delta', previousCheckpoint: first.checkpoint, bytesRead: 4 * BLOCK });
     expect((await restored('small', next.id)).equals(g.bytes)).toBe(true);
-  });
-
-  it('removes what a killed run left in QEMU and in the fleecing folder, and trusts no bitmap it touched', async () => {
-    const size = 16 * MiB;
-    const g = await startGuest('qcow2', size);
-    await write(g, 0x09, 0, size);
-    const first = await liveBackup(g, 'killed');
-    const child = spawn(process.execPath, [CLI, ...liveArgs(g, 'killed', '--full', '--max-read', '2M')], { stdio: 'ignore', env: cliEnv() });
-    const gone = new Promise((resolve) => child.once('exit', resolve));
-    await exportShown(g);
-    child.kill('SIGKILL');
-    await gone;
-    const left = await ours(g);
-    expect(left.nodes.sort()).toEqual(['vhdvault-cbw', 'vhdvault-fleece', 'vhdvault-snap']);
-    expect(left.exports).toHaveLength(1);
-    expect(left.bitmaps).toHaveLength(2);
-    expect(await readdir(fleecing)).toHaveLength(1);
-    await write(g, 0x0a, 3 * MiB, MiB); // the guest goes on through the orphaned filter
-    const next = await liveBackup(g, 'killed');
-    // The previous checkpoint was disabled at the point in time: it missed writes since.
-    expect(next).toMatchObject({ kind: 'delta', previousCheckpoint: null, bytesRead: size });
-    expect(next.note).toContain(`previous checkpoint bitmap "${first.checkpoint}" is not recording`);
-    expect(await ours(g)).toEqual({ nodes: [], exports: [], bitmaps: [{ name: next.checkpoint, recording: true, inconsistent: false }] });
-    expect(await readdir(fleecing)).toEqual([]);
-    expect((await restored('killed', next.id)).equals(g.bytes)).toBe(true);
   });
 });

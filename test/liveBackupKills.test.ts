@@ -1,5 +1,5 @@
 /**
- * Live backups (fleecing mode) killed with SIGKILL at random moments while a
+ * Live backups (both modes) killed with SIGKILL at random moments while a
  * guest keeps writing, and a qcow2 guest stopped uncleanly. Through the built
  * CLI, against qemu-storage-daemon as the guest (test/helpers/qsd.ts); the
  * test watches QEMU on the daemon's second monitor, since vhdvault holds the
@@ -132,7 +132,8 @@ class Writer {
   }
 }
 
-const liveArgs = (g: Guest, disk: string, ...extra: string[]) => argsOf(g.qsd, repo, disk, fleecing, ...extra);
+type Mode = 'fleecing' | 'direct';
+const liveArgs = (mode: Mode, g: Guest, disk: string, ...extra: string[]) => argsOf(g.qsd, repo, disk, mode === 'fleecing' ? fleecing : null, ...extra);
 
 
 const parsed = liveReport;
@@ -143,6 +144,9 @@ const ourExports = async (g: Guest) => (await queryBlockExports(g.qmp)).map((e) 
 /** An export of ours other than those in `before` (what a killed run left) exists. */
 const hasExport = (g: Guest, before: string[] = []) => async () => (await ourExports(g)).some((id) => !before.includes(id));
 const hasImage = async () => (await readdir(fleecing)).some((n) => n.startsWith('vhdvault-') && n.endsWith('.fleece.raw'));
+/** Direct mode's copies file in the disk's folder. */
+const copiesFiles = async (disk: string) => (await readdir(join(repo, 'disks', disk)).catch(() => [])).filter((n) => n.endsWith('.copies.tmp'));
+const hasCopies = (disk: string) => async () => (await copiesFiles(disk)).length > 0;
 
 /** Poll `cond` every 10 ms until it holds (true) or `done` settles first (false). */
 async function until(cond: () => Promise<boolean>, done: { settled: boolean }): Promise<boolean> {
@@ -158,13 +162,13 @@ async function until(cond: () => Promise<boolean>, done: { settled: boolean }): 
  * guest is read, the backup starts, and the writer resumes once the export
  * exists (the filter went in before it) — or once the backup is over.
  */
-async function knownBackup(g: Guest, writer: Writer, disk: string, label: string): Promise<{ report: LiveReport; sha: string }> {
+async function knownBackup(mode: Mode, g: Guest, writer: Writer, disk: string, label: string): Promise<{ report: LiveReport; sha: string }> {
   await writer.pause();
   const sha = await guestSha(g, label);
   // The export of a killed run may still be there: wait for the new one.
   const before = await ourExports(g);
   const state = { settled: false };
-  const running = vhdvaultAsync(...liveArgs(g, disk)).finally(() => (state.settled = true));
+  const running = vhdvaultAsync(...liveArgs(mode, g, disk)).finally(() => (state.settled = true));
   await until(hasExport(g, before), state);
   writer.resume();
   const report = parsed(await running, label);
@@ -180,25 +184,26 @@ async function restoredSha(disk: string, id: string): Promise<string> {
   return digest;
 }
 
-type KillAt = 'start' | 'qmp' | 'image' | 'export' | 'reading';
+/** `target`: the copy target exists (fleecing image, or direct mode's copies file); the filter goes in next. */
+type KillAt = 'start' | 'qmp' | 'target' | 'export' | 'reading';
 
 describe.skipIf(!hasQsd)('live backup killed at random moments', () => {
-  it('kill -9 at random moments while the guest writes: the guest never fails, the next backup cleans up and restores exactly', async () => {
+  it.each(['fleecing', 'direct'] as const)('%s mode: kill -9 at random moments while the guest writes: the guest never fails, the next backup cleans up and restores exactly', async (mode) => {
     const random = prng(seed);
     const size = 24 * MiB;
-    const disk = 'kills';
+    const disk = `kills-${mode}`;
     const g = await startGuest(size);
     await guestIo(g, [`write -P 0xee 0 ${size}`]);
     const writer = new Writer(g, size, random);
     const expected = new Map<string, string>();
     const log: string[] = [];
     try {
-      const first = await knownBackup(g, writer, disk, 'first');
-      expect(first.report).toMatchObject({ mode: 'fleecing', kind: 'full', previousCheckpoint: null });
+      const first = await knownBackup(mode, g, writer, disk, 'first');
+      expect(first.report).toMatchObject({ mode, kind: 'full', previousCheckpoint: null });
       expected.set(first.report.id, first.sha);
       let latest = first.report;
 
-      const moments: KillAt[] = ['start', 'qmp', 'image', 'export', 'reading'];
+      const moments: KillAt[] = ['start', 'qmp', 'target', 'export', 'reading'];
       const rounds = 10;
       for (let round = 0; round < rounds; round++) {
         writer.pattern = 0x10 + round;
@@ -209,13 +214,13 @@ describe.skipIf(!hasQsd)('live backup killed at random moments', () => {
         const line = `round ${round}: kill at ${at} +${delay} ms${full ? ' --full' : ''}`;
         log.push(line);
         // --full reads all 24 MiB at 4 MiB/s (6 s), far past any kill moment; a delta reads what the writer dirtied.
-        const child = spawn(process.execPath, [CLI, ...liveArgs(g, disk, '--max-read', '4M', ...(full ? ['--full'] : []))], { stdio: ['ignore', 'ignore', 'pipe'], env: cliEnv() });
+        const child = spawn(process.execPath, [CLI, ...liveArgs(mode, g, disk, '--max-read', '4M', ...(full ? ['--full'] : []))], { stdio: ['ignore', 'ignore', 'pipe'], env: cliEnv() });
         let stderr = '';
         child.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d));
         const state = { settled: false };
         const exited = new Promise<{ code: number | null; signal: string | null }>((resolve) => child.once('exit', (code, signal) => resolve({ code, signal }))).finally(() => (state.settled = true));
         let reached = true;
-        if (at === 'image') reached = await until(hasImage, state);
+        if (at === 'target') reached = await until(mode === 'fleecing' ? hasImage : hasCopies(disk), state);
         if (at === 'export' || at === 'reading') reached = await until(hasExport(g), state);
         await sleep(delay);
         child.kill('SIGKILL');
@@ -225,18 +230,19 @@ describe.skipIf(!hasQsd)('live backup killed at random moments', () => {
         expect(reached || end.signal !== 'SIGKILL', `${line}: killed before its moment`).toBe(true);
         if (end.signal !== 'SIGKILL') log.push(`round ${round}: finished (exit 0) before the kill`);
 
-        const next = await knownBackup(g, writer, disk, `round${round}`);
+        const next = await knownBackup(mode, g, writer, disk, `round${round}`);
         log.push(`round ${round}: ${Math.round(performance.now() - t0)} ms; ${next.report.kind} read ${next.report.bytesRead} from ${next.report.previousCheckpoint ?? 'nothing'}${next.report.note ? ` (${next.report.note})` : ''}`);
         expected.set(next.report.id, next.sha);
         latest = next.report;
         const left = await ours(g);
         expect(left, `${line} (seed ${seed})`).toEqual({ nodes: [], exports: [], bitmaps: [{ name: latest.checkpoint, recording: true, inconsistent: false }] });
         expect(await readdir(fleecing), line).toEqual([]);
+        expect(await copiesFiles(disk), line).toEqual([]);
         expect(writer.errors, line).toEqual([]);
       }
     } finally {
       await writer.stop();
-      console.log(`liveBackupKills (seed ${seed}):\n  ${log.join('\n  ')}\n  guest writes: ${writer.writes}`);
+      console.log(`liveBackupKills, ${mode} mode (seed ${seed}):\n  ${log.join('\n  ')}\n  guest writes: ${writer.writes}`);
     }
     expect(writer.errors).toEqual([]);
     expect(writer.writes).toBeGreaterThan(0);
@@ -250,7 +256,7 @@ describe.skipIf(!hasQsd)('live backup killed at random moments', () => {
     const disk = 'unclean';
     let g = await startGuest(size);
     await guestIo(g, [`write -P 0x21 0 ${size}`]);
-    const first = parsed(await vhdvaultAsync(...liveArgs(g, disk)));
+    const first = parsed(await vhdvaultAsync(...liveArgs('fleecing', g, disk)));
     expect(first).toMatchObject({ kind: 'full', previousCheckpoint: null });
     const firstSha = await guestSha(g, 'unclean-first');
     // A clean stop stores the bitmap in the image.
@@ -266,7 +272,7 @@ describe.skipIf(!hasQsd)('live backup killed at random moments', () => {
     expect((await ours(g)).bitmaps).toEqual([{ name: first.checkpoint, recording: false, inconsistent: true }]);
     await guestIo(g, [`write -P 0x23 ${9 * MiB} 64k`]);
     const sha = await guestSha(g, 'unclean-second');
-    const next = parsed(await vhdvaultAsync(...liveArgs(g, disk)));
+    const next = parsed(await vhdvaultAsync(...liveArgs('fleecing', g, disk)));
     expect(next).toMatchObject({ kind: 'delta', previousCheckpoint: null, bytesRead: size });
     expect(next.note).toContain(`previous checkpoint bitmap "${first.checkpoint}" is inconsistent`);
     expect(await ours(g)).toEqual({ nodes: [], exports: [], bitmaps: [{ name: next.checkpoint, recording: true, inconsistent: false }] });
@@ -275,7 +281,7 @@ describe.skipIf(!hasQsd)('live backup killed at random moments', () => {
     expect(await restoredSha(disk, first.id)).toBe(firstSha);
     // And the new checkpoint is trusted again.
     await guestIo(g, [`write -P 0x24 0 64k`]);
-    const third = parsed(await vhdvaultAsync(...liveArgs(g, disk)));
+    const third = parsed(await vhdvaultAsync(...liveArgs('fleecing', g, disk)));
     expect(third).toMatchObject({ kind: 'delta', previousCheckpoint: next.checkpoint, bytesRead: 2 * MiB });
     expect(third.note).toBeUndefined();
     expect(await restoredSha(disk, third.id)).toBe(await guestSha(g, 'unclean-third'));

@@ -1,7 +1,7 @@
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { backup, planSource } from '../store/backup.js';
 import { parseNbdUri } from '../nbd/uri.js';
-import { DEFAULT_CBW_TIMEOUT, liveBackup, type LiveBackupOptions } from '../qemu/liveBackup.js';
+import { DEFAULT_CBW_TIMEOUT, liveBackup, type LiveBackupOptions, type LiveBackupReport } from '../qemu/liveBackup.js';
 import { benchStages, formatStages } from '../store/benchStages.js';
 import { benchMerge, formatMergeRows } from '../store/benchMerge.js';
 import { Repository, type Layout } from '../store/repository.js';
@@ -89,10 +89,19 @@ function liveOptions(opts: BackupCliOptions): LiveBackupOptions {
   }
   if (opts.node === undefined) throw new UsageError('--qemu needs --node <node-name> (the guest\'s raw passthrough node)');
   if (opts.device !== undefined) throw new UsageError('--device (a VM disk device) is not available yet: give --node <raw passthrough node> and --fleecing <dir>');
-  if (opts.fleecing === undefined) throw new UsageError('direct mode (no --fleecing) is not available yet: give --fleecing <dir>');
+  if (opts.fleecingMax !== undefined && opts.fleecing === undefined) throw new UsageError('--fleecing-max needs --fleecing <dir> (direct mode keeps no fleecing image)');
   const qemuNbd = opts.qemuNbd === undefined ? undefined : parseNbdUri(opts.qemuNbd).endpoint;
   const { qemu, node, fleecing, fleecingMax, cbwTimeout, full, concurrency, maxRead, maxWrite } = opts;
-  return { qemu: qemu!, node, fleecing, fleecingMax, cbwTimeout, qemuNbd, full, concurrency, maxRead, maxWrite };
+  // Direct mode's NBD connection from QEMU: what goes wrong there is worth a line.
+  const log = (message: string) => console.error(`vhdvault: ${message}`);
+  return { qemu: qemu!, node, fleecing, fleecingMax, cbwTimeout, qemuNbd, full, concurrency, maxRead, maxWrite, log };
+}
+
+/** A live backup's own figures, for a person. */
+function describeLive(r: LiveBackupReport): string {
+  const from = r.previousCheckpoint ? `delta from checkpoint ${r.previousCheckpoint}` : 'no checkpoint used';
+  const peak = r.fleecingPeakBytes === null ? '' : `, fleecing peak ${fmtBytes(r.fleecingPeakBytes)}`;
+  return `${r.mode} mode, ${from}: read ${fmtBytes(r.bytesRead)}; copied ${fmtBytes(r.copiedBytes)} before guest writes${peak}; new checkpoint ${r.checkpoint}`;
 }
 
 export function storeCommands(): Command[] {
@@ -118,7 +127,7 @@ export function storeCommands(): Command[] {
     .option('--qemu <qmp-socket>', 'back up a running QEMU disk through this QMP socket (instead of --source)')
     .option('--node <node-name>', 'with --qemu: the raw passthrough node in the guest\'s path (its file child is the disk)')
     .option('--device <qdev-id>', 'with --qemu: the VM disk device (not available yet)')
-    .option('--fleecing <dir>', 'with --qemu: folder on fast local storage for the fleecing image (removed after the backup)')
+    .option('--fleecing <dir>', 'with --qemu: folder on fast local storage for the fleecing image (removed after the backup); without it, direct mode: old data goes straight to the repository, and guest writes wait for it')
     .option('--fleecing-max <size>', 'with --fleecing: abort the backup when the fleecing image holds more than this (default: unlimited)', parseSize)
     .option('--cbw-timeout <s>', `with --qemu: seconds a copy-before-write may take before the backup fails (default ${DEFAULT_CBW_TIMEOUT})`, parseSeconds)
     .option('--qemu-nbd <uri>', "with --qemu: the address of QEMU's own NBD server when it already runs one (nbd+unix:///?socket=/path or nbd://host:port)")
@@ -150,6 +159,7 @@ export function storeCommands(): Command[] {
         if (process.stdout.isTTY) {
           const { kind, id, blocksRead, blocksWritten, bytesWritten, durationMs } = report;
           console.error(`${kind} backup ${id}: ${blocksRead} blocks read, ${blocksWritten} written (${fmtBytes(bytesWritten)}) in ${(durationMs / 1000).toFixed(1)} s`);
+          if (live) console.error(describeLive(report as LiveBackupReport));
         }
         if (report.note) console.error(`note: ${report.note}`);
       }

@@ -1,8 +1,10 @@
 /**
- * A backup of a running QEMU disk in fleecing mode: the frozen view of
- * fleecing.ts read by the ordinary backup pipeline, as a delta from the
- * previous checkpoint's dirty blocks when that bitmap can be trusted
- * (checkpoint.ts), else from every allocated block diffed by digest. Whatever
+ * A backup of a running QEMU disk: the frozen view of frozenView.ts read by
+ * the ordinary backup pipeline, as a delta from the previous checkpoint's
+ * dirty blocks when that bitmap can be trusted (checkpoint.ts), else from
+ * every allocated block diffed by digest. Old data a guest write would
+ * overwrite is copied first to a fleecing image on fast local storage
+ * (fleecing mode), or straight into the repository (direct mode). Whatever
  * happens, everything vhdvault added to QEMU is removed again, and the guest
  * never sees an error.
  */
@@ -10,12 +12,17 @@ import { stat } from 'node:fs/promises';
 import { NbdSource } from '../nbd/NbdSource.js';
 import type { NbdEndpoint } from '../nbd/uri.js';
 import { type BackupOptions, type BackupReport, backupFrom, withBackupLock } from '../store/backup.js';
+import { CopyStore } from '../store/copyStore.js';
 import { newBackupId } from '../store/names.js';
 import type { Repository } from '../store/repository.js';
+import { limiter } from '../store/throttle.js';
 import { VhdError } from '../vhd/errors.js';
 import { CheckpointHandOver, checkpointName, previousCheckpoint, removeLeftoverBitmaps } from './checkpoint.js';
-import { FleecingView, FleecingWatch, nbdServer, removeLeftoverView } from './fleecing.js';
+import { DirectTarget } from './directTarget.js';
+import { FleecingImage, FleecingWatch, removeLeftoverImages } from './fleecing.js';
+import { FrozenView, removeLeftoverView, ViewNames } from './frozenView.js';
 import { findGuestPath } from './guestPath.js';
+import { qemuNbdServer } from './qemuNbdServer.js';
 import { QmpClient } from './QmpClient.js';
 
 export const DEFAULT_CBW_TIMEOUT = 45;
@@ -25,69 +32,87 @@ export interface LiveBackupOptions extends Omit<BackupOptions, 'source' | 'fromR
   qemu: string;
   /** The guest's raw passthrough node. */
   node: string;
-  /** Folder of the fleecing image. */
-  fleecing: string;
+  /** Folder of the fleecing image; without it, direct mode. */
+  fleecing?: string;
   /** Abort the backup when the fleecing image holds more than this many bytes. */
   fleecingMax?: number;
   cbwTimeout?: number;
   /** Where QEMU's already running NBD server listens, if it has one. */
   qemuNbd?: NbdEndpoint;
+  /** Told what goes wrong on direct mode's NBD connection from QEMU. */
+  log?: (message: string) => void;
 }
 
 export interface LiveBackupReport extends BackupReport {
-  mode: 'fleecing';
-  /** Most bytes the fleecing image held at once. */
-  fleecingPeakBytes: number;
+  mode: 'fleecing' | 'direct';
+  /** Most bytes the fleecing image held at once (null in direct mode). */
+  fleecingPeakBytes: number | null;
+  /** Bytes the filter copied before guest writes landed (fleecing mode: what the image holds at the end). */
+  copiedBytes: number;
+  /** Copy requests QEMU made (direct mode; null in fleecing mode, where QEMU does not say). */
+  copies: number | null;
   /** The new backup's checkpoint bitmap. */
   checkpoint: string;
   /** The checkpoint the delta was read from, or null. */
   previousCheckpoint: string | null;
 }
 
+/** Where the copies go, and what it can tell afterwards. */
+interface Mode {
+  target: FleecingImage | DirectTarget;
+  watch: FleecingWatch | null;
+  copied(): { copiedBytes: number; copies: number | null; fleecingPeakBytes: number | null };
+  /** After QEMU let go of the target. */
+  stop(): Promise<void>;
+}
+
 export async function liveBackup(repo: Repository, disk: string, options: LiveBackupOptions): Promise<LiveBackupReport> {
-  const folder = await stat(options.fleecing).catch(() => null);
-  if (!folder?.isDirectory()) throw new VhdError(options.fleecing, 'is not a folder (--fleecing names the folder of the fleecing image)');
+  if (options.fleecing !== undefined) {
+    const folder = await stat(options.fleecing).catch(() => null);
+    if (!folder?.isDirectory()) throw new VhdError(options.fleecing, 'is not a folder (--fleecing names the folder of the fleecing image)');
+  }
   const qmp = await QmpClient.connect(options.qemu);
   try {
     return await withBackupLock(repo, disk, async () => {
       const latest = await repo.latest(disk);
-      await removeLeftoverView(qmp, options.node, options.fleecing);
+      await removeLeftoverView(qmp, options.node);
+      if (options.fleecing !== undefined) await removeLeftoverImages(options.fleecing, new ViewNames(options.node));
       const guest = await findGuestPath(qmp, options.node);
       const node = guest.disk.nodeName;
       await removeLeftoverBitmaps(qmp, node, latest?.checkpoint?.node === node ? latest.checkpoint.bitmap : null);
 
       const id = newBackupId(latest?.id);
       const previous = await previousCheckpoint(qmp, node, latest);
-      const server = await nbdServer(qmp, options.qemuNbd ?? null);
-      const view = new FleecingView(qmp, guest, { dir: options.fleecing, id, cbwTimeout: options.cbwTimeout ?? DEFAULT_CBW_TIMEOUT, server });
+      const server = await qemuNbdServer(qmp, options.qemuNbd ?? null);
+      const view = new FrozenView(qmp, guest, { id, cbwTimeout: options.cbwTimeout ?? DEFAULT_CBW_TIMEOUT, server });
       const bitmaps = new CheckpointHandOver(qmp, node, guest.disk.drv === 'qcow2', checkpointName(id), previous);
-      let watch: FleecingWatch | null = null;
+      const writeLimit = limiter(options.maxWrite);
+      let mode: Mode | null = null;
       let report: BackupReport | null = null;
       try {
+        mode = await startMode(repo, disk, id, guest.disk.virtualSize, view, options, writeLimit);
         await bitmaps.start();
-        await view.insert();
+        await view.insert(mode.target);
         await bitmaps.handOver();
         const address = await view.export(previous.valid);
-        // Cutting the export fails the reads in flight: the pipeline unwinds and stages nothing.
-        watch = new FleecingWatch(view.image, options.fleecingMax ?? null, () => void view.cut().catch(() => undefined));
         const source = await NbdSource.open(address, { bitmap: previous.valid });
         try {
-          report = await backupFrom(repo, disk, source, { ...options, source: address.uri }, previous.valid, { id, note: previous.note, checkpoint: { bitmap: bitmaps.next, node } });
+          report = await backupFrom(repo, disk, source, { ...options, source: address.uri }, previous.valid, { id, note: previous.note, checkpoint: { bitmap: bitmaps.next, node }, writeLimit });
         } catch (err) {
-          throw watch.overflow ?? err;
+          throw mode.watch?.overflow ?? err;
         } finally {
           await source.close();
         }
       } finally {
-        await watch?.stop();
+        await mode?.watch?.stop();
         // Teardown and bitmaps: on failure the first error stays the one reported.
         const done = report !== null;
-        await settle(qmp, id, done, [() => view.teardown(), () => (done ? bitmaps.succeeded() : bitmaps.failed())]);
+        await settle(qmp, id, done, [() => view.teardown(), () => mode?.stop() ?? Promise.resolve(), () => (done ? bitmaps.succeeded() : bitmaps.failed())]);
       }
       return {
         ...report,
-        mode: 'fleecing' as const,
-        fleecingPeakBytes: watch?.peak ?? 0,
+        mode: options.fleecing !== undefined ? ('fleecing' as const) : ('direct' as const),
+        ...mode.copied(),
         checkpoint: bitmaps.next,
         previousCheckpoint: report.bitmap,
       };
@@ -95,6 +120,32 @@ export async function liveBackup(repo: Repository, disk: string, options: LiveBa
   } finally {
     await qmp.close();
   }
+}
+
+async function startMode(repo: Repository, disk: string, id: string, size: number, view: FrozenView, options: LiveBackupOptions, writeLimit: ReturnType<typeof limiter>): Promise<Mode> {
+  if (options.fleecing !== undefined) {
+    const image = new FleecingImage(options.fleecing, view.names, id, size);
+    // Cutting the export fails the reads in flight: the pipeline unwinds and stages nothing.
+    const watch = new FleecingWatch(image.path, options.fleecingMax ?? null, () => void view.cut().catch(() => undefined));
+    return {
+      target: image,
+      watch,
+      // The filter copies each cluster once and nothing frees it: what the image holds at the end is what was copied.
+      copied: () => ({ copiedBytes: watch.peak, copies: null, fleecingPeakBytes: watch.peak }),
+      stop: async () => {},
+    };
+  }
+  const store = await CopyStore.create(repo.path(repo.copiesKey(disk, id)), size, writeLimit);
+  const target = await DirectTarget.start(store, options.log ?? (() => {})).catch(async (err: unknown) => {
+    await store.remove();
+    throw err;
+  });
+  return {
+    target,
+    watch: null,
+    copied: () => ({ copiedBytes: store.copiedBytes, copies: store.copies, fleecingPeakBytes: null }),
+    stop: () => target.stop(),
+  };
 }
 
 /**

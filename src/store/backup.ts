@@ -22,7 +22,7 @@ import { BlockPool, defaultConcurrency } from './pool.js';
 import type { BackupMetadata, Checkpoint, Repository } from './repository.js';
 import { newBackupMetadata } from './repository.js';
 import { BusyClock, figures, slowest, type Stage, type StageFigures } from './stages.js';
-import { limiter } from './throttle.js';
+import { type Limiter, limiter } from './throttle.js';
 
 const SOURCE_READS_IN_FLIGHT = 4;
 
@@ -143,6 +143,8 @@ export interface BackupExtras {
   note?: string;
   /** Recorded in the new backup's metadata. */
   checkpoint?: Checkpoint;
+  /** The --max-write pace, when something else writes to the backup target too (direct mode's copies). */
+  writeLimit?: Limiter;
 }
 
 /**
@@ -207,7 +209,7 @@ export async function backupFrom(repo: Repository, disk: string, source: BlockSo
   // Source reads in flight at once: enough to keep storage busy, few enough not to thrash a disk
   // (the pipeline around them holds more blocks, waiting for workers).
   const readSlots = pLimit(SOURCE_READS_IN_FLIGHT);
-  const writeLimit = limiter(options.maxWrite);
+  const writeLimit = extras.writeLimit ?? limiter(options.maxWrite);
   const clocks = { read: new BusyClock(), write: new BusyClock() };
   const workerMs = { digest: 0, compress: 0, write: 0 };
   let blocksRead = 0;

@@ -220,6 +220,11 @@ export class Repository {
     return key(this.diskKey(disk), stagedName(`${checkBackupId(id)}.digests`));
   }
 
+  /** Direct mode's copy-before-write target (store/copyStore.ts): never committed, garbage once its backup ends. */
+  copiesKey(disk: string, id: string): string {
+    return key(this.diskKey(disk), stagedName(`${checkBackupId(id)}.copies`));
+  }
+
   /** The metadata of a backup being committed: while it exists, its staged files are not garbage. */
   pendingMetadataKey(disk: string, id: string): string {
     return key(this.diskKey(disk), stagedName(`${checkBackupId(id)}.json`));

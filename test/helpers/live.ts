@@ -11,15 +11,18 @@ export interface LiveReport {
   mode: string;
   bytesRead: number;
   extents: number;
-  fleecingPeakBytes: number;
+  fleecingPeakBytes: number | null;
+  copiedBytes: number;
+  copies: number | null;
   checkpoint: string;
   previousCheckpoint: string | null;
   note?: string;
 }
 
-/** The CLI arguments of a fleecing-mode live backup of the guest `qsd` runs, into `repo` as `disk`. */
-export function liveArgs(qsd: Qsd, repo: string, disk: string, fleecing: string, ...extra: string[]): string[] {
-  return ['backup', repo, disk, '--qemu', qsd.qmpSocket, '--node', 'g0', '--fleecing', fleecing, '--qemu-nbd', `nbd+unix:///?socket=${qsd.nbdSocket}`, '--json', ...extra];
+/** The CLI arguments of a live backup of the guest `qsd` runs, into `repo` as `disk`: fleecing mode into `fleecing`, or direct mode when it is null. */
+export function liveArgs(qsd: Qsd, repo: string, disk: string, fleecing: string | null, ...extra: string[]): string[] {
+  const mode = fleecing === null ? [] : ['--fleecing', fleecing];
+  return ['backup', repo, disk, '--qemu', qsd.qmpSocket, '--node', 'g0', ...mode, '--qemu-nbd', `nbd+unix:///?socket=${qsd.nbdSocket}`, '--json', ...extra];
 }
 
 /** The report of a live backup that must have succeeded. */

@@ -1,0 +1,143 @@
+/**
+ * The frozen view of a running guest's disk (REFERENCE.md, "Live backup with
+ * QEMU"): a copy-before-write filter put into the guest's path copies old
+ * data to a target before a guest write lands; a snapshot-access node over
+ * the filter, exported read-only over NBD, reads the disk as it was when the
+ * filter went in. The target is a fleecing image (fleecing.ts) or vhdvault's
+ * own NBD export into the backup (directTarget.ts).
+ * `on-cbw-error=break-snapshot`: a copy that fails or times out fails our
+ * reads, never the guest's write.
+ */
+import { createHash } from 'node:crypto';
+import type { NbdAddress } from '../nbd/uri.js';
+import { VhdError } from '../vhd/errors.js';
+import { blockdevAdd, blockdevDel, blockExportAdd, blockExportDel, type BitmapRef, queryBlockExports, queryNamedBlockNodes } from './commands.js';
+import { fileChild, type GuestPath, OUR_PREFIX, reopenOver } from './guestPath.js';
+import type { QemuNbdServer } from './qemuNbdServer.js';
+import type { QmpClient } from './QmpClient.js';
+
+/**
+ * What one backup of one guest node adds to QEMU, named after that node (by
+ * a hash: node names are at most 31 characters) so that two disks of one
+ * QEMU can be backed up at once, and a leftover is found by its name alone.
+ */
+export class ViewNames {
+  /** Every name of this guest node's views starts with this. */
+  readonly prefix: string;
+  readonly target: string;
+  readonly cbw: string;
+  readonly snap: string;
+
+  constructor(guestNode: string) {
+    this.prefix = `${OUR_PREFIX}${createHash('sha256').update(guestNode).digest('hex').slice(0, 8)}-`;
+    this.target = `${this.prefix}target`;
+    this.cbw = `${this.prefix}cbw`;
+    this.snap = `${this.prefix}snap`;
+  }
+
+  /** The frozen view's export id and name. */
+  exportOf(backupId: string): string {
+    return `${this.prefix}${backupId}`;
+  }
+}
+
+/** A step that undoes one step of the set-up. */
+export type Undo = () => Promise<void>;
+
+/** Where the filter copies old data: adds the node `name` to QEMU, and says how to take it out again. */
+export interface CopyTarget {
+  add(qmp: QmpClient, name: string): Promise<Undo>;
+}
+
+/**
+ * Take out what a killed run left under `guestNode`, in teardown order: its
+ * exports, the snapshot node, the filter out of the guest's path (the guest
+ * node back over the filter's own child), the filter and its target.
+ */
+export async function removeLeftoverView(qmp: QmpClient, guestNode: string): Promise<void> {
+  const names = new ViewNames(guestNode);
+  for (const e of await queryBlockExports(qmp)) {
+    if (e.id.startsWith(names.prefix)) await blockExportDel(qmp, e.id, 'hard');
+  }
+  const nodes = new Set((await queryNamedBlockNodes(qmp)).map((n) => n.nodeName));
+  if (nodes.has(names.snap)) await blockdevDel(qmp, names.snap);
+  const child = await fileChild(qmp, guestNode);
+  if (child?.startsWith(OUR_PREFIX)) {
+    const disk = await fileChild(qmp, child);
+    if (!disk) throw new VhdError(qmp.socketPath, `block node "${child}" left by an earlier backup has no file child`);
+    await reopenOver(qmp, guestNode, disk);
+  }
+  for (const node of [names.cbw, names.target]) if (nodes.has(node)) await blockdevDel(qmp, node);
+}
+
+export interface FrozenViewOptions {
+  /** The backup's id: names the export. */
+  id: string;
+  /** Seconds a copy may take before the snapshot breaks (and the backup with it). */
+  cbwTimeout: number;
+  server: QemuNbdServer;
+}
+
+export class FrozenView {
+  readonly names: ViewNames;
+  readonly exportName: string;
+  private readonly undo: Undo[] = [];
+  private unexport: Promise<void> | null = null;
+  private exported = false;
+
+  constructor(
+    private readonly qmp: QmpClient,
+    private readonly guest: GuestPath,
+    private readonly options: FrozenViewOptions,
+  ) {
+    this.names = new ViewNames(guest.node);
+    this.exportName = this.names.exportOf(options.id);
+    // Last in teardown: by then our export is gone.
+    this.undo.push(() => options.server.release());
+  }
+
+  /** The point in time: the filter enters the guest's path. Anything set up before a failure is undone by teardown(). */
+  async insert(target: CopyTarget): Promise<void> {
+    const { qmp, guest, names } = this;
+    this.undo.push(await target.add(qmp, names.target));
+    // No `bitmap`: the whole disk is protected, so a write during the bitmap hand-over is never lost.
+    await blockdevAdd(qmp, { driver: 'copy-before-write', 'node-name': names.cbw, file: guest.disk.nodeName, target: names.target, 'on-cbw-error': 'break-snapshot', 'cbw-timeout': this.options.cbwTimeout });
+    this.undo.push(() => blockdevDel(qmp, names.cbw));
+    this.undo.push(() => reopenOver(qmp, guest.node, guest.disk.nodeName)); // before reopening: a failed reopen may have half-happened
+    await reopenOver(qmp, guest.node, names.cbw);
+  }
+
+  /** Export the frozen view read-only, with the previous checkpoint (disabled by now) as a meta context. */
+  async export(bitmap: string | null): Promise<NbdAddress> {
+    const { qmp, names } = this;
+    await blockdevAdd(qmp, { driver: 'snapshot-access', 'node-name': names.snap, file: names.cbw });
+    this.undo.push(() => blockdevDel(qmp, names.snap));
+    const bitmaps: BitmapRef[] | undefined = bitmap === null ? undefined : [{ node: this.guest.disk.nodeName, name: bitmap }];
+    await blockExportAdd(qmp, { type: 'nbd', id: this.exportName, nodeName: names.snap, name: this.exportName, writable: false, bitmaps });
+    this.exported = true;
+    this.undo.push(() => this.cut());
+    const { endpoint } = this.options.server;
+    const uri = endpoint.transport === 'unix' ? `nbd+unix:///${this.exportName}?socket=${endpoint.socket}` : `nbd://${endpoint.host.includes(':') ? `[${endpoint.host}]` : endpoint.host}:${endpoint.port}/${this.exportName}`;
+    return { uri, endpoint, exportName: this.exportName, bitmap: null };
+  }
+
+  /** Delete the export, dropping our reader: every read after this fails. Once, however often it is called. */
+  cut(): Promise<void> {
+    if (!this.exported) return Promise.resolve();
+    this.unexport ??= blockExportDel(this.qmp, this.exportName, 'hard');
+    return this.unexport;
+  }
+
+  /** Undo everything, in reverse; every step is tried, and the first failure thrown at the end. */
+  async teardown(): Promise<void> {
+    let first: unknown = null;
+    for (const step of this.undo.splice(0).reverse()) {
+      try {
+        await step();
+      } catch (err) {
+        first ??= err;
+      }
+    }
+    if (first !== null) throw first;
+  }
+}
