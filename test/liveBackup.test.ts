@@ -87,7 +87,7 @@ describe('backup --qemu usage', () => {
       [[...base, '--node', 'g0', '--fleecing-max', '1M'], /--fleecing-max needs --fleecing <dir>/],
       [[...base, '--node', 'g0', '--fleecing', fleecing, '--source', 'x.raw'], /--qemu and --source/],
       [[...base, '--fleecing', fleecing], /--qemu needs --node/],
-      [[...base, '--node', 'g0', '--fleecing', fleecing, '--device', 'd0'], /--device .* not available yet/],
+      [[...base, '--node', 'disk0', '--device', '../vd0'], /invalid --device "..\/vd0"/],
       [['backup', repo, 'u', '--source', 'x.raw', '--fleecing', fleecing], /--fleecing needs --qemu/],
     ];
     for (const [args, message] of cases) {

@@ -87,14 +87,15 @@ function liveOptions(opts: BackupCliOptions): LiveBackupOptions {
   for (const [given, name] of [[opts.from, '--from'], [opts.changed, '--changed'], [opts.bitmap, '--bitmap']] as const) {
     if (given !== undefined) throw new UsageError(`${name} does not apply to --qemu (the checkpoint bitmaps say what changed)`);
   }
-  if (opts.node === undefined) throw new UsageError('--qemu needs --node <node-name> (the guest\'s raw passthrough node)');
-  if (opts.device !== undefined) throw new UsageError('--device (a VM disk device) is not available yet: give --node <raw passthrough node> and --fleecing <dir>');
+  if (opts.node === undefined) throw new UsageError('--qemu needs --node <node-name> (the guest\'s raw passthrough node, or with --device the disk node the device uses)');
+  // QEMU's id syntax; the id becomes part of a QOM path, so nothing else may pass.
+  if (opts.device !== undefined && !/^[A-Za-z][A-Za-z0-9._-]{0,127}$/.test(opts.device)) throw new UsageError(`invalid --device "${opts.device}": a QEMU device id is a letter, then letters, digits, '.', '_' or '-'`);
   if (opts.fleecingMax !== undefined && opts.fleecing === undefined) throw new UsageError('--fleecing-max needs --fleecing <dir> (direct mode keeps no fleecing image)');
   const qemuNbd = opts.qemuNbd === undefined ? undefined : parseNbdUri(opts.qemuNbd).endpoint;
-  const { qemu, node, fleecing, fleecingMax, cbwTimeout, full, concurrency, maxRead, maxWrite } = opts;
+  const { qemu, node, device, fleecing, fleecingMax, cbwTimeout, full, concurrency, maxRead, maxWrite } = opts;
   // Direct mode's NBD connection from QEMU: what goes wrong there is worth a line.
   const log = (message: string) => console.error(`vhdvault: ${message}`);
-  return { qemu: qemu!, node, fleecing, fleecingMax, cbwTimeout, qemuNbd, full, concurrency, maxRead, maxWrite, log };
+  return { qemu: qemu!, node, device, fleecing, fleecingMax, cbwTimeout, qemuNbd, full, concurrency, maxRead, maxWrite, log };
 }
 
 /** A live backup's own figures, for a person. */
@@ -125,8 +126,8 @@ export function storeCommands(): Command[] {
     .option('--changed <bitmap>', 'read only the blocks set in this bitmap (one bit per 2 MiB block, MSB first)')
     .option('--bitmap <name>', 'NBD source: build the delta from this qemu dirty bitmap (qemu:dirty-bitmap:<name>; also ?bitmap=<name>)')
     .option('--qemu <qmp-socket>', 'back up a running QEMU disk through this QMP socket (instead of --source)')
-    .option('--node <node-name>', 'with --qemu: the raw passthrough node in the guest\'s path (its file child is the disk)')
-    .option('--device <qdev-id>', 'with --qemu: the VM disk device (not available yet)')
+    .option('--node <node-name>', 'with --qemu: the raw passthrough node in the guest\'s path (its file child is the disk); with --device, the disk node the device uses')
+    .option('--device <qdev-id>', 'with --qemu: the VM disk device (its id) whose drive the copy-before-write filter is put under')
     .option('--fleecing <dir>', 'with --qemu: folder on fast local storage for the fleecing image (removed after the backup); without it, direct mode: old data goes straight to the repository, and guest writes wait for it')
     .option('--fleecing-max <size>', 'with --fleecing: abort the backup when the fleecing image holds more than this (default: unlimited)', parseSize)
     .option('--cbw-timeout <s>', `with --qemu: seconds a copy-before-write may take before the backup fails (default ${DEFAULT_CBW_TIMEOUT})`, parseSeconds)

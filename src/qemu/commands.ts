@@ -132,6 +132,17 @@ export async function blockdevReopen(qmp: QmpClient, options: readonly BlockdevO
   await qmp.execute('blockdev-reopen', { options });
 }
 
+/** A QOM property's value (a disk device's `drive`: the node it uses). */
+export async function qomGet<T = unknown>(qmp: QmpClient, path: string, property: string): Promise<T> {
+  return qmp.execute<T>('qom-get', { path, property });
+}
+
+/** A VM's block devices: the QOM path of each (`qdev`) and the node it uses, if a medium is in. */
+export async function queryBlock(qmp: QmpClient): Promise<Array<{ qdev: string | null; nodeName: string | null }>> {
+  const devices = await qmp.execute<Array<{ qdev?: string; inserted?: { 'node-name'?: string } }>>('query-block');
+  return devices.map((d) => ({ qdev: d.qdev ?? null, nodeName: d.inserted?.['node-name'] ?? null }));
+}
+
 /** Set a QOM property: in a VM, a disk device's `drive`, to put a filter node into the guest's path. */
 export async function qomSet(qmp: QmpClient, path: string, property: string, value: unknown): Promise<void> {
   await qmp.execute('qom-set', { path, property, value });

@@ -12,17 +12,17 @@ import { createHash } from 'node:crypto';
 import type { NbdAddress } from '../nbd/uri.js';
 import { VhdError } from '../vhd/errors.js';
 import { blockdevAdd, blockdevDel, blockExportAdd, blockExportDel, type BitmapRef, queryBlockExports, queryNamedBlockNodes } from './commands.js';
-import { fileChild, type GuestPath, OUR_PREFIX, reopenOver } from './guestPath.js';
+import { attach, fileChild, type GuestEntry, guestNode, type GuestPath, OUR_PREFIX } from './guestPath.js';
 import type { QemuNbdServer } from './qemuNbdServer.js';
 import type { QmpClient } from './QmpClient.js';
 
 /**
- * What one backup of one guest node adds to QEMU, named after that node (by
- * a hash: node names are at most 31 characters) so that two disks of one
- * QEMU can be backed up at once, and a leftover is found by its name alone.
+ * What one backup of one guest adds to QEMU, named after its `--node` (by a
+ * hash: node names are at most 31 characters) so that two disks of one QEMU
+ * can be backed up at once, and a leftover is found by its name alone.
  */
 export class ViewNames {
-  /** Every name of this guest node's views starts with this. */
+  /** Every name of this guest's views starts with this. */
   readonly prefix: string;
   readonly target: string;
   readonly cbw: string;
@@ -50,22 +50,22 @@ export interface CopyTarget {
 }
 
 /**
- * Take out what a killed run left under `guestNode`, in teardown order: its
- * exports, the snapshot node, the filter out of the guest's path (the guest
- * node back over the filter's own child), the filter and its target.
+ * Take out what a killed run left in this guest's path, in teardown order:
+ * its exports, the snapshot node, the filter out of the guest's path (the
+ * guest back on the filter's own child), the filter and its target.
  */
-export async function removeLeftoverView(qmp: QmpClient, guestNode: string): Promise<void> {
-  const names = new ViewNames(guestNode);
+export async function removeLeftoverView(qmp: QmpClient, entry: GuestEntry): Promise<void> {
+  const names = new ViewNames(entry.node);
   for (const e of await queryBlockExports(qmp)) {
     if (e.id.startsWith(names.prefix)) await blockExportDel(qmp, e.id, 'hard');
   }
   const nodes = new Set((await queryNamedBlockNodes(qmp)).map((n) => n.nodeName));
   if (nodes.has(names.snap)) await blockdevDel(qmp, names.snap);
-  const child = await fileChild(qmp, guestNode);
-  if (child?.startsWith(OUR_PREFIX)) {
-    const disk = await fileChild(qmp, child);
-    if (!disk) throw new VhdError(qmp.socketPath, `block node "${child}" left by an earlier backup has no file child`);
-    await reopenOver(qmp, guestNode, disk);
+  const current = await guestNode(qmp, entry);
+  if (current?.startsWith(OUR_PREFIX)) {
+    const disk = await fileChild(qmp, current);
+    if (!disk) throw new VhdError(qmp.socketPath, `block node "${current}" left by an earlier backup has no file child`);
+    await attach(qmp, entry, disk);
   }
   for (const node of [names.cbw, names.target]) if (nodes.has(node)) await blockdevDel(qmp, node);
 }
@@ -90,7 +90,7 @@ export class FrozenView {
     private readonly guest: GuestPath,
     private readonly options: FrozenViewOptions,
   ) {
-    this.names = new ViewNames(guest.node);
+    this.names = new ViewNames(guest.entry.node);
     this.exportName = this.names.exportOf(options.id);
     // Last in teardown: by then our export is gone.
     this.undo.push(() => options.server.release());
@@ -103,8 +103,8 @@ export class FrozenView {
     // No `bitmap`: the whole disk is protected, so a write during the bitmap hand-over is never lost.
     await blockdevAdd(qmp, { driver: 'copy-before-write', 'node-name': names.cbw, file: guest.disk.nodeName, target: names.target, 'on-cbw-error': 'break-snapshot', 'cbw-timeout': this.options.cbwTimeout });
     this.undo.push(() => blockdevDel(qmp, names.cbw));
-    this.undo.push(() => reopenOver(qmp, guest.node, guest.disk.nodeName)); // before reopening: a failed reopen may have half-happened
-    await reopenOver(qmp, guest.node, names.cbw);
+    this.undo.push(() => attach(qmp, guest.entry, guest.disk.nodeName)); // before attaching: a failed attach may have half-happened
+    await attach(qmp, guest.entry, names.cbw);
   }
 
   /** Export the frozen view read-only, with the previous checkpoint (disabled by now) as a meta context. */

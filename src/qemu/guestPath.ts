@@ -1,20 +1,27 @@
 /**
- * The guest's path through QEMU's block graph: the raw passthrough node
- * `--node` names (what the guest's export or device uses) and its `file`
- * child, the disk's format node, which carries the dirty bitmaps. Found from
- * x-debug-query-block-graph, since query-named-block-nodes names a child by
- * file name, not by node.
+ * The guest's path through QEMU's block graph, and how a filter enters it.
+ * Either a raw passthrough node (`--node`; how a qemu-storage-daemon export
+ * is set up), whose `file` child is the disk's format node and is swapped
+ * with blockdev-reopen; or, in a VM, a disk device (`--device`) whose
+ * `drive` is the disk's node (`--node`) and is swapped with qom-set.
+ * Children are found from x-debug-query-block-graph, since
+ * query-named-block-nodes names a child by file name, not by node.
  */
 import { VhdError } from '../vhd/errors.js';
-import { blockdevReopen, queryNamedBlockNodes, type BlockNodeInfo } from './commands.js';
+import { blockdevReopen, qomGet, qomSet, queryBlock, queryNamedBlockNodes, type BlockNodeInfo } from './commands.js';
 import type { QmpClient } from './QmpClient.js';
 
 /** Every node vhdvault adds to QEMU, and every export and bitmap, is named with this. */
 export const OUR_PREFIX = 'vhdvault-';
 
-export interface GuestPath {
-  /** The raw passthrough node the copy-before-write filter is put under. */
+/** Where the guest's I/O enters the disk: what `--node` (and `--device`) name. */
+export interface GuestEntry {
   node: string;
+  device?: string;
+}
+
+export interface GuestPath {
+  entry: GuestEntry;
   /** The disk's format node (qcow2 or raw): the filter's `file`, the bitmaps' node. */
   disk: BlockNodeInfo;
 }
@@ -32,20 +39,44 @@ export async function fileChild(qmp: QmpClient, parent: string): Promise<string 
   return (edge && graph.nodes.find((n) => n.id === edge.child)?.name) || null;
 }
 
-/** Find the guest path under `node` (once a filter a killed run left there is out: removeLeftoverView). */
-export async function findGuestPath(qmp: QmpClient, node: string): Promise<GuestPath> {
-  const nodes = await queryNamedBlockNodes(qmp);
-  const top = nodes.find((n) => n.nodeName === node);
-  if (!top) throw new VhdError(qmp.socketPath, `no block node "${node}" (--node names the guest's raw passthrough node)`);
-  if (top.drv !== 'raw') throw new VhdError(qmp.socketPath, `block node "${node}" is a ${top.drv} node, not a raw passthrough node over the disk (give --node the node the guest's export uses)`);
-  const child = await fileChild(qmp, node);
-  if (child?.startsWith(OUR_PREFIX)) throw new VhdError(qmp.socketPath, `block node "${node}" still reads through "${child}", left by an earlier backup`);
-  const disk = child && nodes.find((n) => n.nodeName === child);
-  if (!disk) throw new VhdError(qmp.socketPath, `block node "${node}" has no named file child (the disk's format node)`);
-  return { node, disk };
+const devicePath = (device: string) => `/machine/peripheral/${device}`;
+
+/** The node the guest reads through now, right above the disk: the passthrough node's child, or the device's drive. */
+export async function guestNode(qmp: QmpClient, entry: GuestEntry): Promise<string | null> {
+  if (entry.device === undefined) return fileChild(qmp, entry.node);
+  const path = devicePath(entry.device);
+  // A device's `qdev` is its path, or a child of it (virtio-blk's backend).
+  const found = (await queryBlock(qmp)).find((d) => d.qdev !== null && (d.qdev === path || d.qdev.startsWith(`${path}/`)));
+  if (!found) throw new VhdError(qmp.socketPath, `no block device "${entry.device}" (--device names a disk device's id, e.g. -device virtio-blk-pci,id=${entry.device})`);
+  return found.nodeName;
 }
 
-/** Make `file` the passthrough node's child: how the filter enters and leaves the guest's path. */
-export async function reopenOver(qmp: QmpClient, node: string, file: string): Promise<void> {
-  await blockdevReopen(qmp, [{ driver: 'raw', 'node-name': node, file }]);
+/** Find the guest path (once a filter a killed run left there is out: frozenView's removeLeftoverView). */
+export async function findGuestPath(qmp: QmpClient, entry: GuestEntry): Promise<GuestPath> {
+  const nodes = await queryNamedBlockNodes(qmp);
+  const current = await guestNode(qmp, entry);
+  if (current?.startsWith(OUR_PREFIX)) throw new VhdError(qmp.socketPath, `the guest still reads through "${current}", left by an earlier backup`);
+  if (entry.device !== undefined) {
+    const disk = nodes.find((n) => n.nodeName === entry.node);
+    if (!disk) throw new VhdError(qmp.socketPath, `no block node "${entry.node}" (with --device, --node names the disk node the device uses)`);
+    if (current !== entry.node) throw new VhdError(qmp.socketPath, `device "${entry.device}" uses block node "${current ?? 'none'}", not "${entry.node}" (give --node the node the device uses)`);
+    return { entry, disk };
+  }
+  const top = nodes.find((n) => n.nodeName === entry.node);
+  if (!top) throw new VhdError(qmp.socketPath, `no block node "${entry.node}" (--node names the guest's raw passthrough node, or with --device the device's disk node)`);
+  if (top.drv !== 'raw') throw new VhdError(qmp.socketPath, `block node "${entry.node}" is a ${top.drv} node, not a raw passthrough node over the disk (give --node the node the guest's export uses, or --device for a VM disk)`);
+  const disk = current && nodes.find((n) => n.nodeName === current);
+  if (!disk) throw new VhdError(qmp.socketPath, `block node "${entry.node}" has no named file child (the disk's format node)`);
+  return { entry, disk };
+}
+
+/**
+ * Make the guest read through `node`: how the filter enters and leaves its
+ * path. A device is set only when it uses another node now (setting the
+ * node it already uses aborts QEMU 7.2).
+ */
+export async function attach(qmp: QmpClient, entry: GuestEntry, node: string): Promise<void> {
+  if (entry.device === undefined) return blockdevReopen(qmp, [{ driver: 'raw', 'node-name': entry.node, file: node }]);
+  const path = devicePath(entry.device);
+  if ((await qomGet(qmp, path, 'drive')) !== node) await qomSet(qmp, path, 'drive', node);
 }

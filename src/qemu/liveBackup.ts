@@ -30,8 +30,10 @@ export const DEFAULT_CBW_TIMEOUT = 45;
 export interface LiveBackupOptions extends Omit<BackupOptions, 'source' | 'fromRaw' | 'changed' | 'bitmap'> {
   /** QEMU's QMP socket. */
   qemu: string;
-  /** The guest's raw passthrough node. */
+  /** The guest's raw passthrough node; with `device`, the disk node the device uses. */
   node: string;
+  /** A VM's disk device (its qdev id), whose drive the filter is put under. */
+  device?: string;
   /** Folder of the fleecing image; without it, direct mode. */
   fleecing?: string;
   /** Abort the backup when the fleecing image holds more than this many bytes. */
@@ -75,9 +77,10 @@ export async function liveBackup(repo: Repository, disk: string, options: LiveBa
   try {
     return await withBackupLock(repo, disk, async () => {
       const latest = await repo.latest(disk);
-      await removeLeftoverView(qmp, options.node);
+      const entry = { node: options.node, device: options.device };
+      await removeLeftoverView(qmp, entry);
       if (options.fleecing !== undefined) await removeLeftoverImages(options.fleecing, new ViewNames(options.node));
-      const guest = await findGuestPath(qmp, options.node);
+      const guest = await findGuestPath(qmp, entry);
       const node = guest.disk.nodeName;
       await removeLeftoverBitmaps(qmp, node, latest?.checkpoint?.node === node ? latest.checkpoint.bitmap : null);
 
