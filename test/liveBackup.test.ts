@@ -218,3 +218,31 @@ describe.skipIf(!hasQsd)('backup --qemu', () => {
     expect((await restored('small', next.id)).equals(g.bytes)).toBe(true);
   });
 });
+
+/** A 4 MiB tmpfs for a fleecing folder that really fills up (mounting needs root; the --fleecing-max test covers the rest). */
+const smallFolder = join(dir, 'small-tmpfs');
+await run('mkdir', ['-p', smallFolder]);
+const mounted = hasQsd && (await run('mount', ['-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', smallFolder]).then(() => true, () => false));
+afterAll(async () => {
+  if (mounted) await run('umount', ['-l', smallFolder]);
+});
+
+describe.skipIf(!mounted)('backup --qemu, fleecing folder on a full filesystem', () => {
+  it('fails the backup with a clear line when the folder fills up; the guest never sees an error', async () => {
+    const size = 16 * MiB;
+    const g = await startGuest('qcow2', size);
+    await write(g, 0x21, 0, size);
+    const running = vhdvaultAsync('backup', repo, 'full-fs', '--qemu', g.qsd.qmpSocket, '--node', 'g0', '--fleecing', smallFolder, '--qemu-nbd', `nbd+unix:///?socket=${g.qsd.nbdSocket}`, '--max-read', '2M');
+    await exportShown(g);
+    await write(g, 0x22, 4 * MiB, 12 * MiB); // 12 MiB of old data to copy into 4 MiB: succeeds anyway
+    const r = await running;
+    expect(r.code, r.stderr).toBe(1);
+    expect(r.stderr.trimEnd().split('\n')).toHaveLength(1);
+    expect(r.stderr).toMatch(/fleecing folder is full \(\d+ bytes free, the image holds \d+\): .*backup aborted \(the guest's writes went on unharmed\)$/m);
+    expect(await ours(g)).toEqual({ nodes: [], exports: [], bitmaps: [] });
+    expect(await readdir(smallFolder)).toEqual([]);
+    await run('qemu-io', ['-f', 'raw', '-r', '-c', `read -P 0x22 ${4 * MiB} ${12 * MiB}`, g.qsd.guestUri]);
+    const list = await vhdvaultAsync('list', repo, 'full-fs', '--json');
+    expect(JSON.parse(list.stdout || '[]')).toEqual([]);
+  });
+});

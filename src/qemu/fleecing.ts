@@ -17,7 +17,7 @@ export class FleecingImage implements CopyTarget {
   readonly path: string;
 
   constructor(
-    dir: string,
+    readonly dir: string,
     names: ViewNames,
     backupId: string,
     private readonly size: number,

@@ -8,7 +8,8 @@
  * happens, everything vhdvault added to QEMU is removed again, and the guest
  * never sees an error.
  */
-import { stat } from 'node:fs/promises';
+import { stat, statfs } from 'node:fs/promises';
+import { NbdRequestError } from '../nbd/errors.js';
 import { NbdSource } from '../nbd/NbdSource.js';
 import type { NbdEndpoint } from '../nbd/uri.js';
 import { type BackupOptions, type BackupReport, backupFrom, withBackupLock } from '../store/backup.js';
@@ -26,6 +27,8 @@ import { qemuNbdServer } from './qemuNbdServer.js';
 import { QmpClient } from './QmpClient.js';
 
 export const DEFAULT_CBW_TIMEOUT = 45;
+/** Free space under which a fleecing folder counts as full: less than a few of QEMU's 64 KiB copies. */
+const FULL_BELOW = 1024 * 1024;
 
 export interface LiveBackupOptions extends Omit<BackupOptions, 'source' | 'fromRaw' | 'changed' | 'bitmap'> {
   /** QEMU's QMP socket. */
@@ -64,8 +67,20 @@ interface Mode {
   target: FleecingImage | DirectTarget;
   watch: FleecingWatch | null;
   copied(): { copiedBytes: number; copies: number | null; fleecingPeakBytes: number | null };
+  /** Why the frozen view failed the backup, when the copy target can tell (the folder filled up, a copy write failed). */
+  whyBroken(): Promise<Error | null>;
   /** After QEMU let go of the target. */
   stop(): Promise<void>;
+}
+
+/** A read of the frozen view that failed: its snapshot broke (a copy failed, or outlasted --cbw-timeout). */
+async function explain(err: unknown, mode: Mode, options: LiveBackupOptions): Promise<unknown> {
+  if (mode.watch?.overflow) return mode.watch.overflow;
+  if (!(err instanceof NbdRequestError)) return err;
+  const why = await mode.whyBroken();
+  if (why) return why;
+  const timeout = options.cbwTimeout ?? DEFAULT_CBW_TIMEOUT;
+  return new VhdError(options.qemu, `reading the frozen view failed (${err.problem}): a copy of old data before a guest write failed or took over --cbw-timeout ${timeout} s, so QEMU gave up the view; backup aborted (the guest's writes went on unharmed)`);
 }
 
 export async function liveBackup(repo: Repository, disk: string, options: LiveBackupOptions): Promise<LiveBackupReport> {
@@ -102,7 +117,7 @@ export async function liveBackup(repo: Repository, disk: string, options: LiveBa
         try {
           report = await backupFrom(repo, disk, source, { ...options, source: address.uri }, previous.valid, { id, note: previous.note, checkpoint: { bitmap: bitmaps.next, node }, writeLimit });
         } catch (err) {
-          throw mode.watch?.overflow ?? err;
+          throw await explain(err, mode, options);
         } finally {
           await source.close();
         }
@@ -135,6 +150,12 @@ async function startMode(repo: Repository, disk: string, id: string, size: numbe
       watch,
       // The filter copies each cluster once and nothing frees it: what the image holds at the end is what was copied.
       copied: () => ({ copiedBytes: watch.peak, copies: null, fleecingPeakBytes: watch.peak }),
+      whyBroken: async () => {
+        const fs = await statfs(image.dir).catch(() => null);
+        const free = fs ? fs.bavail * fs.bsize : Infinity;
+        if (free >= FULL_BELOW) return null;
+        return new VhdError(image.dir, `fleecing folder is full (${free} bytes free, the image holds ${watch.peak}): a copy of old data before a guest write failed, so QEMU gave up the view; backup aborted (the guest's writes went on unharmed)`);
+      },
       stop: async () => {},
     };
   }
@@ -147,6 +168,7 @@ async function startMode(repo: Repository, disk: string, id: string, size: numbe
     target,
     watch: null,
     copied: () => ({ copiedBytes: store.copiedBytes, copies: store.copies, fleecingPeakBytes: null }),
+    whyBroken: async () => store.failure && new VhdError(store.path, `copying old data into the repository failed (${store.failure.message}), so QEMU gave up the view; backup aborted (the guest's writes went on unharmed)`),
     stop: () => target.stop(),
   };
 }

@@ -210,6 +210,8 @@ export async function backupFrom(repo: Repository, disk: string, source: BlockSo
   // (the pipeline around them holds more blocks, waiting for workers).
   const readSlots = pLimit(SOURCE_READS_IN_FLIGHT);
   const writeLimit = extras.writeLimit ?? limiter(options.maxWrite);
+  // Aborted when the backup fails: blocks waiting for their turn under a rate limit give up at once.
+  const failed = new AbortController();
   const clocks = { read: new BusyClock(), write: new BusyClock() };
   const workerMs = { digest: 0, compress: 0, write: 0 };
   let blocksRead = 0;
@@ -224,7 +226,7 @@ export async function backupFrom(repo: Repository, disk: string, source: BlockSo
     const prev = previous ? await previous.get(block) : null;
     if (changed && prev && !testBit(changed, block)) return { digest: prev, store: false, data: null, storedBytes: 0 };
     let data = await readSlots(async () => {
-      await readLimit.take(blockSize);
+      await readLimit.take(blockSize, failed.signal);
       return clocks.read.time(() => source.readBlock(block));
     });
     blocksRead++;
@@ -250,7 +252,7 @@ export async function backupFrom(repo: Repository, disk: string, source: BlockSo
     workerMs.digest += result.digestMs;
     workerMs.compress += result.compressMs;
     workerMs.write += result.writeMs;
-    if (result.store) await writeLimit.take(result.storedBytes);
+    if (result.store) await writeLimit.take(result.storedBytes, failed.signal);
     if (result.prepared) workerMs.write += await pool.write({ target: target!, parts: result.prepared });
     const keep = result.store && !(writer instanceof VhdDirectoryWriter); // the main thread still has to append it
     if (!keep) releaseBuffer(result.data);
@@ -279,6 +281,7 @@ export async function backupFrom(repo: Repository, disk: string, source: BlockSo
     await writer.finish();
     await digests.finish();
   } catch (err) {
+    failed.abort();
     await writer.abort();
     await digests.abort();
     throw err;

@@ -21,6 +21,8 @@ export class CopyStore implements NbdExport {
   copiedBytes = 0;
   /** Copy requests: one per cluster run a guest write touched first. */
   copies = 0;
+  /** The first write that failed (the backup target full, say): QEMU then gives up the frozen view. */
+  failure: Error | null = null;
 
   private constructor(
     readonly path: string,
@@ -57,32 +59,46 @@ export class CopyStore implements NbdExport {
     return [{ length, flags: 0 }];
   }
 
-  async write(offset: number, data: Buffer, fua: boolean): Promise<void> {
-    await this.limit.take(data.length);
-    for (let at = 0; at < data.length; ) {
-      const { bytesWritten } = await this.fh.write(data, at, data.length - at, offset + at);
-      at += bytesWritten;
-    }
-    this.copiedBytes += data.length;
-    this.copies++;
-    if (fua) await this.flush();
+  write(offset: number, data: Buffer, fua: boolean): Promise<void> {
+    return this.noting(async () => {
+      await this.limit.take(data.length);
+      for (let at = 0; at < data.length; ) {
+        const { bytesWritten } = await this.fh.write(data, at, data.length - at, offset + at);
+        at += bytesWritten;
+      }
+      this.copiedBytes += data.length;
+      this.copies++;
+      if (fua) await this.fh.datasync();
+    });
   }
 
   /** A copied cluster that reads as zeros (QEMU sends no data for it). */
-  async writeZeroes(offset: number, length: number, fua: boolean): Promise<void> {
-    const zeros = Buffer.alloc(Math.min(length, ZERO_CHUNK));
-    for (let at = 0; at < length; at += zeros.length) {
-      const n = Math.min(zeros.length, length - at);
-      await this.limit.take(n);
-      await this.fh.write(zeros, 0, n, offset + at);
-    }
-    this.copiedBytes += length;
-    this.copies++;
-    if (fua) await this.flush();
+  writeZeroes(offset: number, length: number, fua: boolean): Promise<void> {
+    return this.noting(async () => {
+      const zeros = Buffer.alloc(Math.min(length, ZERO_CHUNK));
+      for (let at = 0; at < length; at += zeros.length) {
+        const n = Math.min(zeros.length, length - at);
+        await this.limit.take(n);
+        await this.fh.write(zeros, 0, n, offset + at);
+      }
+      this.copiedBytes += length;
+      this.copies++;
+      if (fua) await this.fh.datasync();
+    });
   }
 
-  async flush(): Promise<void> {
-    await this.fh.datasync();
+  flush(): Promise<void> {
+    return this.noting(() => this.fh.datasync());
+  }
+
+  /** Run a write; its failure is kept (the server only sends QEMU an errno). */
+  private async noting(write: () => Promise<void>): Promise<void> {
+    try {
+      await write();
+    } catch (err) {
+      this.failure ??= err as Error;
+      throw err;
+    }
   }
 
   /** Close and delete the file: the copies were only needed while the backup read them. */

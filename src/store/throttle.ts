@@ -15,17 +15,18 @@ export class RateLimiter {
     if (!(bytesPerSecond > 0)) throw new RangeError('rate must be positive');
   }
 
-  async take(bytes: number): Promise<void> {
+  /** Wait for the turn of `bytes`; an abort ends the wait at once (a failed backup need not sit out its reservations). */
+  async take(bytes: number, signal?: AbortSignal): Promise<void> {
     const now = performance.now();
     this.next = Math.max(this.next, now - this.burstMs);
     const wait = this.next - now;
     this.next += (bytes / this.bytesPerSecond) * 1000;
-    if (wait > 0) await sleep(wait);
+    if (wait > 0) await sleep(wait, undefined, { signal });
   }
 }
 
 /** A limiter that never waits (no limit set). */
-export const unlimited = { take: async (_bytes: number): Promise<void> => undefined };
+export const unlimited = { take: async (_bytes: number, _signal?: AbortSignal): Promise<void> => undefined };
 export type Limiter = Pick<RateLimiter, 'take'>;
 
 export function limiter(bytesPerSecond: number | undefined): Limiter {
