@@ -1,14 +1,16 @@
 /**
  * What a live backup costs the guest: 4 KiB random writes measured with fio
- * through a qemu-storage-daemon "guest" while idle, and while a fleecing-mode
- * live backup (README "Backing up a running QEMU disk") runs against it.
+ * through a qemu-storage-daemon "guest" while idle, while a fleecing-mode
+ * live backup runs against it, and while a direct-mode one does (README
+ * "Backing up a running QEMU disk").
  *
  *   npm run bench:live              # 1 GiB, table
  *   npm run bench:live -- --json    # one JSON object
  *
  * Environment: BENCH_SIZE_MIB (default 1024), BENCH_SECONDS per fio job
  * (default 10), BENCH_REWRITE_PCT (default 90), BENCH_MAX_WRITE (default 20M),
- * BENCH_DIR (where to work).
+ * BENCH_DIR (where to work), BENCH_FLEECING_DIR (the fleecing folder; default
+ * a folder in BENCH_DIR, on the same disk as the guest's image and the repository).
  *
  * The guest: qemu-storage-daemon serving a qcow2 image (file f0 → qcow2 disk0
  * → raw passthrough g0), g0 exported writable over NBD as `disk0` on a Unix
@@ -22,12 +24,14 @@
  * checkpoint bitmap and differs from the stored one); then
  *   (a) idle: fio randwrite 4k at iodepth 1, then 8, no backup;
  *   (b) fleecing: start `backup --qemu … --fleecing … --max-write 20M --json`,
- *       wait until its fleecing image exists and its export is shown in QEMU
- *       (the point in time has passed: copy-before-write is in the guest's
- *       path), then the same two fio jobs while it runs; the backup's duration
- *       and fleecing image peak come from its --json report;
- *   (c) direct mode: not implemented in vhdvault (exit 2), printed as such;
- *   idle again after the backup ended, as a measure of run-to-run noise.
+ *       wait until its export is shown in QEMU (the point in time has passed:
+ *       copy-before-write is in the guest's path), then the same two fio jobs
+ *       while it runs; the backup's duration, copies and fleecing image peak
+ *       come from its --json report;
+ *   (c) direct: rewrite the same share of the disk again, then the same with
+ *       `backup --qemu … --max-write 20M` (no --fleecing): the copies go to
+ *       the repository at the --max-write pace;
+ *   idle again after the backups ended, as a measure of run-to-run noise.
  * fio jobs are time-based without ramp (the first writes to each cluster are
  * the ones copy-before-write slows). Goal: fleecing p99 ≤ 1.5 × idle p99.
  */
@@ -60,7 +64,8 @@ interface BackupReport {
   bytesRead: number;
   bytesWritten: number;
   durationMs: number;
-  fleecingPeakBytes: number;
+  fleecingPeakBytes: number | null;
+  copiedBytes: number;
   note?: string;
 }
 
@@ -146,8 +151,10 @@ async function startGuest(dir: string, size: number): Promise<Guest> {
   return { qmpSocket, watchSocket, nbdSocket, guestUri: `nbd+unix:///disk0?socket=${nbdSocket}`, stop };
 }
 
-function liveBackupArgs(repo: string, g: Guest, fleecing: string, ...extra: string[]): string[] {
-  return [CLI, 'backup', repo, 'vm', '--qemu', g.qmpSocket, '--node', 'g0', '--fleecing', fleecing, '--qemu-nbd', `nbd+unix:///?socket=${g.nbdSocket}`, '--json', ...extra];
+/** A live backup's arguments: fleecing mode into `fleecing`, direct mode when it is null. */
+function liveBackupArgs(repo: string, g: Guest, fleecing: string | null, ...extra: string[]): string[] {
+  const mode = fleecing === null ? [] : ['--fleecing', fleecing];
+  return [CLI, 'backup', repo, 'vm', '--qemu', g.qmpSocket, '--node', 'g0', ...mode, '--qemu-nbd', `nbd+unix:///?socket=${g.nbdSocket}`, '--json', ...extra];
 }
 
 function parseReport(r: RunResult): BackupReport {
@@ -155,16 +162,44 @@ function parseReport(r: RunResult): BackupReport {
   return JSON.parse(r.stdout) as BackupReport;
 }
 
-/** Resolves once the fleecing image exists and vhdvault's export is shown in QEMU. */
-async function fleecingStarted(watch: QmpClient, fleecing: string, backup: Promise<RunResult>): Promise<void> {
+/** Resolves once vhdvault's export is shown in QEMU: the filter is in the guest's path. */
+async function viewExported(watch: QmpClient, backup: Promise<RunResult>): Promise<void> {
   let ended = false;
   void backup.finally(() => (ended = true));
   for (;;) {
-    if (ended) throw new Error('the backup ended before its fleecing export appeared');
-    const image = (await readdir(fleecing)).some((f) => f.endsWith('.fleece.raw'));
-    if (image && (await queryBlockExports(watch)).some((e) => e.id.startsWith('vhdvault-'))) return;
+    if (ended) throw new Error('the backup ended before its export appeared');
+    if ((await queryBlockExports(watch)).some((e) => e.id.startsWith('vhdvault-'))) return;
     await sleep(20);
   }
+}
+
+interface During {
+  fio: FioWrite[];
+  report: BackupReport;
+  wallSeconds: number;
+  exportShownAfterMs: number;
+  /** Every fio job ended before the backup did. */
+  fioWithinBackup: boolean;
+}
+
+/** The fio jobs while a live backup (fleecing into `fleecing`, or direct when null) runs. */
+async function duringBackup(repo: string, g: Guest, watch: QmpClient, fleecing: string | null, maxWrite: string, depths: number[], seconds: number, log: (s: string) => void): Promise<During> {
+  const label = fleecing === null ? 'direct' : 'fleecing';
+  log(`${label}: live backup with --max-write ${maxWrite}, fio while it runs`);
+  const start = now();
+  const running = runCommand(process.execPath, liveBackupArgs(repo, g, fleecing, '--max-write', maxWrite));
+  let endMs = Infinity;
+  void running.then(() => (endMs = now()));
+  await viewExported(watch, running);
+  const exportShownAfterMs = now() - start;
+  const fio: FioWrite[] = [];
+  for (const d of depths) {
+    log(`${label}: randwrite 4k iodepth ${d}, ${seconds} s`);
+    fio.push(await randwrite(g.guestUri, d, seconds));
+  }
+  const fioWithinBackup = fio.every((r) => r.endMs <= endMs);
+  const report = parseReport(await running);
+  return { fio, report, wallSeconds: (endMs - start) / 1000, exportShownAfterMs, fioWithinBackup };
 }
 
 const fmtUs = (us: number) => (us >= 1000 ? `${(us / 1000).toFixed(2)} ms` : `${us.toFixed(0)} µs`);
@@ -185,8 +220,7 @@ async function main(): Promise<void> {
   // Short: Unix socket paths must fit in 108 bytes.
   const work = await mkdtemp(join(process.env.BENCH_DIR ?? tmpdir(), 'vv-live-'));
   const repo = join(work, 'repo');
-  const fleecing = join(work, 'fleece');
-  await mkdir(fleecing);
+  const fleecing = await mkdtemp(join(process.env.BENCH_FLEECING_DIR ?? work, 'fleece-'));
   await mustRun(process.execPath, [CLI, 'init', repo, '--layout', 'dir', '--compression', 'none']);
   const g = await startGuest(work, size);
   const watch = await QmpClient.connect(g.watchSocket);
@@ -211,21 +245,10 @@ async function main(): Promise<void> {
       idle.push(await randwrite(g.guestUri, d, seconds));
     }
 
-    log(`fleecing: live backup with --max-write ${maxWrite}, fio while it runs`);
-    const backupStart = now();
-    const running = runCommand(process.execPath, liveBackupArgs(repo, g, fleecing, '--max-write', maxWrite));
-    let backupEndMs = Infinity;
-    void running.then(() => (backupEndMs = now()));
-    await fleecingStarted(watch, fleecing, running);
-    const exportAfterMs = now() - backupStart;
-    const during: FioWrite[] = [];
-    for (const d of depths) {
-      log(`fleecing: randwrite 4k iodepth ${d}, ${seconds} s`);
-      during.push(await randwrite(g.guestUri, d, seconds));
-    }
-    const fioWithinBackup = during.every((r) => r.endMs <= backupEndMs);
-    const measured = parseReport(await running);
-    const backupWallSeconds = (backupEndMs - backupStart) / 1000;
+    const fleecingRun = await duringBackup(repo, g, watch, fleecing, maxWrite, depths, seconds, log);
+    log(`rewrite the first ${rewriteBytes / MiB} MiB again`);
+    await fill(g.guestUri, rewriteBytes);
+    const directRun = await duringBackup(repo, g, watch, null, maxWrite, depths, seconds, log);
 
     const after: FioWrite[] = [];
     for (const d of depths) {
@@ -236,18 +259,34 @@ async function main(): Promise<void> {
 
     const rows = depths.map((d, i) => {
       const a = idle[i]!;
-      const f = during[i]!;
+      const f = fleecingRun.fio[i]!;
+      const c = directRun.fio[i]!;
       const p99Ratio = f.p99us / a.p99us;
       return {
         iodepth: d,
         idle: a,
         fleecing: f,
-        direct: null as null,
+        direct: c,
         idleAfter: after[i]!,
         iopsRatio: f.iops / a.iops,
         p99Ratio,
         goalMet: p99Ratio <= 1.5,
+        directIopsRatio: c.iops / a.iops,
+        directP99Ratio: c.p99us / a.p99us,
       };
+    });
+    const backupOf = (r: During) => ({
+      kind: r.report.kind,
+      mode: r.report.mode,
+      durationMs: r.report.durationMs,
+      wallSeconds: r.wallSeconds,
+      exportShownAfterMs: r.exportShownAfterMs,
+      bytesRead: r.report.bytesRead,
+      bytesWritten: r.report.bytesWritten,
+      copiedBytes: r.report.copiedBytes,
+      fleecingPeakBytes: r.report.fleecingPeakBytes,
+      fioWithinBackup: r.fioWithinBackup,
+      note: r.report.note ?? null,
     });
     const result = {
       sizeMiB,
@@ -261,19 +300,8 @@ async function main(): Promise<void> {
         rewriteBytes,
         rewriteSeconds,
       },
-      backup: {
-        kind: measured.kind,
-        mode: measured.mode,
-        durationMs: measured.durationMs,
-        wallSeconds: backupWallSeconds,
-        exportShownAfterMs: exportAfterMs,
-        bytesRead: measured.bytesRead,
-        bytesWritten: measured.bytesWritten,
-        fleecingPeakBytes: measured.fleecingPeakBytes,
-        fioWithinBackup,
-        note: measured.note ?? null,
-      },
-      direct: 'not available: vhdvault has no direct mode yet (backup --qemu without --fleecing exits 2)',
+      fleecingDir: fleecing,
+      backups: { fleecing: backupOf(fleecingRun), direct: backupOf(directRun) },
       rows,
       goal: 'fleecing p99 ≤ 1.5 × idle p99',
     };
@@ -290,20 +318,27 @@ async function main(): Promise<void> {
     const table: string[][] = [];
     for (const [i, d] of depths.entries()) {
       table.push(row('(a) idle', d, idle[i]!));
-      table.push(row('(b) fleecing backup', d, during[i]!));
-      table.push(row('(c) direct backup', d, null));
+      table.push(row('(b) fleecing backup', d, fleecingRun.fio[i]!));
+      table.push(row('(c) direct backup', d, directRun.fio[i]!));
       table.push(row('idle after (noise)', d, after[i]!));
     }
     console.log(formatTable(['state', 'iodepth', 'IOPS', 'p50', 'p99'], table));
-    console.log(
-      `backup during (b): ${measured.kind}, --max-write ${maxWrite}, ${(measured.durationMs / 1000).toFixed(1)} s (wall ${backupWallSeconds.toFixed(1)} s, export shown after ${(exportAfterMs / 1000).toFixed(1)} s), read ${(measured.bytesRead / MiB).toFixed(0)} MiB, wrote ${(measured.bytesWritten / MiB).toFixed(0)} MiB, fleecing peak ${(measured.fleecingPeakBytes / MiB).toFixed(1)} MiB${fioWithinBackup ? '' : '; WARNING: the backup ended before fio did'}`,
-    );
-    console.log('(c) direct mode: not available (vhdvault has no direct mode yet)');
-    for (const r of rows) console.log(`goal fleecing p99 ≤ 1.5× idle, iodepth ${r.iodepth}: ${r.p99Ratio.toFixed(2)}× — ${r.goalMet ? 'met' : 'not met'} (IOPS ${r.iopsRatio.toFixed(2)}× idle)`);
+    for (const [label, r] of [['(b)', fleecingRun], ['(c)', directRun]] as const) {
+      const b = r.report;
+      const peak = b.fleecingPeakBytes === null ? '' : `, fleecing peak ${(b.fleecingPeakBytes / MiB).toFixed(1)} MiB`;
+      console.log(
+        `backup during ${label}: ${b.mode} ${b.kind}, --max-write ${maxWrite}, ${(b.durationMs / 1000).toFixed(1)} s (wall ${r.wallSeconds.toFixed(1)} s, export shown after ${(r.exportShownAfterMs / 1000).toFixed(1)} s), read ${(b.bytesRead / MiB).toFixed(0)} MiB, wrote ${(b.bytesWritten / MiB).toFixed(0)} MiB, copied ${(b.copiedBytes / MiB).toFixed(1)} MiB before guest writes${peak}${r.fioWithinBackup ? '' : '; WARNING: the backup ended before fio did'}`,
+      );
+    }
+    console.log(`fleecing folder: ${fleecing}`);
+    for (const r of rows) {
+      console.log(`goal fleecing p99 ≤ 1.5× idle, iodepth ${r.iodepth}: ${r.p99Ratio.toFixed(2)}× — ${r.goalMet ? 'met' : 'not met'} (IOPS ${r.iopsRatio.toFixed(2)}× idle); direct p99 ${r.directP99Ratio.toFixed(2)}× idle (IOPS ${r.directIopsRatio.toFixed(2)}×)`);
+    }
   } finally {
     await watch.close().catch(() => undefined);
     await g.stop();
     await rm(work, { recursive: true, force: true });
+    await rm(fleecing, { recursive: true, force: true });
   }
 }
 

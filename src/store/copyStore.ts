@@ -1,9 +1,9 @@
 /**
  * Direct mode's copy-before-write target. The clusters QEMU copies out of a
  * running disk before a guest write lands go straight to the backup target:
- * a sparse file beside the new backup's staged files, written at the pace
- * --max-write allows the backup's own writes (the guest's write waits for
- * it: the slow path fleecing avoids). QEMU reads them back through the
+ * a sparse file beside the new backup's staged files, written within the
+ * --max-write pace the backup's own writes share, but ahead of them (the
+ * guest's write waits for its copy: the slow path fleecing avoids). QEMU reads them back through the
  * frozen view when the backup reaches them. The file is never committed:
  * it is deleted when the backup ends, and by the next run after a kill.
  */
@@ -61,7 +61,7 @@ export class CopyStore implements NbdExport {
 
   write(offset: number, data: Buffer, fua: boolean): Promise<void> {
     return this.noting(async () => {
-      await this.limit.take(data.length);
+      await this.limit.takeFirst(data.length);
       for (let at = 0; at < data.length; ) {
         const { bytesWritten } = await this.fh.write(data, at, data.length - at, offset + at);
         at += bytesWritten;
@@ -78,7 +78,7 @@ export class CopyStore implements NbdExport {
       const zeros = Buffer.alloc(Math.min(length, ZERO_CHUNK));
       for (let at = 0; at < length; at += zeros.length) {
         const n = Math.min(zeros.length, length - at);
-        await this.limit.take(n);
+        await this.limit.takeFirst(n);
         await this.fh.write(zeros, 0, n, offset + at);
       }
       this.copiedBytes += length;

@@ -7,6 +7,8 @@ import { setTimeout as sleep } from 'node:timers/promises';
  */
 export class RateLimiter {
   private next = 0;
+  /** The pace of takeFirst(), kept apart from the queue of take(). */
+  private nextFirst = 0;
 
   constructor(
     readonly bytesPerSecond: number,
@@ -23,11 +25,26 @@ export class RateLimiter {
     this.next += (bytes / this.bytesPerSecond) * 1000;
     if (wait > 0) await sleep(wait, undefined, { signal });
   }
+
+  /**
+   * Bytes something is waiting on (a guest write held up by its copy):
+   * paced among themselves at the rate, ahead of what take() has queued,
+   * whose later turns move back by their share.
+   */
+  async takeFirst(bytes: number): Promise<void> {
+    const now = performance.now();
+    const share = (bytes / this.bytesPerSecond) * 1000;
+    this.nextFirst = Math.max(this.nextFirst, now - this.burstMs);
+    const wait = this.nextFirst - now;
+    this.nextFirst += share;
+    this.next = Math.max(this.next, now - this.burstMs) + share;
+    if (wait > 0) await sleep(wait);
+  }
 }
 
 /** A limiter that never waits (no limit set). */
-export const unlimited = { take: async (_bytes: number, _signal?: AbortSignal): Promise<void> => undefined };
-export type Limiter = Pick<RateLimiter, 'take'>;
+export const unlimited = { take: async (_bytes: number, _signal?: AbortSignal): Promise<void> => undefined, takeFirst: async (_bytes: number): Promise<void> => undefined };
+export type Limiter = Pick<RateLimiter, 'take' | 'takeFirst'>;
 
 export function limiter(bytesPerSecond: number | undefined): Limiter {
   return bytesPerSecond ? new RateLimiter(bytesPerSecond) : unlimited;
