@@ -1,3 +1,4 @@
+import { setMaxListeners } from 'node:events';
 import { readFile } from 'node:fs/promises';
 import pLimit from 'p-limit';
 import { NbdSource } from '../nbd/NbdSource.js';
@@ -212,6 +213,7 @@ export async function backupFrom(repo: Repository, disk: string, source: BlockSo
   const writeLimit = extras.writeLimit ?? limiter(options.maxWrite);
   // Aborted when the backup fails: blocks waiting for their turn under a rate limit give up at once.
   const failed = new AbortController();
+  setMaxListeners(0, failed.signal); // one per block waiting its turn: up to the read-ahead, by design
   const clocks = { read: new BusyClock(), write: new BusyClock() };
   const workerMs = { digest: 0, compress: 0, write: 0 };
   let blocksRead = 0;
