@@ -106,3 +106,31 @@ describe.skipIf(!hasVm)('backup --qemu --device after a kill', () => {
     }
   });
 });
+
+describe.skipIf(!hasVm)('backup --qemu --device, two disks at once', () => {
+  it('backs up two disks of one VM at the same time, in both modes, sharing the NBD server vhdvault starts', async () => {
+    const size = 8 * MiB;
+    const vm = await startVm(size, 0x31, 2);
+    const models = [Buffer.alloc(size, 0x31), Buffer.alloc(size, 0x31)];
+    try {
+      const argsOf = (i: number, mode: Mode) => ['backup', repo, `pair${i}`, '--qemu', vm.qmpSocket, '--device', `vd${i}`, '--node', `disk${i}`, ...(mode === 'fleecing' ? ['--fleecing', fleecing] : []), '--json', '--max-read', '4M'];
+      const running = [vhdvaultAsync(...argsOf(0, 'fleecing')), vhdvaultAsync(...argsOf(1, 'direct'))];
+      // Both views exist at once before the guest writes.
+      while ((await queryBlockExports(vm.qmp)).filter((e) => e.id.startsWith('vhdvault-')).length < 2) await new Promise((r) => setTimeout(r, 20));
+      const frozen = models.map((m) => Buffer.from(m));
+      for (const i of [0, 1]) {
+        await vm.write(0x40 + i, 6 * MiB, 2 * MiB, i);
+        models[i]!.fill(0x40 + i, 6 * MiB);
+      }
+      const reports = (await Promise.all(running)).map((r) => liveReport(r));
+      for (const i of [0, 1]) {
+        expect(reports[i]).toMatchObject({ kind: 'full', mode: i === 0 ? 'fleecing' : 'direct' });
+        expect((await restored(`pair${i}`, reports[i]!.id)).equals(frozen[i]!), `pair${i}`).toBe(true);
+      }
+      await clean(vm);
+      expect(await qomGet(vm.qmp, '/machine/peripheral/vd1', 'drive')).toBe('disk1');
+    } finally {
+      await vm.quit();
+    }
+  });
+});

@@ -4,7 +4,7 @@ import { cp as cpDir, mkdir, readFile, readdir, rename, rm, writeFile, open } fr
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { vhdvault } from './helpers/cli.js';
-import { makeRaw, sha256, tempDir } from './helpers/files.js';
+import { makeRaw, mountTmpfs, sha256, tempDir } from './helpers/files.js';
 import { BLOCK, copyFixture, expectRestores, type Fixture, isCoordination, makeFixture, MiB, snapshot, vhdvaultAsync } from './helpers/repoFixture.js';
 
 const dir = await tempDir();
@@ -284,16 +284,6 @@ describe('crash between commit steps', () => {
     expect((await readdir(d)).filter((x) => x.endsWith('.tmp'))).toEqual([]);
   });
 });
-
-/** A small tmpfs, so that a full filesystem is real. Needs root (CI is root); elsewhere the test is skipped. */
-function mountTmpfs(path: string, size: string): boolean {
-  try {
-    execFileSync('mount', ['-t', 'tmpfs', '-o', `size=${size}`, 'tmpfs', path], { stdio: 'ignore' });
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 describe('a full filesystem', () => {
   it('a backup that runs out of space names the folder and changes nothing; prune still frees space', async (ctx) => {

@@ -1,4 +1,4 @@
-import { spawnSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { type FileHandle, mkdtemp, open, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -84,5 +84,15 @@ async function readFully(fh: FileHandle, buf: Buffer, length: number, position: 
     const { bytesRead } = await fh.read(buf, done, length - done, position + done);
     if (bytesRead === 0) throw new Error(`unexpected end of file at ${position + done}`);
     done += bytesRead;
+  }
+}
+
+/** A small tmpfs at `path`, so that a full filesystem is real. Needs root (CI is root): false where it cannot be mounted. */
+export function mountTmpfs(path: string, size: string): boolean {
+  try {
+    execFileSync('mount', ['-t', 'tmpfs', '-o', `size=${size}`, 'tmpfs', path], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
   }
 }

@@ -1,7 +1,7 @@
 /**
  * A VM for live backups through a disk device: qemu-system-x86_64 with no
- * guest OS (it idles in the firmware), one qcow2 disk (file node f0 →
- * format node disk0) on a virtio-blk device `vd0`, and two QMP monitors:
+ * guest OS (it idles in the firmware), qcow2 disks (file node f<i> →
+ * format node disk<i>) on virtio-blk devices `vd<i>`, and two QMP monitors:
  * one for vhdvault, one for the test. The "guest" writes through the device
  * with HMP's qemu-io (`-d` the device's backend), which goes through
  * whatever node the device uses, as a guest's own writes would.
@@ -18,16 +18,19 @@ import { accepts } from './sockets.js';
 export const hasVm = spawnSync('qemu-system-x86_64', ['--version']).status === 0;
 if (!hasVm && process.env.CI) throw new Error('qemu-system-x86_64 is missing: CI must install qemu-system-x86');
 
-export const BACKEND = '/machine/peripheral/vd0/virtio-backend';
+/** The QOM path of disk `i`'s block backend, for HMP's qemu-io. */
+const backend = (i: number) => `/machine/peripheral/vd${i}/virtio-backend`;
 
 export interface Vm {
+  /** The image of each disk. */
+  images: string[];
   image: string;
   /** vhdvault's monitor. */
   qmpSocket: string;
   /** The test's own monitor. */
   qmp: QmpClient;
-  /** A guest write through the device; throws if qemu-io reports anything but success. */
-  write(pattern: number, offset: number, length: number): Promise<void>;
+  /** A guest write through device vd<disk> (default vd0); throws if qemu-io reports anything but success. */
+  write(pattern: number, offset: number, length: number, disk?: number): Promise<void>;
   /** Power off (the image is then consistent on disk); resolves once QEMU exited. */
   quit(): Promise<void>;
 }
@@ -39,21 +42,24 @@ afterAll(async () => {
   await Promise.all(dirs.map((dir) => rm(dir, { recursive: true, force: true })));
 });
 
-/** A VM over a new qcow2 of `size` bytes filled with `pattern`. */
-export async function startVm(size: number, pattern: number): Promise<Vm> {
+/** A VM over `disks` new qcow2 images of `size` bytes filled with `pattern`. */
+export async function startVm(size: number, pattern: number, disks = 1): Promise<Vm> {
   const dir = await mkdtemp(join(tmpdir(), 'vhdvault-vm-'));
   dirs.push(dir);
-  const image = join(dir, 'disk.qcow2');
-  await run('qemu-img', ['create', '-q', '-f', 'qcow2', image, String(size)]);
-  await run('qemu-io', ['-f', 'qcow2', '-c', `write -P ${pattern} 0 ${size}`, image]);
+  const images = Array.from({ length: disks }, (_, i) => join(dir, `disk${i}.qcow2`));
+  const drives: string[] = [];
+  for (const [i, image] of images.entries()) {
+    await run('qemu-img', ['create', '-q', '-f', 'qcow2', image, String(size)]);
+    await run('qemu-io', ['-f', 'qcow2', '-c', `write -P ${pattern} 0 ${size}`, image]);
+    drives.push('-blockdev', `driver=file,node-name=f${i},filename=${image}`, '-blockdev', `driver=qcow2,node-name=disk${i},file=f${i}`, '-device', `virtio-blk-pci,drive=disk${i},id=vd${i}`);
+  }
   const qmpSocket = join(dir, 'qmp.sock');
   const testSocket = join(dir, 'qmp2.sock');
   const child = spawn(
     'qemu-system-x86_64',
     [
       ...['-M', 'q35', '-nodefaults', '-display', 'none', '-m', '64'],
-      ...['-blockdev', `driver=file,node-name=f0,filename=${image}`, '-blockdev', 'driver=qcow2,node-name=disk0,file=f0'],
-      ...['-device', 'virtio-blk-pci,drive=disk0,id=vd0'],
+      ...drives,
       ...['-chardev', `socket,path=${qmpSocket},server=on,wait=off,id=m0`, '-mon', 'chardev=m0,mode=control'],
       ...['-chardev', `socket,path=${testSocket},server=on,wait=off,id=m1`, '-mon', 'chardev=m1,mode=control'],
     ],
@@ -69,12 +75,13 @@ export async function startVm(size: number, pattern: number): Promise<Vm> {
   await Promise.race([Promise.all([accepts(qmpSocket), accepts(testSocket)]), exited.then(() => Promise.reject(new Error(`qemu-system-x86_64 exited: ${stderr.trim()}`)))]);
   const qmp = await QmpClient.connect(testSocket);
   return {
-    image,
+    images,
+    image: images[0]!,
     qmpSocket,
     qmp,
-    write: async (pattern, offset, length) => {
+    write: async (pattern, offset, length, disk = 0) => {
       const before = stdout.length;
-      const reply = await qmp.execute<string>('human-monitor-command', { 'command-line': `qemu-io -d ${BACKEND} "write -P ${pattern} ${offset} ${length}"` });
+      const reply = await qmp.execute<string>('human-monitor-command', { 'command-line': `qemu-io -d ${backend(disk)} "write -P ${pattern} ${offset} ${length}"` });
       // (The "wrote …" line reaches stdout after the reply: wait for it.)
       for (let i = 0; i < 200 && !stdout.slice(before).includes('wrote'); i++) await new Promise((r) => setTimeout(r, 10));
       const out = reply + stdout.slice(before);
