@@ -108,15 +108,19 @@ describe.skipIf(!hasVm)('backup --qemu --device after a kill', () => {
 });
 
 describe.skipIf(!hasVm)('backup --qemu --device, two disks at once', () => {
-  it('backs up two disks of one VM at the same time, in both modes, sharing the NBD server vhdvault starts', async () => {
+  it('backs up two disks of one VM at the same time (each through its own monitor), in both modes, sharing the NBD server vhdvault starts', async () => {
     const size = 8 * MiB;
     const vm = await startVm(size, 0x31, 2);
     const models = [Buffer.alloc(size, 0x31), Buffer.alloc(size, 0x31)];
     try {
-      const argsOf = (i: number, mode: Mode) => ['backup', repo, `pair${i}`, '--qemu', vm.qmpSocket, '--device', `vd${i}`, '--node', `disk${i}`, ...(mode === 'fleecing' ? ['--fleecing', fleecing] : []), '--json', '--max-read', '4M'];
-      const running = [vhdvaultAsync(...argsOf(0, 'fleecing')), vhdvaultAsync(...argsOf(1, 'direct'))];
+      const argsOf = (i: number, mode: Mode) => ['backup', repo, `pair${i}`, '--qemu', i === 0 ? vm.qmpSocket : vm.qmpSocket2, '--device', `vd${i}`, '--node', `disk${i}`, ...(mode === 'fleecing' ? ['--fleecing', fleecing] : []), '--json', '--max-read', '4M'];
+      let settled = 0;
+      const running = [vhdvaultAsync(...argsOf(0, 'fleecing')), vhdvaultAsync(...argsOf(1, 'direct'))].map((p) => p.finally(() => settled++));
       // Both views exist at once before the guest writes.
-      while ((await queryBlockExports(vm.qmp)).filter((e) => e.id.startsWith('vhdvault-')).length < 2) await new Promise((r) => setTimeout(r, 20));
+      while ((await queryBlockExports(vm.qmp)).filter((e) => e.id.startsWith('vhdvault-')).length < 2) {
+        if (settled > 0) throw new Error(`a backup ended before both views existed: ${JSON.stringify(await Promise.all(running))}`);
+        await new Promise((r) => setTimeout(r, 20));
+      }
       const frozen = models.map((m) => Buffer.from(m));
       for (const i of [0, 1]) {
         await vm.write(0x40 + i, 6 * MiB, 2 * MiB, i);

@@ -114,3 +114,13 @@ function checkName(name: string, what: string, bad: (p: string) => UsageError): 
   if (name.includes('\0')) throw bad(`the ${what} contains a NUL byte`);
   if (Buffer.byteLength(name, 'utf8') > MAX_STRING) throw bad(`the ${what} is longer than ${MAX_STRING} bytes`);
 }
+
+/** The address of `exportName` at `endpoint`, with its URI as QEMU writes it. */
+export function nbdAddress(endpoint: NbdEndpoint, exportName: string, bitmap: string | null = null): NbdAddress {
+  const name = encodeURIComponent(exportName);
+  const uri =
+    endpoint.transport === 'unix'
+      ? `nbd+unix:///${name}?socket=${endpoint.socket}`
+      : `nbd://${endpoint.host.includes(':') ? `[${endpoint.host}]` : endpoint.host}:${endpoint.port}/${name}`;
+  return { uri, endpoint, exportName, bitmap };
+}

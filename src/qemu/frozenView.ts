@@ -9,7 +9,7 @@
  * reads, never the guest's write.
  */
 import { createHash } from 'node:crypto';
-import type { NbdAddress } from '../nbd/uri.js';
+import { type NbdAddress, nbdAddress } from '../nbd/uri.js';
 import { VhdError } from '../vhd/errors.js';
 import { blockdevAdd, blockdevDel, blockExportAdd, blockExportDel, type BitmapRef, queryBlockExports, queryNamedBlockNodes } from './commands.js';
 import { attach, fileChild, type GuestEntry, guestNode, type GuestPath, OUR_PREFIX } from './guestPath.js';
@@ -116,9 +116,7 @@ export class FrozenView {
     await blockExportAdd(qmp, { type: 'nbd', id: this.exportName, nodeName: names.snap, name: this.exportName, writable: false, bitmaps });
     this.exported = true;
     this.undo.push(() => this.cut());
-    const { endpoint } = this.options.server;
-    const uri = endpoint.transport === 'unix' ? `nbd+unix:///${this.exportName}?socket=${endpoint.socket}` : `nbd://${endpoint.host.includes(':') ? `[${endpoint.host}]` : endpoint.host}:${endpoint.port}/${this.exportName}`;
-    return { uri, endpoint, exportName: this.exportName, bitmap: null };
+    return nbdAddress(await this.options.server.locate(this.exportName), this.exportName);
   }
 
   /** Delete the export, dropping our reader: every read after this fails. Once, however often it is called. */

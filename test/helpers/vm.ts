@@ -1,8 +1,8 @@
 /**
  * A VM for live backups through a disk device: qemu-system-x86_64 with no
  * guest OS (it idles in the firmware), qcow2 disks (file node f<i> →
- * format node disk<i>) on virtio-blk devices `vd<i>`, and two QMP monitors:
- * one for vhdvault, one for the test. The "guest" writes through the device
+ * format node disk<i>) on virtio-blk devices `vd<i>`, and three QMP monitors:
+ * two for vhdvault (a monitor serves one client at a time), one for the test. The "guest" writes through the device
  * with HMP's qemu-io (`-d` the device's backend), which goes through
  * whatever node the device uses, as a guest's own writes would.
  */
@@ -27,6 +27,8 @@ export interface Vm {
   image: string;
   /** vhdvault's monitor. */
   qmpSocket: string;
+  /** A second one, for a second vhdvault at the same time. */
+  qmpSocket2: string;
   /** The test's own monitor. */
   qmp: QmpClient;
   /** A guest write through device vd<disk> (default vd0); throws if qemu-io reports anything but success. */
@@ -54,14 +56,16 @@ export async function startVm(size: number, pattern: number, disks = 1): Promise
     drives.push('-blockdev', `driver=file,node-name=f${i},filename=${image}`, '-blockdev', `driver=qcow2,node-name=disk${i},file=f${i}`, '-device', `virtio-blk-pci,drive=disk${i},id=vd${i}`);
   }
   const qmpSocket = join(dir, 'qmp.sock');
-  const testSocket = join(dir, 'qmp2.sock');
+  const qmpSocket2 = join(dir, 'qmp2.sock');
+  const testSocket = join(dir, 'qmp-test.sock');
   const child = spawn(
     'qemu-system-x86_64',
     [
       ...['-M', 'q35', '-nodefaults', '-display', 'none', '-m', '64'],
       ...drives,
       ...['-chardev', `socket,path=${qmpSocket},server=on,wait=off,id=m0`, '-mon', 'chardev=m0,mode=control'],
-      ...['-chardev', `socket,path=${testSocket},server=on,wait=off,id=m1`, '-mon', 'chardev=m1,mode=control'],
+      ...['-chardev', `socket,path=${qmpSocket2},server=on,wait=off,id=m1`, '-mon', 'chardev=m1,mode=control'],
+      ...['-chardev', `socket,path=${testSocket},server=on,wait=off,id=m2`, '-mon', 'chardev=m2,mode=control'],
     ],
     { stdio: ['ignore', 'pipe', 'pipe'] },
   );
@@ -72,12 +76,13 @@ export async function startVm(size: number, pattern: number, disks = 1): Promise
   let stderr = '';
   child.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d));
   const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
-  await Promise.race([Promise.all([accepts(qmpSocket), accepts(testSocket)]), exited.then(() => Promise.reject(new Error(`qemu-system-x86_64 exited: ${stderr.trim()}`)))]);
+  await Promise.race([Promise.all([accepts(qmpSocket), accepts(qmpSocket2), accepts(testSocket)]), exited.then(() => Promise.reject(new Error(`qemu-system-x86_64 exited: ${stderr.trim()}`)))]);
   const qmp = await QmpClient.connect(testSocket);
   return {
     images,
     image: images[0]!,
     qmpSocket,
+    qmpSocket2,
     qmp,
     write: async (pattern, offset, length, disk = 0) => {
       const before = stdout.length;
