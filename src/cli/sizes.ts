@@ -10,3 +10,10 @@ export function parseSize(text: string): number {
   if (!Number.isSafeInteger(bytes)) throw new InvalidArgumentError(`"${text}" is not a whole number of bytes`);
   return bytes;
 }
+
+/** A rate: a size per second ("20M", "20M/s"), more than zero. */
+export function parseRate(text: string): number {
+  const bytes = parseSize(text.replace(/\/s$/i, ''));
+  if (bytes <= 0) throw new InvalidArgumentError(`"${text}" is not a positive rate`);
+  return bytes;
+}

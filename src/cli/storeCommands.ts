@@ -14,7 +14,7 @@ import { UsageError } from '../vhd/errors.js';
 import { checkBackupId } from '../store/names.js';
 import { type Compression, COMPRESSIONS } from '../vhd/compression.js';
 import { progressBar } from './progress.js';
-import { parseSize } from './sizes.js';
+import { parseRate, parseSize } from './sizes.js';
 import { EXIT_FAILURE, ExitStatus } from './run.js';
 
 /** Worker threads: each holds blocks in flight (2 MiB each), so memory grows with this; 64 is plenty. */
@@ -25,7 +25,7 @@ function parseCount(text: string): number {
 }
 
 /** A --keep-* count: 0 would silently keep nothing of that period, so like PBS we want at least 1. */
-function parseKeep(text: string): number {
+export function parseKeep(text: string): number {
   if (!/^[1-9]\d{0,8}$/.test(text.trim())) throw new InvalidArgumentError(`"${text}" is not a whole number of at least 1`);
   return Number(text);
 }
@@ -36,10 +36,15 @@ function parseMaxMerges(text: string): number {
   return Number(text);
 }
 
-function parseRate(text: string): number {
-  const bytes = parseSize(text.replace(/\/s$/i, ''));
-  if (bytes <= 0) throw new InvalidArgumentError(`"${text}" is not a positive rate`);
-  return bytes;
+/** The policy the --keep-* options give (commander's camel-cased names), at least one required. */
+export function retentionPolicy(opts: Record<string, unknown>): RetentionPolicy {
+  const policy: RetentionPolicy = {};
+  for (const option of KEEP_OPTIONS) {
+    const n = opts[`keep${option[0]!.toUpperCase()}${option.slice(1)}`];
+    if (typeof n === 'number') policy[option] = n;
+  }
+  if (Object.keys(policy).length === 0) throw new UsageError('at least one --keep-* option is required');
+  return policy;
 }
 
 const fmtBytes = (n: number) => (n >= 1048576 ? `${(n / 1048576).toFixed(1)} MiB` : `${n} B`);
@@ -149,7 +154,8 @@ export function storeCommands(): Command[] {
       let report;
       try {
         const onProgress = (d: number, t: number, b: number) => bar.update(d, t, b);
-        report = live ? await liveBackup(repo, disk, { ...live, onProgress }) : await backup(repo, disk, { ...opts, source: opts.source!, fromRaw: opts.from === 'raw', onProgress });
+        const { signal } = bar;
+        report = live ? await liveBackup(repo, disk, { ...live, onProgress, signal }) : await backup(repo, disk, { ...opts, source: opts.source!, fromRaw: opts.from === 'raw', onProgress, signal });
       } finally {
         bar.stop();
       }
@@ -240,12 +246,7 @@ export function storeCommands(): Command[] {
     .option('--dry-run', 'print what would be kept and removed; change nothing')
     .option('--json', 'print { kept, removed, merged, merges, deferred }')
     .action(async (root: string, disk: string | undefined, opts: Record<string, unknown>) => {
-      const policy: RetentionPolicy = {};
-      for (const option of KEEP_OPTIONS) {
-        const n = opts[`keep${option[0]!.toUpperCase()}${option.slice(1)}`];
-        if (typeof n === 'number') policy[option] = n;
-      }
-      if (Object.keys(policy).length === 0) throw new UsageError('at least one --keep-* option is required');
+      const policy = retentionPolicy(opts);
       const repo = await Repository.open(root);
       if (disk) await repo.requireDisk(disk);
       const report = await prune(repo, disk, {

@@ -5,6 +5,7 @@ import { withDiskLock } from './lock.js';
 import { completePendingMerge, hasPendingMerge, mergeForward } from './merge.js';
 import type { BackupMetadata, Repository } from './repository.js';
 import { pinnedBackups } from './overlayPins.js';
+import { replicaPinnedBackups } from './replicaPins.js';
 import { ensureReserve, withReserve } from './reserve.js';
 import { type RetentionPolicy, selectRetention } from './retention.js';
 
@@ -43,11 +44,11 @@ interface Plan {
 
 function plan(backups: BackupMetadata[], options: PruneOptions, pinned: Map<string, string> = new Map()): Plan {
   const selected = selectRetention(backups, options.policy);
-  // A backup an overlay sits on stays: its writes are restorable only over it.
+  // A pinned backup stays (see pins()).
   for (const r of selected.removed.filter((b) => pinned.has(b.id))) {
     selected.removed.splice(selected.removed.indexOf(r), 1);
     selected.kept.push(r);
-    options.onFinding?.({ disk: r.disk, id: r.id, kind: 'structure', problem: `kept although the policy removes it: the overlay ${pinned.get(r.id)} sits on it (restore --from-overlay, then remove the folder, to let it go)` });
+    options.onFinding?.({ disk: r.disk, id: r.id, kind: 'structure', problem: `kept although the policy removes it: ${pinned.get(r.id)}` });
   }
   // The chains as they will be after each step (merges re-parent children).
   const byId = new Map(backups.map((b) => [b.id, { ...b }]));
@@ -118,11 +119,26 @@ function record(report: PruneReport, p: Plan): void {
   report.kept.push(...p.kept.map((b) => b.id), ...p.deferred.map((d) => d.id));
 }
 
+/**
+ * Backups kept whatever the policy, each with why: an overlay's writes are
+ * restorable only over its backup, and a replication's next delta builds on
+ * the newest backup it sent (replicaPins.ts).
+ */
+async function pins(repo: Repository, disk: string, options: { dryRun?: boolean } = {}): Promise<Map<string, string>> {
+  const why = new Map<string, string>();
+  for (const [id, dir] of await pinnedBackups(repo, disk, options)) why.set(id, `the overlay ${dir} sits on it (restore --from-overlay, then remove the folder, to let it go)`);
+  for (const [id, destination] of await replicaPinnedBackups(repo, disk, options)) {
+    const replica = `it is the newest backup replicated to ${destination}, which the next replication builds on`;
+    why.set(id, why.has(id) ? `${why.get(id)}; ${replica}` : replica);
+  }
+  return why;
+}
+
 async function pruneDisk(repo: Repository, disk: string, options: PruneOptions, report: PruneReport): Promise<void> {
   if (options.dryRun) {
     // A dry run changes nothing, so it cannot finish an interrupted merge to plan from the result.
     if (await hasPendingMerge(repo, disk)) throw new VhdError(repo.diskDir(disk), 'an interrupted merge is pending: a prune (without --dry-run), backup, list or restore finishes it first; then try the dry run again');
-    record(report, plan(await checkStructure(repo, disk, options), options, await pinnedBackups(repo, disk, { dryRun: true })));
+    record(report, plan(await checkStructure(repo, disk, options), options, await pins(repo, disk, { dryRun: true })));
     return;
   }
   await withDiskLock(repo, disk, 'prune', async () => {
@@ -130,8 +146,25 @@ async function pruneDisk(repo: Repository, disk: string, options: PruneOptions, 
     if (await hasPendingMerge(repo, disk)) await withExclusiveAccess(repo, disk, 'prune', () => completePendingMerge(repo, disk), options);
     await repo.recoverCommits(disk);
     await repo.cleanLeftovers(disk);
-    const p = plan(await checkStructure(repo, disk, options), options, await pinnedBackups(repo, disk));
-    if (p.deletions.length + p.merges.length > 0) await withExclusiveAccess(repo, disk, 'prune', () => applyPlan(repo, p), options);
+    const backups = await checkStructure(repo, disk, options);
+    // Each warning once, though the plan may be made twice.
+    const told = new Set<string>();
+    const once: PruneOptions = {
+      ...options,
+      onFinding: (f) => {
+        const line = `${f.id} ${f.problem}`;
+        if (!told.has(line)) options.onFinding?.(f);
+        told.add(line);
+      },
+    };
+    let p = plan(backups, once, await pins(repo, disk));
+    if (p.deletions.length + p.merges.length > 0) {
+      await withExclusiveAccess(repo, disk, 'prune', async () => {
+        // A reader we waited for (a replication) may have moved its pin meanwhile: plan again with the pins as they are now.
+        p = plan(backups, once, await pins(repo, disk));
+        await applyPlan(repo, p);
+      }, options);
+    }
     record(report, p);
   });
 }
