@@ -1,0 +1,414 @@
+/**
+ * Job files: one YAML file per scheduled backup job (README "Scheduled jobs").
+ *
+ * The zod schema checks each value (type, range, cron, time zone, names); then
+ * toJob checks what depends on several keys (a disk's kind, unique names) and
+ * resolves paths against the job file's folder, so a runner gets ready values.
+ * Every problem is one line, `<file>: <key.path>: <what was expected>`, as a
+ * UsageError (the CLI exits 2). Unknown keys are errors: a typo such as
+ * `keeplast` would otherwise silently keep every backup.
+ */
+import { constants } from 'node:fs';
+import { type FileHandle, open } from 'node:fs/promises';
+import { dirname, isAbsolute, resolve } from 'node:path';
+import { isNode, isScalar, LineCounter, parseDocument, visit, type YAMLError } from 'yaml';
+import { z } from 'zod';
+import { parseRate } from '../cli/sizes.js';
+import { isNbdUri, type NbdAddress, type NbdEndpoint, parseNbdUri } from '../nbd/uri.js';
+import { checkDiskName } from '../store/names.js';
+import { KEEP_OPTIONS, type KeepOption, type RetentionPolicy } from '../store/retention.js';
+import { describeFsError, UsageError } from '../vhd/errors.js';
+import { checkSchedule, checkTimezone } from './schedule.js';
+
+/** Job files are small; the cap bounds the memory a wrong path (an image, a log) can take. */
+export const MAX_JOB_FILE_BYTES = 1024 * 1024;
+
+export type Verify = 'none' | 'new' | 'all';
+
+export type JobDisk =
+  | { kind: 'file'; name: string; /** Absolute. */ path: string; /** `from: raw`: read as raw even if named .vhd. */ fromRaw: boolean }
+  | { kind: 'nbd'; name: string; /** As written (what `backup --source` takes). */ uri: string; address: NbdAddress; /** The `bitmap` key or the URI's ?bitmap=, or null. */ bitmap: string | null }
+  | {
+      kind: 'qemu';
+      name: string;
+      /** QMP socket, absolute. */
+      qmp: string;
+      node: string;
+      device?: string;
+      /** Fleecing folder, absolute; without it, direct mode. */
+      fleecing?: string;
+      /** Bytes. */
+      fleecingMax?: number;
+      qemuNbd?: NbdEndpoint;
+      /** Seconds. */
+      cbwTimeout?: number;
+    };
+
+export interface Job {
+  /** The job file, absolute. */
+  file: string;
+  name: string;
+  schedule: string;
+  /** IANA zone as written, or null: the local zone of the process running the job. */
+  timezone: string | null;
+  /** Absolute. */
+  repository: string;
+  /** Disks backed up at once. */
+  concurrency: number;
+  /** Every Nth backup of a disk is full: full when its chain since the last full has N-1 deltas. Null: only the first. */
+  fullInterval: number | null;
+  /** Bytes per second, or null for no limit. */
+  maxRead: number | null;
+  maxWrite: number | null;
+  verify: Verify;
+  /** Null: off. `scratch` null: a temporary folder of the runner's choosing. */
+  healthCheck: { scratch: string | null } | null;
+  /** Null: backups are never pruned. */
+  retention: RetentionPolicy | null;
+  replicate: { repository: string; retention: RetentionPolicy | null } | null;
+  disks: JobDisk[];
+}
+
+/** A bad job file: one line naming the file and, where there is one, the key. */
+export class JobFileError extends UsageError {
+  constructor(
+    readonly file: string,
+    readonly keyPath: string | null,
+    readonly problem: string,
+  ) {
+    // Values from the file may hold newlines or control characters: the line stays one line.
+    super(`${file}: ${keyPath === null ? '' : `${keyPath}: `}${problem}`.replace(/[\u0000-\u001f\u007f]/g, (c) => JSON.stringify(c).slice(1, -1)));
+    this.name = 'JobFileError';
+  }
+}
+
+/** What a value is, for "expected X, got Y". */
+function describe(value: unknown): string {
+  if (value === undefined) return 'nothing';
+  if (value === null) return 'an empty value';
+  if (Array.isArray(value)) return 'a list';
+  if (typeof value === 'string') return quote(value);
+  if (typeof value === 'number' || typeof value === 'boolean') return String(value);
+  if (value instanceof Uint8Array) return 'binary data';
+  return 'a mapping';
+}
+
+/** A string from the file, quoted and cut short enough for one line. */
+function quote(text: string, max = 60): string {
+  return text.length > max ? `${JSON.stringify(text.slice(0, max - 1)).slice(0, -1)}…"` : JSON.stringify(text);
+}
+
+/** `['disks', 1, 'source']` → `disks[1].source`. */
+function formatPath(path: readonly PropertyKey[]): string {
+  let out = '';
+  for (const key of path) {
+    if (typeof key === 'number') out += `[${key}]`;
+    else {
+      const name = String(key);
+      const shown = /^[A-Za-z_][\w-]*$/.test(name) ? name : quote(name, 40);
+      out += out === '' ? shown : `.${shown}`;
+    }
+  }
+  return out;
+}
+
+const expected = (what: string) => ({ error: (issue: { input?: unknown }) => (issue.input === undefined ? `missing: expected ${what}` : `expected ${what}, got ${describe(issue.input)}`) });
+
+function editDistance(a: string, b: string): number {
+  let previous = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i++) {
+    const row = [i];
+    for (let j = 1; j <= b.length; j++) row[j] = Math.min(previous[j]! + 1, row[j - 1]! + 1, previous[j - 1]! + (a[i - 1] === b[j - 1] ? 0 : 1));
+    previous = row;
+  }
+  return previous[b.length]!;
+}
+
+function unknownKey(key: string, known: readonly string[]): string {
+  const lower = key.toLowerCase();
+  const near = known.find((k) => k.toLowerCase() === lower) ?? known.find((k) => Math.abs(k.length - key.length) <= 2 && editDistance(k.toLowerCase(), lower) <= 2);
+  return near ? `unknown key (did you mean ${near}?)` : `unknown key (known here: ${known.join(', ')})`;
+}
+
+/** A mapping that refuses unknown keys (reported at the key's own path, see zodProblem). */
+function mapping<T extends z.ZodRawShape>(what: string, shape: T) {
+  const known = Object.keys(shape);
+  return z.strictObject(shape, {
+    error: (issue) => (issue.code === 'unrecognized_keys' ? unknownKey(issue.keys[0] ?? '', known) : expected(what).error(issue)),
+  });
+}
+
+const whole = (what: string, max = Number.MAX_SAFE_INTEGER) => z.number(expected(what)).int(expected(what)).min(1, expected(what)).max(max, expected(what));
+const text = (what: string) => z.string(expected(what)).min(1, expected(what));
+// Relative paths are resolved in toJob, against the job file's folder.
+const pathText = (what: string) => text(what).refine((s) => !s.includes('\0'), expected(`${what} (no NUL byte)`));
+
+/** Bytes from a number or a size string ("4G", "20M/s"): parseSize's syntax, as the CLI's --max-read and --fleecing-max. */
+function bytes(what: string) {
+  return z.union([z.number(), z.string()], expected(what)).transform((value, ctx) => {
+    let n = Number.NaN;
+    if (typeof value === 'number') n = value;
+    else {
+      try {
+        n = parseRate(value);
+      } catch {
+        // InvalidArgumentError (commander's): reported below as what was expected.
+      }
+    }
+    if (!Number.isSafeInteger(n) || n <= 0) {
+      ctx.addIssue({ code: 'custom', message: `expected ${what}, got ${describe(value)}` });
+      return z.NEVER;
+    }
+    return n;
+  });
+}
+const RATE = 'a rate such as "20M" (bytes per second; K, M, G, T are binary units)';
+
+const NAME_RULE = "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit, no '..'";
+function isSafeName(name: string): boolean {
+  try {
+    checkDiskName(name);
+    return true;
+  } catch {
+    return false;
+  }
+}
+const safeName = (what: string) => z.string(expected(`${what} (${NAME_RULE})`)).refine(isSafeName, expected(`${what} of ${NAME_RULE}`));
+
+const KEEP_KEYS = KEEP_OPTIONS.map((o) => `keep${o[0]!.toUpperCase()}${o.slice(1)}`);
+const retentionSchema = mapping(
+  `a mapping of ${KEEP_KEYS.join(', ')}`,
+  Object.fromEntries(KEEP_KEYS.map((key) => [key, whole('a whole number of at least 1').optional()])) as Record<string, z.ZodOptional<ReturnType<typeof whole>>>,
+)
+  .refine((r) => Object.values(r).some((n) => n !== undefined), { error: `expected at least one of ${KEEP_KEYS.join(', ')}` })
+  .transform((r): RetentionPolicy => {
+    const policy: RetentionPolicy = {};
+    KEEP_OPTIONS.forEach((option: KeepOption, i) => {
+      const n = r[KEEP_KEYS[i]!];
+      if (n !== undefined) policy[option] = n;
+    });
+    return policy;
+  });
+
+const QEMU_KEYS = ['qmp', 'node', 'device', 'fleecing', 'fleecingMax', 'qemuNbd', 'cbwTimeout'] as const;
+
+const diskSchema = mapping('a disk: name + source (a path or an nbd:// URI), or name + qmp + node', {
+  name: safeName('a disk name'),
+  source: pathText('a path, an nbd:// URI, or qmp + node').optional(),
+  from: z.literal('raw', expected('raw (read the file as a raw image whatever its name)')).optional(),
+  bitmap: text('a dirty bitmap name').optional(),
+  qmp: pathText("the QMP socket of the disk's QEMU").optional(),
+  node: text('a QEMU node name').optional(),
+  // QEMU's id syntax, as backup --device: the id becomes part of a QOM path.
+  device: z
+    .string(expected('a QEMU device id'))
+    .regex(/^[A-Za-z][A-Za-z0-9._-]{0,127}$/, expected("a QEMU device id (a letter, then letters, digits, '.', '_' or '-')"))
+    .optional(),
+  fleecing: pathText('a fleecing folder').optional(),
+  fleecingMax: bytes('a size such as "4G"').optional(),
+  qemuNbd: text("the address of QEMU's own NBD server (nbd+unix:///?socket=/path or nbd://host:port)").optional(),
+  cbwTimeout: whole('a whole number of seconds from 1 to 9999999', 9_999_999).optional(),
+});
+type DiskEntry = z.infer<typeof diskSchema>;
+
+const TIMEZONE = 'an IANA time zone such as "Europe/Berlin"';
+
+const jobSchema = mapping('a mapping of job keys (name, schedule, repository, disks, …)', {
+  name: safeName('a job name'),
+  schedule: z.string(expected('a cron schedule such as "0 3 * * *"')).superRefine((schedule, ctx) => {
+    const problem = checkSchedule(schedule);
+    if (problem !== null) ctx.addIssue({ code: 'custom', message: problem });
+  }),
+  timezone: z
+    .string(expected(TIMEZONE))
+    .refine((zone) => checkTimezone(zone) !== null, expected(TIMEZONE))
+    .optional(),
+  repository: pathText('the path of a repository folder'),
+  // Each disk runs its own worker pool, so a bound like backup --concurrency's.
+  concurrency: whole('a whole number from 1 to 64 (disks backed up at once)', 64).default(1),
+  fullInterval: whole('a whole number of at least 1 (every Nth backup of a disk is full)').optional(),
+  maxRead: bytes(RATE).optional(),
+  maxWrite: bytes(RATE).optional(),
+  verify: z.enum(['none', 'new', 'all'], expected('none, new or all')).default('none'),
+  // true is {} (a temporary scratch folder), false is off.
+  healthCheck: z
+    .preprocess((v) => (v === true ? {} : v === false ? undefined : v), mapping('true, false or a mapping with scratch: <folder>', { scratch: pathText('a scratch folder').optional() }).optional())
+    .optional(),
+  retention: retentionSchema.optional(),
+  replicate: mapping('a mapping with repository (and retention)', {
+    repository: pathText('the path of a second repository folder'),
+    retention: retentionSchema.optional(),
+  }).optional(),
+  disks: z.array(diskSchema, expected('a list of disks')).min(1, { error: 'expected at least one disk' }),
+});
+type JobEntry = z.infer<typeof jobSchema>;
+
+/** The first problem zod found, as one JobFileError; unknown keys first, since a misspelt key also leaves its real one missing. */
+function zodProblem(file: string, error: z.ZodError, value: unknown): JobFileError {
+  const issues = [...error.issues].sort((a, b) => Number(b.code === 'unrecognized_keys') - Number(a.code === 'unrecognized_keys'));
+  const issue = issues[0]!;
+  const more = issues.length > 1 ? ` (and ${issues.length - 1} more problem${issues.length > 2 ? 's' : ''})` : '';
+  const path = issue.code === 'unrecognized_keys' ? [...issue.path, issue.keys[0] ?? ''] : issue.path;
+  if (path.length === 0) {
+    const problem = value === null || value === undefined ? 'the file is empty: expected a mapping of job keys (name, schedule, repository, disks, …)' : issue.message;
+    return new JobFileError(file, null, problem + more);
+  }
+  return new JobFileError(file, formatPath(path), issue.message + more);
+}
+
+/** Parse a job file's text; `file` names it in errors and anchors its relative paths. */
+export function parseJob(text: string, file: string): Job {
+  if (Buffer.byteLength(text, 'utf8') > MAX_JOB_FILE_BYTES) throw new JobFileError(file, null, `larger than ${MAX_JOB_FILE_BYTES / 1048576} MiB: not a job file`);
+  const lineCounter = new LineCounter();
+  const doc = parseDocument(text, { lineCounter, prettyErrors: false, uniqueKeys: true });
+  const at = (offset: number) => {
+    const { line, col } = lineCounter.linePos(offset);
+    return `line ${line}, column ${col}`;
+  };
+  // Warnings too (an unknown !tag would otherwise be dropped silently).
+  const yamlProblem: YAMLError | undefined = doc.errors[0] ?? doc.warnings[0];
+  if (yamlProblem) throw new JobFileError(file, at(yamlProblem.pos[0]), `not valid YAML: ${yamlProblem.message}`);
+  // A mapping or list as a key would be stringified by toJS, with a process warning on stderr.
+  let complexKey: number | null = null;
+  visit(doc, {
+    Pair(_, pair) {
+      if (isNode(pair.key) && !isScalar(pair.key)) {
+        complexKey = pair.key.range?.[0] ?? 0;
+        return visit.BREAK;
+      }
+      return undefined;
+    },
+  });
+  if (complexKey !== null) throw new JobFileError(file, at(complexKey), 'expected a plain key, got a list or mapping as a key');
+  let value: unknown;
+  try {
+    // The alias cap stops a "billion laughs" file from expanding without bound.
+    value = doc.toJS({ maxAliasCount: 100 });
+  } catch (err) {
+    throw new JobFileError(file, null, `not usable YAML: ${(err as Error).message}`);
+  }
+  const parsed = jobSchema.safeParse(value);
+  if (!parsed.success) throw zodProblem(file, parsed.error, value);
+  return toJob(parsed.data, file);
+}
+
+/** Read and parse a job file. */
+export async function loadJob(file: string): Promise<Job> {
+  return parseJob(await readJobFile(file), file);
+}
+
+async function readJobFile(file: string): Promise<string> {
+  const fail = (problem: string) => new JobFileError(file, null, problem);
+  let handle: FileHandle;
+  try {
+    // O_NONBLOCK: opening a FIFO must not wait for a writer (the stat below refuses it).
+    handle = await open(file, constants.O_RDONLY | constants.O_NONBLOCK);
+  } catch (err) {
+    throw fail(`cannot read: ${describeFsError(err)}`);
+  }
+  try {
+    const stats = await handle.stat();
+    if (stats.isDirectory()) throw fail('is a directory, not a job file');
+    if (!stats.isFile()) throw fail('not a regular file');
+    const tooBig = fail(`larger than ${MAX_JOB_FILE_BYTES / 1048576} MiB: not a job file`);
+    if (stats.size > MAX_JOB_FILE_BYTES) throw tooBig;
+    // At most one byte past the cap, whatever the size said: the file may be growing.
+    const buffer = Buffer.alloc(MAX_JOB_FILE_BYTES + 1);
+    let length = 0;
+    for (;;) {
+      const { bytesRead } = await handle.read(buffer, length, buffer.length - length, length);
+      if (bytesRead === 0) break;
+      length += bytesRead;
+      if (length === buffer.length) throw tooBig;
+    }
+    try {
+      return new TextDecoder('utf-8', { fatal: true }).decode(buffer.subarray(0, length));
+    } catch {
+      throw fail('not UTF-8 text');
+    }
+  } catch (err) {
+    if (err instanceof JobFileError) throw err;
+    throw fail(`cannot read: ${describeFsError(err)}`);
+  } finally {
+    await handle.close();
+  }
+}
+
+/** The checks that span keys, and paths resolved against the job file's folder. */
+function toJob(entry: JobEntry, file: string): Job {
+  const fail = (path: PropertyKey[], problem: string) => new JobFileError(file, formatPath(path), problem);
+  const dir = dirname(resolve(file));
+  const repository = resolve(dir, entry.repository);
+  const seen = new Map<string, number>();
+  const disks = entry.disks.map((disk, i) => {
+    const first = seen.get(disk.name);
+    if (first !== undefined) throw fail(['disks', i, 'name'], `expected a name no other disk has, got ${quote(disk.name)} again (as disks[${first}])`);
+    seen.set(disk.name, i);
+    return toDisk(disk, dir, (key, problem) => fail(['disks', i, key], problem));
+  });
+  let replicate: Job['replicate'] = null;
+  if (entry.replicate) {
+    const other = resolve(dir, entry.replicate.repository);
+    // Replicating into the primary itself would prune it with the other policy.
+    if (other === repository) throw fail(['replicate', 'repository'], `expected a repository other than repository (${repository})`);
+    replicate = { repository: other, retention: entry.replicate.retention ?? null };
+  }
+  const healthCheck = entry.healthCheck ? { scratch: entry.healthCheck.scratch === undefined ? null : resolve(dir, entry.healthCheck.scratch) } : null;
+  return {
+    file: resolve(file),
+    name: entry.name,
+    schedule: entry.schedule,
+    timezone: entry.timezone ?? null,
+    repository,
+    concurrency: entry.concurrency,
+    fullInterval: entry.fullInterval ?? null,
+    maxRead: entry.maxRead ?? null,
+    maxWrite: entry.maxWrite ?? null,
+    verify: entry.verify,
+    healthCheck,
+    retention: entry.retention ?? null,
+    replicate,
+    disks,
+  };
+}
+
+function parseUri(uri: string, bad: (problem: string) => JobFileError): NbdAddress {
+  let address: NbdAddress;
+  try {
+    address = parseNbdUri(uri);
+  } catch (err) {
+    throw err instanceof UsageError ? bad(err.message) : err;
+  }
+  // Relative to what? The job may run from any folder: say it in full.
+  if (address.endpoint.transport === 'unix' && !isAbsolute(address.endpoint.socket)) throw bad(`expected an absolute socket path in ${quote(uri)}, got ${quote(address.endpoint.socket)}`);
+  return address;
+}
+
+function toDisk(disk: DiskEntry, dir: string, fail: (key: keyof DiskEntry, problem: string) => JobFileError): JobDisk {
+  const { name, source, from, bitmap, qmp } = disk;
+  if (source !== undefined && qmp !== undefined) throw fail('qmp', 'expected either source or qmp (a running QEMU disk), not both');
+  if (source === undefined && qmp === undefined) throw fail('source', 'expected a path, an nbd:// URI, or qmp + node');
+  if (source !== undefined) {
+    const qemuKey = QEMU_KEYS.find((key) => disk[key] !== undefined);
+    if (qemuKey) throw fail(qemuKey, 'only for a QEMU disk (qmp + node), not with source');
+    if (!isNbdUri(source)) {
+      if (bitmap !== undefined) throw fail('bitmap', 'a bitmap needs an NBD source (nbd://… or nbd+unix://…)');
+      return { kind: 'file', name, path: resolve(dir, source), fromRaw: from === 'raw' };
+    }
+    if (from !== undefined) throw fail('from', 'only for a file source (an NBD export is read as raw)');
+    const address = parseUri(source, (problem) => fail('source', problem));
+    if (bitmap !== undefined && address.bitmap !== null && bitmap !== address.bitmap) throw fail('bitmap', `"${bitmap}" and the source's bitmap=${address.bitmap} differ: give one`);
+    return { kind: 'nbd', name, uri: source, address, bitmap: bitmap ?? address.bitmap };
+  }
+  if (bitmap !== undefined) throw fail('bitmap', "not for a QEMU disk (vhdvault's own checkpoint bitmaps say what changed)");
+  if (from !== undefined) throw fail('from', 'only for a file source');
+  if (disk.node === undefined) throw fail('node', "expected a QEMU node name with qmp (the guest's raw passthrough node, or with device the disk node the device uses)");
+  if (disk.fleecingMax !== undefined && disk.fleecing === undefined) throw fail('fleecingMax', 'needs fleecing: <folder> (direct mode keeps no fleecing image)');
+  const result: JobDisk = { kind: 'qemu', name, qmp: resolve(dir, qmp!), node: disk.node };
+  if (disk.device !== undefined) result.device = disk.device;
+  if (disk.fleecing !== undefined) result.fleecing = resolve(dir, disk.fleecing);
+  if (disk.fleecingMax !== undefined) result.fleecingMax = disk.fleecingMax;
+  if (disk.qemuNbd !== undefined) result.qemuNbd = parseUri(disk.qemuNbd, (problem) => fail('qemuNbd', problem)).endpoint;
+  if (disk.cbwTimeout !== undefined) result.cbwTimeout = disk.cbwTimeout;
+  return result;
+}
