@@ -4,6 +4,8 @@ import { Interrupted, reportInterrupt } from './run.js';
 export interface Progress {
   update(done: number, total: number, bytes: number): void;
   stop(): void;
+  /** Aborted (reason: Interrupted) on SIGINT/SIGTERM: a command waiting on something long gives up at once. */
+  readonly signal: AbortSignal;
 }
 
 const mib = (bytes: number) => (bytes / 1048576).toFixed(0);
@@ -24,6 +26,7 @@ const SIGNALS = ['SIGINT', 'SIGTERM'] as const;
 export function progressBar(label: string, json: boolean, verb = 'read'): Progress {
   const bar = json || !process.stderr.isTTY ? null : newBar(label, verb);
   const started = performance.now();
+  const interrupted = new AbortController();
   let listening = false;
   let shown = false;
   let signalled: NodeJS.Signals | null = null;
@@ -39,15 +42,15 @@ export function progressBar(label: string, json: boolean, verb = 'read'): Progre
   const onSignal = (signal: NodeJS.Signals) => {
     signalled = signal;
     end();
+    interrupted.abort(new Interrupted(signal));
     setTimeout(() => process.exit(reportInterrupt(signal)), GRACE_MS).unref();
   };
+  // From now on: a signal before the first update still stops the command cleanly.
+  listening = true;
+  for (const signal of SIGNALS) process.on(signal, onSignal);
   return {
     update(done, total, bytes) {
       if (signalled) throw new Interrupted(signalled);
-      if (!listening && !signalled) {
-        listening = true;
-        for (const signal of SIGNALS) process.on(signal, onSignal);
-      }
       if (!bar) return;
       const seconds = (performance.now() - started) / 1000;
       const payload = { mib: mib(bytes), rate: seconds > 0 ? mib(bytes / seconds) : '0' };
@@ -57,6 +60,7 @@ export function progressBar(label: string, json: boolean, verb = 'read'): Progre
       } else bar.update(done, payload);
     },
     stop: end,
+    signal: interrupted.signal,
   };
 }
 

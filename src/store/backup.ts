@@ -40,6 +40,8 @@ export interface BackupOptions {
   maxRead?: number;
   maxWrite?: number;
   onProgress?: (doneBlocks: number, totalBlocks: number, bytesRead: number) => void;
+  /** Stops the backup: its staged files are removed, and the signal's reason is thrown. */
+  signal?: AbortSignal;
 }
 
 export interface BackupReport {
@@ -214,6 +216,9 @@ export async function backupFrom(repo: Repository, disk: string, source: BlockSo
   // Aborted when the backup fails: blocks waiting for their turn under a rate limit give up at once.
   const failed = new AbortController();
   setMaxListeners(0, failed.signal); // one per block waiting its turn: up to the read-ahead, by design
+  const stop = () => failed.abort();
+  options.signal?.addEventListener('abort', stop, { once: true });
+  if (options.signal?.aborted) failed.abort();
   const clocks = { read: new BusyClock(), write: new BusyClock() };
   const workerMs = { digest: 0, compress: 0, write: 0 };
   let blocksRead = 0;
@@ -286,8 +291,9 @@ export async function backupFrom(repo: Repository, disk: string, source: BlockSo
     failed.abort();
     await writer.abort();
     await digests.abort();
-    throw err;
+    throw options.signal?.aborted ? options.signal.reason : err;
   } finally {
+    options.signal?.removeEventListener('abort', stop);
     await previous?.close();
     await pool.close();
   }

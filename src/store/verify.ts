@@ -28,12 +28,13 @@ export interface VerifyReport {
  * backup recorded; check each backup's structure and its chain (parents found,
  * UUIDs matching). Reports every problem; changes nothing.
  */
-export async function verify(repo: Repository, disk?: string, options: { onProgress?: OnProgress } = {}): Promise<VerifyReport> {
+export async function verify(repo: Repository, disk?: string, options: { onProgress?: OnProgress; /** Only these backups (a job's `verify: new`): the blocks they store. */ only?: ReadonlySet<string> } = {}): Promise<VerifyReport> {
   const report: VerifyReport = { backups: 0, blocks: 0, problems: [] };
   const disks = disk ? [disk] : await repo.disks();
   // Progress is the position through all backups' block ranges: its total is known before any is opened.
   let total = 0;
-  for (const d of disks) total += (await repo.backups(d)).reduce((n, m) => n + m.blockCount, 0);
+  const chosen = (m: BackupMetadata) => !options.only || options.only.has(m.id);
+  for (const d of disks) total += (await repo.backups(d)).filter(chosen).reduce((n, m) => n + m.blockCount, 0);
   let before = 0;
   let bytes = 0;
   for (const d of disks) {
@@ -42,9 +43,9 @@ export async function verify(repo: Repository, disk?: string, options: { onProgr
     await readingDisk(repo, d, 'verify', async () => {
       const backups = await repo.backups(d, (err) => report.problems.push({ disk: d, id: null, block: null, problem: err.message }));
       const findings = await fileFindings(repo, d, backups);
-      for (const f of findings) report.problems.push({ disk: d, id: f.id, block: null, problem: f.problem });
+      for (const f of findings) if (!options.only || f.id === null || options.only.has(f.id)) report.problems.push({ disk: d, id: f.id, block: null, problem: f.problem });
       const unreadable = new Set(findings.filter((f) => f.kind === 'missing-data' || f.kind === 'missing-parent').map((f) => f.id));
-      for (const meta of backups) {
+      for (const meta of backups.filter(chosen)) {
         report.backups++;
         if (!unreadable.has(meta.id)) {
           await verifyBackup(repo, meta, report, (block) => options.onProgress?.(before + block + 1, total, (bytes += meta.blockSize)));
