@@ -1,4 +1,7 @@
 import { Command } from 'commander';
+import { daemonCommand } from './daemonCommand.js';
+import { jobCommand } from './jobCommands.js';
+import { replicateCommand } from './replicateCommand.js';
 import { reportError } from './run.js';
 import { serveCommand } from './serveCommand.js';
 import { storeCommands } from './storeCommands.js';
@@ -13,6 +16,9 @@ export function buildProgram(): Command {
   for (const command of storeCommands()) program.addCommand(command);
   program.addCommand(serveCommand());
   program.addCommand(vhdCommand());
+  program.addCommand(replicateCommand());
+  program.addCommand(jobCommand());
+  program.addCommand(daemonCommand());
   // Subcommands inherit exitOverride only when set on each.
   const override = (cmd: Command): void => {
     cmd.exitOverride();

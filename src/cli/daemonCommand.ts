@@ -1,0 +1,32 @@
+import { Command } from 'commander';
+import { type DaemonEvent, JobDaemon } from '../jobs/daemon.js';
+import { UsageError } from '../vhd/errors.js';
+
+/** `vhdvault daemon <folder-or-file>...`: the jobs on their schedules, one event per line, until SIGTERM/SIGINT. */
+export function daemonCommand(): Command {
+  return new Command('daemon')
+    .description('run every job (job files, or folders of *.yaml) on its schedule until SIGTERM; SIGHUP reloads the job files')
+    .argument('<folder-or-file...>')
+    .option('--json', 'one JSON object per event')
+    .action(async (paths: string[], opts: { json?: boolean }) => {
+      const loaded = { count: 0 };
+      const emit = (e: DaemonEvent) => {
+        if (e.event === 'loaded') loaded.count++;
+        if (opts.json) console.log(JSON.stringify({ time: new Date().toISOString(), ...e }));
+        else console.log(`${new Date().toISOString()} ${e.message}`);
+      };
+      const daemon = new JobDaemon(paths, emit);
+      await daemon.start();
+      if (loaded.count === 0) throw new UsageError(`no valid job in ${paths.join(', ')}`);
+      await new Promise<void>((resolve) => {
+        const onHup = () => void daemon.reload();
+        const onStop = () => {
+          process.off('SIGHUP', onHup);
+          void daemon.stop().then(resolve);
+        };
+        process.on('SIGHUP', onHup);
+        process.once('SIGTERM', onStop);
+        process.once('SIGINT', onStop);
+      });
+    });
+}

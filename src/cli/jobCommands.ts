@@ -1,0 +1,128 @@
+import { Command } from 'commander';
+import { type Job, type JobDisk, loadJob } from '../jobs/jobFile.js';
+import { humanInZone, isoInZone, localZone, nextRuns, scheduleZone } from '../jobs/schedule.js';
+import { describeHistory, diskTrends } from '../jobs/history.js';
+import { runJob } from '../jobs/runJob.js';
+import { describeRun, loadRunReports } from '../jobs/runReport.js';
+import { checkDiskName } from '../store/names.js';
+import { Repository } from '../store/repository.js';
+import { KEEP_OPTIONS, type RetentionPolicy } from '../store/retention.js';
+import { EXIT_FAILURE, ExitStatus, Interrupted } from './run.js';
+
+const NEXT_RUNS = 5;
+
+/** `vhdvault job …`: each subcommand comes from its own function below. */
+export function jobCommand(): Command {
+  const job = new Command('job').description('scheduled backup jobs, one YAML file each (README: "Scheduled jobs")');
+  job.addCommand(runCommand());
+  job.addCommand(checkCommand());
+  job.addCommand(historyCommand());
+  return job;
+}
+
+function runCommand(): Command {
+  return new Command('run')
+    .description('run a job once, now: every disk, then retention, verify, replication and the health check (exit 1 if anything failed)')
+    .argument('<job.yaml>')
+    .option('--json', 'print the run report as one JSON object')
+    .action(async (file: string, opts: { json?: boolean }) => {
+      const job = await loadJob(file);
+      // SIGINT/SIGTERM stop the run: backups in progress abort cleanly, the report says so.
+      const stop = new AbortController();
+      let signal: NodeJS.Signals | null = null;
+      const onSignal = (s: NodeJS.Signals) => {
+        signal = s;
+        stop.abort();
+      };
+      process.once('SIGINT', onSignal);
+      process.once('SIGTERM', onSignal);
+      const log = opts.json || !process.stderr.isTTY ? undefined : (line: string) => console.error(`${new Date().toISOString()} ${line}`);
+      let report;
+      try {
+        report = await runJob(job, { signal: stop.signal, log });
+      } finally {
+        process.off('SIGINT', onSignal);
+        process.off('SIGTERM', onSignal);
+      }
+      if (opts.json) console.log(JSON.stringify(report, null, 2));
+      else for (const line of describeRun(report)) console.log(line);
+      if (signal) throw new Interrupted(signal);
+      if (!report.ok) throw new ExitStatus(EXIT_FAILURE);
+    });
+}
+
+function historyCommand(): Command {
+  return new Command('history')
+    .description('past runs of the jobs that back up into <repo>, from the reports it keeps, and how each disk trends')
+    .argument('<repo>')
+    .option('--job <name>', 'only this job')
+    .option('--json', 'print {runs, trends} as one JSON object')
+    .action(async (root: string, opts: { job?: string; json?: boolean }) => {
+      const repo = await Repository.open(root);
+      if (opts.job !== undefined) checkDiskName(opts.job);
+      const runs = await loadRunReports(repo, opts.job, (problem) => console.error(`vhdvault: warning: ${problem}`));
+      if (opts.json) console.log(JSON.stringify({ runs, trends: diskTrends(runs) }, null, 2));
+      else if (runs.length === 0) console.log(`no job runs recorded in ${repo.root}${opts.job ? ` for job ${opts.job}` : ''}`);
+      else for (const line of describeHistory(runs)) console.log(line);
+    });
+}
+
+function checkCommand(): Command {
+  return new Command('check')
+    .description(`validate a job file and print its next ${NEXT_RUNS} run times (a bad file exits 2)`)
+    .argument('<job.yaml>')
+    .option('--json', 'print one JSON object: the parsed job, scheduleZone and nextRuns')
+    .action(async (file: string, opts: { json?: boolean }) => {
+      const job = await loadJob(file);
+      const zone = scheduleZone(job);
+      const runs = nextRuns(job, NEXT_RUNS);
+      if (opts.json) console.log(JSON.stringify({ ...job, scheduleZone: zone, nextRuns: runs.map((run) => isoInZone(run, zone)) }));
+      else printCheck(job, zone, runs);
+    });
+}
+
+function printCheck(job: Job, zone: string, runs: Date[]): void {
+  const here = localZone();
+  console.log(`job ${job.name}: ${job.file}`);
+  console.log(`repository: ${job.repository}`);
+  console.log(`schedule: ${job.schedule} (${job.timezone === null ? `local time, ${zone}` : zone})`);
+  console.log(`disks: ${job.disks.length}, ${Math.min(job.concurrency, job.disks.length)} at a time`);
+  const width = Math.max(...job.disks.map((disk) => disk.name.length));
+  for (const disk of job.disks) console.log(`  ${disk.name.padEnd(width)}  ${disk.kind.padEnd(4)}  ${describeSource(disk)}`);
+  console.log(`full backup: ${job.fullInterval === null ? 'the first only' : job.fullInterval === 1 ? 'every backup' : `every ${job.fullInterval} backups of a disk (at most ${job.fullInterval - 1} deltas in a row)`}`);
+  console.log(`retention: ${describeRetention(job.retention)}`);
+  console.log(`verify: ${job.verify}`);
+  console.log(`health check: ${job.healthCheck === null ? 'off' : `restore into ${job.healthCheck.scratch ?? 'a temporary folder'}`}`);
+  if (job.maxRead !== null || job.maxWrite !== null) console.log(`bandwidth: read ${describeRate(job.maxRead)}, write ${describeRate(job.maxWrite)}`);
+  if (job.replicate) console.log(`replicate: ${job.replicate.repository}, retention ${describeRetention(job.replicate.retention)}`);
+  console.log(`next runs (${zone}; local time ${here}):`);
+  for (const run of runs) console.log(`  ${isoInZone(run, zone)}  ${humanInZone(run, here)}`);
+  if (runs.length === 0) console.log('  none');
+}
+
+function describeSource(disk: JobDisk): string {
+  switch (disk.kind) {
+    case 'file':
+      return disk.fromRaw ? `${disk.path} (raw)` : disk.path;
+    case 'nbd':
+      return disk.bitmap === null ? disk.uri : `${disk.uri} (bitmap ${disk.bitmap})`;
+    case 'qemu': {
+      const extras = [`node ${disk.node}`];
+      if (disk.device !== undefined) extras.push(`device ${disk.device}`);
+      extras.push(disk.fleecing === undefined ? 'direct mode' : `fleecing ${disk.fleecing}`);
+      return `${disk.qmp} (${extras.join(', ')})`;
+    }
+  }
+}
+
+function describeRetention(policy: RetentionPolicy | null): string {
+  if (policy === null) return 'none (nothing is pruned)';
+  return KEEP_OPTIONS.filter((option) => policy[option] !== undefined)
+    .map((option) => `keep${option[0]!.toUpperCase()}${option.slice(1)} ${policy[option]}`)
+    .join(', ');
+}
+
+function describeRate(rate: number | null): string {
+  if (rate === null) return 'no limit';
+  return rate % 1048576 === 0 ? `${rate / 1048576} MiB/s` : `${rate} B/s`;
+}

@@ -1,0 +1,174 @@
+/**
+ * One run of a job: every disk backed up (at most `concurrency` at once,
+ * each in its own process, so one failing disk never stops the others),
+ * then retention, verify, replication and the health check, each step on
+ * the disks it concerns; a step's failure is reported and the next one still
+ * runs. The report is written into the repository last (runReport.ts).
+ */
+import pLimit from 'p-limit';
+import { newBackupId } from '../store/names.js';
+import { prune } from '../store/prune.js';
+import { replicate, type ReplicationReport } from '../store/replicate.js';
+import { Repository } from '../store/repository.js';
+import { verify } from '../store/verify.js';
+import { backupArgs, backupDisk, type DiskOutcome } from './diskBackup.js';
+import { healthCheck } from './healthCheck.js';
+import type { Job, JobDisk } from './jobFile.js';
+import { type DiskRun, type JobRunReport, retentionStep, RUN_REPORT_FORMAT, runStages, saveRunReport } from './runReport.js';
+
+export interface RunOptions {
+  trigger?: JobRunReport['trigger'];
+  /** Stops the run: backups in progress abort cleanly, later steps are skipped. */
+  signal?: AbortSignal;
+  /** Progress lines for a person (a disk started, finished, a step begins). */
+  log?: (line: string) => void;
+}
+
+export async function runJob(job: Job, options: RunOptions = {}): Promise<JobRunReport> {
+  const started = new Date();
+  const t0 = performance.now();
+  const log = options.log ?? (() => undefined);
+  const stopped = () => options.signal?.aborted ?? false;
+  const repo = await Repository.open(job.repository);
+  const runId = newBackupId();
+
+  const limit = pLimit(job.concurrency);
+  // A QEMU monitor serves one client at a time: disks behind one QMP socket go one after another.
+  const monitors = new Map<string, ReturnType<typeof pLimit>>();
+  const throughMonitor = (disk: JobDisk) => (disk.kind !== 'qemu' ? (fn: () => Promise<DiskOutcome>) => fn() : ((monitors.get(disk.qmp) ?? monitors.set(disk.qmp, pLimit(1)).get(disk.qmp)!) as (fn: () => Promise<DiskOutcome>) => Promise<DiskOutcome>));
+  const disks: DiskRun[] = await Promise.all(
+    job.disks.map((disk) =>
+      limit(async (): Promise<DiskRun> => {
+        const fullBecause = await fullIntervalDue(repo, job, disk.name);
+        if (stopped()) return { disk: disk.name, ok: false, error: 'not started: the run was stopped', durationMs: 0 };
+        log(`${disk.name}: backup${fullBecause ? ' (full)' : ''}`);
+        const outcome = await throughMonitor(disk)(() => backupDisk(backupArgs(job, disk, fullBecause !== null), options.signal));
+        const run = diskRun(disk.name, outcome, fullBecause);
+        log(`${disk.name}: ${run.ok ? `${run.kind} ${run.id}` : `FAILED: ${run.error}`}`);
+        return run;
+      }),
+    ),
+  );
+  const names = job.disks.map((d) => d.name);
+  const newIds = new Set(disks.flatMap((d) => (d.id ? [d.id] : [])));
+
+  let retention: JobRunReport['retention'] = null;
+  if (job.retention && !stopped()) {
+    log('retention');
+    const reports = [];
+    for (const disk of names) {
+      if (!(await repo.latest(disk).catch(() => undefined))) continue;
+      reports.push(await prune(repo, disk, { policy: job.retention }).then((report) => ({ disk, report }), (err: Error) => ({ disk, error: err.message })));
+    }
+    retention = retentionStep(reports);
+  }
+
+  let verifyStep: JobRunReport['verify'] = null;
+  if (job.verify !== 'none' && !stopped()) {
+    log(`verify (${job.verify})`);
+    const step = { ok: true, problems: [] as string[], mode: job.verify, backups: 0, blocks: 0 };
+    for (const disk of names) {
+      if (job.verify === 'new' && !disks.some((d) => d.disk === disk && d.id)) continue;
+      if (!(await repo.latest(disk).catch(() => undefined))) continue;
+      try {
+        const r = await verify(repo, disk, job.verify === 'new' ? { only: newIds } : {});
+        step.backups += r.backups;
+        step.blocks += r.blocks;
+        for (const p of r.problems) step.problems.push(`${p.disk}${p.id ? `@${p.id}` : ''}${p.block !== null ? ` block ${p.block}` : ''}: ${p.problem}`);
+      } catch (err) {
+        step.problems.push(`${disk}: ${(err as Error).message}`);
+      }
+    }
+    step.ok = step.problems.length === 0;
+    verifyStep = step;
+  }
+
+  let replication: JobRunReport['replication'] = null;
+  let replicationReport: ReplicationReport | null = null;
+  if (job.replicate && !stopped()) {
+    log(`replicate to ${job.replicate.repository}`);
+    try {
+      const dst = await Repository.open(job.replicate.repository);
+      const present = [];
+      for (const disk of names) if (await repo.latest(disk).catch(() => undefined)) present.push(disk);
+      replicationReport = await replicate(repo, dst, present, { ...(job.replicate.retention ? { retention: job.replicate.retention } : {}), ...(job.maxWrite !== null ? { maxWrite: job.maxWrite } : {}) });
+      const { disks: perDisk, ...summary } = replicationReport;
+      const problems = perDisk.flatMap((d) => (d.error ? [`${d.disk}: ${d.error}`] : []));
+      const t = replicationReport.totals;
+      replication = { ok: problems.length === 0, problems, destination: job.replicate.repository, copied: t.copied, full: t.full, bytesSent: t.bytesSent, pruned: t.pruned, report: summary };
+    } catch (err) {
+      replication = { ok: false, problems: [(err as Error).message], destination: job.replicate.repository, copied: 0, full: 0, bytesSent: 0, pruned: 0, report: null };
+    }
+  }
+
+  let health: JobRunReport['healthCheck'] = null;
+  if (job.healthCheck && !stopped()) {
+    log('health check');
+    try {
+      const checked = await healthCheck(repo, names, job.healthCheck.scratch);
+      const problems = checked.flatMap((c) => (c.ok ? [] : [`${c.disk}@${c.id}: ${c.problem}`]));
+      health = { ok: problems.length === 0, problems, checked };
+    } catch (err) {
+      health = { ok: false, problems: [(err as Error).message], checked: [] };
+    }
+  }
+
+  const steps = [retention, verifyStep, replication, health];
+  const report: JobRunReport = {
+    format: RUN_REPORT_FORMAT,
+    job: job.name,
+    jobFile: job.file,
+    runId,
+    trigger: options.trigger ?? 'manual',
+    startedAt: started.toISOString(),
+    finishedAt: new Date().toISOString(),
+    durationMs: Math.round(performance.now() - t0),
+    ok: !stopped() && disks.every((d) => d.ok) && steps.every((s) => s === null || s.ok),
+    ...(stopped() ? { stopped: true } : {}),
+    disks,
+    retention,
+    verify: verifyStep,
+    replication,
+    healthCheck: health,
+    ...runStages(disks, replicationReport),
+  };
+  await saveRunReport(repo, report);
+  return report;
+}
+
+/**
+ * Why this disk's next backup must be full under `fullInterval` N: its chain
+ * since the last full already holds N-1 deltas. Null: a delta will do (or it
+ * is the first backup, full anyway).
+ */
+async function fullIntervalDue(repo: Repository, job: Job, disk: string): Promise<string | null> {
+  if (job.fullInterval === null) return null;
+  const backups = await repo.backups(disk).catch(() => []);
+  const byId = new Map(backups.map((b) => [b.id, b]));
+  let deltas = 0;
+  for (let b = backups.at(-1); b && b.parent !== null; b = byId.get(b.parent)) deltas++;
+  if (backups.length === 0 || deltas < job.fullInterval - 1) return null;
+  return `fullInterval ${job.fullInterval}: ${deltas} deltas since the last full`;
+}
+
+function diskRun(disk: string, outcome: DiskOutcome, fullBecause: string | null): DiskRun {
+  if (!outcome.ok) return { disk, ok: false, error: outcome.error, durationMs: outcome.durationMs };
+  const r = outcome.report;
+  return {
+    disk,
+    ok: true,
+    ...(fullBecause ? { fullBecause } : {}),
+    id: r.id,
+    kind: r.kind,
+    ...(r.mode ? { mode: r.mode } : {}),
+    blocksRead: r.blocksRead,
+    blocksWritten: r.blocksWritten,
+    bytesRead: r.bytesRead,
+    bytesWritten: r.bytesWritten,
+    durationMs: r.durationMs,
+    ...(r.previousCheckpoint !== undefined ? { checkpoint: r.previousCheckpoint } : {}),
+    ...(r.note ? { note: r.note } : {}),
+    stages: r.stages,
+    slowestStage: r.slowestStage,
+  };
+}
