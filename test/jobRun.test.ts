@@ -12,6 +12,7 @@ import { describe, expect, it } from 'vitest';
 import { vhdvault, vhdvaultAsync } from './helpers/cli.js';
 import { makeRaw, sha256, tempDir } from './helpers/files.js';
 import { initRepo, listed } from './helpers/store.js';
+import { hasQsd, run, startQsd } from './helpers/qsd.js';
 import { Repository } from '../src/store/repository.js';
 import { restore } from '../src/store/restore.js';
 
@@ -150,5 +151,23 @@ describe('job run', () => {
     expect(r.stdout).toMatch(/gamma\s+FAILED\s+.*gamma-is-missing\.raw/);
     expect(r.stdout).toMatch(/alpha\s+(full|delta)\s+read [\d.]+ MiB, wrote/);
     expect(r.stdout).toMatch(/replication: ok, to .*offsite/);
+  });
+});
+
+describe.skipIf(!hasQsd)('job run over a running QEMU disk', () => {
+  it('backs up a qemu-storage-daemon disk by QMP (fleecing, then direct mode), the second a delta from the first one\'s checkpoint', async () => {
+    const qsd = await startQsd({ format: 'qcow2', size: 8 * MiB });
+    await run('qemu-io', ['-f', 'raw', '-c', `write -P 0x5a 0 ${8 * MiB}`, qsd.guestUri]);
+    await run('mkdir', ['-p', join(dir, 'fleece')]);
+    const file = join(dir, 'live.yaml');
+    const write = (fleecing: boolean) =>
+      writeFile(file, `name: live\nschedule: "0 3 * * *"\nrepository: main\ndisks:\n  - name: guest\n    qmp: ${qsd.qmpSocket}\n    node: g0\n    qemuNbd: nbd+unix:///?socket=${qsd.nbdSocket}\n${fleecing ? '    fleecing: fleece\n' : ''}`);
+    await write(true);
+    const first = JSON.parse((await vhdvaultAsync('job', 'run', file, '--json')).stdout) as { ok: boolean; disks: Array<{ mode?: string; kind?: string; checkpoint?: string | null; id?: string; bytesRead?: number }> };
+    expect(first).toMatchObject({ ok: true, disks: [{ mode: 'fleecing', kind: 'full', checkpoint: null }] });
+    await run('qemu-io', ['-f', 'raw', '-c', `write -P 0x5b 0 64k`, qsd.guestUri]);
+    await write(false);
+    const second = JSON.parse((await vhdvaultAsync('job', 'run', file, '--json')).stdout) as typeof first;
+    expect(second).toMatchObject({ ok: true, disks: [{ mode: 'direct', kind: 'delta', checkpoint: `vhdvault-${first.disks[0]!.id}`, bytesRead: 2 * MiB }] });
   });
 });
