@@ -1,9 +1,12 @@
 /**
- * `npm start`: the main job on an embedded default, in well under a minute.
+ * `npm start`: the product on embedded defaults, in well under a minute.
  * With qemu-storage-daemon installed, live backups of a running disk
  * (demo/live.ts); without it, backups of a disk file (demo/offline.ts).
- * Everything happens in a temporary folder, removed at the end (--keep keeps it).
+ * Then a scheduled job run a few times: two disks, retention, verify,
+ * replication and a health check (demo/job.ts). Everything happens in
+ * temporary folders, removed at the end (--keep keeps them).
  */
+import { jobDemo } from './demo/job.js';
 import { liveDemo } from './demo/live.js';
 import { offlineDemo } from './demo/offline.js';
 import { QEMU_PACKAGES, qemuTools } from './demo/qsd.js';
@@ -16,3 +19,6 @@ if (qemu.problem === null) {
   console.log(`${qemu.problem}: for the live demo, install QEMU's tools (Debian: apt-get install ${QEMU_PACKAGES}); running the offline demo.\n`);
   await offlineDemo(keep);
 }
+// An interrupted first part already exited (130); a failed one set exitCode 1, which the job part keeps.
+console.log('\n');
+await jobDemo(keep);

@@ -45,7 +45,8 @@ export function backupDisk(args: string[], signal?: AbortSignal): Promise<DiskOu
   const elapsed = () => Math.round(performance.now() - started);
   return new Promise((resolve) => {
     if (signal?.aborted) return resolve({ ok: false, error: 'not started: the run was stopped', durationMs: 0 });
-    const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+    // Its own process group: a Ctrl-C at the terminal reaches the run, which stops each backup once (SIGTERM), not twice.
+    const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
     let stdout = '';
     let stderr = '';
     child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));

@@ -148,7 +148,7 @@ async function fullIntervalDue(repo: Repository, job: Job, disk: string): Promis
   let deltas = 0;
   for (let b = backups.at(-1); b && b.parent !== null; b = byId.get(b.parent)) deltas++;
   if (backups.length === 0 || deltas < job.fullInterval - 1) return null;
-  return `fullInterval ${job.fullInterval}: ${deltas} deltas since the last full`;
+  return `fullInterval ${job.fullInterval}: ${deltas} ${deltas === 1 ? 'delta' : 'deltas'} since the last full`;
 }
 
 function diskRun(disk: string, outcome: DiskOutcome, fullBecause: string | null): DiskRun {
