@@ -7,7 +7,7 @@
 import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it, onTestFinished } from 'vitest';
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { CLI, cliEnv, vhdvault, vhdvaultAsync } from './helpers/cli.js';
 import { mountTmpfs, tempDir } from './helpers/files.js';
 import { hasQsd, type Qsd, run, startQsd } from './helpers/qsd.js';
@@ -57,8 +57,8 @@ async function liveBackup(mode: Mode, g: Guest, disk: string, ...extra: string[]
   return parsed(await vhdvaultAsync(...liveArgs(mode, g, disk, ...extra)));
 }
 
-/** The `vhdvault-<tag>-` names a backup of the guest node g0 gives what it adds to QEMU. */
-const view = new ViewNames('g0');
+/** The names a backup of the guest node g0, run by process `pid`, gives what it adds to QEMU. */
+const viewOf = (pid: number) => new ViewNames('g0', pid);
 
 /** Files in the disk's folder a live backup leaves while it runs: direct mode's copies. */
 const copiesFiles = async (disk: string) => (await readdir(join(repo, 'disks', disk)).catch(() => [])).filter((n) => n.endsWith('.copies.tmp'));
@@ -160,7 +160,8 @@ describe.skipIf(!hasQsd).each(['fleecing', 'direct'] as const)('backup --qemu, %
     child.kill('SIGKILL');
     await gone;
     const left = await ours(g);
-    expect(left.nodes.sort()).toEqual([view.cbw, view.snap, view.target]);
+    const view = viewOf(child.pid!);
+    expect(left.nodes.sort()).toEqual([view.cbw, view.snap, view.target].sort());
     expect(left.exports).toHaveLength(1);
     expect(left.bitmaps).toHaveLength(2);
     expect(await readdir(fleecing)).toHaveLength(mode === 'fleecing' ? 1 : 0);
@@ -194,6 +195,29 @@ describe.skipIf(!hasQsd)('backup --qemu', () => {
     expect(r).toMatchObject({ kind: 'delta', previousCheckpoint: null, bytesRead: size });
     expect(r.note).toContain(`previous checkpoint bitmap "${first.checkpoint}" is missing`);
     expect((await restored('raw', r.id)).equals(again.bytes)).toBe(true);
+  });
+
+  it('keeps a checkpoint per repository: one disk backed up into two repositories alternately still takes deltas', async () => {
+    const g = await startGuest('qcow2', 16 * MiB);
+    await write(g, 0x61, 0, 16 * MiB);
+    const other = join(dir, 'other-repo');
+    await initRepo(other, 'dir');
+    const a1 = await liveBackup(mode, g, 'two-repos');
+    const b1 = liveReport(await vhdvaultAsync(...argsOf(g.qsd, other, 'two-repos', fleecing)));
+    await write(g, 0x62, 0, 64 * 1024);
+    const a2 = await liveBackup(mode, g, 'two-repos');
+    expect(a2).toMatchObject({ kind: 'delta', previousCheckpoint: a1.checkpoint, bytesRead: BLOCK });
+    const b2 = liveReport(await vhdvaultAsync(...argsOf(g.qsd, other, 'two-repos', fleecing)));
+    expect(b2).toMatchObject({ kind: 'delta', previousCheckpoint: b1.checkpoint, bytesRead: BLOCK });
+    expect((await ours(g)).bitmaps.map((b) => b.name).sort()).toEqual([a2.checkpoint, b2.checkpoint].sort());
+  });
+
+  it('takes a relative --fleecing folder from where vhdvault runs, not from QEMU\'s working directory', async () => {
+    const g = await startGuest('qcow2', 8 * MiB);
+    await write(g, 0x63, 0, 8 * MiB);
+    const r = spawnSync(process.execPath, [CLI, ...argsOf(g.qsd, repo, 'relative', 'fleece')], { cwd: dir, env: cliEnv(), encoding: 'utf8' });
+    expect(r.status, r.stderr).toBe(0);
+    expect(await readdir(fleecing)).toEqual([]);
   });
 
   it('fails the backup, not the guest, when the fleecing image grows past --fleecing-max, and leaves nothing behind', async () => {

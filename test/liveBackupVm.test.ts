@@ -93,7 +93,7 @@ describe.skipIf(!hasVm)('backup --qemu --device after a kill', () => {
       await exportShown(vm);
       child.kill('SIGKILL');
       await gone;
-      expect(await qomGet(vm.qmp, '/machine/peripheral/vd0', 'drive')).toMatch(/^vhdvault-[0-9a-f]{8}-cbw$/);
+      expect(await qomGet(vm.qmp, '/machine/peripheral/vd0', 'drive')).toMatch(/^vhdvault-[0-9a-f]{8}-\d+-c$/);
       await vm.write(0x12, 0, MiB); // through the orphaned filter
       model.fill(0x12, 0, MiB);
       const r = liveReport(await vhdvaultAsync(...args('fleecing', vm, 'vm-killed')));
@@ -133,6 +133,24 @@ describe.skipIf(!hasVm)('backup --qemu --device, two disks at once', () => {
       }
       await clean(vm);
       expect(await qomGet(vm.qmp, '/machine/peripheral/vd1', 'drive')).toBe('disk1');
+    } finally {
+      await vm.quit();
+    }
+  });
+});
+
+describe.skipIf(!hasVm)('backup --qemu --device, one disk twice at once', () => {
+  it('refuses a second live backup of a disk while one runs, naming its process, and leaves the first alone', async () => {
+    const vm = await startVm(8 * MiB, 0x51);
+    try {
+      const first = vhdvaultAsync(...args('fleecing', vm, 'twice-a', '--max-read', '2M'));
+      await exportShown(vm);
+      const second = await vhdvaultAsync('backup', repo, 'twice-b', '--qemu', vm.qmpSocket2, '--device', 'vd0', '--node', 'disk0', '--fleecing', fleecing);
+      expect(second.code).toBe(1);
+      expect(second.stderr.trim().split('\n')).toHaveLength(1);
+      expect(second.stderr).toMatch(/the view of a live backup running in process \d+: one live backup of a disk at a time/);
+      expect(liveReport(await first)).toMatchObject({ kind: 'full', bytesRead: 8 * MiB });
+      await clean(vm);
     } finally {
       await vm.quit();
     }

@@ -9,7 +9,7 @@
  * runs in progress (their backups abort cleanly, no partial backup stays)
  * and exits once they have ended.
  */
-import { readdir, stat } from 'node:fs/promises';
+import { readdir, realpath, stat } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { Repository } from '../store/repository.js';
 import { newBackupId } from '../store/names.js';
@@ -71,6 +71,7 @@ export class JobDaemon {
     this.emit({ event: 'stopped', message: 'stopped' });
   }
 
+  /** Each job file once, however often the paths name it (a file, and its folder). */
   private async jobFiles(): Promise<string[]> {
     const files: string[] = [];
     for (const p of this.paths) {
@@ -79,7 +80,8 @@ export class JobDaemon {
       if (s?.isDirectory()) files.push(...(await readdir(path)).filter(isJobFile).sort().map((n) => join(path, n)));
       else files.push(path); // a missing file is reported by loadJob
     }
-    return files;
+    const real = await Promise.all(files.map((f) => realpath(f).catch(() => f)));
+    return [...new Set(real)];
   }
 
   private async load(first: boolean): Promise<void> {

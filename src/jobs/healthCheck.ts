@@ -6,13 +6,14 @@
  * recorded. The scratch files are removed after each disk.
  */
 import { execFile } from 'node:child_process';
-import { open, mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, open, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { DigestReader, digestOf } from '../store/digests.js';
 import type { Repository } from '../store/repository.js';
 import { restore } from '../store/restore.js';
+import { VhdError } from '../vhd/errors.js';
 
 const run = promisify(execFile);
 
@@ -26,6 +27,9 @@ export interface HealthResult {
 /** Check the latest backup of each of `disks` in a scratch folder under `scratch` (default: the system's temporary folder). */
 export async function healthCheck(repo: Repository, disks: string[], scratch: string | null): Promise<HealthResult[]> {
   const results: HealthResult[] = [];
+  if (scratch !== null && !(await stat(scratch).catch(() => null))?.isDirectory()) {
+    throw new VhdError(scratch, 'the health check\'s scratch folder does not exist (healthCheck.scratch)');
+  }
   for (const disk of disks) {
     const latest = await repo.latest(disk).catch(() => undefined);
     if (!latest) continue;

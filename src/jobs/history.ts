@@ -10,7 +10,7 @@ export interface DiskTrend {
   disk: string;
   runs: number;
   failed: number;
-  /** Latest successful backup's duration, and the median of the ones before it. */
+  /** Latest successful backup's duration, and the median of the earlier ones of the same kind (a full against fulls, a delta against deltas). */
   lastMs: number | null;
   medianBeforeMs: number | null;
   /** last ÷ median before: above 1, the disk is getting slower. */
@@ -39,7 +39,7 @@ export function diskTrends(reports: JobRunReport[]): DiskTrend[] {
   return [...byDisk.values()].map(({ job, disk, runs }) => {
     const ok = runs.filter((d) => d.ok);
     const last = ok.at(-1);
-    const before = median(ok.slice(0, -1).map((d) => d.durationMs));
+    const before = median(ok.slice(0, -1).filter((d) => d.kind === last?.kind).map((d) => d.durationMs));
     const bounding: Record<string, number> = {};
     for (const d of ok) if (d.slowestStage) bounding[d.slowestStage] = (bounding[d.slowestStage] ?? 0) + 1;
     return {
@@ -69,7 +69,7 @@ export function describeHistory(reports: JobRunReport[]): string[] {
     lines.push(`${r.startedAt.padEnd(25)} ${r.job.padEnd(11)} ${result.padEnd(8)} ${`${ok}/${r.disks.length}`.padEnd(6)} ${mib(written).padEnd(12)} ${secs(r.durationMs).padEnd(9)} ${r.boundingStage ?? '—'}`);
   }
   const trends = diskTrends(reports);
-  if (trends.length > 0) lines.push('', 'per disk (latest backup against the median of the earlier ones):');
+  if (trends.length > 0) lines.push('', 'per disk (latest backup against the median of the earlier ones of its kind):');
   for (const t of trends) {
     const trend = t.slowdown === null ? '' : ` (${t.slowdown >= 1 ? '+' : ''}${Math.round((t.slowdown - 1) * 100)}%)`;
     const stages = Object.entries(t.bounding).sort((a, b) => b[1] - a[1]).map(([s, n]) => `${s} ${n}×`).join(', ');

@@ -116,6 +116,7 @@ export function runStages(disks: DiskRun[], replication: ReplicationReport | nul
   return { stages, boundingStage: stages[busiest].busyMs > 0 ? busiest : null };
 }
 
+const plural = (n: number, what: string) => `${n} ${what}${n === 1 ? '' : 's'}`;
 const mib = (bytes: number) => `${(bytes / 1048576).toFixed(1)} MiB`;
 const secs = (ms: number) => `${(ms / 1000).toFixed(1)} s`;
 
@@ -138,7 +139,7 @@ export function describeRun(r: JobRunReport): string[] {
     for (const p of s.problems) lines.push(`    ${p}`);
   };
   step('retention', r.retention, r.retention ? `${r.retention.removed.length} removed, ${r.retention.merged} merged` : '');
-  step('verify', r.verify, r.verify ? `${r.verify.mode}: ${r.verify.backups} backups, ${r.verify.blocks} blocks re-read` : '');
+  step('verify', r.verify, r.verify ? `${r.verify.mode}: ${plural(r.verify.backups, 'backup')}, ${plural(r.verify.blocks, 'block')} re-read` : '');
   step('replication', r.replication, r.replication ? `to ${r.replication.destination}: ${r.replication.copied} copied (${r.replication.full} full), ${mib(r.replication.bytesSent)} sent, ${r.replication.pruned} pruned there` : '');
   step('health check', r.healthCheck, r.healthCheck ? `${r.healthCheck.checked.filter((c) => c.ok).length} of ${r.healthCheck.checked.length} restored and read by qemu-img` : '');
   return lines;

@@ -6,6 +6,7 @@
  * consistent and has been recording all along. On success the older one
  * goes; on failure the new one is merged back into it, so no write is lost.
  */
+import { createHash } from 'node:crypto';
 import type { Checkpoint } from '../store/repository.js';
 import type { BackupMetadata } from '../store/repository.js';
 import { blockDirtyBitmapAdd, blockDirtyBitmapDisable, blockDirtyBitmapEnable, blockDirtyBitmapMerge, blockDirtyBitmapRemove, queryNamedBlockNodes, type DirtyBitmapInfo } from './commands.js';
@@ -21,7 +22,17 @@ export interface PreviousCheckpoint {
   note?: string;
 }
 
-export const checkpointName = (backupId: string) => `${OUR_PREFIX}${backupId}`;
+/**
+ * `vhdvault-<tag>-<backup id>`, the tag naming the repository and disk (8 hex
+ * digits of SHA-256 of the repository's real path, NUL, the disk name): one
+ * QEMU disk backed up into two repositories keeps a checkpoint for each, and
+ * a run removes only its own leftovers.
+ */
+export function checkpointTag(repositoryPath: string, disk: string): string {
+  return `${OUR_PREFIX}${createHash('sha256').update(`${repositoryPath}\0${disk}`).digest('hex').slice(0, 8)}-`;
+}
+
+export const checkpointName = (tag: string, backupId: string) => `${tag}${backupId}`;
 
 /** The named bitmaps on `node` (a copy-before-write filter adds an anonymous one while it runs). */
 async function bitmapsOf(qmp: QmpClient, node: string): Promise<DirtyBitmapInfo[]> {
@@ -29,10 +40,10 @@ async function bitmapsOf(qmp: QmpClient, node: string): Promise<DirtyBitmapInfo[
   return all.filter((b) => typeof b.name === 'string');
 }
 
-/** Remove `vhdvault-…` bitmaps on `node` a killed run left, all but `keep` (the latest backup's checkpoint). */
-export async function removeLeftoverBitmaps(qmp: QmpClient, node: string, keep: string | null): Promise<void> {
+/** Remove this repository's and disk's bitmaps (`tag`) on `node` that killed runs left, all but `keep` (the latest backup's checkpoint). */
+export async function removeLeftoverBitmaps(qmp: QmpClient, node: string, tag: string, keep: string | null): Promise<void> {
   for (const b of await bitmapsOf(qmp, node)) {
-    if (b.name.startsWith(OUR_PREFIX) && b.name !== keep) await blockDirtyBitmapRemove(qmp, node, b.name);
+    if (b.name.startsWith(tag) && b.name !== keep) await blockDirtyBitmapRemove(qmp, node, b.name);
   }
 }
 

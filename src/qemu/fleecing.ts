@@ -49,10 +49,10 @@ export class FleecingImage implements CopyTarget {
   }
 }
 
-/** Delete the fleecing images of `names`' guest node that a killed run left in `dir`. */
+/** Delete the fleecing images of `names`' guest node that killed runs left in `dir` (never one a running backup uses). */
 export async function removeLeftoverImages(dir: string, names: ViewNames): Promise<void> {
   for (const name of await readdir(dir)) {
-    if (name.startsWith(names.prefix) && name.endsWith(IMAGE_SUFFIX)) await rm(join(dir, name), { force: true });
+    if (name.endsWith(IMAGE_SUFFIX) && names.isLeftover(name)) await rm(join(dir, name), { force: true });
   }
 }
 

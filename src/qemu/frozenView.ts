@@ -9,6 +9,8 @@
  * reads, never the guest's write.
  */
 import { createHash } from 'node:crypto';
+import { processAlive } from '../store/lock.js';
+import { QmpCommandError } from './errors.js';
 import { type NbdAddress, nbdAddress } from '../nbd/uri.js';
 import { VhdError } from '../vhd/errors.js';
 import { blockdevAdd, blockdevDel, blockExportAdd, blockExportDel, type BitmapRef, queryBlockExports, queryNamedBlockNodes } from './commands.js';
@@ -18,26 +20,45 @@ import type { QmpClient } from './QmpClient.js';
 
 /**
  * What one backup of one guest adds to QEMU, named after its `--node` (by a
- * hash: node names are at most 31 characters) so that two disks of one QEMU
- * can be backed up at once, and a leftover is found by its name alone.
+ * hash: node names are at most 31 characters), so that two disks of one QEMU
+ * do not meet, and after the process that runs it, so that a leftover is
+ * told from another backup's work in progress by its name alone: its
+ * process is gone.
  */
 export class ViewNames {
-  /** Every name of this guest's views starts with this. */
+  /** Every name of this guest's views, whichever process made them, starts with this. */
+  readonly guestPrefix: string;
+  /** Every name of this process's view starts with this. */
   readonly prefix: string;
   readonly target: string;
   readonly cbw: string;
   readonly snap: string;
 
-  constructor(guestNode: string) {
-    this.prefix = `${OUR_PREFIX}${createHash('sha256').update(guestNode).digest('hex').slice(0, 8)}-`;
-    this.target = `${this.prefix}target`;
-    this.cbw = `${this.prefix}cbw`;
-    this.snap = `${this.prefix}snap`;
+  constructor(guestNode: string, pid = process.pid) {
+    this.guestPrefix = `${OUR_PREFIX}${createHash('sha256').update(guestNode).digest('hex').slice(0, 8)}-`;
+    this.prefix = `${this.guestPrefix}${pid}-`;
+    this.target = `${this.prefix}t`;
+    this.cbw = `${this.prefix}c`;
+    this.snap = `${this.prefix}s`;
   }
 
   /** The frozen view's export id and name. */
   exportOf(backupId: string): string {
     return `${this.prefix}${backupId}`;
+  }
+
+  /** The process that made `name` (a name of this guest's views), or null if the name does not say. */
+  ownerOf(name: string): number | null {
+    if (!name.startsWith(this.guestPrefix)) return null;
+    const pid = Number(/^(\d+)-/.exec(name.slice(this.guestPrefix.length))?.[1] ?? NaN);
+    return Number.isSafeInteger(pid) ? pid : null;
+  }
+
+  /** A name of this guest's views whose process is gone (or that names none): a killed run's. */
+  isLeftover(name: string): boolean {
+    if (!name.startsWith(this.guestPrefix)) return false;
+    const pid = this.ownerOf(name);
+    return pid === null || (pid !== process.pid && !processAlive(pid));
   }
 }
 
@@ -56,18 +77,23 @@ export interface CopyTarget {
  */
 export async function removeLeftoverView(qmp: QmpClient, entry: GuestEntry): Promise<void> {
   const names = new ViewNames(entry.node);
-  for (const e of await queryBlockExports(qmp)) {
-    if (e.id.startsWith(names.prefix)) await blockExportDel(qmp, e.id, 'hard');
-  }
-  const nodes = new Set((await queryNamedBlockNodes(qmp)).map((n) => n.nodeName));
-  if (nodes.has(names.snap)) await blockdevDel(qmp, names.snap);
   const current = await guestNode(qmp, entry);
+  // Another backup of this guest at work: it is not ours to take apart, and one at a time is the rule.
+  const owner = current?.startsWith(OUR_PREFIX) && !names.isLeftover(current) ? names.ownerOf(current) : null;
+  if (owner !== null) throw new VhdError(qmp.socketPath, `the guest of "${entry.node}" reads through "${current}", the view of a live backup running in process ${owner}: one live backup of a disk at a time`);
+  for (const e of await queryBlockExports(qmp)) {
+    if (names.isLeftover(e.id)) await blockExportDel(qmp, e.id, 'hard');
+  }
+  const leftovers = (await queryNamedBlockNodes(qmp)).map((n) => n.nodeName).filter((n) => names.isLeftover(n));
+  // Teardown order: snapshots, then the filter out of the guest's path, then filters, then targets.
+  const byKind = (suffix: 't' | 'c' | 's') => leftovers.filter((n) => n.endsWith(`-${suffix}`));
+  for (const node of byKind('s')) await blockdevDel(qmp, node);
   if (current?.startsWith(OUR_PREFIX)) {
     const disk = await fileChild(qmp, current);
     if (!disk) throw new VhdError(qmp.socketPath, `block node "${current}" left by an earlier backup has no file child`);
     await attach(qmp, entry, disk);
   }
-  for (const node of [names.cbw, names.target]) if (nodes.has(node)) await blockdevDel(qmp, node);
+  for (const node of [...byKind('c'), ...byKind('t')]) await blockdevDel(qmp, node);
 }
 
 export interface FrozenViewOptions {
@@ -113,7 +139,10 @@ export class FrozenView {
     await blockdevAdd(qmp, { driver: 'snapshot-access', 'node-name': names.snap, file: names.cbw });
     this.undo.push(() => blockdevDel(qmp, names.snap));
     const bitmaps: BitmapRef[] | undefined = bitmap === null ? undefined : [{ node: this.guest.disk.nodeName, name: bitmap }];
-    await blockExportAdd(qmp, { type: 'nbd', id: this.exportName, nodeName: names.snap, name: this.exportName, writable: false, bitmaps });
+    await blockExportAdd(qmp, { type: 'nbd', id: this.exportName, nodeName: names.snap, name: this.exportName, writable: false, bitmaps }).catch((err: unknown) => {
+      if (err instanceof QmpCommandError && /NBD server not running/i.test(err.desc)) throw new VhdError(qmp.socketPath, 'QEMU runs no NBD server at the --qemu-nbd address: leave --qemu-nbd out (vhdvault then starts one) or name the server QEMU runs');
+      throw err;
+    });
     this.exported = true;
     this.undo.push(() => this.cut());
     return nbdAddress(await this.options.server.locate(this.exportName), this.exportName);

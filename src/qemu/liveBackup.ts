@@ -8,7 +8,8 @@
  * happens, everything vhdvault added to QEMU is removed again, and the guest
  * never sees an error.
  */
-import { stat, statfs } from 'node:fs/promises';
+import { realpath, stat, statfs } from 'node:fs/promises';
+import { resolve } from 'node:path';
 import { NbdRequestError } from '../nbd/errors.js';
 import { NbdSource } from '../nbd/NbdSource.js';
 import type { NbdEndpoint } from '../nbd/uri.js';
@@ -18,7 +19,7 @@ import { newBackupId } from '../store/names.js';
 import type { Repository } from '../store/repository.js';
 import { limiter } from '../store/throttle.js';
 import { VhdError } from '../vhd/errors.js';
-import { CheckpointHandOver, checkpointName, previousCheckpoint, removeLeftoverBitmaps } from './checkpoint.js';
+import { CheckpointHandOver, checkpointName, checkpointTag, previousCheckpoint, removeLeftoverBitmaps } from './checkpoint.js';
 import { DirectTarget } from './directTarget.js';
 import { FleecingImage, FleecingWatch, removeLeftoverImages } from './fleecing.js';
 import { FrozenView, removeLeftoverView, ViewNames } from './frozenView.js';
@@ -83,7 +84,9 @@ async function explain(err: unknown, mode: Mode, options: LiveBackupOptions): Pr
   return new VhdError(options.qemu, `reading the frozen view failed (${err.problem}): a copy of old data before a guest write failed or took over --cbw-timeout ${timeout} s, so QEMU gave up the view; backup aborted (the guest's writes went on unharmed)`);
 }
 
-export async function liveBackup(repo: Repository, disk: string, options: LiveBackupOptions): Promise<LiveBackupReport> {
+export async function liveBackup(repo: Repository, disk: string, given: LiveBackupOptions): Promise<LiveBackupReport> {
+  // QEMU opens the image: a relative folder would be read from QEMU's working directory.
+  const options = given.fleecing === undefined ? given : { ...given, fleecing: resolve(given.fleecing) };
   if (options.fleecing !== undefined) {
     const folder = await stat(options.fleecing).catch(() => null);
     if (!folder?.isDirectory()) throw new VhdError(options.fleecing, 'is not a folder (--fleecing names the folder of the fleecing image)');
@@ -97,13 +100,14 @@ export async function liveBackup(repo: Repository, disk: string, options: LiveBa
       if (options.fleecing !== undefined) await removeLeftoverImages(options.fleecing, new ViewNames(options.node));
       const guest = await findGuestPath(qmp, entry);
       const node = guest.disk.nodeName;
-      await removeLeftoverBitmaps(qmp, node, latest?.checkpoint?.node === node ? latest.checkpoint.bitmap : null);
+      const tag = checkpointTag(await realpath(repo.root).catch(() => repo.root), disk);
+      await removeLeftoverBitmaps(qmp, node, tag, latest?.checkpoint?.node === node ? latest.checkpoint.bitmap : null);
 
       const id = newBackupId(latest?.id);
       const previous = await previousCheckpoint(qmp, node, latest);
       const server = await qemuNbdServer(qmp, options.qemuNbd ?? null);
       const view = new FrozenView(qmp, guest, { id, cbwTimeout: options.cbwTimeout ?? DEFAULT_CBW_TIMEOUT, server });
-      const bitmaps = new CheckpointHandOver(qmp, node, guest.disk.drv === 'qcow2', checkpointName(id), previous);
+      const bitmaps = new CheckpointHandOver(qmp, node, guest.disk.drv === 'qcow2', checkpointName(tag, id), previous);
       const writeLimit = limiter(options.maxWrite);
       let mode: Mode | null = null;
       let report: BackupReport | null = null;

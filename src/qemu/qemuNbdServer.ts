@@ -8,7 +8,7 @@
  * name it). A server of ours is stopped only when no export is left on it.
  */
 import { createHash } from 'node:crypto';
-import { mkdir, readdir, realpath, rm } from 'node:fs/promises';
+import { mkdir, readdir, realpath, rm, rmdir } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { NbdClient } from '../nbd/NbdClient.js';
@@ -44,6 +44,7 @@ export async function qemuNbdServer(qmp: QmpClient, given: NbdEndpoint | null): 
   } catch (err) {
     if (!alreadyRunning(err)) throw err;
     ours = null;
+    await rmdir(dir).catch(() => undefined); // (only if empty: nothing of a server of ours is in it)
   }
   return {
     locate: async (exportName) => {
