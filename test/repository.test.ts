@@ -1,3 +1,4 @@
+import { existsSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { spawn } from 'node:child_process';
 import { copyFile, mkdir, open, readdir, readFile, rename, stat, writeFile } from 'node:fs/promises';
@@ -350,6 +351,8 @@ describe('repository rules', () => {
     const started = performance.now();
     const child = spawn(process.execPath, [CLI, 'backup', repo, 'wrate', '--source', big, '--max-write', '6M'], { stdio: 'ignore', env: cliEnv() });
     const exited = new Promise<number>((res) => child.on('exit', (code) => res(code ?? -1)));
+    // Once the backup has begun (its start is slow on a loaded machine), let it write for a while.
+    for (let i = 0; i < 600 && !existsSync(diskDir); i++) await new Promise((res) => setTimeout(res, 50));
     await new Promise((res) => setTimeout(res, 1500));
     const { execFileSync } = await import('node:child_process');
     const midway = Number(execFileSync('du', ['-sb', diskDir], { encoding: 'utf8' }).split('\t')[0]);

@@ -1,5 +1,5 @@
 import { Command } from 'commander';
-import { type DaemonEvent, JobDaemon } from '../jobs/daemon.js';
+import type { DaemonEvent } from '../jobs/daemon.js';
 import { UsageError } from '../vhd/errors.js';
 
 /** `vhdvault daemon <folder-or-file>...`: the jobs on their schedules, one event per line, until SIGTERM/SIGINT. */
@@ -15,6 +15,8 @@ export function daemonCommand(): Command {
         if (opts.json) console.log(JSON.stringify({ time: new Date().toISOString(), ...e }));
         else console.log(`${new Date().toISOString()} ${e.message}`);
       };
+      // Loaded here: job files need zod, yaml and croner, which no other command should pay for.
+      const { JobDaemon } = await import('../jobs/daemon.js');
       const daemon = new JobDaemon(paths, emit);
       await daemon.start();
       if (loaded.count === 0) throw new UsageError(`no valid job in ${paths.join(', ')}`);

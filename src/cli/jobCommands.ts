@@ -1,6 +1,5 @@
 import { Command } from 'commander';
-import { type Job, type JobDisk, loadJob } from '../jobs/jobFile.js';
-import { humanInZone, isoInZone, localZone, nextRuns, scheduleZone } from '../jobs/schedule.js';
+import type { Job, JobDisk } from '../jobs/jobFile.js';
 import { describeHistory, diskTrends } from '../jobs/history.js';
 import { runJob } from '../jobs/runJob.js';
 import { describeRun, loadRunReports } from '../jobs/runReport.js';
@@ -10,6 +9,10 @@ import { KEEP_OPTIONS, type RetentionPolicy } from '../store/retention.js';
 import { EXIT_FAILURE, ExitStatus, Interrupted } from './run.js';
 
 const NEXT_RUNS = 5;
+
+/** Job files need zod, yaml and croner, about 190 ms to load: only the commands that read them pay for it. */
+const loadJob = async (file: string) => (await import('../jobs/jobFile.js')).loadJob(file);
+const schedule = () => import('../jobs/schedule.js');
 
 /** `vhdvault job …`: each subcommand comes from its own function below. */
 export function jobCommand(): Command {
@@ -74,14 +77,15 @@ function checkCommand(): Command {
     .option('--json', 'print one JSON object: the parsed job, scheduleZone and nextRuns')
     .action(async (file: string, opts: { json?: boolean }) => {
       const job = await loadJob(file);
+      const { isoInZone, nextRuns, scheduleZone } = await schedule();
       const zone = scheduleZone(job);
       const runs = nextRuns(job, NEXT_RUNS);
       if (opts.json) console.log(JSON.stringify({ ...job, scheduleZone: zone, nextRuns: runs.map((run) => isoInZone(run, zone)) }));
-      else printCheck(job, zone, runs);
+      else printCheck(job, zone, runs, await schedule());
     });
 }
 
-function printCheck(job: Job, zone: string, runs: Date[]): void {
+function printCheck(job: Job, zone: string, runs: Date[], { humanInZone, isoInZone, localZone }: Awaited<ReturnType<typeof schedule>>): void {
   const here = localZone();
   console.log(`job ${job.name}: ${job.file}`);
   console.log(`repository: ${job.repository}`);
