@@ -35,9 +35,8 @@
  * fio jobs are time-based without ramp (the first writes to each cluster are
  * the ones copy-before-write slows). Goal: fleecing p99 ≤ 1.5 × idle p99.
  */
-import { spawn } from 'node:child_process';
+import { type Daemon, startDaemon } from '../src/demo/qsd.js';
 import { mkdir, mkdtemp, readdir, rm } from 'node:fs/promises';
-import { connect } from 'node:net';
 import { cpus, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -92,67 +91,16 @@ async function fill(uri: string, bytes: number): Promise<void> {
   await fio(uri, ['--rw=write', '--bs=1M', '--iodepth=4', '--refill_buffers', `--size=${bytes}`]);
 }
 
-async function waitForSocket(path: string): Promise<void> {
-  for (let i = 0; i < 200; i++) {
-    const ok = await new Promise<boolean>((resolve) => {
-      const s = connect(path).once('connect', () => (s.destroy(), resolve(true))).once('error', () => resolve(false));
-    });
-    if (ok) return;
-    await sleep(50);
-  }
-  throw new Error(`nothing listens on ${path}`);
-}
-
-interface Guest {
-  qmpSocket: string;
-  watchSocket: string;
-  nbdSocket: string;
-  guestUri: string;
-  stop(): Promise<void>;
-}
-
-/** qemu-storage-daemon as a running VM's disk, as test/helpers/qsd.ts sets it up. */
-async function startGuest(dir: string, size: number): Promise<Guest> {
+/** qemu-storage-daemon as a running VM's disk (the demo's set-up), with a monitor for the bench to watch on. */
+async function startGuest(dir: string, size: number): Promise<Daemon & { watchSocket: string }> {
   const image = join(dir, 'disk.qcow2');
   await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', image, String(size)]);
-  const qmpSocket = join(dir, 'qmp.sock');
-  const watchSocket = join(dir, 'qmp2.sock');
-  const nbdSocket = join(dir, 'nbd.sock');
-  const child = spawn(
-    'qemu-storage-daemon',
-    [
-      ...['--blockdev', `driver=file,node-name=f0,filename=${image}`],
-      ...['--blockdev', 'driver=qcow2,node-name=disk0,file=f0'],
-      ...['--blockdev', 'driver=raw,node-name=g0,file=disk0'],
-      ...['--nbd-server', `addr.type=unix,addr.path=${nbdSocket}`],
-      ...['--export', 'type=nbd,id=guest,node-name=g0,name=disk0,writable=on'],
-      ...['--chardev', `socket,path=${qmpSocket},server=on,wait=off,id=m0`, '--monitor', 'chardev=m0'],
-      ...['--chardev', `socket,path=${watchSocket},server=on,wait=off,id=m1`, '--monitor', 'chardev=m1'],
-    ],
-    { stdio: ['ignore', 'ignore', 'pipe'] },
-  );
-  // Kept for an error message only: our socket probes make it log "option negotiation failed".
-  let stderr = '';
-  child.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d));
-  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
-  const stop = async () => {
-    if (child.exitCode !== null || child.signalCode !== null) return;
-    child.kill('SIGTERM');
-    const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
-    await exited;
-    clearTimeout(timer);
-  };
-  try {
-    await Promise.all([waitForSocket(nbdSocket), waitForSocket(qmpSocket), waitForSocket(watchSocket)]);
-  } catch (err) {
-    await stop();
-    throw new Error(`qemu-storage-daemon did not come up: ${(err as Error).message}; ${stderr.trim()}`);
-  }
-  return { qmpSocket, watchSocket, nbdSocket, guestUri: `nbd+unix:///disk0?socket=${nbdSocket}`, stop };
+  const daemon = await startDaemon(dir, image, { watchMonitor: true });
+  return { ...daemon, watchSocket: daemon.watchSocket! };
 }
 
 /** A live backup's arguments: fleecing mode into `fleecing`, direct mode when it is null. */
-function liveBackupArgs(repo: string, g: Guest, fleecing: string | null, ...extra: string[]): string[] {
+function liveBackupArgs(repo: string, g: Daemon, fleecing: string | null, ...extra: string[]): string[] {
   const mode = fleecing === null ? [] : ['--fleecing', fleecing];
   return [CLI, 'backup', repo, 'vm', '--qemu', g.qmpSocket, '--node', 'g0', ...mode, '--qemu-nbd', `nbd+unix:///?socket=${g.nbdSocket}`, '--json', ...extra];
 }
@@ -183,7 +131,7 @@ interface During {
 }
 
 /** The fio jobs while a live backup (fleecing into `fleecing`, or direct when null) runs. */
-async function duringBackup(repo: string, g: Guest, watch: QmpClient, fleecing: string | null, maxWrite: string, depths: number[], seconds: number, log: (s: string) => void): Promise<During> {
+async function duringBackup(repo: string, g: Daemon, watch: QmpClient, fleecing: string | null, maxWrite: string, depths: number[], seconds: number, log: (s: string) => void): Promise<During> {
   const label = fleecing === null ? 'direct' : 'fleecing';
   log(`${label}: live backup with --max-write ${maxWrite}, fio while it runs`);
   const start = now();

@@ -56,6 +56,8 @@ export function runTool(tool: string, args: string[]): Promise<void> {
 
 export interface Daemon {
   qmpSocket: string;
+  /** A second monitor, when asked for: to watch QEMU while vhdvault holds the first. */
+  watchSocket: string | null;
   nbdSocket: string;
   /** The guest's writable export. */
   guestUri: string;
@@ -64,8 +66,9 @@ export interface Daemon {
 }
 
 /** Start the daemon on `image` (qcow2), its sockets in `dir`, which must be short: a socket path fits in 108 bytes. */
-export async function startDaemon(dir: string, image: string): Promise<Daemon> {
+export async function startDaemon(dir: string, image: string, options: { watchMonitor?: boolean } = {}): Promise<Daemon> {
   const qmpSocket = join(dir, 'qmp.sock');
+  const watchSocket = options.watchMonitor ? join(dir, 'qmp2.sock') : null;
   const nbdSocket = join(dir, 'nbd.sock');
   const args = [
     ...['--blockdev', `driver=file,node-name=f0,filename=${image}`],
@@ -74,6 +77,7 @@ export async function startDaemon(dir: string, image: string): Promise<Daemon> {
     ...['--nbd-server', `addr.type=unix,addr.path=${nbdSocket}`],
     ...['--export', 'type=nbd,id=guest,node-name=g0,name=disk0,writable=on'],
     ...['--chardev', `socket,path=${qmpSocket},server=on,wait=off,id=m0`, '--monitor', 'chardev=m0'],
+    ...(watchSocket ? ['--chardev', `socket,path=${watchSocket},server=on,wait=off,id=m1`, '--monitor', 'chardev=m1'] : []),
   ];
   const child = track(spawn('qemu-storage-daemon', args, { stdio: ['ignore', 'ignore', 'pipe'] }));
   // Kept for an error message only: our socket probes make it log "option negotiation failed".
@@ -88,12 +92,12 @@ export async function startDaemon(dir: string, image: string): Promise<Daemon> {
     clearTimeout(timer);
   };
   try {
-    await Promise.all([listening(nbdSocket), listening(qmpSocket)]);
+    await Promise.all([listening(nbdSocket), listening(qmpSocket), ...(watchSocket ? [listening(watchSocket)] : [])]);
   } catch (err) {
     await stop();
     throw new Error(`qemu-storage-daemon did not come up: ${(err as Error).message}; ${stderr.trim()}`);
   }
-  return { qmpSocket, nbdSocket, guestUri: `nbd+unix:///disk0?socket=${nbdSocket}`, stop };
+  return { qmpSocket, watchSocket, nbdSocket, guestUri: `nbd+unix:///disk0?socket=${nbdSocket}`, stop };
 }
 
 /** Resolves once the daemon accepts connections on `socket`: it creates the socket when it is ready. */

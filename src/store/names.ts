@@ -1,4 +1,5 @@
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
+import { key } from '../storage/Storage.js';
 import { UsageError } from '../vhd/errors.js';
 import { processAlive } from './lock.js';
 
@@ -49,4 +50,14 @@ export function isTemporaryName(name: string): boolean {
 export function inUseByAnother(name: string): boolean {
   const pid = Number(/\.(\d+)\.[0-9a-f]{8}\.tmp$/.exec(name)?.[1] ?? NaN);
   return Number.isSafeInteger(pid) && pid !== process.pid && processAlive(pid);
+}
+
+/**
+ * Keys of the pins kept under `folder` (overlays, replicas): a disk's folder
+ * `<folder>/<disk>`, and in it one `<16 hex of SHA-256(what pins)>.json` per
+ * pinning overlay folder or destination.
+ */
+export function pinKeys(folder: string): { pinsKey(disk: string): string; pinKey(disk: string, what: string): string } {
+  const pinsKey = (disk: string) => key(folder, checkDiskName(disk));
+  return { pinsKey, pinKey: (disk, what) => key(pinsKey(disk), `${createHash('sha256').update(what).digest('hex').slice(0, 16)}.json`) };
 }

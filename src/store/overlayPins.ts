@@ -5,12 +5,11 @@
  * registration whose folder (on this host) no longer holds that overlay is
  * stale and removed; one from another host cannot be checked and always pins.
  */
-import { createHash } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { isNotFound, key } from '../storage/Storage.js';
-import { checkDiskName } from './names.js';
+import { pinKeys } from './names.js';
 import type { BackupMetadata, Repository } from './repository.js';
 
 const PINS = 'overlays';
@@ -22,8 +21,7 @@ interface Pin {
   host: string;
 }
 
-const pinsKey = (disk: string) => key(PINS, checkDiskName(disk));
-const pinKey = (disk: string, dir: string) => key(pinsKey(disk), `${createHash('sha256').update(dir).digest('hex').slice(0, 16)}.json`);
+const { pinsKey, pinKey } = pinKeys(PINS);
 
 /** Record that the overlay in `dir` (an absolute, real path) sits on `meta`. */
 export async function pinBackup(repo: Repository, meta: BackupMetadata, dir: string): Promise<void> {

@@ -9,11 +9,10 @@
  * repository no longer holds the backup (by id and UUID). Anything else —
  * an unmounted destination, another host's record — keeps its backup.
  */
-import { createHash } from 'node:crypto';
 import { hostname } from 'node:os';
 import { isNotFound, key } from '../storage/Storage.js';
 import { VhdError } from '../vhd/errors.js';
-import { checkDiskName } from './names.js';
+import { pinKeys } from './names.js';
 import { type BackupMetadata, Repository } from './repository.js';
 
 const REPLICAS = 'replicas';
@@ -30,8 +29,7 @@ export interface ReplicaPin {
   updatedAt: string;
 }
 
-const pinsKey = (disk: string) => key(REPLICAS, checkDiskName(disk));
-const pinKey = (disk: string, destination: string) => key(pinsKey(disk), `${createHash('sha256').update(destination).digest('hex').slice(0, 16)}.json`);
+const { pinsKey, pinKey } = pinKeys(REPLICAS);
 
 /** Record that `destination` (a real path) holds `meta`, the newest backup it shares with this repository. */
 export async function pinReplica(repo: Repository, meta: BackupMetadata, destination: string): Promise<void> {
