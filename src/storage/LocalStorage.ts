@@ -3,7 +3,7 @@ import { dirname, join, resolve } from 'node:path';
 import pLimit from 'p-limit';
 import { describeFsError, VhdError } from '../vhd/errors.js';
 import { fsyncDirectory, syncFilesystem, temporaryPath } from '../util/fsync.js';
-import { type BatchOp, NotFoundError, StorageError, type ObjectInfo, type Storage, type StorageCapabilities, type StorageDescriptor } from './Storage.js';
+import { type BatchOp, type ListedObject, type LocalDescriptor, NotFoundError, StorageError, type ObjectInfo, type Storage, type StorageCapabilities, type StorageDescriptor } from './Storage.js';
 
 /**
  * A repository in a local (or mounted) folder: a key is a path below the root.
@@ -12,7 +12,7 @@ import { type BatchOp, NotFoundError, StorageError, type ObjectInfo, type Storag
  */
 export class LocalStorage implements Storage {
   readonly capabilities: StorageCapabilities = { rename: true, localFiles: true };
-  readonly descriptor: StorageDescriptor;
+  readonly descriptor: LocalDescriptor;
 
   constructor(root: string) {
     this.descriptor = { kind: 'local', root: resolve(root) };
@@ -117,6 +117,48 @@ export class LocalStorage implements Storage {
       throw this.failure(key, err);
     });
     await fsyncDirectory(dirname(path)).catch(() => undefined);
+  }
+
+  async deleteMany(keys: string[]): Promise<void> {
+    const limit = pLimit(16);
+    const folders = new Set<string>();
+    await Promise.all(
+      keys.map((k) =>
+        limit(async () => {
+          const path = this.localPath(k);
+          try {
+            await unlink(path);
+            folders.add(dirname(path));
+          } catch (err) {
+            if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw this.failure(k, err);
+          }
+        }),
+      ),
+    );
+    // As in moveAll: the unlinks are durable once their folders are.
+    for (const f of folders) await fsyncDirectory(f);
+  }
+
+  async *listAll(prefix: string): AsyncIterable<ListedObject> {
+    // Depth first, one folder's entries in memory at a time.
+    const folders = [prefix];
+    while (folders.length > 0) {
+      const folder = folders.pop()!;
+      const entries = await readdir(this.localPath(folder), { withFileTypes: true }).catch((err: unknown) => {
+        const code = (err as NodeJS.ErrnoException).code;
+        if (code === 'ENOENT' || code === 'ENOTDIR') return [];
+        throw this.failure(folder, err);
+      });
+      for (const e of entries) {
+        const k = folder === '' ? e.name : `${folder}/${e.name}`;
+        if (e.isDirectory()) folders.push(k);
+        else if (e.isFile()) {
+          // Gone since the readdir (a concurrent delete): not listed.
+          const s = await stat(this.localPath(k)).catch(() => null);
+          if (s) yield { key: k, size: s.size, mtimeMs: s.mtimeMs };
+        }
+      }
+    }
   }
 
   async rename(from: string, to: string): Promise<void> {

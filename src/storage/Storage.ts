@@ -8,7 +8,12 @@ import { VhdError } from '../vhd/errors.js';
  */
 
 /** Where a repository lives, in a form a worker thread can receive and reopen (see openStorage). */
-export type StorageDescriptor = { kind: 'local'; root: string };
+export type StorageDescriptor = LocalDescriptor | S3Descriptor;
+
+export type LocalDescriptor = { kind: 'local'; root: string };
+
+/** An S3-compatible bucket; endpoint and region, when absent, come from the environment (AWS_ENDPOINT_URL, AWS_REGION). */
+export type S3Descriptor = { kind: 's3'; bucket: string; prefix: string; endpoint?: string; region?: string };
 
 /** What a backend can do beyond the common operations; declared, never guessed. */
 export interface StorageCapabilities {
@@ -23,6 +28,14 @@ export interface ObjectInfo {
   mtimeMs: number;
   /** The key names a prefix (a folder) rather than one object. */
   prefix: boolean;
+}
+
+/** One object found by listAll(). */
+export interface ListedObject {
+  /** Relative to the repository, `/`-separated. */
+  key: string;
+  size: number;
+  mtimeMs: number;
 }
 
 export type BatchOp = { put: string; data: Buffer | string } | { delete: string } | { rename: string; to: string };
@@ -52,6 +65,10 @@ export interface Storage {
   sync(prefix: string): Promise<void>;
   /** Remove an object, or a prefix and all below it; nothing there is not an error. Durable when it resolves. */
   delete(key: string): Promise<void>;
+  /** Remove many objects (not prefixes), concurrently; missing ones are fine. Durable when it resolves. */
+  deleteMany(keys: string[]): Promise<void>;
+  /** Every object below `prefix` ('' for all), at any depth, in no particular order; streamed a page at a time. */
+  listAll(prefix: string): AsyncIterable<ListedObject>;
   /**
    * Apply operations in order; durable when it resolves. A crash leaves some
    * first part of them done: put the one that commits last.
