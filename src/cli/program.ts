@@ -1,4 +1,5 @@
-import { Command } from 'commander';
+import { Command, Option } from 'commander';
+import { UsageError } from '../vhd/errors.js';
 import { daemonCommand } from './daemonCommand.js';
 import { jobCommand } from './jobCommands.js';
 import { replicateCommand } from './replicateCommand.js';
@@ -19,6 +20,7 @@ export function buildProgram(): Command {
   program.addCommand(replicateCommand());
   program.addCommand(jobCommand());
   program.addCommand(daemonCommand());
+  for (const cmd of program.commands) addEndpointOption(cmd);
   // Subcommands inherit exitOverride only when set on each.
   const override = (cmd: Command): void => {
     cmd.exitOverride();
@@ -26,6 +28,26 @@ export function buildProgram(): Command {
   };
   override(program);
   return program;
+}
+
+/** Commands that open a repository (directly, or through a job file or a daemon): they take --endpoint. */
+const TAKES_REPOSITORY = new Set(['init', 'backup', 'list', 'restore', 'verify', 'prune', 'serve', 'replicate', 'run', 'check', 'history', 'daemon', 'convert']);
+
+/**
+ * `--endpoint <url>` on every command that opens a repository: the S3 endpoint
+ * for s3:// repositories, over AWS_ENDPOINT_URL(_S3). It is set as
+ * AWS_ENDPOINT_URL_S3 for this run, so the backups a job run starts use it too.
+ */
+function addEndpointOption(cmd: Command): void {
+  cmd.commands.forEach(addEndpointOption);
+  if (!TAKES_REPOSITORY.has(cmd.name()) || cmd.commands.length > 0) return;
+  cmd.addOption(new Option('--endpoint <url>', 's3:// repositories: the S3 endpoint (default: AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, else AWS)'));
+  cmd.hook('preAction', (_cmd, action) => {
+    const endpoint = action.opts<{ endpoint?: string }>().endpoint;
+    if (endpoint === undefined) return;
+    if (!/^https?:\/\/[^/\s]+/.test(endpoint)) throw new UsageError(`--endpoint ${endpoint}: give a URL such as http://127.0.0.1:9000 or https://s3.example.com`);
+    process.env.AWS_ENDPOINT_URL_S3 = endpoint;
+  });
 }
 
 /** Run the CLI; resolves to the exit code. */

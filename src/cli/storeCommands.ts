@@ -57,6 +57,7 @@ function printPrune(report: PruneReport, dryRun: boolean): void {
   for (const m of report.merges) console.log(`${verb}merge   ${m.removed} into ${m.into}`);
   for (const id of report.deferred) console.log(`deferred ${id} (--max-merges reached; next run)`);
   console.log(`${dryRun ? 'would merge' : 'merged'}: ${report.merged}`);
+  if (report.collected.objects > 0) console.log(`freed: ${report.collected.objects} block objects no backup names (${fmtBytes(report.collected.bytes)})`);
 }
 
 interface BackupCliOptions {
@@ -113,12 +114,14 @@ function describeLive(r: LiveBackupReport): string {
 export function storeCommands(): Command[] {
   const init = new Command('init')
     .description('create a backup repository')
-    .argument('<repo>')
-    .addOption(new Option('--layout <layout>', 'how backups are stored: dir (exploded, one file per block) or vhd').choices(['dir', 'vhd']).default('dir'))
-    .addOption(new Option('--compression <codec>', 'codec of stored blocks (dir layout)').choices([...COMPRESSIONS]).default('none'))
-    .action(async (root: string, opts: { layout: Layout; compression: Compression }) => {
+    .argument('<repo>', 'a folder, or s3://bucket/prefix')
+    .addOption(
+      new Option('--layout <layout>', 'how backups are stored: dir (exploded, one file per block), vhd, or objects (block objects named by digest; the only one on s3://) (default: dir; objects on s3://)').choices(['dir', 'vhd', 'objects']),
+    )
+    .addOption(new Option('--compression <codec>', 'codec of stored blocks (dir and objects layouts)').choices([...COMPRESSIONS]).default('none'))
+    .action(async (root: string, opts: { layout?: Layout; compression: Compression }) => {
       const repo = await Repository.init(root, opts);
-      console.log(`initialized ${repo.root} (layout ${opts.layout}, compression ${opts.compression})`);
+      console.log(`initialized ${repo.root} (layout ${repo.config.layout}, compression ${opts.compression})`);
     });
 
   const backupCmd = new Command('backup')
@@ -189,12 +192,12 @@ export function storeCommands(): Command[] {
     });
 
   const restoreCmd = new Command('restore')
-    .description('restore a backup (default the latest) as a full VHD or raw image')
+    .description('restore a backup (default the latest) as a full VHD, raw image, fixed VHD or VHD directory')
     .argument('<repo>')
     .argument('<disk>')
     .argument('<out>', 'file (replaced atomically), block or character device (raw, in place), or - for standard output')
     .option('--backup <id>', 'backup id (default: the latest)')
-    .addOption(new Option('--format <format>', 'output format (default: raw for a device or -, else from the extension: .vhd → VHD, else raw)').choices(['vhd', 'raw']))
+    .addOption(new Option('--format <format>', 'output format (default: raw for a device or -, else from the extension: .vhd → VHD, .vhd-dir → directory, else raw)').choices(['vhd', 'raw', 'fixed', 'dir']))
     .option('--from-overlay <dir>', 'restore the backup with the writes a `serve --writable` kept in this overlay folder')
     .action(async (root: string, disk: string, out: string, opts: { backup?: string; format?: RestoreFormat; fromOverlay?: string }) => {
       const repo = await Repository.open(root);

@@ -4,6 +4,9 @@ import { convert, type OutputFormat } from '../vhd/convert.js';
 import { createDifferencingVhd, createDynamicVhd } from '../vhd/create.js';
 import { describeVhd, formatDescription } from '../vhd/describe.js';
 import { readingPath } from '../store/insideRepository.js';
+import { checkBackupId, checkDiskName } from '../store/names.js';
+import { Repository } from '../store/repository.js';
+import { backupLocation, restore } from '../store/restore.js';
 import { UsageError } from '../vhd/errors.js';
 import { VhdChain } from '../vhd/VhdChain.js';
 import { VhdDirectory } from '../vhd/VhdDirectory.js';
@@ -79,7 +82,7 @@ export function vhdCommand(): Command {
   vhd
     .command('convert')
     .description('convert a VHD (read through its chain) or raw image to a full disk')
-    .argument('<input>', 'VHD file or directory, Xen Orchestra *.alias.vhd, or raw image')
+    .argument('<input>', 'VHD file or directory, Xen Orchestra *.alias.vhd, raw image, or a backup of an object store (s3://bucket/prefix/disks/<disk>/<id>)')
     .argument('<output>', 'file (replaced atomically), block or character device (raw, in place), or - for standard output')
     .addOption(new Option('--format <format>', 'output format (default: raw for a device or -, else from the extension)').choices(['vhd', 'fixed', 'raw', 'dir']))
     .addOption(new Option('--from <format>', 'treat the input as this format').choices(['raw']))
@@ -90,8 +93,17 @@ export function vhdCommand(): Command {
       if (opts.compression && format !== 'dir') throw new UsageError('--compression applies only to directory output (--format dir)');
       checkFormatFits(target, format);
       const bar = progressBar('convert', false);
+      const onProgress = (d: number, t: number, b: number) => bar.update(d, t, b);
+      // A backup of an object store has no VHD to open: it is read as restore reads it, digests checked.
+      const backup = backupLocation(input);
       try {
-        await readingPath(input, () => convert(input, target, { format, fromRaw: opts.from === 'raw', compression: opts.compression, onProgress: (d, t, b) => bar.update(d, t, b) }));
+        if (backup) {
+          if (opts.compression) throw new UsageError('--compression applies to converting a VHD; a backup is exported uncompressed');
+          const repo = await Repository.open(backup.root);
+          await restore(repo, checkDiskName(backup.disk), output, { backup: checkBackupId(backup.id), format: format === 'fixed' || format === 'dir' || format === 'vhd' ? format : 'raw', onProgress });
+          return;
+        }
+        await readingPath(input, () => convert(input, target, { format, fromRaw: opts.from === 'raw', compression: opts.compression, onProgress }));
       } finally {
         bar.stop();
       }

@@ -223,7 +223,7 @@ const jobSchema = mapping('a mapping of job keys (name, schedule, repository, di
     .string(expected(TIMEZONE))
     .refine((zone) => checkTimezone(zone) !== null, expected(TIMEZONE))
     .optional(),
-  repository: pathText('the path of a repository folder'),
+  repository: pathText('the path of a repository folder, or s3://bucket/prefix'),
   // Each disk runs its own worker pool, so a bound like backup --concurrency's.
   concurrency: whole('a whole number from 1 to 64 (disks backed up at once)', 64).default(1),
   fullInterval: whole('a whole number of at least 1 (every Nth backup of a disk is full)').optional(),
@@ -338,7 +338,9 @@ async function readJobFile(file: string): Promise<string> {
 function toJob(entry: JobEntry, file: string): Job {
   const fail = (path: PropertyKey[], problem: string) => new JobFileError(file, formatPath(path), problem);
   const dir = dirname(resolve(file));
-  const repository = resolve(dir, entry.repository);
+  // A folder is relative to the job file; an object store's URI is taken as written.
+  const place = (where: string) => (where.startsWith('s3://') ? where : resolve(dir, where));
+  const repository = place(entry.repository);
   const seen = new Map<string, number>();
   const disks = entry.disks.map((disk, i) => {
     const first = seen.get(disk.name);
@@ -348,7 +350,7 @@ function toJob(entry: JobEntry, file: string): Job {
   });
   let replicate: Job['replicate'] = null;
   if (entry.replicate) {
-    const other = resolve(dir, entry.replicate.repository);
+    const other = place(entry.replicate.repository);
     // Replicating into the primary itself would prune it with the other policy.
     if (other === repository) throw fail(['replicate', 'repository'], `expected a repository other than repository (${repository})`);
     replicate = { repository: other, retention: entry.replicate.retention ?? null };

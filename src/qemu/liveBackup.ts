@@ -87,6 +87,9 @@ async function explain(err: unknown, mode: Mode, options: LiveBackupOptions): Pr
 export async function liveBackup(repo: Repository, disk: string, given: LiveBackupOptions): Promise<LiveBackupReport> {
   // QEMU opens the image: a relative folder would be read from QEMU's working directory.
   const options = given.fleecing === undefined ? given : { ...given, fleecing: resolve(given.fleecing) };
+  if (options.fleecing === undefined && !repo.storage.capabilities.localFiles) {
+    throw new VhdError(repo.root, 'direct mode writes the copies of old data into the repository\'s folder, and an object store has none: give --fleecing <dir> (a fast local folder)');
+  }
   if (options.fleecing !== undefined) {
     const folder = await stat(options.fleecing).catch(() => null);
     if (!folder?.isDirectory()) throw new VhdError(options.fleecing, 'is not a folder (--fleecing names the folder of the fleecing image)');

@@ -12,7 +12,9 @@ import { DynamicVhdWriter, type ParentLink } from '../vhd/VhdWriter.js';
 import { newUuid } from '../vhd/uuid.js';
 import { BLOCK_READ_AHEAD, orderedReadAhead, range } from '../util/pipeline.js';
 import { releaseBuffer } from '../util/bufferPool.js';
-import { DigestReader, DigestWriter, zeroDigest } from './digests.js';
+import { DigestWriter, zeroDigest } from './digests.js';
+import { BlockMapWriter, blockObjectKey } from './blockObjects.js';
+import { openDigests } from './chain.js';
 import { withDiskLock } from './lock.js';
 import { withExclusiveAccess } from './access.js';
 import { lineageFindings } from './inspect.js';
@@ -190,7 +192,8 @@ export async function backupFrom(repo: Repository, disk: string, source: BlockSo
   const id = extras.id ?? newBackupId(latest?.id);
   const uuid = newUuid();
   let link: ParentLink | undefined;
-  if (parent) {
+  const objects = layout === 'objects';
+  if (parent && !objects) {
     const parentDisk = await openDisk(repo.dataPath(disk, parent.id, parent.layout));
     await parentDisk.close();
     // Relative locators only: a moved or copied repository must never reach back into the original.
@@ -201,11 +204,14 @@ export async function backupFrom(repo: Repository, disk: string, source: BlockSo
   if (parent && options.changed) changed = await readChangedBitmap(options.changed, blockCount);
   // The bitmap says what changed since the previous backup: its dirty blocks are all this delta reads.
   if (parent && bitmap !== null && source instanceof NbdSource) changed = await source.dirtyBlocks(bitmap);
-  const dataPath = repo.stagedDataPath(disk, id);
   const writerOptions = { size, blockSize, parent: link, uuid };
-  const writer = layout === 'dir' ? await VhdDirectoryWriter.create(dataPath, { ...writerOptions, compression }) : await DynamicVhdWriter.create(dataPath, writerOptions);
-  const digests = await DigestWriter.create(repo.stagedDigestsPath(disk, id));
-  const previous = parent ? await DigestReader.open(repo.digestsPath(disk, parent.id), parent.blockCount) : null;
+  // The objects layout has no VHD to write: block objects, then a block map (§4.15).
+  const writer = objects ? null : layout === 'dir' ? await VhdDirectoryWriter.create(repo.stagedDataPath(disk, id), { ...writerOptions, compression }) : await DynamicVhdWriter.create(repo.stagedDataPath(disk, id), writerOptions);
+  const digests = objects ? new BlockMapWriter(blockCount) : await DigestWriter.create(repo.stagedDigestsPath(disk, id));
+  const previous = parent ? await openDigests(repo, parent) : null;
+  // Objects already in the store that this backup may name without uploading: the parent's, and its own as it goes.
+  const present = new Set<string>();
+  if (objects && previous) for (let b = 0; b < blockCount; b++) present.add((await previous.get(b)).toString('hex'));
   const concurrency = Math.max(1, options.concurrency ?? defaultConcurrency());
   const pool = await BlockPool.create(concurrency);
   const readLimit = limiter(options.maxRead);
@@ -244,7 +250,7 @@ export async function backupFrom(repo: Repository, disk: string, source: BlockSo
       if (prev === null || prev.equals(zero)) return { digest: zero, store: false, data: null, storedBytes: 0 };
       data = Buffer.alloc(blockSize);
     }
-    const target = writer instanceof VhdDirectoryWriter ? { storage: repo.storage.descriptor, key: repo.keyOfPath(await writer.externalBlockFile(block)) } : null;
+    const target = writer instanceof VhdDirectoryWriter ? { storage: repo.storage.descriptor, key: repo.keyOfPath(await writer.externalBlockFile(block)) } : objects ? { storage: repo.storage.descriptor, key: '' } : null;
     const result = await pool.run({
       block,
       data: data.buffer as ArrayBuffer,
@@ -252,16 +258,28 @@ export async function backupFrom(repo: Repository, disk: string, source: BlockSo
       length: data.length,
       previousDigest: prev,
       compression,
+      bare: objects,
       target,
-      // Under a write limit the file is written only once the limiter lets its bytes through.
-      deferWrite: target !== null && options.maxWrite !== undefined,
+      // Under a write limit the file is written only once the limiter lets its bytes through;
+      // a block object only once its name (its digest) says it is not in the store already.
+      deferWrite: objects || (target !== null && options.maxWrite !== undefined),
     });
     workerMs.digest += result.digestMs;
     workerMs.compress += result.compressMs;
     workerMs.write += result.writeMs;
+    if (objects && result.store) {
+      const hex = Buffer.from(result.digest).toString('hex');
+      // Zeros need no object, and an object already there is named, not sent again.
+      result.store = !Buffer.from(result.digest).equals(zero) && !present.has(hex);
+      present.add(hex);
+      if (!result.store) result.prepared = undefined;
+    }
     if (result.store) await writeLimit.take(result.storedBytes, failed.signal);
-    if (result.prepared) workerMs.write += await pool.write({ target: target!, parts: result.prepared });
-    const keep = result.store && !(writer instanceof VhdDirectoryWriter); // the main thread still has to append it
+    if (result.prepared) {
+      const at = objects ? { storage: repo.storage.descriptor, key: blockObjectKey(repo, disk, result.digest), whole: true } : target!;
+      workerMs.write += await pool.write({ target: at, parts: result.prepared });
+    }
+    const keep = result.store && writer instanceof DynamicVhdWriter; // the main thread still has to append it
     if (!keep) releaseBuffer(result.data);
     return { digest: Buffer.from(result.digest), store: result.store, data: keep ? Buffer.from(result.data.buffer, result.data.byteOffset, result.data.length) : null, storedBytes: result.storedBytes };
   };
@@ -275,21 +293,21 @@ export async function backupFrom(repo: Repository, disk: string, source: BlockSo
       if (r.store) {
         blocksWritten++;
         bytesWritten += r.storedBytes;
-        if (writer instanceof VhdDirectoryWriter) {
-          writer.adoptBlock(block);
-          bytesCompressed += blockSize;
-        } else {
+        if (writer instanceof DynamicVhdWriter) {
           await clocks.write.time(() => writer.writeBlock(block, r.data!));
           releaseBuffer(r.data!);
+        } else {
+          writer?.adoptBlock(block);
+          bytesCompressed += blockSize;
         }
       }
       options.onProgress?.(++done, blockCount, clocks.read.bytes);
     }
-    await writer.finish();
+    await writer?.finish();
     await digests.finish();
   } catch (err) {
     failed.abort();
-    await writer.abort();
+    await writer?.abort();
     await digests.abort();
     throw options.signal?.aborted ? options.signal.reason : err;
   } finally {
@@ -299,14 +317,14 @@ export async function backupFrom(repo: Repository, disk: string, source: BlockSo
   }
 
   const metadata = await newBackupMetadata(repo, { disk, id, parent: parent?.id ?? null, size, blockCount, uuid, blocksWritten, bytesWritten, ...(extras.checkpoint ? { checkpoint: extras.checkpoint } : {}) });
-  await repo.commitBackup(metadata);
+  await repo.commitBackup(metadata, digests instanceof BlockMapWriter ? digests.map : undefined);
 
   const threads = concurrency;
   const stages: Record<Stage, StageFigures> = {
     read: figures(clocks.read.bytes, clocks.read.busyMs),
     digest: figures(blocksRead * blockSize, workerMs.digest / threads),
     compress: figures(compression === 'none' ? 0 : bytesCompressed, workerMs.compress / threads),
-    write: figures(bytesWritten, layout === 'dir' ? workerMs.write / threads : clocks.write.busyMs),
+    write: figures(bytesWritten, layout === 'vhd' ? clocks.write.busyMs : workerMs.write / threads),
   };
   return {
     id,

@@ -1,4 +1,4 @@
-import { openStorage } from '../storage/LocalStorage.js';
+import { openStorage } from '../storage/open.js';
 import type { Storage, StorageDescriptor } from '../storage/Storage.js';
 import { fullBitmap } from '../vhd/bitmap.js';
 import { type Compression, compress } from '../vhd/compression.js';
@@ -13,6 +13,8 @@ export interface BlockTask {
   /** The block's digest in the previous backup; null for a full backup. */
   previousDigest: Uint8Array | null;
   compression: Compression;
+  /** Objects layout: the stored bytes are the block's data alone, without the VHD sector bitmap. */
+  bare?: boolean;
   /** dir layout: the block object to create (the worker reopens the storage); vhd layout: null (the data comes back to be appended). */
   target: BlockTarget | null;
   /**
@@ -26,6 +28,12 @@ export interface BlockTask {
 export interface BlockTarget {
   storage: StorageDescriptor;
   key: string;
+  /**
+   * Stored whole and durably (put), not created fast under a staged folder: a
+   * block object has its final name at once, and an existing one (same name, same
+   * content) is simply replaced.
+   */
+  whole?: boolean;
 }
 
 /** A prepared block file, written by a second task once the write limiter allows it. */
@@ -70,9 +78,9 @@ export async function processBlock(task: BlockTask): Promise<BlockResult> {
     return result;
   }
   t = now();
-  const bitmap = fullBitmap(task.length);
+  const head = task.bare ? [] : [fullBitmap(task.length)];
   // Uncompressed blocks are written as two pieces: no 2 MiB copy to join them.
-  const parts = task.compression === 'none' ? [bitmap, data] : [await compress(task.compression, Buffer.concat([bitmap, data]))];
+  const parts = task.compression === 'none' ? [...head, data] : [await compress(task.compression, Buffer.concat([...head, data]))];
   result.compressMs = task.compression === 'none' ? 0 : now() - t;
   result.storedBytes = parts.reduce((n, p) => n + p.length, 0);
   if (task.deferWrite) {
@@ -84,19 +92,23 @@ export async function processBlock(task: BlockTask): Promise<BlockResult> {
 }
 
 /** Storages this worker has opened, by descriptor: one per repository. */
-const storages = new Map<string, Storage>();
+const storages = new Map<string, Promise<Storage>>();
 
-function storageFor(descriptor: StorageDescriptor): Storage {
+function storageFor(descriptor: StorageDescriptor): Promise<Storage> {
   const id = JSON.stringify(descriptor);
-  let storage = storages.get(id);
-  if (!storage) storages.set(id, (storage = openStorage(descriptor)));
-  return storage;
+  const known = storages.get(id);
+  if (known) return known;
+  const opened = openStorage(descriptor);
+  storages.set(id, opened);
+  return opened;
 }
 
 /** Create a block file from its prepared bytes; returns the milliseconds spent. */
 export async function writePreparedBlock(task: WriteTask): Promise<number> {
   const t = now();
   // Made durable all at once, before the backup's directory is renamed into place.
-  await storageFor(task.target.storage).create(task.target.key, task.parts);
+  const storage = await storageFor(task.target.storage);
+  if (task.target.whole) await storage.put(task.target.key, Buffer.concat(task.parts));
+  else await storage.create(task.target.key, task.parts);
   return now() - t;
 }

@@ -7,6 +7,8 @@ import { VhdError } from '../vhd/errors.js';
 import { openDisk } from '../vhd/openDisk.js';
 import { VhdChain } from '../vhd/VhdChain.js';
 import type { BackupMetadata, Repository } from './repository.js';
+import { loadBlockMap } from './blockObjects.js';
+import { ObjectBackupDisk } from './ObjectBackupDisk.js';
 
 /**
  * A backup's ancestors from the repository's own metadata, the backup first:
@@ -47,8 +49,19 @@ export async function openBackupData(repo: Repository, meta: BackupMetadata): Pr
   return disk;
 }
 
-/** The chain a restore reads for `meta`, resolved by metadata and checked link by link. */
-export async function openBackupChain(repo: Repository, meta: BackupMetadata): Promise<VhdChain> {
+/** A backup's digests, one per block of the disk at that backup (a file, or the objects layout's block map). */
+export async function openDigests(repo: Repository, meta: BackupMetadata, options: { fresh?: boolean } = {}): Promise<{ get(block: number): Promise<Buffer>; close(): Promise<void> }> {
+  if (meta.layout === 'objects') return loadBlockMap(repo, meta, options);
+  return DigestReader.open(repo.digestsPath(meta.disk, meta.id), meta.blockCount);
+}
+
+/**
+ * The chain a restore reads for `meta`, resolved by metadata and checked link by
+ * link. In the objects layout a backup's map is the whole disk: a chain of one.
+ * `fresh` reads an object store's maps from the store, not the local cache (verify).
+ */
+export async function openBackupChain(repo: Repository, meta: BackupMetadata, options: { fresh?: boolean } = {}): Promise<VhdChain> {
+  if (meta.layout === 'objects') return VhdChain.fromMembers([await ObjectBackupDisk.open(repo, meta, options)]);
   const members: VhdDisk[] = [];
   try {
     for (const m of await lineage(repo, meta)) members.push(await openBackupData(repo, m));
@@ -60,7 +73,7 @@ export async function openBackupChain(repo: Repository, meta: BackupMetadata): P
 }
 
 /** Which backup a chain member is (its data is named `<id>.vhd` or `<id>.vhd-dir`). */
-const backupIdOf = (path: string) => basename(path).replace(/\.(vhd-dir|vhd)$/, '');
+const backupIdOf = (path: string) => basename(path).replace(/\.(vhd-dir|vhd|digests)$/, '');
 
 /**
  * The backup's chain as a block source whose every block is checked against
@@ -69,12 +82,12 @@ const backupIdOf = (path: string) => basename(path).replace(/\.(vhd-dir|vhd)$/, 
  */
 export async function verifiedChain(repo: Repository, meta: BackupMetadata): Promise<{ chain: VhdChain; source: BlockSource }> {
   const chain = await openBackupChain(repo, meta);
-  let digests: DigestReader;
+  let digests: Awaited<ReturnType<typeof openDigests>>;
   try {
     if (chain.size !== meta.size || chain.blockCount !== meta.blockCount) {
       throw new VhdError(chain.top.path, `holds ${chain.size} bytes, backup ${meta.id} records ${meta.size}`);
     }
-    digests = await DigestReader.open(repo.digestsPath(meta.disk, meta.id), meta.blockCount);
+    digests = chain.top instanceof ObjectBackupDisk ? chain.top.map : await openDigests(repo, meta);
   } catch (err) {
     await chain.close();
     throw err;

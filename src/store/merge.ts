@@ -15,6 +15,7 @@ import { LockBusyError, withDiskLock } from './lock.js';
 import { isBackupId } from './names.js';
 import { type BackupMetadata, type Repository } from './repository.js';
 import { type BatchOp, isNotFound, key, type Storage } from '../storage/Storage.js';
+import { completeObjectMerge, isObjectMergeJournal, mergeObjectsForward } from './objectMerge.js';
 
 /**
  * `disks/<disk>/merge.json`: a merge in progress. Written (durably) before the
@@ -269,6 +270,7 @@ class Merge {
 export async function mergeForward(repo: Repository, parent: BackupMetadata, child: BackupMetadata, options: { reclaim?: boolean } = {}): Promise<void> {
   if (child.parent !== parent.id) throw new Error(`${child.id} is not a child of ${parent.id}`);
   if (parent.layout !== child.layout) throw new VhdError(repo.diskDir(child.disk), 'cannot merge backups of different layouts');
+  if (parent.layout === 'objects') return mergeObjectsForward(repo, parent, child);
   const parentDisk: VhdDisk = parent.layout === 'dir' ? await VhdDirectory.open(repo.dataPath(parent.disk, parent.id, 'dir')) : await VhdFile.open(repo.dataPath(parent.disk, parent.id, 'vhd'));
   const childDisk: VhdDisk = child.layout === 'dir' ? await VhdDirectory.open(repo.dataPath(child.disk, child.id, 'dir')) : await VhdFile.open(repo.dataPath(child.disk, child.id, 'vhd'));
   await parentDisk.close();
@@ -299,7 +301,7 @@ export async function reclaimMergeSpace(repo: Repository, child: BackupMetadata)
 
 /** Finish a merge an interrupted run left behind, if any. Call with the disk's lock held. */
 export async function completePendingMerge(repo: Repository, disk: string): Promise<boolean> {
-  const path = repo.path(journalKey(repo, disk));
+  const path = repo.storage.describe(journalKey(repo, disk));
   let text: string;
   try {
     text = (await repo.storage.get(journalKey(repo, disk))).toString('utf8');
@@ -318,6 +320,10 @@ export async function completePendingMerge(repo: Repository, disk: string): Prom
     journal = JSON.parse(text) as MergeJournal;
   } catch {
     throw damaged('is damaged (not valid JSON)');
+  }
+  if (isObjectMergeJournal(journal)) {
+    await completeObjectMerge(repo, disk, journal, damaged);
+    return true;
   }
   const steps: Array<MergeJournal['step']> = ['blocks', 'identity', 'swap', 'metadata'];
   const sound =

@@ -7,6 +7,7 @@ import type { BackupMetadata, Repository } from './repository.js';
 import { pinnedBackups } from './overlayPins.js';
 import { replicaPinnedBackups } from './replicaPins.js';
 import { ensureReserve, withReserve } from './reserve.js';
+import { collectGarbage } from './blockObjects.js';
 import { type RetentionPolicy, selectRetention } from './retention.js';
 
 export interface PruneOptions {
@@ -30,6 +31,8 @@ export interface PruneReport {
   deferred: string[];
   /** Disks left untouched, each with why (a broken chain, a damaged journal, a lock held): the other disks are pruned. */
   refused: Array<{ disk: string; problem: string }>;
+  /** Objects layout: block objects no block map names any more (removed backups', killed backups' uploads), deleted. */
+  collected: { objects: number; bytes: number };
 }
 
 /** What prune will do to one disk, worked out before anything changes. */
@@ -166,6 +169,12 @@ async function pruneDisk(repo: Repository, disk: string, options: PruneOptions, 
       }, options);
     }
     record(report, p);
+    // No backup of the disk runs (we hold its lock), and no reader reads an object no map names.
+    if (repo.config.layout === 'objects') {
+      const freed = await collectGarbage(repo, disk);
+      report.collected.objects += freed.objects;
+      report.collected.bytes += freed.bytes;
+    }
   });
 }
 
@@ -178,7 +187,7 @@ async function pruneDisk(repo: Repository, disk: string, options: PruneOptions, 
  * reserve is given back so that prune can still run and free space.
  */
 export async function prune(repo: Repository, disk: string | undefined, options: PruneOptions): Promise<PruneReport> {
-  const report: PruneReport = { kept: [], removed: [], merged: 0, merges: [], deferred: [], refused: [] };
+  const report: PruneReport = emptyReport();
   for (const d of disk ? [disk] : await repo.disks()) {
     // A rerun after running out of space must not count the first attempt's work twice.
     let attempt = emptyReport();
@@ -197,6 +206,8 @@ export async function prune(repo: Repository, disk: string | undefined, options:
     report.merged += attempt.merged;
     report.merges.push(...attempt.merges);
     report.deferred.push(...attempt.deferred);
+    report.collected.objects += attempt.collected.objects;
+    report.collected.bytes += attempt.collected.bytes;
   }
   if (!options.dryRun) await ensureReserve(repo);
   report.kept.sort();
@@ -204,4 +215,4 @@ export async function prune(repo: Repository, disk: string | undefined, options:
   return report;
 }
 
-const emptyReport = (): PruneReport => ({ kept: [], removed: [], merged: 0, merges: [], deferred: [], refused: [] });
+const emptyReport = (): PruneReport => ({ kept: [], removed: [], merged: 0, merges: [], deferred: [], refused: [], collected: { objects: 0, bytes: 0 } });

@@ -114,6 +114,7 @@ interface Step {
 export async function replicate(src: Repository, dst: Repository, disks: string[] | undefined, options: ReplicateOptions = {}): Promise<ReplicationReport> {
   const started = performance.now();
   for (const disk of disks ?? []) checkDiskName(disk);
+  for (const repo of [src, dst]) if (!repo.storage.capabilities.localFiles) throw new VhdError(repo.root, 'replication reads and writes VHD data in repository folders; it does not handle an object store yet');
   const destination = await realpath(dst.root);
   if ((await realpath(src.root)) === destination) throw new UsageError(`${dst.root} is the source repository itself: replicate to another repository`);
   const run: Run = { src, dst, destination, options, read: new BusyClock(), write: new BusyClock(), writeLimit: limiter(options.maxWrite) };

@@ -3,10 +3,33 @@ import { type Compression, isCompression } from '../vhd/compression.js';
 import { DEFAULT_BLOCK_SIZE } from '../vhd/constants.js';
 import { UsageError, VhdError } from '../vhd/errors.js';
 import { LocalStorage } from '../storage/LocalStorage.js';
-import { isNotFound, key, localPathOf, type Storage } from '../storage/Storage.js';
+import { openStorage } from '../storage/open.js';
+import { isS3Uri, parseS3Uri } from '../storage/s3Uri.js';
+import { isNotFound, key, localPathOf, type Storage, type StorageDescriptor } from '../storage/Storage.js';
 import { checkBackupId, checkDiskName, inUseByAnother, isBackupId, isTemporaryName } from './names.js';
 import { ensureReserve } from './reserve.js';
-export type Layout = 'dir' | 'vhd';
+/**
+ * dir: exploded VHD directories; vhd: VHD files (both need a local folder);
+ * objects: immutable block objects named by digest plus a block map per backup (any storage, §4.15).
+ */
+export type Layout = 'dir' | 'vhd' | 'objects';
+const LAYOUTS: readonly Layout[] = ['dir', 'vhd', 'objects'];
+
+/** Where a repository is: a folder, or `s3://bucket/prefix` (with an endpoint from --endpoint or the AWS environment). */
+export interface Location {
+  root: string;
+  /** --endpoint: overrides AWS_ENDPOINT_URL(_S3) for an s3:// repository. */
+  endpoint?: string;
+}
+
+function descriptorOf(location: string | Location): StorageDescriptor {
+  const { root, endpoint } = typeof location === 'string' ? { root: location, endpoint: undefined } : location;
+  if (!isS3Uri(root)) return { kind: 'local', root: resolve(root) };
+  const env = process.env;
+  const chosen = endpoint ?? env.AWS_ENDPOINT_URL_S3 ?? env.AWS_ENDPOINT_URL;
+  // Resolved here, once: worker threads reopen the storage from this descriptor.
+  return { kind: 's3', ...parseS3Uri(root), ...(chosen ? { endpoint: chosen } : {}) };
+}
 
 /** `vhdvault.json` at the repository's root. */
 export interface RepositoryConfig {
@@ -69,8 +92,8 @@ export async function newBackupMetadata(
     createdAt: new Date().toISOString(),
     blockSize,
     layout,
-    compression: layout === 'dir' ? compression : 'none',
-    bytesStored: await repo.storedBytes([repo.stagedDataKey(fields.disk, fields.id), repo.stagedDigestsKey(fields.disk, fields.id)]),
+    compression: layout === 'vhd' ? 'none' : compression,
+    bytesStored: layout === 'objects' ? fields.bytesWritten + fields.blockCount * 32 : await repo.storedBytes([repo.stagedDataKey(fields.disk, fields.id), repo.stagedDigestsKey(fields.disk, fields.id)]),
     digestAlgorithm: 'sha256',
     wholeBlocks: true,
   };
@@ -93,7 +116,7 @@ function parseConfig(value: unknown, path: string): RepositoryConfig {
   const v = value as Partial<RepositoryConfig> | null;
   if (!v || v.format !== 'vhdvault-repository') throw new VhdError(path, 'is not a vhdvault repository file');
   if (v.version !== 1) throw new VhdError(path, `repository format version ${String(v.version)} is not supported`);
-  if (v.layout !== 'dir' && v.layout !== 'vhd') throw new VhdError(path, `unknown layout ${JSON.stringify(v.layout)}`);
+  if (!LAYOUTS.includes(v.layout!)) throw new VhdError(path, `unknown layout ${JSON.stringify(v.layout)}`);
   if (!isCompression(v.compression)) throw new VhdError(path, `unknown compression ${JSON.stringify(v.compression)}`);
   if (v.blockSize !== DEFAULT_BLOCK_SIZE) throw new VhdError(path, `unsupported block size ${String(v.blockSize)}`);
   return v as RepositoryConfig;
@@ -114,7 +137,7 @@ function parseMetadata(value: unknown, path: string, disk: string, id: string): 
     Number.isSafeInteger(m.size) &&
     Number.isSafeInteger(m.blockCount) &&
     m.blockSize === DEFAULT_BLOCK_SIZE &&
-    (m.layout === 'dir' || m.layout === 'vhd');
+    LAYOUTS.includes(m.layout!);
   if (!ok) throw new VhdError(path, 'is not valid backup metadata');
   return m as BackupMetadata;
 }
@@ -135,20 +158,26 @@ export class Repository {
     return this.storage.describe('');
   }
 
-  /** Create a repository in an empty or missing folder. */
-  static async init(root: string, options: { layout: Layout; compression: Compression }): Promise<Repository> {
-    if (options.layout === 'vhd' && options.compression !== 'none') {
-      throw new UsageError('compression applies to the dir layout only (VHD files are stored uncompressed)');
+  /** Create a repository in an empty or missing folder, or under an empty `s3://bucket/prefix`. */
+  static async init(location: string | Location, options: { layout?: Layout; compression: Compression }): Promise<Repository> {
+    const descriptor = descriptorOf(location);
+    const layout = options.layout ?? (descriptor.kind === 's3' ? 'objects' : 'dir');
+    if (descriptor.kind === 's3' && layout !== 'objects') {
+      throw new UsageError(`an object store holds the objects layout only (the ${layout} layout renames files and writes them in place; S3 can do neither)`);
     }
-    const storage = new LocalStorage(resolve(root));
+    if (layout === 'vhd' && options.compression !== 'none') {
+      throw new UsageError('compression applies to the dir and objects layouts only (VHD files are stored uncompressed)');
+    }
+    const storage = await openStorage(descriptor);
+    const root = storage.describe('');
     if (await storage.head(CONFIG_FILE)) throw new VhdError(root, 'is already a vhdvault repository');
     const top = await storage.head('');
     if (top && !top.prefix) throw new VhdError(root, 'exists and is not a folder');
-    if (top && (await storage.list('')).length > 0) throw new VhdError(root, 'is not empty and is not a vhdvault repository: refusing to use it');
+    if (top && (await storage.list('')).length > 0) throw new VhdError(root, `is not empty and is not a vhdvault repository: refusing to use it`);
     const config: RepositoryConfig = {
       format: 'vhdvault-repository',
       version: 1,
-      layout: options.layout,
+      layout,
       compression: options.compression,
       blockSize: DEFAULT_BLOCK_SIZE,
       createdAt: new Date().toISOString(),
@@ -159,10 +188,13 @@ export class Repository {
     return repo;
   }
 
-  static async open(root: string): Promise<Repository> {
-    const storage = new LocalStorage(resolve(root));
-    if (!(await storage.head(CONFIG_FILE))) throw new VhdError(root, 'is not a vhdvault repository (no vhdvault.json); create one with `vhdvault init`');
-    return new Repository(storage, parseConfig(parseJson(await storage.get(CONFIG_FILE), storage.describe(CONFIG_FILE)), storage.describe(CONFIG_FILE)));
+  static async open(location: string | Location): Promise<Repository> {
+    const storage = await openStorage(descriptorOf(location));
+    const info = await storage.head(CONFIG_FILE);
+    if (!info) throw new VhdError(storage.describe(''), 'is not a vhdvault repository (no vhdvault.json); create one with `vhdvault init`');
+    const config = parseConfig(parseJson(await storage.get(CONFIG_FILE), storage.describe(CONFIG_FILE)), storage.describe(CONFIG_FILE));
+    if (config.layout !== 'objects' && !storage.capabilities.localFiles) throw new VhdError(storage.describe(CONFIG_FILE), `says layout ${config.layout}, which needs a local folder`);
+    return new Repository(storage, config);
   }
 
   /** Read a JSON object; errors name the file as the user sees it. */
@@ -195,8 +227,9 @@ export class Repository {
     return key(DISKS_DIR, checkDiskName(disk));
   }
 
+  /** The object holding a backup's data: its VHD directory or file; in the objects layout, its block map (the digests). */
   dataName(id: string, layout: Layout = this.config.layout): string {
-    return `${checkBackupId(id)}.${layout === 'dir' ? 'vhd-dir' : 'vhd'}`;
+    return `${checkBackupId(id)}.${layout === 'dir' ? 'vhd-dir' : layout === 'vhd' ? 'vhd' : 'digests'}`;
   }
 
   dataKey(disk: string, id: string, layout?: Layout): string {
@@ -209,6 +242,11 @@ export class Repository {
 
   metadataKey(disk: string, id: string): string {
     return key(this.diskKey(disk), `${checkBackupId(id)}.json`);
+  }
+
+  /** Objects layout: the folder of a disk's block objects (blockObjects.ts). */
+  blocksKey(disk: string): string {
+    return key(this.diskKey(disk), 'blocks');
   }
 
   /** Where a backup's data is written before its commit: a temporary name cleanup may remove. */
@@ -242,16 +280,18 @@ export class Repository {
     return rel.split(sep).join('/');
   }
 
+  /** The disk's folder (or prefix) as the user sees it, for messages. */
   diskDir(disk: string): string {
-    return this.path(this.diskKey(disk));
+    return this.storage.describe(this.diskKey(disk));
   }
 
   dataPath(disk: string, id: string, layout?: Layout): string {
     return this.path(this.dataKey(disk, id, layout));
   }
 
+  /** The digests file (a path, or a URI for messages on an object store). */
   digestsPath(disk: string, id: string): string {
-    return this.path(this.digestsKey(disk, id));
+    return this.storage.describe(this.digestsKey(disk, id));
   }
 
   stagedDataPath(disk: string, id: string, layout?: Layout): string {
@@ -270,13 +310,20 @@ export class Repository {
    * next cleanup removes them) or pending metadata, which recoverCommits() rolls
    * forward. Data under a final name never lacks metadata that says what it is.
    */
-  async commitBackup(meta: BackupMetadata): Promise<void> {
+  async commitBackup(meta: BackupMetadata, blockMap?: Buffer): Promise<void> {
     await this.writeJson(this.pendingMetadataKey(meta.disk, meta.id), meta);
+    // Objects layout: the map goes in after the pending metadata, so a pending commit without its map is one that never finished (§4.15).
+    if (meta.layout === 'objects') await this.storage.put(this.digestsKey(meta.disk, meta.id), blockMap!);
     await this.finishCommit(meta);
   }
 
   private async finishCommit(meta: BackupMetadata): Promise<void> {
     const { disk, id, layout } = meta;
+    if (layout === 'objects') {
+      // No renames on an object store: the final metadata is written whole, then the pending copy goes.
+      await this.storage.batch([{ put: this.metadataKey(disk, id), data: jsonText(meta) }, { delete: this.pendingMetadataKey(disk, id) }]);
+      return;
+    }
     const ops = [];
     // A staged name that is gone was renamed by the interrupted run.
     if (await this.storage.head(this.stagedDataKey(disk, id, layout))) ops.push({ rename: this.stagedDataKey(disk, id, layout), to: this.dataKey(disk, id, layout) });
@@ -322,6 +369,7 @@ export class Repository {
 
   private async hasCommitFiles(meta: BackupMetadata): Promise<boolean> {
     const { disk, id, layout } = meta;
+    if (layout === 'objects') return (await this.storage.head(this.digestsKey(disk, id))) !== null;
     const there = async (...keys: string[]) => (await Promise.all(keys.map((k) => this.storage.head(k)))).some((x) => x !== null);
     return (await there(this.stagedDataKey(disk, id, layout), this.dataKey(disk, id, layout))) && (await there(this.stagedDigestsKey(disk, id), this.digestsKey(disk, id)));
   }
@@ -333,7 +381,9 @@ export class Repository {
    * intent last. A killed deletion is finished by the next cleanLeftovers().
    */
   async deleteBackup(meta: BackupMetadata): Promise<void> {
-    await this.storage.batch([{ rename: this.metadataKey(meta.disk, meta.id), to: this.deletingKey(meta.disk, meta.id) }]);
+    const [metadata, intent] = [this.metadataKey(meta.disk, meta.id), this.deletingKey(meta.disk, meta.id)];
+    // Without renames (an object store) the intent is a copy written before the metadata goes.
+    await this.storage.batch(this.storage.rename ? [{ rename: metadata, to: intent }] : [{ put: intent, data: jsonText(meta) }, { delete: metadata }]);
     await this.deleteBackupFiles(meta.disk, meta.id);
   }
 
@@ -422,6 +472,12 @@ export class Repository {
     for (const name of await this.storage.list(this.diskKey(disk))) {
       const id = deletingId(name);
       if (id !== null) await this.deleteBackupFiles(disk, id);
+    }
+    // Objects layout: a pending commit whose block map never arrived is a backup that never finished (§4.15).
+    for (const name of await this.storage.list(this.diskKey(disk))) {
+      const id = pendingId(name);
+      const meta = id === null ? null : await this.readPending(disk, id);
+      if (meta?.layout === 'objects' && !(await this.hasCommitFiles(meta))) await this.storage.delete(key(this.diskKey(disk), name));
     }
     const names = await this.storage.list(this.diskKey(disk));
     const claimed = new Set(names.map(pendingId).filter((id): id is string => id !== null));

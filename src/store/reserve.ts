@@ -16,6 +16,8 @@ export function isNoSpace(err: unknown): boolean {
 
 /** Create the reserve if it is missing; quietly nothing when there is no room for it. */
 export async function ensureReserve(repo: Repository): Promise<void> {
+  // An object store does not fill up as a filesystem does: nothing to hold back.
+  if (!repo.storage.capabilities.localFiles) return;
   if (await repo.storage.head(RESERVE_FILE)) return;
   try {
     // Real zeros, not a hole: the point is blocks the filesystem has handed out.

@@ -12,7 +12,19 @@ import { verifiedChain } from './chain.js';
 import { readingDisk } from './merge.js';
 import type { BackupMetadata, Repository } from './repository.js';
 
-export type RestoreFormat = 'vhd' | 'raw';
+/** vhd: a dynamic VHD; raw: sparse bytes; fixed: a fixed VHD; dir: an exploded VHD directory (Xen Orchestra's layout). */
+export type RestoreFormat = 'vhd' | 'raw' | 'fixed' | 'dir';
+
+const BY_EXTENSION: Record<string, RestoreFormat> = { '.vhd': 'vhd', '.vhd-dir': 'dir' };
+
+/**
+ * A backup named by where it is, `<repository>/disks/<disk>/<id>` — how `vhd
+ * convert` takes a backup of an object store, whose backups are no VHD files.
+ */
+export function backupLocation(input: string): { root: string; disk: string; id: string } | null {
+  const m = /^(s3:\/\/.+?)\/disks\/([^/]+)\/([^/]+)\/?$/.exec(input);
+  return m ? { root: m[1]!, disk: m[2]!, id: m[3]! } : null;
+}
 
 export interface RestoreReport {
   id: string;
@@ -39,9 +51,9 @@ export async function pickBackup(repo: Repository, disk: string, id?: string): P
 async function restoreAsReader(repo: Repository, disk: string, out: string, options: { backup?: string; format?: RestoreFormat; fromOverlay?: string; onProgress?: OnProgress }): Promise<RestoreReport> {
   // Checked before anything is read: a restore never writes into the repository.
   const target = await outputTarget(out);
-  const format = options.format ?? implicitFormat(target) ?? (extname(out).toLowerCase() === '.vhd' ? 'vhd' : 'raw');
+  const format = options.format ?? implicitFormat(target) ?? BY_EXTENSION[extname(out).toLowerCase()] ?? 'raw';
   checkFormatFits(target, format);
-  await refuseProtected(target, [{ path: repo.root, what: `the repository ${repo.root}` }]);
+  if (repo.storage.capabilities.localFiles) await refuseProtected(target, [{ path: repo.root, what: `the repository ${repo.root}` }]);
   let backupId = options.backup;
   if (options.fromOverlay) {
     const info = await readOverlayInfo(options.fromOverlay);
@@ -66,9 +78,10 @@ async function restoreAsReader(repo: Repository, disk: string, out: string, opti
   }
   try {
     const disk = overlay ? overlaySource(source, overlay.vhd) : source;
-    if (format === 'raw') {
-      await copyDisk(disk, await createDiskWriter(target, 'raw', disk.size, disk.blockSize), options.onProgress);
-      return { id: meta.id, format: 'raw', size: meta.size, bytesWritten: meta.size };
+    if (format !== 'vhd') {
+      const writer = await createDiskWriter(target, format, disk.size, disk.blockSize);
+      const stats = await copyDisk(disk, writer, options.onProgress);
+      return { id: meta.id, format, size: meta.size, bytesWritten: format === 'raw' ? meta.size : stats.dataBlocks * meta.blockSize };
     }
     let image = synthesizeVhd(chain, (b) => source.readBlock(b));
     if (overlay) {

@@ -4,6 +4,7 @@ import { BLOCK_READ_AHEAD, orderedReadAhead } from '../util/pipeline.js';
 import type { OnProgress } from '../util/progress.js';
 import { DigestReader, digestOf, zeroDigest } from './digests.js';
 import { openBackupChain } from './chain.js';
+import { ObjectBackupDisk } from './ObjectBackupDisk.js';
 import { fileFindings } from './inspect.js';
 import { readingDisk } from './merge.js';
 import type { BackupMetadata, Repository } from './repository.js';
@@ -45,10 +46,12 @@ export async function verify(repo: Repository, disk?: string, options: { onProgr
       const findings = await fileFindings(repo, d, backups);
       for (const f of findings) if (!options.only || f.id === null || options.only.has(f.id)) report.problems.push({ disk: d, id: f.id, block: null, problem: f.problem });
       const unreadable = new Set(findings.filter((f) => f.kind === 'missing-data' || f.kind === 'missing-parent').map((f) => f.id));
+      // Objects layout: backups share block objects; each is read once per run.
+      const checked = new Set<string>();
       for (const meta of backups.filter(chosen)) {
         report.backups++;
         if (!unreadable.has(meta.id)) {
-          await verifyBackup(repo, meta, report, (block) => options.onProgress?.(before + block + 1, total, (bytes += meta.blockSize)));
+          await verifyBackup(repo, meta, report, (block) => options.onProgress?.(before + block + 1, total, (bytes += meta.blockSize)), checked);
         }
         before += meta.blockCount;
         options.onProgress?.(Math.min(before, total), total, bytes);
@@ -61,12 +64,13 @@ export async function verify(repo: Repository, disk?: string, options: { onProgr
   return report;
 }
 
-async function verifyBackup(repo: Repository, meta: BackupMetadata, report: VerifyReport, onBlockRead: (block: number) => void): Promise<void> {
+async function verifyBackup(repo: Repository, meta: BackupMetadata, report: VerifyReport, onBlockRead: (block: number) => void, checked: Set<string>): Promise<void> {
   const problem = (block: number | null, text: string) => report.problems.push({ disk: meta.disk, id: meta.id, block, problem: text });
   let chain: VhdChain;
   try {
     // Opening the chain (by metadata) checks structure, parents and UUIDs; its top member is this backup's own data.
-    chain = await openBackupChain(repo, meta);
+    // From the store, not a local cache: verify checks what is stored.
+    chain = await openBackupChain(repo, meta, { fresh: true });
   } catch (err) {
     if (!(err instanceof VhdError)) throw err;
     problem(null, err.message);
@@ -76,7 +80,10 @@ async function verifyBackup(repo: Repository, meta: BackupMetadata, report: Veri
   // Without its digests a backup's blocks are still read, so unreadable ones are still named
   // (a missing digests file is already reported by fileFindings).
   const digestsPath = repo.digestsPath(meta.disk, meta.id);
-  const digests = !(await repo.storage.head(repo.digestsKey(meta.disk, meta.id)))
+  const objects = chain.top instanceof ObjectBackupDisk ? chain.top : null;
+  const digests = objects
+    ? objects.map
+    : !(await repo.storage.head(repo.digestsKey(meta.disk, meta.id)))
     ? null
     : await DigestReader.open(digestsPath, meta.blockCount).catch((err: unknown) => {
         if (!(err instanceof VhdError)) throw err;
@@ -85,7 +92,16 @@ async function verifyBackup(repo: Repository, meta: BackupMetadata, report: Veri
       });
   const member = chain.top;
   const stored: number[] = [];
-  for (let b = 0; b < member.blockCount; b++) if (member.isAllocated(b)) stored.push(b);
+  for (let b = 0; b < member.blockCount; b++) {
+    if (!member.isAllocated(b)) continue;
+    if (objects) {
+      // An object another backup's check already read is not read again.
+      const name = objects.map.digest(b).toString('hex');
+      if (checked.has(name)) continue;
+      checked.add(name);
+    }
+    stored.push(b);
+  }
   /**
    * The block's digest as a restore sees it: read through the chain, which takes a
    * whole block from this backup alone and completes a partial one from its parents.
@@ -107,7 +123,8 @@ async function verifyBackup(repo: Repository, meta: BackupMetadata, report: Veri
       if (r.error) problem(block, r.error);
       else if (digests && (!r.digest || !r.digest.equals(await digests.get(block)))) problem(block, 'stored data does not match its digest');
     }
-    if (!digests) return;
+    // In the objects layout the map is the whole disk, and every object it names was just read.
+    if (!digests || objects) return;
     // A block this backup does not store is its parent's (or zero in a full): so must its digest be,
     // or a restore, which checks every block against these digests, would fail on it.
     parentDigests = meta.parent ? await DigestReader.open(repo.digestsPath(meta.disk, meta.parent), meta.blockCount) : null;

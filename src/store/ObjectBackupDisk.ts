@@ -1,0 +1,61 @@
+import { fullBitmap } from '../vhd/bitmap.js';
+import type { StoredBlock, VhdDisk } from '../vhd/disk.js';
+import { type Footer, newFooter } from '../vhd/footer.js';
+import { type DynamicHeader, newHeader } from '../vhd/header.js';
+import { toVhdTimestamp } from '../vhd/timestamp.js';
+import { type BlockMap, loadBlockMap, readBlockObject } from './blockObjects.js';
+import type { BackupMetadata, Repository } from './repository.js';
+
+/**
+ * A backup of the objects layout seen as a dynamic VHD: its block map is the
+ * whole disk (a delta's map names its parent's objects too), so it is a chain
+ * of one. What restore, verify, serve and convert read through VhdChain.
+ */
+export class ObjectBackupDisk implements VhdDisk {
+  readonly footer: Footer;
+  readonly header: DynamicHeader;
+
+  private constructor(
+    private readonly repo: Repository,
+    private readonly meta: BackupMetadata,
+    readonly map: BlockMap,
+  ) {
+    this.footer = { ...newFooter('dynamic', meta.size, meta.uuid), timestamp: toVhdTimestamp(new Date(meta.createdAt)) };
+    this.header = newHeader(meta.blockCount, meta.blockSize);
+  }
+
+  static async open(repo: Repository, meta: BackupMetadata, options: { fresh?: boolean } = {}): Promise<ObjectBackupDisk> {
+    return new ObjectBackupDisk(repo, meta, await loadBlockMap(repo, meta, options));
+  }
+
+  get path(): string {
+    return this.repo.storage.describe(this.repo.digestsKey(this.meta.disk, this.meta.id));
+  }
+
+  get size(): number {
+    return this.meta.size;
+  }
+
+  get blockSize(): number {
+    return this.meta.blockSize;
+  }
+
+  get blockCount(): number {
+    return this.meta.blockCount;
+  }
+
+  isAllocated(block: number): boolean {
+    return this.map.hasObject(block);
+  }
+
+  async readBlock(block: number): Promise<StoredBlock | null> {
+    if (!this.isAllocated(block)) return null;
+    return { bitmap: fullBitmap(this.blockSize), data: await readBlockObject(this.repo, this.meta, this.map.digest(block)) };
+  }
+
+  async readLocatorData(): Promise<Buffer | null> {
+    return null;
+  }
+
+  async close(): Promise<void> {}
+}

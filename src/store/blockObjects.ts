@@ -1,0 +1,176 @@
+import { createHash } from 'node:crypto';
+import { mkdir, readFile, rename, writeFile } from 'node:fs/promises';
+import { homedir } from 'node:os';
+import { dirname, join } from 'node:path';
+import { decompress } from '../vhd/compression.js';
+import { VhdError } from '../vhd/errors.js';
+import { isNotFound, key } from '../storage/Storage.js';
+import { DIGEST_SIZE, zeroDigest } from './digests.js';
+import { isBackupId } from './names.js';
+import type { BackupMetadata, Repository } from './repository.js';
+
+/**
+ * The objects layout (DESIGN.md §4.15): each block a backup stores is an
+ * immutable object `disks/<disk>/blocks/<2 hex>/<64 hex>` named by the SHA-256
+ * of its 2 MiB of content, and each backup's digests file is its block map (the
+ * whole disk at that backup). A merge therefore rewrites metadata only; block
+ * objects are deleted when no map of the disk names them.
+ */
+
+const HEX_NAME = /^[0-9a-f]{64}$/;
+
+export function blockObjectKey(repo: Repository, disk: string, digest: Uint8Array): string {
+  const hex = Buffer.from(digest).toString('hex');
+  return key(repo.blocksKey(disk), hex.slice(0, 2), hex);
+}
+
+/** A block object's content (decompressed), checked for length; its digest is the caller's to check. */
+export async function readBlockObject(repo: Repository, meta: BackupMetadata, digest: Uint8Array): Promise<Buffer> {
+  const k = blockObjectKey(repo, meta.disk, digest);
+  let stored: Buffer;
+  try {
+    stored = await repo.storage.get(k);
+  } catch (err) {
+    if (isNotFound(err)) throw new VhdError(repo.storage.describe(k), `block object is missing (named by backup ${meta.id})`);
+    throw err;
+  }
+  const data = await decompress(meta.compression, stored, meta.blockSize).catch((err: unknown) => {
+    throw new VhdError(repo.storage.describe(k), `cannot decompress block object (${meta.compression}): ${(err as Error).message}`);
+  });
+  if (data.length !== meta.blockSize) throw new VhdError(repo.storage.describe(k), `block object holds ${data.length} bytes, ${meta.blockSize} expected`);
+  return data;
+}
+
+/** A backup's block map in memory: blockCount × 32 bytes (16 MiB for a 1 TiB disk). */
+export class BlockMap {
+  constructor(
+    readonly bytes: Buffer,
+    readonly blockSize: number,
+  ) {}
+
+  get blockCount(): number {
+    return this.bytes.length / DIGEST_SIZE;
+  }
+
+  digest(block: number): Buffer {
+    return this.bytes.subarray(block * DIGEST_SIZE, (block + 1) * DIGEST_SIZE);
+  }
+
+  /** An all-zero block has no object: it reads as zeros. */
+  hasObject(block: number): boolean {
+    return !this.digest(block).equals(zeroDigest(this.blockSize));
+  }
+
+  /** The same interface as DigestReader, for code that reads either. */
+  async get(block: number): Promise<Buffer> {
+    if (block < 0 || block >= this.blockCount) throw new RangeError(`block ${block} outside ${this.blockCount} digests`);
+    return Buffer.from(this.digest(block));
+  }
+
+  async close(): Promise<void> {}
+}
+
+/** Builds a new backup's block map in memory (put whole at the commit). */
+export class BlockMapWriter {
+  private readonly bytes: Buffer;
+  private count = 0;
+
+  constructor(blockCount: number) {
+    this.bytes = Buffer.alloc(blockCount * DIGEST_SIZE);
+  }
+
+  async append(digest: Buffer): Promise<void> {
+    digest.copy(this.bytes, this.count++ * DIGEST_SIZE);
+  }
+
+  async finish(): Promise<void> {}
+
+  async abort(): Promise<void> {}
+
+  get map(): Buffer {
+    return this.bytes;
+  }
+}
+
+/**
+ * Committed maps never change (a merge rewrites metadata, never a map), so an
+ * object store's maps are kept in a local cache: a restore or delta reads each
+ * once. The cache is per repository (URI and creation time) and disk.
+ */
+function cachePath(repo: Repository, disk: string, id: string): string | null {
+  if (repo.storage.capabilities.localFiles) return null;
+  const base = process.env.VHDVAULT_CACHE_DIR ?? join(process.env.XDG_CACHE_HOME ?? join(homedir(), '.cache'), 'vhdvault');
+  const repoId = createHash('sha256').update(`${repo.root}\0${repo.config.createdAt}`).digest('hex').slice(0, 16);
+  return join(base, 'maps', repoId, disk, `${id}.digests`);
+}
+
+/**
+ * A backup's block map, checked for size. `fresh` skips the local cache (verify
+ * checks the store itself).
+ */
+export async function loadBlockMap(repo: Repository, meta: BackupMetadata, options: { fresh?: boolean } = {}): Promise<BlockMap> {
+  const expected = meta.blockCount * DIGEST_SIZE;
+  const cached = options.fresh ? null : cachePath(repo, meta.disk, meta.id);
+  if (cached) {
+    const bytes = await readFile(cached).catch(() => null);
+    if (bytes?.length === expected) return new BlockMap(bytes, meta.blockSize);
+  }
+  const k = repo.digestsKey(meta.disk, meta.id);
+  let bytes: Buffer;
+  try {
+    bytes = await repo.storage.get(k);
+  } catch (err) {
+    if (isNotFound(err)) throw new VhdError(repo.storage.describe(k), `block map of backup ${meta.id} is missing`);
+    throw err;
+  }
+  if (bytes.length !== expected) throw new VhdError(repo.storage.describe(k), `block map has ${bytes.length} bytes, expected ${expected} (${meta.blockCount} blocks)`);
+  const path = cachePath(repo, meta.disk, meta.id);
+  if (path) {
+    // A cache is a convenience: one that cannot be written is skipped.
+    const temp = `${path}.${process.pid}.tmp`;
+    await mkdir(dirname(path), { recursive: true })
+      .then(() => writeFile(temp, bytes))
+      .then(() => rename(temp, path))
+      .catch(() => undefined);
+  }
+  return new BlockMap(bytes, meta.blockSize);
+}
+
+export interface GarbageReport {
+  objects: number;
+  bytes: number;
+}
+
+/**
+ * Delete the disk's block objects that no block map names. Every map in the
+ * disk's folder counts — committed, pending, or orphaned (a lost metadata
+ * file: its blocks are what a person could still rescue) — so only provable
+ * garbage goes. A map that cannot be read stops the collection. Call holding
+ * the disk's lock and exclusive access (no backup adds objects meanwhile).
+ */
+export async function collectGarbage(repo: Repository, disk: string): Promise<GarbageReport> {
+  const { storage } = repo;
+  const referenced = new Set<string>();
+  const zero = zeroDigest(repo.config.blockSize).toString('hex');
+  for (const name of await storage.list(repo.diskKey(disk))) {
+    const id = /^(.+)\.digests$/.exec(name)?.[1];
+    if (id === undefined || !isBackupId(id)) continue;
+    const k = key(repo.diskKey(disk), name);
+    const bytes = await storage.get(k);
+    if (bytes.length % DIGEST_SIZE !== 0) throw new VhdError(storage.describe(k), `block map has ${bytes.length} bytes, not a whole number of digests: no block object is deleted`);
+    for (let at = 0; at < bytes.length; at += DIGEST_SIZE) referenced.add(bytes.toString('hex', at, at + DIGEST_SIZE));
+  }
+  referenced.delete(zero);
+  const garbage: string[] = [];
+  let bytes = 0;
+  for await (const object of storage.listAll(repo.blocksKey(disk))) {
+    const parts = object.key.split('/');
+    const name = parts.at(-1)!;
+    // Only names this layout makes: anything else in the folder is not ours to judge.
+    if (!HEX_NAME.test(name) || parts.at(-2) !== name.slice(0, 2) || referenced.has(name)) continue;
+    garbage.push(object.key);
+    bytes += object.size;
+  }
+  if (garbage.length > 0) await storage.deleteMany(garbage);
+  return { objects: garbage.length, bytes };
+}
