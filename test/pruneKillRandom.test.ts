@@ -15,7 +15,7 @@ import { tempDir } from './helpers/files.js';
 import { backupAndCopy, expectSound, list, makeChain, scribble } from './helpers/pruneChain.js';
 
 const dir = await tempDir();
-const KILLS = 30;
+const KILLS = 20;
 
 for (const layout of ['dir', 'vhd'] as const) {
   describe(`prune killed with SIGKILL at ${KILLS} random moments (layout ${layout})`, () => {

@@ -65,7 +65,11 @@ export async function fileFindings(repo: Repository, disk: string, backups: Back
     const problem = (kind: Finding['kind'], text: string) => findings.push({ disk, id: meta.id, kind, problem: text });
     // (In the objects layout the data is the block map: a missing one is said once, below.)
     if (meta.layout !== 'objects' && !names.has(repo.dataName(meta.id, meta.layout))) problem('missing-data', `its data ${repo.dataPath(disk, meta.id, meta.layout)} is missing`);
-    if (!names.has(`${meta.id}.digests`)) problem('missing-digests', `its digests file ${repo.digestsPath(disk, meta.id)} is missing`);
+    if (!names.has(`${meta.id}.digests`)) {
+      // In the objects layout the map is the backup's data: nothing of it can be read.
+      if (meta.layout === 'objects') problem('missing-data', `its block map ${repo.digestsPath(disk, meta.id)} is missing`);
+      else problem('missing-digests', `its digests file ${repo.digestsPath(disk, meta.id)} is missing`);
+    }
     if (meta.parent !== null && !listed.has(meta.parent)) problem('missing-parent', `its parent backup ${meta.parent} is not in the repository`);
   }
   return findings;
