@@ -80,7 +80,7 @@ export function parseOwner(text: string): LockOwner | null {
 }
 
 export function describeOwner(o: LockOwner): string {
-  return `process ${o.pid} on ${o.host} (${o.command}, since ${o.startedAt})`;
+  return `process ${o.pid} on host ${o.host} (${o.command}, since ${o.startedAt})`;
 }
 
 /** Is the lock's owner certainly gone? Only provable on the same host. */

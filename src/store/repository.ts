@@ -26,7 +26,8 @@ function descriptorOf(location: string | Location): StorageDescriptor {
   const { root, endpoint } = typeof location === 'string' ? { root: location, endpoint: undefined } : location;
   if (!isS3Uri(root)) return { kind: 'local', root: resolve(root) };
   const env = process.env;
-  const chosen = endpoint ?? env.AWS_ENDPOINT_URL_S3 ?? env.AWS_ENDPOINT_URL;
+  const [from, chosen] = endpoint !== undefined ? ['--endpoint', endpoint] : env.AWS_ENDPOINT_URL_S3 ? ['AWS_ENDPOINT_URL_S3', env.AWS_ENDPOINT_URL_S3] : ['AWS_ENDPOINT_URL', env.AWS_ENDPOINT_URL];
+  if (chosen && !/^https?:\/\/[^/\s]+/.test(chosen)) throw new UsageError(`${from} ${chosen}: not an http(s) URL such as http://127.0.0.1:9000`);
   // Resolved here, once: worker threads reopen the storage from this descriptor.
   return { kind: 's3', ...parseS3Uri(root), ...(chosen ? { endpoint: chosen } : {}) };
 }
