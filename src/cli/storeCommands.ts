@@ -57,7 +57,7 @@ function printPrune(report: PruneReport, dryRun: boolean): void {
   for (const m of report.merges) console.log(`${verb}merge   ${m.removed} into ${m.into}`);
   for (const id of report.deferred) console.log(`deferred ${id} (--max-merges reached; next run)`);
   console.log(`${dryRun ? 'would merge' : 'merged'}: ${report.merged}`);
-  if (report.collected.objects > 0) console.log(`freed: ${report.collected.objects} block objects no backup names (${fmtBytes(report.collected.bytes)})`);
+  if (report.collected.objects > 0) console.log(`freed: ${report.collected.objects} block objects no backup names`);
 }
 
 interface BackupCliOptions {

@@ -13,7 +13,7 @@ import { newUuid } from '../vhd/uuid.js';
 import { BLOCK_READ_AHEAD, orderedReadAhead, range } from '../util/pipeline.js';
 import { releaseBuffer } from '../util/bufferPool.js';
 import { DigestWriter, zeroDigest } from './digests.js';
-import { BlockMapWriter, blockObjectKey } from './blockObjects.js';
+import { BlockMapWriter, blockObjectKey, sweepMarkerKey } from './blockObjects.js';
 import { openDigests } from './chain.js';
 import { withDiskLock } from './lock.js';
 import { withExclusiveAccess } from './access.js';
@@ -208,6 +208,8 @@ export async function backupFrom(repo: Repository, disk: string, source: BlockSo
   // The objects layout has no VHD to write: block objects, then a block map (§4.15).
   const writer = objects ? null : layout === 'dir' ? await VhdDirectoryWriter.create(repo.stagedDataPath(disk, id), { ...writerOptions, compression }) : await DynamicVhdWriter.create(repo.stagedDataPath(disk, id), writerOptions);
   const digests = objects ? new BlockMapWriter(blockCount) : await DigestWriter.create(repo.stagedDigestsPath(disk, id));
+  // Objects layout: until the commit names them, uploaded objects are garbage only a sweep could find: say so first.
+  if (objects) await repo.storage.put(sweepMarkerKey(repo, disk, id), '');
   const previous = parent ? await openDigests(repo, parent) : null;
   // Objects already in the store that this backup may name without uploading: the parent's, and its own as it goes.
   const present = new Set<string>();

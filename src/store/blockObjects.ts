@@ -137,40 +137,78 @@ export async function loadBlockMap(repo: Repository, meta: BackupMetadata, optio
 }
 
 export interface GarbageReport {
+  /** Block objects deleted. */
   objects: number;
-  bytes: number;
+  /** Whether every object of the disk was listed (after an interrupted backup or prune) rather than only the candidates checked. */
+  swept: boolean;
+}
+
+/**
+ * `.<name>.sweep.tmp` in a disk's folder: "block objects may have been left that
+ * no map names". A backup writes one before its first upload and deletes it once
+ * committed; a prune writes one before it deletes backups and deletes it once it
+ * has collected their objects. One left behind (a kill, a failure) makes the next
+ * collection list every object of the disk. Cleanup never removes these.
+ */
+export const SWEEP_MARKER = /^\.(.+)\.sweep\.tmp$/;
+
+export function sweepMarkerKey(repo: Repository, disk: string, name: string): string {
+  return key(repo.diskKey(disk), `.${name}.sweep.tmp`);
+}
+
+/** The digests of the objects these backups' maps name: what deleting the backups may free. */
+export async function objectsNamedBy(repo: Repository, backups: BackupMetadata[]): Promise<Set<string>> {
+  const named = new Set<string>();
+  for (const b of backups) {
+    const map = await loadBlockMap(repo, b);
+    for (let i = 0; i < map.blockCount; i++) if (map.hasObject(i)) named.add(map.digest(i).toString('hex'));
+  }
+  return named;
+}
+
+/** A map's bytes by id, from the local cache when there (committed maps never change), else the store. */
+async function mapBytes(repo: Repository, disk: string, id: string): Promise<Buffer> {
+  const cached = cachePath(repo, disk, id);
+  const bytes = cached ? await readFile(cached).catch(() => null) : null;
+  if (bytes && bytes.length % DIGEST_SIZE === 0) return bytes;
+  return repo.storage.get(repo.digestsKey(disk, id));
 }
 
 /**
  * Delete the disk's block objects that no block map names. Every map in the
  * disk's folder counts — committed, pending, or orphaned (a lost metadata
  * file: its blocks are what a person could still rescue) — so only provable
- * garbage goes. A map that cannot be read stops the collection. Call holding
- * the disk's lock and exclusive access (no backup adds objects meanwhile).
+ * garbage goes. Normally only `candidates` are checked (the objects of the
+ * backups just deleted: no listing, whatever the disk's size); if a sweep
+ * marker other than `ownMarker` is there, every object under `blocks/` is
+ * listed and judged, and those markers are removed after. A map that cannot be
+ * read stops the collection. Call holding the disk's lock (no backup adds
+ * objects meanwhile); readers only read objects a listed map names.
  */
-export async function collectGarbage(repo: Repository, disk: string): Promise<GarbageReport> {
+export async function collectGarbage(repo: Repository, disk: string, candidates: Iterable<string> = [], ownMarker?: string): Promise<GarbageReport> {
   const { storage } = repo;
+  const names = await storage.list(repo.diskKey(disk));
+  const markers = names.filter((n) => SWEEP_MARKER.test(n) && n !== (ownMarker && `.${ownMarker}.sweep.tmp`));
   const referenced = new Set<string>();
-  const zero = zeroDigest(repo.config.blockSize).toString('hex');
-  for (const name of await storage.list(repo.diskKey(disk))) {
+  for (const name of names) {
     const id = /^(.+)\.digests$/.exec(name)?.[1];
     if (id === undefined || !isBackupId(id)) continue;
-    const k = key(repo.diskKey(disk), name);
-    const bytes = await storage.get(k);
-    if (bytes.length % DIGEST_SIZE !== 0) throw new VhdError(storage.describe(k), `block map has ${bytes.length} bytes, not a whole number of digests: no block object is deleted`);
+    const bytes = await mapBytes(repo, disk, id);
+    if (bytes.length % DIGEST_SIZE !== 0) throw new VhdError(storage.describe(key(repo.diskKey(disk), name)), `block map has ${bytes.length} bytes, not a whole number of digests: no block object is deleted`);
     for (let at = 0; at < bytes.length; at += DIGEST_SIZE) referenced.add(bytes.toString('hex', at, at + DIGEST_SIZE));
   }
-  referenced.delete(zero);
   const garbage: string[] = [];
-  let bytes = 0;
-  for await (const object of storage.listAll(repo.blocksKey(disk))) {
-    const parts = object.key.split('/');
-    const name = parts.at(-1)!;
-    // Only names this layout makes: anything else in the folder is not ours to judge.
-    if (!HEX_NAME.test(name) || parts.at(-2) !== name.slice(0, 2) || referenced.has(name)) continue;
-    garbage.push(object.key);
-    bytes += object.size;
+  if (markers.length === 0) {
+    for (const hex of candidates) if (HEX_NAME.test(hex) && !referenced.has(hex)) garbage.push(blockObjectKey(repo, disk, Buffer.from(hex, 'hex')));
+  } else {
+    for await (const object of storage.listAll(repo.blocksKey(disk))) {
+      const parts = object.key.split('/');
+      const name = parts.at(-1)!;
+      // Only names this layout makes: anything else in the folder is not ours to judge.
+      if (HEX_NAME.test(name) && parts.at(-2) === name.slice(0, 2) && !referenced.has(name)) garbage.push(object.key);
+    }
   }
   if (garbage.length > 0) await storage.deleteMany(garbage);
-  return { objects: garbage.length, bytes };
+  if (markers.length > 0) await storage.deleteMany(markers.map((m) => key(repo.diskKey(disk), m)));
+  return { objects: garbage.length, swept: markers.length > 0 };
 }

@@ -7,7 +7,8 @@ import type { BackupMetadata, Repository } from './repository.js';
 import { pinnedBackups } from './overlayPins.js';
 import { replicaPinnedBackups } from './replicaPins.js';
 import { ensureReserve, withReserve } from './reserve.js';
-import { collectGarbage } from './blockObjects.js';
+import { collectGarbage, objectsNamedBy, sweepMarkerKey } from './blockObjects.js';
+import { randomBytes } from 'node:crypto';
 import { type RetentionPolicy, selectRetention } from './retention.js';
 
 export interface PruneOptions {
@@ -32,7 +33,7 @@ export interface PruneReport {
   /** Disks left untouched, each with why (a broken chain, a damaged journal, a lock held): the other disks are pruned. */
   refused: Array<{ disk: string; problem: string }>;
   /** Objects layout: block objects no block map names any more (removed backups', killed backups' uploads), deleted. */
-  collected: { objects: number; bytes: number };
+  collected: { objects: number };
 }
 
 /** What prune will do to one disk, worked out before anything changes. */
@@ -161,19 +162,26 @@ async function pruneDisk(repo: Repository, disk: string, options: PruneOptions, 
       },
     };
     let p = plan(backups, once, await pins(repo, disk));
+    const objects = repo.config.layout === 'objects';
+    // Objects layout: what the removed backups' maps name may be freed; a marker says so until it is collected.
+    let candidates = new Set<string>();
+    const marker = `prune-${process.pid}-${randomBytes(4).toString('hex')}`;
     if (p.deletions.length + p.merges.length > 0) {
       await withExclusiveAccess(repo, disk, 'prune', async () => {
         // A reader we waited for (a replication) may have moved its pin meanwhile: plan again with the pins as they are now.
         p = plan(backups, once, await pins(repo, disk));
+        if (objects) {
+          candidates = await objectsNamedBy(repo, [...p.deletions, ...p.merges.map((m) => m.parent)]);
+          await repo.storage.put(sweepMarkerKey(repo, disk, marker), '');
+        }
         await applyPlan(repo, p);
       }, options);
     }
     record(report, p);
     // No backup of the disk runs (we hold its lock), and no reader reads an object no map names.
-    if (repo.config.layout === 'objects') {
-      const freed = await collectGarbage(repo, disk);
-      report.collected.objects += freed.objects;
-      report.collected.bytes += freed.bytes;
+    if (objects) {
+      report.collected.objects += (await collectGarbage(repo, disk, candidates, marker)).objects;
+      await repo.storage.delete(sweepMarkerKey(repo, disk, marker));
     }
   });
 }
@@ -207,7 +215,6 @@ export async function prune(repo: Repository, disk: string | undefined, options:
     report.merges.push(...attempt.merges);
     report.deferred.push(...attempt.deferred);
     report.collected.objects += attempt.collected.objects;
-    report.collected.bytes += attempt.collected.bytes;
   }
   if (!options.dryRun) await ensureReserve(repo);
   report.kept.sort();
@@ -215,4 +222,4 @@ export async function prune(repo: Repository, disk: string | undefined, options:
   return report;
 }
 
-const emptyReport = (): PruneReport => ({ kept: [], removed: [], merged: 0, merges: [], deferred: [], refused: [], collected: { objects: 0, bytes: 0 } });
+const emptyReport = (): PruneReport => ({ kept: [], removed: [], merged: 0, merges: [], deferred: [], refused: [], collected: { objects: 0 } });

@@ -316,6 +316,8 @@ export class Repository {
     // Objects layout: the map goes in after the pending metadata, so a pending commit without its map is one that never finished (§4.15).
     if (meta.layout === 'objects') await this.storage.put(this.digestsKey(meta.disk, meta.id), blockMap!);
     await this.finishCommit(meta);
+    // Every object this backup uploaded is now named by its map: nothing for a sweep to find.
+    if (meta.layout === 'objects') await this.storage.delete(key(this.diskKey(meta.disk), `.${meta.id}.sweep.tmp`));
   }
 
   private async finishCommit(meta: BackupMetadata): Promise<void> {
@@ -484,7 +486,8 @@ export class Repository {
     const claimed = new Set(names.map(pendingId).filter((id): id is string => id !== null));
     const removed: string[] = [];
     for (const name of names) {
-      if (!isTemporaryName(name) || pendingId(name) !== null) continue;
+      // A sweep marker (objects layout) is removed only by the collection it asks for (blockObjects.ts).
+      if (!isTemporaryName(name) || pendingId(name) !== null || /\.sweep\.tmp$/.test(name)) continue;
       // Another live process's work in progress (a lock being acquired right now, say) is not ours to remove.
       if (inUseByAnother(name)) continue;
       const stagedOf = /^\.(\d{8}T\d{9}Z-[0-9a-f]{6})\.(vhd-dir|vhd|digests)\.tmp$/.exec(name)?.[1];
