@@ -334,6 +334,8 @@ async function main(): Promise<void> {
         xo: xoRows,
         goal: 20,
         goalMetAtXoDefault: xoRows.find((r) => r.isXoDefault)!.ratioVsOurs >= 20,
+        /** The merge up to its commit (the metadata rewrite), without freeing the replaced objects (what the dir layout's "reclaim" is locally). */
+        mergeOnlyRatioAtXoDefault: round1(xoRows.find((r) => r.isXoDefault)!.medianMs / median(ours.mergeMs)),
       },
       io: ioRows.map((r) => ({ ...r, seconds: Math.round(r.seconds * 1000) / 1000, mibPerSecond: round1(r.mibPerSecond), s3VsFolder: r.repository === 's3' ? Math.round((r.mibPerSecond / folderOf(r.operation).mibPerSecond) * 100) / 100 : null })),
       api: 'in-process (backup, restore, mergeForward, collectGarbage)',
@@ -346,13 +348,13 @@ async function main(): Promise<void> {
         ['method', 'in flight', 'median ms', 'ms/block', 'xo/ours'],
         [
           ['vhdvault objects: mergeForward + collectGarbage', String(OUR_REQUESTS), oursMedian.toFixed(1), (oursMedian / CHANGED).toFixed(2), '—'],
-          ['  of which mergeForward (metadata)', String(OUR_REQUESTS), figures.merge.ours.medianMergeMs.toFixed(1), '—', '—'],
+          ['  of which mergeForward (metadata)', String(OUR_REQUESTS), figures.merge.ours.medianMergeMs.toFixed(1), '—', `${figures.merge.mergeOnlyRatioAtXoDefault.toFixed(1)}× (xo default)`],
           ['  of which collectGarbage', String(OUR_REQUESTS), figures.merge.ours.medianGcMs.toFixed(1), '—', '—'],
           ...xoRows.map((r) => [`xo exploded: CopyObject + DeleteObject${r.isXoDefault ? ' (xo default)' : ''}`, String(r.concurrency), r.medianMs.toFixed(1), r.msPerBlock.toFixed(2), `${r.ratioVsOurs.toFixed(1)}×`]),
         ],
       ),
     );
-    console.log(`goal (issue): xo/ours ≥ 20× at xo's default concurrency: ${figures.merge.goalMetAtXoDefault ? 'met' : 'NOT met'}`);
+    console.log(`goal (issue): xo/ours ≥ 20× at xo's default concurrency: ${figures.merge.goalMetAtXoDefault ? 'met' : 'NOT met'} with the freeing of the replaced objects (${xoRows.find((r) => r.isXoDefault)!.ratioVsOurs.toFixed(1)}×); the merge to its commit alone: ${figures.merge.mergeOnlyRatioAtXoDefault.toFixed(1)}×`);
     console.log('');
     console.log(`backup and restore of ${size / MiB} MiB of random data, in-process API, 1 run each; folder repository (dir layout) and s3rver's objects both on ${figures.machine.filesystem}, ${base}`);
     console.log(

@@ -175,8 +175,11 @@ export class S3Storage implements Storage {
 
   async deleteMany(keys: string[]): Promise<void> {
     const unique = [...new Set(keys)];
+    // Up to 1000 keys a request (S3's limit), but spread over several requests in flight when
+    // there are many: a store that deletes the keys of one request one by one (s3rver, RGW) works on several at once.
+    const size = Math.min(1000, Math.max(16, Math.ceil(unique.length / this.settings.requests)));
     const batches: string[][] = [];
-    for (let i = 0; i < unique.length; i += 1000) batches.push(unique.slice(i, i + 1000));
+    for (let i = 0; i < unique.length; i += size) batches.push(unique.slice(i, i + size));
     await Promise.all(batches.map((b) => this.deleteBatch(b)));
   }
 

@@ -395,6 +395,12 @@ export class Repository {
   }
 
   private async deleteBackupFiles(disk: string, id: string): Promise<void> {
+    if (this.config.layout === 'objects') {
+      // Objects, not folders: no listing below each name. The map first, the intent last.
+      await this.storage.deleteMany([this.digestsKey(disk, id)]);
+      await this.storage.deleteMany([this.deletingKey(disk, id)]);
+      return;
+    }
     await this.storage.batch([
       { delete: this.dataKey(disk, id, 'dir') },
       { delete: this.dataKey(disk, id, 'vhd') },
