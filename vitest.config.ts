@@ -12,6 +12,7 @@ import { BaseSequencer, type TestSpecification } from 'vitest/node';
 const LONGEST_FIRST = [
   'test/pruneKillRandom.test.ts',
   'test/pruneKillSweep.test.ts',
+  'test/objectStore.test.ts',
   'test/repository.test.ts',
   'test/crash.test.ts',
   'test/liveBackupKills.test.ts',
@@ -21,6 +22,7 @@ const LONGEST_FIRST = [
   'test/prune.test.ts',
   'test/badInput.test.ts',
   'test/jobRun.test.ts',
+  'test/s3Cli.test.ts',
 ];
 
 class LongestFirst extends BaseSequencer {

@@ -11,7 +11,7 @@ import { backupOf, initRepo, listed } from './helpers/store.js';
 const MiB = 1024 * 1024;
 const BLOCK = 2 * MiB;
 const SIZE = 24 * MiB;
-const KILLS = 22;
+const KILLS = 16;
 const dir = await tempDir();
 
 /** The ids `vhdvault list <repo> vm` lists (the same listing, read in this process: no CLI start-up per look). */

@@ -15,7 +15,10 @@ import { CLI, cliEnv, type CliResult, vhdvault, vhdvaultAsync } from './helpers/
 import { makeRaw, sameBytes, tempDir } from './helpers/files.js';
 import { scribble } from './helpers/pruneChain.js';
 import { newBucket, s3Env, startS3 } from './helpers/s3.js';
+import { backupOf } from './helpers/store.js';
 import { Repository } from '../src/store/repository.js';
+import { restore } from '../src/store/restore.js';
+import { verify } from '../src/store/verify.js';
 
 const MiB = 1024 * 1024;
 const BLOCK = 2 * MiB;
@@ -56,26 +59,33 @@ async function list(repo: string): Promise<Listed[]> {
   return JSON.parse(r.stdout) as Listed[];
 }
 
-/** One more backup of the disk; records the disk's content under the new id. */
-async function backupAndCopy(repo: string, disk: string, copies: Map<string, string>, ...extra: string[]): Promise<string> {
-  const id = ok(await vhdvaultAsync('backup', repo, 'vm', '--source', disk, ...extra)).stdout.trim();
+/**
+ * One more backup of the disk; records the disk's content under the new id.
+ * Through the CLI where the backup is what a test checks, else in this process (set-up).
+ */
+async function backupAndCopy(repo: string, disk: string, copies: Map<string, string>, via: 'cli' | 'api' = 'api'): Promise<string> {
+  const id = via === 'cli' ? ok(await vhdvaultAsync('backup', repo, 'vm', '--source', disk)).stdout.trim() : await backupOf(repo, 'vm', disk);
   const copy = `${disk}-${id}`;
   await copyFile(disk, copy);
   copies.set(id, copy);
   return id;
 }
 
-/** Every listed backup restores exactly (side by side: restores only read), and verify finds nothing. */
-async function expectSound(repo: string, copies: Map<string, string>): Promise<Listed[]> {
-  const rows = await list(repo);
-  const outs = rows.map((row) => join(dir, `check-${row.id}-${randomInt(1e9)}.raw`));
-  const restored = await Promise.all(rows.map((row, i) => vhdvaultAsync('restore', repo, 'vm', outs[i]!, '--backup', row.id)));
-  for (const [i, row] of rows.entries()) {
-    ok(restored[i]!);
-    expect(await sameBytes(outs[i]!, copies.get(row.id)!), `backup ${row.id}`).toBe(true);
-    await rm(outs[i]!);
+/**
+ * Every listed backup restores exactly and verify finds nothing — checked in this
+ * process through the store's API (the same code the CLI runs, without a Node
+ * start-up and an S3 client load per restore: the commands under test run the CLI).
+ */
+async function expectSound(root: string, copies: Map<string, string>): Promise<Listed[]> {
+  const repo = await Repository.open(root);
+  const rows = await list(root);
+  for (const row of rows) {
+    const out = join(dir, `check-${row.id}-${randomInt(1e9)}.raw`);
+    await restore(repo, 'vm', out, { backup: row.id });
+    expect(await sameBytes(out, copies.get(row.id)!), `backup ${row.id}`).toBe(true);
+    await rm(out);
   }
-  ok(await vhdvaultAsync('verify', repo));
+  expect((await verify(repo)).problems).toEqual([]);
   expect(rows[0]?.kind).toBe('full');
   rows.slice(1).forEach((r, i) => expect(r.parent).toBe(rows[i]!.id));
   return rows;
@@ -92,6 +102,8 @@ async function blockObjects(repo: string): Promise<number> {
 for (const backend of BACKENDS) {
   describe(`repository on ${backend.name}`, () => {
     const objects = !backend.name.includes('dir layout');
+    // The dir layout's kill tests are crash.test.ts and pruneKill*.test.ts; here the objects layout's, on both storages.
+    const killIt = objects ? it : () => undefined;
 
     it('backs up a changing disk (full, then deltas), lists, verifies and restores every backup exactly, also as VHD', async () => {
       const repo = await backend.location('life');
@@ -99,15 +111,15 @@ for (const backend of BACKENDS) {
       const disk = join(dir, `life-${backend.initArgs.length}-${randomInt(1e9)}.raw`);
       await makeRaw(disk, SIZE, [[0, SIZE]]);
       const copies = new Map<string, string>();
-      await backupAndCopy(repo, disk, copies);
+      await backupAndCopy(repo, disk, copies, 'cli');
       const original = `${disk}-orig`;
       await copyFile(disk, original);
       await scribble(disk, [1, 5]);
-      await backupAndCopy(repo, disk, copies);
+      await backupAndCopy(repo, disk, copies, 'cli');
       // Block 5 becomes zeros (the delta must hide the old data), block 1 goes back to its first content.
       execFileSync('dd', ['if=/dev/zero', `of=${disk}`, `bs=${BLOCK}`, 'seek=5', 'count=1', 'conv=notrunc'], { stdio: 'ignore' });
       execFileSync('dd', [`if=${original}`, `of=${disk}`, `bs=${BLOCK}`, 'skip=1', 'seek=1', 'count=1', 'conv=notrunc'], { stdio: 'ignore' });
-      await backupAndCopy(repo, disk, copies);
+      await backupAndCopy(repo, disk, copies, 'cli');
       const rows = await expectSound(repo, copies);
       expect(rows.map((r) => r.kind)).toEqual(['full', 'delta', 'delta']);
       if (objects) {
@@ -144,7 +156,7 @@ for (const backend of BACKENDS) {
       }
     });
 
-    it('kill -9 at random moments of backups and prunes: the next runs finish or undo, and nothing committed is lost', async () => {
+    killIt('kill -9 at random moments of backups and prunes: the next runs finish or undo, and nothing committed is lost', async () => {
       const repo = await backend.location('kill');
       ok(vhdvault('init', repo, ...backend.initArgs));
       const disk = join(dir, `kill-${randomInt(1e9)}.raw`);
@@ -162,7 +174,7 @@ for (const backend of BACKENDS) {
         child.kill('SIGKILL');
         return exited;
       };
-      for (let k = 0; k < 4; k++) {
+      for (let k = 0; k < 3; k++) {
         await scribble(disk, [rand(8), rand(8)]);
         await killAfter(['backup', repo, 'vm', '--source', disk], 1500);
         await backupAndCopy(repo, disk, copies);

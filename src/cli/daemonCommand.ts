@@ -18,17 +18,22 @@ export function daemonCommand(): Command {
       // Loaded here: job files need zod, yaml and croner, which no other command should pay for.
       const { JobDaemon } = await import('../jobs/daemon.js');
       const daemon = new JobDaemon(paths, emit);
-      await daemon.start();
-      if (loaded.count === 0) throw new UsageError(`no valid job in ${paths.join(', ')}`);
-      await new Promise<void>((resolve) => {
-        const onHup = () => void daemon.reload();
+      // Signals are ours from the start: one arriving while the job files load (just after a
+      // "missed" line, say) must stop the daemon cleanly, not kill it. It takes effect once they are loaded.
+      let started: Promise<void> = Promise.resolve();
+      const stopped = new Promise<void>((resolve) => {
+        const onHup = () => void started.then(() => daemon.reload());
         const onStop = () => {
           process.off('SIGHUP', onHup);
-          void daemon.stop().then(resolve);
+          void started.then(() => daemon.stop()).then(resolve);
         };
         process.on('SIGHUP', onHup);
         process.once('SIGTERM', onStop);
         process.once('SIGINT', onStop);
       });
+      started = daemon.start();
+      await started;
+      if (loaded.count === 0) throw new UsageError(`no valid job in ${paths.join(', ')}`);
+      await stopped;
     });
 }

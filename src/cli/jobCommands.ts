@@ -1,8 +1,5 @@
 import { Command } from 'commander';
 import type { Job, JobDisk } from '../jobs/jobFile.js';
-import { describeHistory, diskTrends } from '../jobs/history.js';
-import { runJob } from '../jobs/runJob.js';
-import { describeRun, loadRunReports } from '../jobs/runReport.js';
 import { checkDiskName } from '../store/names.js';
 import { Repository } from '../store/repository.js';
 import { KEEP_OPTIONS, type RetentionPolicy } from '../store/retention.js';
@@ -39,6 +36,7 @@ function runCommand(): Command {
       };
       process.once('SIGINT', onSignal);
       process.once('SIGTERM', onSignal);
+      const [{ runJob }, { describeRun }] = await Promise.all([import('../jobs/runJob.js'), import('../jobs/runReport.js')]);
       const log = opts.json || !process.stderr.isTTY ? undefined : (line: string) => console.error(`${new Date().toISOString()} ${line}`);
       let report;
       try {
@@ -63,6 +61,7 @@ function historyCommand(): Command {
     .action(async (root: string, opts: { job?: string; json?: boolean }) => {
       const repo = await Repository.open(root);
       if (opts.job !== undefined) checkDiskName(opts.job);
+      const [{ describeHistory, diskTrends }, { loadRunReports }] = await Promise.all([import('../jobs/history.js'), import('../jobs/runReport.js')]);
       const runs = await loadRunReports(repo, opts.job, (problem) => console.error(`vhdvault: warning: ${problem}`));
       if (opts.json) console.log(JSON.stringify({ runs, trends: diskTrends(runs) }, null, 2));
       else if (runs.length === 0) console.log(`no job runs recorded in ${repo.root}${opts.job ? ` for job ${opts.job}` : ''}`);

@@ -1,6 +1,6 @@
 import { Command } from 'commander';
 import { checkDiskName } from '../store/names.js';
-import { type DiskReplication, replicate } from '../store/replicate.js';
+import type { DiskReplication } from '../store/replicate.js';
 import { Repository } from '../store/repository.js';
 import { KEEP_OPTIONS } from '../store/retention.js';
 import { type Progress, progressBar } from './progress.js';
@@ -43,6 +43,7 @@ export function replicateCommand(): Command {
       const bar: { disk: string | null; progress: Progress | null } = { disk: null, progress: null };
       let report;
       try {
+        const { replicate } = await import('../store/replicate.js');
         report = await replicate(src, dst, disks.length > 0 ? disks : undefined, {
           retention,
           maxWrite: opts.maxWrite as number | undefined,

@@ -1,14 +1,10 @@
 import { Command, InvalidArgumentError, Option } from 'commander';
-import { backup, planSource } from '../store/backup.js';
+import type { LiveBackupOptions, LiveBackupReport } from '../qemu/liveBackup.js';
+import { DEFAULT_CBW_TIMEOUT } from '../qemu/defaults.js';
 import { parseNbdUri } from '../nbd/uri.js';
-import { DEFAULT_CBW_TIMEOUT, liveBackup, type LiveBackupOptions, type LiveBackupReport } from '../qemu/liveBackup.js';
-import { benchStages, formatStages } from '../store/benchStages.js';
-import { benchMerge, formatMergeRows } from '../store/benchMerge.js';
 import { Repository, type Layout } from '../store/repository.js';
-import { restore, type RestoreFormat } from '../store/restore.js';
-import { verify } from '../store/verify.js';
-import { prune, type PruneReport } from '../store/prune.js';
-import { describeFinding, listBackups } from '../store/list.js';
+import type { RestoreFormat } from '../store/restore.js';
+import type { PruneReport } from '../store/prune.js';
 import { KEEP_OPTIONS, type RetentionPolicy } from '../store/retention.js';
 import { UsageError } from '../vhd/errors.js';
 import { checkBackupId } from '../store/names.js';
@@ -16,6 +12,9 @@ import { type Compression, COMPRESSIONS } from '../vhd/compression.js';
 import { progressBar } from './progress.js';
 import { parseRate, parseSize } from './sizes.js';
 import { EXIT_FAILURE, ExitStatus } from './run.js';
+
+// Each command imports what it runs when it runs (`await import` in its action): a start-up
+// then loads one command's code, not every command's (the QEMU and NBD stacks included).
 
 /** Worker threads: each holds blocks in flight (2 MiB each), so memory grows with this; 64 is plenty. */
 function parseCount(text: string): number {
@@ -145,6 +144,7 @@ export function storeCommands(): Command[] {
     .option('--max-write <rate>', 'write bandwidth limit, e.g. 20M (per second)', parseRate)
     .option('--json', 'print one JSON object')
     .action(async (root: string, disk: string, opts: BackupCliOptions) => {
+      const { backup, planSource } = await import('../store/backup.js');
       const live = opts.qemu !== undefined ? liveOptions(opts) : null;
       if (!live) {
         if (opts.source === undefined) throw new UsageError('give --source <path|nbd-uri>, or --qemu <qmp-socket> for a running QEMU disk');
@@ -158,7 +158,7 @@ export function storeCommands(): Command[] {
       try {
         const onProgress = (d: number, t: number, b: number) => bar.update(d, t, b);
         const { signal } = bar;
-        report = live ? await liveBackup(repo, disk, { ...live, onProgress, signal }) : await backup(repo, disk, { ...opts, source: opts.source!, fromRaw: opts.from === 'raw', onProgress, signal });
+        report = live ? await (await import('../qemu/liveBackup.js')).liveBackup(repo, disk, { ...live, onProgress, signal }) : await backup(repo, disk, { ...opts, source: opts.source!, fromRaw: opts.from === 'raw', onProgress, signal });
       } finally {
         bar.stop();
       }
@@ -182,6 +182,7 @@ export function storeCommands(): Command[] {
     .option('--json', 'print a JSON array')
     .action(async (root: string, disk: string | undefined, opts: { json?: boolean }) => {
       const repo = await Repository.open(root);
+      const { describeFinding, listBackups } = await import('../store/list.js');
       const listing = await listBackups(repo, disk);
       for (const f of listing.findings) console.error(`vhdvault: warning: ${describeFinding(f)}`);
       for (const u of listing.unreadable) console.error(`vhdvault: ${u.problem}`);
@@ -206,6 +207,7 @@ export function storeCommands(): Command[] {
       const bar = progressBar(`restore ${disk}`, false, 'written');
       let r;
       try {
+        const { restore } = await import('../store/restore.js');
         r = await restore(repo, disk, out, { backup: opts.backup, format: opts.format, fromOverlay: opts.fromOverlay, onProgress: (d, t, b) => bar.update(d, t, b) });
       } finally {
         bar.stop();
@@ -225,6 +227,7 @@ export function storeCommands(): Command[] {
       const bar = progressBar('verify', opts.json ?? false);
       let report;
       try {
+        const { verify } = await import('../store/verify.js');
         report = await verify(repo, disk, { onProgress: (d, t, b) => bar.update(d, t, b) });
       } finally {
         bar.stop();
@@ -252,6 +255,7 @@ export function storeCommands(): Command[] {
       const policy = retentionPolicy(opts);
       const repo = await Repository.open(root);
       if (disk) await repo.requireDisk(disk);
+      const [{ prune }, { describeFinding }] = await Promise.all([import('../store/prune.js'), import('../store/list.js')]);
       const report = await prune(repo, disk, {
         policy,
         maxMerges: opts.maxMerges as number | undefined,
@@ -274,6 +278,7 @@ export function storeCommands(): Command[] {
     .option('--json', 'print JSON')
     .action(async (opts: { repo?: string; dropCaches?: boolean; json?: boolean }) => {
       const dir = opts.repo ? (await Repository.open(opts.repo)).root : undefined;
+      const { benchStages, formatStages } = await import('../store/benchStages.js');
       const results = await benchStages(dir, { dropCaches: opts.dropCaches === true });
       console.log(opts.json ? JSON.stringify(results, null, 2) : formatStages(results));
     });
@@ -286,6 +291,7 @@ export function storeCommands(): Command[] {
     .option('--changed <percent|blocks>', 'blocks the delta changes: "10%" or a count', '10%')
     .option('--json', 'print the rows as JSON')
     .action(async (opts: { dir: string; size: number; changed: string; json?: boolean }) => {
+      const { benchMerge, formatMergeRows } = await import('../store/benchMerge.js');
       const bar = progressBar('bench merge', opts.json ?? false, 'written');
       let rows;
       try {

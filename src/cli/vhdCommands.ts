@@ -1,19 +1,13 @@
 import { Command, Option } from 'commander';
 import { extname } from 'node:path';
-import { convert, type OutputFormat } from '../vhd/convert.js';
-import { createDifferencingVhd, createDynamicVhd } from '../vhd/create.js';
-import { describeVhd, formatDescription } from '../vhd/describe.js';
-import { readingPath } from '../store/insideRepository.js';
-import { checkBackupId, checkDiskName } from '../store/names.js';
-import { Repository } from '../store/repository.js';
-import { backupLocation, restore } from '../store/restore.js';
+import type { OutputFormat } from '../vhd/convert.js';
 import { UsageError } from '../vhd/errors.js';
-import { VhdChain } from '../vhd/VhdChain.js';
-import { VhdDirectory } from '../vhd/VhdDirectory.js';
 import { checkFormatFits, implicitFormat, type OutputTarget, outputTarget } from '../vhd/outputTarget.js';
 import { type Compression, COMPRESSIONS } from '../vhd/compression.js';
 import { progressBar } from './progress.js';
 import { parseSize } from './sizes.js';
+
+// Each command imports what it runs when it runs (see storeCommands.ts).
 
 const FORMAT_BY_EXTENSION: Record<string, OutputFormat> = { '.vhd': 'vhd', '.raw': 'raw', '.img': 'raw', '.vhd-dir': 'dir' };
 
@@ -42,6 +36,7 @@ export function vhdCommand(): Command {
       const layout = extname(out).toLowerCase() === '.vhd-dir' ? 'dir' : 'file';
       if (opts.compression && layout !== 'dir') throw new UsageError('--compression applies only to a directory (a name ending .vhd-dir)');
       const storage = { layout, compression: opts.compression } as const;
+      const { createDifferencingVhd, createDynamicVhd } = await import('../vhd/create.js');
       if (opts.parent) {
         await createDifferencingVhd(out, opts.parent, { size: opts.size, blockSize: opts.blockSize, ...storage });
       } else {
@@ -56,6 +51,7 @@ export function vhdCommand(): Command {
     .argument('<path>')
     .option('--json', 'print one JSON object')
     .action(async (path: string, opts: { json?: boolean }) => {
+      const [{ readingPath }, { describeVhd, formatDescription }] = await Promise.all([import('../store/insideRepository.js'), import('../vhd/describe.js')]);
       const description = await readingPath(path, () => describeVhd(path));
       console.log(opts.json ? JSON.stringify(description, null, 2) : formatDescription(description));
     });
@@ -66,6 +62,7 @@ export function vhdCommand(): Command {
     .argument('<path>')
     .action(async (path: string) => {
       // A backup's data inside a repository is read as a reader of its disk, never beside a merge.
+      const [{ readingPath }, { VhdChain }, { VhdDirectory }] = await Promise.all([import('../store/insideRepository.js'), import('../vhd/VhdChain.js'), import('../vhd/VhdDirectory.js')]);
       await readingPath(path, async () => {
         const chain = await VhdChain.open(path);
         try {
@@ -95,14 +92,17 @@ export function vhdCommand(): Command {
       const bar = progressBar('convert', false);
       const onProgress = (d: number, t: number, b: number) => bar.update(d, t, b);
       // A backup of an object store has no VHD to open: it is read as restore reads it, digests checked.
+      const { backupLocation } = await import('../store/names.js');
       const backup = backupLocation(input);
       try {
         if (backup) {
           if (opts.compression) throw new UsageError('--compression applies to converting a VHD; a backup is exported uncompressed');
+          const [{ Repository }, { checkBackupId, checkDiskName }, { restore }] = await Promise.all([import('../store/repository.js'), import('../store/names.js'), import('../store/restore.js')]);
           const repo = await Repository.open(backup.root);
           await restore(repo, checkDiskName(backup.disk), output, { backup: checkBackupId(backup.id), format: format === 'fixed' || format === 'dir' || format === 'vhd' ? format : 'raw', onProgress });
           return;
         }
+        const [{ readingPath }, { convert }] = await Promise.all([import('../store/insideRepository.js'), import('../vhd/convert.js')]);
         await readingPath(input, () => convert(input, target, { format, fromRaw: opts.from === 'raw', compression: opts.compression, onProgress }));
       } finally {
         bar.stop();

@@ -8,6 +8,7 @@
  * happens, everything vhdvault added to QEMU is removed again, and the guest
  * never sees an error.
  */
+import { DEFAULT_CBW_TIMEOUT } from './defaults.js';
 import { realpath, stat, statfs } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import { NbdRequestError } from '../nbd/errors.js';
@@ -27,7 +28,7 @@ import { findGuestPath } from './guestPath.js';
 import { qemuNbdServer } from './qemuNbdServer.js';
 import { QmpClient } from './QmpClient.js';
 
-export const DEFAULT_CBW_TIMEOUT = 45;
+export { DEFAULT_CBW_TIMEOUT };
 /** Free space under which a fleecing folder counts as full: less than a few of QEMU's 64 KiB copies. */
 const FULL_BELOW = 1024 * 1024;
 

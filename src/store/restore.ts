@@ -17,15 +17,6 @@ export type RestoreFormat = 'vhd' | 'raw' | 'fixed' | 'dir';
 
 const BY_EXTENSION: Record<string, RestoreFormat> = { '.vhd': 'vhd', '.vhd-dir': 'dir' };
 
-/**
- * A backup named by where it is, `<repository>/disks/<disk>/<id>` — how `vhd
- * convert` takes a backup of an object store, whose backups are no VHD files.
- */
-export function backupLocation(input: string): { root: string; disk: string; id: string } | null {
-  const m = /^(s3:\/\/.+?)\/disks\/([^/]+)\/([^/]+)\/?$/.exec(input);
-  return m ? { root: m[1]!, disk: m[2]!, id: m[3]! } : null;
-}
-
 export interface RestoreReport {
   id: string;
   format: RestoreFormat;
