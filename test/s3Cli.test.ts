@@ -224,11 +224,13 @@ describe.concurrent('an S3 repository through the CLI', () => {
     expect(await listIds(repo)).toEqual([id]);
   });
 
-  it('serve exports the latest backup read-only over NBD, read back exactly by nbdcopy', async () => {
+  it('serve exports the latest backup read-only over NBD, read back exactly by nbdcopy; --writable is refused', async () => {
     const repo = await location();
     ok(await vhdvaultAsync('init', repo));
     const disk = await newDisk('serve');
     const id = idOf(await vhdvaultAsync('backup', repo, 'vm', '--source', disk));
+    // An overlay's VHD names the backup's VHD file as its parent: there is none on an object store.
+    expectRefused(await vhdvaultAsync('serve', repo, 'vm', '--writable', '--socket', join(dir, 'writable.sock')), repo, /--writable.*object store/);
     const serving = await startServe(repo, 'vm', '--socket', join(dir, 'serve.sock'));
     try {
       expect(serving.ready).toMatchObject({ backup: id, writable: false });

@@ -102,6 +102,9 @@ class BackupCatalog implements ExportCatalog {
 
 /** Serve until `options.until` resolves, as a reader of the disk; then close every connection cleanly. */
 export async function serve(repo: Repository, disk: string, options: ServeOptions): Promise<void> {
+  if (options.writable && !repo.storage.capabilities.localFiles) {
+    throw new VhdError(repo.root, 'serve --writable keeps writes in an overlay VHD whose parent is the backup\'s VHD file, and a backup on an object store has none: serve it read-only, or restore it to a folder first');
+  }
   await readingDisk(
     repo,
     disk,
