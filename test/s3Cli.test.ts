@@ -141,6 +141,8 @@ describe.concurrent('an S3 repository through the CLI', () => {
       vhdvaultAsync('init', `s3://${bucket}/../x`),
     ]);
     expectRefused(again, repo, /already a vhdvault repository/);
+    // A repository's prefixes are its own: no second repository inside it.
+    expectRefused(await vhdvaultAsync('init', `${repo}/disks/inner`), `${repo}/disks/inner`, /is inside the repository/);
     expectRefused(used, `s3://${bucket}/other`, /not empty/);
     expectRefused(wholeBucket, `s3://${bucket}`, /not empty/);
     expectUsage(dirLayout, /objects layout/);
@@ -310,5 +312,15 @@ describe.concurrent('an S3 repository through the CLI', () => {
     expect(verified.stderr).not.toContain('    at ');
     expectRefused(restored, repo, /missing/);
     expect((await readdir(dir)).filter((name) => name.includes('damaged'))).toEqual([]);
+    // The next backup does not name the lost object again: it is full, says why, and stores the block anew.
+    const next = JSON.parse(ok(await vhdvaultAsync('backup', repo, 'vm', '--source', disk, '--json')).stdout) as { id: string; kind: string; note?: string };
+    expect(next.kind).toBe('full');
+    expect(next.note).toMatch(/block object.*missing/);
+    ok(await vhdvaultAsync('verify', repo));
+    ok(await vhdvaultAsync('restore', repo, 'vm', out, '--backup', id));
+    expect(await sameBytes(out, disk)).toBe(true);
+    // A map gone from the store is missing, whatever this machine's cache remembers.
+    await r.storage.delete(r.digestsKey('vm', next.id));
+    expectRefused(await vhdvaultAsync('restore', repo, 'vm', join(dir, 'nomap.raw'), '--backup', next.id), repo, /block map .* is missing/);
   });
 });

@@ -55,7 +55,7 @@ function runCommand(): Command {
 function historyCommand(): Command {
   return new Command('history')
     .description('past runs of the jobs that back up into <repo>, from the reports it keeps, and how each disk trends')
-    .argument('<repo>')
+    .argument('<repo>', 'the repository: a folder, or s3://bucket/prefix')
     .option('--job <name>', 'only this job')
     .option('--json', 'print {runs, trends} as one JSON object')
     .action(async (root: string, opts: { job?: string; json?: boolean }) => {

@@ -24,7 +24,7 @@ export function parseListen(text: string): { host: string; port: number } {
 export function serveCommand(): Command {
   return new Command('serve')
     .description('serve a backup as an NBD export (read through the chain, nothing materialized) until SIGINT/SIGTERM')
-    .argument('<repo>')
+    .argument('<repo>', 'the repository: a folder, or s3://bucket/prefix')
     .argument('<disk>')
     .option('--backup <id>', 'backup to serve as the default export (default: the latest)')
     .option('--listen <host:port>', 'TCP address (default: 127.0.0.1:10809; port 0 picks a free one)', parseListen)

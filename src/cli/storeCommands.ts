@@ -125,7 +125,7 @@ export function storeCommands(): Command[] {
 
   const backupCmd = new Command('backup')
     .description('back up a disk image, or a running QEMU disk, as the next backup of <disk>: full the first time, then deltas')
-    .argument('<repo>')
+    .argument('<repo>', 'the repository: a folder, or s3://bucket/prefix')
     .argument('<disk>', 'disk name in the repository')
     .option('--source <path|nbd-uri>', 'raw image, VHD (file, directory or chain), or NBD export (nbd://host[:port]/export, nbd+unix:///export?socket=/path)')
     .addOption(new Option('--from <format>', 'treat the source as this format (a raw image named .vhd)').choices(['raw']))
@@ -177,7 +177,7 @@ export function storeCommands(): Command[] {
 
   const list = new Command('list')
     .description('list backups, oldest first')
-    .argument('<repo>')
+    .argument('<repo>', 'the repository: a folder, or s3://bucket/prefix')
     .argument('[disk]')
     .option('--json', 'print a JSON array')
     .action(async (root: string, disk: string | undefined, opts: { json?: boolean }) => {
@@ -194,7 +194,7 @@ export function storeCommands(): Command[] {
 
   const restoreCmd = new Command('restore')
     .description('restore a backup (default the latest) as a full VHD, raw image, fixed VHD or VHD directory')
-    .argument('<repo>')
+    .argument('<repo>', 'the repository: a folder, or s3://bucket/prefix')
     .argument('<disk>')
     .argument('<out>', 'file (replaced atomically), block or character device (raw, in place), or - for standard output')
     .option('--backup <id>', 'backup id (default: the latest)')
@@ -218,7 +218,7 @@ export function storeCommands(): Command[] {
 
   const verifyCmd = new Command('verify')
     .description('re-read every stored block and check digests and structure')
-    .argument('<repo>')
+    .argument('<repo>', 'the repository: a folder, or s3://bucket/prefix')
     .argument('[disk]')
     .option('--json', 'print one JSON object')
     .action(async (root: string, disk: string | undefined, opts: { json?: boolean }) => {
@@ -244,13 +244,13 @@ export function storeCommands(): Command[] {
 
   const pruneCmd = new Command('prune')
     .description('remove backups a retention policy does not keep; merge forward those later backups depend on')
-    .argument('<repo>')
+    .argument('<repo>', 'the repository: a folder, or s3://bucket/prefix')
     .argument('[disk]');
   for (const option of KEEP_OPTIONS) pruneCmd.option(`--keep-${option} <n>`, `keep the newest backup of this many ${option === 'last' ? 'backups' : `${option} periods`}`, parseKeep);
   pruneCmd
     .option('--max-merges <n>', 'merge at most this many backups in this run', parseMaxMerges)
     .option('--dry-run', 'print what would be kept and removed; change nothing')
-    .option('--json', 'print { kept, removed, merged, merges, deferred }')
+    .option('--json', 'print { kept, removed, merged, merges, deferred, refused, collected }')
     .action(async (root: string, disk: string | undefined, opts: Record<string, unknown>) => {
       const policy = retentionPolicy(opts);
       const repo = await Repository.open(root);

@@ -21,6 +21,11 @@ export function outputFormatFor(target: OutputTarget, requested?: OutputFormat):
   return byExtension;
 }
 
+/** A backup on an object store is no VHD file: say how to get one. */
+function refuseObjectStore(path: string): void {
+  if (path.startsWith('s3://')) throw new UsageError(`${path}: a backup on an object store is not a VHD; export it with \`vhdvault vhd convert ${path} <out.vhd>\` (or restore), then inspect that`);
+}
+
 export function vhdCommand(): Command {
   const vhd = new Command('vhd').description('create, inspect, check and convert VHD files and directories');
 
@@ -51,6 +56,7 @@ export function vhdCommand(): Command {
     .argument('<path>')
     .option('--json', 'print one JSON object')
     .action(async (path: string, opts: { json?: boolean }) => {
+      refuseObjectStore(path);
       const [{ readingPath }, { describeVhd, formatDescription }] = await Promise.all([import('../store/insideRepository.js'), import('../vhd/describe.js')]);
       const description = await readingPath(path, () => describeVhd(path));
       console.log(opts.json ? JSON.stringify(description, null, 2) : formatDescription(description));
@@ -62,6 +68,7 @@ export function vhdCommand(): Command {
     .argument('<path>')
     .action(async (path: string) => {
       // A backup's data inside a repository is read as a reader of its disk, never beside a merge.
+      refuseObjectStore(path);
       const [{ readingPath }, { VhdChain }, { VhdDirectory }] = await Promise.all([import('../store/insideRepository.js'), import('../vhd/VhdChain.js'), import('../vhd/VhdDirectory.js')]);
       await readingPath(path, async () => {
         const chain = await VhdChain.open(path);

@@ -332,8 +332,10 @@ export class S3Storage implements Storage {
     const n = attempts(err);
     if (isMissing(err)) return new NotFoundError(where, 'no such object', 'NoSuchKey');
     if (name === 'NoSuchBucket') return new StorageError(where, `bucket "${this.bucket}" does not exist`, name);
-    if (status === 403 || ['AccessDenied', 'InvalidAccessKeyId', 'SignatureDoesNotMatch', 'CredentialsProviderError'].includes(name ?? '')) {
-      return new StorageError(where, `access denied (${name ?? status}): check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the shared credentials`, name);
+    if (name === 'CredentialsProviderError') return new StorageError(where, 'no credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE and the shared credentials file', name);
+    if (status === 403 || ['AccessDenied', 'InvalidAccessKeyId', 'SignatureDoesNotMatch'].includes(name ?? '')) {
+      const why = name && name !== 'Unknown' ? ` (${name})` : '';
+      return new StorageError(where, `access denied${why}: check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the shared credentials`, name ?? 'S3_403');
     }
     if (code && ['ECONNREFUSED', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH'].includes(code)) return new StorageError(where, `cannot reach ${this.settings.endpoint}: ${code}`, code);
     if (name === 'TimeoutError' || code === 'ETIMEDOUT') return new StorageError(where, `timed out after ${n} attempts`, 'ETIMEDOUT');

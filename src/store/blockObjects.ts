@@ -111,11 +111,12 @@ function cachePath(repo: Repository, disk: string, id: string): string | null {
 export async function loadBlockMap(repo: Repository, meta: BackupMetadata, options: { fresh?: boolean } = {}): Promise<BlockMap> {
   const expected = meta.blockCount * DIGEST_SIZE;
   const cached = options.fresh ? null : cachePath(repo, meta.disk, meta.id);
+  const k = repo.digestsKey(meta.disk, meta.id);
   if (cached) {
     const bytes = await readFile(cached).catch(() => null);
-    if (bytes?.length === expected) return new BlockMap(bytes, meta.blockSize);
+    // The store must still hold the map (one HEAD, not the download): a backup whose map is gone is damaged, whatever this machine remembers.
+    if (bytes?.length === expected && (await repo.storage.head(k))?.size === expected) return new BlockMap(bytes, meta.blockSize);
   }
-  const k = repo.digestsKey(meta.disk, meta.id);
   let bytes: Buffer;
   try {
     bytes = await repo.storage.get(k);

@@ -6,6 +6,7 @@ import { blockFile, VhdDirectory } from '../vhd/VhdDirectory.js';
 import { key, type Storage } from '../storage/Storage.js';
 import { lineage, openBackupData } from './chain.js';
 import { DIGEST_SIZE } from './digests.js';
+import { blockObjectKey, loadBlockMap } from './blockObjects.js';
 import { isBackupId } from './names.js';
 import { type BackupMetadata, deletingId, pendingId, type Repository } from './repository.js';
 
@@ -32,6 +33,25 @@ async function missingBlockFiles(storage: Storage, dataKey: string, dir: VhdDire
     const folder = Math.floor(b / 1000);
     if (!folders.has(folder)) folders.set(folder, new Set(await storage.list(key(dataKey, 'blocks', String(folder)))));
     if (!folders.get(folder)!.has(String(b % 1000))) missing.push(b);
+  }
+  return missing;
+}
+
+/** The keys of a disk's block objects (objects layout): one listing, a page per 1000 objects. */
+async function storedObjects(repo: Repository, disk: string): Promise<Set<string>> {
+  const keys = new Set<string>();
+  for await (const o of repo.storage.listAll(repo.blocksKey(disk))) keys.add(o.key);
+  return keys;
+}
+
+/** Blocks whose object the backup's map names but the store lacks: a delta over them would name them too. */
+async function missingObjects(repo: Repository, meta: BackupMetadata, present: Set<string>): Promise<Array<{ block: number; key: string }>> {
+  const map = await loadBlockMap(repo, meta);
+  const missing: Array<{ block: number; key: string }> = [];
+  for (let b = 0; b < map.blockCount; b++) {
+    if (!map.hasObject(b)) continue;
+    const k = blockObjectKey(repo, meta.disk, map.digest(b));
+    if (!present.has(k)) missing.push({ block: b, key: k });
   }
   return missing;
 }
@@ -84,15 +104,22 @@ export async function fileFindings(repo: Repository, disk: string, backups: Back
 export async function structureFindings(repo: Repository, backups: BackupMetadata[]): Promise<Finding[]> {
   const findings: Finding[] = [];
   const opened = new Map<string, VhdDisk>();
+  // Objects layout: the names of the disk's block objects, listed once (what missingBlockFiles reads per directory).
+  let present: Set<string> | undefined;
   try {
     for (const meta of backups) {
       const problem = (text: string) => findings.push({ disk: meta.disk, id: meta.id, kind: 'structure', problem: text });
       const dataKey = repo.dataKey(meta.disk, meta.id, meta.layout);
       if (!(await repo.storage.head(dataKey))) continue; // fileFindings names it
-      // Objects layout: no VHD to open; the map's size is checked below, its objects by verify.
+      // Objects layout: no VHD to open; the map's size, and that every object it names is there (their content is verify's).
       if (meta.layout === 'objects') {
         const size = (await repo.storage.head(dataKey))!.size;
         if (size !== meta.blockCount * DIGEST_SIZE) problem(`its block map ${repo.digestsPath(meta.disk, meta.id)} has ${size} bytes, ${meta.blockCount * DIGEST_SIZE} expected`);
+        else {
+          present ??= await storedObjects(repo, meta.disk);
+          const missing = await missingObjects(repo, meta, present);
+          if (missing.length > 0) problem(`${missing.length} block object${missing.length > 1 ? 's' : ''} its block map names ${missing.length > 1 ? 'are' : 'is'} missing (block ${missing[0]!.block}: ${repo.storage.describe(missing[0]!.key)}${missing.length > 1 ? ', …' : ''})`);
+        }
         continue;
       }
       try {
@@ -147,7 +174,7 @@ export async function lineageFindings(repo: Repository, meta: BackupMetadata): P
   const findings: Finding[] = [];
   for (const m of members) {
     if (m.layout !== 'objects' && !(await repo.storage.head(repo.dataKey(m.disk, m.id, m.layout)))) findings.push({ disk: m.disk, id: m.id, kind: 'missing-data', problem: `its data ${repo.dataPath(m.disk, m.id, m.layout)} is missing` });
-    if (!(await repo.storage.head(repo.digestsKey(m.disk, m.id)))) findings.push({ disk: m.disk, id: m.id, kind: 'missing-digests', problem: `its digests file ${repo.digestsPath(m.disk, m.id)} is missing` });
+    if (!(await repo.storage.head(repo.digestsKey(m.disk, m.id)))) findings.push({ disk: m.disk, id: m.id, kind: 'missing-digests', problem: `its ${m.layout === 'objects' ? 'block map' : 'digests file'} ${repo.digestsPath(m.disk, m.id)} is missing` });
   }
   return [...findings, ...(await structureFindings(repo, members))];
 }

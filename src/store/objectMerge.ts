@@ -23,10 +23,15 @@ export interface ObjectMergeJournal {
 
 const journalKey = (repo: Repository, disk: string) => key(repo.diskKey(disk), 'merge.json');
 
-/** The child in the parent's place: blocks it changed counted against its new parent; sizes are the two backups' sums (upper bounds). */
+/**
+ * The child in the parent's place: the blocks it changed counted against its new
+ * parent; their bytes estimated at the two backups' average object size (reading
+ * every object's size would cost a request each).
+ */
 async function mergedMetadata(repo: Repository, parent: BackupMetadata, child: BackupMetadata): Promise<BackupMetadata> {
   const map = await loadBlockMap(repo, child);
   const base = parent.parent === null ? null : await loadBlockMap(repo, await repo.backup(parent.disk, parent.parent));
+  const perObject = (parent.bytesWritten + child.bytesWritten) / Math.max(1, parent.blocksWritten + child.blocksWritten);
   let changed = 0;
   for (let b = 0; b < map.blockCount; b++) if (base && b < base.blockCount ? !map.digest(b).equals(base.digest(b)) : map.hasObject(b)) changed++;
   return {
@@ -34,8 +39,8 @@ async function mergedMetadata(repo: Repository, parent: BackupMetadata, child: B
     parent: parent.parent,
     kind: parent.kind,
     blocksWritten: changed,
-    bytesWritten: parent.bytesWritten + child.bytesWritten,
-    bytesStored: parent.bytesStored + child.bytesStored,
+    bytesWritten: Math.round(changed * perObject),
+    bytesStored: Math.round(changed * perObject) + map.bytes.length,
   };
 }
 

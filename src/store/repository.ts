@@ -1,4 +1,5 @@
-import { isAbsolute, relative, resolve, sep } from 'node:path';
+import { existsSync } from 'node:fs';
+import { dirname, isAbsolute, join, relative, resolve, sep } from 'node:path';
 import { type Compression, isCompression } from '../vhd/compression.js';
 import { DEFAULT_BLOCK_SIZE } from '../vhd/constants.js';
 import { UsageError, VhdError } from '../vhd/errors.js';
@@ -143,6 +144,21 @@ function parseMetadata(value: unknown, path: string, disk: string, id: string): 
   return m as BackupMetadata;
 }
 
+/** The repository a new one's place lies inside (a folder or prefix above it holding vhdvault.json), or null. */
+async function enclosingRepository(d: StorageDescriptor): Promise<string | null> {
+  if (d.kind === 'local') {
+    for (let dir = dirname(d.root); dir !== dirname(dir); dir = dirname(dir)) if (existsSync(join(dir, CONFIG_FILE))) return dir;
+    return existsSync(join('/', CONFIG_FILE)) ? '/' : null;
+  }
+  const parts = d.prefix === '' ? [] : d.prefix.split('/');
+  const bucket = await openStorage({ ...d, prefix: '' });
+  for (let i = parts.length - 1; i >= 0; i--) {
+    const above = parts.slice(0, i);
+    if (await bucket.head([...above, CONFIG_FILE].join('/'))) return bucket.describe(above.join('/'));
+  }
+  return null;
+}
+
 /**
  * A repository: its configuration and the names of everything in it, over a
  * storage backend (src/storage). Keys name things; `…Path` methods give the
@@ -172,6 +188,8 @@ export class Repository {
     const storage = await openStorage(descriptor);
     const root = storage.describe('');
     if (await storage.head(CONFIG_FILE)) throw new VhdError(root, 'is already a vhdvault repository');
+    const outer = await enclosingRepository(descriptor);
+    if (outer !== null) throw new VhdError(root, `is inside the repository ${outer}, whose folders are its own: choose a place outside it`);
     const top = await storage.head('');
     if (top && !top.prefix) throw new VhdError(root, 'exists and is not a folder');
     if (top && (await storage.list('')).length > 0) throw new VhdError(root, `is not empty and is not a vhdvault repository: refusing to use it`);

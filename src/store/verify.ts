@@ -47,7 +47,7 @@ export async function verify(repo: Repository, disk?: string, options: { onProgr
       for (const f of findings) if (!options.only || f.id === null || options.only.has(f.id)) report.problems.push({ disk: d, id: f.id, block: null, problem: f.problem });
       const unreadable = new Set(findings.filter((f) => f.kind === 'missing-data' || f.kind === 'missing-parent').map((f) => f.id));
       // Objects layout: backups share block objects; each is read once per run.
-      const checked = new Set<string>();
+      const checked = new Map<string, string | null>();
       for (const meta of backups.filter(chosen)) {
         report.backups++;
         if (!unreadable.has(meta.id)) {
@@ -64,7 +64,7 @@ export async function verify(repo: Repository, disk?: string, options: { onProgr
   return report;
 }
 
-async function verifyBackup(repo: Repository, meta: BackupMetadata, report: VerifyReport, onBlockRead: (block: number) => void, checked: Set<string>): Promise<void> {
+async function verifyBackup(repo: Repository, meta: BackupMetadata, report: VerifyReport, onBlockRead: (block: number) => void, checked: Map<string, string | null>): Promise<void> {
   const problem = (block: number | null, text: string) => report.problems.push({ disk: meta.disk, id: meta.id, block, problem: text });
   let chain: VhdChain;
   try {
@@ -97,8 +97,13 @@ async function verifyBackup(repo: Repository, meta: BackupMetadata, report: Veri
     if (objects) {
       // An object another backup's check already read is not read again.
       const name = objects.map.digest(b).toString('hex');
-      if (checked.has(name)) continue;
-      checked.add(name);
+      // Read once; a bad one is still reported for every backup that names it.
+      if (checked.has(name)) {
+        const known = checked.get(name);
+        if (known) problem(b, known);
+        continue;
+      }
+      checked.set(name, null);
     }
     stored.push(b);
   }
@@ -120,8 +125,10 @@ async function verifyBackup(repo: Repository, meta: BackupMetadata, report: Veri
     for await (const [block, r] of orderedReadAhead(stored, BLOCK_READ_AHEAD, read)) {
       report.blocks++;
       onBlockRead(block);
-      if (r.error) problem(block, r.error);
-      else if (digests && (!r.digest || !r.digest.equals(await digests.get(block)))) problem(block, 'stored data does not match its digest');
+      const bad = r.error ?? (digests && (!r.digest || !r.digest.equals(await digests.get(block))) ? 'stored data does not match its digest' : null);
+      if (bad === null) continue;
+      problem(block, bad);
+      if (objects) checked.set(objects.map.digest(block).toString('hex'), bad);
     }
     // In the objects layout the map is the whole disk, and every object it names was just read.
     if (!digests || objects) return;
