@@ -167,14 +167,6 @@ export async function objectsNamedBy(repo: Repository, backups: BackupMetadata[]
   return named;
 }
 
-/** A map's bytes by id, from the local cache when there (committed maps never change), else the store. */
-async function mapBytes(repo: Repository, disk: string, id: string): Promise<Buffer> {
-  const cached = cachePath(repo, disk, id);
-  const bytes = cached ? await readFile(cached).catch(() => null) : null;
-  if (bytes && bytes.length % DIGEST_SIZE === 0) return bytes;
-  return repo.storage.get(repo.digestsKey(disk, id));
-}
-
 /**
  * Delete the disk's block objects that no block map names. Every map in the
  * disk's folder counts — committed, pending, or orphaned (a lost metadata
@@ -194,7 +186,8 @@ export async function collectGarbage(repo: Repository, disk: string, candidates:
   for (const name of names) {
     const id = /^(.+)\.digests$/.exec(name)?.[1];
     if (id === undefined || !isBackupId(id)) continue;
-    const bytes = await mapBytes(repo, disk, id);
+    // From the store, never the cache: what is deleted must be provably unnamed by what is stored.
+    const bytes = await storage.get(key(repo.diskKey(disk), name));
     if (bytes.length % DIGEST_SIZE !== 0) throw new VhdError(storage.describe(key(repo.diskKey(disk), name)), `block map has ${bytes.length} bytes, not a whole number of digests: no block object is deleted`);
     for (let at = 0; at < bytes.length; at += DIGEST_SIZE) referenced.add(bytes.toString('hex', at, at + DIGEST_SIZE));
   }
