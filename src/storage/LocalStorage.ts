@@ -3,7 +3,7 @@ import { dirname, join, resolve } from 'node:path';
 import pLimit from 'p-limit';
 import { describeFsError, VhdError } from '../vhd/errors.js';
 import { fsyncDirectory, syncFilesystem, temporaryPath } from '../util/fsync.js';
-import { type BatchOp, type ListedObject, type LocalDescriptor, NotFoundError, StorageError, type ObjectInfo, type Storage, type StorageCapabilities, type StorageDescriptor } from './Storage.js';
+import { type BatchOp, type ListedObject, type LocalDescriptor, NotFoundError, StorageError, type ObjectInfo, type Storage, type StorageCapabilities } from './Storage.js';
 
 /**
  * A repository in a local (or mounted) folder: a key is a path below the root.
@@ -219,10 +219,4 @@ export class LocalStorage implements Storage {
     if (code === 'ENOENT') return new NotFoundError(path, 'no such file or directory', code);
     return new StorageError(path, describeFsError(err), code);
   }
-}
-
-/** Reopen the storage a descriptor names (in a worker thread, say). */
-export function openStorage(descriptor: StorageDescriptor): Storage {
-  if (descriptor.kind === 'local') return new LocalStorage(descriptor.root);
-  throw new Error(`unknown storage kind ${String((descriptor as { kind: unknown }).kind)}`);
 }

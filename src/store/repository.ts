@@ -9,6 +9,7 @@ import { isS3Uri, parseS3Uri } from '../storage/s3Uri.js';
 import { isNotFound, key, localPathOf, type Storage, type StorageDescriptor } from '../storage/Storage.js';
 import { checkBackupId, checkDiskName, inUseByAnother, isBackupId, isTemporaryName } from './names.js';
 import { ensureReserve } from './reserve.js';
+import { SWEEP_MARKER, sweepMarkerKey } from './blockObjects.js';
 /**
  * dir: exploded VHD directories; vhd: VHD files (both need a local folder);
  * objects: immutable block objects named by digest plus a block map per backup (any storage, §4.15).
@@ -335,7 +336,7 @@ export class Repository {
     if (meta.layout === 'objects') await this.storage.put(this.digestsKey(meta.disk, meta.id), blockMap!);
     await this.finishCommit(meta);
     // Every object this backup uploaded is now named by its map: nothing for a sweep to find.
-    if (meta.layout === 'objects') await this.storage.delete(key(this.diskKey(meta.disk), `.${meta.id}.sweep.tmp`));
+    if (meta.layout === 'objects') await this.storage.delete(sweepMarkerKey(this, meta.disk, meta.id));
   }
 
   private async finishCommit(meta: BackupMetadata): Promise<void> {
@@ -511,7 +512,7 @@ export class Repository {
     const removed: string[] = [];
     for (const name of names) {
       // A sweep marker (objects layout) is removed only by the collection it asks for (blockObjects.ts).
-      if (!isTemporaryName(name) || pendingId(name) !== null || /\.sweep\.tmp$/.test(name)) continue;
+      if (!isTemporaryName(name) || pendingId(name) !== null || SWEEP_MARKER.test(name)) continue;
       // Another live process's work in progress (a lock being acquired right now, say) is not ours to remove.
       if (inUseByAnother(name)) continue;
       const stagedOf = /^\.(\d{8}T\d{9}Z-[0-9a-f]{6})\.(vhd-dir|vhd|digests)\.tmp$/.exec(name)?.[1];
