@@ -40,8 +40,8 @@ import { mkdir, mkdtemp, readdir, rm } from 'node:fs/promises';
 import { cpus, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { queryBlockExports } from '../src/qemu/commands.js';
-import { QmpClient } from '../src/qemu/QmpClient.js';
+import { queryBlockExports } from '../src/qmp/commands.js';
+import { QmpClient } from '../src/qmp/QmpClient.js';
 import { formatTable, MiB, mustRun, runCommand, type RunResult } from './lib.js';
 
 const CLI = fileURLToPath(new URL('../src/cli/main.js', import.meta.url));

@@ -16,7 +16,7 @@
 import { mkdtemp, rm } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { Bench } from 'tinybench';
-import { buildMergeChain, changedBlocks, type MergeChain } from '../src/store/benchMerge.js';
+import { buildMergeChain, changedBlocks, type MergeChain } from './measure/merge.js';
 import { mergeForward, reclaimMergeSpace } from '../src/store/merge.js';
 
 const GiB = 1024 ** 3;

@@ -3,7 +3,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { tempDir } from './helpers/files.js';
 import { hasQemuImg, qemuImg } from './helpers/qemu.js';
-import { parseSize } from '../src/cli/sizes.js';
+import { parseSize } from '../src/util/sizes.js';
 import { Bat } from '../src/vhd/bat.js';
 import { bitmapByteSize, fullBitmap, isBitmapFull, isSectorSet, setSector } from '../src/vhd/bitmap.js';
 import { newFooter, parseFooter, serializeFooter, virtualSize } from '../src/vhd/footer.js';

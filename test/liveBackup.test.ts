@@ -13,9 +13,9 @@ import { mountTmpfs, tempDir } from './helpers/files.js';
 import { hasQsd, type Qsd, run, startQsd } from './helpers/qsd.js';
 import { liveArgs as argsOf, liveReport, type LiveReport, vhdvaultLeftovers } from './helpers/live.js';
 import { initRepo } from './helpers/store.js';
-import { queryBlockExports } from '../src/qemu/commands.js';
-import { QmpClient } from '../src/qemu/QmpClient.js';
-import { ViewNames } from '../src/qemu/frozenView.js';
+import { queryBlockExports } from '../src/qmp/commands.js';
+import { QmpClient } from '../src/qmp/QmpClient.js';
+import { ViewNames } from '../src/live/frozenView.js';
 
 const MiB = 1024 * 1024;
 const BLOCK = 2 * MiB;

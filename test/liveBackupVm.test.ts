@@ -14,7 +14,7 @@ import { liveReport } from './helpers/live.js';
 import { run } from './helpers/qsd.js';
 import { initRepo } from './helpers/store.js';
 import { hasVm, startVm, type Vm } from './helpers/vm.js';
-import { qomGet, queryBlockExports, queryNamedBlockNodes } from '../src/qemu/commands.js';
+import { qomGet, queryBlockExports, queryNamedBlockNodes } from '../src/qmp/commands.js';
 
 const MiB = 1024 * 1024;
 const dir = await tempDir('vhdvault-livevm-');

@@ -1,5 +1,5 @@
 /**
- * The QMP client (src/qemu/): its wire format on its own, then against a real
+ * The QMP client (src/qmp/): its wire format on its own, then against a real
  * qemu-storage-daemon (the wrappers' argument shapes, events, a daemon that
  * dies), then against fake monitors written here that break QMP in one way
  * each. Nothing waits a fixed time: sockets, replies and events are awaited.
@@ -29,11 +29,11 @@ import {
   queryBlockExports,
   queryNamedBlockNodes,
   queryVersion,
-} from '../src/qemu/commands.js';
-import { QmpCommandError, QmpDisconnectedError, QmpError, QmpProtocolError, QmpStateError, QmpTimeoutError } from '../src/qemu/errors.js';
-import { QmpClient } from '../src/qemu/QmpClient.js';
-import { isErrorReply, isGreeting, isReturn, LineSplitter, Malformed, MAX_LINE, parseEvent, parseLine, type QmpEvent } from '../src/qemu/qmpWire.js';
-import { VhdError } from '../src/vhd/errors.js';
+} from '../src/qmp/commands.js';
+import { QmpCommandError, QmpDisconnectedError, QmpError, QmpProtocolError, QmpStateError, QmpTimeoutError } from '../src/qmp/errors.js';
+import { QmpClient } from '../src/qmp/QmpClient.js';
+import { isErrorReply, isGreeting, isReturn, LineSplitter, Malformed, MAX_LINE, parseEvent, parseLine, type QmpEvent } from '../src/qmp/qmpWire.js';
+import { VaultError } from '../src/util/errors.js';
 
 const MiB = 1024 * 1024;
 const dir = await tempDir('vhdvault-qmp-');
@@ -122,7 +122,7 @@ describe.skipIf(!hasQsd)('against qemu-storage-daemon', () => {
     await blockDirtyBitmapAdd(qmp, { node: 'disk0', name: 'vhdvault-x', persistent: false });
     const err = await failure(blockDirtyBitmapAdd(qmp, { node: 'disk0', name: 'vhdvault-x', persistent: false }));
     expect(err).toBeInstanceOf(QmpCommandError);
-    expect(err).toBeInstanceOf(VhdError); // the CLI's one-line report
+    expect(err).toBeInstanceOf(VaultError); // the CLI's one-line report
     expect(err).toMatchObject({ command: 'block-dirty-bitmap-add', errorClass: 'GenericError', desc: 'Bitmap already exists: vhdvault-x' });
     expect(err.message).toBe(`${qsd.qmpSocket}: block-dirty-bitmap-add: GenericError: Bitmap already exists: vhdvault-x`);
     expect(await failure(qmp.execute('no-such-command'))).toMatchObject({ errorClass: 'CommandNotFound' });

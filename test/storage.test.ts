@@ -15,7 +15,7 @@ import { openStorage } from '../src/storage/open.js';
 import { openS3Storage, type S3Options } from '../src/storage/S3Storage.js';
 import { isS3Uri, parseS3Uri } from '../src/storage/s3Uri.js';
 import { NotFoundError, type S3Descriptor, type Storage, StorageError } from '../src/storage/Storage.js';
-import { UsageError } from '../src/vhd/errors.js';
+import { UsageError } from '../src/util/errors.js';
 import { startFaultProxy } from './helpers/faultProxy.js';
 import { newBucket, s3Env, startS3 } from './helpers/s3.js';
 

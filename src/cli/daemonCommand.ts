@@ -1,6 +1,6 @@
 import { Command } from 'commander';
 import type { DaemonEvent } from '../jobs/daemon.js';
-import { UsageError } from '../vhd/errors.js';
+import { UsageError } from '../util/errors.js';
 
 /** `vhdvault daemon <folder-or-file>...`: the jobs on their schedules, one event per line, until SIGTERM/SIGINT. */
 export function daemonCommand(): Command {

@@ -1,5 +1,5 @@
 import { Command, Option } from 'commander';
-import { UsageError } from '../vhd/errors.js';
+import { UsageError } from '../util/errors.js';
 import { daemonCommand } from './daemonCommand.js';
 import { jobCommand } from './jobCommands.js';
 import { replicateCommand } from './replicateCommand.js';

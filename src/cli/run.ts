@@ -1,6 +1,6 @@
 import { CommanderError } from 'commander';
 import { constants } from 'node:os';
-import { describeFsError, UsageError, VhdError } from '../vhd/errors.js';
+import { describeFsError, UsageError, VaultError } from '../util/errors.js';
 
 export const EXIT_OK = 0;
 export const EXIT_FAILURE = 1;
@@ -43,7 +43,7 @@ export function reportError(err: unknown): number {
     console.error(`vhdvault: ${err.message}`);
     return EXIT_USAGE;
   }
-  if (err instanceof VhdError) {
+  if (err instanceof VaultError) {
     console.error(`vhdvault: ${err.message}`);
     return EXIT_FAILURE;
   }

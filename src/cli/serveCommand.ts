@@ -2,7 +2,7 @@ import { Command, InvalidArgumentError } from 'commander';
 import type { Listen } from '../nbd/NbdServer.js';
 import { checkBackupId } from '../store/names.js';
 import { Repository } from '../store/repository.js';
-import { UsageError } from '../vhd/errors.js';
+import { UsageError } from '../util/errors.js';
 
 const DEFAULT_PORT = 10809;
 
@@ -52,7 +52,7 @@ export function serveCommand(): Command {
         process.once('SIGINT', stop);
         process.once('SIGTERM', stop);
       });
-      const { serve } = await import('../store/serve.js');
+      const { serve } = await import('../exports/serve.js');
       await serve(repo, disk, {
         ...opts,
         listen,

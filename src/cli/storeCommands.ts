@@ -1,12 +1,12 @@
 import { Command, InvalidArgumentError, Option } from 'commander';
-import type { LiveBackupOptions, LiveBackupReport } from '../qemu/liveBackup.js';
-import { DEFAULT_CBW_TIMEOUT } from '../qemu/defaults.js';
+import type { LiveBackupOptions, LiveBackupReport } from '../live/liveBackup.js';
+import { DEFAULT_CBW_TIMEOUT } from '../live/defaults.js';
 import { parseNbdUri } from '../nbd/uri.js';
 import { Repository, type Layout } from '../store/repository.js';
 import type { RestoreFormat } from '../store/restore.js';
 import type { PruneReport } from '../store/prune.js';
 import { KEEP_OPTIONS, type RetentionPolicy } from '../store/retention.js';
-import { UsageError } from '../vhd/errors.js';
+import { UsageError } from '../util/errors.js';
 import { checkBackupId } from '../store/names.js';
 import { type Compression, COMPRESSIONS } from '../vhd/compression.js';
 import { progressBar } from './progress.js';
@@ -158,7 +158,7 @@ export function storeCommands(): Command[] {
       try {
         const onProgress = (d: number, t: number, b: number) => bar.update(d, t, b);
         const { signal } = bar;
-        report = live ? await (await import('../qemu/liveBackup.js')).liveBackup(repo, disk, { ...live, onProgress, signal }) : await backup(repo, disk, { ...opts, source: opts.source!, fromRaw: opts.from === 'raw', onProgress, signal });
+        report = live ? await (await import('../live/liveBackup.js')).liveBackup(repo, disk, { ...live, onProgress, signal }) : await backup(repo, disk, { ...opts, source: opts.source!, fromRaw: opts.from === 'raw', onProgress, signal });
       } finally {
         bar.stop();
       }
@@ -278,7 +278,7 @@ export function storeCommands(): Command[] {
     .option('--json', 'print JSON')
     .action(async (opts: { repo?: string; dropCaches?: boolean; json?: boolean }) => {
       const dir = opts.repo ? (await Repository.open(opts.repo)).root : undefined;
-      const { benchStages, formatStages } = await import('../store/benchStages.js');
+      const { benchStages, formatStages } = await import('../../bench/measure/stages.js');
       const results = await benchStages(dir, { dropCaches: opts.dropCaches === true });
       console.log(opts.json ? JSON.stringify(results, null, 2) : formatStages(results));
     });
@@ -291,7 +291,7 @@ export function storeCommands(): Command[] {
     .option('--changed <percent|blocks>', 'blocks the delta changes: "10%" or a count', '10%')
     .option('--json', 'print the rows as JSON')
     .action(async (opts: { dir: string; size: number; changed: string; json?: boolean }) => {
-      const { benchMerge, formatMergeRows } = await import('../store/benchMerge.js');
+      const { benchMerge, formatMergeRows } = await import('../../bench/measure/merge.js');
       const bar = progressBar('bench merge', opts.json ?? false, 'written');
       let rows;
       try {

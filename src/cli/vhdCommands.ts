@@ -1,7 +1,7 @@
 import { Command, Option } from 'commander';
 import { extname } from 'node:path';
 import type { OutputFormat } from '../vhd/convert.js';
-import { UsageError } from '../vhd/errors.js';
+import { UsageError } from '../util/errors.js';
 import { checkFormatFits, implicitFormat, type OutputTarget, outputTarget } from '../vhd/outputTarget.js';
 import { type Compression, COMPRESSIONS } from '../vhd/compression.js';
 import { progressBar } from './progress.js';

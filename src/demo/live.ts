@@ -10,7 +10,7 @@ import { rmSync } from 'node:fs';
 import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { type LiveBackupReport, liveBackup } from '../qemu/liveBackup.js';
+import { type LiveBackupReport, liveBackup } from '../live/liveBackup.js';
 import { Repository } from '../store/repository.js';
 import { restore } from '../store/restore.js';
 import { verify } from '../store/verify.js';

@@ -10,8 +10,8 @@
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { MIN_VERSION } from '../qemu/QmpClient.js';
-import { versionAtLeast } from '../qemu/qmpWire.js';
+import { MIN_VERSION } from '../qmp/QmpClient.js';
+import { versionAtLeast } from '../qmp/qmpWire.js';
 import { socketState } from '../util/unixSocket.js';
 
 /** Also in the message a missing tool prints: where Debian has them. */

@@ -8,7 +8,7 @@
 import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { nbdAddress } from '../nbd/uri.js';
-import type { LiveBackupReport } from '../qemu/liveBackup.js';
+import type { LiveBackupReport } from '../live/liveBackup.js';
 import type { BackupReport } from '../store/backup.js';
 import type { Job, JobDisk } from './jobFile.js';
 

@@ -13,7 +13,7 @@ import { promisify } from 'node:util';
 import { DigestReader, digestOf } from '../store/digests.js';
 import type { Repository } from '../store/repository.js';
 import { restore } from '../store/restore.js';
-import { VhdError } from '../vhd/errors.js';
+import { VaultError } from '../util/errors.js';
 
 const run = promisify(execFile);
 
@@ -28,7 +28,7 @@ export interface HealthResult {
 export async function healthCheck(repo: Repository, disks: string[], scratch: string | null): Promise<HealthResult[]> {
   const results: HealthResult[] = [];
   if (scratch !== null && !(await stat(scratch).catch(() => null))?.isDirectory()) {
-    throw new VhdError(scratch, 'the health check\'s scratch folder does not exist (healthCheck.scratch)');
+    throw new VaultError(scratch, 'the health check\'s scratch folder does not exist (healthCheck.scratch)');
   }
   for (const disk of disks) {
     const latest = await repo.latest(disk).catch(() => undefined);

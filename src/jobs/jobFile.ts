@@ -13,11 +13,11 @@ import { type FileHandle, open } from 'node:fs/promises';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { isNode, isScalar, LineCounter, parseDocument, visit, type YAMLError } from 'yaml';
 import { z } from 'zod';
-import { parseRate } from '../cli/sizes.js';
+import { parseRate } from '../util/sizes.js';
 import { isNbdUri, type NbdAddress, type NbdEndpoint, parseNbdUri } from '../nbd/uri.js';
 import { checkDiskName } from '../store/names.js';
 import { KEEP_OPTIONS, type KeepOption, type RetentionPolicy } from '../store/retention.js';
-import { describeFsError, UsageError } from '../vhd/errors.js';
+import { describeFsError, UsageError } from '../util/errors.js';
 import { checkSchedule, checkTimezone } from './schedule.js';
 
 /** Job files are small; the cap bounds the memory a wrong path (an image, a log) can take. */
@@ -152,7 +152,7 @@ function bytes(what: string) {
       try {
         n = parseRate(value);
       } catch {
-        // InvalidArgumentError (commander's): reported below as what was expected.
+        // Not a size: reported below as what was expected.
       }
     }
     if (!Number.isSafeInteger(n) || n <= 0) {

@@ -13,7 +13,7 @@
  * later call. Every public method checks the state first.
  */
 import { createConnection, type Socket } from 'node:net';
-import { UsageError } from '../vhd/errors.js';
+import { UsageError } from '../util/errors.js';
 import { clientHandshake, type BlockSizes, type ClientNegotiated } from './clientHandshake.js';
 import { Chunk, Command, type CommandType, CommandFlag, Errno, isChunkError, nameOf, ReplyFlag, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, TransmissionFlag } from './constants.js';
 import { describeErrno, NbdProtocolError, NbdRequestError } from './errors.js';

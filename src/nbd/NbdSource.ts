@@ -8,7 +8,7 @@
  */
 import { DEFAULT_BLOCK_SIZE, MAX_DISK_SIZE, SECTOR_SIZE } from '../vhd/constants.js';
 import { setBit } from '../vhd/bitmap.js';
-import { VhdError } from '../vhd/errors.js';
+import { VaultError } from '../util/errors.js';
 import type { BlockSource } from '../vhd/source.js';
 import { releaseBuffer, takeBuffer } from '../util/bufferPool.js';
 import { AllocationFlag, BASE_ALLOCATION, DIRTY, DIRTY_BITMAP_PREFIX } from './constants.js';
@@ -64,9 +64,9 @@ export class NbdSource implements BlockSource {
     const client = await NbdClient.connect(address, { contexts, timeoutMs: options.timeoutMs });
     try {
       const { size } = client;
-      if (size === 0) throw new VhdError(address.uri, 'the export is empty');
-      if (size % SECTOR_SIZE !== 0) throw new VhdError(address.uri, `the export is ${size} bytes, not a whole number of ${SECTOR_SIZE}-byte sectors: a VHD holds whole sectors`);
-      if (size > MAX_DISK_SIZE) throw new VhdError(address.uri, `the export is ${size} bytes, above the VHD maximum of 2040 GiB`);
+      if (size === 0) throw new VaultError(address.uri, 'the export is empty');
+      if (size % SECTOR_SIZE !== 0) throw new VaultError(address.uri, `the export is ${size} bytes, not a whole number of ${SECTOR_SIZE}-byte sectors: a VHD holds whole sectors`);
+      if (size > MAX_DISK_SIZE) throw new VaultError(address.uri, `the export is ${size} bytes, above the VHD maximum of 2040 GiB`);
       const source = new NbdSource(client, address);
       if (bitmap !== null) source.requireBitmap(bitmap);
       return source;
@@ -139,7 +139,7 @@ export class NbdSource implements BlockSource {
     const context = bitmapContext(name);
     if (this.client.hasContext(context)) return;
     const why = this.client.structuredReplies ? `it did not select ${context}; with qemu-nbd, export it with -B ${name}` : 'the server does not offer structured replies, so no meta contexts';
-    throw new VhdError(this.address.uri, `the server has no dirty bitmap "${name}" for export "${this.address.exportName}" (${why})`);
+    throw new VaultError(this.address.uri, `the server has no dirty bitmap "${name}" for export "${this.address.exportName}" (${why})`);
   }
 
   /**

@@ -1,4 +1,4 @@
-import { VhdError } from '../vhd/errors.js';
+import { VaultError } from '../util/errors.js';
 import { Errno } from './constants.js';
 
 /**
@@ -6,7 +6,7 @@ import { Errno } from './constants.js';
  * request) or the connection failed: the connection cannot continue. `peer`
  * names the other side (a URI, or the client's address).
  */
-export class NbdProtocolError extends VhdError {
+export class NbdProtocolError extends VaultError {
   constructor(peer: string, problem: string) {
     super(peer, problem);
     this.name = 'NbdProtocolError';
@@ -14,7 +14,7 @@ export class NbdProtocolError extends VhdError {
 }
 
 /** The server refused one request or option; the connection goes on. */
-export class NbdRequestError extends VhdError {
+export class NbdRequestError extends VaultError {
   constructor(
     peer: string,
     problem: string,

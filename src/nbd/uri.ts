@@ -10,7 +10,7 @@
  * Parsed by hand rather than with URL: URL normalises "/a/../b" to "/b" and
  * reads "+" in a query as a space, and either would change a name.
  */
-import { UsageError } from '../vhd/errors.js';
+import { UsageError } from '../util/errors.js';
 import { MAX_STRING } from './limits.js';
 
 export const DEFAULT_PORT = 10809;

@@ -1,7 +1,7 @@
 import { link, mkdir, open, readdir, rename, rm, stat, unlink } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import pLimit from 'p-limit';
-import { describeFsError, VhdError } from '../vhd/errors.js';
+import { describeFsError, VaultError } from '../util/errors.js';
 import { fsyncDirectory, syncFilesystem, temporaryPath } from '../util/fsync.js';
 import { type BatchOp, type ListedObject, type LocalDescriptor, NotFoundError, StorageError, type ObjectInfo, type Storage, type StorageCapabilities } from './Storage.js';
 
@@ -212,8 +212,8 @@ export class LocalStorage implements Storage {
     }
   }
 
-  private failure(key: string, err: unknown): VhdError {
-    if (err instanceof VhdError) return err;
+  private failure(key: string, err: unknown): VaultError {
+    if (err instanceof VaultError) return err;
     const code = (err as NodeJS.ErrnoException).code;
     const path = this.localPath(key);
     if (code === 'ENOENT') return new NotFoundError(path, 'no such file or directory', code);

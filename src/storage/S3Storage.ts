@@ -3,7 +3,7 @@ import { hostname } from 'node:os';
 import { setTimeout as sleep } from 'node:timers/promises';
 import pLimit, { type LimitFunction } from 'p-limit';
 import type { ListObjectsV2CommandOutput, S3Client } from '@aws-sdk/client-s3';
-import { UsageError } from '../vhd/errors.js';
+import { UsageError } from '../util/errors.js';
 import { type BatchOp, type ListedObject, NotFoundError, type ObjectInfo, type S3Descriptor, type Storage, type StorageCapabilities, StorageError } from './Storage.js';
 
 // The SDK warns on Node 20 that its support ends in 2027: nothing a user of the CLI can act on.

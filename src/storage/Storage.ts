@@ -1,4 +1,4 @@
-import { VhdError } from '../vhd/errors.js';
+import { VaultError } from '../util/errors.js';
 
 /**
  * The repository's storage, shaped like an object store (DESIGN.md §4.13):
@@ -87,7 +87,7 @@ export interface Storage {
 }
 
 /** A storage operation failed; `code` keeps the backend's reason (an errno such as ENOSPC or EROFS). */
-export class StorageError extends VhdError {
+export class StorageError extends VaultError {
   constructor(
     file: string,
     problem: string,
@@ -112,6 +112,6 @@ export function key(...parts: string[]): string {
 
 /** The file behind a key, for format code; a backend without local files cannot serve it. */
 export function localPathOf(storage: Storage, k: string): string {
-  if (!storage.localPath) throw new VhdError(storage.describe(k), 'this storage has no local files (the vhd layout and VHD tools need them)');
+  if (!storage.localPath) throw new VaultError(storage.describe(k), 'this storage has no local files (the vhd layout and VHD tools need them)');
   return storage.localPath(k);
 }

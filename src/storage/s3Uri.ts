@@ -1,4 +1,4 @@
-import { UsageError } from '../vhd/errors.js';
+import { UsageError } from '../util/errors.js';
 
 /** S3's bucket naming rules, as far as they can be checked without asking the store. */
 const BUCKET = /^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$/;

@@ -4,7 +4,7 @@ import pLimit from 'p-limit';
 import { NbdSource } from '../nbd/NbdSource.js';
 import { isNbdUri, type NbdAddress, parseNbdUri } from '../nbd/uri.js';
 import { testBit } from '../vhd/bitmap.js';
-import { UsageError, VhdError } from '../vhd/errors.js';
+import { UsageError, VaultError } from '../util/errors.js';
 import { openDisk } from '../vhd/openDisk.js';
 import { openSource, type BlockSource } from '../vhd/source.js';
 import { VhdDirectoryWriter } from '../vhd/VhdDirectory.js';
@@ -70,10 +70,10 @@ export interface BackupReport {
 /** Read a changed-block bitmap, which must cover every block. */
 async function readChangedBitmap(path: string, blockCount: number): Promise<Buffer> {
   const bits = await readFile(path).catch((err: unknown) => {
-    throw new VhdError(path, `cannot read changed-block bitmap: ${(err as Error).message}`);
+    throw new VaultError(path, `cannot read changed-block bitmap: ${(err as Error).message}`);
   });
   const needed = Math.ceil(blockCount / 8);
-  if (bits.length < needed) throw new VhdError(path, `changed-block bitmap has ${bits.length} bytes, ${needed} needed for ${blockCount} blocks`);
+  if (bits.length < needed) throw new VaultError(path, `changed-block bitmap has ${bits.length} bytes, ${needed} needed for ${blockCount} blocks`);
   return bits;
 }
 
@@ -135,7 +135,7 @@ export async function withBackupLock<T>(repo: Repository, disk: string, fn: () =
     });
   } catch (err) {
     // Staged files are gone (the writers' abort): say where space ran out, and that nothing changed.
-    if (isNoSpace(err)) throw new VhdError(diskDir, 'no space left on device while writing the backup; nothing was committed and earlier backups are unchanged (free space, or run prune, then try again)');
+    if (isNoSpace(err)) throw new VaultError(diskDir, 'no space left on device while writing the backup; nothing was committed and earlier backups are unchanged (free space, or run prune, then try again)');
     throw err;
   }
 }
@@ -172,7 +172,7 @@ export async function backupFrom(repo: Repository, disk: string, source: BlockSo
   const started = performance.now();
   const { layout, compression, blockSize } = repo.config;
   if (source.blockSize !== blockSize) {
-    throw new VhdError(options.source, `has ${source.blockSize}-byte blocks; backups use ${blockSize}-byte blocks (convert it first)`);
+    throw new VaultError(options.source, `has ${source.blockSize}-byte blocks; backups use ${blockSize}-byte blocks (convert it first)`);
   }
   const { size, blockCount } = source;
   const latest = await repo.latest(disk);

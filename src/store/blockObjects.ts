@@ -3,7 +3,7 @@ import { mkdir, readFile, rename, writeFile } from 'node:fs/promises';
 import { homedir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { decompress } from '../vhd/compression.js';
-import { VhdError } from '../vhd/errors.js';
+import { VaultError } from '../util/errors.js';
 import { isNotFound, key } from '../storage/Storage.js';
 import { DIGEST_SIZE, zeroDigest } from './digests.js';
 import { isBackupId } from './names.js';
@@ -31,13 +31,13 @@ export async function readBlockObject(repo: Repository, meta: BackupMetadata, di
   try {
     stored = await repo.storage.get(k);
   } catch (err) {
-    if (isNotFound(err)) throw new VhdError(repo.storage.describe(k), `block object is missing (named by backup ${meta.id})`);
+    if (isNotFound(err)) throw new VaultError(repo.storage.describe(k), `block object is missing (named by backup ${meta.id})`);
     throw err;
   }
   const data = await decompress(meta.compression, stored, meta.blockSize).catch((err: unknown) => {
-    throw new VhdError(repo.storage.describe(k), `cannot decompress block object (${meta.compression}): ${(err as Error).message}`);
+    throw new VaultError(repo.storage.describe(k), `cannot decompress block object (${meta.compression}): ${(err as Error).message}`);
   });
-  if (data.length !== meta.blockSize) throw new VhdError(repo.storage.describe(k), `block object holds ${data.length} bytes, ${meta.blockSize} expected`);
+  if (data.length !== meta.blockSize) throw new VaultError(repo.storage.describe(k), `block object holds ${data.length} bytes, ${meta.blockSize} expected`);
   return data;
 }
 
@@ -121,10 +121,10 @@ export async function loadBlockMap(repo: Repository, meta: BackupMetadata, optio
   try {
     bytes = await repo.storage.get(k);
   } catch (err) {
-    if (isNotFound(err)) throw new VhdError(repo.storage.describe(k), `block map of backup ${meta.id} is missing`);
+    if (isNotFound(err)) throw new VaultError(repo.storage.describe(k), `block map of backup ${meta.id} is missing`);
     throw err;
   }
-  if (bytes.length !== expected) throw new VhdError(repo.storage.describe(k), `block map has ${bytes.length} bytes, expected ${expected} (${meta.blockCount} blocks)`);
+  if (bytes.length !== expected) throw new VaultError(repo.storage.describe(k), `block map has ${bytes.length} bytes, expected ${expected} (${meta.blockCount} blocks)`);
   const path = cachePath(repo, meta.disk, meta.id);
   if (path) {
     // A cache is a convenience: one that cannot be written is skipped.
@@ -188,7 +188,7 @@ export async function collectGarbage(repo: Repository, disk: string, candidates:
     if (id === undefined || !isBackupId(id)) continue;
     // From the store, never the cache: what is deleted must be provably unnamed by what is stored.
     const bytes = await storage.get(key(repo.diskKey(disk), name));
-    if (bytes.length % DIGEST_SIZE !== 0) throw new VhdError(storage.describe(key(repo.diskKey(disk), name)), `block map has ${bytes.length} bytes, not a whole number of digests: no block object is deleted`);
+    if (bytes.length % DIGEST_SIZE !== 0) throw new VaultError(storage.describe(key(repo.diskKey(disk), name)), `block map has ${bytes.length} bytes, not a whole number of digests: no block object is deleted`);
     for (let at = 0; at < bytes.length; at += DIGEST_SIZE) referenced.add(bytes.toString('hex', at, at + DIGEST_SIZE));
   }
   const garbage: string[] = [];

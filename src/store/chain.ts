@@ -3,7 +3,7 @@ import type { VhdDisk } from '../vhd/disk.js';
 import type { BlockSource } from '../vhd/source.js';
 import { blocksWithData } from '../vhd/synthesize.js';
 import { DigestReader, digestOf, zeroDigest } from './digests.js';
-import { VhdError } from '../vhd/errors.js';
+import { VaultError } from '../util/errors.js';
 import { openDisk } from '../vhd/openDisk.js';
 import { VhdChain } from '../vhd/VhdChain.js';
 import type { BackupMetadata, Repository } from './repository.js';
@@ -20,10 +20,10 @@ export async function lineage(repo: Repository, meta: BackupMetadata): Promise<B
   const seen = new Set([meta.id]);
   for (let m = meta; m.parent !== null; ) {
     const parentId = m.parent;
-    if (seen.has(parentId)) throw new VhdError(repo.diskDir(meta.disk), `backup ${m.id}: its parent chain loops back to ${parentId}`);
+    if (seen.has(parentId)) throw new VaultError(repo.diskDir(meta.disk), `backup ${m.id}: its parent chain loops back to ${parentId}`);
     const parent = await repo.backup(meta.disk, parentId).catch((err: unknown) => {
-      if (!(err instanceof VhdError)) throw err;
-      throw new VhdError(repo.diskDir(meta.disk), `backup ${m.id}: its parent backup ${parentId} is not in the repository`);
+      if (!(err instanceof VaultError)) throw err;
+      throw new VaultError(repo.diskDir(meta.disk), `backup ${m.id}: its parent backup ${parentId} is not in the repository`);
     });
     seen.add(parentId);
     out.push(parent);
@@ -39,12 +39,12 @@ export async function openBackupData(repo: Repository, meta: BackupMetadata): Pr
   try {
     disk = await openDisk(path);
   } catch (err) {
-    if (!(err instanceof VhdError)) throw err;
-    throw new VhdError(err.file, `${err.problem} (data of backup ${meta.id})`);
+    if (!(err instanceof VaultError)) throw err;
+    throw new VaultError(err.file, `${err.problem} (data of backup ${meta.id})`);
   }
   if (disk.footer.uuid !== meta.uuid) {
     await disk.close();
-    throw new VhdError(path, `has UUID ${disk.footer.uuid}, backup ${meta.id} records ${meta.uuid}`);
+    throw new VaultError(path, `has UUID ${disk.footer.uuid}, backup ${meta.id} records ${meta.uuid}`);
   }
   return disk;
 }
@@ -85,7 +85,7 @@ export async function verifiedChain(repo: Repository, meta: BackupMetadata): Pro
   let digests: Awaited<ReturnType<typeof openDigests>>;
   try {
     if (chain.size !== meta.size || chain.blockCount !== meta.blockCount) {
-      throw new VhdError(chain.top.path, `holds ${chain.size} bytes, backup ${meta.id} records ${meta.size}`);
+      throw new VaultError(chain.top.path, `holds ${chain.size} bytes, backup ${meta.id} records ${meta.size}`);
     }
     digests = chain.top instanceof ObjectBackupDisk ? chain.top.map : await openDigests(repo, meta);
   } catch (err) {
@@ -99,7 +99,7 @@ export async function verifiedChain(repo: Repository, meta: BackupMetadata): Pro
     if (!(data ? digestOf(data) : zero).equals(expected)) {
       const holder = chain.members.find((m) => m.isAllocated(block));
       const where = holder ? ` (block stored in backup ${backupIdOf(holder.path)})` : ' (no backup of the chain stores it)';
-      throw new VhdError(repo.diskDir(meta.disk), `backup ${meta.id} block ${block} does not match its digest${where}`);
+      throw new VaultError(repo.diskDir(meta.disk), `backup ${meta.id} block ${block} does not match its digest${where}`);
     }
     return data;
   };
@@ -118,7 +118,7 @@ export async function verifiedChain(repo: Repository, meta: BackupMetadata): Pro
   for (let b = 0; b < chain.blockCount; b++) {
     if (!carried.has(b) && !(await digests.get(b)).equals(zero)) {
       await source.close();
-      throw new VhdError(repo.diskDir(meta.disk), `backup ${meta.id} block ${b} is missing: no backup of its chain stores it`);
+      throw new VaultError(repo.diskDir(meta.disk), `backup ${meta.id} block ${b} is missing: no backup of its chain stores it`);
     }
   }
   return { chain, source };

@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto';
 import { type FileHandle, open } from 'node:fs/promises';
-import { describeFsError, VhdError } from '../vhd/errors.js';
+import { describeFsError, VaultError } from '../util/errors.js';
 import { AtomicFile } from '../util/fsync.js';
 
 /** SHA-256 of a block's content, 32 bytes. */
@@ -75,12 +75,12 @@ export class DigestReader {
 
   static async open(path: string, expectedCount: number): Promise<DigestReader> {
     const fh = await open(path, 'r').catch((err: unknown) => {
-      throw new VhdError(path, (err as NodeJS.ErrnoException).code === 'ENOENT' ? 'digests file is missing' : `cannot open digests: ${describeFsError(err)}`);
+      throw new VaultError(path, (err as NodeJS.ErrnoException).code === 'ENOENT' ? 'digests file is missing' : `cannot open digests: ${describeFsError(err)}`);
     });
     const { size } = await fh.stat();
     if (size !== expectedCount * DIGEST_SIZE) {
       await fh.close();
-      throw new VhdError(path, `digests file has ${size} bytes, expected ${expectedCount * DIGEST_SIZE} (${expectedCount} blocks)`);
+      throw new VaultError(path, `digests file has ${size} bytes, expected ${expectedCount * DIGEST_SIZE} (${expectedCount} blocks)`);
     }
     return new DigestReader(path, fh, expectedCount);
   }
@@ -93,7 +93,7 @@ export class DigestReader {
       const n = Math.min(BATCH, this.count - start);
       const chunk = Buffer.alloc(n * DIGEST_SIZE);
       const { bytesRead } = await this.fh.read(chunk, 0, chunk.length, start * DIGEST_SIZE);
-      if (bytesRead !== chunk.length) throw new VhdError(this.path, 'digests file is truncated');
+      if (bytesRead !== chunk.length) throw new VaultError(this.path, 'digests file is truncated');
       this.chunk = chunk;
       this.chunkStart = start;
     }

@@ -1,6 +1,6 @@
 import { join } from 'node:path';
 import type { VhdDisk } from '../vhd/disk.js';
-import { VhdError } from '../vhd/errors.js';
+import { VaultError } from '../util/errors.js';
 import { checkParent } from '../vhd/VhdChain.js';
 import { blockFile, VhdDirectory } from '../vhd/VhdDirectory.js';
 import { key, type Storage } from '../storage/Storage.js';
@@ -127,7 +127,7 @@ export async function structureFindings(repo: Repository, backups: BackupMetadat
         opened.set(meta.id, disk);
         if (disk instanceof VhdDirectory) for (const b of await missingBlockFiles(repo.storage, dataKey, disk)) problem(`${join(disk.path, blockFile(b))}: block ${b} is missing although the bat marks it present`);
       } catch (err) {
-        if (!(err instanceof VhdError)) throw err;
+        if (!(err instanceof VaultError)) throw err;
         problem(err.message);
       }
       const digests = repo.digestsPath(meta.disk, meta.id);
@@ -139,11 +139,11 @@ export async function structureFindings(repo: Repository, backups: BackupMetadat
       const parent = meta.parent === null ? undefined : opened.get(meta.parent);
       if (!disk || (meta.parent !== null && !parent)) continue;
       try {
-        if (parent && disk.footer.diskType !== 'differencing') throw new VhdError(disk.path, `is a ${disk.footer.diskType} disk, but backup ${meta.id} is a delta of ${meta.parent}`);
-        if (!parent && disk.footer.diskType === 'differencing') throw new VhdError(disk.path, `is a differencing disk, but backup ${meta.id} is recorded as full`);
+        if (parent && disk.footer.diskType !== 'differencing') throw new VaultError(disk.path, `is a ${disk.footer.diskType} disk, but backup ${meta.id} is a delta of ${meta.parent}`);
+        if (!parent && disk.footer.diskType === 'differencing') throw new VaultError(disk.path, `is a differencing disk, but backup ${meta.id} is recorded as full`);
         if (parent) checkParent(disk, parent);
       } catch (err) {
-        if (!(err instanceof VhdError)) throw err;
+        if (!(err instanceof VaultError)) throw err;
         findings.push({ disk: meta.disk, id: meta.id, kind: 'structure', problem: err.message });
       }
     }
@@ -168,7 +168,7 @@ export async function lineageFindings(repo: Repository, meta: BackupMetadata): P
   try {
     members = await lineage(repo, meta);
   } catch (err) {
-    if (!(err instanceof VhdError)) throw err;
+    if (!(err instanceof VaultError)) throw err;
     return [{ disk: meta.disk, id: meta.id, kind: 'missing-parent', problem: err.message }];
   }
   const findings: Finding[] = [];

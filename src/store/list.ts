@@ -1,4 +1,4 @@
-import { VhdError } from '../vhd/errors.js';
+import { VaultError } from '../util/errors.js';
 import { fileFindings, type Finding } from './inspect.js';
 import { readingDisk } from './merge.js';
 import type { BackupMetadata, Repository } from './repository.js';
@@ -22,7 +22,7 @@ export async function listBackups(repo: Repository, disk?: string): Promise<List
       listing.backups.push(...backups);
     }).catch((err: unknown) => {
       // A disk that cannot be read (a damaged merge journal) must not hide the others.
-      if (!(err instanceof VhdError)) throw err;
+      if (!(err instanceof VaultError)) throw err;
       listing.unreadable.push({ disk: d, problem: err.message });
     });
   }

@@ -1,7 +1,7 @@
 import { readFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { VhdError } from '../vhd/errors.js';
+import { VaultError } from '../util/errors.js';
 import { isNotFound, key, type Storage } from '../storage/Storage.js';
 import type { Repository } from './repository.js';
 
@@ -17,7 +17,7 @@ export interface LockOwner {
 }
 
 /** The disk is locked by a live process. */
-export class LockBusyError extends VhdError {}
+export class LockBusyError extends VaultError {}
 
 /** A lock file nobody could parse is stale once this old (ours are never seen half-written). */
 const UNREADABLE_STALE_MS = 10_000;
@@ -126,7 +126,7 @@ export class DiskLock {
       }
       if (!(await takeOver(storage, lockKey, seen.text, owner))) await sleep(20);
     }
-    throw new VhdError(repo.diskDir(disk), `could not take the lock ${storage.describe(lockKey)}`);
+    throw new VaultError(repo.diskDir(disk), `could not take the lock ${storage.describe(lockKey)}`);
   }
 
   async release(): Promise<void> {

@@ -4,7 +4,7 @@ import { bitmapByteSize, fullBitmap, isBitmapFull, isSectorSet, setBit, setSecto
 import { compress } from '../vhd/compression.js';
 import { FOOTER_SIZE, SECTOR_SIZE } from '../vhd/constants.js';
 import type { StoredBlock, VhdDisk } from '../vhd/disk.js';
-import { VhdError } from '../vhd/errors.js';
+import { VaultError } from '../util/errors.js';
 import { parseFooter, serializeFooter } from '../vhd/footer.js';
 import { BAT_FILE, blockFile, FOOTER_FILE, VhdDirectory } from '../vhd/VhdDirectory.js';
 import { VhdFile } from '../vhd/VhdFile.js';
@@ -156,7 +156,7 @@ class Merge {
         ),
     );
     const move = this.storage.moveAll?.bind(this.storage);
-    if (!move) throw new VhdError(this.repo.root, 'this storage cannot rename: a dir-layout merge needs it');
+    if (!move) throw new VaultError(this.repo.root, 'this storage cannot rename: a dir-layout merge needs it');
     await move(aside, { ignoreMissing: true });
     await move(moves, { ignoreMissing: this.resumed });
     // A partial block is combined with the parent's and stored whole over it; the child's file goes after.
@@ -269,7 +269,7 @@ class Merge {
  */
 export async function mergeForward(repo: Repository, parent: BackupMetadata, child: BackupMetadata, options: { reclaim?: boolean } = {}): Promise<void> {
   if (child.parent !== parent.id) throw new Error(`${child.id} is not a child of ${parent.id}`);
-  if (parent.layout !== child.layout) throw new VhdError(repo.diskDir(child.disk), 'cannot merge backups of different layouts');
+  if (parent.layout !== child.layout) throw new VaultError(repo.diskDir(child.disk), 'cannot merge backups of different layouts');
   if (parent.layout === 'objects') return mergeObjectsForward(repo, parent, child);
   const parentDisk: VhdDisk = parent.layout === 'dir' ? await VhdDirectory.open(repo.dataPath(parent.disk, parent.id, 'dir')) : await VhdFile.open(repo.dataPath(parent.disk, parent.id, 'vhd'));
   const childDisk: VhdDisk = child.layout === 'dir' ? await VhdDirectory.open(repo.dataPath(child.disk, child.id, 'dir')) : await VhdFile.open(repo.dataPath(child.disk, child.id, 'vhd'));
@@ -310,7 +310,7 @@ export async function completePendingMerge(repo: Repository, disk: string): Prom
     throw err;
   }
   const damaged = (what: string) =>
-    new VhdError(
+    new VaultError(
       path,
       `the journal of an interrupted retention merge ${what}, so the merge cannot be finished and nothing on this disk is changed or read until it is resolved: ` +
         'put back an intact copy of the file if you have one; otherwise move it out of the folder and run `vhdvault verify` to see which backups the half-done merge damaged',

@@ -1,6 +1,6 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { key } from '../storage/Storage.js';
-import { UsageError } from '../vhd/errors.js';
+import { UsageError } from '../util/errors.js';
 import { processAlive } from './lock.js';
 
 /** Disk names and backup ids become path components: only plain, safe characters. */

@@ -1,4 +1,4 @@
-import { VhdError } from '../vhd/errors.js';
+import { VaultError } from '../util/errors.js';
 import { key } from '../storage/Storage.js';
 import { loadBlockMap } from './blockObjects.js';
 import { isBackupId } from './names.js';
@@ -73,7 +73,7 @@ export function isObjectMergeJournal(value: unknown): boolean {
  * it names this disk's backups as they are: the child listed either as it was
  * (a child of the parent) or as the journal's merged result.
  */
-export async function completeObjectMerge(repo: Repository, disk: string, value: unknown, damaged: (what: string) => VhdError): Promise<void> {
+export async function completeObjectMerge(repo: Repository, disk: string, value: unknown, damaged: (what: string) => VaultError): Promise<void> {
   const j = value as ObjectMergeJournal;
   const sound =
     j.format === 1 &&

@@ -1,4 +1,4 @@
-import { VhdError } from '../vhd/errors.js';
+import { VaultError } from '../util/errors.js';
 import { withExclusiveAccess } from './access.js';
 import { diskFindings, type Finding } from './inspect.js';
 import { withDiskLock } from './lock.js';
@@ -105,7 +105,7 @@ async function checkStructure(repo: Repository, disk: string, options: PruneOpti
   if (blocking.length > 0) {
     const first = blocking[0]!;
     const more = blocking.length > 1 ? ` (and ${blocking.length - 1} more: see vhdvault verify)` : '';
-    throw new VhdError(repo.diskDir(disk), `prune refused, nothing changed: ${first.id ? `backup ${first.id}: ` : ''}${first.problem}${more}`);
+    throw new VaultError(repo.diskDir(disk), `prune refused, nothing changed: ${first.id ? `backup ${first.id}: ` : ''}${first.problem}${more}`);
   }
   return backups;
 }
@@ -141,7 +141,7 @@ async function pins(repo: Repository, disk: string, options: { dryRun?: boolean 
 async function pruneDisk(repo: Repository, disk: string, options: PruneOptions, report: PruneReport): Promise<void> {
   if (options.dryRun) {
     // A dry run changes nothing, so it cannot finish an interrupted merge to plan from the result.
-    if (await hasPendingMerge(repo, disk)) throw new VhdError(repo.diskDir(disk), 'an interrupted merge is pending: a prune (without --dry-run), backup, list or restore finishes it first; then try the dry run again');
+    if (await hasPendingMerge(repo, disk)) throw new VaultError(repo.diskDir(disk), 'an interrupted merge is pending: a prune (without --dry-run), backup, list or restore finishes it first; then try the dry run again');
     record(report, plan(await checkStructure(repo, disk, options), options, await pins(repo, disk, { dryRun: true })));
     return;
   }
@@ -206,7 +206,7 @@ export async function prune(repo: Repository, disk: string | undefined, options:
       });
     } catch (err) {
       // One disk's problem never stops the others: it is reported, and the command fails at the end.
-      if (!(err instanceof VhdError)) throw err;
+      if (!(err instanceof VaultError)) throw err;
       report.refused.push({ disk: d, problem: err.message });
     }
     report.kept.push(...attempt.kept);

@@ -11,7 +11,7 @@
  */
 import { hostname } from 'node:os';
 import { isNotFound, key } from '../storage/Storage.js';
-import { VhdError } from '../vhd/errors.js';
+import { VaultError } from '../util/errors.js';
 import { pinKeys } from './names.js';
 import { type BackupMetadata, Repository } from './repository.js';
 
@@ -65,7 +65,7 @@ async function provablyStale(pin: ReplicaPin): Promise<boolean> {
     return (await destination.backup(pin.disk, pin.backup)).uuid !== pin.uuid;
   } catch (err) {
     // A missing metadata file is proof; any other failure to read it is not.
-    return err instanceof VhdError && !(await destination.storage.head(destination.metadataKey(pin.disk, pin.backup)));
+    return err instanceof VaultError && !(await destination.storage.head(destination.metadataKey(pin.disk, pin.backup)));
   }
 }
 

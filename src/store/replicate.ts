@@ -11,7 +11,7 @@ import { bitmapByteSize, fullBitmap, isBitmapFull } from '../vhd/bitmap.js';
 import { type Compression, compress, decompress } from '../vhd/compression.js';
 import { SECTOR_SIZE } from '../vhd/constants.js';
 import type { VhdDisk } from '../vhd/disk.js';
-import { UsageError, VhdError } from '../vhd/errors.js';
+import { UsageError, VaultError } from '../util/errors.js';
 import { blocksWithData } from '../vhd/synthesize.js';
 import { blockFile, VhdDirectory, VhdDirectoryWriter } from '../vhd/VhdDirectory.js';
 import { DynamicVhdWriter, type ParentLink } from '../vhd/VhdWriter.js';
@@ -114,7 +114,7 @@ interface Step {
 export async function replicate(src: Repository, dst: Repository, disks: string[] | undefined, options: ReplicateOptions = {}): Promise<ReplicationReport> {
   const started = performance.now();
   for (const disk of disks ?? []) checkDiskName(disk);
-  for (const repo of [src, dst]) if (!repo.storage.capabilities.localFiles) throw new VhdError(repo.root, 'replication reads and writes VHD data in repository folders; it does not handle an object store yet');
+  for (const repo of [src, dst]) if (!repo.storage.capabilities.localFiles) throw new VaultError(repo.root, 'replication reads and writes VHD data in repository folders; it does not handle an object store yet');
   const destination = await realpath(dst.root);
   if ((await realpath(src.root)) === destination) throw new UsageError(`${dst.root} is the source repository itself: replicate to another repository`);
   const run: Run = { src, dst, destination, options, read: new BusyClock(), write: new BusyClock(), writeLimit: limiter(options.maxWrite) };
@@ -142,7 +142,7 @@ export async function replicate(src: Repository, dst: Repository, disks: string[
 
 /** A problem with one disk (a file, a lock, a damaged backup) rather than a reason to stop everything (an interrupt). */
 function isDiskFailure(err: unknown): err is Error {
-  return err instanceof VhdError || typeof (err as NodeJS.ErrnoException)?.code === 'string';
+  return err instanceof VaultError || typeof (err as NodeJS.ErrnoException)?.code === 'string';
 }
 
 async function replicateDisk(run: Run, disk: string): Promise<DiskReplication> {
@@ -215,7 +215,7 @@ async function planSteps(run: Run, disk: string, sourceBackups: BackupMetadata[]
   const planned = new Set<string>();
   const sound = new Set<string>();
   for (const meta of wanted) {
-    if (held.has(meta.id)) throw new VhdError(dst.diskDir(disk), `holds a backup ${meta.id} that differs from the source's backup of that id: refusing to replicate over it`);
+    if (held.has(meta.id)) throw new VaultError(dst.diskDir(disk), `holds a backup ${meta.id} that differs from the source's backup of that id: refusing to replicate over it`);
     let parent: string | null = null;
     let reason: string | undefined;
     if (!common) reason = await noCommonReason(run, disk, [...held.values()]);
@@ -265,7 +265,7 @@ async function sendMissing(run: Run, disk: string, result: DiskReplication): Pro
   const held = new Map(heldList.map((b) => [b.id, b]));
   const heldNewest = heldList.at(-1);
   if (heldNewest && heldNewest.id > newest.id) {
-    throw new VhdError(dst.diskDir(disk), `holds backup ${heldNewest.id}, newer than the source's newest (${newest.id}): it did not come from ${src.root}; refusing to mix the two`);
+    throw new VaultError(dst.diskDir(disk), `holds backup ${heldNewest.id}, newer than the source's newest (${newest.id}): it did not come from ${src.root}; refusing to mix the two`);
   }
   const common = await newestCommon(run, sourceBackups, held);
   result.skipped = sourceBackups.filter((b) => held.has(b.id) && (!common || b.id <= common.id)).map((b) => b.id);
@@ -315,18 +315,18 @@ async function ownBlocks(run: Run, meta: BackupMetadata, digests: Buffer): Promi
       if (asStored) {
         const stored = await src.storage.get(key(src.dataKey(meta.disk, meta.id, 'dir'), ...blockFile(block).split('/')));
         const plain = await decompress(codec, stored, storedSize);
-        if (plain.length !== storedSize) throw new VhdError(data.path, `block ${block} is ${plain.length} bytes, expected ${storedSize} (bitmap + block)`);
+        if (plain.length !== storedSize) throw new VaultError(data.path, `block ${block} is ${plain.length} bytes, expected ${storedSize} (bitmap + block)`);
         sent = { bitmap: plain.subarray(0, storedSize - data.blockSize), data: plain.subarray(storedSize - data.blockSize), stored };
       } else {
         const b = await data.readBlock(block);
-        if (!b) throw new VhdError(data.path, `block ${block} vanished while it was read`);
+        if (!b) throw new VaultError(data.path, `block ${block} vanished while it was read`);
         sent = b;
       }
       run.read.bytes += sent.stored?.length ?? storedSize;
       // A partial block of a differencing disk is only part of the disk's block: nothing to check it against alone.
       const whole = !differencing || isBitmapFull(sent.bitmap, data.blockSize / SECTOR_SIZE);
       if (whole && !digestOf(sent.data).equals(digests.subarray(block * DIGEST_SIZE, (block + 1) * DIGEST_SIZE))) {
-        throw new VhdError(src.diskDir(meta.disk), `backup ${meta.id} block ${block} does not match its digest: not replicated (run vhdvault verify on the source)`);
+        throw new VaultError(src.diskDir(meta.disk), `backup ${meta.id} block ${block} does not match its digest: not replicated (run vhdvault verify on the source)`);
       }
       return sent;
     },
@@ -370,7 +370,7 @@ async function sendBackup(run: Run, disk: string, step: Step, progress: (blocks:
   const { meta } = step;
   const digests = await run.read.time(() => src.storage.get(src.digestsKey(disk, meta.id)));
   run.read.bytes += digests.length;
-  if (digests.length !== meta.blockCount * DIGEST_SIZE) throw new VhdError(src.digestsPath(disk, meta.id), `digests file has ${digests.length} bytes, expected ${meta.blockCount * DIGEST_SIZE}`);
+  if (digests.length !== meta.blockCount * DIGEST_SIZE) throw new VaultError(src.digestsPath(disk, meta.id), `digests file has ${digests.length} bytes, expected ${meta.blockCount * DIGEST_SIZE}`);
   const parent = step.parent === null ? null : await dst.backup(disk, step.parent);
   const full = parent === null;
   const link = parent ? await linkTo(dst, parent) : undefined;
@@ -443,7 +443,7 @@ async function applyRetention(run: Run, disk: string, policy: RetentionPolicy, r
   });
   result.pruned = report.removed;
   const refused = report.refused[0];
-  if (refused) throw new VhdError(run.dst.diskDir(disk), `the destination's retention was refused: ${refused.problem}`);
+  if (refused) throw new VaultError(run.dst.diskDir(disk), `the destination's retention was refused: ${refused.problem}`);
 }
 
 /** Point the source's pin at the newest backup both hold now (after the destination's commits and retention). */

@@ -2,7 +2,7 @@ import { existsSync } from 'node:fs';
 import { dirname, isAbsolute, join, relative, resolve, sep } from 'node:path';
 import { type Compression, isCompression } from '../vhd/compression.js';
 import { DEFAULT_BLOCK_SIZE } from '../vhd/constants.js';
-import { UsageError, VhdError } from '../vhd/errors.js';
+import { UsageError, VaultError } from '../util/errors.js';
 import { LocalStorage } from '../storage/LocalStorage.js';
 import { openStorage } from '../storage/open.js';
 import { isS3Uri, parseS3Uri } from '../storage/s3Uri.js';
@@ -111,24 +111,24 @@ function parseJson(bytes: Buffer, where: string): unknown {
   try {
     return JSON.parse(bytes.toString('utf8'));
   } catch {
-    throw new VhdError(where, 'is not valid JSON');
+    throw new VaultError(where, 'is not valid JSON');
   }
 }
 
 function parseConfig(value: unknown, path: string): RepositoryConfig {
   const v = value as Partial<RepositoryConfig> | null;
-  if (!v || v.format !== 'vhdvault-repository') throw new VhdError(path, 'is not a vhdvault repository file');
-  if (v.version !== 1) throw new VhdError(path, `repository format version ${String(v.version)} is not supported`);
-  if (!LAYOUTS.includes(v.layout!)) throw new VhdError(path, `unknown layout ${JSON.stringify(v.layout)}`);
-  if (!isCompression(v.compression)) throw new VhdError(path, `unknown compression ${JSON.stringify(v.compression)}`);
-  if (v.blockSize !== DEFAULT_BLOCK_SIZE) throw new VhdError(path, `unsupported block size ${String(v.blockSize)}`);
+  if (!v || v.format !== 'vhdvault-repository') throw new VaultError(path, 'is not a vhdvault repository file');
+  if (v.version !== 1) throw new VaultError(path, `repository format version ${String(v.version)} is not supported`);
+  if (!LAYOUTS.includes(v.layout!)) throw new VaultError(path, `unknown layout ${JSON.stringify(v.layout)}`);
+  if (!isCompression(v.compression)) throw new VaultError(path, `unknown compression ${JSON.stringify(v.compression)}`);
+  if (v.blockSize !== DEFAULT_BLOCK_SIZE) throw new VaultError(path, `unsupported block size ${String(v.blockSize)}`);
   return v as RepositoryConfig;
 }
 
 function parseMetadata(value: unknown, path: string, disk: string, id: string): BackupMetadata {
   const m = value as Partial<BackupMetadata> | null;
   // A renamed disk folder: say so, rather than "not valid".
-  if (m && typeof m.disk === 'string' && m.disk !== disk) throw new VhdError(path, `is the metadata of a backup of disk "${m.disk}", but it is in the folder of disk "${disk}" (was the folder renamed?)`);
+  if (m && typeof m.disk === 'string' && m.disk !== disk) throw new VaultError(path, `is the metadata of a backup of disk "${m.disk}", but it is in the folder of disk "${disk}" (was the folder renamed?)`);
   const ok =
     m !== null &&
     m.format === 1 &&
@@ -141,7 +141,7 @@ function parseMetadata(value: unknown, path: string, disk: string, id: string): 
     Number.isSafeInteger(m.blockCount) &&
     m.blockSize === DEFAULT_BLOCK_SIZE &&
     LAYOUTS.includes(m.layout!);
-  if (!ok) throw new VhdError(path, 'is not valid backup metadata');
+  if (!ok) throw new VaultError(path, 'is not valid backup metadata');
   return m as BackupMetadata;
 }
 
@@ -188,12 +188,12 @@ export class Repository {
     }
     const storage = await openStorage(descriptor);
     const root = storage.describe('');
-    if (await storage.head(CONFIG_FILE)) throw new VhdError(root, 'is already a vhdvault repository');
+    if (await storage.head(CONFIG_FILE)) throw new VaultError(root, 'is already a vhdvault repository');
     const outer = await enclosingRepository(descriptor);
-    if (outer !== null) throw new VhdError(root, `is inside the repository ${outer}, whose folders are its own: choose a place outside it`);
+    if (outer !== null) throw new VaultError(root, `is inside the repository ${outer}, whose folders are its own: choose a place outside it`);
     const top = await storage.head('');
-    if (top && !top.prefix) throw new VhdError(root, 'exists and is not a folder');
-    if (top && (await storage.list('')).length > 0) throw new VhdError(root, `is not empty and is not a vhdvault repository: refusing to use it`);
+    if (top && !top.prefix) throw new VaultError(root, 'exists and is not a folder');
+    if (top && (await storage.list('')).length > 0) throw new VaultError(root, `is not empty and is not a vhdvault repository: refusing to use it`);
     const config: RepositoryConfig = {
       format: 'vhdvault-repository',
       version: 1,
@@ -202,7 +202,7 @@ export class Repository {
       blockSize: DEFAULT_BLOCK_SIZE,
       createdAt: new Date().toISOString(),
     };
-    if (!(await storage.put(CONFIG_FILE, jsonText(config), { ifAbsent: true }))) throw new VhdError(root, 'is already a vhdvault repository');
+    if (!(await storage.put(CONFIG_FILE, jsonText(config), { ifAbsent: true }))) throw new VaultError(root, 'is already a vhdvault repository');
     const repo = new Repository(storage, config);
     await ensureReserve(repo);
     return repo;
@@ -211,9 +211,9 @@ export class Repository {
   static async open(location: string | Location): Promise<Repository> {
     const storage = await openStorage(descriptorOf(location));
     const info = await storage.head(CONFIG_FILE);
-    if (!info) throw new VhdError(storage.describe(''), 'is not a vhdvault repository (no vhdvault.json); create one with `vhdvault init`');
+    if (!info) throw new VaultError(storage.describe(''), 'is not a vhdvault repository (no vhdvault.json); create one with `vhdvault init`');
     const config = parseConfig(parseJson(await storage.get(CONFIG_FILE), storage.describe(CONFIG_FILE)), storage.describe(CONFIG_FILE));
-    if (config.layout !== 'objects' && !storage.capabilities.localFiles) throw new VhdError(storage.describe(CONFIG_FILE), `says layout ${config.layout}, which needs a local folder`);
+    if (config.layout !== 'objects' && !storage.capabilities.localFiles) throw new VaultError(storage.describe(CONFIG_FILE), `says layout ${config.layout}, which needs a local folder`);
     return new Repository(storage, config);
   }
 
@@ -278,7 +278,7 @@ export class Repository {
     return key(this.diskKey(disk), stagedName(`${checkBackupId(id)}.digests`));
   }
 
-  /** Direct mode's copy-before-write target (store/copyStore.ts): never committed, garbage once its backup ends. */
+  /** Direct mode's copy-before-write target (live/copyStore.ts): never committed, garbage once its backup ends. */
   copiesKey(disk: string, id: string): string {
     return key(this.diskKey(disk), stagedName(`${checkBackupId(id)}.copies`));
   }
@@ -384,7 +384,7 @@ export class Repository {
     try {
       return parseMetadata(await this.readJson(k), this.storage.describe(k), disk, id);
     } catch (err) {
-      if (err instanceof VhdError) return null;
+      if (err instanceof VaultError) return null;
       throw err;
     }
   }
@@ -430,7 +430,7 @@ export class Repository {
 
   /** A disk named on the command line must exist: a misspelt name must not read as "nothing wrong". */
   async requireDisk(disk: string): Promise<string> {
-    if (!(await this.storage.head(this.diskKey(disk)))) throw new VhdError(this.root, `has no disk named ${disk}`);
+    if (!(await this.storage.head(this.diskKey(disk)))) throw new VaultError(this.root, `has no disk named ${disk}`);
     return disk;
   }
 
@@ -439,7 +439,7 @@ export class Repository {
   }
 
   /** Committed backups of a disk, oldest first. Unreadable metadata is reported through `onProblem`. */
-  async backups(disk: string, onProblem: (err: VhdError) => void = () => undefined): Promise<BackupMetadata[]> {
+  async backups(disk: string, onProblem: (err: VaultError) => void = () => undefined): Promise<BackupMetadata[]> {
     const out: BackupMetadata[] = [];
     for (const name of await this.storage.list(this.diskKey(disk))) {
       const id = name.replace(/\.json$/, '');
@@ -448,7 +448,7 @@ export class Repository {
       try {
         out.push(parseMetadata(await this.readJson(k), this.storage.describe(k), disk, id));
       } catch (err) {
-        if (!(err instanceof VhdError)) throw err;
+        if (!(err instanceof VaultError)) throw err;
         onProblem(err);
       }
     }
@@ -460,7 +460,7 @@ export class Repository {
     try {
       return parseMetadata(await this.readJson(k), this.storage.describe(k), disk, id);
     } catch (err) {
-      if (isNotFound(err)) throw new VhdError(this.diskDir(disk), `has no backup ${id}`);
+      if (isNotFound(err)) throw new VaultError(this.diskDir(disk), `has no backup ${id}`);
       throw err;
     }
   }

@@ -1,10 +1,10 @@
 import { extname } from 'node:path';
-import { UsageError, VhdError } from '../vhd/errors.js';
+import { UsageError, VaultError } from '../util/errors.js';
 import { copyDisk, createDiskWriter } from '../vhd/convert.js';
 import type { BlockSource } from '../vhd/source.js';
 import { blocksWithData, synthesizeDynamic, synthesizeVhd } from '../vhd/synthesize.js';
 import { range } from '../util/pipeline.js';
-import { Overlay, overlaySource, readOverlayInfo } from './overlay.js';
+import { Overlay, overlaySource, readOverlayInfo } from '../exports/overlay.js';
 import type { VhdChain } from '../vhd/VhdChain.js';
 import { checkFormatFits, implicitFormat, outputTarget, refuseProtected, writeImage } from '../vhd/outputTarget.js';
 import type { OnProgress } from '../util/progress.js';
@@ -28,7 +28,7 @@ export interface RestoreReport {
 export async function pickBackup(repo: Repository, disk: string, id?: string): Promise<BackupMetadata> {
   if (id) return repo.backup(disk, id);
   const latest = await repo.latest(disk);
-  if (!latest) throw new VhdError(repo.diskDir(disk), `disk "${disk}" has no backups`);
+  if (!latest) throw new VaultError(repo.diskDir(disk), `disk "${disk}" has no backups`);
   return latest;
 }
 
@@ -48,15 +48,15 @@ async function restoreAsReader(repo: Repository, disk: string, out: string, opti
   let backupId = options.backup;
   if (options.fromOverlay) {
     const info = await readOverlayInfo(options.fromOverlay);
-    if (info.disk !== disk) throw new VhdError(options.fromOverlay, `is an overlay of disk "${info.disk}", not "${disk}"`);
+    if (info.disk !== disk) throw new VaultError(options.fromOverlay, `is an overlay of disk "${info.disk}", not "${disk}"`);
     if (backupId && backupId !== info.backup) throw new UsageError(`--backup ${backupId} differs from the overlay's backup ${info.backup} (leave --backup out)`);
     backupId = info.backup;
     await refuseProtected(target, [{ path: options.fromOverlay, what: `the overlay ${options.fromOverlay}` }]);
   }
   const meta = await pickBackup(repo, disk, backupId).catch(async (err: unknown) => {
-    if (!options.fromOverlay || !(err instanceof VhdError)) throw err;
+    if (!options.fromOverlay || !(err instanceof VaultError)) throw err;
     const info = await readOverlayInfo(options.fromOverlay);
-    throw new VhdError(options.fromOverlay, `sits on backup ${info.backup} of "${disk}", which ${repo.root} does not hold (pruned, or the overlay was made over ${info.repository}): its writes cannot be restored without that backup`);
+    throw new VaultError(options.fromOverlay, `sits on backup ${info.backup} of "${disk}", which ${repo.root} does not hold (pruned, or the overlay was made over ${info.repository}): its writes cannot be restored without that backup`);
   });
   const overlay = options.fromOverlay ? await Overlay.open(repo, meta, options.fromOverlay, { create: false, writable: false }) : null;
   let chain: VhdChain;

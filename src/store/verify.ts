@@ -1,4 +1,4 @@
-import { VhdError } from '../vhd/errors.js';
+import { VaultError } from '../util/errors.js';
 import type { VhdChain } from '../vhd/VhdChain.js';
 import { BLOCK_READ_AHEAD, orderedReadAhead } from '../util/pipeline.js';
 import type { OnProgress } from '../util/progress.js';
@@ -57,7 +57,7 @@ export async function verify(repo: Repository, disk?: string, options: { onProgr
         options.onProgress?.(Math.min(before, total), total, bytes);
       }
     }).catch((err: unknown) => {
-      if (!(err instanceof VhdError)) throw err;
+      if (!(err instanceof VaultError)) throw err;
       report.problems.push({ disk: d, id: null, block: null, problem: err.message });
     });
   }
@@ -72,7 +72,7 @@ async function verifyBackup(repo: Repository, meta: BackupMetadata, report: Veri
     // From the store, not a local cache: verify checks what is stored.
     chain = await openBackupChain(repo, meta, { fresh: true });
   } catch (err) {
-    if (!(err instanceof VhdError)) throw err;
+    if (!(err instanceof VaultError)) throw err;
     problem(null, err.message);
     return;
   }
@@ -86,7 +86,7 @@ async function verifyBackup(repo: Repository, meta: BackupMetadata, report: Veri
     : !(await repo.storage.head(repo.digestsKey(meta.disk, meta.id)))
     ? null
     : await DigestReader.open(digestsPath, meta.blockCount).catch((err: unknown) => {
-        if (!(err instanceof VhdError)) throw err;
+        if (!(err instanceof VaultError)) throw err;
         problem(null, err.message);
         return null;
       });
@@ -116,7 +116,7 @@ async function verifyBackup(repo: Repository, meta: BackupMetadata, report: Veri
       const data = await chain.readBlock(block);
       return { digest: data ? digestOf(data) : null, error: null };
     } catch (err) {
-      if (!(err instanceof VhdError)) throw err;
+      if (!(err instanceof VaultError)) throw err;
       return { digest: null, error: err.message };
     }
   };
@@ -142,7 +142,7 @@ async function verifyBackup(repo: Repository, meta: BackupMetadata, report: Veri
       if (!(await digests.get(b)).equals(expected)) problem(b, `recorded digest differs from ${parentDigests ? "the parent's" : 'an all-zero block'} although the backup does not store the block`);
     }
   } catch (err) {
-    if (!(err instanceof VhdError)) throw err;
+    if (!(err instanceof VaultError)) throw err;
     problem(null, err.message);
   } finally {
     await chain.close();

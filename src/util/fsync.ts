@@ -1,6 +1,6 @@
 import { execFile } from 'node:child_process';
 import { type FileHandle, open, rename, rm, stat } from 'node:fs/promises';
-import { describeFsError, VhdError } from '../vhd/errors.js';
+import { describeFsError, VaultError } from './errors.js';
 import { promisify } from 'node:util';
 import { basename, dirname, join } from 'node:path';
 import { randomBytes } from 'node:crypto';
@@ -46,13 +46,13 @@ export class AtomicFile {
   /** Errors name `target`, never the temporary name the user does not know. */
   static async create(target: string): Promise<AtomicFile> {
     const existing = await stat(target).catch(() => null);
-    if (existing?.isDirectory()) throw new VhdError(target, 'is a directory: cannot write a file there');
+    if (existing?.isDirectory()) throw new VaultError(target, 'is a directory: cannot write a file there');
     const temp = temporaryPath(target);
     try {
       return new AtomicFile(target, temp, await open(temp, 'wx'));
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
-      throw new VhdError(target, code === 'ENOENT' || code === 'ENOTDIR' ? 'cannot be written: its folder does not exist' : `cannot be written: ${describeFsError(err)}`);
+      throw new VaultError(target, code === 'ENOENT' || code === 'ENOTDIR' ? 'cannot be written: its folder does not exist' : `cannot be written: ${describeFsError(err)}`);
     }
   }
 
@@ -85,7 +85,7 @@ export class AtomicFile {
       await this.handle.sync();
       await this.handle.close();
       await rename(this.temp, this.target).catch((err: unknown) => {
-        throw new VhdError(this.target, `cannot be replaced: ${describeFsError(err)}`);
+        throw new VaultError(this.target, `cannot be replaced: ${describeFsError(err)}`);
       });
       await fsyncDirectory(dirname(this.target));
     } catch (err) {

@@ -4,7 +4,7 @@ import { isSectorSet } from './bitmap.js';
 import { SECTOR_SIZE } from './constants.js';
 import { isAliasName, resolveAlias } from './alias.js';
 import type { VhdDisk } from './disk.js';
-import { VhdError } from './errors.js';
+import { VaultError } from '../util/errors.js';
 import { decodeLocatorPath, PLATFORM_W2KU, PLATFORM_W2RU } from './parentLocator.js';
 import type { BlockSource } from './source.js';
 import { openDisk } from './openDisk.js';
@@ -35,7 +35,7 @@ export class VhdChain implements BlockSource {
       aliases.push(disk.path !== path ? path : null);
       seen.add(await realpath(disk.path));
       while (disk.footer.diskType === 'differencing') {
-        if (members.length >= MAX_CHAIN_DEPTH) throw new VhdError(path, `parent chain is deeper than ${MAX_CHAIN_DEPTH} disks`);
+        if (members.length >= MAX_CHAIN_DEPTH) throw new VaultError(path, `parent chain is deeper than ${MAX_CHAIN_DEPTH} disks`);
         const parent = await openParent(disk, aliases[aliases.length - 1]!, seen);
         members.push(parent.disk);
         aliases.push(parent.alias);
@@ -59,8 +59,8 @@ export class VhdChain implements BlockSource {
         const disk = members[i]!;
         const parent = members[i + 1];
         const differencing = disk.footer.diskType === 'differencing';
-        if (differencing && !parent) throw new VhdError(disk.path, 'is a differencing disk but its chain names no parent');
-        if (!differencing && parent) throw new VhdError(disk.path, `is a ${disk.footer.diskType} disk but its chain names a parent (${parent.path})`);
+        if (differencing && !parent) throw new VaultError(disk.path, 'is a differencing disk but its chain names no parent');
+        if (!differencing && parent) throw new VaultError(disk.path, `is a ${disk.footer.diskType} disk but its chain names a parent (${parent.path})`);
         if (parent) checkParent(disk, parent);
       }
       return new VhdChain(members);
@@ -203,23 +203,23 @@ async function openParent(child: VhdDisk, childAlias: string | null, seen: Set<s
       try {
         c = await resolveAlias(candidate);
       } catch (err) {
-        if (!(err instanceof VhdError)) throw err;
-        firstProblem ??= new VhdError(err.file, `${err.problem} (parent of ${child.path})`);
+        if (!(err instanceof VaultError)) throw err;
+        firstProblem ??= new VaultError(err.file, `${err.problem} (parent of ${child.path})`);
         continue;
       }
     }
     const real = await realpath(c);
     if (seen.has(real)) {
-      firstProblem ??= new VhdError(child.path, `parent chain loops: parent ${c} is already in the chain`);
+      firstProblem ??= new VaultError(child.path, `parent chain loops: parent ${c} is already in the chain`);
       continue;
     }
     let parent: VhdDisk;
     try {
       parent = await openDisk(c, { fixedBlockSize: child.blockSize });
     } catch (err) {
-      if (!(err instanceof VhdError)) throw err;
+      if (!(err instanceof VaultError)) throw err;
       // Name the child too: the user is looking at it, not at its parent.
-      firstProblem ??= new VhdError(err.file, `${err.problem} (parent of ${child.path})`);
+      firstProblem ??= new VaultError(err.file, `${err.problem} (parent of ${child.path})`);
       continue;
     }
     try {
@@ -234,19 +234,19 @@ async function openParent(child: VhdDisk, childAlias: string | null, seen: Set<s
   }
   if (firstProblem) throw firstProblem;
   const tried = candidates.length > 0 ? `tried ${candidates.join(', ')}` : 'it records no parent name or locator';
-  throw new VhdError(child.path, `parent disk not found (${tried})`);
+  throw new VaultError(child.path, `parent disk not found (${tried})`);
 }
 
 /** Does `parent` fit as `child`'s parent (UUID, block size, size)? Throws naming the child. */
 export function checkParent(child: VhdDisk, parent: VhdDisk): void {
   const expected = child.header!.parentUuid;
   if (parent.footer.uuid !== expected) {
-    throw new VhdError(child.path, `parent ${parent.path} has UUID ${parent.footer.uuid}, this disk expects ${expected}`);
+    throw new VaultError(child.path, `parent ${parent.path} has UUID ${parent.footer.uuid}, this disk expects ${expected}`);
   }
   if (parent.header !== null && parent.blockSize !== child.blockSize) {
-    throw new VhdError(child.path, `block size ${child.blockSize} differs from parent ${parent.path}'s ${parent.blockSize}`);
+    throw new VaultError(child.path, `block size ${child.blockSize} differs from parent ${parent.path}'s ${parent.blockSize}`);
   }
   if (child.size > parent.size) {
-    throw new VhdError(child.path, `disk of ${child.size} bytes is larger than its parent ${parent.path} (${parent.size} bytes)`);
+    throw new VaultError(child.path, `disk of ${child.size} bytes is larger than its parent ${parent.path} (${parent.size} bytes)`);
   }
 }

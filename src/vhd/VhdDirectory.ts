@@ -5,7 +5,7 @@ import { bitmapByteSize, fullBitmap, setBit, testBit } from './bitmap.js';
 import { type Compression, compress, decompress, isCompression } from './compression.js';
 import { FOOTER_SIZE, HEADER_SIZE } from './constants.js';
 import { type StoredBlock, type WritableVhdDisk, writeSectors } from './disk.js';
-import { describeFsError, VhdError } from './errors.js';
+import { describeFsError, VaultError } from '../util/errors.js';
 import { type Footer, parseFooter, serializeFooter, virtualSize } from './footer.js';
 import { type DynamicHeader, LOCATOR_COUNT, parseHeader, serializeHeader } from './header.js';
 import { MAX_LOCATOR_BYTES, PLATFORM_NONE } from './parentLocator.js';
@@ -52,18 +52,18 @@ async function readChunk(dir: string, name: string, codec: Compression, maxLengt
   let stored: Buffer;
   try {
     const s = await stat(file);
-    if (!s.isFile()) throw new VhdError(file, 'is not a regular file');
-    if (s.size > storedLimit(maxLength, codec)) throw new VhdError(file, `is ${s.size} bytes, more than its content can be (${maxLength} bytes)`);
+    if (!s.isFile()) throw new VaultError(file, 'is not a regular file');
+    if (s.size > storedLimit(maxLength, codec)) throw new VaultError(file, `is ${s.size} bytes, more than its content can be (${maxLength} bytes)`);
     stored = await readFile(file);
   } catch (err) {
-    if (err instanceof VhdError) throw err;
-    throw new VhdError(file, (err as NodeJS.ErrnoException).code === 'ENOENT' ? 'is missing' : describeFsError(err));
+    if (err instanceof VaultError) throw err;
+    throw new VaultError(file, (err as NodeJS.ErrnoException).code === 'ENOENT' ? 'is missing' : describeFsError(err));
   }
   try {
     return await decompress(codec, stored, maxLength);
   } catch (err) {
     const tooLong = (err as NodeJS.ErrnoException).code === 'ERR_BUFFER_TOO_LARGE' || /larger than|maxOutputLength/i.test(String(err));
-    throw new VhdError(file, tooLong ? `decompresses to more than ${maxLength} bytes` : `cannot be decompressed as ${codec}: ${(err as Error).message}`);
+    throw new VaultError(file, tooLong ? `decompresses to more than ${maxLength} bytes` : `cannot be decompressed as ${codec}: ${(err as Error).message}`);
   }
 }
 
@@ -73,21 +73,21 @@ export async function readChunkFilters(dir: string): Promise<Compression> {
   let text: string;
   try {
     const s = await stat(file);
-    if (s.size > 4096) throw new VhdError(file, `is ${s.size} bytes: not a filter list`);
+    if (s.size > 4096) throw new VaultError(file, `is ${s.size} bytes: not a filter list`);
     text = await readFile(file, 'utf8');
   } catch (err) {
-    if (err instanceof VhdError) throw err;
+    if (err instanceof VaultError) throw err;
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') return 'none';
-    throw new VhdError(file, describeFsError(err));
+    throw new VaultError(file, describeFsError(err));
   }
   let filters: unknown;
   try {
     filters = JSON.parse(text);
   } catch {
-    throw new VhdError(file, 'is not valid JSON');
+    throw new VaultError(file, 'is not valid JSON');
   }
   if (!Array.isArray(filters) || filters.length > 1 || (filters.length === 1 && !isCompression(filters[0]))) {
-    throw new VhdError(file, `unsupported chunk filters ${JSON.stringify(filters).slice(0, 80)} (expected [], ["gzip"] or ["brotli"])`);
+    throw new VaultError(file, `unsupported chunk filters ${JSON.stringify(filters).slice(0, 80)} (expected [], ["gzip"] or ["brotli"])`);
   }
   return filters.length === 0 ? 'none' : (filters[0] as Compression);
 }
@@ -129,29 +129,29 @@ export class VhdDirectory implements WritableVhdDisk {
 
   static async open(path: string, options: { writable?: boolean } = {}): Promise<VhdDirectory> {
     const s = await stat(path).catch((err: unknown) => {
-      throw new VhdError(path, describeFsError(err));
+      throw new VaultError(path, describeFsError(err));
     });
-    if (!s.isDirectory()) throw new VhdError(path, 'is not a directory');
+    if (!s.isDirectory()) throw new VaultError(path, 'is not a directory');
     const codec = await readChunkFilters(path);
     if (!(await pathExists(join(path, FOOTER_FILE)))) {
-      throw new VhdError(path, 'is not a VHD directory (it has no footer file)');
+      throw new VaultError(path, 'is not a VHD directory (it has no footer file)');
     }
     const footerBytes = await readChunk(path, FOOTER_FILE, codec, FOOTER_SIZE);
-    if (footerBytes.length !== FOOTER_SIZE) throw new VhdError(join(path, FOOTER_FILE), `is ${footerBytes.length} bytes, expected ${FOOTER_SIZE}`);
+    if (footerBytes.length !== FOOTER_SIZE) throw new VaultError(join(path, FOOTER_FILE), `is ${footerBytes.length} bytes, expected ${FOOTER_SIZE}`);
     const footer = parseFooter(footerBytes, join(path, FOOTER_FILE));
-    if (footer.diskType === 'fixed') throw new VhdError(join(path, FOOTER_FILE), 'declares a fixed disk, which a VHD directory cannot hold');
+    if (footer.diskType === 'fixed') throw new VaultError(join(path, FOOTER_FILE), 'declares a fixed disk, which a VHD directory cannot hold');
     const headerBytes = await readChunk(path, HEADER_FILE, codec, HEADER_SIZE);
-    if (headerBytes.length !== HEADER_SIZE) throw new VhdError(join(path, HEADER_FILE), `is ${headerBytes.length} bytes, expected ${HEADER_SIZE}`);
+    if (headerBytes.length !== HEADER_SIZE) throw new VaultError(join(path, HEADER_FILE), `is ${headerBytes.length} bytes, expected ${HEADER_SIZE}`);
     const header = parseHeader(headerBytes, join(path, HEADER_FILE));
     const size = virtualSize(footer);
     const blockCount = Math.ceil(size / header.blockSize);
     if (header.maxTableEntries < blockCount) {
-      throw new VhdError(join(path, HEADER_FILE), `block allocation table too small: ${header.maxTableEntries} entries for ${blockCount} blocks`);
+      throw new VaultError(join(path, HEADER_FILE), `block allocation table too small: ${header.maxTableEntries} entries for ${blockCount} blocks`);
     }
     // vhd-lib's bat has one byte per table entry; ours one bit per block. Accept either.
     const bat = await readChunk(path, BAT_FILE, codec, Math.max(header.maxTableEntries, batBitsSize(blockCount)));
     if (bat.length < batBitsSize(blockCount)) {
-      throw new VhdError(join(path, BAT_FILE), `is ${bat.length} bytes, too short for ${blockCount} blocks (${batBitsSize(blockCount)} bytes)`);
+      throw new VaultError(join(path, BAT_FILE), `is ${bat.length} bytes, too short for ${blockCount} blocks (${batBitsSize(blockCount)} bytes)`);
     }
     return new VhdDirectory(path, footer, header, bat, codec, options.writable ?? false);
   }
@@ -173,12 +173,12 @@ export class VhdDirectory implements WritableVhdDisk {
     try {
       stored = await readChunk(this.path, name, this.compression, this.storedBlockSize);
     } catch (err) {
-      if (!(err instanceof VhdError)) throw err;
+      if (!(err instanceof VaultError)) throw err;
       const problem = err.problem === 'is missing' ? 'is missing although the bat marks the block present' : err.problem;
-      throw new VhdError(this.path, `block ${block} (${name}) ${problem}`);
+      throw new VaultError(this.path, `block ${block} (${name}) ${problem}`);
     }
     if (stored.length !== this.storedBlockSize) {
-      throw new VhdError(this.path, `block ${block} (${name}) is ${stored.length} bytes, expected ${this.storedBlockSize} (bitmap + block)`);
+      throw new VaultError(this.path, `block ${block} (${name}) is ${stored.length} bytes, expected ${this.storedBlockSize} (bitmap + block)`);
     }
     const bitmapSize = bitmapByteSize(this.blockSize);
     return { bitmap: stored.subarray(0, bitmapSize), data: stored.subarray(bitmapSize) };
@@ -195,9 +195,9 @@ export class VhdDirectory implements WritableVhdDisk {
     const name = blockFile(block);
     const data = Buffer.allocUnsafe(length);
     const n = await openBlockFiles.read(join(this.path, name), data, bitmapByteSize(this.blockSize) + offset).catch((err: unknown) => {
-      throw new VhdError(this.path, `block ${block} (${name}): ${describeFsError(err)}`);
+      throw new VaultError(this.path, `block ${block} (${name}): ${describeFsError(err)}`);
     });
-    if (n !== length) throw new VhdError(this.path, `block ${block} (${name}) is shorter than a stored block`);
+    if (n !== length) throw new VaultError(this.path, `block ${block} (${name}) is shorter than a stored block`);
     return data;
   }
 
@@ -293,7 +293,7 @@ export class VhdDirectoryWriter {
 
   static async create(target: string, options: DirectoryWriterOptions): Promise<VhdDirectoryWriter> {
     const { footer, header, locatorData } = newDiskMetadata(options);
-    if (await pathExists(target)) throw new VhdError(target, 'already exists: choose a new name for the directory');
+    if (await pathExists(target)) throw new VaultError(target, 'already exists: choose a new name for the directory');
     const temp = temporaryPath(target);
     await mkdir(join(temp, 'blocks'), { recursive: true });
     return new VhdDirectoryWriter(target, temp, footer, header, locatorData, options.compression ?? 'none', options.concurrency ?? 4);

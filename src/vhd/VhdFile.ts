@@ -8,7 +8,7 @@ import {
   SECTOR_SIZE,
 } from './constants.js';
 import { type StoredBlock, type WritableVhdDisk, writeSectors } from './disk.js';
-import { describeFsError, VhdError } from './errors.js';
+import { describeFsError, VaultError } from '../util/errors.js';
 import { takeBuffer } from '../util/bufferPool.js';
 import { readSmall } from '../util/smallReads.js';
 import { type Footer, parseFooter, serializeFooter, virtualSize } from './footer.js';
@@ -24,7 +24,7 @@ export interface OpenOptions {
 async function readExactly(fh: FileHandle, file: string, length: number, position: number, what: string): Promise<Buffer> {
   const buf = Buffer.alloc(length);
   const { bytesRead } = await fh.read(buf, 0, length, position);
-  if (bytesRead !== length) throw new VhdError(file, `${what} truncated: file ends ${bytesRead} bytes into it`);
+  if (bytesRead !== length) throw new VaultError(file, `${what} truncated: file ends ${bytesRead} bytes into it`);
   return buf;
 }
 
@@ -63,11 +63,11 @@ export class VhdFile implements WritableVhdDisk {
     try {
       fh = await open(path, options.writable ? 'r+' : 'r');
     } catch (err) {
-      throw new VhdError(path, describeFsError(err));
+      throw new VaultError(path, describeFsError(err));
     }
     try {
       const stat = await fh.stat();
-      if (!stat.isFile()) throw new VhdError(path, 'not a regular file');
+      if (!stat.isFile()) throw new VaultError(path, 'not a regular file');
       return await VhdFile.validate(path, fh, stat.size, options);
     } catch (err) {
       await fh.close();
@@ -76,10 +76,10 @@ export class VhdFile implements WritableVhdDisk {
   }
 
   private static async validate(path: string, fh: FileHandle, fileSize: number, options: OpenOptions): Promise<VhdFile> {
-    if (fileSize < FOOTER_SIZE) throw new VhdError(path, `file is too small to be a VHD (${fileSize} bytes)`);
+    if (fileSize < FOOTER_SIZE) throw new VaultError(path, `file is too small to be a VHD (${fileSize} bytes)`);
     if (fileSize % SECTOR_SIZE !== 0) {
       // A 511-byte footer (very old writers) would leave us reading garbage: refuse plainly.
-      throw new VhdError(path, `file size ${fileSize} is not a multiple of 512 bytes (truncated?)`);
+      throw new VaultError(path, `file size ${fileSize} is not a multiple of 512 bytes (truncated?)`);
     }
     const tailBytes = await readExactly(fh, path, FOOTER_SIZE, fileSize - FOOTER_SIZE, 'footer');
     const footer = await parseTrailingFooter(path, fh, tailBytes);
@@ -87,7 +87,7 @@ export class VhdFile implements WritableVhdDisk {
 
     if (footer.diskType === 'fixed') {
       if (fileSize - FOOTER_SIZE < size) {
-        throw new VhdError(path, `fixed disk of ${size} bytes needs ${size + FOOTER_SIZE} bytes, file has ${fileSize} (truncated)`);
+        throw new VaultError(path, `fixed disk of ${size} bytes needs ${size + FOOTER_SIZE} bytes, file has ${fileSize} (truncated)`);
       }
       const blockSize = options.fixedBlockSize ?? DEFAULT_BLOCK_SIZE;
       return new VhdFile(path, fh, fileSize, footer, null, null, blockSize, options.writable ?? false);
@@ -95,17 +95,17 @@ export class VhdFile implements WritableVhdDisk {
 
     const headBytes = await readExactly(fh, path, FOOTER_SIZE, 0, 'footer copy');
     parseFooter(headBytes, path, 'footer copy at offset 0');
-    if (!headBytes.equals(tailBytes)) throw new VhdError(path, 'footer copy at offset 0 differs from the footer at the end of the file');
+    if (!headBytes.equals(tailBytes)) throw new VaultError(path, 'footer copy at offset 0 differs from the footer at the end of the file');
 
     const headerOffset = footer.dataOffset!;
     if (headerOffset + HEADER_SIZE > fileSize - FOOTER_SIZE) {
-      throw new VhdError(path, `dynamic header offset ${headerOffset} is past the end of the file`);
+      throw new VaultError(path, `dynamic header offset ${headerOffset} is past the end of the file`);
     }
     const header = parseHeader(await readExactly(fh, path, HEADER_SIZE, headerOffset, 'dynamic header'), path);
     const { blockSize } = header;
     const blockCount = Math.ceil(size / blockSize);
     if (header.maxTableEntries < blockCount) {
-      throw new VhdError(
+      throw new VaultError(
         path,
         `block allocation table too small: ${header.maxTableEntries} entries of ${blockSize} bytes cover ` +
           `${header.maxTableEntries * blockSize} bytes, the disk is ${size} bytes`,
@@ -113,7 +113,7 @@ export class VhdFile implements WritableVhdDisk {
     }
     const batBytes = batByteSize(header.maxTableEntries);
     if (header.tableOffset + batBytes > fileSize - FOOTER_SIZE) {
-      throw new VhdError(path, `block allocation table (${header.maxTableEntries} entries at offset ${header.tableOffset}) extends past the end of the file`);
+      throw new VaultError(path, `block allocation table (${header.maxTableEntries} entries at offset ${header.tableOffset}) extends past the end of the file`);
     }
     const bat = Bat.fromBuffer(blockCount, await readExactly(fh, path, blockCount * 4, header.tableOffset, 'block allocation table'));
     const metadata: Region[] = [
@@ -169,7 +169,7 @@ export class VhdFile implements WritableVhdDisk {
     if (at === undefined) throw new RangeError(`block ${block} is not allocated in ${this.path}`);
     const data = Buffer.allocUnsafe(length);
     const position = at + (this.bat === null ? 0 : this.bitmapSize) + offset;
-    if ((await readSmall(this.fh, data, position)) !== length) throw new VhdError(this.path, `block ${block} is truncated at offset ${position}`);
+    if ((await readSmall(this.fh, data, position)) !== length) throw new VaultError(this.path, `block ${block} is truncated at offset ${position}`);
     return data;
   }
 
@@ -196,7 +196,7 @@ export class VhdFile implements WritableVhdDisk {
    */
   async writeBlockSectors(block: number, firstSector: number, data: Buffer): Promise<void> {
     if (!this.writable) throw new Error(`${this.path} was opened read-only`);
-    if (this.bat === null || this.header === null) throw new VhdError(this.path, 'fixed disks are not written sector by sector');
+    if (this.bat === null || this.header === null) throw new VaultError(this.path, 'fixed disks are not written sector by sector');
     const sectors = data.length / SECTOR_SIZE;
     if (!Number.isInteger(sectors) || firstSector < 0 || (firstSector + sectors) * SECTOR_SIZE > this.blockSize) throw new RangeError('sectors outside the block');
     let at = this.blockOffset(block);
@@ -224,7 +224,7 @@ export class VhdFile implements WritableVhdDisk {
     let done = 0;
     while (done < target.length) {
       const { bytesRead } = await this.fh.read(target, done, target.length - done, position + done);
-      if (bytesRead === 0) throw new VhdError(this.path, `block ${block} is truncated at offset ${position + done}`);
+      if (bytesRead === 0) throw new VaultError(this.path, `block ${block} is truncated at offset ${position + done}`);
       done += bytesRead;
     }
   }
@@ -241,7 +241,7 @@ export class VhdFile implements WritableVhdDisk {
   async writeBlock(block: number, data: Buffer, bitmap: Buffer = fullBitmap(this.blockSize), options: { sync?: boolean } = {}): Promise<void> {
     const sync = options.sync ?? true;
     if (!this.writable) throw new Error(`${this.path} was opened read-only`);
-    if (this.bat === null || this.header === null) throw new VhdError(this.path, 'fixed disks are written through convert, not block by block');
+    if (this.bat === null || this.header === null) throw new VaultError(this.path, 'fixed disks are written through convert, not block by block');
     if (block < 0 || block >= this.blockCount) throw new RangeError(`block ${block} outside disk of ${this.blockCount} blocks`);
     if (data.length !== this.blockSize) throw new RangeError(`block data must be ${this.blockSize} bytes, got ${data.length}`);
     if (bitmap.length !== this.bitmapSize) throw new RangeError(`bitmap must be ${this.bitmapSize} bytes, got ${bitmap.length}`);
@@ -324,7 +324,7 @@ async function parseTrailingFooter(path: string, fh: FileHandle, tailBytes: Buff
     } catch {
       // neither copy is sound: report the trailing one
     }
-    if (headIsSound) throw new VhdError(path, 'truncated or damaged: no valid footer at the end of the file (the copy at offset 0 is valid)');
+    if (headIsSound) throw new VaultError(path, 'truncated or damaged: no valid footer at the end of the file (the copy at offset 0 is valid)');
     throw tailError;
   }
 }
@@ -345,7 +345,7 @@ function blockRegions(path: string, bat: Bat, blockCount: number, blockSize: num
     if (sector === undefined) continue;
     const start = sector * SECTOR_SIZE;
     if (start + stored > dataEnd) {
-      throw new VhdError(path, `BAT entry for block ${block} points to offset ${start}, past the end of the file's data (${dataEnd} bytes)`);
+      throw new VaultError(path, `BAT entry for block ${block} points to offset ${start}, past the end of the file's data (${dataEnd} bytes)`);
     }
     regions.push({ start, end: start + stored, what: `block ${block}` });
   }
@@ -359,7 +359,7 @@ function checkLayout(path: string, metadata: Region[], blocks: Region[]): void {
   let furthest: Region | undefined;
   for (const region of all) {
     if (furthest !== undefined && region.start < furthest.end) {
-      throw new VhdError(path, `${furthest.what} and ${region.what} overlap (offsets ${furthest.start} and ${region.start})`);
+      throw new VaultError(path, `${furthest.what} and ${region.what} overlap (offsets ${furthest.start} and ${region.start})`);
     }
     if (furthest === undefined || region.end > furthest.end) furthest = region;
   }

@@ -1,6 +1,6 @@
 import { readFile, stat } from 'node:fs/promises';
 import { basename, dirname, isAbsolute, join, resolve } from 'node:path';
-import { describeFsError, VhdError } from './errors.js';
+import { describeFsError, VaultError } from '../util/errors.js';
 
 /**
  * Xen Orchestra's backup remotes keep each VHD (usually a directory under
@@ -38,37 +38,37 @@ function staysInside(target: string): boolean {
  */
 export async function resolveAlias(alias: string): Promise<string> {
   const s = await stat(alias).catch((err: unknown) => {
-    throw new VhdError(alias, describeFsError(err));
+    throw new VaultError(alias, describeFsError(err));
   });
   if (s.isDirectory()) return alias;
-  if (!s.isFile()) throw new VhdError(alias, 'is named like an alias (*.alias.vhd) but is not a regular file');
-  if (s.size > MAX_ALIAS_BYTES) throw new VhdError(alias, `is ${s.size} bytes: too large for an alias file (at most ${MAX_ALIAS_BYTES})`);
+  if (!s.isFile()) throw new VaultError(alias, 'is named like an alias (*.alias.vhd) but is not a regular file');
+  if (s.size > MAX_ALIAS_BYTES) throw new VaultError(alias, `is ${s.size} bytes: too large for an alias file (at most ${MAX_ALIAS_BYTES})`);
   let bytes: Buffer;
   try {
     bytes = await readFile(alias);
   } catch (err) {
-    throw new VhdError(alias, describeFsError(err));
+    throw new VaultError(alias, describeFsError(err));
   }
-  if (bytes.length > MAX_ALIAS_BYTES) throw new VhdError(alias, `grew past ${MAX_ALIAS_BYTES} bytes: too large for an alias file`);
+  if (bytes.length > MAX_ALIAS_BYTES) throw new VaultError(alias, `grew past ${MAX_ALIAS_BYTES} bytes: too large for an alias file`);
   let text: string;
   try {
     text = utf8.decode(bytes);
   } catch {
-    throw new VhdError(alias, 'is not a valid alias file: not UTF-8 text');
+    throw new VaultError(alias, 'is not a valid alias file: not UTF-8 text');
   }
   const target = text.trim();
-  if (target === '') throw new VhdError(alias, 'is an empty alias file: it names no VHD');
-  if (/[\u0000-\u001f\u007f]/.test(target)) throw new VhdError(alias, 'is not a valid alias file: it must hold one line, a relative path');
+  if (target === '') throw new VaultError(alias, 'is an empty alias file: it names no VHD');
+  if (/[\u0000-\u001f\u007f]/.test(target)) throw new VaultError(alias, 'is not a valid alias file: it must hold one line, a relative path');
   if (isAbsolute(target) || /^[A-Za-z]:|^\\/.test(target)) {
-    throw new VhdError(alias, `holds the absolute path ${target}: an alias must hold a path relative to its folder`);
+    throw new VaultError(alias, `holds the absolute path ${target}: an alias must hold a path relative to its folder`);
   }
   if (!staysInside(target)) {
-    throw new VhdError(alias, `points to ${target}, outside its folder ${dirname(resolve(alias))}: refusing to follow it`);
+    throw new VaultError(alias, `points to ${target}, outside its folder ${dirname(resolve(alias))}: refusing to follow it`);
   }
   const path = join(dirname(alias), target);
-  if (isAliasName(path)) throw new VhdError(alias, `points to another alias (${target}): aliases cannot be chained`);
+  if (isAliasName(path)) throw new VaultError(alias, `points to another alias (${target}): aliases cannot be chained`);
   await stat(path).catch((err: unknown) => {
-    throw new VhdError(alias, `points to ${target}: ${describeFsError(err)}`);
+    throw new VaultError(alias, `points to ${target}: ${describeFsError(err)}`);
   });
   return path;
 }

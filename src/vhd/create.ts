@@ -1,6 +1,6 @@
 import { dirname, relative, resolve } from 'node:path';
 import { pathExists } from '../util/files.js';
-import { UsageError, VhdError } from './errors.js';
+import { UsageError, VaultError } from '../util/errors.js';
 import type { Compression } from './compression.js';
 import { DEFAULT_BLOCK_SIZE } from './constants.js';
 import { VhdChain } from './VhdChain.js';
@@ -16,7 +16,7 @@ export interface StorageOptions {
 
 /** `vhd create` never replaces anything: an existing file may be a chain member or someone's data. */
 async function createEmpty(path: string, options: WriterOptions & StorageOptions): Promise<void> {
-  if (await pathExists(path)) throw new VhdError(path, 'already exists: vhd create never replaces a file');
+  if (await pathExists(path)) throw new VaultError(path, 'already exists: vhd create never replaces a file');
   const writer =
     options.layout === 'dir'
       ? await VhdDirectoryWriter.create(path, options)

@@ -14,7 +14,7 @@ import {
   NO_OFFSET,
   SECTOR_SIZE,
 } from './constants.js';
-import { VhdError } from './errors.js';
+import { VaultError } from '../util/errors.js';
 import { type Geometry, geometryForSize, geometrySectors, isMaxGeometry } from './geometry.js';
 import { toVhdTimestamp } from './timestamp.js';
 import { newUuid, uuidFromBytes, uuidToBytes } from './uuid.js';
@@ -103,24 +103,24 @@ function hex(n: number): string {
 
 /** Parse and validate a footer; `where` names the copy ("footer", "footer copy at offset 0"). */
 export function parseFooter(buf: Buffer, file: string, where = 'footer'): Footer {
-  if (buf.length < FOOTER_SIZE) throw new VhdError(file, `${where} truncated (${buf.length} of ${FOOTER_SIZE} bytes)`);
+  if (buf.length < FOOTER_SIZE) throw new VaultError(file, `${where} truncated (${buf.length} of ${FOOTER_SIZE} bytes)`);
   const cookie = buf.toString('latin1', 0, 8);
-  if (cookie !== FOOTER_COOKIE) throw new VhdError(file, `${where} has bad cookie ${JSON.stringify(cookie)} (expected "conectix"): not a VHD`);
+  if (cookie !== FOOTER_COOKIE) throw new VaultError(file, `${where} has bad cookie ${JSON.stringify(cookie)} (expected "conectix"): not a VHD`);
   const stored = buf.readUInt32BE(CHECKSUM_OFFSET);
   const computed = vhdChecksum(buf.subarray(0, FOOTER_SIZE), CHECKSUM_OFFSET);
-  if (stored !== computed) throw new VhdError(file, `${where} has bad checksum ${hex(stored)} (computed ${hex(computed)})`);
+  if (stored !== computed) throw new VaultError(file, `${where} has bad checksum ${hex(stored)} (computed ${hex(computed)})`);
   const formatVersion = buf.readUInt32BE(12);
-  if (formatVersion >>> 16 !== 1) throw new VhdError(file, `${where} has unsupported format version ${hex(formatVersion)}`);
+  if (formatVersion >>> 16 !== 1) throw new VaultError(file, `${where} has unsupported format version ${hex(formatVersion)}`);
   const typeCode = buf.readUInt32BE(60);
   const diskType = diskTypeName(typeCode);
-  if (diskType === undefined) throw new VhdError(file, `${where} has unsupported disk type ${typeCode}`);
+  if (diskType === undefined) throw new VaultError(file, `${where} has unsupported disk type ${typeCode}`);
   const rawOffset = buf.readBigUInt64BE(16);
   const currentSize = buf.readBigUInt64BE(48);
   if (currentSize > BigInt(MAX_DISK_SIZE)) {
-    throw new VhdError(file, `${where} declares size ${currentSize} bytes, above the 2040 GiB maximum`);
+    throw new VaultError(file, `${where} declares size ${currentSize} bytes, above the 2040 GiB maximum`);
   }
   if (currentSize % BigInt(SECTOR_SIZE) !== 0n) {
-    throw new VhdError(file, `${where} declares size ${currentSize} bytes, not a whole number of 512-byte sectors`);
+    throw new VaultError(file, `${where} declares size ${currentSize} bytes, not a whole number of 512-byte sectors`);
   }
   const footer: Footer = {
     features: buf.readUInt32BE(8),
@@ -138,7 +138,7 @@ export function parseFooter(buf: Buffer, file: string, where = 'footer'): Footer
     savedState: buf.readUInt8(84),
   };
   if (diskType !== 'fixed' && (footer.dataOffset === null || footer.dataOffset % SECTOR_SIZE !== 0)) {
-    throw new VhdError(file, `${where} has invalid header offset ${rawOffset} for a ${diskType} disk`);
+    throw new VaultError(file, `${where} has invalid header offset ${rawOffset} for a ${diskType} disk`);
   }
   return footer;
 }

@@ -1,6 +1,6 @@
 import { vhdChecksum } from './checksum.js';
 import { BAT_OFFSET, HEADER_COOKIE, HEADER_SIZE, HEADER_VERSION, MAX_BLOCK_SIZE, MAX_TABLE_ENTRIES, NO_OFFSET, SECTOR_SIZE } from './constants.js';
-import { VhdError } from './errors.js';
+import { VaultError } from '../util/errors.js';
 import { type ParentLocator, PLATFORM_NONE } from './parentLocator.js';
 import { NIL_UUID, uuidFromBytes, uuidToBytes } from './uuid.js';
 
@@ -65,28 +65,28 @@ export function serializeHeader(h: DynamicHeader): Buffer {
 }
 
 export function parseHeader(buf: Buffer, file: string): DynamicHeader {
-  if (buf.length < HEADER_SIZE) throw new VhdError(file, `dynamic header truncated (${buf.length} of ${HEADER_SIZE} bytes)`);
+  if (buf.length < HEADER_SIZE) throw new VaultError(file, `dynamic header truncated (${buf.length} of ${HEADER_SIZE} bytes)`);
   const cookie = buf.toString('latin1', 0, 8);
-  if (cookie !== HEADER_COOKIE) throw new VhdError(file, `dynamic header has bad cookie ${JSON.stringify(cookie)} (expected "cxsparse")`);
+  if (cookie !== HEADER_COOKIE) throw new VaultError(file, `dynamic header has bad cookie ${JSON.stringify(cookie)} (expected "cxsparse")`);
   const stored = buf.readUInt32BE(CHECKSUM_OFFSET);
   const computed = vhdChecksum(buf.subarray(0, HEADER_SIZE), CHECKSUM_OFFSET);
   if (stored !== computed) {
-    throw new VhdError(file, `dynamic header has bad checksum 0x${stored.toString(16)} (computed 0x${computed.toString(16)})`);
+    throw new VaultError(file, `dynamic header has bad checksum 0x${stored.toString(16)} (computed 0x${computed.toString(16)})`);
   }
   const headerVersion = buf.readUInt32BE(24);
-  if (headerVersion >>> 16 !== 1) throw new VhdError(file, `dynamic header has unsupported version 0x${headerVersion.toString(16)}`);
+  if (headerVersion >>> 16 !== 1) throw new VaultError(file, `dynamic header has unsupported version 0x${headerVersion.toString(16)}`);
   const tableOffset = buf.readBigUInt64BE(16);
   if (tableOffset % BigInt(SECTOR_SIZE) !== 0n || tableOffset > BigInt(Number.MAX_SAFE_INTEGER)) {
-    throw new VhdError(file, `dynamic header has invalid BAT offset ${tableOffset}`);
+    throw new VaultError(file, `dynamic header has invalid BAT offset ${tableOffset}`);
   }
   const blockSize = buf.readUInt32BE(32);
   // The ceiling keeps a hostile header from making us read gigabytes per block.
   if (blockSize < SECTOR_SIZE || blockSize > MAX_BLOCK_SIZE || (blockSize & (blockSize - 1)) !== 0) {
-    throw new VhdError(file, `block size ${blockSize} is not a power of two from 512 bytes to 256 MiB`);
+    throw new VaultError(file, `block size ${blockSize} is not a power of two from 512 bytes to 256 MiB`);
   }
   const maxTableEntries = buf.readUInt32BE(28);
   // Files and directories alike: a hostile header must not make us read a gigantic table.
-  if (maxTableEntries > MAX_TABLE_ENTRIES) throw new VhdError(file, `block allocation table of ${maxTableEntries} entries is implausibly large`);
+  if (maxTableEntries > MAX_TABLE_ENTRIES) throw new VaultError(file, `block allocation table of ${maxTableEntries} entries is implausibly large`);
   const nameBytes = Buffer.from(buf.subarray(PARENT_NAME_OFFSET, PARENT_NAME_OFFSET + PARENT_NAME_SIZE)).swap16();
   const parentLocators: ParentLocator[] = [];
   for (let i = 0; i < LOCATOR_COUNT; i++) {

@@ -1,6 +1,6 @@
 import { MAX_BAT_SECTOR, MAX_BLOCK_SIZE, MAX_DISK_SIZE, MAX_TABLE_ENTRIES, MIN_BLOCK_SIZE, SECTOR_SIZE } from './constants.js';
 import { bitmapByteSize } from './bitmap.js';
-import { UsageError } from './errors.js';
+import { UsageError } from '../util/errors.js';
 
 export function validateDiskSize(size: number): void {
   if (!Number.isSafeInteger(size) || size <= 0) throw new UsageError(`disk size must be a positive number of bytes, got ${size}`);

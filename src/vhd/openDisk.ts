@@ -1,7 +1,7 @@
 import { stat } from 'node:fs/promises';
 import { notADiskImage } from '../util/files.js';
 import { isAliasName, resolveAlias } from './alias.js';
-import { describeFsError, VhdError } from './errors.js';
+import { describeFsError, VaultError } from '../util/errors.js';
 import { VhdDirectory } from './VhdDirectory.js';
 import { type OpenOptions, VhdFile } from './VhdFile.js';
 
@@ -12,10 +12,10 @@ import { type OpenOptions, VhdFile } from './VhdFile.js';
 export async function openDisk(path: string, options: OpenOptions = {}): Promise<VhdFile | VhdDirectory> {
   const at = isAliasName(path) ? await resolveAlias(path) : path;
   const s = await stat(at).catch((err: unknown) => {
-    throw new VhdError(at, describeFsError(err));
+    throw new VaultError(at, describeFsError(err));
   });
   // Checked before opening: opening a FIFO would wait for a writer.
   const odd = notADiskImage(s);
-  if (odd) throw new VhdError(at, odd);
+  if (odd) throw new VaultError(at, odd);
   return s.isDirectory() ? VhdDirectory.open(at, options) : VhdFile.open(at, options);
 }

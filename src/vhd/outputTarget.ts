@@ -1,7 +1,7 @@
 import { constants, type Stats } from 'node:fs';
 import { type FileHandle, lstat, open, readlink, realpath, stat } from 'node:fs/promises';
 import { basename, dirname, isAbsolute, join, relative, resolve, sep } from 'node:path';
-import { describeFsError, UsageError, VhdError } from './errors.js';
+import { describeFsError, UsageError, VaultError } from '../util/errors.js';
 import type { SynthesizedImage } from './synthesize.js';
 import { blockDeviceSize } from '../util/device.js';
 import { AtomicFile } from '../util/fsync.js';
@@ -30,7 +30,7 @@ async function linkTarget(path: string): Promise<string> {
     if (!s?.isSymbolicLink()) return path;
     path = resolve(dirname(path), await readlink(path));
   }
-  throw new VhdError(path, 'too many levels of symbolic links');
+  throw new VaultError(path, 'too many levels of symbolic links');
 }
 
 export async function outputTarget(out: string): Promise<OutputTarget> {
@@ -41,12 +41,12 @@ export async function outputTarget(out: string): Promise<OutputTarget> {
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
     // A new name (or a dangling link): the writer reports a missing folder.
-    if (code !== 'ENOENT' && code !== 'ENOTDIR') throw new VhdError(out, describeFsError(err));
+    if (code !== 'ENOENT' && code !== 'ENOTDIR') throw new VaultError(out, describeFsError(err));
     s = null;
   }
   if (s?.isBlockDevice() || s?.isCharacterDevice()) return { kind: 'device', name: out, path: out, device: s.isBlockDevice() ? 'block' : 'character' };
   if (s?.isFIFO()) return { kind: 'stream', name: out, path: out };
-  if (s?.isSocket()) throw new VhdError(out, 'is a socket: a disk image cannot be written there');
+  if (s?.isSocket()) throw new VaultError(out, 'is a socket: a disk image cannot be written there');
   // Regular files and folders alike: the writer decides (a file output must not be a folder, a directory output must be new).
   return { kind: 'file', name: out, path: await linkTarget(out) };
 }
@@ -93,8 +93,8 @@ export async function refuseProtected(target: OutputTarget, protectedPaths: Prot
   for (const p of protectedPaths) {
     const real = await realpath(p.path).catch(() => resolve(p.path));
     const rel = relative(real, at);
-    if (rel === '') throw new VhdError(target.name, `is ${p.what}: refusing to write over it`);
-    if (rel !== '..' && !rel.startsWith(`..${sep}`) && !isAbsolute(rel)) throw new VhdError(target.name, `is inside ${p.what}: refusing to write there`);
+    if (rel === '') throw new VaultError(target.name, `is ${p.what}: refusing to write over it`);
+    if (rel !== '..' && !rel.startsWith(`..${sep}`) && !isAbsolute(rel)) throw new VaultError(target.name, `is inside ${p.what}: refusing to write there`);
   }
 }
 
@@ -109,11 +109,11 @@ export interface ByteSink {
   abort(): Promise<void>;
 }
 
-function writeFailure(name: string, err: unknown): VhdError {
-  if (err instanceof VhdError) return err;
+function writeFailure(name: string, err: unknown): VaultError {
+  if (err instanceof VaultError) return err;
   const code = (err as NodeJS.ErrnoException).code;
-  if (code === 'EPIPE' || code === 'ERR_STREAM_DESTROYED') return new VhdError(name, 'closed by its reader before the whole disk was written (broken pipe)');
-  return new VhdError(name, `cannot be written: ${describeFsError(err)}`);
+  if (code === 'EPIPE' || code === 'ERR_STREAM_DESTROYED') return new VaultError(name, 'closed by its reader before the whole disk was written (broken pipe)');
+  return new VaultError(name, `cannot be written: ${describeFsError(err)}`);
 }
 
 /** A device or FIFO: positional writes on a block device, in order on the others (they cannot seek). */
@@ -133,17 +133,17 @@ class DescriptorSink implements ByteSink {
     try {
       fh = await open(target.path, flags);
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'EBUSY') throw new VhdError(target.name, 'is in use (mounted, or held by another program): refusing to write to it');
+      if ((err as NodeJS.ErrnoException).code === 'EBUSY') throw new VaultError(target.name, 'is in use (mounted, or held by another program): refusing to write to it');
       throw writeFailure(target.name, err);
     }
     if (block) {
       const size = await blockDeviceSize(fh).catch(async (err: unknown) => {
         await fh.close();
-        throw new VhdError(target.name, `cannot measure the device: ${describeFsError(err)}`);
+        throw new VaultError(target.name, `cannot measure the device: ${describeFsError(err)}`);
       });
       if (size < length) {
         await fh.close();
-        throw new VhdError(target.name, `is a block device of ${size} bytes, smaller than the ${length} bytes to write`);
+        throw new VaultError(target.name, `is a block device of ${size} bytes, smaller than the ${length} bytes to write`);
       }
     }
     return new DescriptorSink(target.name, fh, block);
@@ -154,7 +154,7 @@ class DescriptorSink implements ByteSink {
       let done = 0;
       while (done < chunk.length) {
         const { bytesWritten } = await this.fh.write(chunk, done, chunk.length - done, this.positional ? position + done : null);
-        if (bytesWritten === 0) throw new VhdError(this.name, `no space left at offset ${position + done}`);
+        if (bytesWritten === 0) throw new VaultError(this.name, `no space left at offset ${position + done}`);
         done += bytesWritten;
       }
     } catch (err) {
@@ -187,7 +187,7 @@ class StdoutSink implements ByteSink {
   private readonly name = 'standard output';
 
   constructor(private readonly stream: NodeJS.WriteStream) {
-    if (stream.isTTY) throw new VhdError(this.name, 'is a terminal: redirect it to a file or a pipe');
+    if (stream.isTTY) throw new VaultError(this.name, 'is a terminal: redirect it to a file or a pipe');
     // Kept for the process's life: a late EPIPE must not become an uncaught exception.
     stream.on('error', (err) => {
       this.failure ??= err;

@@ -1,7 +1,7 @@
 import { type FileHandle, open, stat } from 'node:fs/promises';
 import { SECTOR_SIZE, DEFAULT_BLOCK_SIZE, FOOTER_COOKIE, FOOTER_SIZE, MAX_DISK_SIZE } from './constants.js';
 import { isAliasName, resolveAlias } from './alias.js';
-import { describeFsError, VhdError } from './errors.js';
+import { describeFsError, VaultError } from '../util/errors.js';
 import { VhdChain } from './VhdChain.js';
 import { takeBuffer } from '../util/bufferPool.js';
 import { blockDeviceSize } from '../util/device.js';
@@ -44,16 +44,16 @@ export class RawSource implements BlockSource {
     const fh = await openForReading(path);
     const stat = await sizeOf(fh).catch(async (err: unknown) => {
       await fh.close();
-      throw new VhdError(path, describeFsError(err));
+      throw new VaultError(path, describeFsError(err));
     });
     if (!stat.isFile && !stat.isBlockDevice) {
       await fh.close();
-      throw new VhdError(path, 'not a regular file');
+      throw new VaultError(path, 'not a regular file');
     }
     const size = Math.ceil(stat.size / SECTOR_SIZE) * SECTOR_SIZE;
     if (size === 0 || size > MAX_DISK_SIZE) {
       await fh.close();
-      throw new VhdError(path, size === 0 ? 'raw image is empty' : `raw image of ${stat.size} bytes is above the VHD maximum of 2040 GiB`);
+      throw new VaultError(path, size === 0 ? 'raw image is empty' : `raw image of ${stat.size} bytes is above the VHD maximum of 2040 GiB`);
     }
     return new RawSource(path, fh, stat.size, size, blockSize);
   }
@@ -65,7 +65,7 @@ export class RawSource implements BlockSource {
     let done = 0;
     while (done < length) {
       const { bytesRead } = await this.fh.read(buf, done, length - done, start + done);
-      if (bytesRead === 0) throw new VhdError(this.path, `raw image shrank while being read (at offset ${start + done})`);
+      if (bytesRead === 0) throw new VaultError(this.path, `raw image shrank while being read (at offset ${start + done})`);
       done += bytesRead;
     }
     return buf;
@@ -80,7 +80,7 @@ async function openForReading(path: string): Promise<FileHandle> {
   try {
     return await open(path, 'r');
   } catch (err) {
-    throw new VhdError(path, describeFsError(err));
+    throw new VaultError(path, describeFsError(err));
   }
 }
 
@@ -118,17 +118,17 @@ export async function openSource(path: string, options: SourceOptions = {}): Pro
   if (isAliasName(path) && !options.fromRaw) return VhdChain.open(path);
   const at = isAliasName(path) ? await resolveAlias(path) : path;
   const s = await stat(at).catch((err: unknown) => {
-    throw new VhdError(at, describeFsError(err));
+    throw new VaultError(at, describeFsError(err));
   });
   // Before any open: opening a FIFO would wait for a writer, and none of these can be read at an offset.
   const odd = notADiskImage(s);
-  if (odd) throw new VhdError(at, odd);
+  if (odd) throw new VaultError(at, odd);
   if (s.isDirectory()) return VhdChain.open(at);
   if (options.fromRaw) return RawSource.open(at);
   if (await looksLikeVhd(at)) return VhdChain.open(at);
   if (/\.vhd$/i.test(at)) {
     const hint = options.fromRawFlag ? `; to read it as a raw image, use ${options.fromRawFlag}` : '';
-    throw new VhdError(at, `is not a VHD: no VHD footer at its start or end${hint}`);
+    throw new VaultError(at, `is not a VHD: no VHD footer at its start or end${hint}`);
   }
   return RawSource.open(at);
 }

@@ -1,7 +1,7 @@
 /** `vhdvault backup --qemu` as the live-backup tests run it, and what its `--json` report holds. */
 import { expect } from 'vitest';
-import { queryBlockExports, queryNamedBlockNodes } from '../../src/qemu/commands.js';
-import type { QmpClient } from '../../src/qemu/QmpClient.js';
+import { queryBlockExports, queryNamedBlockNodes } from '../../src/qmp/commands.js';
+import type { QmpClient } from '../../src/qmp/QmpClient.js';
 import type { CliResult } from './cli.js';
 import type { Qsd } from './qsd.js';
 

@@ -11,7 +11,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll } from 'vitest';
-import { QmpClient } from '../../src/qemu/QmpClient.js';
+import { QmpClient } from '../../src/qmp/QmpClient.js';
 import { run } from './qsd.js';
 import { accepts } from './sockets.js';
 

@@ -14,11 +14,11 @@ import { dirname, join } from 'node:path';
 import { NbdClient } from '../nbd/NbdClient.js';
 import { type NbdEndpoint, nbdAddress } from '../nbd/uri.js';
 import { socketState } from '../util/unixSocket.js';
-import { VhdError } from '../vhd/errors.js';
-import { nbdServerStart, nbdServerStop, queryBlockExports } from './commands.js';
-import { QmpCommandError } from './errors.js';
+import { VaultError } from '../util/errors.js';
+import { nbdServerStart, nbdServerStop, queryBlockExports } from '../qmp/commands.js';
+import { QmpCommandError } from '../qmp/errors.js';
 import { OUR_PREFIX } from './guestPath.js';
-import type { QmpClient } from './QmpClient.js';
+import type { QmpClient } from '../qmp/QmpClient.js';
 
 export interface QemuNbdServer {
   /** Where QEMU serves `exportName` (just added with block-export-add). */
@@ -49,7 +49,7 @@ export async function qemuNbdServer(qmp: QmpClient, given: NbdEndpoint | null): 
   return {
     locate: async (exportName) => {
       ours ??= await serving(exportName);
-      if (ours === null) throw new VhdError(qmp.socketPath, 'QEMU already runs an NBD server: give its address with --qemu-nbd <uri>');
+      if (ours === null) throw new VaultError(qmp.socketPath, 'QEMU already runs an NBD server: give its address with --qemu-nbd <uri>');
       return { transport: 'unix', socket: ours };
     },
     release: async () => {

@@ -10,13 +10,13 @@
  */
 import { createHash } from 'node:crypto';
 import { processAlive } from '../store/lock.js';
-import { QmpCommandError } from './errors.js';
+import { QmpCommandError } from '../qmp/errors.js';
 import { type NbdAddress, nbdAddress } from '../nbd/uri.js';
-import { VhdError } from '../vhd/errors.js';
-import { blockdevAdd, blockdevDel, blockExportAdd, blockExportDel, type BitmapRef, queryBlockExports, queryNamedBlockNodes } from './commands.js';
+import { VaultError } from '../util/errors.js';
+import { blockdevAdd, blockdevDel, blockExportAdd, blockExportDel, type BitmapRef, queryBlockExports, queryNamedBlockNodes } from '../qmp/commands.js';
 import { attach, fileChild, type GuestEntry, guestNode, type GuestPath, OUR_PREFIX } from './guestPath.js';
 import type { QemuNbdServer } from './qemuNbdServer.js';
-import type { QmpClient } from './QmpClient.js';
+import type { QmpClient } from '../qmp/QmpClient.js';
 
 /**
  * What one backup of one guest adds to QEMU, named after its `--node` (by a
@@ -80,7 +80,7 @@ export async function removeLeftoverView(qmp: QmpClient, entry: GuestEntry): Pro
   const current = await guestNode(qmp, entry);
   // Another backup of this guest at work: it is not ours to take apart, and one at a time is the rule.
   const owner = current?.startsWith(OUR_PREFIX) && !names.isLeftover(current) ? names.ownerOf(current) : null;
-  if (owner !== null) throw new VhdError(qmp.socketPath, `the guest of "${entry.node}" reads through "${current}", the view of a live backup running in process ${owner}: one live backup of a disk at a time`);
+  if (owner !== null) throw new VaultError(qmp.socketPath, `the guest of "${entry.node}" reads through "${current}", the view of a live backup running in process ${owner}: one live backup of a disk at a time`);
   for (const e of await queryBlockExports(qmp)) {
     if (names.isLeftover(e.id)) await blockExportDel(qmp, e.id, 'hard');
   }
@@ -90,7 +90,7 @@ export async function removeLeftoverView(qmp: QmpClient, entry: GuestEntry): Pro
   for (const node of byKind('s')) await blockdevDel(qmp, node);
   if (current?.startsWith(OUR_PREFIX)) {
     const disk = await fileChild(qmp, current);
-    if (!disk) throw new VhdError(qmp.socketPath, `block node "${current}" left by an earlier backup has no file child`);
+    if (!disk) throw new VaultError(qmp.socketPath, `block node "${current}" left by an earlier backup has no file child`);
     await attach(qmp, entry, disk);
   }
   for (const node of [...byKind('c'), ...byKind('t')]) await blockdevDel(qmp, node);
@@ -140,7 +140,7 @@ export class FrozenView {
     this.undo.push(() => blockdevDel(qmp, names.snap));
     const bitmaps: BitmapRef[] | undefined = bitmap === null ? undefined : [{ node: this.guest.disk.nodeName, name: bitmap }];
     await blockExportAdd(qmp, { type: 'nbd', id: this.exportName, nodeName: names.snap, name: this.exportName, writable: false, bitmaps }).catch((err: unknown) => {
-      if (err instanceof QmpCommandError && /NBD server not running/i.test(err.desc)) throw new VhdError(qmp.socketPath, 'QEMU runs no NBD server at the --qemu-nbd address: leave --qemu-nbd out (vhdvault then starts one) or name the server QEMU runs');
+      if (err instanceof QmpCommandError && /NBD server not running/i.test(err.desc)) throw new VaultError(qmp.socketPath, 'QEMU runs no NBD server at the --qemu-nbd address: leave --qemu-nbd out (vhdvault then starts one) or name the server QEMU runs');
       throw err;
     });
     this.exported = true;

@@ -12,8 +12,8 @@ import type { NbdExport, ReadPiece } from '../nbd/export.js';
 import type { Extent } from '../nbd/transmission.js';
 import type { VhdDisk } from '../vhd/disk.js';
 import type { BlockSource } from '../vhd/source.js';
-import { lineage, verifiedChain } from './chain.js';
-import type { BackupMetadata, Repository } from './repository.js';
+import { lineage, verifiedChain } from '../store/chain.js';
+import type { BackupMetadata, Repository } from '../store/repository.js';
 
 /**
  * Whole blocks kept after a read (2 MiB each), shared by every export a server

@@ -10,13 +10,13 @@ import { lstat, stat } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { NbdServer, type Listen } from '../nbd/NbdServer.js';
 import type { ExportCatalog, NbdExport } from '../nbd/export.js';
-import { VhdError } from '../vhd/errors.js';
+import { VaultError } from '../util/errors.js';
 import { BackupExport, BlockCache } from './backupExport.js';
-import { readingDisk } from './merge.js';
-import { isBackupId } from './names.js';
+import { readingDisk } from '../store/merge.js';
+import { isBackupId } from '../store/names.js';
 import { defaultOverlayDir, Overlay, OverlayExport } from './overlay.js';
-import type { BackupMetadata, Repository } from './repository.js';
-import { pickBackup } from './restore.js';
+import type { BackupMetadata, Repository } from '../store/repository.js';
+import { pickBackup } from '../store/restore.js';
 
 export interface ServeOptions {
   backup?: string;
@@ -103,7 +103,7 @@ class BackupCatalog implements ExportCatalog {
 /** Serve until `options.until` resolves, as a reader of the disk; then close every connection cleanly. */
 export async function serve(repo: Repository, disk: string, options: ServeOptions): Promise<void> {
   if (options.writable && !repo.storage.capabilities.localFiles) {
-    throw new VhdError(repo.root, 'serve --writable keeps writes in an overlay VHD whose parent is the backup\'s VHD file, and a backup on an object store has none: serve it read-only, or restore it to a folder first');
+    throw new VaultError(repo.root, 'serve --writable keeps writes in an overlay VHD whose parent is the backup\'s VHD file, and a backup on an object store has none: serve it read-only, or restore it to a folder first');
   }
   await readingDisk(
     repo,
@@ -123,7 +123,7 @@ export async function serve(repo: Repository, disk: string, options: ServeOption
         options.onReady({ uri: uriWithExport(base, exportName), exportName, backup: chosen.id, writable: overlay !== null, overlay: overlay?.dir ?? null, exports });
         await options.until;
       } catch (err) {
-        if (err instanceof VhdError || !(err as NodeJS.ErrnoException)?.code) throw err;
+        if (err instanceof VaultError || !(err as NodeJS.ErrnoException)?.code) throw err;
         throw await listenError(options.listen, err as NodeJS.ErrnoException);
       } finally {
         await server.stop();
@@ -140,20 +140,20 @@ function uriWithExport(base: string, name: string): string {
 }
 
 /** Why the server could not listen, in a user's words. */
-async function listenError(listen: Listen, err: NodeJS.ErrnoException): Promise<VhdError> {
+async function listenError(listen: Listen, err: NodeJS.ErrnoException): Promise<VaultError> {
   if (!('path' in listen)) {
     const where = `${listen.host}:${listen.port}`;
-    if (err.code === 'EADDRINUSE') return new VhdError(where, 'address already in use (another server listens there)');
-    if (err.code === 'EADDRNOTAVAIL' || err.code === 'ENOTFOUND') return new VhdError(where, 'no such address on this host');
-    if (err.code === 'EACCES') return new VhdError(where, 'permission denied (ports below 1024 need root)');
-    return new VhdError(where, err.message);
+    if (err.code === 'EADDRINUSE') return new VaultError(where, 'address already in use (another server listens there)');
+    if (err.code === 'EADDRNOTAVAIL' || err.code === 'ENOTFOUND') return new VaultError(where, 'no such address on this host');
+    if (err.code === 'EACCES') return new VaultError(where, 'permission denied (ports below 1024 need root)');
+    return new VaultError(where, err.message);
   }
   const path = listen.path;
   const parent = await stat(dirname(path)).catch(() => null);
-  if (!parent?.isDirectory()) return new VhdError(path, `its folder ${dirname(path)} does not exist`);
+  if (!parent?.isDirectory()) return new VaultError(path, `its folder ${dirname(path)} does not exist`);
   const existing = await lstat(path).catch(() => null);
-  if (existing && !existing.isSocket()) return new VhdError(path, 'exists and is not a socket: refusing to replace it');
-  if (err.code === 'EADDRINUSE') return new VhdError(path, 'a server already listens on this socket');
-  if (err.code === 'EACCES') return new VhdError(path, 'permission denied');
-  return new VhdError(path, err.message);
+  if (existing && !existing.isSocket()) return new VaultError(path, 'exists and is not a socket: refusing to replace it');
+  if (err.code === 'EADDRINUSE') return new VaultError(path, 'a server already listens on this socket');
+  if (err.code === 'EACCES') return new VaultError(path, 'permission denied');
+  return new VaultError(path, err.message);
 }

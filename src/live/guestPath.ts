@@ -7,9 +7,9 @@
  * Children are found from x-debug-query-block-graph, since
  * query-named-block-nodes names a child by file name, not by node.
  */
-import { VhdError } from '../vhd/errors.js';
-import { blockdevReopen, qomGet, qomSet, queryBlock, queryNamedBlockNodes, type BlockNodeInfo } from './commands.js';
-import type { QmpClient } from './QmpClient.js';
+import { VaultError } from '../util/errors.js';
+import { blockdevReopen, qomGet, qomSet, queryBlock, queryNamedBlockNodes, type BlockNodeInfo } from '../qmp/commands.js';
+import type { QmpClient } from '../qmp/QmpClient.js';
 
 /** Every node vhdvault adds to QEMU, and every export and bitmap, is named with this. */
 export const OUR_PREFIX = 'vhdvault-';
@@ -47,7 +47,7 @@ export async function guestNode(qmp: QmpClient, entry: GuestEntry): Promise<stri
   const path = devicePath(entry.device);
   // A device's `qdev` is its path, or a child of it (virtio-blk's backend).
   const found = (await queryBlock(qmp)).find((d) => d.qdev !== null && (d.qdev === path || d.qdev.startsWith(`${path}/`)));
-  if (!found) throw new VhdError(qmp.socketPath, `no block device "${entry.device}" (--device names a disk device's id, e.g. -device virtio-blk-pci,id=${entry.device})`);
+  if (!found) throw new VaultError(qmp.socketPath, `no block device "${entry.device}" (--device names a disk device's id, e.g. -device virtio-blk-pci,id=${entry.device})`);
   return found.nodeName;
 }
 
@@ -55,18 +55,18 @@ export async function guestNode(qmp: QmpClient, entry: GuestEntry): Promise<stri
 export async function findGuestPath(qmp: QmpClient, entry: GuestEntry): Promise<GuestPath> {
   const nodes = await queryNamedBlockNodes(qmp);
   const current = await guestNode(qmp, entry);
-  if (current?.startsWith(OUR_PREFIX)) throw new VhdError(qmp.socketPath, `the guest still reads through "${current}", left by an earlier backup`);
+  if (current?.startsWith(OUR_PREFIX)) throw new VaultError(qmp.socketPath, `the guest still reads through "${current}", left by an earlier backup`);
   if (entry.device !== undefined) {
     const disk = nodes.find((n) => n.nodeName === entry.node);
-    if (!disk) throw new VhdError(qmp.socketPath, `no block node "${entry.node}" (with --device, --node names the disk node the device uses)`);
-    if (current !== entry.node) throw new VhdError(qmp.socketPath, `device "${entry.device}" uses block node "${current ?? 'none'}", not "${entry.node}" (give --node the node the device uses)`);
+    if (!disk) throw new VaultError(qmp.socketPath, `no block node "${entry.node}" (with --device, --node names the disk node the device uses)`);
+    if (current !== entry.node) throw new VaultError(qmp.socketPath, `device "${entry.device}" uses block node "${current ?? 'none'}", not "${entry.node}" (give --node the node the device uses)`);
     return { entry, disk };
   }
   const top = nodes.find((n) => n.nodeName === entry.node);
-  if (!top) throw new VhdError(qmp.socketPath, `no block node "${entry.node}" (--node names the guest's raw passthrough node, or with --device the device's disk node)`);
-  if (top.drv !== 'raw') throw new VhdError(qmp.socketPath, `block node "${entry.node}" is a ${top.drv} node, not a raw passthrough node over the disk (give --node the node the guest's export uses, or --device for a VM disk)`);
+  if (!top) throw new VaultError(qmp.socketPath, `no block node "${entry.node}" (--node names the guest's raw passthrough node, or with --device the device's disk node)`);
+  if (top.drv !== 'raw') throw new VaultError(qmp.socketPath, `block node "${entry.node}" is a ${top.drv} node, not a raw passthrough node over the disk (give --node the node the guest's export uses, or --device for a VM disk)`);
   const disk = current && nodes.find((n) => n.nodeName === current);
-  if (!disk) throw new VhdError(qmp.socketPath, `block node "${entry.node}" has no named file child (the disk's format node)`);
+  if (!disk) throw new VaultError(qmp.socketPath, `block node "${entry.node}" has no named file child (the disk's format node)`);
   return { entry, disk };
 }
 

@@ -15,18 +15,18 @@ import { NbdRequestError } from '../nbd/errors.js';
 import { NbdSource } from '../nbd/NbdSource.js';
 import type { NbdEndpoint } from '../nbd/uri.js';
 import { type BackupOptions, type BackupReport, backupFrom, withBackupLock } from '../store/backup.js';
-import { CopyStore } from '../store/copyStore.js';
+import { CopyStore } from './copyStore.js';
 import { newBackupId } from '../store/names.js';
 import type { Repository } from '../store/repository.js';
 import { limiter } from '../store/throttle.js';
-import { VhdError } from '../vhd/errors.js';
+import { VaultError } from '../util/errors.js';
 import { CheckpointHandOver, checkpointName, checkpointTag, previousCheckpoint, removeLeftoverBitmaps } from './checkpoint.js';
 import { DirectTarget } from './directTarget.js';
 import { FleecingImage, FleecingWatch, removeLeftoverImages } from './fleecing.js';
 import { FrozenView, removeLeftoverView, ViewNames } from './frozenView.js';
 import { findGuestPath } from './guestPath.js';
 import { qemuNbdServer } from './qemuNbdServer.js';
-import { QmpClient } from './QmpClient.js';
+import { QmpClient } from '../qmp/QmpClient.js';
 
 export { DEFAULT_CBW_TIMEOUT };
 /** Free space under which a fleecing folder counts as full: less than a few of QEMU's 64 KiB copies. */
@@ -82,18 +82,18 @@ async function explain(err: unknown, mode: Mode, options: LiveBackupOptions): Pr
   const why = await mode.whyBroken();
   if (why) return why;
   const timeout = options.cbwTimeout ?? DEFAULT_CBW_TIMEOUT;
-  return new VhdError(options.qemu, `reading the frozen view failed (${err.problem}): a copy of old data before a guest write failed or took over --cbw-timeout ${timeout} s, so QEMU gave up the view; backup aborted (the guest's writes went on unharmed)`);
+  return new VaultError(options.qemu, `reading the frozen view failed (${err.problem}): a copy of old data before a guest write failed or took over --cbw-timeout ${timeout} s, so QEMU gave up the view; backup aborted (the guest's writes went on unharmed)`);
 }
 
 export async function liveBackup(repo: Repository, disk: string, given: LiveBackupOptions): Promise<LiveBackupReport> {
   // QEMU opens the image: a relative folder would be read from QEMU's working directory.
   const options = given.fleecing === undefined ? given : { ...given, fleecing: resolve(given.fleecing) };
   if (options.fleecing === undefined && !repo.storage.capabilities.localFiles) {
-    throw new VhdError(repo.root, 'direct mode writes the copies of old data into the repository\'s folder, and an object store has none: give --fleecing <dir> (a fast local folder)');
+    throw new VaultError(repo.root, 'direct mode writes the copies of old data into the repository\'s folder, and an object store has none: give --fleecing <dir> (a fast local folder)');
   }
   if (options.fleecing !== undefined) {
     const folder = await stat(options.fleecing).catch(() => null);
-    if (!folder?.isDirectory()) throw new VhdError(options.fleecing, 'is not a folder (--fleecing names the folder of the fleecing image)');
+    if (!folder?.isDirectory()) throw new VaultError(options.fleecing, 'is not a folder (--fleecing names the folder of the fleecing image)');
   }
   const qmp = await QmpClient.connect(options.qemu);
   try {
@@ -162,7 +162,7 @@ async function startMode(repo: Repository, disk: string, id: string, size: numbe
         const fs = await statfs(image.dir).catch(() => null);
         const free = fs ? fs.bavail * fs.bsize : Infinity;
         if (free >= FULL_BELOW) return null;
-        return new VhdError(image.dir, `fleecing folder is full (${free} bytes free, the image holds ${watch.peak}): a copy of old data before a guest write failed, so QEMU gave up the view; backup aborted (the guest's writes went on unharmed)`);
+        return new VaultError(image.dir, `fleecing folder is full (${free} bytes free, the image holds ${watch.peak}): a copy of old data before a guest write failed, so QEMU gave up the view; backup aborted (the guest's writes went on unharmed)`);
       },
       stop: async () => {},
     };
@@ -176,7 +176,7 @@ async function startMode(repo: Repository, disk: string, id: string, size: numbe
     target,
     watch: null,
     copied: () => ({ copiedBytes: store.copiedBytes, copies: store.copies, fleecingPeakBytes: null }),
-    whyBroken: async () => store.failure && new VhdError(store.path, `copying old data into the repository failed (${store.failure.message}), so QEMU gave up the view; backup aborted (the guest's writes went on unharmed)`),
+    whyBroken: async () => store.failure && new VaultError(store.path, `copying old data into the repository failed (${store.failure.message}), so QEMU gave up the view; backup aborted (the guest's writes went on unharmed)`),
     stop: () => target.stop(),
   };
 }
@@ -191,6 +191,6 @@ async function settle(qmp: QmpClient, id: string, committed: boolean, steps: Arr
   let first: Error | null = null;
   for (const step of steps) await step().catch((err: Error) => void (first ??= err));
   if (first !== null && committed) {
-    throw new VhdError(qmp.socketPath, `backup ${id} was committed, but cleaning up QEMU failed: ${(first as Error).message} (the next backup removes what is left)`);
+    throw new VaultError(qmp.socketPath, `backup ${id} was committed, but cleaning up QEMU failed: ${(first as Error).message} (the next backup removes what is left)`);
   }
 }

@@ -14,17 +14,17 @@ import type { NbdExport, ReadPiece } from '../nbd/export.js';
 import type { Extent } from '../nbd/transmission.js';
 import { isSectorSet } from '../vhd/bitmap.js';
 import { SECTOR_SIZE } from '../vhd/constants.js';
-import { describeFsError, UsageError, VhdError } from '../vhd/errors.js';
+import { describeFsError, UsageError, VaultError } from '../util/errors.js';
 import type { BlockSource } from '../vhd/source.js';
 import { VhdFile } from '../vhd/VhdFile.js';
 import { DynamicVhdWriter } from '../vhd/VhdWriter.js';
 import { pathExists } from '../util/files.js';
 import { fsyncDirectory } from '../util/fsync.js';
 import { type BackupExport, pushPiece, segments } from './backupExport.js';
-import { openBackupData } from './chain.js';
-import { describeOwner, isOwnerGone, lockOwner, parseOwner } from './lock.js';
-import { pinBackup } from './overlayPins.js';
-import type { BackupMetadata, Repository } from './repository.js';
+import { openBackupData } from '../store/chain.js';
+import { describeOwner, isOwnerGone, lockOwner, parseOwner } from '../store/lock.js';
+import { pinBackup } from '../store/overlayPins.js';
+import type { BackupMetadata, Repository } from '../store/repository.js';
 
 const INFO = 'overlay.json';
 const DATA = 'overlay.vhd';
@@ -48,18 +48,18 @@ export const defaultOverlayDir = (disk: string, id: string) => resolve(`${disk}-
 
 export async function readOverlayInfo(dir: string): Promise<OverlayInfo> {
   const s = await stat(dir).catch(() => null);
-  if (!s) throw new VhdError(dir, 'no such overlay folder');
-  if (!s.isDirectory()) throw new VhdError(dir, 'is not a folder (an overlay is a folder made by vhdvault serve --writable)');
+  if (!s) throw new VaultError(dir, 'no such overlay folder');
+  if (!s.isDirectory()) throw new VaultError(dir, 'is not a folder (an overlay is a folder made by vhdvault serve --writable)');
   const path = join(dir, INFO);
   let info: OverlayInfo;
   try {
     info = JSON.parse(await readFile(path, 'utf8')) as OverlayInfo;
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
-    throw new VhdError(path, code === 'ENOENT' ? 'is missing: not an overlay folder made by vhdvault serve --writable' : 'is not valid JSON');
+    throw new VaultError(path, code === 'ENOENT' ? 'is missing: not an overlay folder made by vhdvault serve --writable' : 'is not valid JSON');
   }
   if (info?.format !== 1 || typeof info.disk !== 'string' || typeof info.backup !== 'string' || typeof info.uuid !== 'string' || !Number.isSafeInteger(info.size)) {
-    throw new VhdError(path, 'is not an overlay description this version understands');
+    throw new VaultError(path, 'is not an overlay description this version understands');
   }
   return info;
 }
@@ -87,11 +87,11 @@ export class Overlay {
       if (await pathExists(join(at, INFO))) {
         info = await readOverlayInfo(at);
         if (info.disk !== meta.disk || info.uuid !== meta.uuid) {
-          throw new VhdError(join(at, INFO), `belongs to backup ${info.backup} of disk "${info.disk}", not to backup ${meta.id} of "${meta.disk}": serve that backup (--backup ${info.backup}) or pick another folder`);
+          throw new VaultError(join(at, INFO), `belongs to backup ${info.backup} of disk "${info.disk}", not to backup ${meta.id} of "${meta.disk}": serve that backup (--backup ${info.backup}) or pick another folder`);
         }
       } else {
-        if (!options.create) throw new VhdError(join(at, INFO), 'is missing: not an overlay folder made by vhdvault serve --writable');
-        if (await pathExists(join(at, DATA))) throw new VhdError(join(at, DATA), 'exists without overlay.json: not ours, left alone (pick another folder)');
+        if (!options.create) throw new VaultError(join(at, INFO), 'is missing: not an overlay folder made by vhdvault serve --writable');
+        if (await pathExists(join(at, DATA))) throw new VaultError(join(at, DATA), 'exists without overlay.json: not ours, left alone (pick another folder)');
         info = { format: 1, repository: repo.root, disk: meta.disk, backup: meta.id, uuid: meta.uuid, size: meta.size, createdAt: new Date().toISOString() };
         await writeFile(join(at, INFO), `${JSON.stringify(info, null, 2)}\n`, { flag: 'wx' });
         await fsyncDirectory(at);
@@ -103,7 +103,7 @@ export class Overlay {
       const vhd = await VhdFile.open(data, { writable: options.writable });
       if (vhd.footer.diskType !== 'differencing' || vhd.header?.parentUuid !== meta.uuid || vhd.size !== meta.size) {
         await vhd.close();
-        throw new VhdError(data, `is not a differencing disk over backup ${meta.id}`);
+        throw new VaultError(data, `is not a differencing disk over backup ${meta.id}`);
       }
       return new Overlay(at, info, vhd);
     } catch (err) {
@@ -144,19 +144,19 @@ const OURS = new Set([INFO, DATA, LOCK]);
  */
 async function prepareFolder(at: string, create: boolean): Promise<void> {
   const s = await stat(at).catch(() => null);
-  if (s && !s.isDirectory()) throw new VhdError(at, 'is not a folder');
+  if (s && !s.isDirectory()) throw new VaultError(at, 'is not a folder');
   if (!s) {
-    if (!create) throw new VhdError(at, 'no such overlay folder');
+    if (!create) throw new VaultError(at, 'no such overlay folder');
     // Not recursive: a mistyped parent should be an error, not a tree of new folders.
     await mkdir(at).catch((err: unknown) => {
       const code = (err as NodeJS.ErrnoException).code;
-      throw new VhdError(at, code === 'ENOENT' ? `its parent folder ${dirname(at)} does not exist` : describeFsError(err));
+      throw new VaultError(at, code === 'ENOENT' ? `its parent folder ${dirname(at)} does not exist` : describeFsError(err));
     });
     return;
   }
   const stray = (await readdir(at)).filter((name) => !OURS.has(name) && !name.startsWith('.'));
   if (stray.length > 0 && !(await pathExists(join(at, INFO)))) {
-    throw new VhdError(at, `holds other files (${stray.slice(0, 3).join(', ')}${stray.length > 3 ? ', …' : ''}) and no overlay: name an empty or new folder`);
+    throw new VaultError(at, `holds other files (${stray.slice(0, 3).join(', ')}${stray.length > 3 ? ', …' : ''}) and no overlay: name an empty or new folder`);
   }
 }
 
@@ -173,14 +173,14 @@ async function takeLock(dir: string): Promise<void> {
       await writeFile(path, `${JSON.stringify(me)}\n`, { flag: 'wx' });
       return;
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw new VhdError(path, describeFsError(err));
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw new VaultError(path, describeFsError(err));
     }
     const holder = parseOwner(await readFile(path, 'utf8').catch(() => ''));
-    if (holder && !isOwnerGone(holder, me)) throw new VhdError(dir, `overlay is in use by ${describeOwner(holder)}`);
+    if (holder && !isOwnerGone(holder, me)) throw new VaultError(dir, `overlay is in use by ${describeOwner(holder)}`);
     // Unreadable (not ours) or its owner is gone.
     await rm(path, { force: true });
   }
-  throw new VhdError(dir, 'overlay lock keeps changing: is another vhdvault using it?');
+  throw new VaultError(dir, 'overlay lock keeps changing: is another vhdvault using it?');
 }
 
 /** An empty differencing VHD whose parent is the backup's data (by UUID; locators say where it was). */

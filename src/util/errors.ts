@@ -2,13 +2,13 @@
  * A problem with a named file: corrupt, hostile or unusable input.
  * The CLI prints `file: problem` on one line and exits 1.
  */
-export class VhdError extends Error {
+export class VaultError extends Error {
   constructor(
     readonly file: string,
     readonly problem: string,
   ) {
     super(`${file}: ${problem}`);
-    this.name = 'VhdError';
+    this.name = 'VaultError';
   }
 }
 

@@ -3,8 +3,8 @@ import { constants as fsConstants } from 'node:fs';
 import { type FileHandle, mkdtemp, open, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { compress, decompress } from '../vhd/compression.js';
-import { digestOf } from './digests.js';
+import { compress, decompress } from '../../src/vhd/compression.js';
+import { digestOf } from '../../src/store/digests.js';
 
 const MiB = 1024 * 1024;
 const BLOCK = 2 * MiB;

@@ -1,15 +1,15 @@
 import { randomFillSync } from 'node:crypto';
 import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import { UsageError } from '../vhd/errors.js';
-import { VhdDirectoryWriter } from '../vhd/VhdDirectory.js';
-import { DynamicVhdWriter } from '../vhd/VhdWriter.js';
-import { newUuid } from '../vhd/uuid.js';
-import type { OnProgress } from '../util/progress.js';
-import { DigestWriter, digestOf } from './digests.js';
-import { mergeForward, reclaimMergeSpace } from './merge.js';
-import { newBackupId } from './names.js';
-import { type BackupMetadata, type Layout, newBackupMetadata, Repository } from './repository.js';
+import { UsageError } from '../../src/util/errors.js';
+import { VhdDirectoryWriter } from '../../src/vhd/VhdDirectory.js';
+import { DynamicVhdWriter } from '../../src/vhd/VhdWriter.js';
+import { newUuid } from '../../src/vhd/uuid.js';
+import type { OnProgress } from '../../src/util/progress.js';
+import { DigestWriter, digestOf } from '../../src/store/digests.js';
+import { mergeForward, reclaimMergeSpace } from '../../src/store/merge.js';
+import { newBackupId } from '../../src/store/names.js';
+import { type BackupMetadata, type Layout, newBackupMetadata, Repository } from '../../src/store/repository.js';
 
 const BLOCK = 2 * 1024 * 1024;
 

@@ -9,12 +9,12 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { ExportCatalog } from '../nbd/export.js';
 import { NbdServer } from '../nbd/NbdServer.js';
-import type { CopyStore } from '../store/copyStore.js';
+import type { CopyStore } from './copyStore.js';
 import { processAlive } from '../store/lock.js';
-import { blockdevAdd, blockdevDel } from './commands.js';
+import { blockdevAdd, blockdevDel } from '../qmp/commands.js';
 import type { CopyTarget, Undo } from './frozenView.js';
 import { OUR_PREFIX } from './guestPath.js';
-import type { QmpClient } from './QmpClient.js';
+import type { QmpClient } from '../qmp/QmpClient.js';
 
 const EXPORT_NAME = 'copies';
 /** `vhdvault-direct-<pid>-<random>`: the folder of one run's socket. */

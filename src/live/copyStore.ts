@@ -10,7 +10,7 @@
 import { type FileHandle, open, rm } from 'node:fs/promises';
 import type { NbdExport, ReadPiece } from '../nbd/export.js';
 import type { Extent } from '../nbd/transmission.js';
-import type { Limiter } from './throttle.js';
+import type { Limiter } from '../store/throttle.js';
 
 /** Zeros written per request when QEMU asks for a zeroed range. */
 const ZERO_CHUNK = 1024 * 1024;

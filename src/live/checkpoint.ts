@@ -9,9 +9,9 @@
 import { createHash } from 'node:crypto';
 import type { Checkpoint } from '../store/repository.js';
 import type { BackupMetadata } from '../store/repository.js';
-import { blockDirtyBitmapAdd, blockDirtyBitmapDisable, blockDirtyBitmapEnable, blockDirtyBitmapMerge, blockDirtyBitmapRemove, queryNamedBlockNodes, type DirtyBitmapInfo } from './commands.js';
+import { blockDirtyBitmapAdd, blockDirtyBitmapDisable, blockDirtyBitmapEnable, blockDirtyBitmapMerge, blockDirtyBitmapRemove, queryNamedBlockNodes, type DirtyBitmapInfo } from '../qmp/commands.js';
 import { OUR_PREFIX } from './guestPath.js';
-import type { QmpClient } from './QmpClient.js';
+import type { QmpClient } from '../qmp/QmpClient.js';
 
 export interface PreviousCheckpoint {
   /** The latest backup's checkpoint, if it names a bitmap on this node (valid or not): removed once a new one takes over. */

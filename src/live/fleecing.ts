@@ -6,10 +6,10 @@
  */
 import { open, readdir, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
-import { VhdError } from '../vhd/errors.js';
-import { blockdevAdd, blockdevDel } from './commands.js';
+import { VaultError } from '../util/errors.js';
+import { blockdevAdd, blockdevDel } from '../qmp/commands.js';
 import type { CopyTarget, Undo, ViewNames } from './frozenView.js';
-import type { QmpClient } from './QmpClient.js';
+import type { QmpClient } from '../qmp/QmpClient.js';
 
 const IMAGE_SUFFIX = '.fleece.raw';
 
@@ -60,7 +60,7 @@ export async function removeLeftoverImages(dir: string, names: ViewNames): Promi
 export class FleecingWatch {
   peak = 0;
   /** Set when the image grew past `max`: why the backup was cut short. */
-  overflow: VhdError | null = null;
+  overflow: VaultError | null = null;
   private readonly timer: NodeJS.Timeout;
   private sampling: Promise<void> = Promise.resolve();
 
@@ -88,7 +88,7 @@ export class FleecingWatch {
     );
     this.peak = Math.max(this.peak, used);
     if (this.max !== null && used > this.max && !this.overflow) {
-      this.overflow = new VhdError(this.image, `the fleecing image grew to ${used} bytes, past --fleecing-max ${this.max}: backup aborted (the guest's writes went on unharmed)`);
+      this.overflow = new VaultError(this.image, `the fleecing image grew to ${used} bytes, past --fleecing-max ${this.max}: backup aborted (the guest's writes went on unharmed)`);
       this.onOverflow();
     }
   }

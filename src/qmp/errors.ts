@@ -1,11 +1,11 @@
-import { VhdError } from '../vhd/errors.js';
+import { VaultError } from '../util/errors.js';
 
 /**
  * Anything that goes wrong talking to QEMU's monitor. The subject is the QMP
  * socket's path, so the CLI prints `vhdvault: <socket>: <problem>` on one
  * line and exits 1. Thrown as is for a failed connect or a refused version.
  */
-export class QmpError extends VhdError {
+export class QmpError extends VaultError {
   constructor(socket: string, problem: string) {
     super(socket, oneLine(problem));
     this.name = 'QmpError';
