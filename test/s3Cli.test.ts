@@ -20,7 +20,7 @@ import { newBucket, s3Env, startS3 } from './helpers/s3.js';
 import { startServe } from './helpers/serve.js';
 import { openStorage } from '../src/storage/open.js';
 import { key } from '../src/storage/Storage.js';
-import { blockObjectKey, loadBlockMap } from '../src/store/blockObjects.js';
+import { blockObjectKey, loadBlockMap } from '../src/store/layouts/blockObjects.js';
 import { Repository } from '../src/store/repository.js';
 
 const run = promisify(execFile);
@@ -304,7 +304,7 @@ describe.concurrent('an S3 repository through the CLI', () => {
     const id = idOf(await vhdvaultAsync('backup', repo, 'vm', '--source', disk));
     const r = await Repository.open(repo);
     const map = await loadBlockMap(r, await r.backup('vm', id), { fresh: true });
-    await r.storage.delete(blockObjectKey(r, 'vm', map.digest(2)));
+    await r.storage.delete(blockObjectKey('vm', map.digest(2)));
     const out = join(dir, 'damaged.raw');
     const [verified, restored] = await Promise.all([vhdvaultAsync('verify', repo), vhdvaultAsync('restore', repo, 'vm', out)]);
     expect(verified.code, verified.stderr).toBe(1);

@@ -2,7 +2,7 @@ import { Command, InvalidArgumentError, Option } from 'commander';
 import type { LiveBackupOptions, LiveBackupReport } from '../live/liveBackup.js';
 import { DEFAULT_CBW_TIMEOUT } from '../live/defaults.js';
 import { parseNbdUri } from '../nbd/uri.js';
-import { Repository, type Layout } from '../store/repository.js';
+import { Repository, type LayoutName as Layout } from '../store/repository.js';
 import type { RestoreFormat } from '../store/restore.js';
 import type { PruneReport } from '../store/prune.js';
 import { KEEP_OPTIONS, type RetentionPolicy } from '../store/retention.js';

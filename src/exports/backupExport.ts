@@ -12,7 +12,8 @@ import type { NbdExport, ReadPiece } from '../nbd/export.js';
 import type { Extent } from '../nbd/transmission.js';
 import type { VhdDisk } from '../vhd/disk.js';
 import type { BlockSource } from '../vhd/source.js';
-import { lineage, verifiedChain } from '../store/chain.js';
+import { verifiedChain } from '../store/chain.js';
+import { lineage } from '../store/lineage.js';
 import type { BackupMetadata, Repository } from '../store/repository.js';
 
 /**

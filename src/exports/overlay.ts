@@ -185,7 +185,7 @@ async function takeLock(dir: string): Promise<void> {
 
 /** An empty differencing VHD whose parent is the backup's data (by UUID; locators say where it was). */
 async function createOverlayVhd(repo: Repository, meta: BackupMetadata, path: string): Promise<void> {
-  const parentPath = repo.dataPath(meta.disk, meta.id, meta.layout);
+  const parentPath = repo.localPath(repo.dataKey(meta));
   const parent = await openBackupData(repo, meta);
   await parent.close();
   const writer = await DynamicVhdWriter.create(path, {

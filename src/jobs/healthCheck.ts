@@ -54,7 +54,7 @@ async function checkOne(repo: Repository, disk: string, id: string, size: number
   if (info['virtual-size'] !== size) return `qemu-img sees ${info['virtual-size']} bytes in the restored VHD, the disk has ${size}`;
   await run('qemu-img', ['convert', '-f', 'vpc', '-O', 'raw', vhd, raw]);
   await rm(vhd);
-  const digests = await DigestReader.open(repo.digestsPath(disk, id), blockCount);
+  const digests = await DigestReader.open(repo.storage, repo.digestsKey(disk, id), blockCount);
   const fh = await open(raw, 'r');
   try {
     const buf = Buffer.alloc(blockSize);

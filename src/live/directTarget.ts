@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import type { ExportCatalog } from '../nbd/export.js';
 import { NbdServer } from '../nbd/NbdServer.js';
 import type { CopyStore } from './copyStore.js';
-import { processAlive } from '../store/lock.js';
+import { processAlive } from '../util/processes.js';
 import { blockdevAdd, blockdevDel } from '../qmp/commands.js';
 import type { CopyTarget, Undo } from './frozenView.js';
 import { OUR_PREFIX } from './guestPath.js';

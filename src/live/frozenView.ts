@@ -1,6 +1,5 @@
 /**
- * The frozen view of a running guest's disk (REFERENCE.md, "Live backup with
- * QEMU"): a copy-before-write filter put into the guest's path copies old
+ * The frozen view of a running guest's disk (DESIGN §9.3): a copy-before-write filter put into the guest's path copies old
  * data to a target before a guest write lands; a snapshot-access node over
  * the filter, exported read-only over NBD, reads the disk as it was when the
  * filter went in. The target is a fleecing image (fleecing.ts) or vhdvault's
@@ -9,7 +8,7 @@
  * reads, never the guest's write.
  */
 import { createHash } from 'node:crypto';
-import { processAlive } from '../store/lock.js';
+import { processAlive } from '../util/processes.js';
 import { QmpCommandError } from '../qmp/errors.js';
 import { type NbdAddress, nbdAddress } from '../nbd/uri.js';
 import { VaultError } from '../util/errors.js';

@@ -167,7 +167,7 @@ async function startMode(repo: Repository, disk: string, id: string, size: numbe
       stop: async () => {},
     };
   }
-  const store = await CopyStore.create(repo.path(repo.copiesKey(disk, id)), size, writeLimit);
+  const store = await CopyStore.create(repo.localPath(repo.copiesKey(disk, id)), size, writeLimit);
   const target = await DirectTarget.start(store, options.log ?? (() => {})).catch(async (err: unknown) => {
     await store.remove();
     throw err;

@@ -115,3 +115,15 @@ export function localPathOf(storage: Storage, k: string): string {
   if (!storage.localPath) throw new VaultError(storage.describe(k), 'this storage has no local files (the vhd layout and VHD tools need them)');
   return storage.localPath(k);
 }
+
+/** Bytes the given objects or prefixes occupy (a prefix: everything below it). */
+export async function bytesBelow(storage: Storage, keys: string[]): Promise<number> {
+  let total = 0;
+  for (const k of keys) {
+    const info = await storage.head(k);
+    if (!info) continue;
+    if (!info.prefix) total += info.size;
+    else total += await bytesBelow(storage, (await storage.list(k)).map((name) => key(k, name)));
+  }
+  return total;
+}

@@ -4,26 +4,6 @@ import { fullBitmap } from '../vhd/bitmap.js';
 import { type Compression, compress } from '../vhd/compression.js';
 import { digestOf, zeroDigest } from './digests.js';
 
-/** One block handed to a worker thread (the data's ArrayBuffer is transferred). */
-export interface BlockTask {
-  block: number;
-  data: ArrayBuffer;
-  byteOffset: number;
-  length: number;
-  /** The block's digest in the previous backup; null for a full backup. */
-  previousDigest: Uint8Array | null;
-  compression: Compression;
-  /** Objects layout: the stored bytes are the block's data alone, without the VHD sector bitmap. */
-  bare?: boolean;
-  /** dir layout: the block object to create (the worker reopens the storage); vhd layout: null (the data comes back to be appended). */
-  target: BlockTarget | null;
-  /**
-   * dir layout under a write-rate limit: prepare the file's bytes but do not write
-   * them; the main thread paces them and hands them to writePreparedBlock().
-   */
-  deferWrite?: boolean;
-}
-
 /** Where a worker creates a block: a key in a storage it reopens from the descriptor. */
 export interface BlockTarget {
   storage: StorageDescriptor;
@@ -36,7 +16,30 @@ export interface BlockTarget {
   whole?: boolean;
 }
 
-/** A prepared block file, written by a second task once the write limiter allows it. */
+/** What a worker does with a block the new backup stores (the layout's writer decides). */
+export type BlockOutput =
+  /** Hand the data back: the main thread stores it, in block order. */
+  | { kind: 'data' }
+  /** Compress it and hand the stored bytes back, to be written once paced or named (writeBlock). */
+  | { kind: 'prepare' }
+  /** Compress it and write it at the target. */
+  | { kind: 'write'; target: BlockTarget };
+
+/** One block handed to a worker thread (the data's ArrayBuffer is transferred). */
+export interface BlockTask {
+  block: number;
+  data: ArrayBuffer;
+  byteOffset: number;
+  length: number;
+  /** The block's digest in the previous backup; null for a full backup. */
+  previousDigest: Uint8Array | null;
+  compression: Compression;
+  /** The stored bytes are the block's data alone, without the VHD sector bitmap (block objects). */
+  bare: boolean;
+  output: BlockOutput;
+}
+
+/** A prepared block, written by a second task once the main thread says where and when. */
 export interface WriteTask {
   target: BlockTarget;
   parts: Uint8Array[];
@@ -47,10 +50,10 @@ export interface BlockResult {
   digest: Uint8Array;
   /** True when this backup must store the block. */
   store: boolean;
-  /** The block's bytes, handed back (transferred) to be written (vhd layout) and then recycled. */
+  /** The block's bytes, handed back (transferred) to be stored by the main thread and then recycled. */
   data: Uint8Array;
   storedBytes: number;
-  /** With deferWrite: the block file's bytes, still to be written. */
+  /** Output 'prepare': the stored bytes, still to be written. */
   prepared?: Uint8Array[];
   digestMs: number;
   compressMs: number;
@@ -61,9 +64,10 @@ const now = () => performance.now();
 
 /**
  * Digest a block, decide whether the backup stores it (changed since the
- * previous backup; in a full backup, not all zero), and for the dir layout
- * compress it and write its file (the file's folder is a temporary directory,
- * flushed to disk and renamed into place only when the backup is complete).
+ * previous backup; in a full backup, not all zero), and do with it what the
+ * layout's writer asked: hand it back, or compress it and write it (or hand
+ * the compressed bytes back). Files created at a staged name are made durable
+ * together before the backup's commit.
  */
 export async function processBlock(task: BlockTask): Promise<BlockResult> {
   const data = new Uint8Array(task.data, task.byteOffset, task.length);
@@ -73,7 +77,7 @@ export async function processBlock(task: BlockTask): Promise<BlockResult> {
   const store = task.previousDigest === null ? !digest.equals(zeroDigest(task.length)) : !digest.equals(task.previousDigest);
   const result: BlockResult = { block: task.block, digest, store, data, storedBytes: 0, digestMs, compressMs: 0, writeMs: 0 };
   if (!store) return result;
-  if (task.target === null) {
+  if (task.output.kind === 'data') {
     result.storedBytes = data.length;
     return result;
   }
@@ -83,11 +87,11 @@ export async function processBlock(task: BlockTask): Promise<BlockResult> {
   const parts = task.compression === 'none' ? [...head, data] : [await compress(task.compression, Buffer.concat([...head, data]))];
   result.compressMs = task.compression === 'none' ? 0 : now() - t;
   result.storedBytes = parts.reduce((n, p) => n + p.length, 0);
-  if (task.deferWrite) {
+  if (task.output.kind === 'prepare') {
     result.prepared = parts;
     return result;
   }
-  result.writeMs = await writePreparedBlock({ target: task.target, parts });
+  result.writeMs = await writePreparedBlock({ target: task.output.target, parts });
   return result;
 }
 
@@ -103,10 +107,9 @@ function storageFor(descriptor: StorageDescriptor): Promise<Storage> {
   return opened;
 }
 
-/** Create a block file from its prepared bytes; returns the milliseconds spent. */
+/** Create a block file or object from its prepared bytes; returns the milliseconds spent. */
 export async function writePreparedBlock(task: WriteTask): Promise<number> {
   const t = now();
-  // Made durable all at once, before the backup's directory is renamed into place.
   const storage = await storageFor(task.target.storage);
   if (task.target.whole) await storage.put(task.target.key, Buffer.concat(task.parts));
   else await storage.create(task.target.key, task.parts);

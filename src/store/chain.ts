@@ -1,79 +1,32 @@
-import { basename } from 'node:path';
 import type { VhdDisk } from '../vhd/disk.js';
 import type { BlockSource } from '../vhd/source.js';
 import { blocksWithData } from '../vhd/synthesize.js';
-import { DigestReader, digestOf, zeroDigest } from './digests.js';
+import type { VhdChain } from '../vhd/VhdChain.js';
 import { VaultError } from '../util/errors.js';
-import { openDisk } from '../vhd/openDisk.js';
-import { VhdChain } from '../vhd/VhdChain.js';
+import { digestOf, zeroDigest } from './digests.js';
+import type { Digests } from './layouts/Layout.js';
 import type { BackupMetadata, Repository } from './repository.js';
-import { loadBlockMap } from './blockObjects.js';
-import { ObjectBackupDisk } from './ObjectBackupDisk.js';
 
-/**
- * A backup's ancestors from the repository's own metadata, the backup first:
- * parents are found by id in the disk's folder, never through the locators in
- * the VHDs (which may name paths outside a moved or copied repository).
- */
-export async function lineage(repo: Repository, meta: BackupMetadata): Promise<BackupMetadata[]> {
-  const out = [meta];
-  const seen = new Set([meta.id]);
-  for (let m = meta; m.parent !== null; ) {
-    const parentId = m.parent;
-    if (seen.has(parentId)) throw new VaultError(repo.diskDir(meta.disk), `backup ${m.id}: its parent chain loops back to ${parentId}`);
-    const parent = await repo.backup(meta.disk, parentId).catch((err: unknown) => {
-      if (!(err instanceof VaultError)) throw err;
-      throw new VaultError(repo.diskDir(meta.disk), `backup ${m.id}: its parent backup ${parentId} is not in the repository`);
-    });
-    seen.add(parentId);
-    out.push(parent);
-    m = parent;
-  }
-  return out;
+/** One backup's own data as a VHD, naming the backup when it cannot be opened. */
+export function openBackupData(repo: Repository, meta: BackupMetadata): Promise<VhdDisk> {
+  return repo.layoutOf(meta).openData(repo, meta);
 }
 
-/** Open one backup's data, naming the backup when it cannot be opened. */
-export async function openBackupData(repo: Repository, meta: BackupMetadata): Promise<VhdDisk> {
-  const path = repo.dataPath(meta.disk, meta.id, meta.layout);
-  let disk: VhdDisk;
-  try {
-    disk = await openDisk(path);
-  } catch (err) {
-    if (!(err instanceof VaultError)) throw err;
-    throw new VaultError(err.file, `${err.problem} (data of backup ${meta.id})`);
-  }
-  if (disk.footer.uuid !== meta.uuid) {
-    await disk.close();
-    throw new VaultError(path, `has UUID ${disk.footer.uuid}, backup ${meta.id} records ${meta.uuid}`);
-  }
-  return disk;
-}
-
-/** A backup's digests, one per block of the disk at that backup (a file, or the objects layout's block map). */
-export async function openDigests(repo: Repository, meta: BackupMetadata, options: { fresh?: boolean } = {}): Promise<{ get(block: number): Promise<Buffer>; close(): Promise<void> }> {
-  if (meta.layout === 'objects') return loadBlockMap(repo, meta, options);
-  return DigestReader.open(repo.digestsPath(meta.disk, meta.id), meta.blockCount);
+/** A backup's digests, one per block of the disk at that backup. `fresh`: from the store, never a local cache. */
+export function openDigests(repo: Repository, meta: BackupMetadata, options: { fresh?: boolean } = {}): Promise<Digests> {
+  return repo.layoutOf(meta).openDigests(repo, meta, options);
 }
 
 /**
  * The chain a restore reads for `meta`, resolved by metadata and checked link by
- * link. In the objects layout a backup's map is the whole disk: a chain of one.
- * `fresh` reads an object store's maps from the store, not the local cache (verify).
+ * link. `fresh` reads an object store's maps from the store, not the local cache (verify).
  */
-export async function openBackupChain(repo: Repository, meta: BackupMetadata, options: { fresh?: boolean } = {}): Promise<VhdChain> {
-  if (meta.layout === 'objects') return VhdChain.fromMembers([await ObjectBackupDisk.open(repo, meta, options)]);
-  const members: VhdDisk[] = [];
-  try {
-    for (const m of await lineage(repo, meta)) members.push(await openBackupData(repo, m));
-  } catch (err) {
-    await Promise.all(members.map((m) => m.close()));
-    throw err;
-  }
-  return VhdChain.fromMembers(members);
+export function openBackupChain(repo: Repository, meta: BackupMetadata, options: { fresh?: boolean } = {}): Promise<VhdChain> {
+  return repo.layoutOf(meta).openChain(repo, meta, options);
 }
 
-/** Which backup a chain member is (its data is named `<id>.vhd` or `<id>.vhd-dir`). */
-const backupIdOf = (path: string) => basename(path).replace(/\.(vhd-dir|vhd|digests)$/, '');
+/** Which backup a chain member is (its data is named `<id>.<extension>`). */
+const backupIdOf = (path: string) => /(\d{8}T\d{9}Z-[0-9a-f]{6})\.[^/]*$/.exec(path)?.[1] ?? path;
 
 /**
  * The backup's chain as a block source whose every block is checked against
@@ -82,12 +35,12 @@ const backupIdOf = (path: string) => basename(path).replace(/\.(vhd-dir|vhd|dige
  */
 export async function verifiedChain(repo: Repository, meta: BackupMetadata): Promise<{ chain: VhdChain; source: BlockSource }> {
   const chain = await openBackupChain(repo, meta);
-  let digests: Awaited<ReturnType<typeof openDigests>>;
+  let digests: Digests;
   try {
     if (chain.size !== meta.size || chain.blockCount !== meta.blockCount) {
       throw new VaultError(chain.top.path, `holds ${chain.size} bytes, backup ${meta.id} records ${meta.size}`);
     }
-    digests = chain.top instanceof ObjectBackupDisk ? chain.top.map : await openDigests(repo, meta);
+    digests = await openDigests(repo, meta);
   } catch (err) {
     await chain.close();
     throw err;

@@ -1,7 +1,6 @@
 import { createHash } from 'node:crypto';
-import { type FileHandle, open } from 'node:fs/promises';
-import { describeFsError, VaultError } from '../util/errors.js';
-import { AtomicFile } from '../util/fsync.js';
+import { isNotFound, type Storage } from '../storage/Storage.js';
+import { VaultError } from '../util/errors.js';
 
 /** SHA-256 of a block's content, 32 bytes. */
 export const DIGEST_SIZE = 32;
@@ -23,86 +22,68 @@ export function zeroDigest(blockSize: number): Buffer {
   return d;
 }
 
-/** Records flushed per write while a digests file is produced. */
-const BATCH = 4096;
-
 /**
- * Writes a digests file: one 32-byte digest per block of the disk, in block
- * order, of the block's content at that backup. Written under a temporary name.
+ * A new backup's digests, one 32-byte digest per block of the disk in block
+ * order, gathered in memory (32 bytes per 2 MiB block: 16 MiB for a 1 TiB
+ * disk) and stored whole by the layout when the backup is complete.
  */
-export class DigestWriter {
-  private readonly buf = Buffer.alloc(BATCH * DIGEST_SIZE);
-  private filled = 0;
-  private written = 0;
+export class DigestList {
+  private readonly buf: Buffer;
+  private count = 0;
 
-  private constructor(private readonly file: AtomicFile) {}
-
-  static async create(path: string): Promise<DigestWriter> {
-    return new DigestWriter(await AtomicFile.create(path));
+  constructor(blockCount: number) {
+    this.buf = Buffer.alloc(blockCount * DIGEST_SIZE);
   }
 
-  async append(digest: Buffer): Promise<void> {
-    digest.copy(this.buf, this.filled * DIGEST_SIZE);
-    if (++this.filled === BATCH) await this.flush();
+  append(digest: Buffer): void {
+    digest.copy(this.buf, this.count++ * DIGEST_SIZE);
   }
 
-  private async flush(): Promise<void> {
-    if (this.filled === 0) return;
-    await this.file.handle.write(this.buf, 0, this.filled * DIGEST_SIZE, this.written * DIGEST_SIZE);
-    this.written += this.filled;
-    this.filled = 0;
-  }
-
-  async finish(): Promise<void> {
-    await this.file.commit(() => this.flush());
-  }
-
-  abort(): Promise<void> {
-    return this.file.abort();
+  get bytes(): Buffer {
+    return this.buf;
   }
 }
 
-/** Random access to a digests file, read in chunks so sequential use costs few reads. */
+/** Digests read per request while a digests object is read in order. */
+const CHUNK = 4096;
+
+/** Random access to a stored digests object, read a chunk at a time so sequential use costs few requests. */
 export class DigestReader {
   private chunkStart = -1;
-  private chunk = Buffer.alloc(0);
+  private chunk: Buffer = Buffer.alloc(0);
 
   private constructor(
-    readonly path: string,
-    private readonly fh: FileHandle,
+    private readonly storage: Storage,
+    private readonly key: string,
     readonly count: number,
   ) {}
 
-  static async open(path: string, expectedCount: number): Promise<DigestReader> {
-    const fh = await open(path, 'r').catch((err: unknown) => {
-      throw new VaultError(path, (err as NodeJS.ErrnoException).code === 'ENOENT' ? 'digests file is missing' : `cannot open digests: ${describeFsError(err)}`);
-    });
-    const { size } = await fh.stat();
-    if (size !== expectedCount * DIGEST_SIZE) {
-      await fh.close();
-      throw new VaultError(path, `digests file has ${size} bytes, expected ${expectedCount * DIGEST_SIZE} (${expectedCount} blocks)`);
+  static async open(storage: Storage, key: string, expectedCount: number): Promise<DigestReader> {
+    const info = await storage.head(key);
+    if (!info || info.prefix) throw new VaultError(storage.describe(key), 'digests file is missing');
+    if (info.size !== expectedCount * DIGEST_SIZE) {
+      throw new VaultError(storage.describe(key), `digests file has ${info.size} bytes, expected ${expectedCount * DIGEST_SIZE} (${expectedCount} blocks)`);
     }
-    return new DigestReader(path, fh, expectedCount);
+    return new DigestReader(storage, key, expectedCount);
   }
 
   async get(block: number): Promise<Buffer> {
     if (block < 0 || block >= this.count) throw new RangeError(`block ${block} outside ${this.count} digests`);
-    const start = Math.floor(block / BATCH) * BATCH;
+    const start = Math.floor(block / CHUNK) * CHUNK;
     if (start !== this.chunkStart) {
       // Read into a fresh buffer and swap it in whole: concurrent callers never see a half-filled chunk.
-      const n = Math.min(BATCH, this.count - start);
-      const chunk = Buffer.alloc(n * DIGEST_SIZE);
-      const { bytesRead } = await this.fh.read(chunk, 0, chunk.length, start * DIGEST_SIZE);
-      if (bytesRead !== chunk.length) throw new VaultError(this.path, 'digests file is truncated');
+      const length = Math.min(CHUNK, this.count - start) * DIGEST_SIZE;
+      const chunk = await this.storage.get(this.key, { offset: start * DIGEST_SIZE, length }).catch((err: unknown) => {
+        throw isNotFound(err) ? new VaultError(this.storage.describe(this.key), 'digests file is missing') : err;
+      });
+      if (chunk.length !== length) throw new VaultError(this.storage.describe(this.key), 'digests file is truncated');
       this.chunk = chunk;
       this.chunkStart = start;
     }
-    const at = (block - this.chunkStart) * DIGEST_SIZE;
     if (this.chunkStart !== start) return this.get(block); // another caller swapped chunks meanwhile
+    const at = (block - this.chunkStart) * DIGEST_SIZE;
     return Buffer.from(this.chunk.subarray(at, at + DIGEST_SIZE));
   }
 
-  async close(): Promise<void> {
-    await this.fh.close();
-  }
+  async close(): Promise<void> {}
 }

@@ -2,12 +2,12 @@ import { realpath } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { pathExists } from '../util/files.js';
 import { readingDisk } from './merge.js';
-import { isBackupId } from './names.js';
+import { vhdDataId } from './layouts/index.js';
 import { Repository } from './repository.js';
 
 /**
  * The repository and disk a path belongs to, when it is a backup's data
- * (`<repo>/disks/<disk>/<id>.vhd-dir` or `.vhd`, or anything inside one), else null.
+ * (`<repo>/disks/<disk>/<id>.vhd-dir` or `.vhd`, or anything inside one: the VHDs of the dir and vhd layouts), else null.
  */
 async function owningDisk(path: string): Promise<{ root: string; disk: string } | null> {
   let p = await realpath(path).catch(() => null);
@@ -15,7 +15,7 @@ async function owningDisk(path: string): Promise<{ root: string; disk: string } 
     const name = basename(p);
     const diskDir = dirname(p);
     const disks = dirname(diskDir);
-    if (/\.(vhd-dir|vhd)$/.test(name) && isBackupId(name.replace(/\.(vhd-dir|vhd)$/, '')) && basename(disks) === 'disks') {
+    if (vhdDataId(name) !== null && basename(disks) === 'disks') {
       const root = dirname(disks);
       if (await pathExists(join(root, 'vhdvault.json'))) return { root, disk: basename(diskDir) };
     }

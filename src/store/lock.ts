@@ -1,7 +1,7 @@
-import { readFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { VaultError } from '../util/errors.js';
+import { bootId, processAlive, processStart } from '../util/processes.js';
 import { isNotFound, key, type Storage } from '../storage/Storage.js';
 import type { Repository } from './repository.js';
 
@@ -23,39 +23,6 @@ export class LockBusyError extends VaultError {}
 const UNREADABLE_STALE_MS = 10_000;
 /** A takeover marker left by a crash in the middle of a takeover is removed once this old. */
 const TAKEOVER_STALE_MS = 10_000;
-
-function bootId(): string | undefined {
-  try {
-    return readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
-  } catch {
-    return undefined;
-  }
-}
-
-/** Field 22 of /proc/<pid>/stat (after the parenthesised command name, which may hold spaces). */
-function processStart(pid: number): string | undefined {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19];
-  } catch {
-    return undefined;
-  }
-}
-
-/** Is a process with this pid running (on this host)? A zombie (killed, not yet reaped) is not. */
-export function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== 'EPERM') return false;
-  }
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
-  } catch {
-    return true; // no /proc: trust kill(0)
-  }
-}
 
 /** Who we are, as a lock, marker or reader registration records it. */
 export function lockOwner(command: string): LockOwner {

@@ -1,7 +1,7 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { key } from '../storage/Storage.js';
 import { UsageError } from '../util/errors.js';
-import { processAlive } from './lock.js';
+import { processAlive } from '../util/processes.js';
 
 /** Disk names and backup ids become path components: only plain, safe characters. */
 const SAFE_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;

@@ -7,8 +7,6 @@ import type { BackupMetadata, Repository } from './repository.js';
 import { pinnedBackups } from './overlayPins.js';
 import { replicaPinnedBackups } from './replicaPins.js';
 import { ensureReserve, withReserve } from './reserve.js';
-import { collectGarbage, objectsNamedBy, sweepMarkerKey } from './blockObjects.js';
-import { randomBytes } from 'node:crypto';
 import { type RetentionPolicy, selectRetention } from './retention.js';
 
 export interface PruneOptions {
@@ -162,27 +160,17 @@ async function pruneDisk(repo: Repository, disk: string, options: PruneOptions, 
       },
     };
     let p = plan(backups, once, await pins(repo, disk));
-    const objects = repo.config.layout === 'objects';
-    // Objects layout: what the removed backups' maps name may be freed; a marker says so until it is collected.
-    let candidates = new Set<string>();
-    const marker = `prune-${process.pid}-${randomBytes(4).toString('hex')}`;
+    const removal = repo.layout.removal(repo, disk);
     if (p.deletions.length + p.merges.length > 0) {
       await withExclusiveAccess(repo, disk, 'prune', async () => {
         // A reader we waited for (a replication) may have moved its pin meanwhile: plan again with the pins as they are now.
         p = plan(backups, once, await pins(repo, disk));
-        if (objects) {
-          candidates = await objectsNamedBy(repo, [...p.deletions, ...p.merges.map((m) => m.parent)]);
-          await repo.storage.put(sweepMarkerKey(repo, disk, marker), '');
-        }
+        await removal.before([...p.deletions, ...p.merges.map((m) => m.parent)]);
         await applyPlan(repo, p);
       }, options);
     }
     record(report, p);
-    // No backup of the disk runs (we hold its lock), and no reader reads an object no map names.
-    if (objects) {
-      report.collected.objects += (await collectGarbage(repo, disk, candidates, marker)).objects;
-      await repo.storage.delete(sweepMarkerKey(repo, disk, marker));
-    }
+    report.collected.objects += await removal.after();
   });
 }
 
@@ -200,7 +188,7 @@ export async function prune(repo: Repository, disk: string | undefined, options:
     // A rerun after running out of space must not count the first attempt's work twice.
     let attempt = emptyReport();
     try {
-      await withReserve(repo, async () => {
+      await withReserve(repo.storage, async () => {
         attempt = emptyReport();
         await pruneDisk(repo, d, options, attempt);
       });
@@ -216,7 +204,7 @@ export async function prune(repo: Repository, disk: string | undefined, options:
     report.deferred.push(...attempt.deferred);
     report.collected.objects += attempt.collected.objects;
   }
-  if (!options.dryRun) await ensureReserve(repo);
+  if (!options.dryRun) await ensureReserve(repo.storage);
   report.kept.sort();
   report.removed.sort();
   return report;

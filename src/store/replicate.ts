@@ -13,9 +13,6 @@ import { SECTOR_SIZE } from '../vhd/constants.js';
 import type { VhdDisk } from '../vhd/disk.js';
 import { UsageError, VaultError } from '../util/errors.js';
 import { blocksWithData } from '../vhd/synthesize.js';
-import { blockFile, VhdDirectory, VhdDirectoryWriter } from '../vhd/VhdDirectory.js';
-import { DynamicVhdWriter, type ParentLink } from '../vhd/VhdWriter.js';
-import { key } from '../storage/Storage.js';
 import { orderedReadAhead, range } from '../util/pipeline.js';
 import { isAllZero } from '../util/zero.js';
 import { withBackupLock } from './backup.js';
@@ -27,6 +24,7 @@ import { readingDisk } from './merge.js';
 import { checkDiskName } from './names.js';
 import { prune } from './prune.js';
 import { pinReplica, readReplicaPin } from './replicaPins.js';
+import type { BackupWriter } from './layouts/Layout.js';
 import { type BackupMetadata, newBackupMetadata, type Repository } from './repository.js';
 import type { RetentionPolicy } from './retention.js';
 import { BusyClock, figures, type StageFigures } from './stages.js';
@@ -299,30 +297,28 @@ interface StepSource {
 }
 
 /** The blocks the backup's own data stores, each checked against its digest where it is whole. */
-async function ownBlocks(run: Run, meta: BackupMetadata, digests: Buffer): Promise<StepSource> {
-  const { src, dst } = run;
+async function ownBlocks(run: Run, meta: BackupMetadata, digests: Buffer, copyCodec: Compression | null): Promise<StepSource> {
+  const { src } = run;
+  const layout = src.layoutOf(meta);
   const data: VhdDisk = await openBackupData(src, meta);
   const storedSize = bitmapByteSize(data.blockSize) + data.blockSize;
-  // Same layout and codec: block files go across byte for byte, never recompressed.
-  const asStored = data instanceof VhdDirectory && dst.config.layout === 'dir' && data.compression === dst.config.compression;
-  const codec: Compression = data instanceof VhdDirectory ? data.compression : 'none';
+  // Same codec of block files on both sides: they go across byte for byte, never recompressed.
+  const codec = layout.storedCodec(meta);
+  const asStored = codec !== null && codec === copyCodec;
   const differencing = data.footer.diskType === 'differencing';
+  const readAsStored = async (block: number): Promise<SentBlock> => {
+    const stored = await layout.readStored(src, meta, block);
+    const plain = await decompress(codec!, stored, storedSize);
+    if (plain.length !== storedSize) throw new VaultError(data.path, `block ${block} is ${plain.length} bytes, expected ${storedSize} (bitmap + block)`);
+    return { bitmap: plain.subarray(0, storedSize - data.blockSize), data: plain.subarray(storedSize - data.blockSize), stored };
+  };
   return {
     blocks: [...range(data.blockCount)].filter((b) => data.isAllocated(b)),
     timestamp: data.footer.timestamp,
     async read(block) {
-      let sent: SentBlock;
-      if (asStored) {
-        const stored = await src.storage.get(key(src.dataKey(meta.disk, meta.id, 'dir'), ...blockFile(block).split('/')));
-        const plain = await decompress(codec, stored, storedSize);
-        if (plain.length !== storedSize) throw new VaultError(data.path, `block ${block} is ${plain.length} bytes, expected ${storedSize} (bitmap + block)`);
-        sent = { bitmap: plain.subarray(0, storedSize - data.blockSize), data: plain.subarray(storedSize - data.blockSize), stored };
-      } else {
-        const b = await data.readBlock(block);
-        if (!b) throw new VaultError(data.path, `block ${block} vanished while it was read`);
-        sent = b;
-      }
-      run.read.bytes += sent.stored?.length ?? storedSize;
+      const sent = asStored ? await readAsStored(block) : await data.readBlock(block);
+      if (!sent) throw new VaultError(data.path, `block ${block} vanished while it was read`);
+      run.read.bytes += (sent as SentBlock).stored?.length ?? storedSize;
       // A partial block of a differencing disk is only part of the disk's block: nothing to check it against alone.
       const whole = !differencing || isBitmapFull(sent.bitmap, data.blockSize / SECTOR_SIZE);
       if (whole && !digestOf(sent.data).equals(digests.subarray(block * DIGEST_SIZE, (block + 1) * DIGEST_SIZE))) {
@@ -351,13 +347,6 @@ async function chainBlocks(run: Run, meta: BackupMetadata): Promise<StepSource> 
   };
 }
 
-/** The parent link of a delta written over `parent` at the destination (relative locator only, as backups record). */
-async function linkTo(dst: Repository, parent: BackupMetadata): Promise<ParentLink> {
-  const data = await openBackupData(dst, parent);
-  await data.close();
-  return { uuid: data.footer.uuid, timestamp: data.footer.timestamp, relativePath: dst.dataName(parent.id, parent.layout) };
-}
-
 /**
  * Send one backup: its blocks into the destination's staged data (in the
  * destination's layout and codec), its digests beside them, then the
@@ -368,70 +357,76 @@ async function linkTo(dst: Repository, parent: BackupMetadata): Promise<ParentLi
 async function sendBackup(run: Run, disk: string, step: Step, progress: (blocks: number, bytes: number) => void): Promise<CopiedBackup> {
   const { src, dst } = run;
   const { meta } = step;
-  const digests = await run.read.time(() => src.storage.get(src.digestsKey(disk, meta.id)));
-  run.read.bytes += digests.length;
-  if (digests.length !== meta.blockCount * DIGEST_SIZE) throw new VaultError(src.digestsPath(disk, meta.id), `digests file has ${digests.length} bytes, expected ${meta.blockCount * DIGEST_SIZE}`);
+  const digests = await readDigests(run, meta);
   const parent = step.parent === null ? null : await dst.backup(disk, step.parent);
   const full = parent === null;
-  const link = parent ? await linkTo(dst, parent) : undefined;
-  const reader = full && meta.parent !== null ? await chainBlocks(run, meta) : await ownBlocks(run, meta, digests);
-  const { layout } = dst.config;
-  const codec: Compression = layout === 'dir' ? dst.config.compression : 'none';
-  const shape = { size: meta.size, blockSize: meta.blockSize, parent: link, uuid: meta.uuid };
-  let blocksWritten = 0;
-  let bytesWritten = 0;
-  let committing = false;
+  let reader: StepSource | null = null;
   try {
-    const target = dst.stagedDataPath(disk, meta.id);
-    const writer = layout === 'dir' ? await VhdDirectoryWriter.create(target, { ...shape, compression: codec }) : await DynamicVhdWriter.create(target, shape);
     // The same disk as the source's backup: same UUID and timestamp (a merge carries both forward likewise).
-    writer.footer.timestamp = reader.timestamp;
+    const timestamp = await footerTimestamp(src, meta);
+    const writer = await dst.layout.createWriter(dst, { disk, id: meta.id, size: meta.size, blockCount: meta.blockCount, uuid: meta.uuid, parent, previous: null, timestamp });
+    let sent: { blocks: number; bytes: number };
     try {
-      const produce = async (block: number) => {
-        const sent = await run.read.time(() => reader.read(block));
-        // Compressed here, ahead of the writes, when the codecs differ.
-        if (sent && layout === 'dir' && !sent.stored) sent.stored = await compress(codec, Buffer.concat([sent.bitmap, sent.data]));
-        return sent;
-      };
-      for await (const [block, sent] of orderedReadAhead(reader.blocks, READ_AHEAD, produce)) {
-        if (!sent) {
-          progress(1, 0);
-          continue;
-        }
-        const bytes = sent.stored?.length ?? sent.bitmap.length + sent.data.length;
-        await run.writeLimit.take(bytes);
-        await run.write.time(async () => {
-          if (writer instanceof VhdDirectoryWriter) {
-            await dst.storage.create(dst.keyOfPath(await writer.externalBlockFile(block)), [sent.stored!]);
-            writer.adoptBlock(block);
-          } else await writer.writeBlock(block, sent.data, sent.bitmap);
-        });
-        blocksWritten++;
-        bytesWritten += bytes;
-        progress(1, bytes);
-      }
-      await run.write.time(() => writer.finish());
+      reader = full && meta.parent !== null ? await chainBlocks(run, meta) : await ownBlocks(run, meta, digests, writer.storedCodec);
+      sent = await sendBlocks(run, reader, writer, progress);
+      await run.writeLimit.take(digests.length);
+      await run.write.time(() => writer.finish(digests));
     } catch (err) {
       await writer.abort();
       throw err;
     }
-    await run.writeLimit.take(digests.length);
-    await run.write.time(() => dst.storage.put(dst.stagedDigestsKey(disk, meta.id), digests));
-    const copy = { ...(await newBackupMetadata(dst, { disk, id: meta.id, parent: parent?.id ?? null, size: meta.size, blockCount: meta.blockCount, uuid: meta.uuid, blocksWritten, bytesWritten })), createdAt: meta.createdAt };
+    const fields = { disk, id: meta.id, parent: parent?.id ?? null, size: meta.size, blockCount: meta.blockCount, uuid: meta.uuid, blocksWritten: sent.blocks, bytesWritten: sent.bytes };
+    const copy = { ...newBackupMetadata(dst, { ...fields, bytesStored: await writer.storedBytes(sent.bytes) }), createdAt: meta.createdAt };
     // A delta copied as stored has whole blocks only if the source's had.
     if (!full && meta.wholeBlocks !== true) delete copy.wholeBlocks;
-    committing = true;
-    await run.write.time(() => dst.commitBackup(copy));
+    await run.write.time(() => dst.commitBackup(copy, digests));
     run.write.bytes += copy.bytesStored;
     progress(0, digests.length);
-    return { id: meta.id, how: full ? 'full' : 'delta', ...(step.reason ? { reason: step.reason } : {}), blocks: blocksWritten, bytesSent: copy.bytesStored };
-  } catch (err) {
-    // Staged files nothing claims yet are garbage (the next writer would remove them too); once the commit began, they are not.
-    if (!committing) await Promise.all([dst.storage.delete(dst.stagedDataKey(disk, meta.id)), dst.storage.delete(dst.stagedDigestsKey(disk, meta.id))]).catch(() => undefined);
-    throw err;
+    return { id: meta.id, how: full ? 'full' : 'delta', ...(step.reason ? { reason: step.reason } : {}), blocks: sent.blocks, bytesSent: copy.bytesStored };
   } finally {
-    await reader.close();
+    await reader?.close();
   }
+}
+
+/** The VHD footer timestamp of a backup's own data. */
+async function footerTimestamp(repo: Repository, meta: BackupMetadata): Promise<number> {
+  const data = await openBackupData(repo, meta);
+  await data.close();
+  return data.footer.timestamp;
+}
+
+/** The source backup's digests, checked for size. */
+async function readDigests(run: Run, meta: BackupMetadata): Promise<Buffer> {
+  const k = run.src.digestsKey(meta.disk, meta.id);
+  const digests = await run.read.time(() => run.src.storage.get(k));
+  run.read.bytes += digests.length;
+  if (digests.length !== meta.blockCount * DIGEST_SIZE) throw new VaultError(run.src.storage.describe(k), `digests file has ${digests.length} bytes, expected ${meta.blockCount * DIGEST_SIZE}`);
+  return digests;
+}
+
+/** A step's blocks into the destination's writer, read (and checked) ahead of the writes, at the destination's pace. */
+async function sendBlocks(run: Run, reader: StepSource, writer: BackupWriter, progress: (blocks: number, bytes: number) => void): Promise<{ blocks: number; bytes: number }> {
+  const codec = writer.storedCodec;
+  const produce = async (block: number) => {
+    const sent = await run.read.time(() => reader.read(block));
+    // Compressed here, ahead of the writes, when the codecs differ.
+    if (sent && codec !== null && !sent.stored) sent.stored = await compress(codec, Buffer.concat([sent.bitmap, sent.data]));
+    return sent;
+  };
+  let [blocks, bytes] = [0, 0];
+  for await (const [block, sent] of orderedReadAhead(reader.blocks, READ_AHEAD, produce)) {
+    if (!sent) {
+      progress(1, 0);
+      continue;
+    }
+    const size = sent.stored?.length ?? sent.bitmap.length + sent.data.length;
+    await run.writeLimit.take(size);
+    await run.write.time(() => writer.storeBlock(block, sent));
+    blocks++;
+    bytes += size;
+    progress(1, size);
+  }
+  return { blocks, bytes };
 }
 
 /** The destination's own retention, once this disk's copies are committed (it takes the disk's lock itself). */

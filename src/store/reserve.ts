@@ -1,4 +1,4 @@
-import type { Repository } from './repository.js';
+import type { Storage } from '../storage/Storage.js';
 
 /**
  * `reserve` at the repository's root: 4 MiB of stored zeros that only prune
@@ -15,22 +15,22 @@ export function isNoSpace(err: unknown): boolean {
 }
 
 /** Create the reserve if it is missing; quietly nothing when there is no room for it. */
-export async function ensureReserve(repo: Repository): Promise<void> {
+export async function ensureReserve(storage: Storage): Promise<void> {
   // An object store does not fill up as a filesystem does: nothing to hold back.
-  if (!repo.storage.capabilities.localFiles) return;
-  if (await repo.storage.head(RESERVE_FILE)) return;
+  if (!storage.capabilities.localFiles) return;
+  if (await storage.head(RESERVE_FILE)) return;
   try {
     // Real zeros, not a hole: the point is blocks the filesystem has handed out.
-    await repo.storage.put(RESERVE_FILE, Buffer.alloc(RESERVE_BYTES));
+    await storage.put(RESERVE_FILE, Buffer.alloc(RESERVE_BYTES));
   } catch (err) {
     if (!isNoSpace(err)) throw err;
   }
 }
 
 /** Give the reserve back to the storage; false when there was none. */
-async function releaseReserve(repo: Repository): Promise<boolean> {
-  if (!(await repo.storage.head(RESERVE_FILE))) return false;
-  await repo.storage.delete(RESERVE_FILE);
+async function releaseReserve(storage: Storage): Promise<boolean> {
+  if (!(await storage.head(RESERVE_FILE))) return false;
+  await storage.delete(RESERVE_FILE);
   return true;
 }
 
@@ -38,11 +38,11 @@ async function releaseReserve(repo: Repository): Promise<boolean> {
  * Run `fn`; if it fails for lack of space, release the reserve and run it once
  * more (`fn` must be safe to rerun: prune's steps are journaled or idempotent).
  */
-export async function withReserve<T>(repo: Repository, fn: () => Promise<T>): Promise<T> {
+export async function withReserve<T>(storage: Storage, fn: () => Promise<T>): Promise<T> {
   try {
     return await fn();
   } catch (err) {
-    if (!isNoSpace(err) || !(await releaseReserve(repo))) throw err;
+    if (!isNoSpace(err) || !(await releaseReserve(storage))) throw err;
     return fn();
   }
 }

@@ -1,10 +1,11 @@
 import { VaultError } from '../util/errors.js';
+import type { VhdDisk } from '../vhd/disk.js';
 import type { VhdChain } from '../vhd/VhdChain.js';
 import { BLOCK_READ_AHEAD, orderedReadAhead } from '../util/pipeline.js';
 import type { OnProgress } from '../util/progress.js';
-import { DigestReader, digestOf, zeroDigest } from './digests.js';
-import { openBackupChain } from './chain.js';
-import { ObjectBackupDisk } from './ObjectBackupDisk.js';
+import { digestOf, zeroDigest } from './digests.js';
+import { openBackupChain, openDigests } from './chain.js';
+import type { Digests } from './layouts/Layout.js';
 import { fileFindings } from './inspect.js';
 import { readingDisk } from './merge.js';
 import type { BackupMetadata, Repository } from './repository.js';
@@ -65,7 +66,7 @@ export async function verify(repo: Repository, disk?: string, options: { onProgr
 }
 
 async function verifyBackup(repo: Repository, meta: BackupMetadata, report: VerifyReport, onBlockRead: (block: number) => void, checked: Map<string, string | null>): Promise<void> {
-  const problem = (block: number | null, text: string) => report.problems.push({ disk: meta.disk, id: meta.id, block, problem: text });
+  const problem: Problem = (block, text) => void report.problems.push({ disk: meta.disk, id: meta.id, block, problem: text });
   let chain: VhdChain;
   try {
     // Opening the chain (by metadata) checks structure, parents and UUIDs; its top member is this backup's own data.
@@ -79,34 +80,18 @@ async function verifyBackup(repo: Repository, meta: BackupMetadata, report: Veri
   if (chain.blockCount !== meta.blockCount) problem(null, `holds ${chain.blockCount} blocks, metadata records ${meta.blockCount}`);
   // Without its digests a backup's blocks are still read, so unreadable ones are still named
   // (a missing digests file is already reported by fileFindings).
-  const digestsPath = repo.digestsPath(meta.disk, meta.id);
-  const objects = chain.top instanceof ObjectBackupDisk ? chain.top : null;
-  const digests = objects
-    ? objects.map
-    : !(await repo.storage.head(repo.digestsKey(meta.disk, meta.id)))
+  const layout = repo.layoutOf(meta);
+  const digests = !(await repo.storage.head(repo.digestsKey(meta.disk, meta.id)))
     ? null
-    : await DigestReader.open(digestsPath, meta.blockCount).catch((err: unknown) => {
+    : await openDigests(repo, meta, { fresh: true }).catch((err: unknown) => {
         if (!(err instanceof VaultError)) throw err;
         problem(null, err.message);
         return null;
       });
+  // Blocks shared by digest (objects layout): named by their digest.
+  const shared = layout.sharedBlocks && digests ? digests : null;
   const member = chain.top;
-  const stored: number[] = [];
-  for (let b = 0; b < member.blockCount; b++) {
-    if (!member.isAllocated(b)) continue;
-    if (objects) {
-      // An object another backup's check already read is not read again.
-      const name = objects.map.digest(b).toString('hex');
-      // Read once; a bad one is still reported for every backup that names it.
-      if (checked.has(name)) {
-        const known = checked.get(name);
-        if (known) problem(b, known);
-        continue;
-      }
-      checked.set(name, null);
-    }
-    stored.push(b);
-  }
+  const stored = await blocksToRead(member, shared, checked, problem);
   /**
    * The block's digest as a restore sees it: read through the chain, which takes a
    * whole block from this backup alone and completes a partial one from its parents.
@@ -120,7 +105,7 @@ async function verifyBackup(repo: Repository, meta: BackupMetadata, report: Veri
       return { digest: null, error: err.message };
     }
   };
-  let parentDigests: DigestReader | null = null;
+  let parentDigests: Digests | null = null;
   try {
     for await (const [block, r] of orderedReadAhead(stored, BLOCK_READ_AHEAD, read)) {
       report.blocks++;
@@ -128,19 +113,12 @@ async function verifyBackup(repo: Repository, meta: BackupMetadata, report: Veri
       const bad = r.error ?? (digests && (!r.digest || !r.digest.equals(await digests.get(block))) ? 'stored data does not match its digest' : null);
       if (bad === null) continue;
       problem(block, bad);
-      if (objects) checked.set(objects.map.digest(block).toString('hex'), bad);
+      if (shared) checked.set((await shared.get(block)).toString('hex'), bad);
     }
-    // In the objects layout the map is the whole disk, and every object it names was just read.
-    if (!digests || objects) return;
-    // A block this backup does not store is its parent's (or zero in a full): so must its digest be,
-    // or a restore, which checks every block against these digests, would fail on it.
-    parentDigests = meta.parent ? await DigestReader.open(repo.digestsPath(meta.disk, meta.parent), meta.blockCount) : null;
-    const zero = zeroDigest(member.blockSize);
-    for (let b = 0; b < meta.blockCount; b++) {
-      if (member.isAllocated(b)) continue;
-      const expected = parentDigests ? await parentDigests.get(b) : zero;
-      if (!(await digests.get(b)).equals(expected)) problem(b, `recorded digest differs from ${parentDigests ? "the parent's" : 'an all-zero block'} although the backup does not store the block`);
-    }
+    // Where a backup's map is the whole disk, every object it names was just read.
+    if (!digests || layout.sharedBlocks) return;
+    parentDigests = meta.parent ? await openDigests(repo, { ...(await repo.backup(meta.disk, meta.parent)), blockCount: meta.blockCount }, { fresh: true }) : null;
+    await checkUnstored(meta, member, digests, parentDigests, problem);
   } catch (err) {
     if (!(err instanceof VaultError)) throw err;
     problem(null, err.message);
@@ -148,5 +126,44 @@ async function verifyBackup(repo: Repository, meta: BackupMetadata, report: Veri
     await chain.close();
     await digests?.close();
     await parentDigests?.close();
+  }
+}
+
+type Problem = (block: number | null, text: string) => void;
+
+/**
+ * The blocks a backup stores that this run still has to read. Blocks shared by
+ * digest (objects layout) are read once per run: one already read is not read
+ * again, and a bad one is reported for every backup that names it.
+ */
+async function blocksToRead(member: VhdDisk, shared: Digests | null, checked: Map<string, string | null>, problem: Problem): Promise<number[]> {
+  const stored: number[] = [];
+  for (let b = 0; b < member.blockCount; b++) {
+    if (!member.isAllocated(b)) continue;
+    if (shared) {
+      const name = (await shared.get(b)).toString('hex');
+      if (checked.has(name)) {
+        const known = checked.get(name);
+        if (known) problem(b, known);
+        continue;
+      }
+      checked.set(name, null);
+    }
+    stored.push(b);
+  }
+  return stored;
+}
+
+/**
+ * A block this backup does not store is its parent's (or zero in a full): so
+ * must its digest be, or a restore, which checks every block against these
+ * digests, would fail on it.
+ */
+async function checkUnstored(meta: BackupMetadata, member: VhdDisk, digests: Digests, parentDigests: Digests | null, problem: Problem): Promise<void> {
+  const zero = zeroDigest(member.blockSize);
+  for (let b = 0; b < meta.blockCount; b++) {
+    if (member.isAllocated(b)) continue;
+    const expected = parentDigests ? await parentDigests.get(b) : zero;
+    if (!(await digests.get(b)).equals(expected)) problem(b, `recorded digest differs from ${parentDigests ? "the parent's" : 'an all-zero block'} although the backup does not store the block`);
   }
 }

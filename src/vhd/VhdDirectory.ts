@@ -1,5 +1,5 @@
 import { mkdir, open, readFile, rename, stat } from 'node:fs/promises';
-import { dirname, join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import pLimit from 'p-limit';
 import { bitmapByteSize, fullBitmap, setBit, testBit } from './bitmap.js';
 import { type Compression, compress, decompress, isCompression } from './compression.js';
@@ -309,7 +309,7 @@ export class VhdDirectoryWriter {
     if (block < 0 || block >= this.header.maxTableEntries) throw new RangeError(`block ${block} outside the disk`);
     if (testBit(this.bat, block)) throw new Error(`block ${block} written twice`);
     setBit(this.bat, block);
-    await this.externalBlockFile(block);
+    await this.prepareBlockFile(block);
     const job = this.storeBlock(block, Buffer.concat([bitmap, data])).catch((err: unknown) => {
       this.failure ??= err;
     });
@@ -319,17 +319,22 @@ export class VhdDirectoryWriter {
     if (this.failure) throw this.failure;
   }
 
+  /** The folder the directory is written in until finish(): a sibling of the target. */
+  get stagingName(): string {
+    return basename(this.temp);
+  }
+
   /**
-   * Where another writer (a worker thread) may create block `block`'s file,
-   * already compressed; its folder exists. Call adoptBlock() once it is durable.
+   * Make the folder of block `block`'s file, so that another writer (a worker
+   * thread) may create the file, already compressed, at its name below the
+   * staging folder (blockFile). Call adoptBlock() once it is durable.
    */
-  async externalBlockFile(block: number): Promise<string> {
+  async prepareBlockFile(block: number): Promise<void> {
     const folder = Math.floor(block / 1000);
     if (!this.folders.has(folder)) {
       this.folders.add(folder);
       await mkdir(join(this.temp, 'blocks', String(folder)), { recursive: true });
     }
-    return join(this.temp, blockFile(block));
   }
 
   adoptBlock(block: number): void {

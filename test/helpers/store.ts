@@ -6,7 +6,7 @@
  */
 import { backup, type BackupOptions } from '../../src/store/backup.js';
 import { listBackups } from '../../src/store/list.js';
-import { Repository, type Layout } from '../../src/store/repository.js';
+import { Repository, type LayoutName as Layout } from '../../src/store/repository.js';
 import type { Compression } from '../../src/vhd/compression.js';
 
 /** `vhdvault init <root> --layout <layout> [--compression <codec>]`. */

@@ -2,15 +2,17 @@ import { createHash } from 'node:crypto';
 import { mkdir, readFile, rename, writeFile } from 'node:fs/promises';
 import { homedir } from 'node:os';
 import { dirname, join } from 'node:path';
-import { decompress } from '../vhd/compression.js';
-import { VaultError } from '../util/errors.js';
-import { isNotFound, key } from '../storage/Storage.js';
-import { DIGEST_SIZE, zeroDigest } from './digests.js';
-import { isBackupId } from './names.js';
-import type { BackupMetadata, Repository } from './repository.js';
+import { decompress } from '../../vhd/compression.js';
+import { VaultError } from '../../util/errors.js';
+import { isNotFound, key } from '../../storage/Storage.js';
+import { DIGEST_SIZE, zeroDigest } from '../digests.js';
+import { blocksKey, digestsKey, diskKey, inDisk } from '../keys.js';
+import type { BackupMetadata } from '../metadata.js';
+import { isBackupId } from '../names.js';
+import type { LayoutContext } from './Layout.js';
 
 /**
- * The objects layout (DESIGN.md §4.15): each block a backup stores is an
+ * The objects layout (DESIGN §4.15): each block a backup stores is an
  * immutable object `disks/<disk>/blocks/<2 hex>/<64 hex>` named by the SHA-256
  * of its 2 MiB of content, and each backup's digests file is its block map (the
  * whole disk at that backup). A merge therefore rewrites metadata only; block
@@ -19,14 +21,14 @@ import type { BackupMetadata, Repository } from './repository.js';
 
 const HEX_NAME = /^[0-9a-f]{64}$/;
 
-export function blockObjectKey(repo: Repository, disk: string, digest: Uint8Array): string {
+export function blockObjectKey(disk: string, digest: Uint8Array): string {
   const hex = Buffer.from(digest).toString('hex');
-  return key(repo.blocksKey(disk), hex.slice(0, 2), hex);
+  return key(blocksKey(disk), hex.slice(0, 2), hex);
 }
 
 /** A block object's content (decompressed), checked for length; its digest is the caller's to check. */
-export async function readBlockObject(repo: Repository, meta: BackupMetadata, digest: Uint8Array): Promise<Buffer> {
-  const k = blockObjectKey(repo, meta.disk, digest);
+export async function readBlockObject(repo: LayoutContext, meta: BackupMetadata, digest: Uint8Array): Promise<Buffer> {
+  const k = blockObjectKey(meta.disk, digest);
   let stored: Buffer;
   try {
     stored = await repo.storage.get(k);
@@ -70,34 +72,12 @@ export class BlockMap {
   async close(): Promise<void> {}
 }
 
-/** Builds a new backup's block map in memory (put whole at the commit). */
-export class BlockMapWriter {
-  private readonly bytes: Buffer;
-  private count = 0;
-
-  constructor(blockCount: number) {
-    this.bytes = Buffer.alloc(blockCount * DIGEST_SIZE);
-  }
-
-  async append(digest: Buffer): Promise<void> {
-    digest.copy(this.bytes, this.count++ * DIGEST_SIZE);
-  }
-
-  async finish(): Promise<void> {}
-
-  async abort(): Promise<void> {}
-
-  get map(): Buffer {
-    return this.bytes;
-  }
-}
-
 /**
  * Committed maps never change (a merge rewrites metadata, never a map), so an
  * object store's maps are kept in a local cache: a restore or delta reads each
  * once. The cache is per repository (URI and creation time) and disk.
  */
-function cachePath(repo: Repository, disk: string, id: string): string | null {
+function cachePath(repo: LayoutContext, disk: string, id: string): string | null {
   if (repo.storage.capabilities.localFiles) return null;
   const base = process.env.VHDVAULT_CACHE_DIR ?? join(process.env.XDG_CACHE_HOME ?? join(homedir(), '.cache'), 'vhdvault');
   const repoId = createHash('sha256').update(`${repo.root}\0${repo.config.createdAt}`).digest('hex').slice(0, 16);
@@ -108,10 +88,10 @@ function cachePath(repo: Repository, disk: string, id: string): string | null {
  * A backup's block map, checked for size. `fresh` skips the local cache (verify
  * checks the store itself).
  */
-export async function loadBlockMap(repo: Repository, meta: BackupMetadata, options: { fresh?: boolean } = {}): Promise<BlockMap> {
+export async function loadBlockMap(repo: LayoutContext, meta: BackupMetadata, options: { fresh?: boolean } = {}): Promise<BlockMap> {
   const expected = meta.blockCount * DIGEST_SIZE;
   const cached = options.fresh ? null : cachePath(repo, meta.disk, meta.id);
-  const k = repo.digestsKey(meta.disk, meta.id);
+  const k = digestsKey(meta.disk, meta.id);
   if (cached) {
     const bytes = await readFile(cached).catch(() => null);
     // The store must still hold the map (one HEAD, not the download): a backup whose map is gone is damaged, whatever this machine remembers.
@@ -153,12 +133,12 @@ export interface GarbageReport {
  */
 export const SWEEP_MARKER = /^\.(.+)\.sweep\.tmp$/;
 
-export function sweepMarkerKey(repo: Repository, disk: string, name: string): string {
-  return key(repo.diskKey(disk), `.${name}.sweep.tmp`);
+export function sweepMarkerKey(disk: string, name: string): string {
+  return inDisk(disk, `.${name}.sweep.tmp`);
 }
 
 /** The digests of the objects these backups' maps name: what deleting the backups may free. */
-export async function objectsNamedBy(repo: Repository, backups: BackupMetadata[]): Promise<Set<string>> {
+export async function objectsNamedBy(repo: LayoutContext, backups: BackupMetadata[]): Promise<Set<string>> {
   const named = new Set<string>();
   for (const b of backups) {
     const map = await loadBlockMap(repo, b);
@@ -178,24 +158,24 @@ export async function objectsNamedBy(repo: Repository, backups: BackupMetadata[]
  * read stops the collection. Call holding the disk's lock (no backup adds
  * objects meanwhile); readers only read objects a listed map names.
  */
-export async function collectGarbage(repo: Repository, disk: string, candidates: Iterable<string> = [], ownMarker?: string): Promise<GarbageReport> {
+export async function collectGarbage(repo: LayoutContext, disk: string, candidates: Iterable<string> = [], ownMarker?: string): Promise<GarbageReport> {
   const { storage } = repo;
-  const names = await storage.list(repo.diskKey(disk));
+  const names = await storage.list(diskKey(disk));
   const markers = names.filter((n) => SWEEP_MARKER.test(n) && n !== (ownMarker && `.${ownMarker}.sweep.tmp`));
   const referenced = new Set<string>();
   for (const name of names) {
     const id = /^(.+)\.digests$/.exec(name)?.[1];
     if (id === undefined || !isBackupId(id)) continue;
     // From the store, never the cache: what is deleted must be provably unnamed by what is stored.
-    const bytes = await storage.get(key(repo.diskKey(disk), name));
-    if (bytes.length % DIGEST_SIZE !== 0) throw new VaultError(storage.describe(key(repo.diskKey(disk), name)), `block map has ${bytes.length} bytes, not a whole number of digests: no block object is deleted`);
+    const bytes = await storage.get(key(diskKey(disk), name));
+    if (bytes.length % DIGEST_SIZE !== 0) throw new VaultError(storage.describe(key(diskKey(disk), name)), `block map has ${bytes.length} bytes, not a whole number of digests: no block object is deleted`);
     for (let at = 0; at < bytes.length; at += DIGEST_SIZE) referenced.add(bytes.toString('hex', at, at + DIGEST_SIZE));
   }
   const garbage: string[] = [];
   if (markers.length === 0) {
-    for (const hex of candidates) if (HEX_NAME.test(hex) && !referenced.has(hex)) garbage.push(blockObjectKey(repo, disk, Buffer.from(hex, 'hex')));
+    for (const hex of candidates) if (HEX_NAME.test(hex) && !referenced.has(hex)) garbage.push(blockObjectKey(disk, Buffer.from(hex, 'hex')));
   } else {
-    for await (const object of storage.listAll(repo.blocksKey(disk))) {
+    for await (const object of storage.listAll(blocksKey(disk))) {
       const parts = object.key.split('/');
       const name = parts.at(-1)!;
       // Only names this layout makes: anything else in the folder is not ours to judge.
@@ -203,6 +183,6 @@ export async function collectGarbage(repo: Repository, disk: string, candidates:
     }
   }
   if (garbage.length > 0) await storage.deleteMany(garbage);
-  if (markers.length > 0) await storage.deleteMany(markers.map((m) => key(repo.diskKey(disk), m)));
+  if (markers.length > 0) await storage.deleteMany(markers.map((m) => key(diskKey(disk), m)));
   return { objects: garbage.length, swept: markers.length > 0 };
 }

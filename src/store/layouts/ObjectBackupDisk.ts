@@ -1,10 +1,12 @@
-import { fullBitmap } from '../vhd/bitmap.js';
-import type { StoredBlock, VhdDisk } from '../vhd/disk.js';
-import { type Footer, newFooter } from '../vhd/footer.js';
-import { type DynamicHeader, newHeader } from '../vhd/header.js';
-import { toVhdTimestamp } from '../vhd/timestamp.js';
+import { fullBitmap } from '../../vhd/bitmap.js';
+import type { StoredBlock, VhdDisk } from '../../vhd/disk.js';
+import { type Footer, newFooter } from '../../vhd/footer.js';
+import { type DynamicHeader, newHeader } from '../../vhd/header.js';
+import { toVhdTimestamp } from '../../vhd/timestamp.js';
 import { type BlockMap, loadBlockMap, readBlockObject } from './blockObjects.js';
-import type { BackupMetadata, Repository } from './repository.js';
+import { digestsKey } from '../keys.js';
+import type { BackupMetadata } from '../metadata.js';
+import type { LayoutContext } from './Layout.js';
 
 /**
  * A backup of the objects layout seen as a dynamic VHD: its block map is the
@@ -16,7 +18,7 @@ export class ObjectBackupDisk implements VhdDisk {
   readonly header: DynamicHeader;
 
   private constructor(
-    private readonly repo: Repository,
+    private readonly repo: LayoutContext,
     private readonly meta: BackupMetadata,
     readonly map: BlockMap,
   ) {
@@ -24,12 +26,12 @@ export class ObjectBackupDisk implements VhdDisk {
     this.header = newHeader(meta.blockCount, meta.blockSize);
   }
 
-  static async open(repo: Repository, meta: BackupMetadata, options: { fresh?: boolean } = {}): Promise<ObjectBackupDisk> {
+  static async open(repo: LayoutContext, meta: BackupMetadata, options: { fresh?: boolean } = {}): Promise<ObjectBackupDisk> {
     return new ObjectBackupDisk(repo, meta, await loadBlockMap(repo, meta, options));
   }
 
   get path(): string {
-    return this.repo.storage.describe(this.repo.digestsKey(this.meta.disk, this.meta.id));
+    return this.repo.storage.describe(digestsKey(this.meta.disk, this.meta.id));
   }
 
   get size(): number {

@@ -1,0 +1,152 @@
+import { setMaxListeners } from 'node:events';
+import pLimit from 'p-limit';
+import { testBit } from '../vhd/bitmap.js';
+import type { BlockSource } from '../vhd/source.js';
+import { releaseBuffer } from '../util/bufferPool.js';
+import { BLOCK_READ_AHEAD, orderedReadAhead, range } from '../util/pipeline.js';
+import type { BlockTarget } from './blockTask.js';
+import { DigestList, zeroDigest } from './digests.js';
+import type { BackupWriter, Digests } from './layouts/Layout.js';
+import { BlockPool } from './pool.js';
+import { BusyClock, figures, type Stage, type StageFigures } from './stages.js';
+import type { Limiter } from './throttle.js';
+
+/** Source reads in flight at once: enough to keep storage busy, few enough not to thrash a disk. */
+const SOURCE_READS_IN_FLIGHT = 4;
+
+/** What the pipeline runs over: a source, the new backup's writer, and the previous backup's digests. */
+export interface PipelineInput {
+  source: BlockSource;
+  writer: BackupWriter;
+  previous: Digests | null;
+  /** Blocks a changed-block bitmap or dirty bitmap marks (one bit per block); null: every block is read. */
+  changed: Buffer | null;
+  concurrency: number;
+  readLimit: Limiter;
+  writeLimit: Limiter;
+  /** Writes wait for writeLimit: a worker prepares the bytes and the main thread paces them. */
+  paced: boolean;
+  onProgress?: (doneBlocks: number, totalBlocks: number, bytesRead: number) => void;
+  /** Aborted: blocks waiting for their turn under a rate limit give up at once. */
+  signal: AbortSignal;
+}
+
+export interface PipelineResult {
+  digests: DigestList;
+  blocksRead: number;
+  blocksWritten: number;
+  bytesWritten: number;
+  /** Bytes of data the source gave for the blocks read (holes excepted). */
+  fileBytesRead: number;
+  stages: Record<Stage, StageFigures>;
+}
+
+/** A block as the in-order consumer needs it. */
+interface Produced {
+  digest: Buffer;
+  store: boolean;
+  /** Kept for the main thread (a writer that stores blocks in order). */
+  data: Buffer | null;
+  storedBytes: number;
+}
+
+/**
+ * Blocks are read in order (ahead of the workers), digested, compared with the
+ * previous backup's digests, and only changed ones stored, as the layout's
+ * writer directs; the digests of every block are gathered in order.
+ */
+export class BackupPipeline {
+  private readonly clocks = { read: new BusyClock(), write: new BusyClock() };
+  private readonly workerMs = { digest: 0, compress: 0, write: 0 };
+  private readonly readSlots = pLimit(SOURCE_READS_IN_FLIGHT);
+  private readonly zero: Buffer;
+  private blocksRead = 0;
+  private fileBytesRead = 0;
+
+  private constructor(
+    private readonly input: PipelineInput,
+    private readonly pool: BlockPool,
+  ) {
+    this.zero = zeroDigest(input.source.blockSize);
+    setMaxListeners(0, input.signal); // one per block waiting its turn: up to the read-ahead, by design
+  }
+
+  static async run(input: PipelineInput): Promise<PipelineResult> {
+    const pipeline = new BackupPipeline(input, await BlockPool.create(input.concurrency));
+    try {
+      return await pipeline.consume();
+    } finally {
+      await pipeline.pool.close();
+    }
+  }
+
+  /** Read, digest and hand one block to its worker; resolves to what the in-order consumer needs. */
+  private async produce(block: number): Promise<Produced> {
+    const { source, previous, changed, writer, readLimit, writeLimit, signal } = this.input;
+    const { blockSize, size } = source;
+    const prev = previous ? await previous.get(block) : null;
+    if (changed && prev && !testBit(changed, block)) return { digest: prev, store: false, data: null, storedBytes: 0 };
+    let data = await this.readSlots(async () => {
+      await readLimit.take(blockSize, signal);
+      return this.clocks.read.time(() => source.readBlock(block));
+    });
+    this.blocksRead++;
+    this.clocks.read.bytes += blockSize;
+    if (data !== null) this.fileBytesRead += Math.min(blockSize, size - block * blockSize); // (an NbdSource counts its own)
+    if (data === null) {
+      // Known zero (unallocated in a VHD source): stored only to hide older data.
+      if (prev === null || prev.equals(this.zero)) return { digest: this.zero, store: false, data: null, storedBytes: 0 };
+      data = Buffer.alloc(blockSize);
+    }
+    const output = await writer.output(block, this.input.paced);
+    const task = { block, data: data.buffer as ArrayBuffer, byteOffset: data.byteOffset, length: data.length, previousDigest: prev, compression: writer.codec, bare: writer.bare, output };
+    const result = await this.pool.run(task);
+    this.workerMs.digest += result.digestMs;
+    this.workerMs.compress += result.compressMs;
+    this.workerMs.write += result.writeMs;
+    const digest = Buffer.from(result.digest);
+    let target: BlockTarget | null = null;
+    if (result.store && result.prepared) {
+      target = writer.place(block, digest);
+      // Not needed after all (a block object already in the store, say): named, not sent again.
+      if (target === null) result.store = false;
+    }
+    if (result.store) await writeLimit.take(result.storedBytes, signal);
+    if (result.store && result.prepared && target) this.workerMs.write += await this.pool.write({ target, parts: result.prepared });
+    const keep = result.store && writer.writesInOrder; // the main thread still has to store it
+    if (!keep) releaseBuffer(result.data);
+    return { digest, store: result.store, data: keep ? Buffer.from(result.data.buffer, result.data.byteOffset, result.data.length) : null, storedBytes: result.storedBytes };
+  }
+
+  /** Blocks in order: their digests, and each stored block handed to the writer. */
+  private async consume(): Promise<PipelineResult> {
+    const { source, writer, concurrency, onProgress } = this.input;
+    const digests = new DigestList(source.blockCount);
+    let [done, blocksWritten, bytesWritten, bytesCompressed] = [0, 0, 0, 0];
+    // Two blocks per worker keep them all busy; at most 64 blocks (128 MiB) in flight whatever --concurrency.
+    const readAhead = Math.min(64, Math.max(BLOCK_READ_AHEAD, concurrency * 2));
+    for await (const [block, r] of orderedReadAhead(range(source.blockCount), readAhead, (b) => this.produce(b))) {
+      digests.append(r.digest);
+      if (r.store) {
+        blocksWritten++;
+        bytesWritten += r.storedBytes;
+        if (writer.writesInOrder) {
+          await this.clocks.write.time(() => writer.record(block, r.data));
+          releaseBuffer(r.data!);
+        } else {
+          await writer.record(block, null);
+          bytesCompressed += source.blockSize;
+        }
+      }
+      onProgress?.(++done, source.blockCount, this.clocks.read.bytes);
+    }
+    const threads = concurrency;
+    const stages: Record<Stage, StageFigures> = {
+      read: figures(this.clocks.read.bytes, this.clocks.read.busyMs),
+      digest: figures(this.blocksRead * source.blockSize, this.workerMs.digest / threads),
+      compress: figures(writer.codec === 'none' ? 0 : bytesCompressed, this.workerMs.compress / threads),
+      write: figures(bytesWritten, writer.writesInOrder ? this.clocks.write.busyMs : this.workerMs.write / threads),
+    };
+    return { digests, blocksRead: this.blocksRead, blocksWritten, bytesWritten, fileBytesRead: this.fileBytesRead, stages };
+  }
+}

@@ -1,0 +1,97 @@
+import { type Compression, isCompression } from '../vhd/compression.js';
+import { DEFAULT_BLOCK_SIZE } from '../vhd/constants.js';
+import { VaultError } from '../util/errors.js';
+import { isBackupId } from './names.js';
+
+/**
+ * dir: exploded VHD directories; vhd: VHD files (both need a local folder);
+ * objects: immutable block objects named by digest plus a block map per backup
+ * (any storage). Each is a driver in layouts/.
+ */
+export type LayoutName = 'dir' | 'vhd' | 'objects';
+export const LAYOUT_NAMES: readonly LayoutName[] = ['dir', 'vhd', 'objects'];
+
+/** `vhdvault.json` at the repository's root. */
+export interface RepositoryConfig {
+  format: 'vhdvault-repository';
+  version: 1;
+  layout: LayoutName;
+  compression: Compression;
+  blockSize: number;
+  createdAt: string;
+}
+
+/** `<id>.json`: one backup; its presence is what makes the backup exist. */
+export interface BackupMetadata {
+  format: 1;
+  disk: string;
+  id: string;
+  kind: 'full' | 'delta';
+  parent: string | null;
+  createdAt: string;
+  /** Virtual size in bytes. */
+  size: number;
+  blockSize: number;
+  blockCount: number;
+  layout: LayoutName;
+  compression: Compression;
+  /** The VHD's UUID (a child records it as its parent UUID). */
+  uuid: string;
+  blocksWritten: number;
+  /** Bytes of block data this backup stored (after compression). */
+  bytesWritten: number;
+  /** Bytes the backup occupies: its VHD file or directory and its digests. */
+  bytesStored: number;
+  digestAlgorithm: 'sha256';
+  /** Every stored block has a full sector bitmap (true for all vhdvault backups); lets merges rename blindly. */
+  wholeBlocks?: boolean;
+  /** A live backup's QEMU dirty bitmap, recording every write since this backup's point in time. */
+  checkpoint?: Checkpoint;
+}
+
+/** A QEMU dirty bitmap by name, on the disk's format node. */
+export interface Checkpoint {
+  bitmap: string;
+  node: string;
+}
+
+/** How metadata is stored: pretty JSON and a final newline. */
+export const jsonText = (value: unknown): string => `${JSON.stringify(value, null, 2)}\n`;
+
+export function parseJson(bytes: Buffer, where: string): unknown {
+  try {
+    return JSON.parse(bytes.toString('utf8'));
+  } catch {
+    throw new VaultError(where, 'is not valid JSON');
+  }
+}
+
+export function parseConfig(value: unknown, path: string): RepositoryConfig {
+  const v = value as Partial<RepositoryConfig> | null;
+  if (!v || v.format !== 'vhdvault-repository') throw new VaultError(path, 'is not a vhdvault repository file');
+  if (v.version !== 1) throw new VaultError(path, `repository format version ${String(v.version)} is not supported`);
+  if (!LAYOUT_NAMES.includes(v.layout!)) throw new VaultError(path, `unknown layout ${JSON.stringify(v.layout)}`);
+  if (!isCompression(v.compression)) throw new VaultError(path, `unknown compression ${JSON.stringify(v.compression)}`);
+  if (v.blockSize !== DEFAULT_BLOCK_SIZE) throw new VaultError(path, `unsupported block size ${String(v.blockSize)}`);
+  return v as RepositoryConfig;
+}
+
+export function parseMetadata(value: unknown, path: string, disk: string, id: string): BackupMetadata {
+  const m = value as Partial<BackupMetadata> | null;
+  // A renamed disk folder: say so, rather than "not valid".
+  if (m && typeof m.disk === 'string' && m.disk !== disk) throw new VaultError(path, `is the metadata of a backup of disk "${m.disk}", but it is in the folder of disk "${disk}" (was the folder renamed?)`);
+  const ok =
+    m !== null &&
+    m.format === 1 &&
+    m.disk === disk &&
+    m.id === id &&
+    (m.kind === 'full' || m.kind === 'delta') &&
+    (m.parent === null || (typeof m.parent === 'string' && isBackupId(m.parent))) &&
+    (m.kind === 'full') === (m.parent === null) &&
+    Number.isSafeInteger(m.size) &&
+    Number.isSafeInteger(m.blockCount) &&
+    m.blockSize === DEFAULT_BLOCK_SIZE &&
+    LAYOUT_NAMES.includes(m.layout!);
+  if (!ok) throw new VaultError(path, 'is not valid backup metadata');
+  return m as BackupMetadata;
+}
