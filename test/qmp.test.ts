@@ -200,7 +200,7 @@ describe.skipIf(!hasQsd)('against qemu-storage-daemon', () => {
     await qmp.execute('object-del', { id: 'tg0' });
   });
 
-  it('runs the live backup sequence (DESIGN §9.4) end to end', async () => {
+  it('runs the live backup sequence (docs/design/09-live-backups.md §9.4) end to end', async () => {
     await blockDirtyBitmapAdd(qmp, { node: 'disk0', name: 'prev', persistent: true });
     await guestWrite(0xaa, 0, 2 * MiB);
 

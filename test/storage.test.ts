@@ -1,5 +1,5 @@
 /**
- * The storage seam's contract (DESIGN.md §4.13), run against both backends: a local
+ * The storage seam's contract (docs/design/04-repository.md §4.13), run against both backends: a local
  * folder and a bucket of a real S3 server (s3rver, which ignores If-None-Match, so
  * exclusive creates rest on the claims protocol). Then S3 alone: retries through a
  * proxy that fails and stalls requests, and the one-line errors a user sees.

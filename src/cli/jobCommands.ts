@@ -13,7 +13,7 @@ const schedule = () => import('../jobs/schedule.js');
 
 /** `vhdvault job …`: each subcommand comes from its own function below. */
 export function jobCommand(): Command {
-  const job = new Command('job').description('scheduled backup jobs, one YAML file each (README: "Scheduled jobs")');
+  const job = new Command('job').description('scheduled backup jobs, one YAML file each (docs/jobs.md)');
   job.addCommand(runCommand());
   job.addCommand(checkCommand());
   job.addCommand(historyCommand());

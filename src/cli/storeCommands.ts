@@ -208,7 +208,8 @@ export function storeCommands(): Command[] {
       let r;
       try {
         const { restore } = await import('../store/restore.js');
-        r = await restore(repo, disk, out, { backup: opts.backup, format: opts.format, fromOverlay: opts.fromOverlay, onProgress: (d, t, b) => bar.update(d, t, b) });
+        const layer = opts.fromOverlay ? (await import('../exports/overlay.js')).overlayLayer(opts.fromOverlay) : undefined;
+        r = await restore(repo, disk, out, { backup: opts.backup, format: opts.format, layer, onProgress: (d, t, b) => bar.update(d, t, b) });
       } finally {
         bar.stop();
       }

@@ -1,7 +1,7 @@
 /**
  * The job demo: a scheduled job as `vhdvault job run` runs it, four times in
- * a row. Two small disks, a job file as a user writes it (README "Scheduled
- * jobs"), a few writes to the disks between runs, each run's summary, the
+ * a row. Two small disks, a job file as a user writes it (docs/jobs.md),
+ * a few writes to the disks between runs, each run's summary, the
  * history the repository keeps, and then every backup left in both
  * repositories after retention and replication, restored and compared with
  * its disk as it was when its run started (nothing writes to the disks
@@ -33,7 +33,7 @@ const RUNS = 4;
 const PIECE = 64 * 1024;
 const PIECES = 3;
 
-/** The README's example, scaled down; relative paths are read from the job file's folder. */
+/** The example of docs/jobs.md, scaled down; relative paths are read from the job file's folder. */
 function jobFile(healthCheck: boolean): string {
   return `name: demo
 schedule: "0 3 * * *"

@@ -25,6 +25,7 @@ import { openBackupData } from '../store/chain.js';
 import { describeOwner, isOwnerGone, lockOwner, parseOwner } from '../store/lock.js';
 import { pinBackup } from '../store/overlayPins.js';
 import type { BackupMetadata, Repository } from '../store/repository.js';
+import type { RestoreLayer } from '../store/restore.js';
 
 const INFO = 'overlay.json';
 const DATA = 'overlay.vhd';
@@ -331,5 +332,17 @@ export function overlaySource(base: BlockSource, overlay: VhdFile): BlockSource 
       return out;
     },
     close: () => base.close(),
+  };
+}
+
+/** An overlay folder as a restore's layer (restore --from-overlay): its writes laid over the backup they sit on. */
+export function overlayLayer(dir: string): RestoreLayer {
+  return {
+    path: dir,
+    info: () => readOverlayInfo(dir),
+    async open(repo, meta) {
+      const overlay = await Overlay.open(repo, meta, dir, { create: false, writable: false });
+      return { over: (source) => overlaySource(source, overlay.vhd), allocated: (block) => overlay.vhd.isAllocated(block), close: () => overlay.close() };
+    },
   };
 }

@@ -1,5 +1,5 @@
 /**
- * Job files: one YAML file per scheduled backup job (README "Scheduled jobs").
+ * Job files: one YAML file per scheduled backup job (docs/jobs.md).
  *
  * The zod schema checks each value (type, range, cron, time zone, names); then
  * toJob checks what depends on several keys (a disk's kind, unique names) and

@@ -1,5 +1,5 @@
 /**
- * The frozen view of a running guest's disk (DESIGN §9.3): a copy-before-write filter put into the guest's path copies old
+ * The frozen view of a running guest's disk (docs/design/09-live-backups.md §9.3): a copy-before-write filter put into the guest's path copies old
  * data to a target before a guest write lands; a snapshot-access node over
  * the filter, exported read-only over NBD, reads the disk as it was when the
  * filter went in. The target is a fleecing image (fleecing.ts) or vhdvault's

@@ -1,7 +1,7 @@
 import { VaultError } from '../util/errors.js';
 
 /**
- * The repository's storage, shaped like an object store (DESIGN.md §4.13):
+ * The repository's storage, shaped like an object store (docs/design/04-repository.md §4.13):
  * keys are `/`-separated names relative to the repository (`disks/vm/<id>.json`),
  * never paths. Everything above this seam (temporary names, metadata last,
  * chains resolved by metadata, locks) is written once, in src/store, against it.

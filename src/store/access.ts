@@ -6,7 +6,7 @@ import { describeOwner, isOwnerGone, type LockOwner, lockOwner, parseOwner } fro
 import type { Repository } from './repository.js';
 
 /**
- * Readers and destructive writers of one disk, kept apart (DESIGN.md §5.6).
+ * Readers and destructive writers of one disk, kept apart (docs/design/05-writing-safely.md §5.6).
  *
  * A reader (restore, verify, list) registers a file in `access/<disk>/`, then
  * looks for the `exclusive` marker there; a writer about to change committed

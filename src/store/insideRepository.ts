@@ -27,7 +27,7 @@ async function owningDisk(path: string): Promise<{ root: string; disk: string } 
 /**
  * Run `fn` (a `vhd` tool reading `path`) as a reader of the repository disk the
  * path is part of, if any: a prune merging that disk meanwhile would move block
- * files under it (DESIGN.md §4.11). Other paths are read as they are.
+ * files under it (docs/design/04-repository.md §4.11). Other paths are read as they are.
  */
 export async function readingPath<T>(path: string, fn: () => Promise<T>): Promise<T> {
   const owner = await owningDisk(path);

@@ -2,7 +2,7 @@ import { key } from '../storage/Storage.js';
 import { checkBackupId, checkDiskName, isBackupId } from './names.js';
 
 /**
- * Where everything of a repository is, as storage keys (DESIGN §4.2): one
+ * Where everything of a repository is, as storage keys (docs/design/04-repository.md §4.2): one
  * place for the names, shared by the repository and its layout drivers.
  * A layout names only its data object (`<id>.vhd-dir`, `<id>.vhd` or, in the
  * objects layout, the block map `<id>.digests`) and what lies inside it.

@@ -10,7 +10,7 @@ import { isBackupId } from './names.js';
 import type { BackupMetadata, Repository } from './repository.js';
 
 /**
- * Retention merges (DESIGN §4.9): `disks/<disk>/merge.json` is written
+ * Retention merges (docs/design/04-repository.md §4.9): `disks/<disk>/merge.json` is written
  * (durably) before the first change; every later step is idempotent, so
  * whoever finds the journal (any command that takes the disk's lock) runs the
  * merge to its end. The steps are the layout's; the last, the commit, is the

@@ -1,6 +1,6 @@
 /**
  * What keeps a source's prune from removing the backup the next replication
- * builds on (DESIGN.md §4.14): after each disk's replication, the source
+ * builds on (docs/design/04-repository.md §4.14): after each disk's replication, the source
  * records `replicas/<disk>/<hash of the destination's real path>.json`
  * ({destination, disk, backup, uuid, host, updatedAt}) naming the newest backup
  * both repositories hold. Like zrep's and syncoid's common snapshot, it stays

@@ -1,5 +1,5 @@
 /**
- * Replication to a second repository (DESIGN.md §4.14): each backup of the
+ * Replication to a second repository (docs/design/04-repository.md §4.14): each backup of the
  * source the destination lacks is sent as what it stores — a delta's blocks
  * over the same parent at the destination — under the destination's own
  * commit protocol, with the source's id, UUID and creation time. A backup

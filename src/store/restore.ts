@@ -4,13 +4,25 @@ import { copyDisk, createDiskWriter } from '../vhd/convert.js';
 import type { BlockSource } from '../vhd/source.js';
 import { blocksWithData, synthesizeDynamic, synthesizeVhd } from '../vhd/synthesize.js';
 import { range } from '../util/pipeline.js';
-import { Overlay, overlaySource, readOverlayInfo } from '../exports/overlay.js';
 import type { VhdChain } from '../vhd/VhdChain.js';
 import { checkFormatFits, implicitFormat, outputTarget, refuseProtected, writeImage } from '../vhd/outputTarget.js';
 import type { OnProgress } from '../util/progress.js';
 import { verifiedChain } from './chain.js';
 import { readingDisk } from './merge.js';
 import type { BackupMetadata, Repository } from './repository.js';
+
+/**
+ * Writes kept beside a backup (serve --writable's overlay, exports/overlay.ts),
+ * laid over it by a restore: the backup and the layer together are the disk restored.
+ */
+export interface RestoreLayer {
+  /** Where the layer is, for messages; a restore never writes over it. */
+  path: string;
+  /** Its disk, the backup it sits on, and the repository it was made over (for messages). */
+  info(): Promise<{ disk: string; backup: string; repository: string }>;
+  /** Open it over the backup: `over` lays it on the backup's blocks; `allocated` says which blocks it holds. */
+  open(repo: Repository, meta: BackupMetadata): Promise<{ over(source: BlockSource): BlockSource; allocated(block: number): boolean; close(): Promise<void> }>;
+}
 
 /** vhd: a dynamic VHD; raw: sparse bytes; fixed: a fixed VHD; dir: an exploded VHD directory (Xen Orchestra's layout). */
 export type RestoreFormat = 'vhd' | 'raw' | 'fixed' | 'dir';
@@ -39,26 +51,26 @@ export async function pickBackup(repo: Repository, disk: string, id?: string): P
  * (raw: sparse); a device or `-` gets every byte, zeros included. Format:
  * `options.format`, else raw on a device or `-`, else by extension.
  */
-async function restoreAsReader(repo: Repository, disk: string, out: string, options: { backup?: string; format?: RestoreFormat; fromOverlay?: string; onProgress?: OnProgress }): Promise<RestoreReport> {
+async function restoreAsReader(repo: Repository, disk: string, out: string, options: { backup?: string; format?: RestoreFormat; layer?: RestoreLayer; onProgress?: OnProgress }): Promise<RestoreReport> {
   // Checked before anything is read: a restore never writes into the repository.
   const target = await outputTarget(out);
   const format = options.format ?? implicitFormat(target) ?? BY_EXTENSION[extname(out).toLowerCase()] ?? 'raw';
   checkFormatFits(target, format);
   if (repo.storage.capabilities.localFiles) await refuseProtected(target, [{ path: repo.root, what: `the repository ${repo.root}` }]);
   let backupId = options.backup;
-  if (options.fromOverlay) {
-    const info = await readOverlayInfo(options.fromOverlay);
-    if (info.disk !== disk) throw new VaultError(options.fromOverlay, `is an overlay of disk "${info.disk}", not "${disk}"`);
+  const { layer } = options;
+  const info = await layer?.info();
+  if (layer && info) {
+    if (info.disk !== disk) throw new VaultError(layer.path, `is an overlay of disk "${info.disk}", not "${disk}"`);
     if (backupId && backupId !== info.backup) throw new UsageError(`--backup ${backupId} differs from the overlay's backup ${info.backup} (leave --backup out)`);
     backupId = info.backup;
-    await refuseProtected(target, [{ path: options.fromOverlay, what: `the overlay ${options.fromOverlay}` }]);
+    await refuseProtected(target, [{ path: layer.path, what: `the overlay ${layer.path}` }]);
   }
   const meta = await pickBackup(repo, disk, backupId).catch(async (err: unknown) => {
-    if (!options.fromOverlay || !(err instanceof VaultError)) throw err;
-    const info = await readOverlayInfo(options.fromOverlay);
-    throw new VaultError(options.fromOverlay, `sits on backup ${info.backup} of "${disk}", which ${repo.root} does not hold (pruned, or the overlay was made over ${info.repository}): its writes cannot be restored without that backup`);
+    if (!layer || !info || !(err instanceof VaultError)) throw err;
+    throw new VaultError(layer.path, `sits on backup ${info.backup} of "${disk}", which ${repo.root} does not hold (pruned, or the overlay was made over ${info.repository}): its writes cannot be restored without that backup`);
   });
-  const overlay = options.fromOverlay ? await Overlay.open(repo, meta, options.fromOverlay, { create: false, writable: false }) : null;
+  const overlay = layer ? await layer.open(repo, meta) : null;
   let chain: VhdChain;
   let source: BlockSource;
   try {
@@ -68,7 +80,7 @@ async function restoreAsReader(repo: Repository, disk: string, out: string, opti
     throw err;
   }
   try {
-    const disk = overlay ? overlaySource(source, overlay.vhd) : source;
+    const disk = overlay ? overlay.over(source) : source;
     if (format !== 'vhd') {
       const writer = await createDiskWriter(target, format, disk.size, disk.blockSize);
       const stats = await copyDisk(disk, writer, options.onProgress);
@@ -77,7 +89,7 @@ async function restoreAsReader(repo: Repository, disk: string, out: string, opti
     let image = synthesizeVhd(chain, (b) => source.readBlock(b));
     if (overlay) {
       // Backup and overlay together are a new disk: a new UUID, and every block either holds.
-      const present = new Set([...blocksWithData(chain), ...[...range(chain.blockCount)].filter((b) => overlay.vhd.isAllocated(b))]);
+      const present = new Set([...blocksWithData(chain), ...[...range(chain.blockCount)].filter((b) => overlay.allocated(b))]);
       image = synthesizeDynamic(chain, [...present].sort((a, b) => a - b), (b) => disk.readBlock(b));
     }
     await writeImage(target, image, options.onProgress);

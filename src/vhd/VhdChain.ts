@@ -6,7 +6,7 @@ import { isAliasName, resolveAlias } from './alias.js';
 import type { VhdDisk } from './disk.js';
 import { VaultError } from '../util/errors.js';
 import { decodeLocatorPath, PLATFORM_W2KU, PLATFORM_W2RU } from './parentLocator.js';
-import type { BlockSource } from './source.js';
+import type { BlockSource } from './blockSource.js';
 import { openDisk } from './openDisk.js';
 
 /** Chains deeper than this are refused as hostile rather than walked. */

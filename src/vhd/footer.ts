@@ -56,7 +56,7 @@ export function newFooter(diskType: DiskTypeName, size: number, uuid = newUuid()
   };
 }
 
-/** Creators whose footers qemu sizes by CHS geometry, in every version (see DESIGN.md). */
+/** Creators whose footers qemu sizes by CHS geometry, in every version (docs/design/01-vhd-files.md §1.6). */
 const CHS_SIZED_CREATORS = new Set(['vpc ', 'qemu']);
 
 /**

@@ -56,7 +56,7 @@ export function specGeometry(size: number): Geometry {
 /**
  * The geometry we write. The spec's geometry when it describes exactly `size`
  * bytes; otherwise the maximum geometry, which every qemu version reads as
- * "the size is current_size" (see DESIGN.md, "Size and geometry").
+ * "the size is current_size" (docs/design/01-vhd-files.md §1.6).
  */
 export function geometryForSize(size: number): Geometry {
   const g = specGeometry(size);

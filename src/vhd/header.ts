@@ -55,7 +55,7 @@ export function serializeHeader(h: DynamicHeader): Buffer {
   h.parentLocators.forEach((loc, i) => {
     const at = LOCATORS_OFFSET + i * LOCATOR_SIZE;
     b.write(loc.platformCode.padEnd(4, '\0').slice(0, 4), at, 'latin1');
-    // Data space in bytes, as Hyper-V writes it (see DESIGN.md).
+    // Data space in bytes, as Hyper-V writes it (docs/design/01-vhd-files.md §1.4).
     b.writeUInt32BE(loc.dataSpace, at + 4);
     b.writeUInt32BE(loc.dataLength, at + 8);
     b.writeBigUInt64BE(BigInt(loc.dataOffset), at + 16);

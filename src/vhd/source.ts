@@ -13,18 +13,9 @@ async function sizeOf(fh: FileHandle): Promise<{ size: number; isFile: boolean; 
   return { size: s.isBlockDevice() ? await blockDeviceSize(fh) : s.size, isFile: s.isFile(), isBlockDevice: s.isBlockDevice() };
 }
 
-/** A virtual disk read block by block: a VHD chain or a raw image. */
-export interface BlockSource {
-  readonly size: number;
-  readonly blockSize: number;
-  readonly blockCount: number;
-  /**
-   * `blockSize` bytes (zero past the disk's end), or null when known to be all
-   * zeros. The caller owns the buffer; it may hand it to releaseBuffer() when done.
-   */
-  readBlock(block: number): Promise<Buffer | null>;
-  close(): Promise<void>;
-}
+import type { BlockSource } from './blockSource.js';
+
+export type { BlockSource };
 
 /** A raw image; its size is rounded up to whole sectors (the tail reads as zeros). */
 export class RawSource implements BlockSource {

@@ -1,6 +1,6 @@
 /**
  * A stand-in for a running VM: qemu-storage-daemon serving one disk image,
- * as DESIGN §9 describes a guest. The guest's path is
+ * as docs/design/09-live-backups.md §9 describes a guest. The guest's path is
  * file node f0 → format node disk0 → raw passthrough g0, exported writable
  * over NBD as `disk0` (the "guest" writes there), with a QMP monitor. Every
  * daemon started here is killed after the test file; stop() and kill() end

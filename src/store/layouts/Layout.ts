@@ -26,7 +26,7 @@ export interface LayoutContext {
   localPath(key: string): string;
 }
 
-/** One digest per block of the disk at a backup (DESIGN §4.4). */
+/** One digest per block of the disk at a backup (docs/design/04-repository.md §4.4). */
 export interface Digests {
   get(block: number): Promise<Buffer>;
   close(): Promise<void>;

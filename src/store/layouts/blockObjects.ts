@@ -12,7 +12,7 @@ import { isBackupId } from '../names.js';
 import type { LayoutContext } from './Layout.js';
 
 /**
- * The objects layout (DESIGN §4.15): each block a backup stores is an
+ * The objects layout (docs/design/04-repository.md §4.15): each block a backup stores is an
  * immutable object `disks/<disk>/blocks/<2 hex>/<64 hex>` named by the SHA-256
  * of its 2 MiB of content, and each backup's digests file is its block map (the
  * whole disk at that backup). A merge therefore rewrites metadata only; block

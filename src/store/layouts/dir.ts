@@ -56,7 +56,7 @@ async function mergeBlocks(ctx: LayoutContext, p: MergePair, resumed: boolean): 
   const { storage } = ctx;
   const parent = await VhdDirectory.open(p.parentPath);
   const child = await VhdDirectory.open(p.childPath);
-  // vhdvault stores whole blocks only (DESIGN §4.3); other writers' blocks are checked one by one.
+  // vhdvault stores whole blocks only (docs/design/04-repository.md §4.3); other writers' blocks are checked one by one.
   const knownWhole = p.journal.child.wholeBlocks === true && child.compression === parent.compression;
   const parentIsDifferencing = parent.footer.diskType === 'differencing';
   const blockKey = (dataKey: string, b: number) => key(dataKey, ...blockFile(b).split('/'));

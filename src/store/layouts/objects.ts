@@ -10,7 +10,7 @@ import type { BackupWriter, Layout, LayoutContext, LayoutMerge, MergeJournal, Wr
 import { ObjectBackupDisk } from './ObjectBackupDisk.js';
 
 /**
- * The objects layout (DESIGN §4.15): each stored block an immutable object
+ * The objects layout (docs/design/04-repository.md §4.15): each stored block an immutable object
  * named by the SHA-256 of its content, each backup's digests its block map
  * (the whole disk at that backup). Needs only whole puts, gets, lists and
  * deletes, so it runs on any storage; a retention merge rewrites metadata and

@@ -20,7 +20,7 @@ import type { BackupWriter, Digests, Layout, LayoutContext, LayoutMerge, MergeJo
  * What the dir and vhd layouts share: each backup is a VHD (a directory or a
  * file) plus a digests file, a delta is a differencing VHD over its parent's,
  * commits are renames, and a merge folds the child's blocks into the parent's
- * data, which then takes the child's identity and name (DESIGN §4.6, §4.9).
+ * data, which then takes the child's identity and name (docs/design/04-repository.md §4.6, §4.9).
  */
 
 /** The journal's fields of a VHD-backed merge. */
