@@ -18,9 +18,9 @@ import { mkdtemp, open, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { backup } from '../src/store/backup.js';
-import { Repository, type Layout } from '../src/store/repository.js';
+import { Repository, type LayoutName as Layout } from '../src/store/repository.js';
 import { type Compression, isCompression } from '../src/vhd/compression.js';
-import { formatTable, fsyncFile, median, MiB, mustRun, syncAll, timeIt, writeRandomFile } from './lib.js';
+import { formatTable, fsyncFile, median, MiB, mustRun, syncAll, timeIt, writeRandomFile, writeResults } from './lib.js';
 
 const GOAL = 0.8;
 const BLOCK = 2 * MiB;
@@ -75,6 +75,8 @@ async function main(): Promise<void> {
       const isFull = operation.startsWith('full');
       return { operation, bytes: size, medianSeconds: median(seconds), mibPerSecond: rate / MiB, ratioVsCp: rate / cpRate, goal: isFull ? GOAL : null, meetsGoal: isFull ? rate / cpRate >= GOAL : null };
     });
+    const variant = [layout === 'dir' ? '' : layout, compression === 'none' ? '' : compression].filter((s) => s !== '');
+    await writeResults('backup', { sizeMiB: size / MiB, rounds, layout, compression }, rows, { name: ['backup', ...variant].join('-') });
     if (json) return console.log(JSON.stringify(rows, null, 2));
     console.log(`source ${size / MiB} MiB of random data, layout ${layout}, compression ${compression}, ${rounds} rounds (median)`);
     console.log(

@@ -40,6 +40,7 @@ import {
   syncAll,
   timeIt,
   writeRandomFile,
+  writeResults,
 } from './lib.js';
 
 const GOAL = 0.8;
@@ -192,6 +193,7 @@ async function main(): Promise<void> {
         `cp copies with: ${cpHow}\n` +
         `goal: convert throughput ≥ ${GOAL}× cp throughput (ratio column "vs cp"); convert fsyncs its output, plain cp does not`,
     );
+    await writeResults('convert', { sizeMiB, rounds, pageCache: cold ? 'dropped before each run' : 'warm', filesystem: fs, cp: cpHow }, rows, { name: cold ? 'convert-cold' : 'convert' });
     if (json) {
       process.stdout.write(JSON.stringify(rows, null, 2) + '\n');
     } else {

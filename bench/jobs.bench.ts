@@ -21,7 +21,7 @@ import { mkdir, mkdtemp, open, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { formatTable, median, MiB, mustRun, syncAll, timeIt, writeRandomFile } from './lib.js';
+import { formatTable, median, MiB, mustRun, syncAll, timeIt, writeRandomFile, writeResults } from './lib.js';
 
 const CLI = fileURLToPath(new URL('../src/cli/main.js', import.meta.url));
 const BLOCK = 2 * MiB;
@@ -115,6 +115,7 @@ async function main(): Promise<void> {
       };
     });
     const result = { disks: count, sizeMiB: size / MiB, rounds, cpSeconds: median(cp), cpMiBps: rate(median(cp)), cpSyncSeconds: median(cpSync), cpSyncMiBps: rate(median(cpSync)), rows };
+    await writeResults('jobs', { disks: count, sizeMiB: size / MiB, rounds, layout: 'dir', compression: 'none' }, result);
     if (json) return void console.log(JSON.stringify(result, null, 2));
     console.log(`${count} disks × ${size / MiB} MiB (${(total / MiB / 1024).toFixed(1)} GiB), median of ${rounds} rounds; cp of all disks ${median(cp).toFixed(2)} s (${rate(median(cp)).toFixed(0)} MiB/s), cp + sync ${median(cpSync).toFixed(2)} s (${rate(median(cpSync)).toFixed(0)} MiB/s)`);
     const table = rows.map((r) => [

@@ -1,11 +1,15 @@
 /**
  * Small helpers shared by the benchmarks: timing, child processes, page-cache
- * control, machine facts and a plain-text table.
+ * control, machine facts, a plain-text table, and writing results for
+ * docs/performance.md (writeResults).
  */
 import { spawn } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
-import { open, rm, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { existsSync } from 'node:fs';
+import { mkdir, open, rm, writeFile } from 'node:fs/promises';
+import { availableParallelism, cpus, totalmem } from 'node:os';
+import { dirname, join, relative } from 'node:path';
+import { fileURLToPath } from 'node:url';
 
 export const MiB = 1024 * 1024;
 
@@ -154,4 +158,82 @@ export function formatTable(headers: string[], rows: string[][]): string {
   const line = (cells: string[]) =>
     cells.map((c, i) => (numeric[i] ? c.padStart(widths[i]!) : c.padEnd(widths[i]!))).join('  ').trimEnd();
   return [line(headers), widths.map((w) => '-'.repeat(w)).join('  '), ...rows.map(line)].join('\n');
+}
+
+// ---------------------------------------------------------------- results
+
+/** Where benchmark results are kept, from the repository's root; docs/performance.md is generated from them (bench/report.ts). */
+export const RESULTS_DIR = 'bench/results';
+
+/**
+ * One benchmark run as stored in bench/results/<name>.json. A stable envelope
+ * around each benchmark's own figures (`results`: what its --json prints).
+ */
+export interface BenchResult {
+  /** The benchmark: convert, backup, merge, nbd, live, jobs, s3, … (what bench/report.ts groups by). */
+  bench: string;
+  /** When it ran: an ISO 8601 date or date and time. */
+  date: string;
+  machine: { cpus: number; node: string; description?: string };
+  /** How to run it again: the npm script, with the BENCH_* variables that were set. */
+  command?: string | string[];
+  /** The conditions: sizes, rounds, layout, … */
+  params?: Record<string, unknown>;
+  results: unknown;
+  /** Where figures come from when a script did not write them (e.g. "transcribed from …"). */
+  source?: string;
+  /** Short remarks the report prints under the table. */
+  notes?: string[];
+}
+
+/** The repository's root: the nearest folder above this file holding package.json (from bench/ or dist/bench/). */
+function repoRoot(): string {
+  let dir = dirname(fileURLToPath(import.meta.url));
+  while (!existsSync(join(dir, 'package.json'))) {
+    const up = dirname(dir);
+    if (up === dir) throw new Error('bench: no package.json above bench/lib');
+    dir = up;
+  }
+  return dir;
+}
+
+/** The command that ran this benchmark, as a user would type it again: BENCH_* variables, then the npm script (or `run`). */
+function commandLine(run?: string): string {
+  const vars = Object.entries(process.env)
+    .filter(([k, v]) => k.startsWith('BENCH_') && k !== 'BENCH_RESULT_NAME' && k !== 'BENCH_NO_BUILD' && v !== undefined && v !== '')
+    .sort(([a], [b]) => a.localeCompare(b))
+    .map(([k, v]) => `${k}=${v}`);
+  const event = process.env.npm_lifecycle_event;
+  const how = run ?? (event ? `npm run ${event}` : `node ${process.argv.slice(1).map((a) => relative(process.cwd(), a) || a).join(' ')}`);
+  return [...vars, how].join(' ');
+}
+
+/**
+ * Write a benchmark's results to bench/results/<name>.json (name: `bench`, or
+ * BENCH_RESULT_NAME to keep a variant beside it, e.g. backup-vhd), for
+ * `npm run bench:report`. Returns the path written.
+ */
+export async function writeResults(
+  bench: string,
+  params: Record<string, unknown>,
+  results: unknown,
+  options: { name?: string; notes?: string[]; command?: string } = {},
+): Promise<string> {
+  const name = process.env.BENCH_RESULT_NAME || options.name || bench;
+  if (!/^[\w.-]+$/.test(name)) throw new Error(`bench: "${name}" is not a usable results file name`);
+  const record: BenchResult = {
+    bench,
+    date: new Date().toISOString(),
+    machine: { cpus: availableParallelism(), node: process.version, description: `${cpus()[0]?.model.trim() ?? 'unknown CPU'}, ${Math.round(totalmem() / 1024 ** 3)} GiB RAM` },
+    command: commandLine(options.command),
+    params,
+    results,
+    ...(options.notes && options.notes.length > 0 ? { notes: options.notes } : {}),
+  };
+  const dir = join(repoRoot(), RESULTS_DIR);
+  await mkdir(dir, { recursive: true });
+  const path = join(dir, `${name}.json`);
+  await writeFile(path, JSON.stringify(record, null, 2) + '\n');
+  process.stderr.write(`bench: results written to ${relative(process.cwd(), path) || path}\n`);
+  return path;
 }

@@ -1,8 +1,8 @@
 /**
  * What a live backup costs the guest: 4 KiB random writes measured with fio
  * through a qemu-storage-daemon "guest" while idle, while a fleecing-mode
- * live backup runs against it, and while a direct-mode one does (README
- * "Backing up a running QEMU disk").
+ * live backup runs against it, and while a direct-mode one does
+ * (docs/live-backups.md).
  *
  *   npm run bench:live              # 1 GiB, table
  *   npm run bench:live -- --json    # one JSON object
@@ -42,7 +42,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { queryBlockExports } from '../src/qmp/commands.js';
 import { QmpClient } from '../src/qmp/QmpClient.js';
-import { formatTable, MiB, mustRun, runCommand, type RunResult } from './lib.js';
+import { describeFilesystem, formatTable, MiB, mustRun, runCommand, type RunResult, writeResults } from './lib.js';
 
 const CLI = fileURLToPath(new URL('../src/cli/main.js', import.meta.url));
 const BLOCK = 2 * MiB;
@@ -253,6 +253,11 @@ async function main(): Promise<void> {
       rows,
       goal: 'fleecing p99 ≤ 1.5 × idle p99',
     };
+    // Variants keep their own results file: the fleecing folder on another filesystem (live-tmpfs, …), or a slower backup.
+    const fleecingFs = (await describeFilesystem(fleecing)).split(' ')[0];
+    const name = process.env.BENCH_FLEECING_DIR ? `live-${fleecingFs}` : maxWrite !== '20M' ? 'live-throttled' : 'live';
+    const fleecingDir = process.env.BENCH_FLEECING_DIR ? `${fleecingFs} (${process.env.BENCH_FLEECING_DIR})` : "the same filesystem as the guest's image and the repository";
+    await writeResults('live', { sizeMiB, seconds, maxWrite, rewritePct, fleecingDir }, result, { name });
     if (json) {
       console.log(JSON.stringify(result, null, 2));
       return;

@@ -18,6 +18,7 @@ import { join, resolve } from 'node:path';
 import { Bench } from 'tinybench';
 import { buildMergeChain, changedBlocks, type MergeChain } from './measure/merge.js';
 import { mergeForward, reclaimMergeSpace } from '../src/store/merge.js';
+import { writeResults } from './lib.js';
 
 const GiB = 1024 ** 3;
 
@@ -47,7 +48,7 @@ async function main(): Promise<void> {
               },
               afterEach: async () => {
                 const start = performance.now();
-                await reclaimMergeSpace(chain.repo, chain.child);
+                await reclaimMergeSpace(chain.repo, chain.parent, chain.child);
                 (reclaim[layout] ??= []).push(performance.now() - start);
                 await rm(chain.repo.root, { recursive: true, force: true });
               },
@@ -66,6 +67,7 @@ async function main(): Promise<void> {
   } finally {
     await rm(root, { recursive: true, force: true });
   }
+  await writeResults('merge', { sizesGiB: sizes.map((s) => s / GiB), iterations }, rows);
   if (json) return console.log(JSON.stringify(rows, null, 2));
   console.log(`merge benchmark (tinybench, ${iterations} iterations, median), chains under ${process.env.BENCH_DIR ?? 'the current folder'}`);
   console.log('layout  disk size  changed blocks  merge ms  blocks/s  dir speed-up  then reclaim ms');

@@ -25,8 +25,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { backup } from '../src/store/backup.js';
-import { Repository, type Layout } from '../src/store/repository.js';
-import { formatTable, median, MiB, mustRun, timeIt, writeRandomFile } from './lib.js';
+import { Repository, type LayoutName as Layout } from '../src/store/repository.js';
+import { formatTable, median, MiB, mustRun, timeIt, writeRandomFile, writeResults } from './lib.js';
 
 const CLI = fileURLToPath(new URL('../src/cli/main.js', import.meta.url));
 
@@ -136,6 +136,7 @@ async function main(): Promise<void> {
     const fileSeconds = median(backups.file!);
     const nbdSeconds = median(backups.nbd!);
     const backupRow = { fileSeconds, nbdSeconds, ratio: fileSeconds / nbdSeconds };
+    await writeResults('nbd', { sizeMiB: size / MiB, layout, seconds, rounds }, { sizeMiB: size / MiB, layout, seconds, rounds, rows, backup: backupRow }, { name: layout === 'dir' ? 'nbd' : `nbd-${layout}` });
     if (json) {
       console.log(JSON.stringify({ sizeMiB: size / MiB, layout, seconds, rounds, rows, backup: backupRow }, null, 2));
       return;

@@ -30,7 +30,7 @@ import { NbdClient } from '../src/nbd/NbdClient.js';
 import { bitmapContext, NbdSource } from '../src/nbd/NbdSource.js';
 import { DIRTY } from '../src/nbd/constants.js';
 import { testBit } from '../src/vhd/bitmap.js';
-import { dropCaches, formatTable, median, MiB, mustRun } from './lib.js';
+import { dropCaches, formatTable, median, MiB, mustRun, writeResults } from './lib.js';
 
 const BLOCK = 2 * MiB;
 const WRITE = 64 * 1024;
@@ -138,6 +138,8 @@ async function main(): Promise<void> {
         rows.push({ writes: n, way, units: last.units, bytesRead: last.bytesRead, seconds: median(times) });
       }
     }
+    const pageCache = cold ? 'dropped before each run' : 'warm';
+    await writeResults('nbd-dirty', { sizeMiB: size / MiB, rounds, pageCache }, { size, rounds, pageCache, rows }, { name: cold ? 'nbd-dirty-cold' : 'nbd-dirty' });
     if (json) return console.log(JSON.stringify({ size, rounds, pageCache: cold ? 'dropped' : 'warm', rows }, null, 2));
     console.log(`${size / MiB} MiB qcow2, fully allocated; 64 KiB writes at random 64 KiB-aligned offsets; median of ${rounds}; page cache ${cold ? 'dropped before each run' : 'warm'}`);
     console.log(

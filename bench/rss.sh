@@ -12,7 +12,8 @@
 # The raw image holds 4 MiB of random data at offset 0, 4 MiB at 17 GiB + 4096
 # (straddling two 2 MiB blocks, not block aligned) and 1 MiB at the very end.
 # It is converted raw → dynamic VHD and back VHD → raw with the built CLI, each
-# under /usr/bin/time -v; the round trip must give back identical bytes.
+# under /usr/bin/time -v; the round trip must give back identical bytes. The
+# figures also go to bench/results/rss.json, for `npm run bench:report`.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -52,6 +53,7 @@ echo
 
 # --- measure ---------------------------------------------------------------------
 ROWS=()
+JSON_ROWS=()
 measure() { # measure <label> <input> <output>
   local label=$1 in=$2 out=$3 log="$DIR/time.log" rc=0
   /usr/bin/time -v node "$CLI" vhd convert "$in" "$out" 2>"$log" || rc=$?
@@ -69,6 +71,10 @@ measure() { # measure <label> <input> <output>
   mib=$(awk -v k="$kb" 'BEGIN {printf "%.1f", k / 1024}')
   verdict=$(awk -v k="$kb" -v g="$GOAL_MIB" 'BEGIN {print (k / 1024 <= g) ? "met" : "NOT met"}')
   ROWS+=("$(printf '%-18s  %12s  %10s  %10s  %8s  %8s  %-8s  %s' "$label" "$kb" "$mib" "$elapsed" "$user" "$sys" "$verdict" "$(du -k "$out" | cut -f1)")")
+  local seconds met
+  seconds=$(awk -v e="$elapsed" 'BEGIN {n = split(e, p, ":"); s = 0; for (i = 1; i <= n; i++) s = s * 60 + p[i]; printf "%.2f", s}')
+  met=$([ "$verdict" = met ] && echo true || echo false)
+  JSON_ROWS+=("{\"operation\":\"$label\",\"maxRssKiB\":$kb,\"maxRssMiB\":$mib,\"elapsedSeconds\":$seconds,\"userSeconds\":$user,\"systemSeconds\":$sys,\"meetsGoal\":$met}")
 }
 
 measure "raw -> dynamic vhd" "$RAW" "$VHD"
@@ -97,4 +103,13 @@ if command -v qemu-img >/dev/null; then
     verdict="DIFFERENT"
   fi
 fi
-[ "$verdict" != "DIFFERENT" ]
+[ "$verdict" != "DIFFERENT" ] || exit 1
+
+# --- results for docs/performance.md ---------------------------------------------------
+data_kib=$(du -k "$RAW" | cut -f1)
+RSS_PARAMS="{\"sizeGiB\":$SIZE_GIB,\"dataMiB\":$((data_kib / 1024)),\"goalMiB\":$GOAL_MIB}" \
+RSS_ROWS="[$(IFS=,; echo "${JSON_ROWS[*]}")]" \
+  node --input-type=module -e "
+    import { writeResults } from '$ROOT/dist/bench/lib.js';
+    await writeResults('rss', JSON.parse(process.env.RSS_PARAMS), JSON.parse(process.env.RSS_ROWS), { command: 'bash bench/rss.sh' });
+  "

@@ -1,5 +1,5 @@
 /**
- * The objects layout on an S3-compatible store (DESIGN.md §4.15), against an
+ * The objects layout on an S3-compatible store (docs/design/04-repository.md §4.15), against an
  * s3rver this script starts on 127.0.0.1 (test/s3server.mjs) and stops at the end.
  *
  *   npm run bench:s3                 # 1 GiB source, 5 merge rounds, tables
@@ -46,13 +46,13 @@ import { fileURLToPath } from 'node:url';
 import pLimit from 'p-limit';
 import type { S3Client } from '@aws-sdk/client-s3';
 import { backup } from '../src/store/backup.js';
-import { collectGarbage, objectsNamedBy } from '../src/store/blockObjects.js';
+import { collectGarbage, objectsNamedBy } from '../src/store/layouts/blockObjects.js';
 import { mergeForward } from '../src/store/merge.js';
 import { type BackupMetadata, Repository } from '../src/store/repository.js';
 import { restore } from '../src/store/restore.js';
 import { S3Storage } from '../src/storage/S3Storage.js';
 import { newBucket, s3Env } from '../test/helpers/s3.js';
-import { describeFilesystem, formatTable, median, MiB, sameContent, syncAll, writeRandomFile } from './lib.js';
+import { describeFilesystem, formatTable, median, MiB, sameContent, syncAll, writeRandomFile, writeResults } from './lib.js';
 
 const BLOCK = 2 * MiB;
 const CHANGED = 256;
@@ -340,6 +340,7 @@ async function main(): Promise<void> {
       io: ioRows.map((r) => ({ ...r, seconds: Math.round(r.seconds * 1000) / 1000, mibPerSecond: round1(r.mibPerSecond), s3VsFolder: r.repository === 's3' ? Math.round((r.mibPerSecond / folderOf(r.operation).mibPerSecond) * 100) / 100 : null })),
       api: 'in-process (backup, restore, mergeForward, collectGarbage)',
     };
+    await writeResults('s3', { diskMiB: size / MiB, changedBlocks: CHANGED, rounds, server: `s3rver on 127.0.0.1, objects on ${figures.machine.filesystem}` }, figures);
     if (json) return console.log(JSON.stringify(figures));
 
     console.log(`merge of ${CHANGED} changed 2 MiB blocks on s3rver (127.0.0.1, objects on ${figures.machine.filesystem}, ${base}), disk ${size / MiB} MiB, ${rounds} rounds (median), ${figures.machine.cpus} CPUs shared with s3rver`);

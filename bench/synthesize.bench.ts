@@ -27,7 +27,7 @@ import { VhdDirectoryWriter } from '../src/vhd/VhdDirectory.js';
 import { DynamicVhdWriter, type ParentLink } from '../src/vhd/VhdWriter.js';
 import { openDisk } from '../src/vhd/openDisk.js';
 import { synthesizeVhd } from '../src/vhd/synthesize.js';
-import { dropCaches, formatTable, median, MiB, mustRun, syncAll, timeIt, writeRandomFile } from './lib.js';
+import { dropCaches, formatTable, median, MiB, mustRun, syncAll, timeIt, writeRandomFile, writeResults } from './lib.js';
 
 const GOAL = 0.8;
 const BLOCK = 2 * MiB;
@@ -125,6 +125,7 @@ async function main(): Promise<void> {
         meetsGoal: op === 'cp' ? null : rate / cpRate >= GOAL,
       };
     });
+    await writeResults('synthesize', { sizeMiB: size / MiB, depth: DEPTH, rounds, pageCache: cold ? 'dropped before each run' : 'warm' }, rows, { name: cold ? 'synthesize-cold' : 'synthesize' });
     if (json) {
       console.log(JSON.stringify(rows, null, 2));
       return;

@@ -2,14 +2,13 @@ import { randomFillSync } from 'node:crypto';
 import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { UsageError } from '../../src/util/errors.js';
-import { VhdDirectoryWriter } from '../../src/vhd/VhdDirectory.js';
-import { DynamicVhdWriter } from '../../src/vhd/VhdWriter.js';
+import { fullBitmap } from '../../src/vhd/bitmap.js';
 import { newUuid } from '../../src/vhd/uuid.js';
 import type { OnProgress } from '../../src/util/progress.js';
-import { DigestWriter, digestOf } from '../../src/store/digests.js';
+import { DigestList, digestOf } from '../../src/store/digests.js';
 import { mergeForward, reclaimMergeSpace } from '../../src/store/merge.js';
 import { newBackupId } from '../../src/store/names.js';
-import { type BackupMetadata, type Layout, newBackupMetadata, Repository } from '../../src/store/repository.js';
+import { type BackupMetadata, type LayoutName as Layout, newBackupMetadata, Repository } from '../../src/store/repository.js';
 
 const BLOCK = 2 * 1024 * 1024;
 
@@ -47,25 +46,23 @@ export async function buildMergeChain(root: string, layout: Layout, size: number
   const write = async (parent: BackupMetadata | null): Promise<BackupMetadata> => {
     const id = newBackupId(parent?.id);
     const uuid = newUuid();
-    const path = repo.stagedDataPath(disk, id);
-    const link = parent && { uuid: parent.uuid, timestamp: 0, relativePath: repo.dataName(parent.id) };
-    const options = { size, uuid, parent: link ?? undefined };
-    const writer = layout === 'dir' ? await VhdDirectoryWriter.create(path, options) : await DynamicVhdWriter.create(path, options);
-    const digests = await DigestWriter.create(repo.stagedDigestsPath(disk, id));
+    const writer = await repo.layout.createWriter(repo, { disk, id, size, blockCount, uuid, parent, previous: null });
+    const digests = new DigestList(blockCount);
+    const bitmap = fullBitmap(BLOCK);
     let written = 0;
     for (let b = 0; b < blockCount; b++) {
       const isChanged = changedSet.has(b);
       if (!parent || isChanged) {
-        await writer.writeBlock(b, parent ? update : base);
+        await writer.storeBlock(b, { bitmap, data: parent ? update : base });
         written++;
         onBlockWritten?.();
       }
-      await digests.append(digestOf(parent && isChanged ? update : base));
+      digests.append(digestOf(parent && isChanged ? update : base));
     }
-    await writer.finish();
-    await digests.finish();
-    const meta = await newBackupMetadata(repo, { disk, id, parent: parent?.id ?? null, size, blockCount, uuid, blocksWritten: written, bytesWritten: written * (BLOCK + 512) });
-    await repo.commitBackup(meta);
+    await writer.finish(digests.bytes);
+    const bytesWritten = written * (BLOCK + 512);
+    const meta = newBackupMetadata(repo, { disk, id, parent: parent?.id ?? null, size, blockCount, uuid, blocksWritten: written, bytesWritten, bytesStored: await writer.storedBytes(bytesWritten) });
+    await repo.commitBackup(meta, digests.bytes);
     return meta;
   };
   const parent = await write(null);
@@ -104,7 +101,7 @@ export async function benchMerge(options: { dir: string; size: number; changed: 
       const start = performance.now();
       await mergeForward(chain.repo, chain.parent, chain.child, { reclaim: false });
       const mergeMs = performance.now() - start;
-      await reclaimMergeSpace(chain.repo, chain.child);
+      await reclaimMergeSpace(chain.repo, chain.parent, chain.child);
       const reclaimMs = performance.now() - start - mergeMs;
       advance(count);
       const round = (n: number) => Math.round(n * 10) / 10;

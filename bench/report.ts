@@ -1,0 +1,517 @@
+/**
+ * docs/performance.md, generated from the benchmarks' results.
+ *
+ *   npm run bench:report
+ *
+ * Reads every bench/results/*.json (written by the bench scripts through
+ * writeResults in bench/lib.ts, or transcribed by hand from earlier write-ups,
+ * which their `source` says) and writes docs/performance.md: per benchmark a
+ * sentence on what is measured and against what, the target, one table per
+ * results file, and the command that reproduces it. The page is never edited by
+ * hand: change a result by running its benchmark, the prose in SECTIONS below.
+ * The output depends on the files alone (no timestamp), so regenerating without
+ * new results changes nothing.
+ */
+import { existsSync } from 'node:fs';
+import { readdir, readFile, writeFile } from 'node:fs/promises';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { type BenchResult, RESULTS_DIR } from './lib.js';
+
+/** A value as a result file holds it: a number, a [min, max] range, text, or nothing. */
+type Value = number | [number, number] | string | boolean | null | undefined;
+type Row = Record<string, unknown>;
+
+const MiB = 1024 * 1024;
+const GiB = 1024 * MiB;
+
+// ---------------------------------------------------------------- formatting
+
+function isRange(v: unknown): v is [number, number] {
+  return Array.isArray(v) && v.length === 2 && typeof v[0] === 'number' && typeof v[1] === 'number';
+}
+
+/** A number with `digits` decimals; a range as "a–b"; nothing as "—". */
+function num(v: unknown, digits = 0, unit = ''): string {
+  if (v === null || v === undefined) return '—';
+  if (isRange(v)) return `${v[0].toFixed(digits)}–${v[1].toFixed(digits)}${unit}`;
+  if (typeof v === 'number') return `${v.toFixed(digits)}${unit}`;
+  return String(v);
+}
+
+const ratio = (v: unknown) => num(v, 2, '×');
+const seconds = (v: unknown, digits = 3) => num(v, digits, ' s');
+
+/** Microseconds as "473 µs" or "34.6 ms". */
+function micros(v: unknown): string {
+  if (v === null || v === undefined) return '—';
+  const one = (us: number) => (us >= 1000 ? `${(us / 1000).toFixed(us >= 10_000 ? 1 : 2)} ms` : `${us.toFixed(0)} µs`);
+  if (isRange(v)) return `${one(v[0])}–${one(v[1])}`;
+  return typeof v === 'number' ? one(v) : String(v);
+}
+
+function goal(row: Row): string {
+  if (row.meetsGoal === true) return 'met';
+  if (row.meetsGoal === false) return '**not met**';
+  return '—';
+}
+
+function table(headers: string[], rows: string[][]): string {
+  const line = (cells: string[]) => `| ${cells.map((c) => c.replace(/\|/g, '\\|')).join(' | ')} |`;
+  return [line(headers), `|${headers.map(() => '---').join('|')}|`, ...rows.map(line)].join('\n');
+}
+
+const rowsOf = (results: unknown): Row[] => (Array.isArray(results) ? (results as Row[]) : ((results as { rows?: Row[] }).rows ?? []));
+const has = (rows: Row[], key: string) => rows.some((r) => r[key] !== null && r[key] !== undefined);
+
+/** A generic table: one column per key of the rows (nested objects as JSON). */
+function genericTable(results: unknown): string {
+  const rows = rowsOf(results);
+  if (rows.length === 0) return '```json\n' + JSON.stringify(results, null, 2) + '\n```';
+  const keys = [...new Set(rows.flatMap((r) => Object.keys(r)))];
+  return table(keys, rows.map((r) => keys.map((k) => (typeof r[k] === 'object' && r[k] !== null && !isRange(r[k]) ? JSON.stringify(r[k]) : num(r[k] as Value, 3)))));
+}
+
+// ---------------------------------------------------------------- the sections
+
+interface Section {
+  bench: string;
+  title: string;
+  /** What is measured, and against what baseline. */
+  what: string;
+  /** The target the project set itself, if any. */
+  target?: string;
+  /** What bounds the figures, where that is a property of the design rather than of one run. */
+  bound?: string;
+  /** The npm script (or command) that produces the results. */
+  command: string;
+  render(result: BenchResult): string;
+}
+
+const NBD_JOBS: Record<string, string> = {
+  'first pass 1M': 'first pass, 1 MiB sequential (digests checked)',
+  'randread 4k qd1': '4 KiB random, iodepth 1',
+  'randread 4k qd16': '4 KiB random, iodepth 16',
+  'read 1M qd4': '1 MiB sequential, iodepth 4',
+};
+
+const SECTIONS: Section[] = [
+  {
+    bench: 'backup',
+    title: 'Backups',
+    what:
+      'A full backup of a 1 GiB file of random data into a new local repository, then a delta after 1% of its blocks changed (every block is still read and digested), with 1 and 2 worker threads; the baseline is `cp` of the same file in the same run, which copies inside the kernel and does not flush, with `cp` + fsync beside it as the durable equivalent.',
+    target: 'a full backup at ≥ 0.8× the speed of `cp`.',
+    bound: 'the write stage: a `dir` backup writes one file per 2 MiB block and makes them all durable before it commits.',
+    command: 'npm run bench:backup',
+    render: (r) => {
+      const rows = rowsOf(r.results);
+      return table(
+        ['operation', 'median', 'MiB/s', 'vs cp', 'vs cp + fsync', 'target'],
+        rows.map((x) => [String(x.operation), seconds(x.medianSeconds), num(x.mibPerSecond), ratio(x.ratioVsCp), ratio(x.ratioVsCpFsync), goal(x)]),
+      );
+    },
+  },
+  {
+    bench: 'stages',
+    title: 'Stages of a backup',
+    what:
+      '`vhdvault bench stages`: the speed of each stage a block goes through — reading from storage, SHA-256, gzip and brotli compression and decompression, fsynced writes of 2 MiB files — one thread each; these are the ceilings a backup on this machine works under. Run it on your own storage (`--repo`).',
+    command: 'vhdvault bench stages --drop-caches',
+    render: (r) => table(['stage', 'MiB/s', 'how'], rowsOf(r.results).map((x) => [String(x.stage), num(typeof x.bytesPerSecond === 'number' ? x.bytesPerSecond / MiB : x.bytesPerSecond), String(x.note ?? '')])),
+  },
+  {
+    bench: 'merge',
+    title: 'Retention merges',
+    what:
+      'A retention merge (a delta folded into its removed parent), timed up to its commit, in the `dir` layout (a rename per block plus a metadata rewrite) against the `vhd` layout (the blocks copied into the parent file), on the same chain: a full backup with every block stored and a delta changing 10% or 50% of the blocks. Freeing the replaced data after the commit is timed apart ("then reclaim").',
+    target: '`dir` ≥ 50× faster than `vhd` at 1 GiB / 50%; a `dir` merge that costs the same for the same number of changed blocks whatever the disk size (within 1.5×).',
+    bound:
+      '`dir`: two renames per block in one folder, which the filesystem serializes, plus a fixed cost of opening, journaling and committing; `vhd`: the bytes copied. Against slower or remote storage, where the copy costs more, the ratio grows.',
+    command: 'npm run bench:merge',
+    render: (r) => {
+      const rows = rowsOf(r.results);
+      if (has(rows, 'build')) return table(['layout', 'build', 'merge'], rows.map((x) => [String(x.layout), String(x.build), num(x.mergeMs, 0, ' ms')]));
+      const vhd = (x: Row) => rows.find((o) => o.layout === 'vhd' && o.size === x.size && o.changedBlocks === x.changedBlocks);
+      const compared = rows.some((x) => x.layout === 'dir' && vhd(x) !== undefined);
+      const headers = ['layout', 'disk', 'changed blocks', 'merge', 'blocks/s'];
+      if (compared) headers.push('dir speed-up');
+      if (has(rows, 'reclaimMs')) headers.push('then reclaim');
+      return table(
+        headers,
+        rows.map((x) => {
+          const other = x.layout === 'dir' ? vhd(x) : undefined;
+          const ms = x.mergeMs as number;
+          const cells = [
+            String(x.layout),
+            `${(x.size as number) / GiB} GiB`,
+            String(x.changedBlocks),
+            num(ms, 1, ' ms'),
+            num(((x.changedBlocks as number) / ms) * 1000),
+          ];
+          if (compared) cells.push(other ? ratio((other.mergeMs as number) / ms) : '');
+          if (has(rows, 'reclaimMs')) cells.push(num(x.reclaimMs, 1, ' ms'));
+          return cells;
+        }),
+      );
+    },
+  },
+  {
+    bench: 'convert',
+    title: 'Conversion',
+    what:
+      '`vhd convert` of a 1 GiB random raw image to a dynamic VHD, and of that VHD back to raw, against `cp` of the same file in the same run (interleaved rounds, warm page cache). `convert` makes its output durable before it appears and `cp` does not, hence the `cp` + fsync row.',
+    target: '≥ 0.8× the speed of `cp`.',
+    bound: 'two copies through user space (read into a buffer, write out of it) where `cp` copies once in the kernel, plus the flush; VHD → raw also tests every block for zeros to keep the output sparse.',
+    command: 'npm run bench:convert',
+    render: (r) =>
+      table(
+        ['operation', 'median', 'best', 'MiB/s', 'vs cp', 'vs cp + fsync', 'target'],
+        rowsOf(r.results).map((x) => [String(x.operation), seconds(x.medianSeconds), seconds(x.bestSeconds), num(x.mibPerSecond), ratio(x.ratioVsCp), ratio(x.ratioVsCpFsync), goal(x)]),
+      ),
+  },
+  {
+    bench: 'rss',
+    title: 'Memory',
+    what: 'Peak memory (RSS) of `vhd convert` each way on a 64 GiB sparse raw image holding 9 MiB of data; the round trip is checked with `cmp` and `qemu-img compare`.',
+    target: '≤ 150 MiB whatever the disk size.',
+    bound: 'the time of raw → VHD goes to reading the image\'s holes: Node offers no `SEEK_DATA`/`SEEK_HOLE`.',
+    command: 'bash bench/rss.sh',
+    render: (r) => table(['operation', 'peak RSS', 'elapsed', 'target'], rowsOf(r.results).map((x) => [String(x.operation), num(x.maxRssMiB, 1, ' MiB'), seconds(x.elapsedSeconds, 2), goal(x)])),
+  },
+  {
+    bench: 'synthesize',
+    title: 'Full disks from long chains',
+    what:
+      'Streaming one full VHD out of a 10-deep chain (a full base and nine deltas alternating VHD files and directories, a third of the rewritten blocks with partial sector bitmaps) into a file, against `cp` of a file of the output\'s size.',
+    target: '≥ 0.8× the speed of `cp`.',
+    command: 'npm run bench:synthesize',
+    render: (r) =>
+      table(['operation', 'median', 'MiB/s', 'vs cp', 'target'], rowsOf(r.results).map((x) => [String(x.operation), seconds(x.medianSeconds), num(x.mibPerSecond), ratio(x.ratioVsCp), goal(x)])),
+  },
+  {
+    bench: 'nbd',
+    title: 'Serving over NBD',
+    what:
+      '`vhdvault serve` of a 1 GiB backup against `qemu-nbd` serving the same data as a raw file, read by fio\'s nbd engine over a Unix socket (one connection, 10 s per job after a 2 s ramp, servers alternating, medians); "first pass" reads a freshly started server once, every block\'s digest checked on the way. Then `backup --source nbd+unix://…` from qemu-nbd against the same backup taken from the file.',
+    target: '≥ 0.7× qemu-nbd\'s IOPS at iodepth 16, ≥ 0.8× its sequential throughput, and a backup over NBD at ≥ 0.8× the speed of one from the file.',
+    bound: 'each request\'s trip through Node\'s event loop (about twice qemu-nbd\'s cost at iodepth 1), and on a first read the 2 MiB block read through the chain and digested; sequential reads are answered from whole cached blocks.',
+    command: 'npm run bench:nbd',
+    render: (r) => {
+      const res = r.results as { rows?: Row[]; backup?: { fileSeconds?: number; nbdSeconds?: number; ratio?: number } };
+      const t = table(
+        ['job', 'vhdvault IOPS', 'qemu-nbd IOPS', 'ratio', 'vhdvault MB/s', 'qemu-nbd MB/s', 'vhdvault p99', 'qemu-nbd p99'],
+        (res.rows ?? []).map((x) => [
+          NBD_JOBS[String(x.job)] ?? String(x.job),
+          num(x.vhdvaultIops),
+          num(x.qemuNbdIops),
+          ratio(x.ratio),
+          num(x.vhdvaultMBps),
+          num(x.qemuNbdMBps),
+          micros(x.vhdvaultP99us),
+          micros(x.qemuNbdP99us),
+        ]),
+      );
+      const b = res.backup;
+      return b ? `${t}\n\nBackup from NBD: ${seconds(b.nbdSeconds, 2)} against ${seconds(b.fileSeconds, 2)} from the file, ${ratio(b.ratio)}.` : t;
+    },
+  },
+  {
+    bench: 'nbd-dirty',
+    title: 'Deltas from a dirty bitmap',
+    what:
+      'A delta read through a QEMU dirty bitmap (a 1 GiB fully allocated qcow2 served by `qemu-nbd -r -B`, scattered 64 KiB writes): each dirty 2 MiB block read whole, as vhdvault does so that digests and merges stay per block, against reading only the dirty extents. A delta without a bitmap reads every allocated block (1 GiB here).',
+    command: 'npm run bench:nbd-dirty',
+    render: (r) => {
+      const rows = rowsOf(r.results);
+      return table(
+        ['64 KiB writes', 'read', 'blocks / extents', 'MiB read', 'time', '× bytes', '× time'],
+        rows.map((x) => {
+          const base = rows.find((o) => o.writes === x.writes && o.way === 'dirty extents');
+          const bytes = x.bytesRead as number;
+          return [
+            String(x.writes),
+            String(x.way),
+            String(x.units),
+            num(bytes / MiB, 1),
+            seconds(x.seconds),
+            base ? num(bytes / (base.bytesRead as number), 1) : '—',
+            base ? num((x.seconds as number) / (base.seconds as number), 1) : '—',
+          ];
+        }),
+      );
+    },
+  },
+  {
+    bench: 'live',
+    title: 'Guest writes during a live backup',
+    what:
+      'What a live backup costs the guest: 4 KiB random writes by fio through a qemu-storage-daemon guest\'s NBD export (1 GiB qcow2; 90% of it rewritten before each measured backup, so each is a 1 GiB delta; the backup written at `--max-write 20M`), idle against during a fleecing-mode and a direct-mode backup. "idle after" shows the run-to-run noise.',
+    target: 'fleecing-mode p99 latency ≤ 1.5× idle.',
+    bound:
+      'a guest write that is the first to its 64 KiB region since the backup began waits for QEMU to copy the old data: to the fleecing image (fleecing mode) or to the repository at the `--max-write` pace (direct mode). Random writes over the whole disk are nearly all first writes.',
+    command: 'npm run bench:live',
+    render: (r) => {
+      const res = r.results as { rows?: Row[]; backups?: Record<string, Record<string, unknown>> };
+      const rows = res.rows ?? [];
+      if (!has(rows, 'idle')) return table(['iodepth', 'fleecing p99 vs idle'], rows.map((x) => [String(x.iodepth), ratio(x.p99Ratio)]));
+      const states: Array<[string, string]> = [
+        ['idle', 'idle'],
+        ['fleecing', 'fleecing-mode backup'],
+        ['direct', 'direct-mode backup'],
+        ['idleAfter', 'idle after (noise)'],
+      ];
+      const out: string[][] = [];
+      for (const x of rows) {
+        const idle = x.idle as Row;
+        for (const [key, label] of states) {
+          const s = x[key] as Row | undefined;
+          if (!s) continue;
+          out.push([label, String(x.iodepth), num(s.iops), micros(s.p50us), micros(s.p99us), key === 'idle' ? '—' : ratio((s.p99us as number) / (idle.p99us as number))]);
+        }
+      }
+      let text = table(['state', 'iodepth', 'IOPS', 'p50', 'p99', 'p99 vs idle'], out);
+      const b = res.backups;
+      if (b?.fleecing && b.direct) {
+        text += `\n\nBackup duration: fleecing mode ${num(b.fleecing.wallSeconds, 0, ' s')} (fleecing image peak ${num(b.fleecing.fleecingPeakMiB, 0, ' MiB')}), direct mode ${num(b.direct.wallSeconds, 0, ' s')} (${num(b.direct.copiedMiB, 0, ' MiB')} of copies sharing the backup target's bandwidth).`;
+      }
+      return text;
+    },
+  },
+  {
+    bench: 'jobs',
+    title: 'Jobs over many disks',
+    what:
+      '`vhdvault job run` over 8 disks of 256 MiB (2 GiB of random data in the page cache, `dir` layout) at job concurrency 1, 2 and 4: a run where every disk is full, then one after 1% of each disk\'s blocks changed; the baseline is `cp` of all eight disks followed by `sync`, in the same script. "Bounded by" is the stage the run report names.',
+    bound: 'full runs by the write stage (one durable file per block); delta runs by reading and digesting every block of every disk (file sources have no dirty bitmap), plus a start-up cost per disk, since each disk is backed up by a process of its own.',
+    command: 'npm run bench:jobs',
+    render: (r) => {
+      const res = r.results as Row & { rows?: Row[] };
+      const cpSync = res.cpSyncMiBps as number;
+      const t = table(
+        ['concurrency', 'full run', 'full rate', 'vs cp + sync', 'bounded by', 'delta run (1%)', 'delta rate', 'bounded by'],
+        (res.rows ?? []).map((x) => [
+          String(x.concurrency),
+          seconds(x.fullSeconds, 2),
+          num(x.fullMiBps, 0, ' MiB/s'),
+          ratio((x.fullMiBps as number) / cpSync),
+          [...new Set(x.fullBounding as string[])].join(', '),
+          seconds(x.deltaSeconds, 2),
+          num(x.deltaMiBps, 0, ' MiB/s'),
+          [...new Set(x.deltaBounding as string[])].join(', '),
+        ]),
+      );
+      return `${t}\n\nBaseline: \`cp\` of all disks ${seconds(res.cpSeconds, 2)} (${num(res.cpMiBps, 0, ' MiB/s')}), \`cp\` + \`sync\` ${seconds(res.cpSyncSeconds, 2)} (${num(cpSync, 0, ' MiB/s')}).`;
+    },
+  },
+  {
+    bench: 's3',
+    title: 'Object storage',
+    what:
+      'The `objects` layout on S3 (s3rver on 127.0.0.1, its objects on tmpfs, sharing the CPUs with vhdvault). First a retention merge of 256 changed 2 MiB blocks, in-process as `prune --keep-last 1` does it, against the same merge done the way Xen Orchestra merges exploded VHD directories on S3 (a CopyObject plus a DeleteObject per block, then the block table and footer), at its default of 2 blocks in flight and at 16. Then backup and restore throughput, against the same on a local folder repository.',
+    target: 'a merge ≥ 20× faster than the copy-and-delete way.',
+    bound: 'the merge itself rewrites metadata only; freeing the replaced objects costs one key deletion each, which s3rver performs one at a time (a cost the other way pays too). Throughput is bound by s3rver, which writes every object as files.',
+    command: 'npm run bench:s3',
+    render: (r) => {
+      const res = r.results as {
+        merge?: { ours: Row; xo: Row[] };
+        io?: Row[];
+      };
+      const parts: string[] = [];
+      if (res.merge) {
+        const ours = res.merge.ours;
+        const total = ours.medianMs as number;
+        const mergeOnly = ours.medianMergeMs as number;
+        const inFlight = String(ours.requestsInFlight);
+        parts.push(
+          table(
+            ['merge of 256 blocks', 'in flight', 'median', 'vs ours (merge + collection)', 'vs our merge alone'],
+            [
+              ['vhdvault: merge (journal, child\'s metadata, parent deleted)', inFlight, num(mergeOnly, 0, ' ms'), '—', '—'],
+              ['vhdvault: collection (DeleteObjects of the replaced objects)', inFlight, num(ours.medianGcMs, 0, ' ms'), '—', '—'],
+              ['vhdvault: total', inFlight, num(total, 0, ' ms'), '—', '—'],
+              ...res.merge.xo.map((x) => [
+                `copy + delete per block${x.isXoDefault ? ' (Xen Orchestra\'s default)' : ''}`,
+                String(x.concurrency),
+                `${num(x.medianMs, 0, ' ms')} (${num(x.msPerBlock, 1, ' ms')}/block)`,
+                ratio((x.medianMs as number) / total),
+                num((x.medianMs as number) / mergeOnly, 0, '×'),
+              ]),
+            ],
+          ),
+        );
+      }
+      if (res.io) {
+        const ops = [...new Set(res.io.map((x) => String(x.operation)))];
+        const rate = (op: string, repo: string) => res.io!.find((x) => x.operation === op && x.repository === repo)?.mibPerSecond as number | undefined;
+        parts.push(
+          table(
+            ['1 GiB of random data', 'folder (dir layout)', 'S3 (s3rver)', 'S3 / folder'],
+            ops.map((op) => {
+              const folder = rate(op, 'folder');
+              const s3 = rate(op, 's3');
+              return [op, num(folder, 0, ' MiB/s'), num(s3, 0, ' MiB/s'), folder && s3 ? num(s3 / folder, 2) : '—'];
+            }),
+          ),
+        );
+      }
+      return parts.join('\n\n');
+    },
+  },
+];
+
+// ---------------------------------------------------------------- the page
+
+const PARAM_LABELS: Record<string, (v: unknown) => string> = {
+  sizeMiB: (v) => `${mib(v)} disk`,
+  diskMiB: (v) => `${mib(v)} disk`,
+  sizeGiB: (v) => `${num(v)} GiB disk`,
+  sizesGiB: (v) => `disks of ${(v as number[]).join(' and ')} GiB`,
+  dataMiB: (v) => `${num(v)} MiB of data`,
+  rounds: (v) => (v === 1 ? 'one round' : `median of ${num(v)} rounds`),
+  iterations: (v) => (v === 1 ? 'one iteration' : `median of ${num(v)} iterations`),
+  layout: (v) => `layout ${String(v)}`,
+  compression: (v) => `compression ${String(v)}`,
+  pageCache: (v) => `page cache ${String(v)}`,
+  seconds: (v) => `${num(v)} s per fio job`,
+  maxWrite: (v) => `backup at --max-write ${String(v)}`,
+  rewritePct: (v) => `${num(v)}% of the disk rewritten before each backup`,
+  fleecingDir: (v) => `fleecing folder on ${String(v)}`,
+  depth: (v) => `chain of ${num(v)}`,
+  disks: (v) => `${num(v)} disks`,
+  changedBlocks: (v) => `${num(v)} changed blocks`,
+  changed: (v) => `${String(v)} of the blocks changed`,
+  goalMiB: () => '',
+  goal: () => '',
+  note: (v) => String(v),
+  filesystem: (v) => `on ${String(v)}`,
+  cp: (v) => `cp copies by ${String(v)}`,
+  server: (v) => String(v),
+};
+
+/** 1024 as "1 GiB", 256 as "256 MiB". */
+function mib(v: unknown): string {
+  return typeof v === 'number' && v >= 1024 && v % 1024 === 0 ? `${v / 1024} GiB` : `${num(v)} MiB`;
+}
+
+function describeParams(params: Record<string, unknown> | undefined): string {
+  if (!params) return '';
+  return Object.entries(params)
+    .map(([k, v]) => (PARAM_LABELS[k] ? PARAM_LABELS[k](v) : `${k}: ${typeof v === 'object' ? JSON.stringify(v) : String(v)}`))
+    .filter((s) => s !== '')
+    .join(', ');
+}
+
+function caption(r: BenchResult): string {
+  const machine = r.machine.description ?? `${r.machine.cpus} CPUs`;
+  const params = describeParams(r.params);
+  const parts = [`${r.date.slice(0, 10)}, ${machine}, ${r.machine.cpus} CPUs, Node ${r.machine.node}`];
+  if (params) parts.push(params);
+  let text = `*${parts.join('; ')}.*`;
+  const command = Array.isArray(r.command) ? r.command.join('`, `') : r.command;
+  if (command) text += ` Command: \`${command}\`.`;
+  if (r.source) text += ` Figures ${r.source}.`;
+  return text;
+}
+
+function renderResult(section: Section | undefined, r: BenchResult): string {
+  let body: string;
+  try {
+    body = section ? section.render(r) : genericTable(r.results);
+  } catch (err) {
+    throw new Error(`bench/results: ${r.bench} of ${r.date}: ${(err as Error).message}`);
+  }
+  const notes = (r.notes ?? []).map((n) => `- ${n}`).join('\n');
+  return [caption(r), body, notes].filter((s) => s !== '').join('\n\n');
+}
+
+function slug(title: string): string {
+  return title.toLowerCase().replace(/[^\w\- ]/g, '').replace(/ /g, '-');
+}
+
+function page(files: Array<{ name: string; result: BenchResult }>): string {
+  const byBench = new Map<string, Array<{ name: string; result: BenchResult }>>();
+  for (const f of files) byBench.set(f.result.bench, [...(byBench.get(f.result.bench) ?? []), f]);
+  const order = [...SECTIONS.map((s) => s.bench), ...[...byBench.keys()].filter((b) => !SECTIONS.some((s) => s.bench === b)).sort()];
+  const present = order.filter((b) => byBench.has(b));
+  const titleOf = (bench: string) => SECTIONS.find((s) => s.bench === bench)?.title ?? bench;
+
+  const out: string[] = [
+    '# Performance',
+    '',
+    '<!-- Generated by `npm run bench:report` from bench/results/*.json. Do not edit: run a benchmark, or change bench/report.ts. -->',
+    '',
+    'What vhdvault\'s benchmark scripts measured, each against a baseline run on the same machine in the same script. Every table says when and where it was measured and how to run it again; figures marked as transcribed were copied from an earlier write-up rather than written by the current scripts. These are small shared virtual machines, where the same run can vary by half from one time to the next: the tables give medians of interleaved rounds.',
+    '',
+    'To see what bounds a backup on your own machine, run `vhdvault bench stages` and `vhdvault bench merge` ([how](repository.md#measuring-this-machine)).',
+    '',
+    ...present.map((b) => `- [${titleOf(b)}](#${slug(titleOf(b))})`),
+  ];
+  for (const bench of present) {
+    const section = SECTIONS.find((s) => s.bench === bench);
+    // Oldest first, the plain name before its variants, shorter names first.
+    const results = byBench
+      .get(bench)!
+      .sort((a, b) => a.result.date.slice(0, 10).localeCompare(b.result.date.slice(0, 10)) || a.name.length - b.name.length || a.name.localeCompare(b.name));
+    out.push('', `## ${titleOf(bench)}`, '');
+    if (section) {
+      out.push(section.what);
+      if (section.target) out.push('', `Target: ${section.target}`);
+      if (section.bound) out.push('', `What bounds it: ${section.bound}`);
+      out.push('');
+    }
+    for (const { result } of results) out.push(renderResult(section, result), '');
+    const commands = [...new Set(results.flatMap(({ result }) => (Array.isArray(result.command) ? result.command : [result.command ?? section?.command ?? ''])).filter((c) => c !== ''))];
+    if (commands.length > 0) out.push('To reproduce:', '', '```sh', ...commands, '```');
+  }
+  out.push(
+    '',
+    '## Regenerating this page',
+    '',
+    'Each benchmark writes its results to `bench/results/<name>.json` (`{ bench, date, machine: { cpus, node }, command, params, results }`); this page is built from those files:',
+    '',
+    '```sh',
+    'npm run bench:backup      # or any other bench:… script',
+    'npm run bench:report      # rewrites docs/performance.md',
+    '```',
+  );
+  return out.join('\n') + '\n';
+}
+
+// ---------------------------------------------------------------- main
+
+/** The repository's root: the nearest folder above this file with a package.json (works from bench/ and from dist/bench/). */
+function repoRoot(): string {
+  let dir = dirname(fileURLToPath(import.meta.url));
+  while (!existsSync(join(dir, 'package.json'))) {
+    const up = dirname(dir);
+    if (up === dir) throw new Error('bench/report: no package.json above this script');
+    dir = up;
+  }
+  return dir;
+}
+
+function check(file: string, value: unknown): BenchResult {
+  const r = value as BenchResult;
+  const problems: string[] = [];
+  if (typeof r?.bench !== 'string' || r.bench === '') problems.push('"bench" must be a name');
+  if (typeof r?.date !== 'string' || !/^\d{4}-\d\d-\d\d/.test(r.date)) problems.push('"date" must be an ISO date');
+  if (typeof r?.machine?.cpus !== 'number' || typeof r?.machine?.node !== 'string') problems.push('"machine" must hold cpus and node');
+  if (r?.results === undefined) problems.push('"results" is missing');
+  if (problems.length > 0) throw new Error(`${file}: ${problems.join('; ')}`);
+  return r;
+}
+
+async function main(): Promise<void> {
+  const root = repoRoot();
+  const dir = join(root, RESULTS_DIR);
+  const names = (await readdir(dir)).filter((n) => n.endsWith('.json')).sort();
+  const files = await Promise.all(
+    names.map(async (n) => ({ name: n.slice(0, -'.json'.length), result: check(join(RESULTS_DIR, n), JSON.parse(await readFile(join(dir, n), 'utf8'))) })),
+  );
+  const target = join(root, 'docs', 'performance.md');
+  await writeFile(target, page(files));
+  console.log(`bench/report: ${files.length} result files → docs/performance.md`);
+}
+
+await main();
