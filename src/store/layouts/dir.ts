@@ -4,12 +4,12 @@ import { type Compression, compress } from '../../vhd/compression.js';
 import { SECTOR_SIZE } from '../../vhd/constants.js';
 import type { VhdDisk } from '../../vhd/disk.js';
 import { BAT_FILE, blockFile, FOOTER_FILE, VhdDirectory, VhdDirectoryWriter } from '../../vhd/VhdDirectory.js';
-import { bytesBelow, key, type Storage } from '../../storage/Storage.js';
+import { key, type Storage } from '../../storage/Storage.js';
 import { VaultError } from '../../util/errors.js';
 import type { BlockTarget } from '../blockTask.js';
-import { inDisk, stagedDigestsKey, stagedName } from '../keys.js';
+import { inDisk } from '../keys.js';
 import type { BackupWriter, LayoutContext } from './Layout.js';
-import { type MergePair, overlayBlock, vhdBackedLayout } from './vhdBacked.js';
+import { type MergePair, overlayBlock, stagedVhd, vhdBackedLayout } from './vhdBacked.js';
 
 /**
  * The dir layout: each backup a VHD directory (Xen Orchestra's exploded
@@ -110,7 +110,6 @@ async function mergeIdentity(ctx: LayoutContext, p: MergePair): Promise<void> {
 /** A staged VHD directory whose block files the workers create (storage.create), made durable together by finish(). */
 function directoryWriter(ctx: LayoutContext, disk: string, id: string, writer: VhdDirectoryWriter, codec: Compression): BackupWriter {
   const target = (block: number): BlockTarget => ({ storage: ctx.storage.descriptor, key: key(inDisk(disk, writer.stagingName), ...blockFile(block).split('/')) });
-  const staged = [inDisk(disk, stagedName(`${id}.vhd-dir`)), stagedDigestsKey(disk, id)];
   return {
     codec,
     bare: false,
@@ -130,15 +129,7 @@ function directoryWriter(ctx: LayoutContext, disk: string, id: string, writer: V
       writer.adoptBlock(block);
       return stored.length;
     },
-    async finish(digests) {
-      await writer.finish();
-      await ctx.storage.put(stagedDigestsKey(disk, id), digests);
-    },
-    async abort() {
-      await writer.abort();
-      await Promise.all(staged.map((k) => ctx.storage.delete(k)));
-    },
-    storedBytes: () => bytesBelow(ctx.storage, staged),
+    ...stagedVhd(ctx, disk, `${id}.vhd-dir`, id, writer),
   };
 }
 

@@ -4,11 +4,9 @@ import { SECTOR_SIZE, FOOTER_SIZE } from '../../vhd/constants.js';
 import { parseFooter } from '../../vhd/footer.js';
 import { VhdFile } from '../../vhd/VhdFile.js';
 import { DynamicVhdWriter } from '../../vhd/VhdWriter.js';
-import { bytesBelow } from '../../storage/Storage.js';
 import { UsageError, VaultError } from '../../util/errors.js';
-import { inDisk, stagedDigestsKey, stagedName } from '../keys.js';
 import type { BackupWriter, LayoutContext } from './Layout.js';
-import { type MergePair, overlayBlock, vhdBackedLayout } from './vhdBacked.js';
+import { type MergePair, overlayBlock, stagedVhd, vhdBackedLayout } from './vhdBacked.js';
 
 /**
  * The vhd layout: each backup an ordinary dynamic or differencing VHD file,
@@ -88,7 +86,6 @@ async function unopenedParent(_ctx: LayoutContext, p: MergePair): Promise<{ uuid
 
 /** A staged VHD file: the main thread appends each block, in order. */
 function fileWriter(ctx: LayoutContext, disk: string, id: string, writer: DynamicVhdWriter): BackupWriter {
-  const staged = [inDisk(disk, stagedName(`${id}.vhd`)), stagedDigestsKey(disk, id)];
   return {
     codec: 'none',
     bare: false,
@@ -101,15 +98,7 @@ function fileWriter(ctx: LayoutContext, disk: string, id: string, writer: Dynami
       await writer.writeBlock(block, given.data, given.bitmap);
       return given.bitmap.length + given.data.length;
     },
-    async finish(digests) {
-      await writer.finish();
-      await ctx.storage.put(stagedDigestsKey(disk, id), digests);
-    },
-    async abort() {
-      await writer.abort();
-      await Promise.all(staged.map((k) => ctx.storage.delete(k)));
-    },
-    storedBytes: () => bytesBelow(ctx.storage, staged),
+    ...stagedVhd(ctx, disk, `${id}.vhd`, id, writer),
   };
 }
 

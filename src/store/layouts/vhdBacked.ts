@@ -79,6 +79,26 @@ export function overlayBlock(parent: StoredBlock | null, child: StoredBlock, blo
   return { bitmap, data };
 }
 
+/**
+ * What a staged VHD (file or directory) and its digests share at the end:
+ * finish makes the VHD durable under its staged name, then stages the
+ * digests; abort removes both.
+ */
+export function stagedVhd(ctx: LayoutContext, disk: string, dataName: string, id: string, vhd: { finish(): Promise<void>; abort(): Promise<void> }): Pick<BackupWriter, 'finish' | 'abort' | 'storedBytes'> {
+  const staged = [inDisk(disk, stagedName(dataName)), stagedDigestsKey(disk, id)];
+  return {
+    async finish(digests) {
+      await vhd.finish();
+      await ctx.storage.put(stagedDigestsKey(disk, id), digests);
+    },
+    async abort() {
+      await vhd.abort();
+      await Promise.all(staged.map((k) => ctx.storage.delete(k)));
+    },
+    storedBytes: () => bytesBelow(ctx.storage, staged),
+  };
+}
+
 /** The child's data, moved aside by the swap (the merged result takes its name). */
 const trashName = (childData: string) => `.${childData}.merged.tmp`;
 /** The parent's blocks that the child's replaced (renaming over them would free them on the spot). */
