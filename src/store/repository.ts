@@ -304,10 +304,13 @@ export class Repository {
    */
   async cleanLeftovers(disk: string): Promise<string[]> {
     const layout = this.layout;
-    // Deletions a killed prune began: the backup's files first, the intent last.
+    // Deletions a killed prune began: the metadata (still there where the intent is a copy
+    // and the kill came before its removal), then the backup's files, the intent last.
     for (const name of await this.storage.list(this.diskKey(disk))) {
       const id = keys.deletingId(name);
-      if (id !== null) await layout.deleteFiles(this, disk, id);
+      if (id === null) continue;
+      await this.storage.delete(this.metadataKey(disk, id));
+      await layout.deleteFiles(this, disk, id);
     }
     // A pending commit that provably never finished (objects layout: its block map never arrived, §4.15).
     for (const name of await this.storage.list(this.diskKey(disk))) {
