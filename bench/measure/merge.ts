@@ -61,7 +61,7 @@ export async function buildMergeChain(root: string, layout: Layout, size: number
     }
     await writer.finish(digests.bytes);
     const bytesWritten = written * (BLOCK + 512);
-    const meta = newBackupMetadata(repo, { disk, id, parent: parent?.id ?? null, size, blockCount, uuid, blocksWritten: written, bytesWritten, bytesStored: await writer.storedBytes(bytesWritten) });
+    const meta = newBackupMetadata(repo, { disk, id, parent: parent?.id ?? null, size, blockCount, uuid, blocksWritten: written, bytesWritten, bytesStored: await writer.storedBytes(bytesWritten) }, digests.bytes);
     await repo.commitBackup(meta, digests.bytes);
     return meta;
   };

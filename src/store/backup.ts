@@ -226,7 +226,7 @@ export async function backupFrom(repo: Repository, disk: string, source: BlockSo
       throw err;
     }
     const fields = { disk, id, parent: parent?.id ?? null, size, blockCount, uuid, blocksWritten: result.blocksWritten, bytesWritten: result.bytesWritten };
-    const metadata = newBackupMetadata(repo, { ...fields, bytesStored: await writer.storedBytes(result.bytesWritten), ...(extras.checkpoint ? { checkpoint: extras.checkpoint } : {}) });
+    const metadata = newBackupMetadata(repo, { ...fields, bytesStored: await writer.storedBytes(result.bytesWritten), ...(extras.checkpoint ? { checkpoint: extras.checkpoint } : {}) }, result.digests.bytes);
     await repo.commitBackup(metadata, result.digests.bytes);
   } catch (err) {
     throw options.signal?.aborted ? options.signal.reason : err;

@@ -1,6 +1,7 @@
 import { createHash } from 'node:crypto';
 import { isNotFound, type Storage } from '../storage/Storage.js';
 import { VaultError } from '../util/errors.js';
+import type { BackupMetadata } from './metadata.js';
 
 /** SHA-256 of a block's content, 32 bytes. */
 export const DIGEST_SIZE = 32;
@@ -83,6 +84,37 @@ export class DigestReader {
     if (this.chunkStart !== start) return this.get(block); // another caller swapped chunks meanwhile
     const at = (block - this.chunkStart) * DIGEST_SIZE;
     return Buffer.from(this.chunk.subarray(at, at + DIGEST_SIZE));
+  }
+
+  async close(): Promise<void> {}
+}
+
+/** The SHA-256 (hex) that binds a digests object to its backup (BackupMetadata.digestsSha256). */
+export function digestsSha256(bytes: Buffer): string {
+  return createHash('sha256').update(bytes).digest('hex');
+}
+
+/**
+ * Refuse a digests object (or block map) that is not the one its backup
+ * recorded: another backup's map put in its place, or damage of the right size.
+ */
+export function checkDigestsBinding(bytes: Buffer, meta: BackupMetadata, where: string): void {
+  if (meta.digestsSha256 !== undefined && digestsSha256(bytes) !== meta.digestsSha256) {
+    throw new VaultError(where, `is not the digests of backup ${meta.id}: its SHA-256 differs from the one the backup's metadata records (replaced or damaged)`);
+  }
+}
+
+/** Digests held in memory (a whole digests object, read and checked). */
+export class DigestArray {
+  constructor(readonly bytes: Buffer) {}
+
+  get count(): number {
+    return this.bytes.length / DIGEST_SIZE;
+  }
+
+  async get(block: number): Promise<Buffer> {
+    if (block < 0 || block >= this.count) throw new RangeError(`block ${block} outside ${this.count} digests`);
+    return Buffer.from(this.bytes.subarray(block * DIGEST_SIZE, (block + 1) * DIGEST_SIZE));
   }
 
   async close(): Promise<void> {}

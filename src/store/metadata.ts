@@ -43,6 +43,13 @@ export interface BackupMetadata {
   /** Bytes the backup occupies: its VHD file or directory and its digests. */
   bytesStored: number;
   digestAlgorithm: 'sha256';
+  /**
+   * SHA-256 (hex) of the backup's digests object (in the objects layout its block
+   * map), binding it to this backup: a map swapped for another's, or damaged, is
+   * detected, and a cached copy is used only when it matches. Absent in backups
+   * made before it was recorded.
+   */
+  digestsSha256?: string;
   /** Every stored block has a full sector bitmap (true for all vhdvault backups); lets merges rename blindly. */
   wholeBlocks?: boolean;
   /** A live backup's QEMU dirty bitmap, recording every write since this backup's point in time. */

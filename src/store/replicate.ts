@@ -17,7 +17,7 @@ import { orderedReadAhead, range } from '../util/pipeline.js';
 import { isAllZero } from '../util/zero.js';
 import { withBackupLock } from './backup.js';
 import { openBackupChain, openBackupData, verifiedChain } from './chain.js';
-import { DIGEST_SIZE, digestOf } from './digests.js';
+import { checkDigestsBinding, DIGEST_SIZE, digestOf } from './digests.js';
 import { lineageFindings } from './inspect.js';
 import { describeFinding } from './list.js';
 import { readingDisk } from './merge.js';
@@ -376,7 +376,7 @@ async function sendBackup(run: Run, disk: string, step: Step, progress: (blocks:
       throw err;
     }
     const fields = { disk, id: meta.id, parent: parent?.id ?? null, size: meta.size, blockCount: meta.blockCount, uuid: meta.uuid, blocksWritten: sent.blocks, bytesWritten: sent.bytes };
-    const copy = { ...newBackupMetadata(dst, { ...fields, bytesStored: await writer.storedBytes(sent.bytes) }), createdAt: meta.createdAt };
+    const copy = { ...newBackupMetadata(dst, { ...fields, bytesStored: await writer.storedBytes(sent.bytes) }, digests), createdAt: meta.createdAt };
     // A delta copied as stored has whole blocks only if the source's had.
     if (!full && meta.wholeBlocks !== true) delete copy.wholeBlocks;
     await run.write.time(() => dst.commitBackup(copy, digests));
@@ -401,6 +401,7 @@ async function readDigests(run: Run, meta: BackupMetadata): Promise<Buffer> {
   const digests = await run.read.time(() => run.src.storage.get(k));
   run.read.bytes += digests.length;
   if (digests.length !== meta.blockCount * DIGEST_SIZE) throw new VaultError(run.src.storage.describe(k), `digests file has ${digests.length} bytes, expected ${meta.blockCount * DIGEST_SIZE}`);
+  checkDigestsBinding(digests, meta, run.src.storage.describe(k));
   return digests;
 }
 

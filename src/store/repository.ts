@@ -6,6 +6,7 @@ import { UsageError, VaultError } from '../util/errors.js';
 import { openStorage } from '../storage/open.js';
 import { isS3Uri, parseS3Uri } from '../storage/s3Uri.js';
 import { bytesBelow, isNotFound, key, localPathOf, type Storage, type StorageDescriptor } from '../storage/Storage.js';
+import { digestsSha256 } from './digests.js';
 import * as keys from './keys.js';
 import { defaultLayout, layoutNamed } from './layouts/index.js';
 import type { Layout } from './layouts/Layout.js';
@@ -34,11 +35,13 @@ function descriptorOf(location: string | Location): StorageDescriptor {
 
 /**
  * Metadata of a backup just written by vhdvault (whole blocks, SHA-256 digests),
- * its kind following from its parent; `bytesStored` is measured by its writer.
+ * its kind following from its parent; `bytesStored` is measured by its writer,
+ * and `digests` (one per block) are bound to it by their SHA-256.
  */
 export function newBackupMetadata(
   repo: Repository,
   fields: Pick<BackupMetadata, 'disk' | 'id' | 'size' | 'blockCount' | 'uuid' | 'blocksWritten' | 'bytesWritten' | 'bytesStored' | 'checkpoint'> & { parent: string | null },
+  digests: Buffer,
 ): BackupMetadata {
   const { layout, compression, blockSize } = repo.config;
   return {
@@ -50,6 +53,7 @@ export function newBackupMetadata(
     layout,
     compression: repo.layout.storedCompression(compression),
     digestAlgorithm: 'sha256',
+    digestsSha256: digestsSha256(digests),
     wholeBlocks: true,
   };
 }

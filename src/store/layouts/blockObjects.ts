@@ -5,7 +5,7 @@ import { dirname, join } from 'node:path';
 import { decompress } from '../../vhd/compression.js';
 import { VaultError } from '../../util/errors.js';
 import { isNotFound, key } from '../../storage/Storage.js';
-import { DIGEST_SIZE, zeroDigest } from '../digests.js';
+import { checkDigestsBinding, DIGEST_SIZE, digestsSha256, zeroDigest } from '../digests.js';
 import { blocksKey, digestsKey, diskKey, inDisk } from '../keys.js';
 import type { BackupMetadata } from '../metadata.js';
 import { isBackupId } from '../names.js';
@@ -92,10 +92,12 @@ export async function loadBlockMap(repo: LayoutContext, meta: BackupMetadata, op
   const expected = meta.blockCount * DIGEST_SIZE;
   const cached = options.fresh ? null : cachePath(repo, meta.disk, meta.id);
   const k = digestsKey(meta.disk, meta.id);
-  if (cached) {
+  // A cached copy counts only when it is the map the backup's metadata (read from the store) records,
+  // and while the store still holds it (one HEAD, not the download): a backup whose map is gone is
+  // damaged, whatever this machine remembers. Backups that record no digest are read from the store.
+  if (cached && meta.digestsSha256 !== undefined) {
     const bytes = await readFile(cached).catch(() => null);
-    // The store must still hold the map (one HEAD, not the download): a backup whose map is gone is damaged, whatever this machine remembers.
-    if (bytes?.length === expected && (await repo.storage.head(k))?.size === expected) return new BlockMap(bytes, meta.blockSize);
+    if (bytes?.length === expected && digestsSha256(bytes) === meta.digestsSha256 && (await repo.storage.head(k))?.size === expected) return new BlockMap(bytes, meta.blockSize);
   }
   let bytes: Buffer;
   try {
@@ -105,6 +107,7 @@ export async function loadBlockMap(repo: LayoutContext, meta: BackupMetadata, op
     throw err;
   }
   if (bytes.length !== expected) throw new VaultError(repo.storage.describe(k), `block map has ${bytes.length} bytes, expected ${expected} (${meta.blockCount} blocks)`);
+  checkDigestsBinding(bytes, meta, repo.storage.describe(k));
   const path = cachePath(repo, meta.disk, meta.id);
   if (path) {
     // A cache is a convenience: one that cannot be written is skipped.
