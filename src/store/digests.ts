@@ -103,19 +103,3 @@ export function checkDigestsBinding(bytes: Buffer, meta: BackupMetadata, where: 
     throw new VaultError(where, `is not the digests of backup ${meta.id}: its SHA-256 differs from the one the backup's metadata records (replaced or damaged)`);
   }
 }
-
-/** Digests held in memory (a whole digests object, read and checked). */
-export class DigestArray {
-  constructor(readonly bytes: Buffer) {}
-
-  get count(): number {
-    return this.bytes.length / DIGEST_SIZE;
-  }
-
-  async get(block: number): Promise<Buffer> {
-    if (block < 0 || block >= this.count) throw new RangeError(`block ${block} outside ${this.count} digests`);
-    return Buffer.from(this.bytes.subarray(block * DIGEST_SIZE, (block + 1) * DIGEST_SIZE));
-  }
-
-  async close(): Promise<void> {}
-}

@@ -3,7 +3,7 @@ import type { VhdDisk } from '../vhd/disk.js';
 import type { VhdChain } from '../vhd/VhdChain.js';
 import { BLOCK_READ_AHEAD, orderedReadAhead } from '../util/pipeline.js';
 import type { OnProgress } from '../util/progress.js';
-import { digestOf, zeroDigest } from './digests.js';
+import { checkDigestsBinding, digestOf, zeroDigest } from './digests.js';
 import { openBackupChain, openDigests } from './chain.js';
 import type { Digests } from './layouts/Layout.js';
 import { fileFindings } from './inspect.js';
@@ -88,6 +88,17 @@ async function verifyBackup(repo: Repository, meta: BackupMetadata, report: Veri
         problem(null, err.message);
         return null;
       });
+  // Bound to the backup by their SHA-256: another backup's digests, or damaged ones, are said so
+  // (and the blocks are still checked against them, naming each that disagrees).
+  if (digests) {
+    const k = repo.digestsKey(meta.disk, meta.id);
+    try {
+      checkDigestsBinding(await repo.storage.get(k), meta, repo.storage.describe(k));
+    } catch (err) {
+      if (!(err instanceof VaultError)) throw err;
+      problem(null, err.message);
+    }
+  }
   // Blocks shared by digest (objects layout): named by their digest.
   const shared = layout.sharedBlocks && digests ? digests : null;
   const member = chain.top;

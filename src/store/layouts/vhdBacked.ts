@@ -8,7 +8,7 @@ import { checkParent, VhdChain } from '../../vhd/VhdChain.js';
 import type { ParentLink } from '../../vhd/VhdWriter.js';
 import { type BatchOp, bytesBelow, type StorageCapabilities } from '../../storage/Storage.js';
 import { VaultError } from '../../util/errors.js';
-import { checkDigestsBinding, DIGEST_SIZE, DigestArray, DigestReader } from '../digests.js';
+import { DIGEST_SIZE, DigestReader } from '../digests.js';
 import type { Finding } from '../finding.js';
 import { deletingKey, digestsKey, inDisk, metadataKey, pendingMetadataKey, stagedDigestsKey, stagedName } from '../keys.js';
 import { lineage } from '../lineage.js';
@@ -220,14 +220,9 @@ class VhdBackedLayout implements Layout {
     return VhdChain.fromMembers(members);
   }
 
-  /** Read in ranges as they are needed; `fresh` (verify): read whole and checked against the backup's metadata. */
-  async openDigests(ctx: LayoutContext, meta: BackupMetadata, options: { fresh?: boolean } = {}): Promise<Digests> {
-    const k = digestsKey(meta.disk, meta.id);
-    const reader = await DigestReader.open(ctx.storage, k, meta.blockCount);
-    if (!options.fresh) return reader;
-    const bytes = await ctx.storage.get(k);
-    checkDigestsBinding(bytes, meta, ctx.storage.describe(k));
-    return new DigestArray(bytes);
+  /** Read in ranges as they are needed (a restore checks each block against them; verify checks their binding). */
+  openDigests(ctx: LayoutContext, meta: BackupMetadata): Promise<Digests> {
+    return DigestReader.open(ctx.storage, digestsKey(meta.disk, meta.id), meta.blockCount);
   }
 
   readStored(ctx: LayoutContext, meta: BackupMetadata, block: number): Promise<Buffer> {
