@@ -1,7 +1,8 @@
 import { hostname } from 'node:os';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { VaultError } from '../util/errors.js';
-import { bootId, processAlive, processStart } from '../util/processes.js';
+import { randomBytes } from 'node:crypto';
+import { bootId, pidNamespace, processAlive, processStart } from '../util/processes.js';
 import { isNotFound, key, type Storage } from '../storage/Storage.js';
 import type { Repository } from './repository.js';
 
@@ -14,6 +15,10 @@ export interface LockOwner {
   bootId?: string;
   /** The owner's start time in clock ticks since boot (/proc/<pid>/stat): tells a reused pid from the owner. */
   processStart?: string;
+  /** The owner's PID namespace: its pid says nothing in another one (a container with the same host name). */
+  pidNamespace?: string;
+  /** Random, one per owner record: no two owners share it, whatever their host and pid. */
+  token?: string;
 }
 
 /** The disk is locked by a live process. */
@@ -33,6 +38,8 @@ export function lockOwner(command: string): LockOwner {
     command,
     bootId: bootId(),
     processStart: processStart(process.pid),
+    pidNamespace: pidNamespace(),
+    token: randomBytes(8).toString('hex'),
   };
 }
 
@@ -54,6 +61,9 @@ export function describeOwner(o: LockOwner): string {
 export function isOwnerGone(holder: LockOwner, me: LockOwner): boolean {
   if (holder.host !== me.host) return false;
   if (holder.bootId && me.bootId && holder.bootId !== me.bootId) return true;
+  // Another PID namespace (a container with this host's name): its pid cannot be looked up from here.
+  // (Owner records of earlier versions carry none: they are judged as they always were.)
+  if (holder.pidNamespace && me.pidNamespace && holder.pidNamespace !== me.pidNamespace) return false;
   if (!processAlive(holder.pid)) return true;
   // The pid is in use: by the owner, or by a process that reused it.
   const start = holder.processStart ? processStart(holder.pid) : undefined;

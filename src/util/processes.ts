@@ -1,4 +1,4 @@
-import { readFileSync } from 'node:fs';
+import { readFileSync, readlinkSync } from 'node:fs';
 
 /** This boot of the host (Linux boot_id), or undefined where there is none. */
 export function bootId(): string | undefined {
@@ -31,5 +31,18 @@ export function processAlive(pid: number): boolean {
     return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
   } catch {
     return true; // no /proc: trust kill(0)
+  }
+}
+
+/**
+ * This process's PID namespace (`pid:[<inode>]`), or undefined where there is
+ * none: containers sharing a host name (Kubernetes hostNetwork pods, `docker
+ * --network host`) each have their own, so a pid means something only inside it.
+ */
+export function pidNamespace(): string | undefined {
+  try {
+    return readlinkSync('/proc/self/ns/pid');
+  } catch {
+    return undefined;
   }
 }

@@ -1,0 +1,42 @@
+/**
+ * Two containers with the host's name (Kubernetes hostNetwork pods, `docker
+ * --network host`) see the same host and boot, but each its own PID namespace:
+ * a pid recorded in the other's lock says nothing here. Such a lock is never
+ * taken over, whatever the pid looks like from here; the message names its
+ * holder and how to release it.
+ */
+import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { hostname } from 'node:os';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { vhdvault } from './helpers/cli.js';
+import { makeRaw, tempDir } from './helpers/files.js';
+import { initRepo } from './helpers/store.js';
+
+const MiB = 1024 * 1024;
+
+describe('a lock written in another PID namespace of this host', () => {
+  it('is not taken over, though its pid is alive here with another start time', async () => {
+    const dir = await tempDir();
+    const repo = join(dir, 'repo');
+    await initRepo(repo, 'dir');
+    const disk = join(dir, 'disk.raw');
+    await makeRaw(disk, 4 * MiB, [[0, 4096]]);
+    const diskDir = join(repo, 'disks', 'vm');
+    await mkdir(diskDir, { recursive: true });
+    const bootId = (await readFile('/proc/sys/kernel/random/boot_id', 'utf8')).trim();
+    // pid 1 is alive here, but its start time is not the holder's: in one namespace, a reused pid.
+    const holder = { pid: 1, host: hostname(), startedAt: 'then', command: 'prune', bootId, processStart: '1', pidNamespace: 'pid:[1]', token: '00112233' };
+    await writeFile(join(diskDir, 'lock'), JSON.stringify(holder));
+    const r = vhdvault('backup', repo, 'vm', '--source', disk);
+    expect(r.code, r.stderr).toBe(1);
+    expect(r.stderr).toMatch(/is locked by process 1 on host .* \(prune, since then\)/);
+    expect(r.stderr).toContain(join(diskDir, 'lock'));
+    expect(JSON.parse(await readFile(join(diskDir, 'lock'), 'utf8'))).toEqual(holder);
+    // The same record from this namespace is a reused pid: taken over.
+    const ours = (await import('node:fs')).readlinkSync('/proc/self/ns/pid');
+    await writeFile(join(diskDir, 'lock'), JSON.stringify({ ...holder, pidNamespace: ours }));
+    const again = vhdvault('backup', repo, 'vm', '--source', disk);
+    expect(again.code, again.stderr).toBe(0);
+  });
+});
