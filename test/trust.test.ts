@@ -5,6 +5,7 @@ import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { vhdvault } from './helpers/cli.js';
 import { makeRaw, mountTmpfs, sha256, tempDir } from './helpers/files.js';
+import { backupOf, initRepo } from './helpers/store.js';
 import { BLOCK, copyFixture, expectRestores, type Fixture, isCoordination, makeFixture, MiB, snapshot, vhdvaultAsync } from './helpers/repoFixture.js';
 
 const dir = await tempDir();
@@ -157,14 +158,14 @@ describe('what a review found', () => {
     for (const keep of ['1', '2']) {
       const repo = join(dir, `fork-${keep}`);
       const disk = `${repo}.raw`;
-      expect(vhdvault('init', repo).code).toBe(0);
+      // Set-up in this process (`vhdvault init`, `vhdvault backup`): prune, verify and list run the CLI.
+      await initRepo(repo, 'dir');
       await makeRaw(disk, 8 * MiB, [[0, 8 * MiB]]);
       const content = new Map<string, string>();
       const take = async () => {
-        const r = vhdvault('backup', repo, 'vm', '--source', disk);
-        expect(r.code, r.stderr).toBe(0);
-        content.set(r.stdout.trim(), await sha256(disk));
-        return r.stdout.trim();
+        const id = await backupOf(repo, 'vm', disk);
+        content.set(id, await sha256(disk));
+        return id;
       };
       const scribble = async (block: number) => {
         const fh = await open(disk, 'r+');
