@@ -4,7 +4,7 @@
  * writes through the guest's NBD export while vhdvault backs it up. The test
  * watches QEMU on the daemon's second monitor, since vhdvault holds the first.
  */
-import { readdir, readFile } from 'node:fs/promises';
+import { readdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it, onTestFinished } from 'vitest';
 import { spawn, spawnSync } from 'node:child_process';
@@ -16,6 +16,8 @@ import { initRepo } from './helpers/store.js';
 import { queryBlockExports } from '../src/qmp/commands.js';
 import { QmpClient } from '../src/qmp/QmpClient.js';
 import { ViewNames } from '../src/live/frozenView.js';
+import { Repository } from '../src/store/repository.js';
+import { restore } from '../src/store/restore.js';
 
 const MiB = 1024 * 1024;
 const BLOCK = 2 * MiB;
@@ -63,11 +65,13 @@ const viewOf = (pid: number) => new ViewNames('g0', pid);
 /** Files in the disk's folder a live backup leaves while it runs: direct mode's copies. */
 const copiesFiles = async (disk: string) => (await readdir(join(repo, 'disks', disk)).catch(() => [])).filter((n) => n.endsWith('.copies.tmp'));
 
+/** A backup's content, restored in this process (a check: the code `vhdvault restore` runs, without a Node start-up). */
 async function restored(disk: string, id: string): Promise<Buffer> {
   const out = join(dir, `${disk}-${id}.raw`);
-  const r = await vhdvaultAsync('restore', repo, disk, out, '--backup', id);
-  expect(r.code, r.stderr).toBe(0);
-  return readFile(out);
+  await restore(await Repository.open(repo), disk, out, { backup: id, format: 'raw' });
+  const bytes = await readFile(out);
+  await rm(out);
+  return bytes;
 }
 
 /** Resolves once vhdvault's export exists: the point in time has passed. */
