@@ -1,3 +1,4 @@
+// vitest: slow (a long file: started first on a fresh checkout, see vitest.config.ts)
 import { spawn } from 'node:child_process';
 import { randomBytes, randomInt } from 'node:crypto';
 import { copyFile, open, readdir, rm } from 'node:fs/promises';

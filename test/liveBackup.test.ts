@@ -1,3 +1,4 @@
+// vitest: slow (a long file: started first on a fresh checkout, see vitest.config.ts)
 /**
  * Live backups of a running disk in fleecing mode, through the built CLI,
  * against qemu-storage-daemon as the guest (test/helpers/qsd.ts): qemu-io

@@ -1,3 +1,4 @@
+// vitest: slow (a long file: started first on a fresh checkout, see vitest.config.ts)
 /**
  * Live backups (both modes) killed with SIGKILL at random moments while a
  * guest keeps writing, and a qcow2 guest stopped uncleanly. Through the built

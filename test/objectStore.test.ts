@@ -1,3 +1,4 @@
+// vitest: slow (a long file: started first on a fresh checkout, see vitest.config.ts)
 /**
  * The repository's life — backups, deltas, list, verify, restore, prune with
  * merges, kill -9 during backup and prune — driven through the built CLI

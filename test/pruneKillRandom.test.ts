@@ -1,3 +1,4 @@
+// vitest: slow (a long file: started first on a fresh checkout, see vitest.config.ts)
 /**
  * prune killed (SIGKILL) at random moments, then rerun: split off prune.test.ts
  * (whose chains and checks it shares, helpers/pruneChain.ts) so that the two files

@@ -1,3 +1,4 @@
+// vitest: slow (a long file: started first on a fresh checkout, see vitest.config.ts)
 /**
  * Prune killed (SIGKILL) right before its filesystem changes, chosen by count
  * rather than by time, so every step of a merge is a kill point: after every kill the repository must verify, every

@@ -1,3 +1,4 @@
+// vitest: slow (a long file: started first on a fresh checkout, see vitest.config.ts)
 import { existsSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { spawn } from 'node:child_process';

@@ -1,3 +1,4 @@
+// vitest: slow (a long file: started first on a fresh checkout, see vitest.config.ts)
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { cp as cpDir, mkdir, readFile, readdir, rename, rm, writeFile, open } from 'node:fs/promises';
