@@ -5,7 +5,7 @@ import { join, relative } from 'node:path';
 import { expect } from 'vitest';
 import { Repository } from '../../src/store/repository.js';
 import { restore } from '../../src/store/restore.js';
-import { CLI, type CliResult } from './cli.js';
+import { CLI, cliEnv, type CliResult } from './cli.js';
 import { makeRaw, sha256 } from './files.js';
 import { backupOf, initRepo } from './store.js';
 
@@ -15,7 +15,7 @@ export const BLOCK = 2 * MiB;
 /** Run the CLI without blocking the test's event loop (for commands that must overlap). */
 export function vhdvaultAsync(...args: string[]): Promise<CliResult> {
   return new Promise((resolve) => {
-    execFile(process.execPath, [CLI, ...args], { encoding: 'utf8', maxBuffer: 64 * MiB }, (err, stdout, stderr) => {
+    execFile(process.execPath, [CLI, ...args], { encoding: 'utf8', maxBuffer: 64 * MiB, env: cliEnv() }, (err, stdout, stderr) => {
       const code = err ? (typeof err.code === 'number' ? err.code : -1) : 0;
       resolve({ code, stdout, stderr });
     });
