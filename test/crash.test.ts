@@ -14,7 +14,7 @@ import { restore } from '../src/store/restore.js';
 const MiB = 1024 * 1024;
 const BLOCK = 2 * MiB;
 const SIZE = 24 * MiB;
-const KILLS = 16;
+const KILLS = 12;
 const dir = await tempDir();
 
 /** The ids `vhdvault list <repo> vm` lists (the same listing, read in this process: no CLI start-up per look). */

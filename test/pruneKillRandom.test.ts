@@ -19,7 +19,7 @@ import { prune } from '../src/store/prune.js';
 import { Repository } from '../src/store/repository.js';
 
 const dir = await tempDir();
-const KILLS = 20;
+const KILLS = 12;
 
 for (const layout of ['dir', 'vhd'] as const) {
   describe(`prune killed with SIGKILL at ${KILLS} random moments (layout ${layout})`, () => {
@@ -68,7 +68,7 @@ for (const layout of ['dir', 'vhd'] as const) {
         expect(existsSync(journal)).toBe(false);
         const rows = await list(repo);
         expect(rows).toHaveLength(3);
-        if (k % 10 === 9 || k === KILLS - 1) await expectSound(repo, layout, copies, rows);
+        if (k % 6 === 5 || k === KILLS - 1) await expectSound(repo, layout, copies, rows);
       }
       // The kills must really have landed inside merges, or this test proves nothing.
       expect(interrupted, `${interrupted} of ${KILLS} kills interrupted a merge`).toBeGreaterThanOrEqual(KILLS / 6);
