@@ -3,7 +3,7 @@ import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { cp as cpDir, mkdir, readFile, readdir, rename, rm, writeFile, open } from 'node:fs/promises';
 import { join } from 'node:path';
-import { beforeAll, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it, test } from 'vitest';
 import { vhdvault } from './helpers/cli.js';
 import { makeRaw, mountTmpfs, sha256, tempDir } from './helpers/files.js';
 import { backupOf, initRepo } from './helpers/store.js';
@@ -16,7 +16,9 @@ let n = 0;
 const fresh = (base: Fixture) => copyFixture(base, join(dir, `case-${n++}`));
 
 for (const layout of ['dir', 'vhd'] as const) {
-  describe(`trust (layout ${layout})`, () => {
+  describe.concurrent(`trust (layout ${layout})`, () => {
+    // The two layouts side by side (their own repositories and files); each layout's tests in turn.
+    const it = test.sequential;
     let base: Fixture; // F ← D1 ← D2 ← D3
     const ext = layout === 'dir' ? 'vhd-dir' : 'vhd';
     beforeAll(async () => {
