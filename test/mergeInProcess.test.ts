@@ -197,16 +197,16 @@ for (const c of CASES) {
         for (let i = 0; i < 3; i++) chain.merged(ids[i]!, ids[i + 1]!);
         await chain.expectSound(ids.slice(3));
         // Nothing more to do: the same policy again changes nothing.
+        const before = await chain.repo.backups(DISK);
         const again = await prune(chain.repo, DISK, { policy: { last: 2 } });
         expect(again.merged).toBe(0);
         expect(again.removed).toEqual([]);
-        await chain.expectSound(ids.slice(3));
+        expect(await chain.repo.backups(DISK)).toEqual(before);
       });
 
       it('keep-last 1 after two more backups merges everything into the newest, which becomes the full', async () => {
         ids.push((await chain.backup([{ block: 4, kind: 'whole' }, { block: 3, kind: 'partial' }])).id);
         ids.push((await chain.backup([{ block: 1, kind: 'zero' }])).id);
-        await chain.expectSound(ids.slice(3));
         const report = await prune(chain.repo, DISK, { policy: { last: 1 } });
         expect(report.refused).toEqual([]);
         expect(report.merged).toBe(3);
