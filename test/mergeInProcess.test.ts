@@ -180,7 +180,6 @@ for (const c of CASES) {
         ];
         ids = [];
         for (const step of steps) ids.push((await chain.backup(step)).id);
-        await chain.expectSound(ids);
       });
 
       it('keep-last 2 merges the three oldest forward: the kept backups restore exactly, verify is clean, sizes fit', async () => {
@@ -237,7 +236,8 @@ for (const c of CASES) {
           { block: 5, kind: 'partial' },
         ]);
         const top = await chain.backup([{ block: 3, kind: 'partial' }, { block: 6, kind: 'whole' }]);
-        const before = await chain.expectSound([full.id, parent.id, child.id, top.id]);
+        const before = await chain.repo.backups(DISK);
+        expect(before.map((b) => b.id)).toEqual([full.id, parent.id, child.id, top.id]);
         // A backup that is not the given parent's child is refused, and nothing changes.
         await expect(merge(chain, full, child)).rejects.toThrow(/not a child/);
         expect(await chain.repo.backups(DISK)).toEqual(before);
