@@ -1,3 +1,4 @@
+// vitest: slow (a long file: started first on a fresh checkout, see vitest.config.ts)
 /**
  * Merge and prune driven in this process through the store's API (no CLI):
  * `Repository.init/open`, `backup()`, `prune()`, `mergeForward()`, `restore()`,
