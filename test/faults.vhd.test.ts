@@ -1,3 +1,4 @@
+// vitest: slow (a long file: started first on a fresh checkout, see vitest.config.ts)
 import { expect, it } from 'vitest';
 import { faults, faultSuite } from './helpers/faultSuite.js';
 

@@ -8,7 +8,7 @@ import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
 import { createServer, type Server } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { CLI, expectRefused, vhdvault, type CliResult } from './helpers/cli.js';
+import { CLI, cliEnv, expectRefused, vhdvault, type CliResult } from './helpers/cli.js';
 import { tempDir } from './helpers/files.js';
 
 const dir = await tempDir('vhdvault-inputs-');
@@ -27,7 +27,7 @@ function ok(r: CliResult): CliResult {
 
 /** The CLI, killed after 20 s: opening a FIFO for reading waits for a writer, forever. */
 function vhdvaultBounded(...args: string[]): CliResult {
-  const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', timeout: 20_000 });
+  const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', timeout: 20_000, env: cliEnv() });
   return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
 }
 

@@ -1,3 +1,4 @@
+// vitest: slow (a long file: started first on a fresh checkout, see vitest.config.ts)
 /**
  * `vhdvault job run` through real cycles: a job over three disks (one failing
  * on purpose) run ten times with scribbles between runs, fullInterval 4,

@@ -1,12 +1,13 @@
+// vitest: slow (a long file: started first on a fresh checkout, see vitest.config.ts)
 /**
  * Live backups of a running disk in fleecing mode, through the built CLI,
  * against qemu-storage-daemon as the guest (test/helpers/qsd.ts): qemu-io
  * writes through the guest's NBD export while vhdvault backs it up. The test
  * watches QEMU on the daemon's second monitor, since vhdvault holds the first.
  */
-import { readdir, readFile } from 'node:fs/promises';
+import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import { afterAll, describe, expect, it, onTestFinished } from 'vitest';
+import { afterAll, describe, expect, it, onTestFinished, test } from 'vitest';
 import { spawn, spawnSync } from 'node:child_process';
 import { CLI, cliEnv, vhdvault, vhdvaultAsync } from './helpers/cli.js';
 import { mountTmpfs, tempDir } from './helpers/files.js';
@@ -16,6 +17,8 @@ import { initRepo } from './helpers/store.js';
 import { queryBlockExports } from '../src/qmp/commands.js';
 import { QmpClient } from '../src/qmp/QmpClient.js';
 import { ViewNames } from '../src/live/frozenView.js';
+import { Repository } from '../src/store/repository.js';
+import { restore } from '../src/store/restore.js';
 
 const MiB = 1024 * 1024;
 const BLOCK = 2 * MiB;
@@ -63,11 +66,13 @@ const viewOf = (pid: number) => new ViewNames('g0', pid);
 /** Files in the disk's folder a live backup leaves while it runs: direct mode's copies. */
 const copiesFiles = async (disk: string) => (await readdir(join(repo, 'disks', disk)).catch(() => [])).filter((n) => n.endsWith('.copies.tmp'));
 
+/** A backup's content, restored in this process (a check: the code `vhdvault restore` runs, without a Node start-up). */
 async function restored(disk: string, id: string): Promise<Buffer> {
   const out = join(dir, `${disk}-${id}.raw`);
-  const r = await vhdvaultAsync('restore', repo, disk, out, '--backup', id);
-  expect(r.code, r.stderr).toBe(0);
-  return readFile(out);
+  await restore(await Repository.open(repo), disk, out, { backup: id, format: 'raw' });
+  const bytes = await readFile(out);
+  await rm(out);
+  return bytes;
 }
 
 /** Resolves once vhdvault's export exists: the point in time has passed. */
@@ -98,13 +103,21 @@ describe('backup --qemu usage', () => {
   });
 });
 
-describe.skipIf(!hasQsd).each(['fleecing', 'direct'] as const)('backup --qemu, %s mode', (mode) => {
+// The two modes side by side (their tests mostly wait on --max-read and QEMU), each mode's tests in turn;
+// every disk has a fleecing folder of its own, so that one mode's images never show in the other's checks.
+describe.skipIf(!hasQsd).concurrent.each(['fleecing', 'direct'] as const)('backup --qemu, %s mode', (mode) => {
+  const folderOf = (disk: string) => join(dir, 'fleece-of', disk);
+  const args = (g: Guest, disk: string, ...extra: string[]) => argsOf(g.qsd, repo, disk, mode === 'fleecing' ? folderOf(disk) : null, ...extra);
+  const backUp = async (g: Guest, disk: string) => parsed(await vhdvaultAsync(...args(g, disk)));
+  const it = test.sequential;
+
   it('backs up the disk as it was when the backup started, while the guest overwrites it', async () => {
     const g = await startGuest('qcow2', 8 * MiB);
     await write(g, 0xaa, 0, 8 * MiB);
     const a = Buffer.from(g.bytes);
     const disk = `consistent-${mode}`;
-    const running = vhdvaultAsync(...liveArgs(mode, g, disk, '--max-read', '2M'));
+    await mkdir(folderOf(disk), { recursive: true });
+    const running = vhdvaultAsync(...args(g, disk, '--max-read', '2M'));
     await exportShown(g);
     await write(g, 0xbb, 4 * MiB, 4 * MiB); // the last two blocks, read a second or more from now
     const report = parsed(await running);
@@ -115,7 +128,7 @@ describe.skipIf(!hasQsd).each(['fleecing', 'direct'] as const)('backup --qemu, %
     expect((await restored(disk, report.id)).equals(a)).toBe(true);
     await run('qemu-io', ['-f', 'raw', '-r', '-c', `read -P 0xbb ${4 * MiB} ${4 * MiB}`, '-c', `read -P 0xaa 0 ${4 * MiB}`, g.qsd.guestUri]);
     expect(await ours(g)).toEqual({ nodes: [], exports: [], bitmaps: [{ name: report.checkpoint, recording: true, inconsistent: false }] });
-    expect(await readdir(fleecing)).toEqual([]);
+    expect(await readdir(folderOf(disk))).toEqual([]);
     expect(await copiesFiles(disk)).toEqual([]);
   });
 
@@ -124,7 +137,8 @@ describe.skipIf(!hasQsd).each(['fleecing', 'direct'] as const)('backup --qemu, %
     await write(g, 0x01, 0, 32 * MiB); // all allocated: every dirty block reads as 2 MiB of data
     const expected = new Map<string, Buffer>();
     const disk = `ckpt-${mode}`;
-    const first = await liveBackup(mode, g, disk);
+    await mkdir(folderOf(disk), { recursive: true });
+    const first = await backUp(g, disk);
     expect(first).toMatchObject({ kind: 'full', previousCheckpoint: null, bytesRead: 32 * MiB });
     expect(first.note).toBeUndefined();
     expected.set(first.id, Buffer.from(g.bytes));
@@ -138,7 +152,7 @@ describe.skipIf(!hasQsd).each(['fleecing', 'direct'] as const)('backup --qemu, %
     ];
     for (const round of rounds) {
       for (const [pattern, offset, length] of round.writes) await write(g, pattern, offset, length);
-      const r = await liveBackup(mode, g, disk);
+      const r = await backUp(g, disk);
       expect(r).toMatchObject({ kind: 'delta', previousCheckpoint: previous.checkpoint, bytesRead: round.blocks * BLOCK });
       expect(r.note).toBeUndefined();
       expect((await ours(g)).bitmaps).toEqual([{ name: r.checkpoint, recording: true, inconsistent: false }]);
@@ -153,8 +167,9 @@ describe.skipIf(!hasQsd).each(['fleecing', 'direct'] as const)('backup --qemu, %
     const g = await startGuest('qcow2', size);
     await write(g, 0x09, 0, size);
     const disk = `killed-${mode}`;
-    const first = await liveBackup(mode, g, disk);
-    const child = spawn(process.execPath, [CLI, ...liveArgs(mode, g, disk, '--full', '--max-read', '2M')], { stdio: 'ignore', env: cliEnv() });
+    await mkdir(folderOf(disk), { recursive: true });
+    const first = await backUp(g, disk);
+    const child = spawn(process.execPath, [CLI, ...args(g, disk, '--full', '--max-read', '2M')], { stdio: 'ignore', env: cliEnv() });
     const gone = new Promise((resolve) => child.once('exit', resolve));
     await exportShown(g);
     child.kill('SIGKILL');
@@ -164,15 +179,15 @@ describe.skipIf(!hasQsd).each(['fleecing', 'direct'] as const)('backup --qemu, %
     expect(left.nodes.sort()).toEqual([view.cbw, view.snap, view.target].sort());
     expect(left.exports).toHaveLength(1);
     expect(left.bitmaps).toHaveLength(2);
-    expect(await readdir(fleecing)).toHaveLength(mode === 'fleecing' ? 1 : 0);
+    expect(await readdir(folderOf(disk))).toHaveLength(mode === 'fleecing' ? 1 : 0);
     expect(await copiesFiles(disk)).toHaveLength(mode === 'direct' ? 1 : 0);
     await write(g, 0x0a, 3 * MiB, MiB); // the guest goes on through the orphaned filter (direct mode: its target is gone)
-    const next = await liveBackup(mode, g, disk);
+    const next = await backUp(g, disk);
     // The previous checkpoint was disabled at the point in time: it missed writes since.
     expect(next).toMatchObject({ kind: 'delta', previousCheckpoint: null, bytesRead: size });
     expect(next.note).toContain(`previous checkpoint bitmap "${first.checkpoint}" is not recording`);
     expect(await ours(g)).toEqual({ nodes: [], exports: [], bitmaps: [{ name: next.checkpoint, recording: true, inconsistent: false }] });
-    expect(await readdir(fleecing)).toEqual([]);
+    expect(await readdir(folderOf(disk))).toEqual([]);
     expect(await copiesFiles(disk)).toEqual([]);
     expect((await restored(disk, next.id)).equals(g.bytes)).toBe(true);
   });

@@ -1,3 +1,4 @@
+// vitest: slow (a long file: started first on a fresh checkout, see vitest.config.ts)
 /**
  * `vhdvault serve` against real NBD clients: qemu-img, nbdcopy, nbdinfo and
  * qemu-io read (and, with --writable, write) through our server exactly what

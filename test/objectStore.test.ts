@@ -1,3 +1,4 @@
+// vitest: slow (a long file: started first on a fresh checkout, see vitest.config.ts)
 /**
  * The repository's life — backups, deltas, list, verify, restore, prune with
  * merges, kill -9 during backup and prune — driven through the built CLI
@@ -10,7 +11,7 @@ import { execFileSync } from 'node:child_process';
 import { copyFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { CLI, cliEnv, type CliResult, vhdvault, vhdvaultAsync } from './helpers/cli.js';
 import { makeRaw, sameBytes, tempDir } from './helpers/files.js';
 import { scribble } from './helpers/pruneChain.js';
@@ -100,7 +101,9 @@ async function blockObjects(repo: string): Promise<number> {
 }
 
 for (const backend of BACKENDS) {
-  describe(`repository on ${backend.name}`, () => {
+  // The storages side by side (each its own repositories and disks), each one's tests in turn.
+  describe.concurrent(`repository on ${backend.name}`, () => {
+    const it = test.sequential;
     const objects = !backend.name.includes('dir layout');
     // The dir layout's kill tests are crash.test.ts and pruneKill*.test.ts; here the objects layout's, on both storages.
     const killIt = objects ? it : () => undefined;

@@ -10,7 +10,7 @@ import { randomBytes } from 'node:crypto';
 import { lstat, mkdir, open, readdir, readFile, readlink, stat, symlink, writeFile } from 'node:fs/promises';
 import { join, relative } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { CLI, vhdvault, type CliResult } from './helpers/cli.js';
+import { CLI, cliEnv, vhdvault, type CliResult } from './helpers/cli.js';
 import { sha256, tempDir } from './helpers/files.js';
 
 const MiB = 1024 * 1024;
@@ -41,7 +41,7 @@ function ok(r: CliResult): CliResult {
 
 /** The CLI with stdout kept as bytes. */
 function vhdvaultBytes(...args: string[]): { code: number; stdout: Buffer; stderr: string } {
-  const r = spawnSync(process.execPath, [CLI, ...args], { maxBuffer: 256 * MiB });
+  const r = spawnSync(process.execPath, [CLI, ...args], { maxBuffer: 256 * MiB, env: cliEnv() });
   return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr.toString('utf8') };
 }
 
@@ -110,7 +110,7 @@ describe('standard output (-)', () => {
 
   it('a reader that goes away (| head -c 1) ends it with one line, exit 1', async () => {
     for (const args of [['restore', repo, 'vm', '-'], ['restore', repo, 'vm', '-', '--format', 'vhd'], ['vhd', 'convert', rawPath, '-']]) {
-      const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+      const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: cliEnv() });
       let stderr = '';
       child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
       child.stdout.once('data', () => child.stdout.destroy());

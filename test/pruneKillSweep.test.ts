@@ -1,9 +1,11 @@
+// vitest: slow (a long file: started first on a fresh checkout, see vitest.config.ts)
 /**
  * Prune killed (SIGKILL) right before its filesystem changes, chosen by count
  * rather than by time, so every step of a merge is a kill point: after every kill the repository must verify, every
  * listed backup must be one the user had (no partial one), the rerun must reach
  * the policy's result with nothing left over, and, sampled, every kept backup
- * restores exactly.
+ * restores exactly. The prune that is killed runs the built CLI; the checks and
+ * the rerun run in this process.
  */
 import { spawn } from 'node:child_process';
 import { randomBytes, randomInt } from 'node:crypto';
@@ -11,9 +13,13 @@ import { cp, open, readdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
-import { CLI, cliEnv, vhdvaultAsync } from './helpers/cli.js';
+import { CLI, cliEnv } from './helpers/cli.js';
 import { makeRaw, sha256, tempDir } from './helpers/files.js';
 import { backupOf, initRepo, listed as listing } from './helpers/store.js';
+import { prune as pruneInProcess } from '../src/store/prune.js';
+import { Repository } from '../src/store/repository.js';
+import { restore } from '../src/store/restore.js';
+import { verify } from '../src/store/verify.js';
 
 const MiB = 1024 * 1024;
 const BLOCK = 2 * MiB;
@@ -78,14 +84,15 @@ for (const layout of ['dir', 'vhd'] as const) {
         const work = join(dir, `work-${layout}-${k}`);
         await cp(pristine, work, { recursive: true });
         expect(await prune(work, { VHDVAULT_KILL_AT: String(k) }), `kill at change ${k}`).not.toBe(0);
-        // Right after the crash (verify first finishes any merge the kill interrupted).
-        const v = await vhdvaultAsync('verify', work);
-        expect(v.code, `after kill at change ${k}: ${v.stderr}`).toBe(0);
+        // Right after the crash (verify first finishes any merge the kill interrupted). The checks and the
+        // rerun run in this process through the store's API (the code the CLI runs, without a Node start-up).
+        const v = await verify(await Repository.open(work));
+        expect(v.problems, `after kill at change ${k}`).toEqual([]);
         const listed = await ids(work);
         expect(listed.every((id) => content.has(id)), `kill at change ${k}`).toBe(true);
         expect(listed.slice(-2)).toEqual(kept);
         // The rerun completes the policy and leaves nothing but the kept backups.
-        expect((await vhdvaultAsync('prune', work, ...POLICY)).code).toBe(0);
+        expect((await pruneInProcess(await Repository.open(work), undefined, { policy: { last: 2 } })).refused).toEqual([]);
         expect(await ids(work)).toEqual(kept);
         const files = (await readdir(join(work, 'disks', 'vm'))).sort();
         expect(files, `kill at change ${k}`).toEqual(kept.flatMap((id) => [`${id}.digests`, `${id}.json`, `${id}.${layout === 'dir' ? 'vhd-dir' : 'vhd'}`]).sort());
@@ -93,7 +100,7 @@ for (const layout of ['dir', 'vhd'] as const) {
           await Promise.all(
             kept.map(async (id) => {
               const out = join(dir, `restored-${layout}-${k}-${id}.raw`);
-              expect((await vhdvaultAsync('restore', work, 'vm', out, '--backup', id)).code).toBe(0);
+              await restore(await Repository.open(work), 'vm', out, { backup: id, format: 'raw' });
               expect(await sha256(out), `backup ${id} after kill at change ${k}`).toBe(content.get(id));
               await rm(out);
             }),

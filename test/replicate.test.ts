@@ -1,3 +1,4 @@
+// vitest: slow (a long file: started first on a fresh checkout, see vitest.config.ts)
 /**
  * `vhdvault replicate`: backups sent to a second repository as the blocks they
  * store, both sides pruned with their own policies over many cycles, the

@@ -1,9 +1,10 @@
+// vitest: slow (a long file: started first on a fresh checkout, see vitest.config.ts)
 import { existsSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { spawn } from 'node:child_process';
 import { copyFile, mkdir, open, readdir, readFile, rename, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, test } from 'vitest';
 import { CLI, cliEnv, vhdvault, vhdvaultAsync } from './helpers/cli.js';
 import { makeRaw, sameBytes, tempDir } from './helpers/files.js';
 import { backupOf } from './helpers/store.js';
@@ -39,7 +40,9 @@ interface ListRow {
 }
 
 for (const layout of ['dir', 'vhd'] as const) {
-  describe(`repository, layout ${layout}`, () => {
+  describe.concurrent(`repository, layout ${layout}`, () => {
+    // The two layouts side by side (their own repositories and files); each layout's tests in turn.
+    const it = test.sequential;
     const repo = join(dir, `repo-${layout}`);
     const work = join(dir, `work-${layout}`);
     const disk = join(work, 'disk.raw');
@@ -93,7 +96,7 @@ for (const layout of ['dir', 'vhd'] as const) {
       }
     });
 
-    it.skipIf(!hasQemuImg)('restores the latest as a VHD that qemu-img reads exactly', async () => {
+    test.skipIf(!hasQemuImg).sequential('restores the latest as a VHD that qemu-img reads exactly', async () => {
       const out = join(work, 'latest.vhd');
       expect(vhdvault('restore', repo, 'vm-1', out).code).toBe(0);
       expect(qemuInfo(out)['virtual-size']).toBe(SIZE);

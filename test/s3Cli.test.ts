@@ -1,3 +1,4 @@
+// vitest: slow (a long file: started first on a fresh checkout, see vitest.config.ts)
 /**
  * An S3 repository as a careful user meets it, through the built CLI against
  * the test S3 server (one fresh bucket per test): init and its refusals, a

@@ -20,7 +20,9 @@ try {
 const port = Number(process.argv[2] ?? 0);
 const given = process.argv[3];
 // In memory where there is a tmpfs: s3rver writes two files per object, and a busy disk halves its speed.
-const directory = given ?? (await mkdtemp(join(existsSync('/dev/shm') ? '/dev/shm' : tmpdir(), 'vhdvault-s3rver-')));
+// Under a test run, in the run's own folder there (VHDVAULT_TEST_SHM, see test/helpers/globalSetup.ts).
+const memory = process.env.VHDVAULT_TEST_SHM ?? (existsSync('/dev/shm') ? '/dev/shm' : tmpdir());
+const directory = given ?? (await mkdtemp(join(memory, 'vhdvault-s3rver-')));
 const server = new S3rver({ address: '127.0.0.1', port, silent: true, directory });
 const address = await server.run();
 console.log(`http://127.0.0.1:${address.port}`);

@@ -4,7 +4,7 @@ import { readdir, readFile, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { CLI, vhdvault } from './helpers/cli.js';
+import { CLI, cliEnv, vhdvault } from './helpers/cli.js';
 import { makeRaw, tempDir } from './helpers/files.js';
 
 // What people see on a terminal: progress bars, Ctrl-C, the backup summary. The CLI
@@ -159,7 +159,7 @@ describe.skipIf(!hasScript)('on a terminal', () => {
 describe('bench stages', () => {
   /** Run `bench stages --json` with writes to drop_caches recorded (never performed). */
   async function benchStages(dir: string, log: string, ...extra: string[]) {
-    const child = spawn(process.execPath, ['-r', PRELOAD, CLI, 'bench', 'stages', '--repo', dir, '--json', ...extra], { env: { ...process.env, VHDVAULT_DROP_LOG: log } });
+    const child = spawn(process.execPath, ['-r', PRELOAD, CLI, 'bench', 'stages', '--repo', dir, '--json', ...extra], { env: cliEnv({ VHDVAULT_DROP_LOG: log }) });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (d: Buffer) => (stdout += d));

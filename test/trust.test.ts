@@ -1,10 +1,12 @@
+// vitest: slow (a long file: started first on a fresh checkout, see vitest.config.ts)
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { cp as cpDir, mkdir, readFile, readdir, rename, rm, writeFile, open } from 'node:fs/promises';
 import { join } from 'node:path';
-import { beforeAll, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it, test } from 'vitest';
 import { vhdvault } from './helpers/cli.js';
 import { makeRaw, mountTmpfs, sha256, tempDir } from './helpers/files.js';
+import { backupOf, initRepo } from './helpers/store.js';
 import { BLOCK, copyFixture, expectRestores, type Fixture, isCoordination, makeFixture, MiB, snapshot, vhdvaultAsync } from './helpers/repoFixture.js';
 
 const dir = await tempDir();
@@ -14,7 +16,9 @@ let n = 0;
 const fresh = (base: Fixture) => copyFixture(base, join(dir, `case-${n++}`));
 
 for (const layout of ['dir', 'vhd'] as const) {
-  describe(`trust (layout ${layout})`, () => {
+  describe.concurrent(`trust (layout ${layout})`, () => {
+    // The two layouts side by side (their own repositories and files); each layout's tests in turn.
+    const it = test.sequential;
     let base: Fixture; // F ← D1 ← D2 ← D3
     const ext = layout === 'dir' ? 'vhd-dir' : 'vhd';
     beforeAll(async () => {
@@ -157,14 +161,14 @@ describe('what a review found', () => {
     for (const keep of ['1', '2']) {
       const repo = join(dir, `fork-${keep}`);
       const disk = `${repo}.raw`;
-      expect(vhdvault('init', repo).code).toBe(0);
+      // Set-up in this process (`vhdvault init`, `vhdvault backup`): prune, verify and list run the CLI.
+      await initRepo(repo, 'dir');
       await makeRaw(disk, 8 * MiB, [[0, 8 * MiB]]);
       const content = new Map<string, string>();
       const take = async () => {
-        const r = vhdvault('backup', repo, 'vm', '--source', disk);
-        expect(r.code, r.stderr).toBe(0);
-        content.set(r.stdout.trim(), await sha256(disk));
-        return r.stdout.trim();
+        const id = await backupOf(repo, 'vm', disk);
+        content.set(id, await sha256(disk));
+        return id;
       };
       const scribble = async (block: number) => {
         const fh = await open(disk, 'r+');

@@ -5,10 +5,17 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll } from 'vitest';
 
-/** A fresh temporary directory, removed after the test file. Call it at module top level, where afterAll applies to the file. */
+const temporary: string[] = [];
+// Registered when a test file imports this module (while vitest collects the file), so it applies to the
+// whole file wherever tempDir() is called: an afterAll called from inside a hook or a test is never run.
+afterAll(async () => {
+  await Promise.all(temporary.splice(0).map((dir) => rm(dir, { recursive: true, force: true })));
+});
+
+/** A fresh temporary directory, removed after the test file (passed or failed), wherever it is called. */
 export async function tempDir(prefix = 'vhdvault-test-'): Promise<string> {
   const dir = await mkdtemp(join(tmpdir(), prefix));
-  afterAll(() => rm(dir, { recursive: true, force: true }));
+  temporary.push(dir);
   return dir;
 }
 

@@ -1,13 +1,14 @@
 /**
  * Chains of backups for the prune tests (prune.test.ts, pruneKillRandom.test.ts):
  * built through the store's API in this process (set-up, not what is tested),
- * checked through the built CLI's restore.
+ * and checked there too (restores); prune runs the built CLI.
  */
 import { randomBytes } from 'node:crypto';
 import { copyFile, open, readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { expect } from 'vitest';
-import { vhdvaultAsync } from './cli.js';
+import { Repository } from '../../src/store/repository.js';
+import { restore } from '../../src/store/restore.js';
 import { makeRaw, sameBytes } from './files.js';
 import { backupOf, initRepo, listed, type ListedBackup } from './store.js';
 
@@ -53,18 +54,19 @@ export async function makeChain(repo: string, layout: 'dir' | 'vhd', count: numb
 }
 
 /**
- * Every listed backup restores exactly (through the CLI; the restores only read,
- * so they run side by side); the disk folder holds nothing else; the chain is a
- * chain from a full. `rows` is the listing when the caller already has it.
+ * Every listed backup restores exactly (checked in this process through the store's
+ * API: the code `vhdvault restore` runs, without a Node start-up per restore; the
+ * commands under test run the CLI); the disk folder holds nothing else; the chain
+ * is a chain from a full. `rows` is the listing when the caller already has it.
  */
 export async function expectSound(repo: string, layout: 'dir' | 'vhd', copies: Map<string, string>, rows?: ListedBackup[]): Promise<void> {
   rows ??= await list(repo);
-  const outs = rows.map((row) => `${repo}-check-${row.id}.raw`);
-  const restored = await Promise.all(rows.map((row, i) => vhdvaultAsync('restore', repo, 'vm', outs[i]!, '--backup', row.id)));
-  for (const [i, row] of rows.entries()) {
-    expect(restored[i]!.code, restored[i]!.stderr).toBe(0);
-    expect(await sameBytes(outs[i]!, copies.get(row.id)!), `backup ${row.id}`).toBe(true);
-    await rm(outs[i]!);
+  const opened = await Repository.open(repo);
+  for (const row of rows) {
+    const out = `${repo}-check-${row.id}.raw`;
+    await restore(opened, 'vm', out, { backup: row.id, format: 'raw' });
+    expect(await sameBytes(out, copies.get(row.id)!), `backup ${row.id}`).toBe(true);
+    await rm(out);
   }
   const files = await readdir(join(repo, 'disks', 'vm'));
   expect(files.sort()).toEqual(rows.flatMap((r) => [`${r.id}.digests`, `${r.id}.json`, `${r.id}.${layout === 'vhd' ? 'vhd' : 'vhd-dir'}`]).sort());

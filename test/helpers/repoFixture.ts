@@ -1,10 +1,13 @@
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { copyFile, cp, open, readdir, stat } from 'node:fs/promises';
+import { copyFile, cp, open, readdir, rm, stat } from 'node:fs/promises';
 import { join, relative } from 'node:path';
 import { expect } from 'vitest';
-import { CLI, type CliResult, vhdvault } from './cli.js';
+import { Repository } from '../../src/store/repository.js';
+import { restore } from '../../src/store/restore.js';
+import { CLI, cliEnv, type CliResult } from './cli.js';
 import { makeRaw, sha256 } from './files.js';
+import { backupOf, initRepo } from './store.js';
 
 export const MiB = 1024 * 1024;
 export const BLOCK = 2 * MiB;
@@ -12,7 +15,7 @@ export const BLOCK = 2 * MiB;
 /** Run the CLI without blocking the test's event loop (for commands that must overlap). */
 export function vhdvaultAsync(...args: string[]): Promise<CliResult> {
   return new Promise((resolve) => {
-    execFile(process.execPath, [CLI, ...args], { encoding: 'utf8', maxBuffer: 64 * MiB }, (err, stdout, stderr) => {
+    execFile(process.execPath, [CLI, ...args], { encoding: 'utf8', maxBuffer: 64 * MiB, env: cliEnv() }, (err, stdout, stderr) => {
       const code = err ? (typeof err.code === 'number' ? err.code : -1) : 0;
       resolve({ code, stdout, stderr });
     });
@@ -30,9 +33,11 @@ export interface Fixture {
 /**
  * A repository at `repo` holding `count` backups of a `size`-byte disk, each
  * after rewriting one block (block i for backup i), with every block random at first.
+ * Set-up, made in this process through the store's API (`vhdvault init` and `vhdvault backup`
+ * without a Node start-up each): the tests drive what they check through the CLI.
  */
 export async function makeFixture(repo: string, layout: 'dir' | 'vhd', count: number, size = 8 * MiB): Promise<Fixture> {
-  expect(vhdvault('init', repo, '--layout', layout).code).toBe(0);
+  await initRepo(repo, layout);
   const disk = `${repo}.raw`;
   await makeRaw(disk, size, [[0, size]]);
   const ids: string[] = [];
@@ -43,9 +48,7 @@ export async function makeFixture(repo: string, layout: 'dir' | 'vhd', count: nu
       await fh.write(randomBytes(BLOCK), 0, BLOCK, ((i - 1) % (size / BLOCK)) * BLOCK);
       await fh.close();
     }
-    const r = vhdvault('backup', repo, 'vm', '--source', disk);
-    expect(r.code, r.stderr).toBe(0);
-    const id = r.stdout.trim();
+    const id = await backupOf(repo, 'vm', disk);
     ids.push(id);
     content.set(id, await sha256(disk));
   }
@@ -72,12 +75,16 @@ export async function snapshot(root: string, skip: (rel: string) => boolean = ()
   return out;
 }
 
-/** Restore backup `id` to a raw file beside the repository and compare it with the disk's content then. */
+/**
+ * Restore backup `id` to a raw file in `scratch` and compare it with the disk's content then.
+ * A check, so in this process through the store's API (the code `vhdvault restore` runs, without
+ * a Node start-up per restore); the CLI's restore has its own tests.
+ */
 export async function expectRestores(f: Fixture, id: string, scratch: string): Promise<void> {
   const out = join(scratch, `restore-${id}.raw`);
-  const r = vhdvault('restore', f.repo, 'vm', out, '--backup', id);
-  expect(r.code, `restore ${id}: ${r.stderr}`).toBe(0);
+  await restore(await Repository.open(f.repo), 'vm', out, { backup: id, format: 'raw' });
   expect(await sha256(out), `content of backup ${id}`).toBe(f.content.get(id));
+  await rm(out);
 }
 
 export async function copyMetadata(f: Fixture, id: string, to: string): Promise<void> {
