@@ -17,7 +17,7 @@ import { withExclusiveAccess } from '../src/store/access.js';
 import { withDiskLock } from '../src/store/lock.js';
 import { mergeForward } from '../src/store/merge.js';
 import { prune } from '../src/store/prune.js';
-import { type BackupMetadata, type Layout, Repository } from '../src/store/repository.js';
+import { type BackupMetadata, type LayoutName as Layout, Repository } from '../src/store/repository.js';
 import { restore } from '../src/store/restore.js';
 import { verify } from '../src/store/verify.js';
 import type { Compression } from '../src/vhd/compression.js';
@@ -155,7 +155,7 @@ for (const c of CASES) {
           return;
         }
         // What the data and digests really occupy, recounted by the merge; headers, bitmaps and digests are small.
-        const actual = await this.repo.storedBytes([this.repo.dataKey(DISK, meta.id, meta.layout), this.repo.digestsKey(DISK, meta.id)]);
+        const actual = await this.repo.storedBytes([this.repo.dataKey(meta), this.repo.digestsKey(DISK, meta.id)]);
         expect(meta.bytesStored, what).toBe(actual);
         expect(meta.bytesStored, what).toBeGreaterThanOrEqual(data * BLOCK);
         expect(meta.bytesStored, what).toBeLessThanOrEqual(blocks * (BLOCK + 64 * KiB) + 256 * KiB);
