@@ -37,8 +37,8 @@ async function runJournal(repo: Repository, journal: MergeJournal, resumed: bool
   }
   const { parent, child } = journal;
   await repo.storage.put(metadataKey(child.disk, child.id), jsonText(merge.merged(journal)));
-  const stillListed = await repo.backup(parent.disk, parent.id).catch(() => null);
-  if (stillListed) await repo.deleteBackup(stillListed);
+  // Still listed unless its metadata is gone: a failed read is an error, never "already deleted".
+  if (await repo.storage.head(metadataKey(parent.disk, parent.id))) await repo.deleteBackup(await repo.backup(parent.disk, parent.id));
   await repo.storage.delete(mergeJournalKey(child.disk));
 }
 
