@@ -3,8 +3,10 @@
  * --network host`) see the same host and boot, but each its own PID namespace:
  * a pid recorded in the other's lock says nothing here. Such a lock is never
  * taken over, whatever the pid looks like from here; the message names its
- * holder and how to release it.
+ * holder and how to release it: `vhdvault unlock`, which refuses a lock whose
+ * holder runs here.
  */
+import { readFileSync, readlinkSync } from 'node:fs';
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
@@ -14,6 +16,12 @@ import { makeRaw, tempDir } from './helpers/files.js';
 import { initRepo } from './helpers/store.js';
 
 const MiB = 1024 * 1024;
+
+/** Field 22 of /proc/<pid>/stat: the start time a lock records. */
+const processStartOf = (pid: number) => {
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19];
+};
 
 describe('a lock written in another PID namespace of this host', () => {
   it('is not taken over, though its pid is alive here with another start time', async () => {
@@ -32,9 +40,24 @@ describe('a lock written in another PID namespace of this host', () => {
     expect(r.code, r.stderr).toBe(1);
     expect(r.stderr).toMatch(/is locked by process 1 on host .* \(prune, since then\)/);
     expect(r.stderr).toContain(join(diskDir, 'lock'));
+    expect(r.stderr).toContain(`vhdvault unlock ${repo} vm`);
     expect(JSON.parse(await readFile(join(diskDir, 'lock'), 'utf8'))).toEqual(holder);
+    // A person who knows the holder is gone releases it; the next backup runs.
+    const unlocked = vhdvault('unlock', repo, 'vm');
+    expect(unlocked.code, unlocked.stderr).toBe(0);
+    expect(unlocked.stdout).toMatch(/^unlocked vm: removed the lock of process 1 on host .* \(prune, since then\)$/m);
+    const after = vhdvault('backup', repo, 'vm', '--source', disk);
+    expect(after.code, after.stderr).toBe(0);
+    expect(vhdvault('unlock', repo, 'vm').stderr).toBe(`vhdvault: ${diskDir}: is not locked\n`);
+    // A lock whose holder runs here (this very test process) is not removed by unlock.
+    const me = { ...holder, pid: process.pid, processStart: processStartOf(process.pid), pidNamespace: readlinkSync('/proc/self/ns/pid') };
+    await writeFile(join(diskDir, 'lock'), JSON.stringify(me));
+    const refused = vhdvault('unlock', repo, 'vm');
+    expect(refused.code).toBe(1);
+    expect(refused.stderr).toMatch(/which is running: stop it, or let it finish, rather than unlock/);
+    expect(JSON.parse(await readFile(join(diskDir, 'lock'), 'utf8'))).toEqual(me);
     // The same record from this namespace is a reused pid: taken over.
-    const ours = (await import('node:fs')).readlinkSync('/proc/self/ns/pid');
+    const ours = readlinkSync('/proc/self/ns/pid');
     await writeFile(join(diskDir, 'lock'), JSON.stringify({ ...holder, pidNamespace: ours }));
     const again = vhdvault('backup', repo, 'vm', '--source', disk);
     expect(again.code, again.stderr).toBe(0);

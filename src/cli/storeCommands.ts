@@ -270,6 +270,18 @@ export function storeCommands(): Command[] {
       if (report.refused.length > 0) throw new ExitStatus(EXIT_FAILURE);
     });
 
+  const unlock = new Command('unlock')
+    .description("remove a disk's lock left by a process that is gone (one on another host or in another container is never taken over automatically)")
+    .argument('<repo>', 'the repository: a folder, or s3://bucket/prefix')
+    .argument('<disk>', 'the disk whose lock to remove')
+    .action(async (root: string, disk: string) => {
+      const repo = await Repository.open(root);
+      repo.diskDir(disk);
+      const { unlockDisk, describeOwner } = await import('../store/lock.js');
+      const holder = await unlockDisk(repo, disk);
+      console.log(`unlocked ${disk}: removed the lock of ${holder ? describeOwner(holder) : 'an unreadable owner'}`);
+    });
+
   const bench = new Command('bench').description('measure this machine');
   bench
     .command('stages')
@@ -303,5 +315,5 @@ export function storeCommands(): Command[] {
       console.log(opts.json ? JSON.stringify(rows, null, 2) : formatMergeRows(rows));
     });
 
-  return [init, backupCmd, list, restoreCmd, verifyCmd, pruneCmd, bench];
+  return [init, backupCmd, list, restoreCmd, verifyCmd, pruneCmd, unlock, bench];
 }

@@ -99,7 +99,7 @@ export class DiskLock {
       if (seen === null) continue; // released meanwhile
       if (!seen.stale(owner)) {
         const who = seen.holder ? describeOwner(seen.holder) : 'another process';
-        throw new LockBusyError(repo.diskDir(disk), `is locked by ${who}; if that process is gone, remove ${storage.describe(lockKey)}`);
+        throw new LockBusyError(repo.diskDir(disk), `is locked by ${who}; if that process is gone, run \`vhdvault unlock ${repo.root} ${disk}\` (it removes ${storage.describe(lockKey)})`);
       }
       if (!(await takeOver(storage, lockKey, seen.text, owner))) await sleep(20);
     }
@@ -172,4 +172,32 @@ export async function withDiskLock<T>(repo: Repository, disk: string, command: s
   } finally {
     await lock.release();
   }
+}
+
+/** Was this lock's owner seen running, here (same host, boot and PID namespace, same process start)? */
+function seenRunning(holder: LockOwner, me: LockOwner): boolean {
+  const here = holder.host === me.host && (!holder.bootId || holder.bootId === me.bootId) && (!holder.pidNamespace || holder.pidNamespace === me.pidNamespace);
+  if (!here || !processAlive(holder.pid)) return false;
+  return !holder.processStart || processStart(holder.pid) === holder.processStart;
+}
+
+/**
+ * `vhdvault unlock`: remove a disk's lock whose owner a person knows is gone
+ * (one on another host, or in another container, is never taken over
+ * automatically). Refused while the owner is seen running here. Resolves to
+ * the owner the lock named (null when it could not be read).
+ */
+export async function unlockDisk(repo: Repository, disk: string): Promise<LockOwner | null> {
+  const { storage } = repo;
+  const lockKey = key(repo.diskKey(disk), 'lock');
+  const seen = await readLock(storage, lockKey);
+  if (seen === null) throw new VaultError(repo.diskDir(disk), 'is not locked');
+  if (seen.holder && seenRunning(seen.holder, lockOwner('unlock'))) {
+    throw new VaultError(repo.diskDir(disk), `is locked by ${describeOwner(seen.holder)}, which is running: stop it, or let it finish, rather than unlock`);
+  }
+  // Only the lock that was judged: one taken meanwhile by another process stays.
+  const now = await storage.get(lockKey).then((b) => b.toString('utf8'), () => null);
+  if (now === seen.text) await storage.delete(lockKey);
+  await storage.delete(`${lockKey}.takeover`);
+  return seen.holder;
 }
