@@ -189,15 +189,23 @@ function seenRunning(holder: LockOwner, me: LockOwner): boolean {
  */
 export async function unlockDisk(repo: Repository, disk: string): Promise<LockOwner | null> {
   const { storage } = repo;
+  await repo.requireDisk(disk);
   const lockKey = key(repo.diskKey(disk), 'lock');
+  const me = lockOwner('unlock');
   const seen = await readLock(storage, lockKey);
   if (seen === null) throw new VaultError(repo.diskDir(disk), 'is not locked');
-  if (seen.holder && seenRunning(seen.holder, lockOwner('unlock'))) {
+  if (seen.holder && seenRunning(seen.holder, me)) {
     throw new VaultError(repo.diskDir(disk), `is locked by ${describeOwner(seen.holder)}, which is running: stop it, or let it finish, rather than unlock`);
   }
-  // Only the lock that was judged: one taken meanwhile by another process stays.
-  const now = await storage.get(lockKey).then((b) => b.toString('utf8'), () => null);
-  if (now === seen.text) await storage.delete(lockKey);
-  await storage.delete(`${lockKey}.takeover`);
+  await removeIfUnchanged(storage, lockKey, seen.text);
+  // A takeover marker a gone process left would stop every later taker; one a live process holds here is its own.
+  const marker = await readLock(storage, `${lockKey}.takeover`);
+  if (marker && !(marker.holder && seenRunning(marker.holder, me))) await removeIfUnchanged(storage, `${lockKey}.takeover`, marker.text);
   return seen.holder;
+}
+
+/** Delete `k` only if it still holds `text`: one replaced meanwhile by another process stays. */
+async function removeIfUnchanged(storage: Storage, k: string, text: string): Promise<void> {
+  const now = await storage.get(k).then((b) => b.toString('utf8'), () => null);
+  if (now === text) await storage.delete(k);
 }

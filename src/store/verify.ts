@@ -93,7 +93,7 @@ async function verifyBackup(repo: Repository, meta: BackupMetadata, report: Veri
   if (digests) {
     const k = repo.digestsKey(meta.disk, meta.id);
     try {
-      checkDigestsBinding(await repo.storage.get(k), meta, repo.storage.describe(k));
+      checkDigestsBinding(digests.bytes ?? (await repo.storage.get(k)), meta, repo.storage.describe(k));
     } catch (err) {
       if (!(err instanceof VaultError)) throw err;
       problem(null, err.message);

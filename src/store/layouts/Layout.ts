@@ -30,6 +30,8 @@ export interface LayoutContext {
 export interface Digests {
   get(block: number): Promise<Buffer>;
   close(): Promise<void>;
+  /** The whole digests object, when it is held in memory (a block map). */
+  readonly bytes?: Buffer;
 }
 
 /** A new backup, as a writer is asked to create it. */
