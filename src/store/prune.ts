@@ -1,7 +1,7 @@
 import { VaultError } from '../util/errors.js';
 import { withExclusiveAccess } from './access.js';
 import { diskFindings, type Finding } from './inspect.js';
-import { withDiskLock } from './lock.js';
+import { type DiskLock, withDiskLock } from './lock.js';
 import { completePendingMerge, hasPendingMerge, mergeForward } from './merge.js';
 import type { BackupMetadata, Repository } from './repository.js';
 import { pinnedBackups } from './overlayPins.js';
@@ -108,9 +108,16 @@ async function checkStructure(repo: Repository, disk: string, options: PruneOpti
   return backups;
 }
 
-async function applyPlan(repo: Repository, p: Plan): Promise<void> {
-  for (const d of p.deletions) await repo.deleteBackup(d);
-  for (const { parent, child } of p.merges) await mergeForward(repo, parent, child);
+/** Each deletion and merge starts only while the lock is still ours (each, once started, is finished by whoever comes next). */
+async function applyPlan(repo: Repository, p: Plan, lock: DiskLock): Promise<void> {
+  for (const d of p.deletions) {
+    await lock.confirm();
+    await repo.deleteBackup(d);
+  }
+  for (const { parent, child } of p.merges) {
+    await lock.confirm();
+    await mergeForward(repo, parent, child);
+  }
 }
 
 function record(report: PruneReport, p: Plan): void {
@@ -143,9 +150,9 @@ async function pruneDisk(repo: Repository, disk: string, options: PruneOptions, 
     record(report, plan(await checkStructure(repo, disk, options), options, await pins(repo, disk, { dryRun: true })));
     return;
   }
-  await withDiskLock(repo, disk, 'prune', async () => {
+  await withDiskLock(repo, disk, 'prune', async (lock) => {
     // Finish what an interrupted run left before judging the structure.
-    if (await hasPendingMerge(repo, disk)) await withExclusiveAccess(repo, disk, 'prune', () => completePendingMerge(repo, disk), options);
+    if (await hasPendingMerge(repo, disk)) await withExclusiveAccess(repo, disk, lock, () => completePendingMerge(repo, disk), options);
     await repo.recoverCommits(disk);
     await repo.cleanLeftovers(disk);
     const backups = await checkStructure(repo, disk, options);
@@ -162,14 +169,16 @@ async function pruneDisk(repo: Repository, disk: string, options: PruneOptions, 
     let p = plan(backups, once, await pins(repo, disk));
     const removal = repo.layout.removal(repo, disk);
     if (p.deletions.length + p.merges.length > 0) {
-      await withExclusiveAccess(repo, disk, 'prune', async () => {
+      await withExclusiveAccess(repo, disk, lock, async () => {
         // A reader we waited for (a replication) may have moved its pin meanwhile: plan again with the pins as they are now.
         p = plan(backups, once, await pins(repo, disk));
         await removal.before([...p.deletions, ...p.merges.map((m) => m.parent)]);
-        await applyPlan(repo, p);
+        await applyPlan(repo, p, lock);
       }, options);
     }
     record(report, p);
+    // The collection deletes objects no map names: only while no other writer can have started one.
+    await lock.confirm();
     report.collected.objects += await removal.after();
   });
 }
