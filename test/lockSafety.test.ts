@@ -12,7 +12,7 @@
  */
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { readFile } from 'node:fs/promises';
+import { readFile, rm } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -23,6 +23,8 @@ import { scribble } from './helpers/pruneChain.js';
 import { newBucket, s3Env, startS3 } from './helpers/s3.js';
 import { listed } from './helpers/store.js';
 import { Repository } from '../src/store/repository.js';
+import { restore } from '../src/store/restore.js';
+import { verify } from '../src/store/verify.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 8 * MiB;
@@ -107,29 +109,37 @@ class Subject {
     return cli(proxy, ['prune', this.repo, 'vm', '--keep-last', '3'], env);
   }
 
+  /** verify, in this process (its public API): no problem found. */
   async verifyClean(): Promise<void> {
-    const r = await cli(null, ['verify', this.repo]).done;
-    expect(r.code, `${r.stdout}\n${r.stderr}`).toBe(0);
+    const report = await verify(await Repository.open(this.repo), 'vm');
+    expect(report.problems).toEqual([]);
   }
 
-  /** Every backup listed restores to the disk as it was backed up. */
+  /** Every backup listed restores (in this process) to the disk as it was backed up. */
   async restoreAll(): Promise<void> {
+    const repo = await Repository.open(this.repo);
     const rows = await listed(this.repo, 'vm');
     expect(rows.length).toBeGreaterThan(0);
     for (const { id } of rows) {
       const out = join(dir, `restored-${id}.raw`);
-      const r = await cli(null, ['restore', this.repo, 'vm', out, '--backup', id, '--format', 'raw']).done;
-      expect(r.code, r.stderr).toBe(0);
+      await restore(repo, 'vm', out, { backup: id, format: 'raw' });
       expect(createHash('sha256').update(await readFile(out)).digest('hex'), `backup ${id}`).toBe(this.content.get(id));
+      await rm(out);
     }
   }
 }
 
-/** `count` request numbers spread over 1..total, a different spread each run (the seed is logged; LOCK_SEED replays it); LOCK_ROUNDS=all takes every one. */
-function sample(total: number, count: number, seed: number): number[] {
-  if (process.env.LOCK_ROUNDS === 'all' || total <= count) return Array.from({ length: total }, (_, i) => i + 1);
-  const step = total / count;
-  return Array.from({ length: count }, (_, i) => Math.min(total, 1 + Math.floor(i * step + ((seed * (i + 7)) % 997) / 997 * step)));
+/** Rounds per order of the two commands: LOCK_ROUNDS (a number, or `all` for every request of the held command). */
+const ROUNDS = process.env.LOCK_ROUNDS ?? '4';
+
+/**
+ * The request to hold in round i of `rounds`, when the held command made `total`
+ * requests last time: spread over all of them, shifted by the seed from run to run.
+ */
+function pick(i: number, rounds: number, total: number, seed: number): number {
+  if (ROUNDS === 'all') return i + 1;
+  const step = total / rounds;
+  return Math.min(total, 1 + Math.floor(i * step + (((seed * (i + 7)) % 997) / 997) * step));
 }
 
 describe('a backup and a prune, one held up at any request while the other runs', () => {
@@ -156,7 +166,7 @@ describe('a backup and a prune, one held up at any request while the other runs'
    * Hold request n of `held` (where: request or reply) until `other` ran from start to end.
    * Both must end cleanly (done, or refused for the lock), and the repository stay sound.
    */
-  async function round(held: 'backup' | 'prune', n: number, where: Hold['where']): Promise<void> {
+  async function round(held: 'backup' | 'prune', n: number, where: Hold['where']): Promise<number> {
     const proxy = await startHoldProxy(s3.endpoint);
     proxies.push(proxy);
     let release!: () => void;
@@ -182,22 +192,33 @@ describe('a backup and a prune, one held up at any request while the other runs'
     if (other) expectCleanOutcome(other, `the other command, during ${what}`);
     await proxy.close();
     await subject.verifyClean();
+    // Refused early, it says nothing of how many requests a full run makes.
+    return r.code === 0 ? proxy.seen.length : 0;
+  }
+
+  /** Rounds until every request was held once (LOCK_ROUNDS=all) or the count is reached. */
+  async function rounds(held: 'backup' | 'prune', first: Hold['where'], before?: () => Promise<void>): Promise<void> {
+    let total = await requestsOf((p) => (held === 'backup' ? subject.backup(p) : subject.prune(p)));
+    const count = ROUNDS === 'all' ? Infinity : Number(ROUNDS);
+    for (let i = 0; i < count && (ROUNDS !== 'all' || i < total); i++) {
+      await before?.();
+      const other: Hold['where'] = first === 'request' ? 'reply' : 'request';
+      const made = await round(held, pick(i, count, total, seed), i % 2 === 0 ? first : other);
+      // A command that ran to its end tells how many requests the next one makes.
+      if (made > 0) total = made;
+    }
   }
 
   it('backup held, prune runs: every round clean, every backup restores', async () => {
-    const total = await requestsOf((p) => subject.backup(p));
-    for (const [i, n] of sample(total, 6, seed).entries()) await round('backup', n, i % 2 === 0 ? 'request' : 'reply');
+    await rounds('backup', 'request');
     await subject.restoreAll();
   });
 
   it('prune held, backup runs: every round clean, every backup restores', async () => {
-    // Enough backups that each prune has something to merge and collect.
-    for (let i = 0; i < 2; i++) expect((await subject.backup(null).done).code).toBe(0);
-    const total = await requestsOf((p) => subject.prune(p));
-    for (const [i, n] of sample(total, 6, seed + 1).entries()) {
+    // A backup first each round, so that each prune has something to merge and collect.
+    await rounds('prune', 'reply', async () => {
       expect((await subject.backup(null).done).code).toBe(0);
-      await round('prune', n, i % 2 === 0 ? 'reply' : 'request');
-    }
+    });
     await subject.restoreAll();
   });
 });

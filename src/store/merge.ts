@@ -4,7 +4,7 @@ import { withExclusiveAccess, withReadAccess } from './access.js';
 import { mergeJournalKey, metadataKey } from './keys.js';
 import type { LayoutMerge, MergeJournal } from './layouts/Layout.js';
 import { withDiskLock } from './lock.js';
-import { jsonText, LAYOUT_NAMES } from './metadata.js';
+import { LAYOUT_NAMES, metadataText } from './metadata.js';
 import { isBackupId } from './names.js';
 import type { BackupMetadata, Repository } from './repository.js';
 
@@ -35,7 +35,7 @@ async function runJournal(repo: Repository, journal: MergeJournal, resumed: bool
     await advance(repo, journal, steps[i + 1]!);
   }
   const { parent, child } = journal;
-  await repo.storage.put(metadataKey(child.disk, child.id), jsonText(merge.merged(journal)));
+  await repo.storage.put(metadataKey(child.disk, child.id), metadataText(merge.merged(journal)));
   // Still listed unless its metadata is gone: a failed read is an error, never "already deleted".
   if (await repo.storage.head(metadataKey(parent.disk, parent.id))) await repo.deleteBackup(await repo.backup(parent.disk, parent.id));
   await repo.storage.delete(mergeJournalKey(child.disk));
