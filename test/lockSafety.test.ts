@@ -1,6 +1,6 @@
 // vitest: slow (a long file: started first on a fresh checkout, see vitest.config.ts)
 /**
- * No interleaving of writers loses data, whatever the delays (docs/design/05-writing-safely.md §5.8).
+ * No interleaving of writers loses data, whatever the delays (docs/design/05-writing-safely.md §5.1).
  *
  * A backup and a prune of one S3 repository, each through its own proxy: one
  * of them has its n-th request held (kept from the store, or its reply kept

@@ -24,7 +24,7 @@ export interface ClaimStore {
 export type ConditionalWrites = 'auto' | 'on' | 'off';
 
 /**
- * Exclusive creation on an S3 store (docs/design/05-writing-safely.md §5.8).
+ * Exclusive creation on an S3 store (docs/design/05-writing-safely.md §5.1).
  *
  * Where the store honours `If-None-Match: *` (AWS S3, Ceph RGW, MinIO, R2),
  * one conditional PUT is the whole protocol. Where it ignores it (s3rver, some

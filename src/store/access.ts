@@ -8,7 +8,7 @@ import { type DiskLock, LockBusyError, lockHolder } from './lock.js';
 import type { Repository } from './repository.js';
 
 /**
- * Readers and destructive writers of one disk, kept apart (docs/design/05-writing-safely.md §5.6).
+ * Readers and destructive writers of one disk, kept apart (docs/design/04-repository.md §4.11).
  *
  * A reader (restore, verify, list) registers a file in `access/<disk>/`, then
  * looks for the `exclusive` marker there; a writer about to change committed

@@ -24,13 +24,13 @@ const UNREADABLE_STALE_MS = 10_000;
 const TAKEOVER_STALE_MS = 10_000;
 
 /**
- * One writer per disk: `<disk>/lock` holds the owner (pid, host, boot, process
- * start). It is created whole with the storage's put-if-absent (locally: written
- * and fsynced under a temporary name, then hard-linked into place, which fails
- * if it exists). A lock whose owner is gone
- * is stale; taking it over is serialized by `lock.takeover` (created
- * exclusively), whose holder re-reads the lock before removing it, so two
- * processes can never both remove one stale lock and both go on.
+ * One writer per disk (docs/design/05-writing-safely.md §5.1): `<disk>/lock`
+ * holds the owner record. It is created whole with the storage's put-if-absent
+ * (a hard link locally; a conditional PUT or claims on S3). Only a lock whose
+ * owner is provably gone is stale, never one that is merely old; taking it over
+ * is serialized by `lock.takeover` (created exclusively), whose holder re-reads
+ * the lock before removing it, so two processes can never both remove one stale
+ * lock and both go on. The holder confirms the lock before each change it commits.
  */
 export class DiskLock {
   private constructor(
