@@ -7,6 +7,7 @@ import { vhdvault, vhdvaultAsync } from './helpers/cli.js';
 import { tempDir } from './helpers/files.js';
 import { backupAndCopy, BLOCK, expectSound, list, makeChain, scribble } from './helpers/pruneChain.js';
 import { selectRetention } from '../src/store/retention.js';
+import { rewriteMetadata } from './helpers/store.js';
 
 // Chains are built in this process (helpers/pruneChain.ts); prune, verify and the
 // restores that check the result run the built CLI. prune killed at random moments
@@ -62,9 +63,7 @@ for (const layout of ['dir', 'vhd'] as const) {
       // Spread the 8 backups over 4 days, two a day (ids stay in time order).
       for (const [i, id] of ids.entries()) {
         const path = join(repo, 'disks', 'vm', `${id}.json`);
-        const meta = JSON.parse(await readFile(path, 'utf8'));
-        meta.createdAt = new Date(2026, 0, 10 + Math.floor(i / 2), 8 + (i % 2) * 8).toISOString();
-        await writeFile(path, JSON.stringify(meta));
+        await rewriteMetadata(path, (meta) => ({ ...meta, createdAt: new Date(2026, 0, 10 + Math.floor(i / 2), 8 + (i % 2) * 8).toISOString() }));
       }
       const r = vhdvault('prune', repo, '--keep-daily', '2', '--json');
       expect(r.code, r.stderr).toBe(0);
@@ -139,11 +138,10 @@ for (const layout of ['dir', 'vhd'] as const) {
         await fh.close();
       }
       const metaPath = join(diskDir, `${d2}.json`);
-      const meta = JSON.parse(await readFile(metaPath, 'utf8'));
-      await writeFile(metaPath, JSON.stringify({ ...meta, wholeBlocks: false }));
+      await rewriteMetadata(metaPath, (meta) => ({ ...meta, wholeBlocks: false }));
       // Only D1 goes: F is alone in an older year; keep-last keeps D2.
       const fullMeta = join(diskDir, `${full}.json`);
-      await writeFile(fullMeta, JSON.stringify({ ...JSON.parse(await readFile(fullMeta, 'utf8')), createdAt: new Date(2020, 5, 1).toISOString() }));
+      await rewriteMetadata(fullMeta, (meta) => ({ ...meta, createdAt: new Date(2020, 5, 1).toISOString() }));
       await expectSound(repo, layout, copies); // sound before the merge
       const r = JSON.parse(vhdvault('prune', repo, '--keep-last', '1', '--keep-yearly', '2', '--json').stdout);
       expect(r).toMatchObject({ kept: [full, d2], removed: [d1], merged: 1 });

@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { beforeAll, describe, expect, it, test } from 'vitest';
 import { vhdvault } from './helpers/cli.js';
 import { makeRaw, mountTmpfs, sha256, tempDir } from './helpers/files.js';
-import { backupOf, initRepo } from './helpers/store.js';
+import { backupOf, initRepo, rewriteMetadata } from './helpers/store.js';
 import { BLOCK, copyFixture, expectRestores, type Fixture, isCoordination, makeFixture, MiB, snapshot, vhdvaultAsync } from './helpers/repoFixture.js';
 
 const dir = await tempDir();
@@ -61,7 +61,8 @@ for (const layout of ['dir', 'vhd'] as const) {
       const f = await fresh(base);
       const [full, d1, d2] = f.ids as [string, string, string, string];
       const original = await readFile(meta(f, d2), 'utf8');
-      await writeFile(meta(f, d2), JSON.stringify({ ...JSON.parse(original), parent: full }));
+      // Named wrongly but consistently (sealed): the lineage check, not the seal, must catch it.
+      await rewriteMetadata(meta(f, d2), (m) => ({ ...m, parent: full }));
       expect(vhdvault('verify', f.repo).code).toBe(1);
       const before = await snapshot(f.repo, isCoordination);
       const prune = vhdvault('prune', f.repo, '--keep-last', '1');

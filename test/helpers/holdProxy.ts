@@ -43,23 +43,31 @@ export async function startHoldProxy(target: string): Promise<HoldProxy> {
     if (hold) proxy.onHold(r);
     // Headers unchanged: the Host header is part of the request's signature.
     const forward = (body: Buffer) => {
-      const out = request({ host: upstream.hostname, port: upstream.port, method: req.method, path: req.url, headers: req.headers }, async (reply) => {
-        const data = await readAll(reply);
-        if (hold?.where === 'reply') await hold.until.catch(() => undefined);
-        if (res.destroyed) return;
-        res.writeHead(reply.statusCode ?? 502, reply.headers);
-        res.end(data);
+      const out = request({ host: upstream.hostname, port: upstream.port, method: req.method, path: req.url, headers: req.headers }, (reply) => {
+        void readAll(reply).then(
+          async (data) => {
+            if (hold?.where === 'reply') await hold.until.catch(() => undefined);
+            if (res.destroyed) return;
+            res.writeHead(reply.statusCode ?? 502, reply.headers);
+            res.end(data);
+          },
+          () => res.destroy(),
+        );
       });
       out.on('error', () => res.destroy());
       out.end(body);
     };
-    void readAll(req).then(async (body) => {
-      if (hold?.where === 'request') {
-        await hold.until.catch(() => undefined);
-        if (req.socket.destroyed) return;
-      }
-      forward(body);
-    });
+    // A client that gives up mid-request (its timeout) aborts the read: nothing to forward then.
+    void readAll(req).then(
+      async (body) => {
+        if (hold?.where === 'request') {
+          await hold.until.catch(() => undefined);
+          if (req.socket.destroyed) return;
+        }
+        forward(body);
+      },
+      () => res.destroy(),
+    );
   });
   server.on('connection', (s) => {
     sockets.add(s);

@@ -8,6 +8,8 @@ import { backup, type BackupOptions } from '../../src/store/backup.js';
 import { listBackups } from '../../src/store/list.js';
 import { Repository, type LayoutName as Layout } from '../../src/store/repository.js';
 import type { Compression } from '../../src/vhd/compression.js';
+import { readFile, writeFile } from 'node:fs/promises';
+import { type BackupMetadata, metadataText } from '../../src/store/metadata.js';
 
 /** `vhdvault init <root> --layout <layout> [--compression <codec>]`. */
 export async function initRepo(root: string, layout: Layout, compression: Compression = 'none'): Promise<void> {
@@ -35,4 +37,14 @@ export interface ListedBackup {
 export async function listed(root: string, disk?: string): Promise<ListedBackup[]> {
   const { backups } = await listBackups(await Repository.open(root), disk);
   return backups.map(({ disk, id, kind, parent }) => ({ disk, id, kind, parent }));
+}
+
+/**
+ * Change fields of a backup's metadata file as if vhdvault had written them
+ * (sealed again): for tests that set up a state (dates spread over days, a
+ * parent named wrongly but consistently), not for tests of damage.
+ */
+export async function rewriteMetadata(path: string, edit: (meta: BackupMetadata) => BackupMetadata | void): Promise<void> {
+  const meta = JSON.parse(await readFile(path, 'utf8')) as BackupMetadata;
+  await writeFile(path, metadataText(edit(meta) ?? meta));
 }
