@@ -7,6 +7,7 @@ import { VaultError } from '../../util/errors.js';
 import { isNotFound, key } from '../../storage/Storage.js';
 import { checkDigestsBinding, DIGEST_SIZE, digestsSha256, zeroDigest } from '../digests.js';
 import { blocksKey, digestsKey, diskKey, inDisk } from '../keys.js';
+import { SharedObjectError } from '../finding.js';
 import type { BackupMetadata } from '../metadata.js';
 import { isBackupId } from '../names.js';
 import type { LayoutContext } from './Layout.js';
@@ -33,7 +34,7 @@ export async function readBlockObject(repo: LayoutContext, meta: BackupMetadata,
   try {
     stored = await repo.storage.get(k);
   } catch (err) {
-    if (isNotFound(err)) throw new VaultError(repo.storage.describe(k), `block object is missing (named by backup ${meta.id})`);
+    if (isNotFound(err)) throw new SharedObjectError(repo.storage.describe(k), 'block object is missing', meta.id);
     throw err;
   }
   const data = await decompress(meta.compression, stored, meta.blockSize).catch((err: unknown) => {

@@ -1,0 +1,91 @@
+/**
+ * What an S3 repository's commands say when something in it (or beside it) is
+ * wrong, through the built CLI, one fresh bucket per test: each message names
+ * the thing that is wrong, the backup concerned and the problem, on one line,
+ * and blames nothing that is not at fault.
+ */
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { type CliResult, vhdvaultAsync } from './helpers/cli.js';
+import { makeRaw, tempDir } from './helpers/files.js';
+import { scribble } from './helpers/pruneChain.js';
+import { newBucket, s3Env, startS3 } from './helpers/s3.js';
+import { backupOf, initRepo } from './helpers/store.js';
+import { blockObjectKey, loadBlockMap } from '../src/store/layouts/blockObjects.js';
+import { Repository } from '../src/store/repository.js';
+
+const MiB = 1024 * 1024;
+
+const dir = await tempDir('vhdvault-s3msgs-');
+const cache = join(dir, 'cache');
+const s3 = await startS3();
+// CLI children inherit this environment (helpers/cli.ts): the test server, the standard AWS way.
+Object.assign(process.env, s3Env(s3.endpoint), { VHDVAULT_CACHE_DIR: cache });
+afterAll(() => s3.close());
+
+function ok(r: CliResult): CliResult {
+  expect(r.code, `${r.stdout}\n${r.stderr}`).toBe(0);
+  return r;
+}
+
+/** Each line on stderr a message of its own: no stack, no line broken in two. */
+function expectLines(stderr: string): string[] {
+  expect(stderr, stderr).not.toMatch(/\n\s+at |node:internal/);
+  const lines = stderr.trimEnd().split('\n');
+  for (const line of lines) expect(line, stderr).toMatch(/^(vhdvault: |note: )/);
+  return lines;
+}
+
+/**
+ * Set up in this process: a new repository (objects layout) in its own bucket, with `count`
+ * backups of an 8 MiB disk of random data, backup i changing block i-1.
+ */
+async function chain(tag: string, count: number): Promise<{ uri: string; disk: string; ids: string[] }> {
+  const uri = `s3://${await newBucket(s3.endpoint)}/repo`;
+  await initRepo(uri, 'objects');
+  const disk = join(dir, `${tag}.raw`);
+  await makeRaw(disk, 8 * MiB, [[0, 8 * MiB]]);
+  const ids: string[] = [];
+  for (let i = 0; i < count; i++) {
+    if (i > 0) await scribble(disk, [i - 1]);
+    ids.push(await backupOf(uri, 'vm', disk));
+  }
+  return { uri, disk, ids };
+}
+
+interface VerifyJson {
+  ok: boolean;
+  problems: Array<{ id: string | null; block: number | null; problem: string }>;
+}
+
+describe.concurrent('messages of an S3 repository', () => {
+  it('verify: a missing block object is said to be named by each backup whose map names it, not by the first', async () => {
+    const { uri, ids } = await chain('named', 3);
+    const repo = await Repository.open(uri);
+    const maps = await Promise.all(ids.map(async (id) => loadBlockMap(repo, await repo.backup('vm', id), { fresh: true })));
+    // Block 2 never changed: its object is named by all three maps. Block 0 changed in the second
+    // backup: that object is named by the second and third maps only.
+    const shared = blockObjectKey('vm', maps[0]!.digest(2));
+    const later = blockObjectKey('vm', maps[1]!.digest(0));
+    expect(maps[2]!.digest(0).equals(maps[1]!.digest(0))).toBe(true);
+    expect(maps[0]!.digest(0).equals(maps[1]!.digest(0))).toBe(false);
+    await repo.storage.deleteMany([shared, later]);
+
+    const r = await vhdvaultAsync('verify', uri, 'vm', '--json');
+    expect(r.code).toBe(1);
+    const report = JSON.parse(r.stdout) as VerifyJson;
+    const missing = report.problems.filter((p) => /block object is missing/.test(p.problem));
+    // The first backup names the shared object; the second and third name both.
+    expect(missing.map((p) => `${ids.indexOf(p.id!)}:${p.block}`).sort()).toEqual(['0:2', '1:0', '1:2', '2:0', '2:2']);
+    for (const p of missing) {
+      expect(p.problem, JSON.stringify(p)).toContain(`named by backup ${p.id})`);
+      expect(p.problem).toContain(repo.storage.describe(blockObjectKey('vm', maps[ids.indexOf(p.id!)]!.digest(p.block!))));
+    }
+    const text = await vhdvaultAsync('verify', uri, 'vm');
+    for (const line of expectLines(text.stderr)) {
+      const id = /backup (\S+) block/.exec(line)?.[1];
+      expect(line).toContain(`(named by backup ${id})`);
+    }
+  });
+
+});
