@@ -6,13 +6,14 @@
  */
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { type CliResult, vhdvaultAsync } from './helpers/cli.js';
+import { type CliResult, expectRefused, vhdvaultAsync } from './helpers/cli.js';
 import { makeRaw, tempDir } from './helpers/files.js';
 import { scribble } from './helpers/pruneChain.js';
 import { newBucket, s3Env, startS3 } from './helpers/s3.js';
 import { backupOf, initRepo } from './helpers/store.js';
 import { blockObjectKey, loadBlockMap } from '../src/store/layouts/blockObjects.js';
 import { Repository } from '../src/store/repository.js';
+import { restore } from '../src/store/restore.js';
 
 const MiB = 1024 * 1024;
 
@@ -86,6 +87,47 @@ describe.concurrent('messages of an S3 repository', () => {
       const id = /backup (\S+) block/.exec(line)?.[1];
       expect(line).toContain(`(named by backup ${id})`);
     }
+  });
+
+  it('an unparseable metadata object is said to be invalid, with why, on one line: never missing, nor its backup absent', async () => {
+    const { uri, disk, ids } = await chain('invalid', 3);
+    const [, middle, top] = ids as [string, string, string];
+    const repo = await Repository.open(uri);
+    const where = repo.storage.describe(repo.metadataKey('vm', middle));
+    // A control character first (V8 quotes a piece of the text in its message) and a line break.
+    await repo.storage.put(repo.metadataKey('vm', middle), '\u0001\n{"format": 1,');
+    const invalid = new RegExp(`${where.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}: is not valid JSON \\(Unexpected token '\\\\u0001'\\)`);
+    const notMissing = (s: string) => {
+      expect(s).not.toMatch(/is missing|not in the repository|belongs to no listed backup/);
+    };
+
+    const list = await vhdvaultAsync('list', uri, 'vm');
+    expect(list.code).toBe(0);
+    expect(list.stderr).toMatch(invalid);
+    expect(list.stderr).toContain(`backup ${top}: its parent backup ${middle} cannot be read`);
+    notMissing(list.stderr);
+    expectLines(list.stderr);
+
+    const verify = await vhdvaultAsync('verify', uri, 'vm');
+    expect(verify.code).toBe(1);
+    expect(verify.stderr).toMatch(invalid);
+    notMissing(verify.stderr);
+    expectLines(verify.stderr);
+
+    const prune = await vhdvaultAsync('prune', uri, 'vm', '--keep-last', '1');
+    expect(prune.code).toBe(1);
+    expect(prune.stderr).toMatch(invalid);
+    notMissing(prune.stderr);
+    expect(expectLines(prune.stderr)).toHaveLength(1);
+
+    expectRefused(await vhdvaultAsync('restore', uri, 'vm', join(dir, 'invalid.raw'), '--backup', middle), where, /is not valid JSON \(Unexpected token/);
+
+    // The next backup cannot build on the top backup's chain, and says which file stops it and why.
+    const backup = ok(await vhdvaultAsync('backup', uri, 'vm', '--source', disk));
+    expect(backup.stderr).toMatch(/taking a full backup/);
+    expect(backup.stderr).toContain(`its parent backup ${middle} cannot be read`);
+    expect(backup.stderr).toMatch(invalid);
+    notMissing(backup.stderr);
   });
 
 });
