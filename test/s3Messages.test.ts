@@ -4,6 +4,8 @@
  * the thing that is wrong, the backup concerned and the problem, on one line,
  * and blames nothing that is not at fault.
  */
+import { createHash } from 'node:crypto';
+import { lstat, mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { type CliResult, expectRefused, vhdvaultAsync } from './helpers/cli.js';
@@ -52,6 +54,18 @@ async function chain(tag: string, count: number): Promise<{ uri: string; disk: s
     ids.push(await backupOf(uri, 'vm', disk));
   }
   return { uri, disk, ids };
+}
+
+async function listIds(uri: string): Promise<string[]> {
+  return (JSON.parse(ok(await vhdvaultAsync('list', uri, 'vm', '--json')).stdout) as Array<{ id: string }>).map((b) => b.id);
+}
+
+/** The local cache's files for a repository's disk vm. */
+async function cacheFolder(uri: string): Promise<string> {
+  const repo = await Repository.open(uri);
+  // As blockObjects.ts names it: per repository (URI and creation time).
+  const repoId = createHash('sha256').update(`${repo.root}\0${repo.config.createdAt}`).digest('hex').slice(0, 16);
+  return join(cache, 'maps', repoId, 'vm');
 }
 
 interface VerifyJson {
@@ -128,6 +142,46 @@ describe.concurrent('messages of an S3 repository', () => {
     expect(backup.stderr).toContain(`its parent backup ${middle} cannot be read`);
     expect(backup.stderr).toMatch(invalid);
     notMissing(backup.stderr);
+  });
+
+  it('a corrupt local map cache is ignored and replaced: the next backup is a delta, prune runs, nothing is blamed on the store', async () => {
+    const { uri, disk, ids } = await chain('cache', 3);
+    // Fill the cache with every backup's map (restores in this process use the same cache).
+    const filling = await Repository.open(uri);
+    for (const id of ids) await restore(filling, 'vm', join(dir, `cache-${id}.raw`), { backup: id });
+    const folder = await cacheFolder(uri);
+    const entry = (id: string) => join(folder, `${id}.digests`);
+    const [first, second, top] = ids as [string, string, string];
+    // Damaged three ways: wrong bytes of the right size, a truncated file, a folder in a file's place.
+    const bytes = await readFile(entry(top));
+    bytes.fill(0xa5, 0, 40);
+    await writeFile(entry(top), bytes);
+    await writeFile(entry(second), bytes.subarray(0, 10));
+    await rm(entry(first));
+    await mkdir(join(entry(first), 'inside'), { recursive: true });
+
+    const verify = ok(await vhdvaultAsync('verify', uri, 'vm'));
+    expect(verify.stderr).toBe('');
+    await scribble(disk, [3]);
+    const backup = ok(await vhdvaultAsync('backup', uri, 'vm', '--source', disk, '--json'));
+    expect(backup.stderr).toBe('');
+    expect(JSON.parse(backup.stdout)).toMatchObject({ kind: 'delta', parent: top });
+    const newest = (JSON.parse(backup.stdout) as { id: string }).id;
+
+    // Every entry read since is the store's map again, a file, and no temporary file is left.
+    const repo = await Repository.open(uri);
+    for (const id of ids) {
+      const info = await lstat(entry(id));
+      expect(info.isFile(), `${entry(id)} is a file again`).toBe(true);
+      expect((await readFile(entry(id))).equals(await repo.storage.get(repo.digestsKey('vm', id)))).toBe(true);
+    }
+    expect((await readdir(folder)).filter((n) => n.endsWith('.tmp'))).toEqual([]);
+
+    const prune = ok(await vhdvaultAsync('prune', uri, 'vm', '--keep-last', '1'));
+    expect(prune.stderr).toBe('');
+    expect(prune.stdout).toContain('merged: 3');
+    expect(await listIds(uri)).toEqual([newest]);
+    ok(await vhdvaultAsync('verify', uri, 'vm'));
   });
 
 });
