@@ -9,6 +9,7 @@ import { lstat, mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { type CliResult, expectRefused, vhdvaultAsync } from './helpers/cli.js';
+import { startFaultProxy } from './helpers/faultProxy.js';
 import { makeRaw, tempDir } from './helpers/files.js';
 import { scribble } from './helpers/pruneChain.js';
 import { newBucket, s3Env, startS3 } from './helpers/s3.js';
@@ -184,4 +185,41 @@ describe.concurrent('messages of an S3 repository', () => {
     ok(await vhdvaultAsync('verify', uri, 'vm'));
   });
 
+  it("prune: a parent's metadata failing to load at the merge's commit stops prune with one line, it prints what it did, and a rerun finishes", async () => {
+    const { uri, ids } = await chain('fault', 4);
+    const [a, b, c, d] = ids as [string, string, string, string];
+    const bucket = /^s3:\/\/([^/]+)\//.exec(uri)![1]!;
+    // Prune reads b.json once to plan; every later GET of it (the second merge's commit) fails, retries included.
+    let gets = 0;
+    const proxy = await startFaultProxy(s3.endpoint, { fail: (method, path) => method === 'GET' && path === `/${bucket}/repo/disks/vm/${b}.json` && ++gets > 1 });
+    let prune: CliResult;
+    try {
+      // keep-last 2: a is merged into b, then b into c.
+      prune = await vhdvaultAsync('prune', uri, 'vm', '--keep-last', '2', '--endpoint', proxy.endpoint);
+    } finally {
+      await proxy.close();
+    }
+    expect(gets).toBeGreaterThan(1);
+    expect(prune.code, prune.stderr).toBe(1);
+    const [line] = expectLines(prune.stderr);
+    expect(expectLines(prune.stderr)).toHaveLength(1);
+    expect(line).toContain(`the merge of backup ${b} into ${c} is interrupted`);
+    expect(line).toContain(`${b}.json: server error 500`);
+    // What it did, it says: the first merge, and only that.
+    expect(prune.stdout).toContain(`remove  ${a}`);
+    expect(prune.stdout).toContain(`merge   ${a} into ${b}`);
+    expect(prune.stdout).not.toContain(`merge   ${b}`);
+    expect(prune.stdout).toContain('merged: 1');
+
+    // Straight from the store (list would finish the merge first): a is gone, the second merge's journal waits.
+    const repo = await Repository.open(uri);
+    expect((await repo.backups('vm')).map((m) => m.id)).not.toContain(a);
+    expect(await repo.storage.head('disks/vm/merge.json')).not.toBeNull();
+
+    const rerun = ok(await vhdvaultAsync('prune', uri, 'vm', '--keep-last', '2'));
+    expect(rerun.stderr).toBe('');
+    expect(await listIds(uri)).toEqual([c, d]);
+    expect(await repo.storage.head('disks/vm/merge.json')).toBeNull();
+    ok(await vhdvaultAsync('verify', uri, 'vm'));
+  });
 });

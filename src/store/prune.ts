@@ -108,9 +108,16 @@ async function checkStructure(repo: Repository, disk: string, options: PruneOpti
   return backups;
 }
 
-async function applyPlan(repo: Repository, p: Plan): Promise<void> {
-  for (const d of p.deletions) await repo.deleteBackup(d);
-  for (const { parent, child } of p.merges) await mergeForward(repo, parent, child);
+/** Each deletion and merge is added to `done` once finished: a later step's failure must not hide them. */
+async function applyPlan(repo: Repository, p: Plan, done: Plan): Promise<void> {
+  for (const d of p.deletions) {
+    await repo.deleteBackup(d);
+    done.deletions.push(d);
+  }
+  for (const m of p.merges) {
+    await mergeForward(repo, m.parent, m.child);
+    done.merges.push(m);
+  }
 }
 
 function record(report: PruneReport, p: Plan): void {
@@ -166,7 +173,11 @@ async function pruneDisk(repo: Repository, disk: string, options: PruneOptions, 
         // A reader we waited for (a replication) may have moved its pin meanwhile: plan again with the pins as they are now.
         p = plan(backups, once, await pins(repo, disk));
         await removal.before([...p.deletions, ...p.merges.map((m) => m.parent)]);
-        await applyPlan(repo, p);
+        const done: Plan = { kept: [], deletions: [], merges: [], deferred: [] };
+        await applyPlan(repo, p, done).catch((err: unknown) => {
+          record(report, done);
+          throw err;
+        });
       }, options);
     }
     record(report, p);
