@@ -49,6 +49,26 @@ describe('a swapped map in the store', () => {
   }
 });
 
+describe('edited metadata', () => {
+  for (const layout of ['dir', 'objects'] as const) {
+    it(`a size lowered by 1 MiB is found by verify and refused by restore (layout ${layout})`, async () => {
+      const dir = await tempDir();
+      const root = join(dir, 'repo');
+      await initRepo(root, layout);
+      const { ids } = await twoBackups(root, dir);
+      const file = join(root, 'disks', 'vm', `${ids[1]}.json`);
+      const meta = JSON.parse(await readFile(file, 'utf8')) as { size: number; sealSha256?: string };
+      expect(meta.sealSha256).toMatch(/^[0-9a-f]{64}$/);
+      await writeFile(file, JSON.stringify({ ...meta, size: meta.size - MiB }, null, 2));
+      const repo = await Repository.open(root);
+      const report = await verify(repo, 'vm');
+      expect(report.problems.map((p) => `${p.id} ${p.problem}`).join('\n')).toMatch(/has been edited or damaged: its fields no longer match the SHA-256 sealed in it/);
+      await expect(restore(repo, 'vm', join(dir, 'out.raw'), { backup: ids[1] })).rejects.toThrow(/has been edited or damaged/);
+      expect((await readdir(dir)).includes('out.raw')).toBe(false);
+    });
+  }
+});
+
 describe('a poisoned map cache (objects layout on S3)', async () => {
   const s3 = await startS3();
   afterAll(() => s3.close());

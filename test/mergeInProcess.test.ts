@@ -164,7 +164,7 @@ for (const c of CASES) {
 
     /** mergeForward as prune runs it: holding the disk's lock, once no reader is left. */
     const merge = (chain: Chain, parent: BackupMetadata, child: BackupMetadata) =>
-      withDiskLock(chain.repo, DISK, 'prune', () => withExclusiveAccess(chain.repo, DISK, 'prune', () => mergeForward(chain.repo, parent, child)));
+      withDiskLock(chain.repo, DISK, 'prune', (lock) => withExclusiveAccess(chain.repo, DISK, lock, () => mergeForward(chain.repo, parent, child)));
 
     describe('prune', () => {
       let chain: Chain;

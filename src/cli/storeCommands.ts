@@ -271,15 +271,17 @@ export function storeCommands(): Command[] {
     });
 
   const unlock = new Command('unlock')
-    .description("remove a disk's lock left by a process that is gone (one on another host or in another container is never taken over automatically)")
+    .description("remove a disk's lock, and reader or writer registrations, left by a process that is gone (one on another host or in another container is never taken over automatically)")
     .argument('<repo>', 'the repository: a folder, or s3://bucket/prefix')
     .argument('<disk>', 'the disk whose lock to remove')
     .action(async (root: string, disk: string) => {
       const repo = await Repository.open(root);
       repo.diskDir(disk);
-      const { unlockDisk, describeOwner } = await import('../store/lock.js');
-      const holder = await unlockDisk(repo, disk);
-      console.log(`unlocked ${disk}: removed the lock of ${holder ? describeOwner(holder) : 'an unreadable owner'}`);
+      const { unlockDisk } = await import('../store/unlock.js');
+      const { describeOwner } = await import('../util/owner.js');
+      const done = await unlockDisk(repo, disk);
+      if (done.lock !== undefined) console.log(`unlocked ${disk}: removed the lock of ${done.lock ? describeOwner(done.lock) : 'an unreadable owner'}`);
+      for (const owner of done.access) console.log(`unlocked ${disk}: removed the registration of ${describeOwner(owner)}`);
     });
 
   const bench = new Command('bench').description('measure this machine');

@@ -22,7 +22,7 @@ import { pathExists } from '../util/files.js';
 import { fsyncDirectory } from '../util/fsync.js';
 import { type BackupExport, pushPiece, segments } from './backupExport.js';
 import { openBackupData } from '../store/chain.js';
-import { describeOwner, isOwnerGone, lockOwner, parseOwner } from '../store/lock.js';
+import { describeOwner, isOwnerGone, lockOwner, parseOwner } from '../util/owner.js';
 import { pinBackup } from '../store/overlayPins.js';
 import type { BackupMetadata, Repository } from '../store/repository.js';
 import type { RestoreLayer } from '../store/restore.js';

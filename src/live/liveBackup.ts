@@ -97,7 +97,7 @@ export async function liveBackup(repo: Repository, disk: string, given: LiveBack
   }
   const qmp = await QmpClient.connect(options.qemu);
   try {
-    return await withBackupLock(repo, disk, async () => {
+    return await withBackupLock(repo, disk, async (lock) => {
       const latest = await repo.latest(disk);
       const entry = { node: options.node, device: options.device };
       await removeLeftoverView(qmp, entry);
@@ -123,7 +123,7 @@ export async function liveBackup(repo: Repository, disk: string, given: LiveBack
         const address = await view.export(previous.valid);
         const source = await NbdSource.open(address, { bitmap: previous.valid });
         try {
-          report = await backupFrom(repo, disk, source, { ...options, source: address.uri }, previous.valid, { id, note: previous.note, checkpoint: { bitmap: bitmaps.next, node }, writeLimit });
+          report = await backupFrom(repo, disk, source, { ...options, source: address.uri }, previous.valid, { id, note: previous.note, checkpoint: { bitmap: bitmaps.next, node }, writeLimit, lock });
         } catch (err) {
           throw await explain(err, mode, options);
         } finally {

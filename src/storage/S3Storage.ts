@@ -1,9 +1,9 @@
-import { createHash, randomBytes } from 'node:crypto';
-import { hostname } from 'node:os';
+import { createHash } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import pLimit, { type LimitFunction } from 'p-limit';
 import type { ListObjectsV2CommandOutput, S3Client } from '@aws-sdk/client-s3';
 import { UsageError } from '../util/errors.js';
+import { CLAIMS, type ConditionalWrites, ExclusiveCreator } from './s3ExclusiveCreate.js';
 import { type BatchOp, type ListedObject, NotFoundError, type ObjectInfo, type S3Descriptor, type Storage, type StorageCapabilities, StorageError } from './Storage.js';
 
 // The SDK warns on Node 20 that its support ends in 2027: nothing a user of the CLI can act on.
@@ -11,18 +11,14 @@ process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
 
 type Sdk = typeof import('@aws-sdk/client-s3');
 
-/** Where exclusive creators leave their claims (see putIfAbsent); hidden from list('') and listAll(''). */
-const CLAIMS = '.claims';
-/** A claim older than this was left by a creator that died; a live one holds its claim for a few requests. */
-const STALE_CLAIM_MS = 30_000;
-/** How long an exclusive create may keep losing to live claims before it gives up. */
-const CONTENDED_MS = 10_000;
 
 export interface S3Options {
   /** Per attempt: connecting, sending and the first byte of the reply (VHDVAULT_S3_TIMEOUT_MS, 30 s). */
   timeoutMs?: number;
   /** Attempts per request, the first included (VHDVAULT_S3_ATTEMPTS, 5). */
   maxAttempts?: number;
+  /** Whether the store honours `If-None-Match: *` (VHDVAULT_S3_CONDITIONAL_WRITES, auto: asked of the store once). */
+  conditionalWrites?: ConditionalWrites;
 }
 
 /** Open a repository in an S3-compatible bucket; the SDK is loaded here, not when the CLI starts. */
@@ -34,6 +30,7 @@ export async function openS3Storage(d: S3Descriptor, options: S3Options = {}): P
   const timeoutMs = options.timeoutMs ?? envNumber('VHDVAULT_S3_TIMEOUT_MS') ?? 30_000;
   const maxAttempts = options.maxAttempts ?? envNumber('VHDVAULT_S3_ATTEMPTS') ?? 5;
   const requests = envNumber('VHDVAULT_S3_REQUESTS') ?? 16;
+  const conditionalWrites = options.conditionalWrites ?? envChoice('VHDVAULT_S3_CONDITIONAL_WRITES', ['auto', 'on', 'off'] as const) ?? 'auto';
   const agent = { keepAlive: true, maxSockets: requests };
   const client = new sdk.S3Client({
     endpoint,
@@ -55,7 +52,7 @@ export async function openS3Storage(d: S3Descriptor, options: S3Options = {}): P
     },
     { step: 'build', name: 'vhdvaultDeleteObjectsMd5' },
   );
-  return new S3Storage(d, sdk, client, { endpoint: endpoint ?? `the AWS S3 endpoint of ${region ?? 'no region'}`, requests, maxAttempts });
+  return new S3Storage(d, sdk, client, { endpoint: endpoint ?? `the AWS S3 endpoint of ${region ?? 'no region'}`, requests, maxAttempts, conditionalWrites });
 }
 
 /**
@@ -68,16 +65,34 @@ export class S3Storage implements Storage {
   private readonly limit: LimitFunction;
   private readonly bucket: string;
   private readonly prefix: string;
+  private readonly exclusive: ExclusiveCreator;
 
   constructor(
     readonly descriptor: S3Descriptor,
     private readonly sdk: Sdk,
     private readonly client: S3Client,
-    private readonly settings: { endpoint: string; requests: number; maxAttempts: number },
+    private readonly settings: { endpoint: string; requests: number; maxAttempts: number; conditionalWrites: ConditionalWrites },
   ) {
     this.limit = pLimit(settings.requests);
+    this.exclusive = new ExclusiveCreator(
+      {
+        describe: (k) => this.describe(k),
+        exists: (k) => this.exists(k),
+        putIfNoneMatch: (k, data) => this.putIfNoneMatch(k, data),
+        put: (k, data) => this.put(k, data),
+        get: (k) => this.get(k),
+        listWithTimes: async (k) => ((await this.listPage(k, { Prefix: this.folder(k) })).Contents ?? []).map((c) => ({ key: this.relative(c.Key!), time: c.LastModified?.getTime() ?? 0 })),
+        deleteMany: (keys) => this.deleteMany(keys),
+      },
+      settings.conditionalWrites,
+    );
     this.bucket = descriptor.bucket;
     this.prefix = descriptor.prefix;
+  }
+
+  /** Whether exclusive creates are conditional PUTs (the store honours If-None-Match) or go through claims. */
+  conditionalWrites(): Promise<boolean> {
+    return this.exclusive.conditionalWrites();
   }
 
   /** Close the connections kept alive; the storage is not used after. */
@@ -155,7 +170,7 @@ export class S3Storage implements Storage {
   }
 
   async put(k: string, data: Buffer | string, options: { ifAbsent?: boolean } = {}): Promise<boolean> {
-    if (options.ifAbsent) return this.putIfAbsent(k, data);
+    if (options.ifAbsent) return this.exclusive.create(k, data);
     await this.send(k, (c, sdk) => c.send(new sdk.PutObjectCommand({ Bucket: this.bucket, Key: this.objectKey(k), ...body(data) })));
     return true;
   }
@@ -192,68 +207,8 @@ export class S3Storage implements Storage {
     }
   }
 
-  /**
-   * Create `k` only where nothing is, also on stores that ignore If-None-Match.
-   * Each creator writes its claim before it lists the claims, so with S3's strong read-after-write
-   * and list-after-write consistency whichever lists second sees the other: at most one does the head+put at a time.
-   * (Safe as long as a creator finishes within STALE_CLAIM_MS; where If-None-Match is honoured, always.)
-   */
-  private async putIfAbsent(k: string, data: Buffer | string): Promise<boolean> {
-    const claims = `${CLAIMS}/${createHash('sha256').update(this.objectKey(k)).digest('hex')}`;
-    const clock = { server: 0, local: 0 };
-    const deadline = Date.now() + CONTENDED_MS;
-    for (let round = 0; ; round++) {
-      if (round > 0) await sleep(5 + Math.random() * Math.min(35 * 2 ** round, 500));
-      // Present already: no claim needed to say so (and the losers of a race leave fast).
-      if (await this.exists(k)) return false;
-      // Having lost once, claim again only when the others' claims are gone: fewer claims, less contention.
-      if (round > 0) {
-        const r = await this.rivals(claims, null, clock);
-        this.giveUpIfContended(k, deadline, r.youngest);
-        if (r.count > 0) continue;
-      }
-      const mine = `${claims}/${Date.now()}-${randomBytes(8).toString('hex')}`;
-      await this.put(mine, `${process.pid}@${hostname()}\n`);
-      try {
-        // The oldest claim holds on while the younger ones withdraw: all withdrawing, all the time, would livelock.
-        for (;;) {
-          const r = await this.rivals(claims, mine, clock);
-          if (r.count === 0) return await this.putIfNoneMatch(k, data);
-          this.giveUpIfContended(k, deadline, r.youngest);
-          if (!r.oldest) break;
-          await sleep(5 + Math.random() * 10);
-        }
-      } finally {
-        // A claim left behind turns stale: failing here must not fail a create that succeeded.
-        await this.deleteMany([mine]).catch(() => undefined);
-      }
-    }
-  }
-
-  /**
-   * The live claims other than `mine`: how many, the age of the youngest, and whether mine is the oldest.
-   * Stale ones are removed. Ages go by the store's clock: `clock` pairs the time it gave my last claim with our monotonic one then.
-   */
-  private async rivals(claims: string, mine: string | null, clock: { server: number; local: number }): Promise<{ count: number; youngest: number; oldest: boolean }> {
-    const me = mine === null ? null : this.objectKey(mine);
-    const listed = ((await this.listPage(claims, { Prefix: this.folder(claims) })).Contents ?? []).map((c) => ({ key: c.Key!, time: c.LastModified?.getTime() ?? 0 }));
-    const own = listed.find((c) => c.key === me);
-    if (own && own.time > clock.server) Object.assign(clock, { server: own.time, local: performance.now() });
-    // Without a claim of mine seen yet, the newest claim is as late as the store's clock is known to be.
-    const now = clock.local === 0 ? Math.max(0, ...listed.map((c) => c.time)) : clock.server + (performance.now() - clock.local);
-    await this.deleteMany(listed.filter((c) => now - c.time > STALE_CLAIM_MS).map((c) => this.relative(c.key))).catch(() => undefined);
-    const live = listed.filter((c) => now - c.time <= STALE_CLAIM_MS).sort((a, b) => a.time - b.time || (a.key < b.key ? -1 : 1));
-    const others = live.filter((c) => c.key !== me);
-    return { count: others.length, youngest: Math.min(Infinity, ...others.map((c) => now - c.time)), oldest: live[0]?.key === me };
-  }
-
-  /** Throws once past the deadline while others keep claiming; claims older than the whole wait are a dead creator's, waited out until stale. */
-  private giveUpIfContended(k: string, deadline: number, youngest: number): void {
-    if (Date.now() > deadline && youngest < CONTENDED_MS) throw new StorageError(this.describe(k), 'contended: could not create it exclusively', 'CONTENDED');
-  }
-
+  /** PUT with `If-None-Match: *`; false when the store says something is there. */
   private async putIfNoneMatch(k: string, data: Buffer | string): Promise<boolean> {
-    if (await this.exists(k)) return false;
     try {
       await this.limit(() => this.client.send(new this.sdk.PutObjectCommand({ Bucket: this.bucket, Key: this.objectKey(k), ...body(data), IfNoneMatch: '*' })));
       return true;
@@ -377,6 +332,13 @@ function oneLine(s: string): string {
 function env(name: string): string | undefined {
   const v = process.env[name];
   return v === undefined || v === '' ? undefined : v;
+}
+
+function envChoice<T extends string>(name: string, choices: readonly T[]): T | undefined {
+  const v = env(name);
+  if (v === undefined) return undefined;
+  if (!(choices as readonly string[]).includes(v)) throw new UsageError(`${name} must be one of ${choices.join(', ')}, not "${v}"`);
+  return v as T;
 }
 
 function envNumber(name: string): number | undefined {

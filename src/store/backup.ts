@@ -7,7 +7,7 @@ import { newUuid } from '../vhd/uuid.js';
 import { BackupPipeline } from './backupPipeline.js';
 import { openDigests } from './chain.js';
 import type { Digests } from './layouts/Layout.js';
-import { withDiskLock } from './lock.js';
+import { type DiskLock, withDiskLock } from './lock.js';
 import { withExclusiveAccess } from './access.js';
 import { lineageFindings } from './inspect.js';
 import { completePendingMerge, hasPendingMerge } from './merge.js';
@@ -97,11 +97,11 @@ export function planSource(options: BackupOptions): SourcePlan {
  */
 export async function backup(repo: Repository, disk: string, options: BackupOptions): Promise<BackupReport> {
   const plan = planSource(options);
-  return withBackupLock(repo, disk, async () => {
+  return withBackupLock(repo, disk, async (lock) => {
     // A bitmap the export lacks is refused here, even for a full backup: the set-up is wrong either way.
     const source = plan.nbd ? await NbdSource.open(plan.nbd, { bitmap: plan.bitmap }) : await openSource(options.source, { fromRaw: options.fromRaw });
     try {
-      return await backupFrom(repo, disk, source, options, plan.bitmap);
+      return await backupFrom(repo, disk, source, options, plan.bitmap, { lock });
     } finally {
       await source.close();
     }
@@ -113,15 +113,15 @@ export async function backup(repo: Repository, disk: string, options: BackupOpti
  * leftovers of interrupted runs are dealt with: what every backup of `disk`
  * (from a file, NBD, or a live QEMU disk) runs under.
  */
-export async function withBackupLock<T>(repo: Repository, disk: string, fn: () => Promise<T>): Promise<T> {
+export async function withBackupLock<T>(repo: Repository, disk: string, fn: (lock: DiskLock) => Promise<T>): Promise<T> {
   const diskDir = repo.diskDir(disk);
   // The lock, created first, makes the disk's folder.
   try {
-    return await withDiskLock(repo, disk, 'backup', async () => {
-      if (await hasPendingMerge(repo, disk)) await withExclusiveAccess(repo, disk, 'backup', () => completePendingMerge(repo, disk));
+    return await withDiskLock(repo, disk, 'backup', async (lock) => {
+      if (await hasPendingMerge(repo, disk)) await withExclusiveAccess(repo, disk, lock, () => completePendingMerge(repo, disk));
       await repo.recoverCommits(disk);
       await repo.cleanLeftovers(disk);
-      return await fn();
+      return await fn(lock);
     });
   } catch (err) {
     // Staged files are gone (the writers' abort): say where space ran out, and that nothing changed.
@@ -140,6 +140,8 @@ export interface BackupExtras {
   checkpoint?: Checkpoint;
   /** The --max-write pace, when something else writes to the backup target too (direct mode's copies). */
   writeLimit?: Limiter;
+  /** The disk's lock, confirmed still ours right before the commit. */
+  lock?: DiskLock;
 }
 
 /**
@@ -227,6 +229,7 @@ export async function backupFrom(repo: Repository, disk: string, source: BlockSo
     }
     const fields = { disk, id, parent: parent?.id ?? null, size, blockCount, uuid, blocksWritten: result.blocksWritten, bytesWritten: result.bytesWritten };
     const metadata = newBackupMetadata(repo, { ...fields, bytesStored: await writer.storedBytes(result.bytesWritten), ...(extras.checkpoint ? { checkpoint: extras.checkpoint } : {}) }, result.digests.bytes);
+    await extras.lock?.confirm();
     await repo.commitBackup(metadata, result.digests.bytes);
   } catch (err) {
     throw options.signal?.aborted ? options.signal.reason : err;

@@ -1,88 +1,44 @@
-import { hostname } from 'node:os';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { VaultError } from '../util/errors.js';
-import { randomBytes } from 'node:crypto';
-import { bootId, pidNamespace, processAlive, processStart } from '../util/processes.js';
+import { describeOwner, isOwnerGone, type LockOwner, lockOwner, parseOwner, seenRunning } from '../util/owner.js';
 import { isNotFound, key, type Storage } from '../storage/Storage.js';
 import type { Repository } from './repository.js';
 
-export interface LockOwner {
-  pid: number;
-  host: string;
-  startedAt: string;
-  command: string;
-  /** This boot of the host (Linux boot_id): a lock from an earlier boot is stale. */
-  bootId?: string;
-  /** The owner's start time in clock ticks since boot (/proc/<pid>/stat): tells a reused pid from the owner. */
-  processStart?: string;
-  /** The owner's PID namespace: its pid says nothing in another one (a container with the same host name). */
-  pidNamespace?: string;
-  /** Random, one per owner record: no two owners share it, whatever their host and pid. */
-  token?: string;
+/** The disk is locked by a process not known to be gone. */
+export class LockBusyError extends VaultError {
+  constructor(
+    where: string,
+    message: string,
+    readonly holder: LockOwner | null,
+  ) {
+    super(where, message);
+  }
 }
 
-/** The disk is locked by a live process. */
-export class LockBusyError extends VaultError {}
+/** Our lock is no longer ours (a person ran unlock, thinking us gone): nothing more may be changed. */
+export class LockLostError extends VaultError {}
 
 /** A lock file nobody could parse is stale once this old (ours are never seen half-written). */
 const UNREADABLE_STALE_MS = 10_000;
 /** A takeover marker left by a crash in the middle of a takeover is removed once this old. */
 const TAKEOVER_STALE_MS = 10_000;
 
-/** Who we are, as a lock, marker or reader registration records it. */
-export function lockOwner(command: string): LockOwner {
-  return {
-    pid: process.pid,
-    host: hostname(),
-    startedAt: new Date().toISOString(),
-    command,
-    bootId: bootId(),
-    processStart: processStart(process.pid),
-    pidNamespace: pidNamespace(),
-    token: randomBytes(8).toString('hex'),
-  };
-}
-
-/** An owner record, or null when the text is not one. */
-export function parseOwner(text: string): LockOwner | null {
-  try {
-    const v = JSON.parse(text) as LockOwner;
-    return v !== null && Number.isSafeInteger(v.pid) && typeof v.host === 'string' ? v : null;
-  } catch {
-    return null;
-  }
-}
-
-export function describeOwner(o: LockOwner): string {
-  return `process ${o.pid} on host ${o.host} (${o.command}, since ${o.startedAt})`;
-}
-
-/** Is the lock's owner certainly gone? Only provable on the same host. */
-export function isOwnerGone(holder: LockOwner, me: LockOwner): boolean {
-  if (holder.host !== me.host) return false;
-  if (holder.bootId && me.bootId && holder.bootId !== me.bootId) return true;
-  // Another PID namespace (a container with this host's name): its pid cannot be looked up from here.
-  // (Owner records of earlier versions carry none: they are judged as they always were.)
-  if (holder.pidNamespace && me.pidNamespace && holder.pidNamespace !== me.pidNamespace) return false;
-  if (!processAlive(holder.pid)) return true;
-  // The pid is in use: by the owner, or by a process that reused it.
-  const start = holder.processStart ? processStart(holder.pid) : undefined;
-  return start !== undefined && start !== holder.processStart;
-}
-
 /**
- * One writer per disk: `<disk>/lock` holds the owner (pid, host, boot, process
- * start). It is created whole with the storage's put-if-absent (locally: written
- * and fsynced under a temporary name, then hard-linked into place, which fails
- * if it exists). A lock whose owner is gone
- * is stale; taking it over is serialized by `lock.takeover` (created
- * exclusively), whose holder re-reads the lock before removing it, so two
- * processes can never both remove one stale lock and both go on.
+ * One writer per disk (docs/design/05-writing-safely.md §5.1): `<disk>/lock`
+ * holds the owner record. It is created whole with the storage's put-if-absent
+ * (a hard link locally; a conditional PUT or claims on S3). Only a lock whose
+ * owner is provably gone is stale, never one that is merely old; taking it over
+ * is serialized by `lock.takeover` (created exclusively), whose holder re-reads
+ * the lock before removing it, so two processes can never both remove one stale
+ * lock and both go on. The holder confirms the lock before each change it commits.
  */
 export class DiskLock {
   private constructor(
     private readonly storage: Storage,
     private readonly key: string,
+    /** Who holds it: the record in the lock, whose token the lock's markers repeat. */
+    readonly owner: LockOwner,
+    private readonly where: string,
   ) {}
 
   static async acquire(repo: Repository, disk: string, command: string): Promise<DiskLock> {
@@ -94,21 +50,43 @@ export class DiskLock {
     const deadline = Date.now() + TAKEOVER_STALE_MS + 5_000;
     for (let attempt = 0; Date.now() < deadline || attempt < 50; attempt++) {
       // Created whole and durable, and only where no lock is (put-if-absent).
-      if (await storage.put(lockKey, text, { ifAbsent: true })) return new DiskLock(storage, lockKey);
+      if (await storage.put(lockKey, text, { ifAbsent: true })) return new DiskLock(storage, lockKey, owner, repo.diskDir(disk));
       const seen = await readLock(storage, lockKey);
       if (seen === null) continue; // released meanwhile
-      if (!seen.stale(owner)) {
-        const who = seen.holder ? describeOwner(seen.holder) : 'another process';
-        throw new LockBusyError(repo.diskDir(disk), `is locked by ${who}; if that process is gone, run \`vhdvault unlock ${repo.root} ${disk}\` (it removes ${storage.describe(lockKey)})`);
-      }
+      if (!seen.stale(owner)) throw busy(repo, disk, seen.holder);
       if (!(await takeOver(storage, lockKey, seen.text, owner))) await sleep(20);
     }
     throw new VaultError(repo.diskDir(disk), `could not take the lock ${storage.describe(lockKey)}`);
   }
 
-  async release(): Promise<void> {
-    await this.storage.delete(this.key).catch(() => undefined);
+  /**
+   * Throw unless the lock still holds our record: called right before a commit
+   * or a deletion, so that a process whose lock was removed (by a person
+   * running unlock while it was paused) changes nothing more.
+   */
+  async confirm(): Promise<void> {
+    const seen = await readLock(this.storage, this.key);
+    if (seen?.holder?.token === this.owner.token) return;
+    const now = seen === null ? 'no lock is there' : seen.holder ? `it is now held by ${describeOwner(seen.holder)}` : 'another lock is there';
+    throw new LockLostError(this.where, `lost its lock while this ${this.owner.command} ran (${now}): it stopped before changing anything more`);
   }
+
+  async release(): Promise<void> {
+    // Only ours: a lock a person removed and another process took since is that process's.
+    await removeIfUnchanged(this.storage, this.key, JSON.stringify(this.owner)).catch(() => undefined);
+  }
+}
+
+function busy(repo: Repository, disk: string, holder: LockOwner | null): LockBusyError {
+  const who = holder ? describeOwner(holder) : 'another process';
+  const lockKey = key(repo.diskKey(disk), 'lock');
+  return new LockBusyError(repo.diskDir(disk), `is locked by ${who}; if that process is gone, run \`vhdvault unlock ${repo.root} ${disk}\` (it removes ${repo.storage.describe(lockKey)})`, holder);
+}
+
+/** The holder of a disk's lock, when it is locked. */
+export async function lockHolder(repo: Repository, disk: string): Promise<{ holder: LockOwner | null } | null> {
+  const seen = await readLock(repo.storage, key(repo.diskKey(disk), 'lock'));
+  return seen && { holder: seen.holder };
 }
 
 interface SeenLock {
@@ -165,47 +143,28 @@ async function takeOver(storage: Storage, lockKey: string, staleText: string, me
 }
 
 /** Run `fn` holding the disk's lock. */
-export async function withDiskLock<T>(repo: Repository, disk: string, command: string, fn: () => Promise<T>): Promise<T> {
+export async function withDiskLock<T>(repo: Repository, disk: string, command: string, fn: (lock: DiskLock) => Promise<T>): Promise<T> {
   const lock = await DiskLock.acquire(repo, disk, command);
   try {
-    return await fn();
+    return await fn(lock);
   } finally {
     await lock.release();
   }
 }
 
-/** Was this lock's owner seen running, here (same host, boot and PID namespace, same process start)? */
-function seenRunning(holder: LockOwner, me: LockOwner): boolean {
-  const here = holder.host === me.host && (!holder.bootId || holder.bootId === me.bootId) && (!holder.pidNamespace || holder.pidNamespace === me.pidNamespace);
-  if (!here || !processAlive(holder.pid)) return false;
-  return !holder.processStart || processStart(holder.pid) === holder.processStart;
-}
-
-/**
- * `vhdvault unlock`: remove a disk's lock whose owner a person knows is gone
- * (one on another host, or in another container, is never taken over
- * automatically). Refused while the owner is seen running here. Resolves to
- * the owner the lock named (null when it could not be read).
- */
-export async function unlockDisk(repo: Repository, disk: string): Promise<LockOwner | null> {
-  const { storage } = repo;
-  await repo.requireDisk(disk);
+/** The lock's record and its takeover marker's, as `vhdvault unlock` finds them (unlock.ts). */
+export async function lockRecords(repo: Repository, disk: string): Promise<{ key: string; text: string; holder: LockOwner | null }[]> {
   const lockKey = key(repo.diskKey(disk), 'lock');
-  const me = lockOwner('unlock');
-  const seen = await readLock(storage, lockKey);
-  if (seen === null) throw new VaultError(repo.diskDir(disk), 'is not locked');
-  if (seen.holder && seenRunning(seen.holder, me)) {
-    throw new VaultError(repo.diskDir(disk), `is locked by ${describeOwner(seen.holder)}, which is running: stop it, or let it finish, rather than unlock`);
+  const found = [];
+  for (const k of [lockKey, `${lockKey}.takeover`]) {
+    const seen = await readLock(repo.storage, k);
+    if (seen) found.push({ key: k, text: seen.text, holder: seen.holder });
   }
-  await removeIfUnchanged(storage, lockKey, seen.text);
-  // A takeover marker a gone process left would stop every later taker; one a live process holds here is its own.
-  const marker = await readLock(storage, `${lockKey}.takeover`);
-  if (marker && !(marker.holder && seenRunning(marker.holder, me))) await removeIfUnchanged(storage, `${lockKey}.takeover`, marker.text);
-  return seen.holder;
+  return found;
 }
 
 /** Delete `k` only if it still holds `text`: one replaced meanwhile by another process stays. */
-async function removeIfUnchanged(storage: Storage, k: string, text: string): Promise<void> {
+export async function removeIfUnchanged(storage: Storage, k: string, text: string): Promise<void> {
   const now = await storage.get(k).then((b) => b.toString('utf8'), () => null);
   if (now === text) await storage.delete(k);
 }

@@ -1,11 +1,10 @@
-import { setTimeout as sleep } from 'node:timers/promises';
 import { isNotFound } from '../storage/Storage.js';
 import { VaultError } from '../util/errors.js';
 import { withExclusiveAccess, withReadAccess } from './access.js';
 import { mergeJournalKey, metadataKey } from './keys.js';
 import type { LayoutMerge, MergeJournal } from './layouts/Layout.js';
-import { LockBusyError, withDiskLock } from './lock.js';
-import { jsonText, LAYOUT_NAMES } from './metadata.js';
+import { withDiskLock } from './lock.js';
+import { LAYOUT_NAMES, metadataText } from './metadata.js';
 import { isBackupId } from './names.js';
 import { isNoSpace } from './reserve.js';
 import type { BackupMetadata, Repository } from './repository.js';
@@ -37,7 +36,7 @@ async function runJournal(repo: Repository, journal: MergeJournal, resumed: bool
     await advance(repo, journal, steps[i + 1]!);
   }
   const { parent, child } = journal;
-  await repo.storage.put(metadataKey(child.disk, child.id), jsonText(merge.merged(journal)));
+  await repo.storage.put(metadataKey(child.disk, child.id), metadataText(merge.merged(journal)));
   // Still listed unless its metadata is gone: a failed read is an error, never "already deleted".
   if (await repo.storage.head(metadataKey(parent.disk, parent.id))) await repo.deleteBackup(await repo.backup(parent.disk, parent.id));
   await repo.storage.delete(mergeJournalKey(child.disk));
@@ -145,16 +144,11 @@ export function hasPendingMerge(repo: Repository, disk: string): Promise<boolean
 
 /**
  * For commands that only read, seeing an abandoned merge: take the disk's lock
- * just long enough to finish it. If a live process holds the lock, it finishes
- * the merge itself (every writer does first): wait a moment and let the caller look again.
+ * just long enough to finish it. Throws LockBusyError while another process
+ * holds the lock (every writer finishes the merge first): the reader waits, saying for whom.
  */
 export async function settlePendingMerge(repo: Repository, disk: string): Promise<void> {
-  try {
-    await withDiskLock(repo, disk, 'merge recovery', () => withExclusiveAccess(repo, disk, 'merge recovery', () => completePendingMerge(repo, disk)));
-  } catch (err) {
-    if (!(err instanceof LockBusyError)) throw err;
-    await sleep(100);
-  }
+  await withDiskLock(repo, disk, 'merge recovery', (lock) => withExclusiveAccess(repo, disk, lock, () => completePendingMerge(repo, disk)));
 }
 
 /** Run `fn` as a reader of `disk` (see access.ts), finishing an abandoned merge first. */

@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import { type Compression, isCompression } from '../vhd/compression.js';
 import { DEFAULT_BLOCK_SIZE } from '../vhd/constants.js';
 import { describeJsonError, VaultError } from '../util/errors.js';
@@ -50,6 +51,12 @@ export interface BackupMetadata {
    * made before it was recorded.
    */
   digestsSha256?: string;
+  /**
+   * SHA-256 (hex) of the other fields as stored (metadataText): an edited field
+   * (a lowered size, a changed digests SHA-256) is detected when the metadata is
+   * read. Absent in backups made before it was recorded.
+   */
+  sealSha256?: string;
   /** Every stored block has a full sector bitmap (true for all vhdvault backups); lets merges rename blindly. */
   wholeBlocks?: boolean;
   /** A live backup's QEMU dirty bitmap, recording every write since this backup's point in time. */
@@ -64,6 +71,16 @@ export interface Checkpoint {
 
 /** How metadata is stored: pretty JSON and a final newline. */
 export const jsonText = (value: unknown): string => `${JSON.stringify(value, null, 2)}\n`;
+
+/** How a backup's metadata is stored: its fields, sealed by their SHA-256 (sealSha256). */
+export function metadataText(meta: BackupMetadata): string {
+  const { sealSha256: _old, ...fields } = meta;
+  return jsonText({ ...fields, sealSha256: sealOf(fields) });
+}
+
+function sealOf(fields: object): string {
+  return createHash('sha256').update(jsonText(fields)).digest('hex');
+}
 
 export function parseJson(bytes: Buffer, where: string): unknown {
   const text = bytes.toString('utf8');
@@ -101,5 +118,10 @@ export function parseMetadata(value: unknown, path: string, disk: string, id: st
     m.blockSize === DEFAULT_BLOCK_SIZE &&
     LAYOUT_NAMES.includes(m.layout!);
   if (!ok) throw new VaultError(path, 'is not valid backup metadata');
+  if (m.sealSha256 !== undefined) {
+    // The fields in their stored order: the seal is over the text they were written as.
+    const { sealSha256, ...fields } = m;
+    if (sealOf(fields) !== sealSha256) throw new VaultError(path, 'has been edited or damaged: its fields no longer match the SHA-256 sealed in it');
+  }
   return m as BackupMetadata;
 }

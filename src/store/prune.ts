@@ -1,7 +1,7 @@
 import { VaultError } from '../util/errors.js';
 import { withExclusiveAccess } from './access.js';
 import { diskFindings, type Finding } from './inspect.js';
-import { withDiskLock } from './lock.js';
+import { type DiskLock, withDiskLock } from './lock.js';
 import { completePendingMerge, hasPendingMerge, mergeForward } from './merge.js';
 import type { BackupMetadata, Repository } from './repository.js';
 import { pinnedBackups } from './overlayPins.js';
@@ -108,13 +108,18 @@ async function checkStructure(repo: Repository, disk: string, options: PruneOpti
   return backups;
 }
 
-/** Each deletion and merge is added to `done` once finished: a later step's failure must not hide them. */
-async function applyPlan(repo: Repository, p: Plan, done: Plan): Promise<void> {
+/**
+ * Each deletion and merge starts only while the lock is still ours (each, once started, is
+ * finished by whoever comes next), and is added to `done` once finished: a later step's failure must not hide them.
+ */
+async function applyPlan(repo: Repository, p: Plan, lock: DiskLock, done: Plan): Promise<void> {
   for (const d of p.deletions) {
+    await lock.confirm();
     await repo.deleteBackup(d);
     done.deletions.push(d);
   }
   for (const m of p.merges) {
+    await lock.confirm();
     await mergeForward(repo, m.parent, m.child);
     done.merges.push(m);
   }
@@ -150,9 +155,9 @@ async function pruneDisk(repo: Repository, disk: string, options: PruneOptions, 
     record(report, plan(await checkStructure(repo, disk, options), options, await pins(repo, disk, { dryRun: true })));
     return;
   }
-  await withDiskLock(repo, disk, 'prune', async () => {
+  await withDiskLock(repo, disk, 'prune', async (lock) => {
     // Finish what an interrupted run left before judging the structure.
-    if (await hasPendingMerge(repo, disk)) await withExclusiveAccess(repo, disk, 'prune', () => completePendingMerge(repo, disk), options);
+    if (await hasPendingMerge(repo, disk)) await withExclusiveAccess(repo, disk, lock, () => completePendingMerge(repo, disk), options);
     await repo.recoverCommits(disk);
     await repo.cleanLeftovers(disk);
     const backups = await checkStructure(repo, disk, options);
@@ -169,18 +174,20 @@ async function pruneDisk(repo: Repository, disk: string, options: PruneOptions, 
     let p = plan(backups, once, await pins(repo, disk));
     const removal = repo.layout.removal(repo, disk);
     if (p.deletions.length + p.merges.length > 0) {
-      await withExclusiveAccess(repo, disk, 'prune', async () => {
+      await withExclusiveAccess(repo, disk, lock, async () => {
         // A reader we waited for (a replication) may have moved its pin meanwhile: plan again with the pins as they are now.
         p = plan(backups, once, await pins(repo, disk));
         await removal.before([...p.deletions, ...p.merges.map((m) => m.parent)]);
         const done: Plan = { kept: [], deletions: [], merges: [], deferred: [] };
-        await applyPlan(repo, p, done).catch((err: unknown) => {
+        await applyPlan(repo, p, lock, done).catch((err: unknown) => {
           record(report, done);
           throw err;
         });
       }, options);
     }
     record(report, p);
+    // The collection deletes objects no map names: only while no other writer can have started one.
+    await lock.confirm();
     report.collected.objects += await removal.after();
   });
 }

@@ -10,7 +10,7 @@ import { digestsSha256 } from './digests.js';
 import * as keys from './keys.js';
 import { defaultLayout, layoutNamed } from './layouts/index.js';
 import type { Layout } from './layouts/Layout.js';
-import { type BackupMetadata, jsonText, type LayoutName, parseConfig, parseJson, parseMetadata, type RepositoryConfig } from './metadata.js';
+import { type BackupMetadata, jsonText, type LayoutName, metadataText, parseConfig, parseJson, parseMetadata, type RepositoryConfig } from './metadata.js';
 import { inUseByAnother, isBackupId, isTemporaryName } from './names.js';
 import { ensureReserve } from './reserve.js';
 
@@ -207,7 +207,7 @@ export class Repository {
    * metadata that says what it is.
    */
   async commitBackup(meta: BackupMetadata, digests: Buffer | null = null): Promise<void> {
-    await this.writeJson(this.pendingMetadataKey(meta.disk, meta.id), meta);
+    await this.storage.put(this.pendingMetadataKey(meta.disk, meta.id), metadataText(meta));
     await this.layoutOf(meta).commit(this, meta, digests);
   }
 
@@ -255,7 +255,7 @@ export class Repository {
   async deleteBackup(meta: BackupMetadata): Promise<void> {
     const [metadata, intent] = [this.metadataKey(meta.disk, meta.id), keys.deletingKey(meta.disk, meta.id)];
     // Without renames (an object store) the intent is a copy written before the metadata goes.
-    await this.storage.batch(this.storage.rename ? [{ rename: metadata, to: intent }] : [{ put: intent, data: jsonText(meta) }, { delete: metadata }]);
+    await this.storage.batch(this.storage.rename ? [{ rename: metadata, to: intent }] : [{ put: intent, data: metadataText(meta) }, { delete: metadata }]);
     await this.layoutOf(meta).deleteFiles(this, meta.disk, meta.id);
   }
 

@@ -4,7 +4,7 @@ import { UsageError, VaultError } from '../../util/errors.js';
 import { DIGEST_SIZE, zeroDigest } from '../digests.js';
 import type { Finding } from '../finding.js';
 import { blocksKey, deletingKey, digestsKey, metadataKey, pendingMetadataKey } from '../keys.js';
-import { type BackupMetadata, jsonText } from '../metadata.js';
+import { type BackupMetadata, metadataText } from '../metadata.js';
 import { blockObjectKey, collectGarbage, loadBlockMap, objectsNamedBy, SWEEP_MARKER, sweepMarkerKey } from './blockObjects.js';
 import type { BackupWriter, Layout, LayoutContext, LayoutMerge, MergeJournal, WriterSpec } from './Layout.js';
 import { ObjectBackupDisk } from './ObjectBackupDisk.js';
@@ -156,7 +156,7 @@ export const objectsLayout: Layout = {
   hasCommitFiles: async (ctx, meta) => (await ctx.storage.head(digestsKey(meta.disk, meta.id))) !== null,
   async finishCommit(ctx, meta) {
     // No renames on an object store: the final metadata is written whole, then the pending copy goes.
-    await ctx.storage.batch([{ put: metadataKey(meta.disk, meta.id), data: jsonText(meta) }, { delete: pendingMetadataKey(meta.disk, meta.id) }]);
+    await ctx.storage.batch([{ put: metadataKey(meta.disk, meta.id), data: metadataText(meta) }, { delete: pendingMetadataKey(meta.disk, meta.id) }]);
   },
   abandoned: async (ctx, meta) => !(await objectsLayout.hasCommitFiles(ctx, meta)),
   async deleteFiles(ctx, disk, id) {

@@ -12,7 +12,7 @@ import { DIGEST_SIZE, DigestReader } from '../digests.js';
 import type { Finding } from '../finding.js';
 import { deletingKey, digestsKey, inDisk, metadataKey, pendingMetadataKey, stagedDigestsKey, stagedName } from '../keys.js';
 import { lineage } from '../lineage.js';
-import { type BackupMetadata, jsonText, type LayoutName } from '../metadata.js';
+import { type BackupMetadata, type LayoutName, metadataText } from '../metadata.js';
 import { isBackupId } from '../names.js';
 import type { BackupWriter, Digests, Layout, LayoutContext, LayoutMerge, MergeJournal, Removal, WriterSpec } from './Layout.js';
 
@@ -317,7 +317,7 @@ class VhdMerge implements LayoutMerge {
     await ctx.storage.delete(inDisk(child.disk, trashName(this.layout.dataName(child.id))));
     const meta = await ctx.backup(child.disk, child.id);
     const bytesStored = await bytesBelow(ctx.storage, [this.layout.dataKey(meta.disk, meta.id), digestsKey(meta.disk, meta.id)]);
-    if (bytesStored !== meta.bytesStored) await ctx.storage.put(metadataKey(meta.disk, meta.id), jsonText({ ...meta, bytesStored }));
+    if (bytesStored !== meta.bytesStored) await ctx.storage.put(metadataKey(meta.disk, meta.id), metadataText({ ...meta, bytesStored }));
   }
 
   /**
