@@ -32,14 +32,21 @@ export async function fileFindings(repo: Repository, disk: string, backups: Back
   for (const name of [...names].sort()) {
     const m = dataNames.exec(name);
     if (!m || !isBackupId(m[1]!) || listed.has(m[1]!) || committing.has(m[1]!) || deleting.has(m[1]!)) continue;
-    if (m[2] === '.json') continue; // unreadable metadata: reported by Repository.backups()
+    // Metadata that is there but cannot be read is reported by Repository.backups(), with why; its data is not an orphan.
+    if (m[2] === '.json' || names.has(`${m[1]}.json`)) continue;
     findings.push({ disk, id: null, kind: 'orphan', problem: `${repo.diskDir(disk)}/${name} belongs to no listed backup (its metadata ${m[1]}.json is missing): left in place` });
   }
   for (const meta of backups) {
     for (const f of repo.layoutOf(meta).missingFiles(repo, meta, names)) findings.push({ disk, id: meta.id, ...f });
-    if (meta.parent !== null && !listed.has(meta.parent)) findings.push({ disk, id: meta.id, kind: 'missing-parent', problem: `its parent backup ${meta.parent} is not in the repository` });
+    if (meta.parent !== null && !listed.has(meta.parent)) findings.push({ disk, id: meta.id, kind: 'missing-parent', problem: missingParent(repo, disk, meta.parent, names) });
   }
   return findings;
+}
+
+/** A parent that is not listed: gone, or there with metadata that cannot be read (reported on its own, with why). */
+function missingParent(repo: Repository, disk: string, parent: string, names: Set<string>): string {
+  if (!names.has(`${parent}.json`)) return `its parent backup ${parent} is not in the repository`;
+  return `its parent backup ${parent} cannot be read (its metadata ${repo.storage.describe(repo.metadataKey(disk, parent))} is unreadable)`;
 }
 
 /**

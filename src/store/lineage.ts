@@ -1,3 +1,4 @@
+import { isNotFound } from '../storage/Storage.js';
 import { VaultError } from '../util/errors.js';
 import type { BackupMetadata } from './metadata.js';
 
@@ -20,7 +21,9 @@ export async function lineage(repo: BackupLookup, meta: BackupMetadata): Promise
     if (seen.has(parentId)) throw new VaultError(repo.diskDir(meta.disk), `backup ${m.id}: its parent chain loops back to ${parentId}`);
     const parent = await repo.backup(meta.disk, parentId).catch((err: unknown) => {
       if (!(err instanceof VaultError)) throw err;
-      throw new VaultError(repo.diskDir(meta.disk), `backup ${m.id}: its parent backup ${parentId} is not in the repository`);
+      // Absent, or there but unreadable (damaged metadata, a failed read): the second says which file and why.
+      if (isNotFound(err)) throw new VaultError(repo.diskDir(meta.disk), `backup ${m.id}: its parent backup ${parentId} is not in the repository`);
+      throw new VaultError(repo.diskDir(meta.disk), `backup ${m.id}: its parent backup ${parentId} cannot be read (${err.message})`);
     });
     seen.add(parentId);
     out.push(parent);

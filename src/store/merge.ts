@@ -6,6 +6,7 @@ import type { LayoutMerge, MergeJournal } from './layouts/Layout.js';
 import { withDiskLock } from './lock.js';
 import { LAYOUT_NAMES, metadataText } from './metadata.js';
 import { isBackupId } from './names.js';
+import { isNoSpace } from './reserve.js';
 import type { BackupMetadata, Repository } from './repository.js';
 
 /**
@@ -42,6 +43,25 @@ async function runJournal(repo: Repository, journal: MergeJournal, resumed: bool
 }
 
 /**
+ * runJournal, saying what a failure leaves: a merge begun (its journal written)
+ * and not finished, which the next command on the disk finishes. Without that,
+ * the failed read or write alone reads as if nothing had changed. A full
+ * filesystem's error stays as it is: prune gives back its reserve and reruns.
+ */
+async function runToEnd(repo: Repository, journal: MergeJournal, resumed: boolean): Promise<void> {
+  try {
+    await runJournal(repo, journal, resumed);
+  } catch (err) {
+    if (!(err instanceof VaultError) || isNoSpace(err)) throw err;
+    const { parent, child } = journal;
+    throw new VaultError(
+      repo.diskDir(child.disk),
+      `the merge of backup ${parent.id} into ${child.id} is interrupted (${err.message}): its journal merge.json is kept, and the next prune, backup, list, restore or verify of disk ${child.disk} finishes it`,
+    );
+  }
+}
+
+/**
  * Fold `child` into its parent `parent` (which is being removed): the result
  * holds the child's content under the child's id, UUID and timestamp, with the
  * parent's place in the chain (a full backup when the parent was full).
@@ -53,7 +73,7 @@ export async function mergeForward(repo: Repository, parent: BackupMetadata, chi
   const { merge } = repo.layoutOf(child);
   const journal: MergeJournal = { format: 1, parent, child, step: stepsOf(merge)[0]!, ...(await merge.begin(repo, parent, child)) };
   await repo.writeJson(mergeJournalKey(child.disk), journal);
-  await runJournal(repo, journal, false);
+  await runToEnd(repo, journal, false);
   if (options.reclaim ?? true) await merge.reclaim(repo, journal);
 }
 
@@ -112,7 +132,7 @@ export async function completePendingMerge(repo: Repository, disk: string): Prom
   const { merge } = repo.layoutOf(journal.child);
   const mismatch = await merge.mismatch(repo, journal);
   if (mismatch) throw damaged(`does not match the disk (${mismatch}): it may be stale or copied from elsewhere`);
-  await runJournal(repo, journal, true);
+  await runToEnd(repo, journal, true);
   await merge.reclaim(repo, journal);
   return true;
 }

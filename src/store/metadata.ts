@@ -1,7 +1,7 @@
 import { createHash } from 'node:crypto';
 import { type Compression, isCompression } from '../vhd/compression.js';
 import { DEFAULT_BLOCK_SIZE } from '../vhd/constants.js';
-import { VaultError } from '../util/errors.js';
+import { describeJsonError, VaultError } from '../util/errors.js';
 import { isBackupId } from './names.js';
 
 /**
@@ -83,10 +83,11 @@ function sealOf(fields: object): string {
 }
 
 export function parseJson(bytes: Buffer, where: string): unknown {
+  const text = bytes.toString('utf8');
   try {
-    return JSON.parse(bytes.toString('utf8'));
-  } catch {
-    throw new VaultError(where, 'is not valid JSON');
+    return JSON.parse(text);
+  } catch (err) {
+    throw new VaultError(where, `is not valid JSON (${describeJsonError(text, err)})`);
   }
 }
 

@@ -108,15 +108,20 @@ async function checkStructure(repo: Repository, disk: string, options: PruneOpti
   return backups;
 }
 
-/** Each deletion and merge starts only while the lock is still ours (each, once started, is finished by whoever comes next). */
-async function applyPlan(repo: Repository, p: Plan, lock: DiskLock): Promise<void> {
+/**
+ * Each deletion and merge starts only while the lock is still ours (each, once started, is
+ * finished by whoever comes next), and is added to `done` once finished: a later step's failure must not hide them.
+ */
+async function applyPlan(repo: Repository, p: Plan, lock: DiskLock, done: Plan): Promise<void> {
   for (const d of p.deletions) {
     await lock.confirm();
     await repo.deleteBackup(d);
+    done.deletions.push(d);
   }
-  for (const { parent, child } of p.merges) {
+  for (const m of p.merges) {
     await lock.confirm();
-    await mergeForward(repo, parent, child);
+    await mergeForward(repo, m.parent, m.child);
+    done.merges.push(m);
   }
 }
 
@@ -173,7 +178,11 @@ async function pruneDisk(repo: Repository, disk: string, options: PruneOptions, 
         // A reader we waited for (a replication) may have moved its pin meanwhile: plan again with the pins as they are now.
         p = plan(backups, once, await pins(repo, disk));
         await removal.before([...p.deletions, ...p.merges.map((m) => m.parent)]);
-        await applyPlan(repo, p, lock);
+        const done: Plan = { kept: [], deletions: [], merges: [], deferred: [] };
+        await applyPlan(repo, p, lock, done).catch((err: unknown) => {
+          record(report, done);
+          throw err;
+        });
       }, options);
     }
     record(report, p);

@@ -5,7 +5,7 @@ import { DEFAULT_BLOCK_SIZE } from '../vhd/constants.js';
 import { UsageError, VaultError } from '../util/errors.js';
 import { openStorage } from '../storage/open.js';
 import { isS3Uri, parseS3Uri } from '../storage/s3Uri.js';
-import { bytesBelow, isNotFound, key, localPathOf, type Storage, type StorageDescriptor } from '../storage/Storage.js';
+import { bytesBelow, isNotFound, key, localPathOf, NotFoundError, type Storage, type StorageDescriptor } from '../storage/Storage.js';
 import { digestsSha256 } from './digests.js';
 import * as keys from './keys.js';
 import { defaultLayout, layoutNamed } from './layouts/index.js';
@@ -291,7 +291,8 @@ export class Repository {
     try {
       return parseMetadata(await this.readJson(k), this.storage.describe(k), disk, id);
     } catch (err) {
-      if (isNotFound(err)) throw new VaultError(this.diskDir(disk), `has no backup ${id}`);
+      // Still a not-found: callers tell a backup that is not there from one whose metadata cannot be read.
+      if (isNotFound(err)) throw new NotFoundError(this.diskDir(disk), `has no backup ${id}`);
       throw err;
     }
   }

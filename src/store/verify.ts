@@ -5,6 +5,7 @@ import { BLOCK_READ_AHEAD, orderedReadAhead } from '../util/pipeline.js';
 import type { OnProgress } from '../util/progress.js';
 import { checkDigestsBinding, digestOf, zeroDigest } from './digests.js';
 import { openBackupChain, openDigests } from './chain.js';
+import { SharedObjectError } from './finding.js';
 import type { Digests } from './layouts/Layout.js';
 import { fileFindings } from './inspect.js';
 import { readingDisk } from './merge.js';
@@ -48,7 +49,7 @@ export async function verify(repo: Repository, disk?: string, options: { onProgr
       for (const f of findings) if (!options.only || f.id === null || options.only.has(f.id)) report.problems.push({ disk: d, id: f.id, block: null, problem: f.problem });
       const unreadable = new Set(findings.filter((f) => f.kind === 'missing-data' || f.kind === 'missing-parent').map((f) => f.id));
       // Objects layout: backups share block objects; each is read once per run.
-      const checked = new Map<string, string | null>();
+      const checked: Checked = new Map();
       for (const meta of backups.filter(chosen)) {
         report.backups++;
         if (!unreadable.has(meta.id)) {
@@ -65,7 +66,19 @@ export async function verify(repo: Repository, disk?: string, options: { onProgr
   return report;
 }
 
-async function verifyBackup(repo: Repository, meta: BackupMetadata, report: VerifyReport, onBlockRead: (block: number) => void, checked: Map<string, string | null>): Promise<void> {
+/**
+ * Shared objects (by digest) already read in this run: null when good, else what
+ * is wrong with it, as found by the first backup that named it.
+ */
+type Checked = Map<string, VaultError | string | null>;
+
+/** What is wrong with a shared object, said of backup `id`, whose map names it too. */
+function saidOf(bad: VaultError | string, id: string): string {
+  if (typeof bad === 'string') return bad;
+  return bad instanceof SharedObjectError ? bad.namedBy(id).message : bad.message;
+}
+
+async function verifyBackup(repo: Repository, meta: BackupMetadata, report: VerifyReport, onBlockRead: (block: number) => void, checked: Checked): Promise<void> {
   const problem: Problem = (block, text) => void report.problems.push({ disk: meta.disk, id: meta.id, block, problem: text });
   let chain: VhdChain;
   try {
@@ -102,7 +115,7 @@ async function verifyBackup(repo: Repository, meta: BackupMetadata, report: Veri
   // Blocks shared by digest (objects layout): named by their digest.
   const shared = layout.sharedBlocks && digests ? digests : null;
   const member = chain.top;
-  const stored = await blocksToRead(member, shared, checked, problem);
+  const stored = await blocksToRead(member, shared, checked, (block, bad) => problem(block, saidOf(bad, meta.id)));
   /**
    * The block's digest as a restore sees it: read through the chain, which takes a
    * whole block from this backup alone and completes a partial one from its parents.
@@ -113,7 +126,7 @@ async function verifyBackup(repo: Repository, meta: BackupMetadata, report: Veri
       return { digest: data ? digestOf(data) : null, error: null };
     } catch (err) {
       if (!(err instanceof VaultError)) throw err;
-      return { digest: null, error: err.message };
+      return { digest: null, error: err };
     }
   };
   let parentDigests: Digests | null = null;
@@ -123,7 +136,7 @@ async function verifyBackup(repo: Repository, meta: BackupMetadata, report: Veri
       onBlockRead(block);
       const bad = r.error ?? (digests && (!r.digest || !r.digest.equals(await digests.get(block))) ? 'stored data does not match its digest' : null);
       if (bad === null) continue;
-      problem(block, bad);
+      problem(block, saidOf(bad, meta.id));
       if (shared) checked.set((await shared.get(block)).toString('hex'), bad);
     }
     // Where a backup's map is the whole disk, every object it names was just read.
@@ -147,15 +160,15 @@ type Problem = (block: number | null, text: string) => void;
  * digest (objects layout) are read once per run: one already read is not read
  * again, and a bad one is reported for every backup that names it.
  */
-async function blocksToRead(member: VhdDisk, shared: Digests | null, checked: Map<string, string | null>, problem: Problem): Promise<number[]> {
+async function blocksToRead(member: VhdDisk, shared: Digests | null, checked: Checked, known: (block: number, bad: VaultError | string) => void): Promise<number[]> {
   const stored: number[] = [];
   for (let b = 0; b < member.blockCount; b++) {
     if (!member.isAllocated(b)) continue;
     if (shared) {
       const name = (await shared.get(b)).toString('hex');
       if (checked.has(name)) {
-        const known = checked.get(name);
-        if (known) problem(b, known);
+        const bad = checked.get(name);
+        if (bad) known(b, bad);
         continue;
       }
       checked.set(name, null);

@@ -30,3 +30,13 @@ export function describeFsError(err: unknown): string {
   if (code === 'ENOSPC') return 'no space left on device';
   return (err as Error).message;
 }
+
+/**
+ * Why JSON.parse refused a file's text, on one line and without quoting the
+ * text itself (which may be anything: V8 quotes a piece of it, newlines and all).
+ */
+export function describeJsonError(text: string, err: unknown): string {
+  if (text.trim() === '') return text.length === 0 ? 'it is empty' : 'it holds only white space';
+  const why = (err as Error).message.replace(/, ".*" is not valid JSON$/s, '');
+  return why.replace(/[\u0000-\u001f\u007f]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
+}

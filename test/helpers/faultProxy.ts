@@ -8,6 +8,8 @@ export interface Faults {
   stallRate?: number;
   /** The same seed draws the same faults for the same order of requests. */
   seed?: number;
+  /** Requests it returns true for (method, path without the query) are answered `500 InternalError`, whatever the rates draw. */
+  fail?: (method: string, path: string) => boolean;
 }
 
 export interface FaultProxy {
@@ -31,7 +33,7 @@ export async function startFaultProxy(target: string, faults: Faults): Promise<F
   const server = createServer((req, res) => {
     stats.requests++;
     const roll = random();
-    if (roll < rates.errorRate) {
+    if (roll < rates.errorRate || rates.fail?.(req.method ?? '', (req.url ?? '').split('?')[0]!)) {
       stats.errors++;
       // Read the whole request first, as a server that fails after receiving it does.
       req.resume().on('end', () => answerInternalError(res));

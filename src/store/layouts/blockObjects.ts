@@ -1,5 +1,5 @@
-import { createHash } from 'node:crypto';
-import { mkdir, readFile, rename, writeFile } from 'node:fs/promises';
+import { createHash, randomBytes } from 'node:crypto';
+import { lstat, mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { homedir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { decompress } from '../../vhd/compression.js';
@@ -7,6 +7,7 @@ import { VaultError } from '../../util/errors.js';
 import { isNotFound, key } from '../../storage/Storage.js';
 import { checkDigestsBinding, DIGEST_SIZE, digestsSha256, zeroDigest } from '../digests.js';
 import { blocksKey, digestsKey, diskKey, inDisk } from '../keys.js';
+import { SharedObjectError } from '../finding.js';
 import type { BackupMetadata } from '../metadata.js';
 import { isBackupId } from '../names.js';
 import type { LayoutContext } from './Layout.js';
@@ -33,7 +34,7 @@ export async function readBlockObject(repo: LayoutContext, meta: BackupMetadata,
   try {
     stored = await repo.storage.get(k);
   } catch (err) {
-    if (isNotFound(err)) throw new VaultError(repo.storage.describe(k), `block object is missing (named by backup ${meta.id})`);
+    if (isNotFound(err)) throw new SharedObjectError(repo.storage.describe(k), 'block object is missing', meta.id);
     throw err;
   }
   const data = await decompress(meta.compression, stored, meta.blockSize).catch((err: unknown) => {
@@ -96,8 +97,8 @@ export async function loadBlockMap(repo: LayoutContext, meta: BackupMetadata, op
   // and while the store still holds it (one HEAD, not the download): a backup whose map is gone is
   // damaged, whatever this machine remembers. Backups that record no digest are read from the store.
   if (cached && meta.digestsSha256 !== undefined) {
-    const bytes = await readFile(cached).catch(() => null);
-    if (bytes?.length === expected && digestsSha256(bytes) === meta.digestsSha256 && (await repo.storage.head(k))?.size === expected) return new BlockMap(bytes, meta.blockSize);
+    const bytes = await readCached(cached, expected);
+    if (bytes && digestsSha256(bytes) === meta.digestsSha256 && (await repo.storage.head(k))?.size === expected) return new BlockMap(bytes, meta.blockSize);
   }
   let bytes: Buffer;
   try {
@@ -109,15 +110,33 @@ export async function loadBlockMap(repo: LayoutContext, meta: BackupMetadata, op
   if (bytes.length !== expected) throw new VaultError(repo.storage.describe(k), `block map has ${bytes.length} bytes, expected ${expected} (${meta.blockCount} blocks)`);
   checkDigestsBinding(bytes, meta, repo.storage.describe(k));
   const path = cachePath(repo, meta.disk, meta.id);
-  if (path) {
-    // A cache is a convenience: one that cannot be written is skipped.
-    const temp = `${path}.${process.pid}.tmp`;
-    await mkdir(dirname(path), { recursive: true })
-      .then(() => writeFile(temp, bytes))
-      .then(() => rename(temp, path))
-      .catch(() => undefined);
-  }
+  if (path) await writeCached(path, bytes);
   return new BlockMap(bytes, meta.blockSize);
+}
+
+/** A cached map, if a file of the map's size is there: anything else (a fifo, a huge file) is not even read. */
+async function readCached(path: string, expected: number): Promise<Buffer | null> {
+  const info = await stat(path).catch(() => null);
+  if (!info?.isFile() || info.size !== expected) return null;
+  return readFile(path).catch(() => null);
+}
+
+/**
+ * Put a map read from the store in the cache, in place of whatever entry failed
+ * its check. A cache is a convenience: one that cannot be written is skipped,
+ * and leaves no temporary file behind.
+ */
+async function writeCached(path: string, bytes: Buffer): Promise<void> {
+  const temp = `${path}.${process.pid}-${randomBytes(4).toString('hex')}.tmp`;
+  try {
+    await mkdir(dirname(path), { recursive: true });
+    await writeFile(temp, bytes);
+    // A rename replaces a file or a link, not a folder: a folder at the entry's name would stay forever.
+    if ((await lstat(path).catch(() => null))?.isDirectory()) await rm(path, { recursive: true, force: true });
+    await rename(temp, path);
+  } catch {
+    await rm(temp, { force: true }).catch(() => undefined);
+  }
 }
 
 export interface GarbageReport {
