@@ -222,4 +222,20 @@ describe.concurrent('messages of an S3 repository', () => {
     expect(await repo.storage.head('disks/vm/merge.json')).toBeNull();
     ok(await vhdvaultAsync('verify', uri, 'vm'));
   });
+
+  it("a backup whose latest backup's metadata the store fails to give fails with one line: it never builds on an older parent", async () => {
+    const { uri, disk, ids } = await chain('latest', 2);
+    const bucket = /^s3:\/\/([^/]+)\//.exec(uri)![1]!;
+    const latest = ids[1]!;
+    const proxy = await startFaultProxy(s3.endpoint, { fail: (method, path) => method === 'GET' && path === `/${bucket}/repo/disks/vm/${latest}.json` });
+    let r: CliResult;
+    try {
+      await scribble(disk, [3]);
+      r = await vhdvaultAsync('backup', uri, 'vm', '--source', disk, '--endpoint', proxy.endpoint);
+    } finally {
+      await proxy.close();
+    }
+    expectRefused(r, `${latest}.json`, /server error 500 after \d+ attempts/);
+    expect(await listIds(uri)).toEqual(ids);
+  });
 });

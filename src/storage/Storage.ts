@@ -104,6 +104,12 @@ export function isNotFound(err: unknown): boolean {
   return err instanceof NotFoundError;
 }
 
+/** The store did not answer (timeouts, lost connections, 5xx after every retry): nothing is known of the object. */
+export function isUnavailable(err: unknown): boolean {
+  const code = err instanceof StorageError ? (err.code ?? '') : '';
+  return /^(S3_5\d\d|ETIMEDOUT|ECONNRESET|EPIPE|ECONNREFUSED|EAI_AGAIN|ENOTFOUND|EHOSTUNREACH|ENETUNREACH|EIO)$/.test(code);
+}
+
 /** Join key parts with '/', refusing parts that would climb out of the repository. */
 export function key(...parts: string[]): string {
   for (const p of parts) if (p === '' || p === '.' || p === '..' || p.includes('\0')) throw new Error(`invalid storage key part ${JSON.stringify(p)}`);

@@ -5,7 +5,7 @@ import { DEFAULT_BLOCK_SIZE } from '../vhd/constants.js';
 import { UsageError, VaultError } from '../util/errors.js';
 import { openStorage } from '../storage/open.js';
 import { isS3Uri, parseS3Uri } from '../storage/s3Uri.js';
-import { bytesBelow, isNotFound, key, localPathOf, NotFoundError, type Storage, type StorageDescriptor } from '../storage/Storage.js';
+import { bytesBelow, isNotFound, isUnavailable, key, localPathOf, NotFoundError, type Storage, type StorageDescriptor } from '../storage/Storage.js';
 import { digestsSha256 } from './digests.js';
 import * as keys from './keys.js';
 import { defaultLayout, layoutNamed } from './layouts/index.js';
@@ -279,7 +279,11 @@ export class Repository {
       try {
         out.push(parseMetadata(await this.readJson(k), this.storage.describe(k), disk, id));
       } catch (err) {
-        if (!(err instanceof VaultError)) throw err;
+        // Deleted since the listing: not a backup any more.
+        if (isNotFound(err)) continue;
+        // A store that failed to answer says nothing about the backup: taking it for unreadable
+        // metadata would let a backup build on an older parent, or a list leave it out.
+        if (isUnavailable(err) || !(err instanceof VaultError)) throw err;
         onProblem(err);
       }
     }

@@ -1,6 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { VhdChain } from '../../vhd/VhdChain.js';
 import { UsageError, VaultError } from '../../util/errors.js';
+import { isNotFound } from '../../storage/Storage.js';
 import { DIGEST_SIZE, zeroDigest } from '../digests.js';
 import type { Finding } from '../finding.js';
 import { blocksKey, deletingKey, digestsKey, metadataKey, pendingMetadataKey } from '../keys.js';
@@ -124,7 +125,11 @@ const merge: LayoutMerge = {
   /** The child must be listed either as it was (a child of the parent) or as the journal's merged result. */
   async mismatch(ctx, j) {
     const { parent, child, merged } = j as ObjectsMergeJournal;
-    const now = await ctx.backup(child.disk, child.id).catch(() => null);
+    // Only an absent child makes the journal unsound: a store that fails to answer is an error, not a verdict.
+    const now = await ctx.backup(child.disk, child.id).catch((err: unknown) => {
+      if (isNotFound(err)) return null;
+      throw err;
+    });
     if (!now) return `backup ${child.id} is not listed`;
     if (now.uuid !== child.uuid || (now.parent !== parent.id && now.parent !== merged.parent)) return `backup ${child.id} is neither a child of ${parent.id} nor the merged result`;
     return null;
