@@ -1,9 +1,11 @@
 /**
  * Inputs that are not disk images: a `.vhd` holding no VHD (which must not be
- * taken for a raw image unless asked), and FIFOs and sockets (which must be
+ * taken for a raw image unless asked), an image in another format (whose bytes are
+ * a container, not the disk), and FIFOs and sockets (which must be
  * named, not waited on or read at an offset).
  */
-import { execFileSync, spawnSync } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
 import { createServer, type Server } from 'node:net';
 import { join } from 'node:path';
@@ -82,6 +84,53 @@ describe('a .vhd that holds no VHD', () => {
     refused(vhdvault('backup', repo, 'vm', '--source', folder), folder, /not a VHD directory/);
     refused(vhdvault('vhd', 'convert', folder, join(out, 'f.raw')), folder, /not a VHD directory/);
     await nothingWritten();
+  });
+});
+
+describe('an image in another format (qcow2, vmdk, vdi, vhdx) given as a disk', () => {
+  const formats = ['qcow2', 'vmdk', 'vdi', 'vhdx'] as const;
+  beforeAll(() => {
+    for (const f of formats) execFileSync('qemu-img', ['create', '-q', '-f', f, join(dir, `image.${f}`), '8M']);
+  });
+
+  it('is refused by backup --source and vhd convert, naming the format and the ways to read it; nothing is written', async () => {
+    for (const f of formats) {
+      const image = join(dir, `image.${f}`);
+      for (const r of [vhdvault('backup', repo, 'vm', '--source', image), vhdvault('vhd', 'convert', image, join(out, 'x.vhd'))]) {
+        refused(r, image, new RegExp(`is a ${f} image, not a raw disk or VHD: .*qemu-nbd -r -f ${f} .*--from raw reads the file's own bytes`));
+      }
+    }
+    // Named like a raw image, it is judged by its bytes all the same.
+    const disguised = join(dir, 'disguised.img');
+    await writeFile(disguised, await readFile(join(dir, 'image.qcow2')));
+    refused(vhdvault('backup', repo, 'vm', '--source', disguised), disguised, /is a qcow2 image/);
+    await nothingWritten();
+  });
+
+  it('is backed up as the disk through qemu-nbd, as the message says; --from raw takes its bytes', async () => {
+    // A repository of its own: the others here must stay empty.
+    const repo = join(dir, 'repo-images');
+    ok(vhdvault('init', repo));
+    const image = join(dir, 'data.qcow2');
+    const raw = join(dir, 'data.raw');
+    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', image, '8M']);
+    execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x5a 1M 3M', image]);
+    execFileSync('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', image, raw]);
+    const socket = join(dir, 'nbd.sock');
+    const server = spawn('qemu-nbd', ['-r', '-f', 'qcow2', '-k', socket, '--persistent', image], { stdio: 'ignore' });
+    try {
+      for (let i = 0; i < 100 && !existsSync(socket); i++) await new Promise((r) => setTimeout(r, 50));
+      ok(vhdvault('backup', repo, 'nbdvm', '--source', `nbd+unix:///?socket=${socket}`));
+    } finally {
+      server.kill();
+    }
+    ok(vhdvault('restore', repo, 'nbdvm', join(dir, 'restored.raw')));
+    expect((await readFile(join(dir, 'restored.raw'))).equals(await readFile(raw))).toBe(true);
+    // The file's own bytes, when that is what is wanted: as large as the container, not the disk.
+    ok(vhdvault('backup', repo, 'container', '--source', image, '--from', 'raw'));
+    ok(vhdvault('restore', repo, 'container', join(dir, 'container.raw')));
+    const container = await readFile(image);
+    expect((await readFile(join(dir, 'container.raw'))).subarray(0, container.length).equals(container)).toBe(true);
   });
 });
 

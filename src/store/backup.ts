@@ -99,7 +99,7 @@ export async function backup(repo: Repository, disk: string, options: BackupOpti
   const plan = planSource(options);
   return withBackupLock(repo, disk, async (lock) => {
     // A bitmap the export lacks is refused here, even for a full backup: the set-up is wrong either way.
-    const source = plan.nbd ? await NbdSource.open(plan.nbd, { bitmap: plan.bitmap }) : await openSource(options.source, { fromRaw: options.fromRaw });
+    const source = plan.nbd ? await NbdSource.open(plan.nbd, { bitmap: plan.bitmap }) : await openSource(options.source, { fromRaw: options.fromRaw, fromRawFlag: '--from raw' });
     try {
       return await backupFrom(repo, disk, source, options, plan.bitmap, { lock });
     } finally {

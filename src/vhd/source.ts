@@ -3,6 +3,7 @@ import { SECTOR_SIZE, DEFAULT_BLOCK_SIZE, FOOTER_COOKIE, FOOTER_SIZE, MAX_DISK_S
 import { isAliasName, resolveAlias } from './alias.js';
 import { describeFsError, VaultError } from '../util/errors.js';
 import { VhdChain } from './VhdChain.js';
+import { foreignFormat } from './imageFormat.js';
 import { takeBuffer } from '../util/bufferPool.js';
 import { blockDeviceSize } from '../util/device.js';
 import { notADiskImage } from '../util/files.js';
@@ -104,6 +105,13 @@ export interface SourceOptions {
  * name ending in .vhd must hold a VHD: taking it for a raw image would turn a
  * damaged or mistaken file into a "disk" of garbage.
  */
+/** A qcow2 (or other) image given where a disk is read: its container bytes are not the disk. */
+function foreignImage(path: string, format: string, fromRawFlag: string | undefined): VaultError {
+  const serve = `serve it read-only with \`qemu-nbd -r -f ${format} -k <socket> <file>\` and give nbd+unix:///?socket=<socket>, or convert it with \`qemu-img convert -O raw\``;
+  const raw = fromRawFlag ? `; ${fromRawFlag} reads the file's own bytes as the disk` : '';
+  return new VaultError(path, `is a ${format} image, not a raw disk or VHD: its bytes are a container, not the disk; ${serve}${raw}`);
+}
+
 export async function openSource(path: string, options: SourceOptions = {}): Promise<BlockSource> {
   // The chain is opened through the alias itself: its parent may be named relative to the alias's folder.
   if (isAliasName(path) && !options.fromRaw) return VhdChain.open(path);
@@ -117,6 +125,8 @@ export async function openSource(path: string, options: SourceOptions = {}): Pro
   if (s.isDirectory()) return VhdChain.open(at);
   if (options.fromRaw) return RawSource.open(at);
   if (await looksLikeVhd(at)) return VhdChain.open(at);
+  const foreign = await foreignFormat(at);
+  if (foreign) throw foreignImage(at, foreign, options.fromRawFlag);
   if (/\.vhd$/i.test(at)) {
     const hint = options.fromRawFlag ? `; to read it as a raw image, use ${options.fromRawFlag}` : '';
     throw new VaultError(at, `is not a VHD: no VHD footer at its start or end${hint}`);
