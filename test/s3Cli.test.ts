@@ -4,6 +4,8 @@
  * the test S3 server (one fresh bucket per test): init and its refusals, a
  * flaky link and one that breaks mid-backup, two writers, serve, a job run,
  * exports to VHD, the commands that need a folder, and a lost block object.
+ * Two writers also on Ceph's RADOS Gateway (helpers/s3.ts: s3Engines), whose
+ * conditional writes are real.
  */
 import { execFile } from 'node:child_process';
 import { copyFile, readdir, writeFile } from 'node:fs/promises';
@@ -11,13 +13,13 @@ import { createServer, type AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
-import { afterAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { type CliResult, expectRefused, vhdvaultAsync } from './helpers/cli.js';
 import { startFaultProxy } from './helpers/faultProxy.js';
 import { makeRaw, sameBytes, tempDir } from './helpers/files.js';
 import { vhdvaultMeasured } from './helpers/nbdTools.js';
 import { scribble } from './helpers/pruneChain.js';
-import { newBucket, s3Env, startS3 } from './helpers/s3.js';
+import { newBucket, s3Engines, s3Env } from './helpers/s3.js';
 import { startServe } from './helpers/serve.js';
 import { openStorage } from '../src/storage/open.js';
 import { key } from '../src/storage/Storage.js';
@@ -29,14 +31,15 @@ const MiB = 1024 * 1024;
 const SIZE = 8 * MiB;
 
 const dir = await tempDir('vhdvault-s3cli-');
-const s3 = await startS3();
+const engines = s3Engines();
+// s3rver, the server of every test here; the helper stops the engines' servers after the file.
+const s3 = await engines.find((e) => e.name === 's3rver')!.server();
 // CLI children inherit this environment (helpers/cli.ts): the test server, the standard AWS way.
 Object.assign(process.env, s3Env(s3.endpoint), { VHDVAULT_CACHE_DIR: join(dir, 'cache') });
-afterAll(() => s3.close());
 
-/** `s3://<a new bucket>/repo`, not initialised. */
-async function location(): Promise<string> {
-  return `s3://${await newBucket(s3.endpoint)}/repo`;
+/** `s3://<a new bucket>/repo` on the server at `endpoint`, not initialised. */
+async function location(endpoint = s3.endpoint): Promise<string> {
+  return `s3://${await newBucket(endpoint)}/repo`;
 }
 
 function ok(r: CliResult): CliResult {
@@ -111,8 +114,8 @@ async function namedObjects(repo: Repository): Promise<number> {
   return named.size;
 }
 
-async function listIds(uri: string): Promise<string[]> {
-  return (JSON.parse(ok(await vhdvaultAsync('list', uri, 'vm', '--json')).stdout) as Array<{ id: string }>).map((b) => b.id);
+async function listIds(uri: string, ...endpoint: string[]): Promise<string[]> {
+  return (JSON.parse(ok(await vhdvaultAsync('list', uri, 'vm', '--json', ...endpoint)).stdout) as Array<{ id: string }>).map((b) => b.id);
 }
 
 // Side by side: each test has its own bucket and files, and their waits (a throttled writer, retries) overlap.
@@ -212,20 +215,25 @@ describe.concurrent('an S3 repository through the CLI', () => {
     }
   });
 
-  it('two writers: a second backup of a disk whose backup is running is refused at once, and only the first is listed', async () => {
-    const repo = await location();
-    ok(await vhdvaultAsync('init', repo));
-    const disk = await newDisk('writers', 16 * MiB);
-    let firstDone = false;
-    const first = vhdvaultAsync('backup', repo, 'vm', '--source', disk, '--max-write', '2M').finally(() => (firstDone = true));
-    const r = await Repository.open(repo);
-    const lock = key(r.diskKey('vm'), 'lock');
-    await until(async () => (await r.storage.head(lock)) !== null, 'the lock object');
-    expectRefused(await vhdvaultAsync('backup', repo, 'vm', '--source', disk), `${repo}/disks/vm`, /is locked by/);
-    expect(firstDone).toBe(false);
-    const id = idOf(await first);
-    expect(await listIds(repo)).toEqual([id]);
-  });
+  for (const engine of engines) {
+    it.skipIf(engine.skip !== undefined)(`two writers (${engine.title}): a second backup of a disk whose backup is running is refused at once, and only the first is listed`, async () => {
+      // Each engine's repository names its endpoint: the engines' tests run side by side in one environment.
+      const { endpoint } = await engine.server();
+      const at = ['--endpoint', endpoint];
+      const repo = await location(endpoint);
+      ok(await vhdvaultAsync('init', repo, ...at));
+      const disk = await newDisk(`writers-${engine.name}`, 16 * MiB);
+      let firstDone = false;
+      const first = vhdvaultAsync('backup', repo, 'vm', '--source', disk, '--max-write', '2M', ...at).finally(() => (firstDone = true));
+      const r = await Repository.open({ root: repo, endpoint });
+      const lock = key(r.diskKey('vm'), 'lock');
+      await until(async () => (await r.storage.head(lock)) !== null, 'the lock object');
+      expectRefused(await vhdvaultAsync('backup', repo, 'vm', '--source', disk, ...at), `${repo}/disks/vm`, /is locked by/);
+      expect(firstDone).toBe(false);
+      const id = idOf(await first);
+      expect(await listIds(repo, ...at)).toEqual([id]);
+    });
+  }
 
   it('serve exports the latest backup read-only over NBD, read back exactly by nbdcopy; --writable is refused', async () => {
     const repo = await location();

@@ -1,33 +1,132 @@
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
+import { accessSync, constants } from 'node:fs';
+import { delimiter, join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
+import { afterAll } from 'vitest';
 
 /** s3rver's fixed credentials (it checks signatures made with them). */
 const CREDENTIALS = { accessKeyId: 'S3RVER', secretAccessKey: 'S3RVER' };
+
+/** An S3 server a test file uses; close() stops it when the file started it (CI's shared one stays). */
+export interface S3Server {
+  endpoint: string;
+  close(): Promise<void>;
+}
 
 /**
  * An S3 server for a test file: CI's (VHDVAULT_TEST_S3_ENDPOINT, one for the whole run), or
  * else test/s3server.mjs on a free port. A child process rather than in this one: s3rver needs
  * Node's legacy OpenSSL provider (see there), which only a process's command line turns on.
  */
-export async function startS3(): Promise<{ endpoint: string; close(): Promise<void> }> {
+export async function startS3(): Promise<S3Server> {
   const shared = process.env.VHDVAULT_TEST_S3_ENDPOINT;
   if (shared) return { endpoint: shared, close: async () => undefined };
-  const script = fileURLToPath(new URL('../s3server.mjs', import.meta.url));
-  const child = spawn(process.execPath, ['--openssl-legacy-provider', script], { stdio: ['ignore', 'pipe', 'inherit'] });
-  const exited = once(child, 'exit');
+  return serverChild('s3server.mjs', ['--openssl-legacy-provider']);
+}
+
+/** The programs of a one-node Ceph that test/ceph.mjs starts, and what installs them. */
+const CEPH_PROGRAMS = ['radosgw', 'ceph-mon', 'ceph-osd'];
+const CEPH_PACKAGES = 'ceph-mon ceph-osd radosgw ceph-common';
+
+/**
+ * Ceph's RADOS Gateway, a real distributed S3 engine, for a test file: CI's
+ * (VHDVAULT_TEST_CEPH_ENDPOINT, one for the whole run), or else test/ceph.mjs
+ * (a one-node cluster in memory, about 3 s to start). Its user has s3rver's keys.
+ */
+export async function startCeph(): Promise<S3Server> {
+  const shared = process.env.VHDVAULT_TEST_CEPH_ENDPOINT;
+  if (shared) return { endpoint: shared, close: async () => undefined };
+  return serverChild('ceph.mjs', []);
+}
+
+/** Why this process cannot have a Ceph endpoint, or undefined when it can. */
+function cephMissing(): string | undefined {
+  if (process.env.VHDVAULT_TEST_CEPH_ENDPOINT) return undefined;
+  const missing = CEPH_PROGRAMS.filter((p) => !onPath(p));
+  if (missing.length === 0) return undefined;
+  return `${missing.join(', ')} not installed (apt-get install --no-install-recommends ${CEPH_PACKAGES}) and VHDVAULT_TEST_CEPH_ENDPOINT not set`;
+}
+
+function onPath(program: string): boolean {
+  return (process.env.PATH ?? '').split(delimiter).some((dir) => {
+    try {
+      accessSync(join(dir, program), constants.X_OK);
+      return true;
+    } catch {
+      return false;
+    }
+  });
+}
+
+/** test/<script> in a child (`node [flags] script`), once it has printed its endpoint; a failure to start carries what it said. */
+async function serverChild(script: string, flags: string[]): Promise<S3Server> {
+  const path = fileURLToPath(new URL(`../${script}`, import.meta.url));
+  const child = spawn(process.execPath, [...flags, path], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let endpoint: string | null = null;
+  let said = '';
+  child.stderr.setEncoding('utf8').on('data', (chunk: string) => {
+    // Kept for the error until it serves; passed on after (it says nothing then, as a rule).
+    if (endpoint === null) said = (said + chunk).slice(-2000);
+    else process.stderr.write(chunk);
+  });
+  // 'close', not 'exit': by then all it said has been read.
+  const exited = once(child, 'close');
   const lines = createInterface({ input: child.stdout });
-  const [endpoint] = (await Promise.race([once(lines, 'line'), exited.then(() => [null])])) as [string | null];
-  if (!endpoint) throw new Error('test/s3server.mjs exited before it listened');
+  [endpoint] = (await Promise.race([once(lines, 'line'), exited.then(() => [null])])) as [string | null];
+  if (!endpoint) throw new Error(`test/${script} exited before it served: ${said.trim() || `exit ${child.exitCode ?? child.signalCode}`}`);
   return {
     endpoint,
     async close() {
-      if (child.exitCode === null) child.kill('SIGTERM');
+      if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
       await exited;
     },
   };
+}
+
+/** An S3 engine the tests run against. */
+export interface S3Engine {
+  name: 's3rver' | 'ceph';
+  /** Why this engine's tests are skipped here (its programs are missing, outside CI), else undefined: for describe.skipIf. */
+  skip: string | undefined;
+  /** What to name its tests' suite: the name, and the reason when they are skipped. */
+  title: string;
+  /** Its server for this test file: started at the first call and stopped after the file (CI's shared one is only used). */
+  server(): Promise<S3Server>;
+}
+
+const started: Array<Promise<S3Server>> = [];
+// Registered when a test file imports this module (while vitest collects it), so it applies to the whole file.
+afterAll(async () => {
+  await Promise.all(started.splice(0).map(async (s) => (await s.catch(() => null))?.close()));
+});
+
+function engine(name: S3Engine['name'], start: () => Promise<S3Server>, skip: string | undefined): S3Engine {
+  let server: Promise<S3Server> | undefined;
+  return {
+    name,
+    skip,
+    title: skip === undefined ? name : `${name} [skipped: ${skip}]`,
+    server() {
+      if (server === undefined) started.push((server = start()));
+      return server;
+    },
+  };
+}
+
+/**
+ * The S3 engines, for `describe.each` or a loop of `describe.skipIf(engine.skip)`: s3rver (a
+ * Node server, fast) and Ceph's RADOS Gateway (a real distributed store: conditional writes,
+ * its own listing and error behaviour). Without Ceph installed and no shared endpoint, Ceph's
+ * tests are skipped with the reason in their title; under CI, where .ci/run installs and starts
+ * it, a missing Ceph fails the file instead.
+ */
+export function s3Engines(): S3Engine[] {
+  const missing = cephMissing();
+  if (missing !== undefined && process.env.CI) throw new Error(`Ceph is needed under CI: ${missing}`);
+  return [engine('s3rver', startS3, undefined), engine('ceph', startCeph, missing)];
 }
 
 /** A new, empty bucket with a unique name (tests sharing CI's server never meet). */

@@ -6,7 +6,7 @@
  */
 import { backup, type BackupOptions } from '../../src/store/backup.js';
 import { listBackups } from '../../src/store/list.js';
-import { Repository, type LayoutName as Layout } from '../../src/store/repository.js';
+import { type LayoutName as Layout, type Location, Repository } from '../../src/store/repository.js';
 import type { Compression } from '../../src/vhd/compression.js';
 import { readFile, writeFile } from 'node:fs/promises';
 import { type BackupMetadata, metadataText } from '../../src/store/metadata.js';
@@ -21,7 +21,7 @@ export async function initRepo(root: string, layout: Layout, compression: Compre
  * backup's id. One worker thread unless told otherwise: set-up backups are small,
  * and starting a second thread per backup costs more than it saves.
  */
-export async function backupOf(root: string, disk: string, source: string, options: Omit<BackupOptions, 'source'> = {}): Promise<string> {
+export async function backupOf(root: string | Location, disk: string, source: string, options: Omit<BackupOptions, 'source'> = {}): Promise<string> {
   const report = await backup(await Repository.open(root), disk, { source, concurrency: 1, ...options });
   return report.id;
 }
