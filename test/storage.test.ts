@@ -13,7 +13,7 @@ import pLimit from 'p-limit';
 import { afterAll, describe, expect, it } from 'vitest';
 import { LocalStorage } from '../src/storage/LocalStorage.js';
 import { openStorage } from '../src/storage/open.js';
-import { openS3Storage, type S3Options } from '../src/storage/S3Storage.js';
+import { openS3Storage, type S3Options, type S3Storage } from '../src/storage/S3Storage.js';
 import { isS3Uri, parseS3Uri } from '../src/storage/s3Uri.js';
 import { NotFoundError, type S3Descriptor, type Storage, StorageError } from '../src/storage/Storage.js';
 import { UsageError } from '../src/util/errors.js';
@@ -42,7 +42,9 @@ interface Backend {
   /** Why its tests are skipped here (an S3 engine that is not installed), else undefined. */
   skip?: string;
   /** A fresh, empty repository, and a way to open it again (another process, as far as it can tell). */
-  fresh(): Promise<{ storage: Storage; again(): Promise<Storage> }>;
+  fresh(options?: S3Options): Promise<{ storage: Storage; again(): Promise<Storage> }>;
+  /** An S3 engine: whether it honours `If-None-Match: *` (Ceph does; s3rver ignores it). */
+  conditional?: boolean;
 }
 
 let folders = 0;
@@ -58,10 +60,11 @@ const backends: Backend[] = [
     (engine): Backend => ({
       name: `S3 (${engine.title})`,
       skip: engine.skip,
-      async fresh() {
+      conditional: engine.name === 'ceph',
+      async fresh(options?: S3Options) {
         const { endpoint } = await engine.server();
         const d: S3Descriptor = { kind: 's3', bucket: await newBucket(endpoint), prefix: 'repo/x', endpoint };
-        return { storage: await s3Storage(d), again: () => s3Storage(d) };
+        return { storage: await s3Storage(d, options), again: () => s3Storage(d, options) };
       },
     }),
   ),
@@ -134,6 +137,22 @@ function contract(backend: Backend): void {
     // The claims an object store used are gone, and never shown.
     expect(await storage.list('')).toEqual(['locks']);
     expect(await all(storage, '')).toEqual(['locks/.keep', 'locks/lock']);
+  });
+
+  it.skipIf(backend.conditional === undefined)('knows whether the store honours If-None-Match (asked once, of a probe it removes)', async () => {
+    const { storage } = await backend.fresh();
+    expect(await (storage as S3Storage).conditionalWrites()).toBe(backend.conditional);
+    expect(await all(storage, '')).toEqual([]);
+    expect(await storage.list('.claims')).toEqual([]);
+  });
+
+  it.skipIf(backend.conditional === undefined)('20 concurrent exclusive creates through claims (conditional writes off): exactly one wins', async () => {
+    const { storage, again } = await backend.fresh({ conditionalWrites: 'off' });
+    const instances = await Promise.all(Array.from({ length: 20 }, () => again()));
+    const results = await Promise.all(instances.map((s, i) => s.put('lock', `winner ${i}`, { ifAbsent: true })));
+    expect(results.filter((r) => r)).toHaveLength(1);
+    expect((await storage.get('lock')).toString()).toBe(`winner ${results.indexOf(true)}`);
+    expect(await storage.list('.claims')).toEqual([]);
   });
 
   it('creates, then syncs', async () => {
