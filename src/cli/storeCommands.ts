@@ -72,6 +72,8 @@ interface BackupCliOptions {
   fleecingMax?: number;
   cbwTimeout?: number;
   qemuNbd?: string;
+  qga?: string;
+  requireQuiesce?: boolean;
   concurrency?: number;
   maxRead?: number;
   maxWrite?: number;
@@ -79,7 +81,7 @@ interface BackupCliOptions {
 }
 
 /** Options that only mean something for a running QEMU disk. */
-const QEMU_ONLY = ['node', 'device', 'fleecing', 'fleecingMax', 'cbwTimeout', 'qemuNbd'] as const;
+const QEMU_ONLY = ['node', 'device', 'fleecing', 'fleecingMax', 'cbwTimeout', 'qemuNbd', 'qga', 'requireQuiesce'] as const;
 
 function parseSeconds(text: string): number {
   if (!/^[1-9]\d{0,6}$/.test(text.trim())) throw new InvalidArgumentError(`"${text}" is not a whole number of seconds of at least 1`);
@@ -96,18 +98,21 @@ function liveOptions(opts: BackupCliOptions): LiveBackupOptions {
   // QEMU's id syntax; the id becomes part of a QOM path, so nothing else may pass.
   if (opts.device !== undefined && !/^[A-Za-z][A-Za-z0-9._-]{0,127}$/.test(opts.device)) throw new UsageError(`invalid --device "${opts.device}": a QEMU device id is a letter, then letters, digits, '.', '_' or '-'`);
   if (opts.fleecingMax !== undefined && opts.fleecing === undefined) throw new UsageError('--fleecing-max needs --fleecing <dir> (direct mode keeps no fleecing image)');
+  if (opts.requireQuiesce && opts.qga === undefined) throw new UsageError('--require-quiesce needs --qga <socket> (the guest agent that freezes the guest)');
   const qemuNbd = opts.qemuNbd === undefined ? undefined : parseNbdUri(opts.qemuNbd).endpoint;
-  const { qemu, node, device, fleecing, fleecingMax, cbwTimeout, full, concurrency, maxRead, maxWrite } = opts;
-  // Direct mode's NBD connection from QEMU: what goes wrong there is worth a line.
+  const { qemu, node, device, fleecing, fleecingMax, cbwTimeout, full, concurrency, maxRead, maxWrite, qga } = opts;
+  // Direct mode's NBD connection from QEMU, and quiescing: what goes wrong there is worth a line.
   const log = (message: string) => console.error(`vhdvault: ${message}`);
-  return { qemu: qemu!, node, device, fleecing, fleecingMax, cbwTimeout, qemuNbd, full, concurrency, maxRead, maxWrite, log };
+  const quiesce = opts.requireQuiesce ? ('require' as const) : ('try' as const);
+  return { qemu: qemu!, node, device, fleecing, fleecingMax, cbwTimeout, qemuNbd, full, concurrency, maxRead, maxWrite, log, qga, quiesce, warn: log };
 }
 
 /** A live backup's own figures, for a person. */
 function describeLive(r: LiveBackupReport): string {
   const from = r.previousCheckpoint ? `delta from checkpoint ${r.previousCheckpoint}` : 'no checkpoint used';
   const peak = r.fleecingPeakBytes === null ? '' : `, fleecing peak ${fmtBytes(r.fleecingPeakBytes)}`;
-  return `${r.mode} mode, ${from}: read ${fmtBytes(r.bytesRead)}; copied ${fmtBytes(r.copiedBytes)} before guest writes${peak}; new checkpoint ${r.checkpoint}`;
+  const frozen = r.quiesced ? `; guest frozen ${r.frozenMs} ms` : '';
+  return `${r.mode} mode, ${from}: read ${fmtBytes(r.bytesRead)}; copied ${fmtBytes(r.copiedBytes)} before guest writes${peak}${frozen}; new checkpoint ${r.checkpoint}`;
 }
 
 export function storeCommands(): Command[] {
@@ -139,6 +144,8 @@ export function storeCommands(): Command[] {
     .option('--fleecing-max <size>', 'with --fleecing: abort the backup when the fleecing image holds more than this (default: unlimited)', parseSize)
     .option('--cbw-timeout <s>', `with --qemu: seconds a copy-before-write may take before the backup fails (default ${DEFAULT_CBW_TIMEOUT})`, parseSeconds)
     .option('--qemu-nbd <uri>', "with --qemu: the address of QEMU's own NBD server when it already runs one (nbd+unix:///?socket=/path or nbd://host:port)")
+    .option('--qga <socket>', "with --qemu: the guest agent's socket: the guest's filesystems are frozen while the point in time is set (without an answer: crash-consistent, with a warning)")
+    .option('--require-quiesce', 'with --qga: fail the backup, rather than go on crash-consistent, when the guest cannot be frozen')
     .option('--concurrency <n>', 'worker threads (default: number of cores)', parseCount)
     .option('--max-read <rate>', 'read bandwidth limit, e.g. 50M (per second)', parseRate)
     .option('--max-write <rate>', 'write bandwidth limit, e.g. 20M (per second)', parseRate)

@@ -20,6 +20,7 @@ import { newBackupId } from '../store/names.js';
 import type { Repository } from '../store/repository.js';
 import { limiter } from '../store/throttle.js';
 import { VaultError } from '../util/errors.js';
+import { atQuiescedPoint, type Quiesced, type QuiesceMode } from './quiesce.js';
 import { CheckpointHandOver, checkpointName, checkpointTag, previousCheckpoint, removeLeftoverBitmaps } from './checkpoint.js';
 import { DirectTarget } from './directTarget.js';
 import { FleecingImage, FleecingWatch, removeLeftoverImages } from './fleecing.js';
@@ -48,6 +49,12 @@ export interface LiveBackupOptions extends Omit<BackupOptions, 'source' | 'fromR
   qemuNbd?: NbdEndpoint;
   /** Told what goes wrong on direct mode's NBD connection from QEMU. */
   log?: (message: string) => void;
+  /** The guest agent's socket: the guest's filesystems are frozen while the point in time is set. */
+  qga?: string;
+  /** With `qga`: `try` (default) goes on crash-consistent when the agent fails, `require` fails the backup. */
+  quiesce?: QuiesceMode;
+  /** Warnings about quiescing. */
+  warn?: (message: string) => void;
 }
 
 export interface LiveBackupReport extends BackupReport {
@@ -62,6 +69,10 @@ export interface LiveBackupReport extends BackupReport {
   checkpoint: string;
   /** The checkpoint the delta was read from, or null. */
   previousCheckpoint: string | null;
+  /** Whether the guest's filesystems were frozen at the point in time (through its agent). */
+  quiesced: boolean;
+  /** How long they were frozen (null when they were not). */
+  frozenMs: number | null;
 }
 
 /** Where the copies go, and what it can tell afterwards. */
@@ -115,11 +126,16 @@ export async function liveBackup(repo: Repository, disk: string, given: LiveBack
       const writeLimit = limiter(options.maxWrite);
       let mode: Mode | null = null;
       let report: BackupReport | null = null;
+      let quiesced: Quiesced = { quiesced: false, frozenMs: null };
       try {
         mode = await startMode(repo, disk, id, guest.disk.virtualSize, view, options, writeLimit);
-        await bitmaps.start();
-        await view.insert(mode.target);
-        await bitmaps.handOver();
+        const target = mode.target;
+        // The point in time: the new checkpoint starts, the filter goes in, the old checkpoint stops.
+        quiesced = await atQuiescedPoint({ agent: options.qga, mode: options.quiesce ?? 'try', tell: options.warn ?? (() => undefined) }, async () => {
+          await bitmaps.start();
+          await view.insert(target);
+          await bitmaps.handOver();
+        });
         const address = await view.export(previous.valid);
         const source = await NbdSource.open(address, { bitmap: previous.valid });
         try {
@@ -141,6 +157,7 @@ export async function liveBackup(repo: Repository, disk: string, given: LiveBack
         ...mode.copied(),
         checkpoint: bitmaps.next,
         previousCheckpoint: report.bitmap,
+        ...quiesced,
       };
     });
   } finally {
