@@ -1,7 +1,7 @@
 import { execFileSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { createRequire } from 'node:module';
-import { tmpdir } from 'node:os';
+import { homedir, tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 /** `vhdvault-run-<pid>-<random>`: the temporary folder of one test run (the pid of its vitest). */
@@ -44,7 +44,8 @@ function contents(dir: string): string[] {
  * Then the run gets temporary folders of its own, which the test workers and
  * every process they start inherit: TMPDIR (a folder under the system's), a
  * cache home inside it (XDG_CACHE_HOME: an object store's block-map cache), and
- * a folder in /dev/shm for s3rver's data (VHDVAULT_TEST_SHM). At the end they
+ * a folder in /dev/shm for s3rver's data (VHDVAULT_TEST_SHM). (What is meant to
+ * outlive a run goes to the user's cache home, passed on as VHDVAULT_TEST_CACHE_HOME.) At the end they
  * must be empty: the teardown names whatever a test left and fails the run,
  * and removes them either way.
  */
@@ -55,7 +56,9 @@ export default function setup(): () => void {
   const parents = [tmpdir(), ...(existsSync('/dev/shm') ? ['/dev/shm'] : [])];
   for (const parent of parents) removeStaleRunFolders(parent);
   const [temp, shm] = parents.map((parent) => mkdtempSync(join(parent, `${RUN_PREFIX}${process.pid}-`)));
-  const saved = { TMPDIR: process.env.TMPDIR, XDG_CACHE_HOME: process.env.XDG_CACHE_HOME, VHDVAULT_TEST_SHM: process.env.VHDVAULT_TEST_SHM };
+  const saved = { TMPDIR: process.env.TMPDIR, XDG_CACHE_HOME: process.env.XDG_CACHE_HOME, VHDVAULT_TEST_SHM: process.env.VHDVAULT_TEST_SHM, VHDVAULT_TEST_CACHE_HOME: process.env.VHDVAULT_TEST_CACHE_HOME };
+  // The user's own cache home, for what outlives a run on purpose (the real guest's initramfs: test/helpers/guest.ts).
+  process.env.VHDVAULT_TEST_CACHE_HOME ||= process.env.XDG_CACHE_HOME || join(homedir(), '.cache');
   process.env.TMPDIR = temp!;
   process.env.XDG_CACHE_HOME = join(temp!, 'cache');
   if (shm) process.env.VHDVAULT_TEST_SHM = shm;
