@@ -131,7 +131,7 @@ export async function liveBackup(repo: Repository, disk: string, given: LiveBack
         mode = await startMode(repo, disk, id, guest.disk.virtualSize, view, options, writeLimit);
         const target = mode.target;
         // The point in time: the new checkpoint starts, the filter goes in, the old checkpoint stops.
-        quiesced = await atQuiescedPoint({ agent: options.qga, mode: options.quiesce ?? 'try', tell: options.warn ?? (() => undefined) }, async () => {
+        quiesced = await atQuiescedPoint({ agent: options.qga, vm: options.qemu, mode: options.quiesce ?? 'try', tell: options.warn ?? (() => undefined) }, async () => {
           await bitmaps.start();
           await view.insert(target);
           await bitmaps.handOver();

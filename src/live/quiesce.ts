@@ -10,7 +10,7 @@ import { createHash } from 'node:crypto';
 import { readFile, realpath, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { VaultError } from '../util/errors.js';
+import { UsageError, VaultError } from '../util/errors.js';
 import { describeOwner, isOwnerGone, lockOwner, parseOwner } from '../util/owner.js';
 import { GuestAgent } from '../qmp/GuestAgent.js';
 import type { QmpError } from '../qmp/errors.js';
@@ -27,6 +27,8 @@ export interface Quiesced {
 export interface QuiesceOptions {
   /** The guest agent's socket (--qga, or libvirt's channel). */
   agent?: string;
+  /** What names the VM from run to run (its QMP socket): a freeze a killed run left is found by it, whichever path reached the agent. */
+  vm: string;
   mode: QuiesceMode;
   /** Warnings: no agent, an agent that failed, a guest a killed run left frozen. */
   tell(message: string): void;
@@ -49,7 +51,7 @@ export async function atQuiescedPoint(options: QuiesceOptions, setPoint: () => P
     return { quiesced: false, frozenMs: null };
   }
   try {
-    const marker = await markerPath(path);
+    const marker = await markerPath(options.vm);
     await thawLeftover(agent, marker, options.tell);
     return await frozenAround(agent, marker, options, setPoint);
   } finally {
@@ -60,7 +62,7 @@ export async function atQuiescedPoint(options: QuiesceOptions, setPoint: () => P
 /** The agent, or null (with a warning) when it does not answer and quiescing is not required. */
 async function connected(path: string, options: QuiesceOptions): Promise<GuestAgent | null> {
   try {
-    return await GuestAgent.connect(path, { timeoutMs: options.timeoutMs });
+    return await GuestAgent.connect(path, { timeoutMs: options.timeoutMs ?? agentTimeoutMs() });
   } catch (err) {
     const problem = (err as QmpError).problem ?? (err as Error).message;
     if (options.mode === 'require') throw new VaultError(path, `cannot quiesce the guest (--require-quiesce): ${problem}; nothing was backed up`);
@@ -111,6 +113,15 @@ async function thaw(agent: GuestAgent): Promise<void> {
   throw new VaultError(agent.socketPath, `could not thaw the guest's filesystems (${(last as QmpError).problem}): the next vhdvault backup of this VM thaws them, or run guest-fsfreeze-thaw through the agent`);
 }
 
+/** VHDVAULT_QGA_TIMEOUT_S: seconds each agent command may take (default 10; a slow guest may need more). */
+function agentTimeoutMs(): number | undefined {
+  const v = process.env.VHDVAULT_QGA_TIMEOUT_S;
+  if (v === undefined || v === '') return undefined;
+  const n = Number(v);
+  if (!Number.isFinite(n) || n <= 0) throw new UsageError(`VHDVAULT_QGA_TIMEOUT_S must be a positive number of seconds, not "${v}"`);
+  return n * 1000;
+}
+
 /** A guest a killed vhdvault left frozen (its marker names a process gone from here): thawed, and said. */
 async function thawLeftover(agent: GuestAgent, marker: string, tell: (m: string) => void): Promise<void> {
   const text = await readFile(marker, 'utf8').catch(() => null);
@@ -124,9 +135,9 @@ async function thawLeftover(agent: GuestAgent, marker: string, tell: (m: string)
   await rm(marker, { force: true });
 }
 
-/** Where a freeze through this agent is recorded while it lasts. */
-async function markerPath(agent: string): Promise<string> {
-  const real = await realpath(agent).catch(() => agent);
+/** Where a freeze of this VM's guest is recorded while it lasts. */
+async function markerPath(vm: string): Promise<string> {
+  const real = await realpath(vm).catch(() => vm);
   return join(tmpdir(), `vhdvault-frozen-${createHash('sha256').update(real).digest('hex').slice(0, 16)}.json`);
 }
 
