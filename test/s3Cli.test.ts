@@ -169,8 +169,9 @@ describe.concurrent('an S3 repository through the CLI', () => {
     ok(await vhdvaultAsync('init', repo));
     const proxy = await startFaultProxy(s3.endpoint, { errorRate: 0.2, stallRate: 0.03, seed: 7 });
     try {
-      // A short timeout so that stalls cost little; attempts enough that a 1-in-5 failure rate never exhausts them.
-      const flaky = (...args: string[]) => vhdvaultEnv({ VHDVAULT_S3_TIMEOUT_MS: '1500', VHDVAULT_S3_ATTEMPTS: '8' }, ...args, '--endpoint', proxy.endpoint);
+      // A short timeout so that stalls cost little, but not so short that a loaded machine's s3rver misses it
+      // (1.5 s once failed a 2 MiB PUT 8 times over at load 10); attempts enough that a 1-in-5 failure rate never exhausts them.
+      const flaky = (...args: string[]) => vhdvaultEnv({ VHDVAULT_S3_TIMEOUT_MS: '4000', VHDVAULT_S3_ATTEMPTS: '8' }, ...args, '--endpoint', proxy.endpoint);
       const disk = await newDisk('flaky');
       const full = idOf(await flaky('backup', repo, 'vm', '--source', disk));
       const atFull = await snapshot(disk, full);
