@@ -413,7 +413,7 @@ describe.concurrent('exclusive creation without conditional writes', () => {
     await proxy.close();
   });
 
-  it('a claim its owner left when killed here is removed by the next creator at once', async () => {
+  it('a claim its owner left when killed here is removed by the next creator, which then creates', async () => {
     const bucket = await newBucket(s3.endpoint);
     const { openS3Storage } = await import('../src/storage/S3Storage.js');
     const storage = await openS3Storage({ kind: 's3', bucket, prefix: 'p', endpoint: s3.endpoint }, { conditionalWrites: 'off' });

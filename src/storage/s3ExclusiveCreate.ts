@@ -7,6 +7,21 @@ import { StorageError } from './Storage.js';
 export const CLAIMS = '.claims';
 /** How long an exclusive create may keep losing to live claims before it gives up. */
 const CONTENDED_MS = 10_000;
+/**
+ * A rival claim is read (to see whether its owner is gone) only once it has been
+ * seen this long: a live creator's claim lasts a few requests, and reading every
+ * claim on every look made a 20-way race on a loaded store outlast CONTENDED_MS.
+ * This decides only when to look, never whether a claim is given up.
+ */
+const JUDGE_AFTER_MS = 1_000;
+
+/** One create's view of its rivals: when each claim was first seen, and its owner as last read (and when). */
+interface Contest {
+  started: number;
+  me: LockOwner;
+  firstSeen: Map<string, number>;
+  owners: Map<string, { owner: LockOwner | null; at: number }>;
+}
 
 /** What the claim protocol needs of an S3 store (S3Storage provides it). */
 export interface ClaimStore {
@@ -73,20 +88,20 @@ export class ExclusiveCreator {
 
   private async createByClaims(k: string, data: Buffer | string): Promise<boolean> {
     const folder = `${CLAIMS}/${createHash('sha256').update(this.store.describe(k)).digest('hex')}`;
-    const me = lockOwner('exclusive create');
-    const started = Date.now();
+    const contest: Contest = { started: Date.now(), me: lockOwner('exclusive create'), firstSeen: new Map(), owners: new Map() };
+    const me = contest.me;
     for (let round = 0; ; round++) {
       if (round > 0) await sleep(5 + Math.random() * Math.min(35 * 2 ** round, 500));
       // Present already: no claim needed to say so (and the losers of a race leave fast).
       if (await this.store.exists(k)) return false;
       // Having lost once, claim again only when the others' claims are gone: fewer claims, less contention.
-      if (round > 0 && (await this.rivals(k, folder, null, me, started)).count > 0) continue;
+      if (round > 0 && (await this.rivals(k, folder, null, contest)).count > 0) continue;
       const mine = `${folder}/${Date.now()}-${randomBytes(8).toString('hex')}`;
       await this.store.put(mine, JSON.stringify(me));
       try {
         // The oldest claim holds on while the younger ones withdraw: all withdrawing, all the time, would livelock.
         for (;;) {
-          const r = await this.rivals(k, folder, mine, me, started);
+          const r = await this.rivals(k, folder, mine, contest);
           if (r.count === 0) return await this.putChecked(k, data);
           if (!r.oldest) break;
           await sleep(5 + Math.random() * 10);
@@ -109,27 +124,38 @@ export class ExclusiveCreator {
    * Claims whose owner is provably gone are removed; one that holds us up past
    * the contention limit is named in the error.
    */
-  private async rivals(k: string, folder: string, mine: string | null, me: LockOwner, started: number): Promise<{ count: number; oldest: boolean }> {
+  private async rivals(k: string, folder: string, mine: string | null, contest: Contest): Promise<{ count: number; oldest: boolean }> {
     const listed = (await this.store.listWithTimes(folder)).sort((a, b) => a.time - b.time || (a.key < b.key ? -1 : 1));
     const live: { key: string; owner: LockOwner | null }[] = [];
+    const now = Date.now();
     for (const c of listed) {
       if (c.key === mine) {
-        live.push({ key: c.key, owner: me });
+        live.push({ key: c.key, owner: contest.me });
         continue;
       }
-      const text = await this.store.get(c.key).then((b) => b.toString('utf8'), () => null);
-      if (text === null) continue; // withdrawn meanwhile
-      const owner = claimOwner(text);
-      if (owner && isOwnerGone(owner, me)) await this.store.deleteMany([c.key]).catch(() => undefined);
-      else live.push({ key: c.key, owner });
+      const since = contest.firstSeen.get(c.key) ?? now;
+      contest.firstSeen.set(c.key, since);
+      // Judged again each JUDGE_AFTER_MS: an owner alive at one look may be killed before the next.
+      const judged = contest.owners.get(c.key);
+      if (now - since >= JUDGE_AFTER_MS && (!judged || now - judged.at >= JUDGE_AFTER_MS)) {
+        const text = await this.store.get(c.key).then((b) => b.toString('utf8'), () => null);
+        if (text === null) continue; // withdrawn meanwhile
+        const owner = claimOwner(text);
+        contest.owners.set(c.key, { owner, at: now });
+        if (owner && isOwnerGone(owner, contest.me)) {
+          await this.store.deleteMany([c.key]).catch(() => undefined);
+          continue;
+        }
+      }
+      live.push({ key: c.key, owner: contest.owners.get(c.key)?.owner ?? null });
     }
     const others = live.filter((c) => c.key !== mine);
-    if (others.length > 0 && Date.now() - started > CONTENDED_MS) throw this.heldUp(k, others);
+    if (others.length > 0 && now - contest.started > CONTENDED_MS) throw this.heldUp(k, others);
     return { count: others.length, oldest: live[0]?.key === mine };
   }
 
   private heldUp(k: string, others: { key: string; owner: LockOwner | null }[]): StorageError {
-    const [first] = others;
+    const first = others.find((c) => c.owner) ?? others[0];
     const who = first!.owner ? describeOwner(first!.owner) : 'an unknown process';
     const more = others.length > 1 ? ` and ${others.length - 1} more` : '';
     const why = `still contended after ${CONTENDED_MS / 1000} s: a claim of ${who} (${this.store.describe(first!.key)})${more}; if that process is gone, delete that object`;
