@@ -5,7 +5,6 @@
  * named, not waited on or read at an offset).
  */
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
-import { existsSync } from 'node:fs';
 import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
 import { createServer, type Server } from 'node:net';
 import { join } from 'node:path';
@@ -90,43 +89,65 @@ describe('a .vhd that holds no VHD', () => {
 describe('an image in another format (qcow2, vmdk, vdi, vhdx) given as a disk', () => {
   const formats = ['qcow2', 'vmdk', 'vdi', 'vhdx'] as const;
   beforeAll(() => {
-    for (const f of formats) execFileSync('qemu-img', ['create', '-q', '-f', f, join(dir, `image.${f}`), '8M']);
-  });
-
-  it('is refused by backup --source and vhd convert, naming the format and the ways to read it; nothing is written', async () => {
     for (const f of formats) {
       const image = join(dir, `image.${f}`);
-      for (const r of [vhdvault('backup', repo, 'vm', '--source', image), vhdvault('vhd', 'convert', image, join(out, 'x.vhd'))]) {
-        refused(r, image, new RegExp(`is a ${f} image, not a raw disk or VHD: .*qemu-nbd -r -f ${f} .*--from raw reads the file's own bytes`));
-      }
+      execFileSync('qemu-img', ['create', '-q', '-f', f, image, '8M']);
+      execFileSync('qemu-io', ['-f', f, '-c', 'write -P 0x5a 1M 3M', image]);
+    }
+  });
+
+  /** No qemu-nbd of ours is left serving anything under `dir`. */
+  const noServerLeft = () => expect(spawnSync('pgrep', ['-f', `qemu-nbd .*${dir}`]).status).toBe(1);
+
+  it('is refused by vhd convert, naming the format and the ways to read it; nothing is written', async () => {
+    for (const f of formats) {
+      const image = join(dir, `image.${f}`);
+      refused(vhdvault('vhd', 'convert', image, join(out, 'x.vhd')), image, new RegExp(`is a ${f} image, not a raw disk or VHD: .*qemu-nbd -r -f ${f} .*--from raw reads the file's own bytes`));
     }
     // Named like a raw image, it is judged by its bytes all the same.
     const disguised = join(dir, 'disguised.img');
     await writeFile(disguised, await readFile(join(dir, 'image.qcow2')));
-    refused(vhdvault('backup', repo, 'vm', '--source', disguised), disguised, /is a qcow2 image/);
+    refused(vhdvault('vhd', 'convert', disguised, join(out, 'x.vhd')), disguised, /is a qcow2 image/);
     await nothingWritten();
   });
 
-  it('is backed up as the disk through qemu-nbd, as the message says; --from raw takes its bytes', async () => {
+  it('is backed up as the disk inside, through a qemu-nbd that backup starts and stops; --from raw takes the file itself', async () => {
     // A repository of its own: the others here must stay empty.
     const repo = join(dir, 'repo-images');
     ok(vhdvault('init', repo));
-    const image = join(dir, 'data.qcow2');
-    const raw = join(dir, 'data.raw');
-    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', image, '8M']);
-    execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x5a 1M 3M', image]);
-    execFileSync('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', image, raw]);
-    const socket = join(dir, 'nbd.sock');
-    const server = spawn('qemu-nbd', ['-r', '-f', 'qcow2', '-k', socket, '--persistent', image], { stdio: 'ignore' });
-    try {
-      for (let i = 0; i < 100 && !existsSync(socket); i++) await new Promise((r) => setTimeout(r, 50));
-      ok(vhdvault('backup', repo, 'nbdvm', '--source', `nbd+unix:///?socket=${socket}`));
-    } finally {
-      server.kill();
+    for (const f of formats) {
+      const image = join(dir, `image.${f}`);
+      const raw = join(dir, `image-${f}.raw`);
+      execFileSync('qemu-img', ['convert', '-f', f, '-O', 'raw', image, raw]);
+      ok(vhdvault('backup', repo, f, '--source', image));
+      ok(vhdvault('restore', repo, f, join(dir, `restored-${f}.raw`)));
+      expect((await readFile(join(dir, `restored-${f}.raw`))).equals(await readFile(raw)), f).toBe(true);
+      noServerLeft();
     }
-    ok(vhdvault('restore', repo, 'nbdvm', join(dir, 'restored.raw')));
-    expect((await readFile(join(dir, 'restored.raw'))).equals(await readFile(raw))).toBe(true);
+    // A delta of the qcow2 stores the one block written since.
+    execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x33 6M 64k', join(dir, 'image.qcow2')]);
+    const delta = JSON.parse(ok(vhdvault('backup', repo, 'qcow2', '--source', join(dir, 'image.qcow2'), '--json')).stdout) as { kind: string; blocksWritten: number };
+    expect(delta).toMatchObject({ kind: 'delta', blocksWritten: 1 });
+    noServerLeft();
+    // An image qemu-nbd cannot open is one line, and no server is left.
+    const broken = join(dir, 'broken.qcow2');
+    await writeFile(broken, Buffer.concat([(await readFile(join(dir, 'image.qcow2'))).subarray(0, 8), Buffer.alloc(4096, 0xff)]));
+    refused(vhdvault('backup', repo, 'broken', '--source', broken), broken, /qemu-nbd cannot open this qcow2 image: /);
+    noServerLeft();
+    // Killed mid-backup: its qemu-nbd dies with it, and the next backup removes the folder it left.
+    const big = join(dir, 'big.qcow2');
+    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', big, '256M']);
+    execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x11 0 128M', big]);
+    const killed = spawn(process.execPath, [CLI, 'backup', repo, 'big', '--source', big, '--max-read', '16M'], { stdio: 'ignore', env: cliEnv() });
+    for (let i = 0; i < 200 && spawnSync('pgrep', ['-f', `qemu-nbd .*${big}`]).status !== 0; i++) await new Promise((r) => setTimeout(r, 50));
+    killed.kill('SIGKILL');
+    await new Promise((r) => killed.once('exit', r));
+    for (let i = 0; i < 100 && spawnSync('pgrep', ['-f', `qemu-nbd .*${big}`]).status === 0; i++) await new Promise((r) => setTimeout(r, 50));
+    noServerLeft();
+    ok(vhdvault('backup', repo, 'big2', '--source', join(dir, 'image.vdi')));
+    expect((await readdir(process.env.TMPDIR ?? '/tmp')).filter((n) => n.startsWith(`vhdvault-image-${killed.pid}-`))).toEqual([]);
     // The file's own bytes, when that is what is wanted: as large as the container, not the disk.
+    const image = join(dir, 'image.qcow2');
     ok(vhdvault('backup', repo, 'container', '--source', image, '--from', 'raw'));
     ok(vhdvault('restore', repo, 'container', join(dir, 'container.raw')));
     const container = await readFile(image);

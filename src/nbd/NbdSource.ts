@@ -35,6 +35,8 @@ export interface NbdSourceOptions {
   /** A dirty bitmap the export must carry (qemu:dirty-bitmap:<name>); refused when it does not. */
   bitmap?: string | null;
   timeoutMs?: number;
+  /** Run after the connection is closed (stop the server that was started for this source). */
+  afterClose?: () => Promise<void>;
 }
 
 interface Range {
@@ -53,6 +55,7 @@ export class NbdSource implements BlockSource {
   private constructor(
     private readonly client: NbdClient,
     readonly address: NbdAddress,
+    private readonly afterClose?: () => Promise<void>,
   ) {
     this.blockCount = Math.ceil(client.size / this.blockSize);
   }
@@ -67,7 +70,7 @@ export class NbdSource implements BlockSource {
       if (size === 0) throw new VaultError(address.uri, 'the export is empty');
       if (size % SECTOR_SIZE !== 0) throw new VaultError(address.uri, `the export is ${size} bytes, not a whole number of ${SECTOR_SIZE}-byte sectors: a VHD holds whole sectors`);
       if (size > MAX_DISK_SIZE) throw new VaultError(address.uri, `the export is ${size} bytes, above the VHD maximum of 2040 GiB`);
-      const source = new NbdSource(client, address);
+      const source = new NbdSource(client, address, options.afterClose);
       if (bitmap !== null) source.requireBitmap(bitmap);
       return source;
     } catch (err) {
@@ -131,7 +134,11 @@ export class NbdSource implements BlockSource {
   }
 
   async close(): Promise<void> {
-    await this.client.disconnect();
+    try {
+      await this.client.disconnect();
+    } finally {
+      await this.afterClose?.();
+    }
   }
 
   /** Asking for a delta from a bitmap must never silently produce a wrong backup: a missing one is refused by name. */

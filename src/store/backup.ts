@@ -2,7 +2,8 @@ import { readFile } from 'node:fs/promises';
 import { NbdSource } from '../nbd/NbdSource.js';
 import { isNbdUri, type NbdAddress, parseNbdUri } from '../nbd/uri.js';
 import { UsageError, VaultError } from '../util/errors.js';
-import { openSource, type BlockSource } from '../vhd/source.js';
+import { ForeignImageError, openSource, type BlockSource } from '../vhd/source.js';
+import { openImageThroughQemuNbd } from '../nbd/imageServer.js';
 import { newUuid } from '../vhd/uuid.js';
 import { BackupPipeline } from './backupPipeline.js';
 import { openDigests } from './chain.js';
@@ -99,13 +100,23 @@ export async function backup(repo: Repository, disk: string, options: BackupOpti
   const plan = planSource(options);
   return withBackupLock(repo, disk, async (lock) => {
     // A bitmap the export lacks is refused here, even for a full backup: the set-up is wrong either way.
-    const source = plan.nbd ? await NbdSource.open(plan.nbd, { bitmap: plan.bitmap }) : await openSource(options.source, { fromRaw: options.fromRaw, fromRawFlag: '--from raw' });
+    const source = plan.nbd ? await NbdSource.open(plan.nbd, { bitmap: plan.bitmap }) : await openFileSource(options.source, options.fromRaw);
     try {
       return await backupFrom(repo, disk, source, options, plan.bitmap, { lock });
     } finally {
       await source.close();
     }
   });
+}
+
+/** A file: a raw image or VHD as it is; an image in another format (qcow2, …) through a qemu-nbd started for this backup. */
+async function openFileSource(path: string, fromRaw: boolean | undefined): Promise<BlockSource> {
+  try {
+    return await openSource(path, { fromRaw, fromRawFlag: '--from raw' });
+  } catch (err) {
+    if (!(err instanceof ForeignImageError)) throw err;
+    return openImageThroughQemuNbd(err.file, err.format);
+  }
 }
 
 /**

@@ -105,11 +105,21 @@ export interface SourceOptions {
  * name ending in .vhd must hold a VHD: taking it for a raw image would turn a
  * damaged or mistaken file into a "disk" of garbage.
  */
-/** A qcow2 (or other) image given where a disk is read: its container bytes are not the disk. */
-function foreignImage(path: string, format: string, fromRawFlag: string | undefined): VaultError {
-  const serve = `serve it read-only with \`qemu-nbd -r -f ${format} -k <socket> <file>\` and give nbd+unix:///?socket=<socket>, or convert it with \`qemu-img convert -O raw\``;
-  const raw = fromRawFlag ? `; ${fromRawFlag} reads the file's own bytes as the disk` : '';
-  return new VaultError(path, `is a ${format} image, not a raw disk or VHD: its bytes are a container, not the disk; ${serve}${raw}`);
+/**
+ * A qcow2 (or other) image given where a disk is read: its container bytes are
+ * not the disk. A caller that can read it another way (backup: through qemu-nbd)
+ * catches this and does; the others say how.
+ */
+export class ForeignImageError extends VaultError {
+  constructor(
+    path: string,
+    readonly format: string,
+    fromRawFlag: string | undefined,
+  ) {
+    const serve = `serve it read-only with \`qemu-nbd -r -f ${format} -k <socket> <file>\` and give nbd+unix:///?socket=<socket>, or convert it with \`qemu-img convert -O raw\``;
+    const raw = fromRawFlag ? `; ${fromRawFlag} reads the file's own bytes as the disk` : '';
+    super(path, `is a ${format} image, not a raw disk or VHD: its bytes are a container, not the disk; ${serve}${raw}`);
+  }
 }
 
 export async function openSource(path: string, options: SourceOptions = {}): Promise<BlockSource> {
@@ -126,7 +136,7 @@ export async function openSource(path: string, options: SourceOptions = {}): Pro
   if (options.fromRaw) return RawSource.open(at);
   if (await looksLikeVhd(at)) return VhdChain.open(at);
   const foreign = await foreignFormat(at);
-  if (foreign) throw foreignImage(at, foreign, options.fromRawFlag);
+  if (foreign) throw new ForeignImageError(at, foreign, options.fromRawFlag);
   if (/\.vhd$/i.test(at)) {
     const hint = options.fromRawFlag ? `; to read it as a raw image, use ${options.fromRawFlag}` : '';
     throw new VaultError(at, `is not a VHD: no VHD footer at its start or end${hint}`);

@@ -1,0 +1,90 @@
+/**
+ * An image file in a format QEMU reads (qcow2, VMDK, VDI, VHDX, …), served
+ * read-only by a qemu-nbd that we start for one backup and stop after it: its
+ * bytes are a container, and QEMU's block layer is what knows the disk inside.
+ * The server listens on a Unix socket in a private folder; it dies with us
+ * (`setpriv --pdeathsig`), so a killed backup leaves no server behind.
+ */
+import { type ChildProcess, spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { existsSync } from 'node:fs';
+import { mkdtemp, readdir, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { VaultError } from '../util/errors.js';
+import { processAlive } from '../util/processes.js';
+import { NbdSource } from './NbdSource.js';
+
+const START_MS = 15_000;
+/** Our folders: `vhdvault-image-<pid>-<random>`, so that a killed run's is told by its pid. */
+const PREFIX = 'vhdvault-image-';
+
+/** Folders a killed backup left (its server died with it). */
+async function removeLeftovers(): Promise<void> {
+  for (const name of await readdir(tmpdir()).catch(() => [])) {
+    const pid = Number(new RegExp(`^${PREFIX}(\\d+)-`).exec(name)?.[1] ?? NaN);
+    if (Number.isSafeInteger(pid) && !processAlive(pid)) await rm(join(tmpdir(), name), { recursive: true, force: true });
+  }
+}
+
+/** A backup source reading the disk inside `path` (an image of `format`) through qemu-nbd. */
+export async function openImageThroughQemuNbd(path: string, format: string): Promise<NbdSource> {
+  await removeLeftovers();
+  const dir = await mkdtemp(join(tmpdir(), `${PREFIX}${process.pid}-`));
+  const socket = join(dir, 'nbd.sock');
+  let child: ChildProcess | null = null;
+  const stop = async () => {
+    if (child && child.exitCode === null && child.signalCode === null) {
+      const gone = once(child, 'exit');
+      child.kill('SIGTERM');
+      await gone;
+    }
+    await rm(dir, { recursive: true, force: true });
+  };
+  try {
+    const server = await startServer(path, format, socket);
+    child = server.child;
+    try {
+      return await NbdSource.open(`nbd+unix:///?socket=${socket}`, { afterClose: stop });
+    } catch (err) {
+      // A server that listened, then gave up on the image: its own words say why.
+      const gone = () => server.child.exitCode !== null || server.child.signalCode !== null;
+      const exited = gone() || (await Promise.race([once(server.child, 'exit').then(() => true), sleep(2000).then(gone)]));
+      throw exited ? serverError(path, format, new Error('exited'), server.stderr()) : err;
+    }
+  } catch (err) {
+    await stop();
+    throw err;
+  }
+}
+
+async function startServer(path: string, format: string, socket: string): Promise<{ child: ChildProcess; stderr(): string }> {
+  const args = ['--read-only', '--format', format, '--socket', socket, '--persistent', path];
+  const withDeathSignal = existsSync('/usr/bin/setpriv') || existsSync('/bin/setpriv');
+  const child = withDeathSignal ? spawn('setpriv', ['--pdeathsig', 'SIGKILL', '--', 'qemu-nbd', ...args], { stdio: ['ignore', 'ignore', 'pipe'] }) : spawn('qemu-nbd', args, { stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  child.stderr!.setEncoding('utf8').on('data', (c: string) => (stderr = (stderr + c).slice(-2000)));
+  const failed = new Promise<Error>((resolve) => {
+    child.once('error', (err: NodeJS.ErrnoException) => resolve(err));
+    child.once('exit', () => resolve(new Error(stderr)));
+  });
+  const deadline = Date.now() + START_MS;
+  while (!existsSync(socket)) {
+    const err = await Promise.race([failed, sleep(20).then(() => null)]);
+    if (err) throw serverError(path, format, err, stderr);
+    if (Date.now() > deadline) {
+      child.kill('SIGKILL');
+      throw new VaultError(path, `qemu-nbd did not serve the ${format} image within ${START_MS / 1000} s`);
+    }
+  }
+  return { child, stderr: () => stderr };
+}
+
+function serverError(path: string, format: string, err: Error, stderr: string): VaultError {
+  if ((err as NodeJS.ErrnoException).code === 'ENOENT' || /qemu-nbd.*(No such file|not found)/i.test(stderr)) {
+    return new VaultError(path, `is a ${format} image: reading the disk inside needs qemu-nbd (Debian package qemu-utils), or convert it with qemu-img first`);
+  }
+  const line = stderr.split('\n').map((l) => l.trim()).find((l) => l !== '') ?? err.message;
+  return new VaultError(path, `qemu-nbd cannot open this ${format} image: ${line.replace(/^qemu-nbd: /, '')}`);
+}
