@@ -56,8 +56,11 @@ class RawClient {
     this.socket.write(Buffer.concat(parts));
   }
 
-  /** Wait for `n` bytes (or the close); returns them, or null when the server closed first. */
-  async take(n: number, timeoutMs = 5000): Promise<Buffer | null> {
+  /**
+   * Wait for `n` bytes (or the close); returns them, or null when the server closed first.
+   * The limit guards against a hang only: 5 s once ran out in CI under a loaded machine.
+   */
+  async take(n: number, timeoutMs = 30_000): Promise<Buffer | null> {
     const deadline = Date.now() + timeoutMs;
     while (this.data.length < n && !this.closed) {
       if (Date.now() > deadline) throw new Error(`no reply within ${timeoutMs} ms`);
@@ -73,7 +76,7 @@ class RawClient {
   }
 
   /** Resolves once the server has closed the connection. */
-  async closedByServer(timeoutMs = 5000): Promise<boolean> {
+  async closedByServer(timeoutMs = 30_000): Promise<boolean> {
     const deadline = Date.now() + timeoutMs;
     while (!this.closed && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
     return this.closed;
