@@ -6,7 +6,7 @@
  * holder and how to release it: `vhdvault unlock`, which refuses a lock whose
  * holder runs here.
  */
-import { readFileSync, readlinkSync } from 'node:fs';
+import { existsSync, readFileSync, readlinkSync } from 'node:fs';
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
@@ -61,5 +61,31 @@ describe('a lock written in another PID namespace of this host', () => {
     await writeFile(join(diskDir, 'lock'), JSON.stringify({ ...holder, pidNamespace: ours }));
     const again = vhdvault('backup', repo, 'vm', '--source', disk);
     expect(again.code, again.stderr).toBe(0);
+  });
+});
+
+describe('a takeover marker a killed process left', () => {
+  it('is removed by the next writer that takes the lock, though no takeover is needed then', async () => {
+    const dir = await tempDir();
+    const repo = join(dir, 'repo');
+    await initRepo(repo, 'dir');
+    const disk = join(dir, 'disk.raw');
+    await makeRaw(disk, 4 * MiB, [[0, MiB]]);
+    const diskDir = join(repo, 'disks', 'vm');
+    await mkdir(diskDir, { recursive: true });
+    // Killed mid-takeover: its marker names this host, boot and namespace, and a pid no longer running.
+    const dead = {
+      pid: 2 ** 22 + 4242,
+      host: hostname(),
+      startedAt: new Date().toISOString(),
+      command: 'backup',
+      bootId: readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim(),
+      pidNamespace: readlinkSync('/proc/self/ns/pid'),
+      token: 'deaddeaddeaddead',
+    };
+    await writeFile(join(diskDir, 'lock.takeover'), JSON.stringify(dead));
+    const r = vhdvault('backup', repo, 'vm', '--source', disk);
+    expect(r.code, r.stderr).toBe(0);
+    expect(existsSync(join(diskDir, 'lock.takeover'))).toBe(false);
   });
 });

@@ -50,7 +50,11 @@ export class DiskLock {
     const deadline = Date.now() + TAKEOVER_STALE_MS + 5_000;
     for (let attempt = 0; Date.now() < deadline || attempt < 50; attempt++) {
       // Created whole and durable, and only where no lock is (put-if-absent).
-      if (await storage.put(lockKey, text, { ifAbsent: true })) return new DiskLock(storage, lockKey, owner, repo.diskDir(disk));
+      if (await storage.put(lockKey, text, { ifAbsent: true })) {
+        // A takeover a killed process left half done (its marker) would be left forever once nobody needs to take over.
+        await removeDeadMarker(storage, `${lockKey}.takeover`, owner);
+        return new DiskLock(storage, lockKey, owner, repo.diskDir(disk));
+      }
       const seen = await readLock(storage, lockKey);
       if (seen === null) continue; // released meanwhile
       if (!seen.stale(owner)) throw busy(repo, disk, seen.holder);
@@ -123,13 +127,7 @@ async function readLock(storage: Storage, lockKey: string): Promise<SeenLock | n
 async function takeOver(storage: Storage, lockKey: string, staleText: string, me: LockOwner): Promise<boolean> {
   const marker = `${lockKey}.takeover`;
   if (!(await storage.put(marker, JSON.stringify(me), { ifAbsent: true }))) {
-    // A marker whose owner is dead (killed mid-takeover) is stale at once; one nobody can read, once old.
-    const seen = await storage.get(marker).then((b) => b.toString('utf8'), () => null);
-    const info = await storage.head(marker);
-    const owner = seen === null ? null : parseOwner(seen);
-    const stale = owner ? isOwnerGone(owner, me) : info !== null && Date.now() - info.mtimeMs > TAKEOVER_STALE_MS;
-    // Remove it only if it is still the one judged (another process may have replaced it meanwhile).
-    if (stale && (await storage.get(marker).then((b) => b.toString('utf8'), () => null)) === seen) await storage.delete(marker);
+    await removeDeadMarker(storage, marker, me);
     return false;
   }
   try {
@@ -140,6 +138,20 @@ async function takeOver(storage: Storage, lockKey: string, staleText: string, me
   } finally {
     await storage.delete(marker);
   }
+}
+
+/**
+ * Remove a takeover marker whose owner is dead (killed mid-takeover) — stale at once — or
+ * that nobody can read once old; only if it is still the one judged (another process may
+ * have replaced it meanwhile). A live owner's marker stays.
+ */
+async function removeDeadMarker(storage: Storage, marker: string, me: LockOwner): Promise<void> {
+  const seen = await storage.get(marker).then((b) => b.toString('utf8'), () => null);
+  if (seen === null) return;
+  const info = await storage.head(marker);
+  const owner = parseOwner(seen);
+  const stale = owner ? isOwnerGone(owner, me) : info !== null && Date.now() - info.mtimeMs > TAKEOVER_STALE_MS;
+  if (stale) await removeIfUnchanged(storage, marker, seen);
 }
 
 /** Run `fn` holding the disk's lock. */
