@@ -128,6 +128,26 @@ describe.skipIf(guestSkip !== undefined)(guestTitle('live backups quiesced throu
     expect(await restoredCounter()).toBeGreaterThan(before);
   });
 
+  it('a guest another process froze is neither frozen nor thawed by the backup: it stays as that process left it', async () => {
+    const qga = await QgaClient.connect(guest.qgaSocket);
+    try {
+      expect(await qga.execute('guest-fsfreeze-freeze')).toBeGreaterThan(0);
+    } finally {
+      await qga.close();
+    }
+    try {
+      const r = await backup('--qga', guest.qgaSocket).done;
+      expect(r.code, r.stderr).toBe(0);
+      expect(r.stderr).toMatch(/the guest is already frozen by another process: backing up without freezing or thawing it/);
+      expect((JSON.parse(r.stdout) as { quiesced: boolean }).quiesced).toBe(false);
+      expect(await agentStatus()).toBe('frozen');
+    } finally {
+      const again = await QgaClient.connect(guest.qgaSocket);
+      await again.execute('guest-fsfreeze-thaw').finally(() => again.close());
+    }
+    expect(await agentStatus()).toBe('thawed');
+  });
+
   it('an agent that never answers: crash-consistent with a warning, or with --require-quiesce nothing committed', async () => {
     const silent = join(dir, 'silent.sock');
     const server = createServer(() => undefined);

@@ -72,6 +72,13 @@ async function connected(path: string, options: QuiesceOptions): Promise<GuestAg
 }
 
 async function frozenAround(agent: GuestAgent, marker: string, options: QuiesceOptions, setPoint: () => Promise<void>): Promise<Quiesced> {
+  // Frozen by someone else (another backup of this VM, an administrator): theirs to thaw, not ours.
+  if ((await agent.execute<string>('guest-fsfreeze-status')) === 'frozen') {
+    if (options.mode === 'require') throw new VaultError(agent.socketPath, 'cannot quiesce the guest (--require-quiesce): it is already frozen by another process, whose thaw vhdvault must not take; nothing was backed up');
+    options.tell(`${agent.socketPath}: the guest is already frozen by another process: backing up without freezing or thawing it`);
+    await setPoint();
+    return { quiesced: false, frozenMs: null };
+  }
   // Written before the freeze: a kill -9 while frozen leaves it for the next run to find.
   await writeFile(marker, JSON.stringify(lockOwner('backup')));
   const deferred = deferSignals();

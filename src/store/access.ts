@@ -118,9 +118,9 @@ export async function withExclusiveAccess<T>(repo: Repository, disk: string, loc
   const dir = accessKey(disk);
   const me = lock.owner;
   const marker = key(dir, MARKER);
+  const waiting = new Waiting(repo, disk, me, options.onWait);
   await storage.put(marker, JSON.stringify(me));
   try {
-    const waiting = new Waiting(repo, disk, me, options.onWait);
     for (;;) {
       const live = await liveReaders(storage, dir, me);
       if (live.length === 0) break;
@@ -184,6 +184,8 @@ class Waiting {
   private readonly since = new Map<string, number>();
   private polls = 0;
   private readonly tell: (message: string) => void;
+  /** Read when the command starts: a mistyped VHDVAULT_WAIT_S is an error at once, not on the first wait. */
+  private readonly limit = waitLimitMs();
 
   constructor(
     private readonly repo: Repository,
@@ -204,7 +206,7 @@ class Waiting {
       const end = here ? 'it runs here: the wait ends when it does' : `if it is gone, run ${unlock}`;
       this.tell(`waiting for ${who} ${what}; ${end}`);
     }
-    const limit = waitLimitMs();
+    const { limit } = this;
     if (!here && Date.now() - this.since.get(id)! >= limit) {
       throw new VaultError(this.repo.diskDir(this.disk), `gave up after ${limit / 1000} s waiting for ${who} ${what}; if that process is gone, run ${unlock} (VHDVAULT_WAIT_S sets the wait)`);
     }
