@@ -217,13 +217,20 @@ while [ ! -s /run/qemu-ga.pid ]; do
 done
 
 # The writer: the same increasing counter on every disk, then sync, many times a second.
+# Each counter is written beside and renamed over the last: a freeze or a power cut
+# between the truncate and the write of a plain "echo >" would leave it empty.
+# The first round is done before the guest says it is ready, so every counter exists.
+count() {
+  for d in $mounted; do echo $1 > "/mnt/$d/counter.new" && mv "/mnt/$d/counter.new" "/mnt/$d/counter"; done
+  sync
+}
 if [ "$writer" = 1 ]; then
+  count 1
   (
-    n=0
+    n=1
     while :; do
       n=$((n+1))
-      for d in $mounted; do echo $n > "/mnt/$d/counter"; done
-      sync
+      count $n
       usleep 50000
     done
   ) </dev/null >/dev/null 2>&1 &
