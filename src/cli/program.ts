@@ -7,6 +7,7 @@ import { reportError } from './run.js';
 import { serveCommand } from './serveCommand.js';
 import { storeCommands } from './storeCommands.js';
 import { vhdCommand } from './vhdCommands.js';
+import { vmCommand } from './vmCommands.js';
 
 export function buildProgram(): Command {
   const program = new Command('vhdvault')
@@ -17,6 +18,7 @@ export function buildProgram(): Command {
   for (const command of storeCommands()) program.addCommand(command);
   program.addCommand(serveCommand());
   program.addCommand(vhdCommand());
+  program.addCommand(vmCommand());
   program.addCommand(replicateCommand());
   program.addCommand(jobCommand());
   program.addCommand(daemonCommand());

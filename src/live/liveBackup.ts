@@ -20,8 +20,9 @@ import { newBackupId } from '../store/names.js';
 import type { Repository } from '../store/repository.js';
 import { limiter } from '../store/throttle.js';
 import { VaultError } from '../util/errors.js';
-import { atQuiescedPoint, type Quiesced, type QuiesceMode } from './quiesce.js';
-import { CheckpointHandOver, checkpointName, checkpointTag, previousCheckpoint, removeLeftoverBitmaps } from './checkpoint.js';
+import { atQuiescedPoint, type QuiesceMode } from './quiesce.js';
+import type { DiskLock } from '../store/lock.js';
+import { CheckpointHandOver, checkpointName, checkpointTag, type PreviousCheckpoint, previousCheckpoint, removeLeftoverBitmaps } from './checkpoint.js';
 import { DirectTarget } from './directTarget.js';
 import { FleecingImage, FleecingWatch, removeLeftoverImages } from './fleecing.js';
 import { FrozenView, removeLeftoverView, ViewNames } from './frozenView.js';
@@ -96,7 +97,8 @@ async function explain(err: unknown, mode: Mode, options: LiveBackupOptions): Pr
   return new VaultError(options.qemu, `reading the frozen view failed (${err.problem}): a copy of old data before a guest write failed or took over --cbw-timeout ${timeout} s, so QEMU gave up the view; backup aborted (the guest's writes went on unharmed)`);
 }
 
-export async function liveBackup(repo: Repository, disk: string, given: LiveBackupOptions): Promise<LiveBackupReport> {
+/** Check what options name before anything is touched; the fleecing folder made absolute (QEMU opens the image). */
+export async function checkLiveOptions<T extends Pick<LiveBackupOptions, 'fleecing'>>(repo: Repository, given: T): Promise<T> {
   // QEMU opens the image: a relative folder would be read from QEMU's working directory.
   const options = given.fleecing === undefined ? given : { ...given, fleecing: resolve(given.fleecing) };
   if (options.fleecing === undefined && !repo.storage.capabilities.localFiles) {
@@ -106,62 +108,122 @@ export async function liveBackup(repo: Repository, disk: string, given: LiveBack
     const folder = await stat(options.fleecing).catch(() => null);
     if (!folder?.isDirectory()) throw new VaultError(options.fleecing, 'is not a folder (--fleecing names the folder of the fleecing image)');
   }
+  return options;
+}
+
+export async function liveBackup(repo: Repository, disk: string, given: LiveBackupOptions): Promise<LiveBackupReport> {
+  const options = await checkLiveOptions(repo, given);
   const qmp = await QmpClient.connect(options.qemu);
   try {
     return await withBackupLock(repo, disk, async (lock) => {
-      const latest = await repo.latest(disk);
-      const entry = { node: options.node, device: options.device };
-      await removeLeftoverView(qmp, entry);
-      if (options.fleecing !== undefined) await removeLeftoverImages(options.fleecing, new ViewNames(options.node));
-      const guest = await findGuestPath(qmp, entry);
-      const node = guest.disk.nodeName;
-      const tag = checkpointTag(await realpath(repo.root).catch(() => repo.root), disk);
-      await removeLeftoverBitmaps(qmp, node, tag, latest?.checkpoint?.node === node ? latest.checkpoint.bitmap : null);
-
-      const id = newBackupId(latest?.id);
-      const previous = await previousCheckpoint(qmp, node, latest);
-      const server = await qemuNbdServer(qmp, options.qemuNbd ?? null);
-      const view = new FrozenView(qmp, guest, { id, cbwTimeout: options.cbwTimeout ?? DEFAULT_CBW_TIMEOUT, server });
-      const bitmaps = new CheckpointHandOver(qmp, node, guest.disk.drv === 'qcow2', checkpointName(tag, id), previous);
-      const writeLimit = limiter(options.maxWrite);
-      let mode: Mode | null = null;
-      let report: BackupReport | null = null;
-      let quiesced: Quiesced = { quiesced: false, frozenMs: null };
+      const live = await LiveDisk.prepare(repo, disk, qmp, options);
       try {
-        mode = await startMode(repo, disk, id, guest.disk.virtualSize, view, options, writeLimit);
-        const target = mode.target;
-        // The point in time: the new checkpoint starts, the filter goes in, the old checkpoint stops.
-        quiesced = await atQuiescedPoint({ agent: options.qga, vm: options.qemu, mode: options.quiesce ?? 'try', tell: options.warn ?? (() => undefined) }, async () => {
-          await bitmaps.start();
-          await view.insert(target);
-          await bitmaps.handOver();
-        });
-        const address = await view.export(previous.valid);
-        const source = await NbdSource.open(address, { bitmap: previous.valid });
-        try {
-          report = await backupFrom(repo, disk, source, { ...options, source: address.uri }, previous.valid, { id, note: previous.note, checkpoint: { bitmap: bitmaps.next, node }, writeLimit, lock });
-        } catch (err) {
-          throw await explain(err, mode, options);
-        } finally {
-          await source.close();
-        }
+        await live.start();
+        const quiesced = await atQuiescedPoint({ agent: options.qga, vm: options.qemu, mode: options.quiesce ?? 'try', tell: options.warn ?? (() => undefined) }, () => live.setPoint());
+        return { ...(await live.read(lock)), ...quiesced };
       } finally {
-        await mode?.watch?.stop();
-        // Teardown and bitmaps: on failure the first error stays the one reported.
-        const done = report !== null;
-        await settle(qmp, id, done, [() => view.teardown(), () => mode?.stop() ?? Promise.resolve(), () => (done ? bitmaps.succeeded() : bitmaps.failed())]);
+        await live.teardown();
       }
-      return {
-        ...report,
-        mode: options.fleecing !== undefined ? ('fleecing' as const) : ('direct' as const),
-        ...mode.copied(),
-        checkpoint: bitmaps.next,
-        previousCheckpoint: report.bitmap,
-        ...quiesced,
-      };
     });
   } finally {
     await qmp.close();
+  }
+}
+
+/** What one disk's live backup reports before quiescing is added (a VM backup reports that once, for all). */
+export type LiveDiskReport = Omit<LiveBackupReport, 'quiesced' | 'frozenMs'>;
+
+/**
+ * One running disk's live backup, in the steps a VM backup takes for all its
+ * disks together: prepare (leftovers, checkpoint, copy target), start (the
+ * copy target), setPoint (the point in time: quick, the guest's writes wait),
+ * read (the pipeline, up to the commit), teardown (always). Call under the
+ * disk's backup lock.
+ */
+export class LiveDisk {
+  private mode: Mode | null = null;
+  private report: BackupReport | null = null;
+  private tornDown = false;
+  private readonly writeLimit: ReturnType<typeof limiter>;
+
+  private constructor(
+    private readonly repo: Repository,
+    readonly disk: string,
+    private readonly qmp: QmpClient,
+    private readonly options: LiveBackupOptions,
+    readonly id: string,
+    private readonly node: string,
+    private readonly size: number,
+    private readonly previous: PreviousCheckpoint,
+    private readonly view: FrozenView,
+    private readonly bitmaps: CheckpointHandOver,
+  ) {
+    this.writeLimit = limiter(options.maxWrite);
+  }
+
+  /** Everything before the point in time that touches nothing the guest uses: what killed runs left, the previous checkpoint. */
+  static async prepare(repo: Repository, disk: string, qmp: QmpClient, options: LiveBackupOptions): Promise<LiveDisk> {
+    const latest = await repo.latest(disk);
+    const entry = { node: options.node, device: options.device };
+    await removeLeftoverView(qmp, entry);
+    if (options.fleecing !== undefined) await removeLeftoverImages(options.fleecing, new ViewNames(options.node));
+    const guest = await findGuestPath(qmp, entry);
+    const node = guest.disk.nodeName;
+    const tag = checkpointTag(await realpath(repo.root).catch(() => repo.root), disk);
+    await removeLeftoverBitmaps(qmp, node, tag, latest?.checkpoint?.node === node ? latest.checkpoint.bitmap : null);
+    const id = newBackupId(latest?.id);
+    const previous = await previousCheckpoint(qmp, node, latest);
+    const server = await qemuNbdServer(qmp, options.qemuNbd ?? null);
+    const view = new FrozenView(qmp, guest, { id, cbwTimeout: options.cbwTimeout ?? DEFAULT_CBW_TIMEOUT, server });
+    const bitmaps = new CheckpointHandOver(qmp, node, guest.disk.drv === 'qcow2', checkpointName(tag, id), previous);
+    return new LiveDisk(repo, disk, qmp, options, id, node, guest.disk.virtualSize, previous, view, bitmaps);
+  }
+
+  /** The copy target (fleecing image, or direct mode's NBD export of the repository's copy file). */
+  async start(): Promise<void> {
+    this.mode = await startMode(this.repo, this.disk, this.id, this.size, this.view, this.options, this.writeLimit);
+  }
+
+  /** The point in time: the new checkpoint starts, the filter goes in, the old checkpoint stops. */
+  async setPoint(): Promise<void> {
+    await this.bitmaps.start();
+    await this.view.insert(this.mode!.target);
+    await this.bitmaps.handOver();
+  }
+
+  /** Read the frozen view into the next backup of the disk, and commit it. */
+  async read(lock: DiskLock): Promise<LiveDiskReport> {
+    const mode = this.mode!;
+    const { options, previous, bitmaps } = this;
+    const address = await this.view.export(previous.valid);
+    const source = await NbdSource.open(address, { bitmap: previous.valid });
+    try {
+      const checkpoint = { bitmap: bitmaps.next, node: this.node };
+      this.report = await backupFrom(this.repo, this.disk, source, { ...options, source: address.uri }, previous.valid, { id: this.id, note: previous.note, checkpoint, writeLimit: this.writeLimit, lock });
+    } catch (err) {
+      throw await explain(err, mode, options);
+    } finally {
+      await source.close();
+    }
+    return {
+      ...this.report,
+      mode: options.fleecing !== undefined ? ('fleecing' as const) : ('direct' as const),
+      ...mode.copied(),
+      checkpoint: bitmaps.next,
+      previousCheckpoint: this.report.bitmap,
+    };
+  }
+
+  /** Everything vhdvault added to QEMU out again; the checkpoints settled by whether the backup was committed. */
+  async teardown(): Promise<void> {
+    // Once: a VM backup tears each disk down when it is read, and all of them on the way out.
+    if (this.tornDown) return;
+    this.tornDown = true;
+    const { mode, view, bitmaps } = this;
+    await mode?.watch?.stop();
+    // Teardown and bitmaps: on failure the first error stays the one reported.
+    const done = this.report !== null;
+    await settle(this.qmp, this.id, done, [() => view.teardown(), () => mode?.stop() ?? Promise.resolve(), () => (done ? bitmaps.succeeded() : bitmaps.failed())]);
   }
 }
 

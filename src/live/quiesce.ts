@@ -33,6 +33,8 @@ export interface QuiesceOptions {
   /** Warnings: no agent, an agent that failed, a guest a killed run left frozen. */
   tell(message: string): void;
   timeoutMs?: number;
+  /** How setPoint runs when the guest is not frozen (a VM backup pauses the VM instead); default: as it is. */
+  unfrozen?: (setPoint: () => Promise<void>) => Promise<void>;
 }
 
 const SIGNALS = ['SIGINT', 'SIGTERM'] as const;
@@ -42,12 +44,12 @@ export async function atQuiescedPoint(options: QuiesceOptions, setPoint: () => P
   const { agent: path, mode } = options;
   if (mode === 'off' || path === undefined) {
     if (mode === 'require') throw new VaultError('--require-quiesce', 'needs a guest agent to freeze the guest: give --qga <socket>');
-    await setPoint();
+    await withoutFreeze(options, setPoint);
     return { quiesced: false, frozenMs: null };
   }
   const agent = await connected(path, options);
   if (!agent) {
-    await setPoint();
+    await withoutFreeze(options, setPoint);
     return { quiesced: false, frozenMs: null };
   }
   try {
@@ -58,6 +60,8 @@ export async function atQuiescedPoint(options: QuiesceOptions, setPoint: () => P
     agent.close();
   }
 }
+
+const withoutFreeze = (options: QuiesceOptions, setPoint: () => Promise<void>) => (options.unfrozen ? options.unfrozen(setPoint) : setPoint());
 
 /** The agent, or null (with a warning) when it does not answer and quiescing is not required. */
 async function connected(path: string, options: QuiesceOptions): Promise<GuestAgent | null> {
@@ -76,7 +80,7 @@ async function frozenAround(agent: GuestAgent, marker: string, options: QuiesceO
   if ((await agent.execute<string>('guest-fsfreeze-status')) === 'frozen') {
     if (options.mode === 'require') throw new VaultError(agent.socketPath, 'cannot quiesce the guest (--require-quiesce): it is already frozen by another process, whose thaw vhdvault must not take; nothing was backed up');
     options.tell(`${agent.socketPath}: the guest is already frozen by another process: backing up without freezing or thawing it`);
-    await setPoint();
+    await withoutFreeze(options, setPoint);
     return { quiesced: false, frozenMs: null };
   }
   // Written before the freeze: a kill -9 while frozen leaves it for the next run to find.
@@ -91,7 +95,7 @@ async function frozenAround(agent: GuestAgent, marker: string, options: QuiesceO
       if (options.mode === 'require') throw new VaultError(agent.socketPath, `cannot quiesce the guest (--require-quiesce): ${(err as QmpError).problem}; nothing was backed up`);
       options.tell(`${agent.socketPath}: the guest could not be frozen (${(err as QmpError).problem}): backing up without quiescing (crash-consistent)`);
       await thaw(agent);
-      await setPoint();
+      await withoutFreeze(options, setPoint);
       return { quiesced: false, frozenMs: null };
     }
     try {
@@ -142,17 +146,17 @@ async function thawLeftover(agent: GuestAgent, marker: string, tell: (m: string)
   await rm(marker, { force: true });
 }
 
-/** Where a freeze of this VM's guest is recorded while it lasts. */
-async function markerPath(vm: string): Promise<string> {
+/** Where a freeze (or, pause.ts, a pause) of this VM is recorded while it lasts. */
+export async function markerPath(vm: string, state: 'frozen' | 'paused' = 'frozen'): Promise<string> {
   const real = await realpath(vm).catch(() => vm);
-  return join(tmpdir(), `vhdvault-frozen-${createHash('sha256').update(real).digest('hex').slice(0, 16)}.json`);
+  return join(tmpdir(), `vhdvault-${state}-${createHash('sha256').update(real).digest('hex').slice(0, 16)}.json`);
 }
 
 /**
  * While frozen, SIGINT and SIGTERM do not end the process before the thaw: a
  * signal is held and, if nothing else listens for it, delivered again after.
  */
-function deferSignals(): { release(): void } {
+export function deferSignals(): { release(): void } {
   let held: NodeJS.Signals | null = null;
   const hold = (signal: NodeJS.Signals) => {
     held ??= signal;

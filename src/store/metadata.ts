@@ -74,8 +74,21 @@ export const jsonText = (value: unknown): string => `${JSON.stringify(value, nul
 
 /** How a backup's metadata is stored: its fields, sealed by their SHA-256 (sealSha256). */
 export function metadataText(meta: BackupMetadata): string {
-  const { sealSha256: _old, ...fields } = meta;
+  return sealedText(meta);
+}
+
+/** A record's fields, then `sealSha256` over them: what backup metadata and VM records are stored as. */
+export function sealedText<T extends { sealSha256?: string }>(record: T): string {
+  const { sealSha256: _old, ...fields } = record;
   return jsonText({ ...fields, sealSha256: sealOf(fields) });
+}
+
+/** Whether a parsed record's fields still match its seal (true when it has none). */
+export function sealHolds(record: { sealSha256?: unknown }): boolean {
+  if (record.sealSha256 === undefined) return true;
+  // The fields in their stored order: the seal is over the text they were written as.
+  const { sealSha256, ...fields } = record;
+  return sealOf(fields) === sealSha256;
 }
 
 function sealOf(fields: object): string {
@@ -118,10 +131,6 @@ export function parseMetadata(value: unknown, path: string, disk: string, id: st
     m.blockSize === DEFAULT_BLOCK_SIZE &&
     LAYOUT_NAMES.includes(m.layout!);
   if (!ok) throw new VaultError(path, 'is not valid backup metadata');
-  if (m.sealSha256 !== undefined) {
-    // The fields in their stored order: the seal is over the text they were written as.
-    const { sealSha256, ...fields } = m;
-    if (sealOf(fields) !== sealSha256) throw new VaultError(path, 'has been edited or damaged: its fields no longer match the SHA-256 sealed in it');
-  }
+  if (!sealHolds(m)) throw new VaultError(path, 'has been edited or damaged: its fields no longer match the SHA-256 sealed in it');
   return m as BackupMetadata;
 }

@@ -1,0 +1,119 @@
+import { Command } from 'commander';
+import { parseNbdUri } from '../nbd/uri.js';
+import { Repository } from '../store/repository.js';
+import type { VmRecord } from '../store/vmRecord.js';
+import { UsageError } from '../util/errors.js';
+import { progressBar } from './progress.js';
+
+// Each command imports what it runs when it runs (see storeCommands.ts).
+
+interface VmBackupCliOptions {
+  libvirt?: string;
+  connect?: string;
+  scratch?: string;
+  qemu?: string;
+  qga?: string;
+  fleecing?: string;
+  qemuNbd?: string;
+  disks?: string[];
+  quiesce: boolean;
+  requireQuiesce?: boolean;
+  full?: boolean;
+  json?: boolean;
+}
+
+/** `--disks vda,vdb`: targets, each once. */
+function parseTargets(text: string): string[] {
+  const targets = text.split(',').map((t) => t.trim());
+  for (const t of targets) if (!/^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$/.test(t)) throw new UsageError(`--disks ${text}: "${t}" is not a disk target (like vda, or a QEMU device id)`);
+  if (new Set(targets).size !== targets.length) throw new UsageError(`--disks ${text}: a target is named twice`);
+  return targets;
+}
+
+const fmtMs = (ms: number | null) => (ms === null ? '' : `${ms} ms`);
+
+/** A VM backup as `vm list --json` shows it: the record without the definition's bulk. */
+export function vmListRow(r: VmRecord) {
+  const d = r.definition;
+  const definition = d.kind === 'libvirt' ? { kind: d.kind, domain: d.domain, uuid: d.uuid } : { kind: d.kind, machine: d.machine, disks: d.disks.length };
+  return { vm: r.vm, id: r.id, time: r.createdAt, disks: r.disks, quiesced: r.quiesced, frozenMs: r.frozenMs, pausedMs: r.pausedMs, checkpoint: r.checkpoint, definition };
+}
+
+export function vmCommand(): Command {
+  const vm = new Command('vm').description('whole virtual machines: every disk at one point in time, with its definition');
+
+  vm.command('backup')
+    .description("back up every disk of a running VM at one instant (frozen through its guest agent, else paused for that instant), and the VM's definition")
+    .argument('<repo>', 'the repository: a folder, or s3://bucket/prefix')
+    .argument('<vm>', 'the VM\'s name in the repository; its disks are stored as <vm>.<target>')
+    .option('--qemu <qmp-socket>', "the VM's QMP socket (a QEMU started without libvirt)")
+    .option('--qga <socket>', "with --qemu: the guest agent's socket")
+    .option('--fleecing <dir>', 'with --qemu: folder on fast local storage for the fleecing images (default: direct mode)')
+    .option('--qemu-nbd <uri>', "with --qemu: the address of QEMU's own NBD server when it already runs one")
+    .option('--disks <targets>', 'only these disks, comma-separated (default: every writable disk)', parseTargets)
+    .option('--no-quiesce', 'do not freeze the guest: pause the VM for the instant instead')
+    .option('--require-quiesce', 'fail, committing nothing, when the guest cannot be frozen')
+    .option('--full', 'read every disk whole, even where a checkpoint could give a delta')
+    .option('--json', 'print one JSON object')
+    .action(async (root: string, name: string, opts: VmBackupCliOptions) => {
+      if (!opts.quiesce && opts.requireQuiesce) throw new UsageError('--no-quiesce and --require-quiesce contradict each other: give one');
+      if (opts.qemu === undefined) throw new UsageError('give --qemu <qmp-socket> (a running QEMU VM)');
+      const { checkVmName } = await import('../store/vmRecord.js');
+      checkVmName(name);
+      const repo = await Repository.open(root);
+      const { vmBackupQemu } = await import('../live/vmBackup.js');
+      const log = (message: string) => console.error(`vhdvault: ${message}`);
+      const bar = progressBar(`vm backup ${name}`, opts.json ?? false);
+      let report;
+      try {
+        const qemuNbd = opts.qemuNbd === undefined ? undefined : parseNbdUri(opts.qemuNbd).endpoint;
+        const quiesce = !opts.quiesce ? ('off' as const) : opts.requireQuiesce ? ('require' as const) : ('try' as const);
+        report = await vmBackupQemu(repo, name, {
+          qemu: opts.qemu,
+          qga: opts.qga,
+          fleecing: opts.fleecing,
+          qemuNbd,
+          disks: opts.disks,
+          quiesce,
+          full: opts.full,
+          log,
+          warn: log,
+          onProgress: (d, t, b) => bar.update(d, t, b),
+          signal: bar.signal,
+        });
+      } finally {
+        bar.stop();
+      }
+      if (opts.json) {
+        console.log(JSON.stringify(report, null, 2));
+        return;
+      }
+      console.log(report.id);
+      for (const [target, r] of Object.entries(report.disks)) console.error(`${target}: ${r.kind} backup ${r.id} of ${name}.${target}, ${r.blocksRead} blocks read${r.note ? ` (${r.note})` : ''}`);
+      const how = report.quiesced ? `guest frozen ${fmtMs(report.frozenMs)}` : report.pausedMs !== null ? `VM paused ${fmtMs(report.pausedMs)} (crash-consistent)` : 'crash-consistent';
+      console.error(`VM backup ${report.id}: ${Object.keys(report.disks).length} disks at one instant, ${how}, in ${(report.durationMs / 1000).toFixed(1)} s`);
+    });
+
+  vm.command('list')
+    .description('list VM backups, oldest first')
+    .argument('<repo>', 'the repository: a folder, or s3://bucket/prefix')
+    .argument('[vm]')
+    .option('--json', 'print a JSON array')
+    .action(async (root: string, name: string | undefined, opts: { json?: boolean }) => {
+      const { checkVmName, vmNames, vmRecords } = await import('../store/vmRecord.js');
+      if (name !== undefined) checkVmName(name);
+      const repo = await Repository.open(root);
+      const rows = [];
+      for (const v of name !== undefined ? [name] : await vmNames(repo)) rows.push(...(await vmRecords(repo, v)).map(vmListRow));
+      if (opts.json) {
+        console.log(JSON.stringify(rows, null, 2));
+        return;
+      }
+      for (const r of rows) {
+        const disks = Object.entries(r.disks).map(([t, id]) => `${t}=${id}`).join(' ');
+        console.log(`${r.vm}\t${r.id}\t${r.time}\t${r.quiesced ? 'quiesced' : 'crash-consistent'}\t${r.definition.kind}\t${disks}`);
+      }
+    });
+
+  return vm;
+}

@@ -1,0 +1,122 @@
+// vitest: slow (boots a real Linux guest; started first on a fresh checkout, see vitest.config.ts)
+/**
+ * `vm backup --qemu` of a real two-disk Linux guest whose writer puts the
+ * same counter on both disks, then syncs, many times a second: every disk is
+ * taken at one instant (frozen through the agent, or with the VM paused), so
+ * each restored disk is a clean ext4 and the two counters differ by at most
+ * one; a delta follows from the checkpoints; `vm list` shows the VM backups.
+ */
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { vhdvaultAsync } from './helpers/cli.js';
+import { tempDir } from './helpers/files.js';
+import { bootGuest, e2fsck, ext4Cat, type Guest, guestSkip, guestTitle, makeExt4Disk, replayJournal } from './helpers/guest.js';
+
+interface VmReport {
+  id: string;
+  disks: Record<string, { id: string; kind: string; blocksRead: number }>;
+  quiesced: boolean;
+  frozenMs: number | null;
+  pausedMs: number | null;
+}
+
+describe.skipIf(guestSkip !== undefined)(guestTitle('vm backup --qemu of a running two-disk guest'), () => {
+  let dir: string;
+  let guest: Guest;
+  let repo: string;
+
+  beforeAll(async () => {
+    dir = await tempDir('vhdvault-vmqemu-');
+    const images = [join(dir, 'vda.qcow2'), join(dir, 'vdb.raw')];
+    for (const image of images) await makeExt4Disk(image, 32);
+    guest = await bootGuest({ disks: images, writer: true });
+    repo = join(dir, 'repo');
+    expect((await vhdvaultAsync('init', repo)).code).toBe(0);
+  });
+  afterAll(async () => {
+    await guest?.kill();
+  });
+
+  async function vmBackup(...extra: string[]): Promise<VmReport> {
+    const r = await vhdvaultAsync('vm', 'backup', repo, 'web', '--qemu', guest.qmpSocket, '--fleecing', dir, '--json', ...extra);
+    expect(r.code, r.stderr).toBe(0);
+    return JSON.parse(r.stdout) as VmReport;
+  }
+
+  /** Each disk of a VM backup restored: clean once its journal is replayed (none needed when quiesced), and its counter. */
+  async function restoredCounters(report: VmReport, quiesced: boolean): Promise<number[]> {
+    const counters: number[] = [];
+    for (const [target, disk] of Object.entries(report.disks)) {
+      const out = join(dir, `${target}-${disk.id}.raw`);
+      const r = await vhdvaultAsync('restore', repo, `web.${target}`, out, '--backup', disk.id);
+      expect(r.code, r.stderr).toBe(0);
+      if (!quiesced) await replayJournal(out);
+      const fsck = await e2fsck(out);
+      expect(fsck.code, `${target}: ${fsck.output}`).toBe(0);
+      counters.push(Number.parseInt(await ext4Cat(out, '/counter'), 10));
+    }
+    return counters;
+  }
+
+  it('quiesced through the agent: one frozen window for both disks, full then delta, counters within one', async () => {
+    const seen: number[] = [];
+    for (const kind of ['full', 'delta']) {
+      const report = await vmBackup('--qga', guest.qgaSocket);
+      expect(Object.keys(report.disks).sort()).toEqual(['vda', 'vdb']);
+      expect(Object.values(report.disks).map((d) => d.kind)).toEqual([kind, kind]);
+      expect(report.quiesced).toBe(true);
+      expect(report.frozenMs).toBeGreaterThan(0);
+      expect(report.pausedMs).toBeNull();
+      const counters = await restoredCounters(report, true);
+      expect(Math.abs(counters[0]! - counters[1]!), `counters ${counters}`).toBeLessThanOrEqual(1);
+      seen.push(Math.min(...counters));
+      console.log(`vm backup ${kind}, quiesced: frozen ${report.frozenMs} ms, counters ${counters}`);
+    }
+    expect(seen[1]).toBeGreaterThan(seen[0]!);
+  });
+
+  it('without an agent: the VM paused for the instant, counters within one, the guest running after', async () => {
+    for (let i = 0; i < 2; i++) {
+      const report = await vmBackup('--no-quiesce');
+      expect(report.quiesced).toBe(false);
+      expect(report.pausedMs).toBeGreaterThanOrEqual(0);
+      const counters = await restoredCounters(report, false);
+      expect(Math.abs(counters[0]! - counters[1]!), `counters ${counters}`).toBeLessThanOrEqual(1);
+      console.log(`vm backup, paused ${report.pausedMs} ms: counters ${counters}`);
+    }
+    const status = await guest.testQmp.execute<{ running: boolean }>('query-status');
+    expect(status.running).toBe(true);
+  });
+
+  it('vm list shows each VM backup with its disks, quiescing and definition', async () => {
+    const r = await vhdvaultAsync('vm', 'list', repo, 'web', '--json');
+    expect(r.code, r.stderr).toBe(0);
+    const rows = JSON.parse(r.stdout) as Array<{ id: string; time: string; disks: Record<string, string>; quiesced: boolean; definition: { kind: string } }>;
+    expect(rows.map((x) => x.quiesced)).toEqual([true, true, false, false]);
+    for (const row of rows) {
+      expect(Object.keys(row.disks).sort()).toEqual(['vda', 'vdb']);
+      expect(row.definition.kind).toBe('qemu');
+    }
+    const disks = await vhdvaultAsync('list', repo, '--json');
+    expect((JSON.parse(disks.stdout) as Array<{ disk: string }>).map((d) => d.disk).sort()).toEqual([...Array(4).fill('web.vda'), ...Array(4).fill('web.vdb')]);
+  });
+
+  it('refuses what cannot be done, with one line, before anything is changed', async () => {
+    const bad = [
+      [['--disks', 'vdz'], /no writable disk device "vdz"/, 1],
+      [['--require-quiesce'], /--require-quiesce: needs a guest agent/, 1],
+      [['--no-quiesce', '--require-quiesce'], /contradict/, 2],
+    ] as const;
+    for (const [args, message, code] of bad) {
+      const r = await vhdvaultAsync('vm', 'backup', repo, 'web', '--qemu', guest.qmpSocket, ...args);
+      expect(r.code, r.stderr).toBe(code);
+      expect(r.stderr).toMatch(message);
+      expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    }
+    const named = await vhdvaultAsync('vm', 'backup', repo, 'a.b', '--qemu', guest.qmpSocket);
+    expect(named.code).toBe(1);
+    expect(named.stderr).toMatch(/invalid VM name/);
+    const list = await vhdvaultAsync('vm', 'list', repo, 'web', '--json');
+    expect(JSON.parse(list.stdout)).toHaveLength(4);
+  });
+});
