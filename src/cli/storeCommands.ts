@@ -51,6 +51,10 @@ const fmtBytes = (n: number) => (n >= 1048576 ? `${(n / 1048576).toFixed(1)} MiB
 /** prune's report for a person: what is (or would be) kept, removed, merged and deferred. */
 function printPrune(report: PruneReport, dryRun: boolean): void {
   const verb = dryRun ? 'would ' : '';
+  for (const v of report.vms) {
+    for (const id of v.kept) console.log(`${verb}keep    VM backup ${v.vm} ${id}`);
+    for (const id of v.removed) console.log(`${verb}remove  VM backup ${v.vm} ${id}`);
+  }
   for (const id of report.kept) console.log(`${verb}keep    ${id}`);
   for (const id of report.removed) console.log(`${verb}remove  ${id}`);
   for (const m of report.merges) console.log(`${verb}merge   ${m.removed} into ${m.into}`);
@@ -258,7 +262,7 @@ export function storeCommands(): Command[] {
   pruneCmd
     .option('--max-merges <n>', 'merge at most this many backups in this run', parseMaxMerges)
     .option('--dry-run', 'print what would be kept and removed; change nothing')
-    .option('--json', 'print { kept, removed, merged, merges, deferred, refused, collected }')
+    .option('--json', 'print { kept, removed, merged, merges, deferred, refused, collected, vms }')
     .action(async (root: string, disk: string | undefined, opts: Record<string, unknown>) => {
       const policy = retentionPolicy(opts);
       const repo = await Repository.open(root);

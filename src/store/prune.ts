@@ -8,6 +8,7 @@ import { pinnedBackups } from './overlayPins.js';
 import { replicaPinnedBackups } from './replicaPins.js';
 import { ensureReserve, withReserve } from './reserve.js';
 import { type RetentionPolicy, selectRetention } from './retention.js';
+import { pruneVmRecords, type VmDiskSelection, type VmRetained } from './vmRetention.js';
 
 export interface PruneOptions {
   policy: RetentionPolicy;
@@ -32,6 +33,8 @@ export interface PruneReport {
   refused: Array<{ disk: string; problem: string }>;
   /** Objects layout: block objects no block map names any more (removed backups', killed backups' uploads), deleted. */
   collected: { objects: number };
+  /** VM backups (vmRecord.ts), kept or removed as units: the policy applies to them, and their disks follow. */
+  vms: VmRetained[];
 }
 
 /** What prune will do to one disk, worked out before anything changes. */
@@ -44,8 +47,8 @@ interface Plan {
   deferred: BackupMetadata[];
 }
 
-function plan(backups: BackupMetadata[], options: PruneOptions, pinned: Map<string, string> = new Map()): Plan {
-  const selected = selectRetention(backups, options.policy);
+function plan(backups: BackupMetadata[], options: PruneOptions, pinned: Map<string, string> = new Map(), vm?: VmDiskSelection): Plan {
+  const selected = vm ? vm.select(backups) : selectRetention(backups, options.policy);
   // A pinned backup stays (see pins()).
   for (const r of selected.removed.filter((b) => pinned.has(b.id))) {
     selected.removed.splice(selected.removed.indexOf(r), 1);
@@ -148,11 +151,11 @@ async function pins(repo: Repository, disk: string, options: { dryRun?: boolean 
   return why;
 }
 
-async function pruneDisk(repo: Repository, disk: string, options: PruneOptions, report: PruneReport): Promise<void> {
+async function pruneDisk(repo: Repository, disk: string, options: PruneOptions, report: PruneReport, vm?: VmDiskSelection): Promise<void> {
   if (options.dryRun) {
     // A dry run changes nothing, so it cannot finish an interrupted merge to plan from the result.
     if (await hasPendingMerge(repo, disk)) throw new VaultError(repo.diskDir(disk), 'an interrupted merge is pending: a prune (without --dry-run), backup, list or restore finishes it first; then try the dry run again');
-    record(report, plan(await checkStructure(repo, disk, options), options, await pins(repo, disk, { dryRun: true })));
+    record(report, plan(await checkStructure(repo, disk, options), options, await pins(repo, disk, { dryRun: true }), vm));
     return;
   }
   await withDiskLock(repo, disk, 'prune', async (lock) => {
@@ -171,12 +174,12 @@ async function pruneDisk(repo: Repository, disk: string, options: PruneOptions, 
         told.add(line);
       },
     };
-    let p = plan(backups, once, await pins(repo, disk));
+    let p = plan(backups, once, await pins(repo, disk), vm);
     const removal = repo.layout.removal(repo, disk);
     if (p.deletions.length + p.merges.length > 0) {
       await withExclusiveAccess(repo, disk, lock, async () => {
         // A reader we waited for (a replication) may have moved its pin meanwhile: plan again with the pins as they are now.
-        p = plan(backups, once, await pins(repo, disk));
+        p = plan(backups, once, await pins(repo, disk), vm);
         await removal.before([...p.deletions, ...p.merges.map((m) => m.parent)]);
         const done: Plan = { kept: [], deletions: [], merges: [], deferred: [] };
         await applyPlan(repo, p, lock, done).catch((err: unknown) => {
@@ -202,13 +205,16 @@ async function pruneDisk(repo: Repository, disk: string, options: PruneOptions, 
  */
 export async function prune(repo: Repository, disk: string | undefined, options: PruneOptions): Promise<PruneReport> {
   const report: PruneReport = emptyReport();
+  // VM backups first: a record goes before any backup it names, so none ever names a missing one.
+  const { selections: vmDisks, vms } = await pruneVmRecords(repo, disk, options);
+  report.vms = vms;
   for (const d of disk ? [disk] : await repo.disks()) {
     // A rerun after running out of space must not count the first attempt's work twice.
     let attempt = emptyReport();
     try {
       await withReserve(repo.storage, async () => {
         attempt = emptyReport();
-        await pruneDisk(repo, d, options, attempt);
+        await pruneDisk(repo, d, options, attempt, vmDisks.get(d));
       });
     } catch (err) {
       // One disk's problem never stops the others: it is reported, and the command fails at the end.
@@ -228,4 +234,4 @@ export async function prune(repo: Repository, disk: string | undefined, options:
   return report;
 }
 
-const emptyReport = (): PruneReport => ({ kept: [], removed: [], merged: 0, merges: [], deferred: [], refused: [], collected: { objects: 0 } });
+const emptyReport = (): PruneReport => ({ kept: [], removed: [], merged: 0, merges: [], deferred: [], refused: [], collected: { objects: 0 }, vms: [] });

@@ -1,3 +1,4 @@
+import { vmDiskName, vmNames, vmRecords } from './vmRecord.js';
 import { VaultError } from '../util/errors.js';
 import type { VhdDisk } from '../vhd/disk.js';
 import type { VhdChain } from '../vhd/VhdChain.js';
@@ -63,7 +64,25 @@ export async function verify(repo: Repository, disk?: string, options: { onProgr
       report.problems.push({ disk: d, id: null, block: null, problem: err.message });
     });
   }
+  if (!disk && !options.only) await verifyVmRecords(repo, report);
   return report;
+}
+
+/** Every VM backup record readable, and every disk backup it names there: a VM backup restores whole or is reported. */
+async function verifyVmRecords(repo: Repository, report: VerifyReport): Promise<void> {
+  for (const vm of await vmNames(repo)) {
+    const records = await vmRecords(repo, vm).catch((err: unknown) => {
+      if (!(err instanceof VaultError)) throw err;
+      report.problems.push({ disk: `VM ${vm}`, id: null, block: null, problem: err.message });
+      return [];
+    });
+    for (const r of records) {
+      for (const [target, id] of Object.entries(r.disks)) {
+        const disk = vmDiskName(vm, target);
+        if (!(await repo.storage.head(repo.metadataKey(disk, id)))) report.problems.push({ disk: `VM ${vm}`, id: r.id, block: null, problem: `names backup ${id} of disk ${disk}, which does not exist: this VM backup cannot be restored whole` });
+      }
+    }
+  }
 }
 
 /**
