@@ -102,6 +102,7 @@ describe.skipIf(libvirtSkip !== undefined)(libvirtTitle('libvirt domains backed 
       expect(fsck.code, fsck.output).toBe(0);
       counters.push(Number.parseInt(await ext4Cat(raw, '/counter'), 10));
     }
+    console.log(`counters in the full backup: vda ${counters[0]}, vdb ${counters[1]}`);
     expect(counters[0]).toBeGreaterThan(0);
     expect(Math.abs(counters[0]! - counters[1]!)).toBeLessThanOrEqual(1);
     expect(await scratchLeft()).toEqual([]);
