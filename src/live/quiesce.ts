@@ -24,9 +24,17 @@ export interface Quiesced {
   frozenMs: number | null;
 }
 
+/** What quiescing needs of a guest agent: GuestAgent on a socket, or one reached another way (VirshAgent, through libvirt). */
+export interface AgentSession {
+  /** What messages name the agent by (GuestAgent: its socket). */
+  readonly socketPath: string;
+  execute<T = unknown>(command: string, args?: object): Promise<T>;
+  close(): void;
+}
+
 export interface QuiesceOptions {
-  /** The guest agent's socket (--qga, or libvirt's channel). */
-  agent?: string;
+  /** The guest agent's socket (--qga), or an agent already at hand (a libvirt domain's: VirshAgent). */
+  agent?: string | AgentSession;
   /** What names the VM from run to run (its QMP socket): a freeze a killed run left is found by it, whichever path reached the agent. */
   vm: string;
   mode: QuiesceMode;
@@ -41,13 +49,13 @@ const SIGNALS = ['SIGINT', 'SIGTERM'] as const;
 
 /** Run `setPoint` (which must be quick: the guest's writes wait meanwhile) with the guest frozen when it can be. */
 export async function atQuiescedPoint(options: QuiesceOptions, setPoint: () => Promise<void>): Promise<Quiesced> {
-  const { agent: path, mode } = options;
-  if (mode === 'off' || path === undefined) {
+  const { agent: given, mode } = options;
+  if (mode === 'off' || given === undefined) {
     if (mode === 'require') throw new VaultError('--require-quiesce', 'needs a guest agent to freeze the guest: give --qga <socket>');
     await withoutFreeze(options, setPoint);
     return { quiesced: false, frozenMs: null };
   }
-  const agent = await connected(path, options);
+  const agent = await connected(given, options);
   if (!agent) {
     await withoutFreeze(options, setPoint);
     return { quiesced: false, frozenMs: null };
@@ -64,9 +72,13 @@ export async function atQuiescedPoint(options: QuiesceOptions, setPoint: () => P
 const withoutFreeze = (options: QuiesceOptions, setPoint: () => Promise<void>) => (options.unfrozen ? options.unfrozen(setPoint) : setPoint());
 
 /** The agent, or null (with a warning) when it does not answer and quiescing is not required. */
-async function connected(path: string, options: QuiesceOptions): Promise<GuestAgent | null> {
+async function connected(given: string | AgentSession, options: QuiesceOptions): Promise<AgentSession | null> {
+  const path = typeof given === 'string' ? given : given.socketPath;
   try {
-    return await GuestAgent.connect(path, { timeoutMs: options.timeoutMs ?? agentTimeoutMs() });
+    if (typeof given === 'string') return await GuestAgent.connect(given, { timeoutMs: options.timeoutMs ?? agentTimeoutMs() });
+    // One at hand has no handshake of its own: a ping tells whether an agent answers.
+    await given.execute('guest-ping');
+    return given;
   } catch (err) {
     const problem = (err as QmpError).problem ?? (err as Error).message;
     if (options.mode === 'require') throw new VaultError(path, `cannot quiesce the guest (--require-quiesce): ${problem}; nothing was backed up`);
@@ -75,7 +87,7 @@ async function connected(path: string, options: QuiesceOptions): Promise<GuestAg
   }
 }
 
-async function frozenAround(agent: GuestAgent, marker: string, options: QuiesceOptions, setPoint: () => Promise<void>): Promise<Quiesced> {
+async function frozenAround(agent: AgentSession, marker: string, options: QuiesceOptions, setPoint: () => Promise<void>): Promise<Quiesced> {
   // Frozen by someone else (another backup of this VM, an administrator): theirs to thaw, not ours.
   if ((await agent.execute<string>('guest-fsfreeze-status')) === 'frozen') {
     if (options.mode === 'require') throw new VaultError(agent.socketPath, 'cannot quiesce the guest (--require-quiesce): it is already frozen by another process, whose thaw vhdvault must not take; nothing was backed up');
@@ -111,7 +123,7 @@ async function frozenAround(agent: GuestAgent, marker: string, options: QuiesceO
 }
 
 /** Thaw, tried three times: a guest left frozen stalls every write in it. */
-async function thaw(agent: GuestAgent): Promise<void> {
+async function thaw(agent: AgentSession): Promise<void> {
   let last: unknown;
   for (let i = 0; i < 3; i++) {
     try {
@@ -134,7 +146,7 @@ function agentTimeoutMs(): number | undefined {
 }
 
 /** A guest a killed vhdvault left frozen (its marker names a process gone from here): thawed, and said. */
-async function thawLeftover(agent: GuestAgent, marker: string, tell: (m: string) => void): Promise<void> {
+async function thawLeftover(agent: AgentSession, marker: string, tell: (m: string) => void): Promise<void> {
   const text = await readFile(marker, 'utf8').catch(() => null);
   if (text === null) return;
   const owner = parseOwner(text);

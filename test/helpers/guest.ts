@@ -33,11 +33,11 @@ import { accepts } from './sockets.js';
 const execFileAsync = promisify(execFile);
 
 /** What the guest prints once its disks are mounted, its agent runs and its writer (if any) started. */
-const READY = 'VHDVAULT-GUEST-READY';
+export const READY = 'VHDVAULT-GUEST-READY';
 /** What it prints when it cannot get there (then it powers off). */
-const FAILED = 'VHDVAULT-GUEST-FAILED';
+export const FAILED = 'VHDVAULT-GUEST-FAILED';
 /** The name QEMU and libvirt give the guest agent's port. */
-const AGENT_PORT = 'org.qemu.guest_agent.0';
+export const AGENT_PORT = 'org.qemu.guest_agent.0';
 /** The drivers the guest needs; those built into the kernel are skipped, the others loaded with their dependencies. */
 const WANTED_MODULES = ['virtio_pci', 'virtio_blk', 'virtio_console', 'ext4'];
 
@@ -173,6 +173,7 @@ fail() { echo "${FAILED} $*"; sleep 1; poweroff -f; }
 arg() { for w in $(cat /proc/cmdline); do case "$w" in "vhdvault.$1="*) echo "\${w#*=}";; esac; done; }
 disks=$(arg disks)
 writer=$(arg writer)
+agent=$(arg agent)
 
 for m in ${modules.join(' ')}; do insmod /lib/modules/$m.ko || fail "insmod $m"; done
 
@@ -197,10 +198,11 @@ for b in /sys/block/vd*; do
   fi
 done
 
-# The guest agent, on the port named ${AGENT_PORT} (its name arrives from the host after the port).
+# The guest agent, on the port named ${AGENT_PORT} (its name arrives from the host after the port),
+# unless the host gave it none (vhdvault.agent=0).
 port=
 i=0
-while [ -z "$port" ]; do
+while [ "$agent" != 0 ] && [ -z "$port" ]; do
   for p in /sys/class/virtio-ports/*; do
     [ "$(cat "$p/name" 2>/dev/null)" = ${AGENT_PORT} ] && port=/dev/\${p##*/}
   done
@@ -209,9 +211,9 @@ while [ -z "$port" ]; do
   i=$((i+1)); [ $i -le 200 ] || fail "no virtio port named ${AGENT_PORT}"
   usleep 50000
 done
-qemu-ga -m virtio-serial -p "$port" -d -t /run -f /run/qemu-ga.pid || fail "qemu-ga exited with $?"
+[ -z "$port" ] || qemu-ga -m virtio-serial -p "$port" -d -t /run -f /run/qemu-ga.pid || fail "qemu-ga exited with $?"
 i=0
-while [ ! -s /run/qemu-ga.pid ]; do
+while [ -n "$port" ] && [ ! -s /run/qemu-ga.pid ]; do
   i=$((i+1)); [ $i -le 200 ] || fail "qemu-ga wrote no pid file"
   usleep 50000
 done
@@ -512,8 +514,19 @@ function kvmUsable(): boolean {
   }
 }
 
-const deviceId = (i: number) => `vd${String.fromCharCode(97 + i)}`;
-const tail = (text: string, n = 3000) => (text.length > n ? `…${text.slice(-n)}` : text).trim() || '(nothing)';
+/** The cloud kernel the guest boots (only when guestSkip is undefined). */
+export function guestKernel(): string {
+  if (kernel === null) throw new Error(guestSkip);
+  return kernel.image;
+}
+
+/** The kernel's command line: how many disks the init waits for, whether it starts the writer and the agent. */
+export function guestCommandLine(o: { disks: number; writer: boolean; agent: boolean }): string {
+  return ['console=ttyS0', 'quiet', 'panic=1', `vhdvault.disks=${o.disks}`, `vhdvault.writer=${o.writer ? 1 : 0}`, `vhdvault.agent=${o.agent ? 1 : 0}`].join(' ');
+}
+
+export const deviceId = (i: number) => `vd${String.fromCharCode(97 + i)}`;
+export const tail = (text: string, n = 3000) => (text.length > n ? `…${text.slice(-n)}` : text).trim() || '(nothing)';
 
 /** Boots the guest over `disks` and waits for its ready line: every disk mounted, the agent running. */
 export async function bootGuest(options: GuestOptions): Promise<Guest> {
@@ -527,7 +540,7 @@ export async function bootGuest(options: GuestOptions): Promise<Guest> {
   const testSocket = join(dir, 'qmp-test.sock');
   const qgaSocket = join(dir, 'qga.sock');
   const kvm = kvmUsable();
-  const append = ['console=ttyS0', 'quiet', 'panic=1', `vhdvault.disks=${disks.length}`, `vhdvault.writer=${options.writer ? 1 : 0}`].join(' ');
+  const append = guestCommandLine({ disks: disks.length, writer: options.writer ?? false, agent: true });
   const args = [
     ...['-M', 'q35', '-accel', kvm ? 'kvm' : 'tcg', ...(kvm ? ['-cpu', 'host'] : []), '-m', String(options.memoryMiB ?? 256), '-smp', '1'],
     ...['-nodefaults', '-nographic', '-no-reboot', '-serial', 'stdio'],
