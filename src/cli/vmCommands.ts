@@ -1,6 +1,7 @@
 import { Command } from 'commander';
 import { parseNbdUri } from '../nbd/uri.js';
 import { Repository } from '../store/repository.js';
+import type { VmBackupOptions, VmBackupReport } from '../live/vmBackup.js';
 import type { VmRecord } from '../store/vmRecord.js';
 import { UsageError } from '../util/errors.js';
 import { progressBar } from './progress.js';
@@ -39,6 +40,19 @@ export function vmListRow(r: VmRecord) {
   return { vm: r.vm, id: r.id, time: r.createdAt, disks: r.disks, quiesced: r.quiesced, frozenMs: r.frozenMs, pausedMs: r.pausedMs, checkpoint: r.checkpoint, definition };
 }
 
+/** What both kinds of VM backup take. */
+type Common = Pick<VmBackupOptions, 'quiesce' | 'full' | 'disks' | 'warn' | 'onProgress' | 'signal'>;
+
+async function runVmBackup(repo: Repository, name: string, opts: VmBackupCliOptions, common: Common): Promise<VmBackupReport> {
+  if (opts.libvirt !== undefined) {
+    const { vmBackupLibvirt } = await import('../live/vmBackupLibvirt.js');
+    return vmBackupLibvirt(repo, name, { ...common, domain: opts.libvirt, connect: opts.connect!, scratch: opts.scratch });
+  }
+  const { vmBackupQemu } = await import('../live/vmBackup.js');
+  const qemuNbd = opts.qemuNbd === undefined ? undefined : parseNbdUri(opts.qemuNbd).endpoint;
+  return vmBackupQemu(repo, name, { ...common, qemu: opts.qemu!, qga: opts.qga, fleecing: opts.fleecing, qemuNbd, log: common.warn });
+}
+
 export function vmCommand(): Command {
   const vm = new Command('vm').description('whole virtual machines: every disk at one point in time, with its definition');
 
@@ -46,6 +60,9 @@ export function vmCommand(): Command {
     .description("back up every disk of a running VM at one instant (frozen through its guest agent, else paused for that instant), and the VM's definition")
     .argument('<repo>', 'the repository: a folder, or s3://bucket/prefix')
     .argument('<vm>', 'the VM\'s name in the repository; its disks are stored as <vm>.<target>')
+    .option('--libvirt <domain>', 'a libvirt domain (running: through libvirt\'s backup API; shut off: its images read as they are)')
+    .option('--connect <uri>', 'with --libvirt: libvirt\'s URI', 'qemu:///system')
+    .option('--scratch <dir>', "with --libvirt: folder for libvirt's scratch images, which hold what the guest overwrites during the backup (default: a new folder in the system's temporary folder, removed after)")
     .option('--qemu <qmp-socket>', "the VM's QMP socket (a QEMU started without libvirt)")
     .option('--qga <socket>', "with --qemu: the guest agent's socket")
     .option('--fleecing <dir>', 'with --qemu: folder on fast local storage for the fleecing images (default: direct mode)')
@@ -57,30 +74,19 @@ export function vmCommand(): Command {
     .option('--json', 'print one JSON object')
     .action(async (root: string, name: string, opts: VmBackupCliOptions) => {
       if (!opts.quiesce && opts.requireQuiesce) throw new UsageError('--no-quiesce and --require-quiesce contradict each other: give one');
-      if (opts.qemu === undefined) throw new UsageError('give --qemu <qmp-socket> (a running QEMU VM)');
+      if ((opts.qemu === undefined) === (opts.libvirt === undefined)) throw new UsageError('give --libvirt <domain> or --qemu <qmp-socket>: one of them');
+      if (opts.libvirt !== undefined) {
+        for (const [given, flag] of [[opts.qga, '--qga'], [opts.fleecing, '--fleecing'], [opts.qemuNbd, '--qemu-nbd']] as const) if (given !== undefined) throw new UsageError(`${flag} goes with --qemu (libvirt has its own agent channel, scratch images and NBD server)`);
+      } else if (opts.scratch !== undefined) throw new UsageError('--scratch goes with --libvirt (with --qemu, --fleecing names the folder of the copies)');
       const { checkVmName } = await import('../store/vmRecord.js');
       checkVmName(name);
       const repo = await Repository.open(root);
-      const { vmBackupQemu } = await import('../live/vmBackup.js');
       const log = (message: string) => console.error(`vhdvault: ${message}`);
+      const quiesce = !opts.quiesce ? ('off' as const) : opts.requireQuiesce ? ('require' as const) : ('try' as const);
       const bar = progressBar(`vm backup ${name}`, opts.json ?? false);
       let report;
       try {
-        const qemuNbd = opts.qemuNbd === undefined ? undefined : parseNbdUri(opts.qemuNbd).endpoint;
-        const quiesce = !opts.quiesce ? ('off' as const) : opts.requireQuiesce ? ('require' as const) : ('try' as const);
-        report = await vmBackupQemu(repo, name, {
-          qemu: opts.qemu,
-          qga: opts.qga,
-          fleecing: opts.fleecing,
-          qemuNbd,
-          disks: opts.disks,
-          quiesce,
-          full: opts.full,
-          log,
-          warn: log,
-          onProgress: (d, t, b) => bar.update(d, t, b),
-          signal: bar.signal,
-        });
+        report = await runVmBackup(repo, name, opts, { quiesce, full: opts.full, disks: opts.disks, warn: log, onProgress: (d, t, b) => bar.update(d, t, b), signal: bar.signal });
       } finally {
         bar.stop();
       }

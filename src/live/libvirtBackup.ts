@@ -53,6 +53,25 @@ export interface PullBackup {
 
 /** Begins the job, after aborting one a killed vhdvault left on this domain. */
 export async function beginPullBackup(options: PullBackupOptions): Promise<PullBackup> {
+  const pull = await preparePullBackup(options);
+  await pull.begin();
+  return pull.exports();
+}
+
+/**
+ * A pull backup with everything done that can be done before its point in
+ * time (the disks checked, a leftover job aborted, the documents written):
+ * begin() is then one virsh call, the only one a frozen or paused guest waits for.
+ */
+export interface PreparedPull {
+  /** What aborting a killed vhdvault's job said, for a warning. */
+  leftover: string | null;
+  begin(): Promise<void>;
+  /** Each disk's export, once the job runs. */
+  exports(): Promise<PullBackup>;
+}
+
+export async function preparePullBackup(options: PullBackupOptions): Promise<PreparedPull> {
   // libvirt (another process, in another folder) needs absolute paths.
   const o = { ...options, scratchDir: resolve(options.scratchDir), socket: resolve(options.socket) };
   const info = await domainInfo(o.connect, o.domain);
@@ -62,26 +81,34 @@ export async function beginPullBackup(options: PullBackupOptions): Promise<PullB
     // libvirt keeps checkpoints as persistent bitmaps, which only qcow2 holds.
     if (disk.driver !== 'qcow2') throw new VaultError(domainSubject(o.domain), `disk ${target} is ${disk.driver}, not qcow2: libvirt cannot keep a checkpoint in it`);
   }
-  await abortLeftoverJob(o.connect, o.domain);
+  const leftover = await abortLeftoverJob(o.connect, o.domain);
   const backupXml = join(o.scratchDir, 'backup.xml');
   const checkpointXml = join(o.scratchDir, 'checkpoint.xml');
   await writeFile(backupXml, backupDocument(o));
   await writeFile(checkpointXml, checkpointDocument(o.checkpoint, o.disks, info.disks.map((d) => d.target)));
   // Written before the job exists: a kill right after backup-begin still leaves it for the next run.
   await writeFile(join(o.scratchDir, MARKER), JSON.stringify({ ...lockOwner('backup'), domain: o.domain }));
-  try {
-    await onDomain(o.connect, o.domain, ['backup-begin', o.domain, backupXml, checkpointXml]);
-    return { disks: exported(await onDomain(o.connect, o.domain, ['backup-dumpxml', o.domain]), o.socket) };
-  } catch (err) {
-    // Only a job of this call is aborted: backup-begin may have failed because of someone else's.
-    const job = await runningJob(o.connect, o.domain).catch(() => null);
-    if (job?.scratchDir === o.scratchDir) await abortJob(o.connect, o.domain).catch(() => undefined);
-    await removeScratch(o.scratchDir);
-    throw err;
-  } finally {
+  const documentsGone = async () => {
     await rm(backupXml, { force: true });
     await rm(checkpointXml, { force: true });
-  }
+  };
+  return {
+    leftover,
+    begin: async () => {
+      try {
+        await onDomain(o.connect, o.domain, ['backup-begin', o.domain, backupXml, checkpointXml]);
+      } catch (err) {
+        // Only a job of this call is aborted: backup-begin may have failed because of someone else's.
+        const job = await runningJob(o.connect, o.domain).catch(() => null);
+        if (job?.scratchDir === o.scratchDir) await abortJob(o.connect, o.domain).catch(() => undefined);
+        await removeScratch(o.scratchDir);
+        throw err;
+      } finally {
+        await documentsGone();
+      }
+    },
+    exports: async () => ({ disks: exported(await onDomain(o.connect, o.domain, ['backup-dumpxml', o.domain]), o.socket) }),
+  };
 }
 
 function backupDocument(o: PullBackupOptions): string {

@@ -14,7 +14,7 @@ import { checkVmName, type VmDefinition, type VmRecord, vmDiskName, vmRecords, w
 import { VaultError } from '../util/errors.js';
 import { QmpClient } from '../qmp/QmpClient.js';
 import { checkLiveOptions, LiveDisk, type LiveBackupOptions } from './liveBackup.js';
-import { resumeLeftoverPause, whilePaused } from './pause.js';
+import { qmpPausable, resumeLeftoverPause, whilePaused } from './pause.js';
 import { atQuiescedPoint, type QuiesceMode } from './quiesce.js';
 import { qemuDefinition, vmDisks } from './qemuVm.js';
 
@@ -38,7 +38,7 @@ export interface VmBackupReport {
 }
 
 /** Hold every disk's backup lock, in name order (two VM backups never wait on each other in a circle). */
-async function withBackupLocks<T>(repo: Repository, disks: string[], fn: (locks: Map<string, DiskLock>) => Promise<T>): Promise<T> {
+export async function withBackupLocks<T>(repo: Repository, disks: string[], fn: (locks: Map<string, DiskLock>) => Promise<T>): Promise<T> {
   const sorted = [...disks].sort();
   const locks = new Map<string, DiskLock>();
   const take = async (i: number): Promise<T> => {
@@ -60,7 +60,8 @@ export async function vmBackupQemu(repo: Repository, vm: string, given: VmBackup
   const tell = options.warn ?? (() => undefined);
   const qmp = await QmpClient.connect(options.qemu);
   try {
-    await resumeLeftoverPause(qmp, options.qemu, tell);
+    const pausable = qmpPausable(qmp, options.qemu);
+    await resumeLeftoverPause(pausable, tell);
     const disks = await vmDisks(qmp, options.disks);
     const definition = await qemuDefinition(qmp, disks);
     const names = new Map(disks.map((d) => [d.target, vmDiskName(vm, d.target)]));
@@ -74,9 +75,9 @@ export async function vmBackupQemu(repo: Repository, vm: string, given: VmBackup
         const setPoints = async () => {
           for (const live of lives) await live.setPoint();
         };
-        const quiesced = await atQuiescedPoint({ agent: options.qga, vm: options.qemu, mode: options.quiesce, tell, unfrozen: async (fn) => void (pausedMs = await whilePaused(qmp, options.qemu, fn)) }, setPoints);
+        const quiesced = await atQuiescedPoint({ agent: options.qga, vm: options.qemu, mode: options.quiesce, tell, unfrozen: async (fn) => void (pausedMs = await whilePaused(pausable, fn)) }, setPoints);
         // Each disk is read and committed on its own; its filter leaves QEMU as soon as it is read.
-        const reports = await readAll(lives, locks);
+        const reports = await readAll(lives.map((live) => ({ disk: live.disk, read: () => live.read(locks.get(live.disk)!), after: () => live.teardown() })));
         const record = await recordOf(repo, vm, disks.map((d) => d.target), reports, { ...quiesced, pausedMs, checkpoint: null, definition });
         await writeVmRecord(repo, record);
         return { vm, id: record.id, time: record.createdAt, disks: Object.fromEntries(disks.map((d, i) => [d.target, reports[i]!])), ...quiesced, pausedMs, definition: definition.kind, durationMs: Math.round(performance.now() - started) };
@@ -106,32 +107,39 @@ export function sharedProgress(onProgress: OnProgress | undefined): (disk: strin
   };
 }
 
+/** One disk's read of a VM backup, and what must follow it whatever happens. */
+export interface DiskRead {
+  disk: string;
+  read(): Promise<BackupReport>;
+  after(): Promise<void>;
+}
+
 /**
  * Read every disk, all at once (each through its own NBD connection and the
- * shared worker pool), each torn down as soon as it is read; the first
- * failure is reported once all have ended, naming the disk.
+ * shared worker pool), each followed by its `after` as soon as it is read;
+ * the first failure is reported once all have ended, naming the disk.
  */
-async function readAll(lives: LiveDisk[], locks: Map<string, DiskLock>): Promise<BackupReport[]> {
+export async function readAll(reads: DiskRead[]): Promise<BackupReport[]> {
   const results = await Promise.allSettled(
-    lives.map(async (live) => {
+    reads.map(async (r) => {
       try {
-        return await live.read(locks.get(live.disk)!);
+        return await r.read();
       } finally {
-        await live.teardown();
+        await r.after();
       }
     }),
   );
   const failed = results.findIndex((r) => r.status === 'rejected');
   if (failed !== -1) {
-    const committed = results.flatMap((r, i) => (r.status === 'fulfilled' ? [`${lives[i]!.disk} ${r.value.id}`] : []));
+    const committed = results.flatMap((r, i) => (r.status === 'fulfilled' ? [`${reads[i]!.disk} ${r.value.id}`] : []));
     const err = (results[failed] as PromiseRejectedResult).reason as Error;
     const kept = committed.length > 0 ? `; committed, as disk backups outside any VM backup: ${committed.join(', ')}` : '';
-    throw new VaultError(lives[failed]!.disk, `${err.message}: the VM backup is not complete, so none was recorded${kept}`);
+    throw new VaultError(reads[failed]!.disk, `${err.message}: the VM backup is not complete, so none was recorded${kept}`);
   }
   return results.map((r) => (r as PromiseFulfilledResult<BackupReport>).value);
 }
 
-async function recordOf(repo: Repository, vm: string, targets: string[], reports: BackupReport[], rest: Pick<VmRecord, 'quiesced' | 'frozenMs' | 'pausedMs' | 'checkpoint' | 'definition'>): Promise<VmRecord> {
+export async function recordOf(repo: Repository, vm: string, targets: string[], reports: BackupReport[], rest: Pick<VmRecord, 'quiesced' | 'frozenMs' | 'pausedMs' | 'checkpoint' | 'definition'>): Promise<VmRecord> {
   const latest = (await vmRecords(repo, vm)).at(-1);
   const id = newBackupId(latest?.id);
   return { format: 1, vm, id, createdAt: new Date().toISOString(), disks: Object.fromEntries(targets.map((t, i) => [t, reports[i]!.id])), ...rest };

@@ -8,30 +8,24 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { existsSync } from 'node:fs';
-import { mkdtemp, readdir, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { VaultError } from '../util/errors.js';
-import { processAlive } from '../util/processes.js';
+import { processTempDir } from '../util/files.js';
 import { NbdSource } from './NbdSource.js';
 
 const START_MS = 15_000;
 /** Our folders: `vhdvault-image-<pid>-<random>`, so that a killed run's is told by its pid. */
 const PREFIX = 'vhdvault-image-';
 
-/** Folders a killed backup left (its server died with it). */
-async function removeLeftovers(): Promise<void> {
-  for (const name of await readdir(tmpdir()).catch(() => [])) {
-    const pid = Number(new RegExp(`^${PREFIX}(\\d+)-`).exec(name)?.[1] ?? NaN);
-    if (Number.isSafeInteger(pid) && !processAlive(pid)) await rm(join(tmpdir(), name), { recursive: true, force: true });
-  }
-}
-
-/** A backup source reading the disk inside `path` (an image of `format`) through qemu-nbd. */
-export async function openImageThroughQemuNbd(path: string, format: string): Promise<NbdSource> {
-  await removeLeftovers();
-  const dir = await mkdtemp(join(tmpdir(), `${PREFIX}${process.pid}-`));
+/**
+ * A backup source reading the disk inside `path` (an image of `format`) through qemu-nbd;
+ * with `bitmap`, the image's persistent dirty bitmap of that name is exported too.
+ */
+export async function openImageThroughQemuNbd(path: string, format: string, bitmap: string | null = null): Promise<NbdSource> {
+  // A killed backup's folder goes at the next (its server died with it).
+  const dir = await processTempDir(PREFIX);
   const socket = join(dir, 'nbd.sock');
   let child: ChildProcess | null = null;
   const stop = async () => {
@@ -43,10 +37,10 @@ export async function openImageThroughQemuNbd(path: string, format: string): Pro
     await rm(dir, { recursive: true, force: true });
   };
   try {
-    const server = await startServer(path, format, socket);
+    const server = await startServer(path, format, socket, bitmap);
     child = server.child;
     try {
-      return await NbdSource.open(`nbd+unix:///?socket=${socket}`, { afterClose: stop });
+      return await NbdSource.open(`nbd+unix:///?socket=${socket}`, { afterClose: stop, bitmap });
     } catch (err) {
       // A server that listened, then gave up on the image: its own words say why.
       const gone = () => server.child.exitCode !== null || server.child.signalCode !== null;
@@ -59,8 +53,8 @@ export async function openImageThroughQemuNbd(path: string, format: string): Pro
   }
 }
 
-async function startServer(path: string, format: string, socket: string): Promise<{ child: ChildProcess; stderr(): string }> {
-  const args = ['--read-only', '--format', format, '--socket', socket, '--persistent', path];
+async function startServer(path: string, format: string, socket: string, bitmap: string | null): Promise<{ child: ChildProcess; stderr(): string }> {
+  const args = ['--read-only', '--format', format, '--socket', socket, '--persistent', ...(bitmap === null ? [] : ['--bitmap', bitmap]), path];
   const withDeathSignal = existsSync('/usr/bin/setpriv') || existsSync('/bin/setpriv');
   const child = withDeathSignal ? spawn('setpriv', ['--pdeathsig', 'SIGKILL', '--', 'qemu-nbd', ...args], { stdio: ['ignore', 'ignore', 'pipe'] }) : spawn('qemu-nbd', args, { stdio: ['ignore', 'ignore', 'pipe'] });
   let stderr = '';

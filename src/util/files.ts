@@ -1,7 +1,9 @@
 import type { Stats } from 'node:fs';
-import { readdir, stat } from 'node:fs/promises';
+import { mkdtemp, readdir, rm, stat } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pLimit from 'p-limit';
+import { processAlive } from './processes.js';
 
 export async function pathExists(path: string): Promise<boolean> {
   return stat(path).then(
@@ -37,4 +39,18 @@ export async function bytesUnder(paths: string[]): Promise<number> {
     total += sizes.reduce((a, b) => a + b, 0);
   }
   return total;
+}
+
+/**
+ * A new private folder in the system's temporary folder, `<prefix><pid>-<random>`,
+ * after removing those of `prefix` whose process is gone (a killed run's): what
+ * a run keeps there is its own, and the next run clears what a kill left.
+ */
+export async function processTempDir(prefix: string): Promise<string> {
+  for (const name of await readdir(tmpdir()).catch(() => [] as string[])) {
+    if (!name.startsWith(prefix)) continue;
+    const pid = Number(/^(\d+)-/.exec(name.slice(prefix.length))?.[1] ?? NaN);
+    if (Number.isSafeInteger(pid) && !processAlive(pid)) await rm(join(tmpdir(), name), { recursive: true, force: true });
+  }
+  return mkdtemp(join(tmpdir(), `${prefix}${process.pid}-`));
 }

@@ -61,6 +61,8 @@ export interface LibvirtGuest {
   bootMs: number;
   /** Destroy (when running) and undefine, checkpoints' metadata included; again is a no-op. */
   shutdown(): Promise<void>;
+  /** Destroy only (a power cut): the domain stays defined, shut off. */
+  powerOff(): Promise<void>;
 }
 
 const virsh = async (...args: string[]) => (await execFileAsync('virsh', ['-q', '-c', LIBVIRT, ...args], { timeout: 60_000 })).stdout;
@@ -147,6 +149,7 @@ export async function defineGuest(o: LibvirtGuestOptions): Promise<LibvirtGuest>
     console: consoleFile,
     bootMs: 0,
     shutdown: () => (removed ??= remove(name)),
+    powerOff: async () => void (await virsh('destroy', name)),
   };
   await virsh('define', xmlFile);
   defined.push(guest);
