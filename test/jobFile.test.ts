@@ -206,7 +206,7 @@ disks:
 
   it('healthCheck: true is a temporary scratch folder, false is off', async () => {
     const on = checkJson(await vhdvaultAsync('job', 'check', await jobFile('hc-on.yaml', `${MINIMAL}healthCheck: true\n`), '--json'));
-    expect(on.healthCheck).toEqual({ scratch: null });
+    expect(on.healthCheck).toEqual({ scratch: null, boot: false });
     const off = checkJson(await vhdvaultAsync('job', 'check', await jobFile('hc-off.yaml', `${MINIMAL}healthCheck: false\n`), '--json'));
     expect(off.healthCheck).toBeNull();
   });

@@ -89,13 +89,15 @@ function printCheck(job: Job, zone: string, runs: Date[], { humanInZone, isoInZo
   console.log(`job ${job.name}: ${job.file}`);
   console.log(`repository: ${job.repository}`);
   console.log(`schedule: ${job.schedule} (${job.timezone === null ? `local time, ${zone}` : zone})`);
-  console.log(`disks: ${job.disks.length}, ${Math.min(job.concurrency, job.disks.length)} at a time`);
-  const width = Math.max(...job.disks.map((disk) => disk.name.length));
+  const units = job.disks.length + job.vms.length;
+  console.log(`disks: ${job.disks.length}${job.vms.length > 0 ? `, VMs: ${job.vms.length}` : ''}, ${Math.min(job.concurrency, units)} at a time`);
+  const width = Math.max(...job.disks.map((disk) => disk.name.length), ...job.vms.map((vm) => vm.name.length));
   for (const disk of job.disks) console.log(`  ${disk.name.padEnd(width)}  ${disk.kind.padEnd(4)}  ${describeSource(disk)}`);
+  for (const vm of job.vms) console.log(`  ${vm.name.padEnd(width)}  VM    ${vm.kind === 'libvirt' ? `libvirt domain ${vm.domain} on ${vm.connect}` : `QEMU ${vm.qmp}${vm.qga ? `, agent ${vm.qga}` : ''}`}`);
   console.log(`full backup: ${job.fullInterval === null ? 'the first only' : job.fullInterval === 1 ? 'every backup' : `every ${job.fullInterval} backups of a disk (at most ${job.fullInterval - 1} deltas in a row)`}`);
   console.log(`retention: ${describeRetention(job.retention)}`);
   console.log(`verify: ${job.verify}`);
-  console.log(`health check: ${job.healthCheck === null ? 'off' : `restore into ${job.healthCheck.scratch ?? 'a temporary folder'}`}`);
+  console.log(`health check: ${job.healthCheck === null ? 'off' : `restore into ${job.healthCheck.scratch ?? 'a temporary folder'}${job.healthCheck.boot ? "; boot each VM's newest backup" : ''}`}`);
   if (job.maxRead !== null || job.maxWrite !== null) console.log(`bandwidth: read ${describeRate(job.maxRead)}, write ${describeRate(job.maxWrite)}`);
   if (job.replicate) console.log(`replicate: ${job.replicate.repository}, retention ${describeRetention(job.replicate.retention)}`);
   console.log(`next runs (${zone}; local time ${here}):`);

@@ -10,7 +10,8 @@ import { fileURLToPath } from 'node:url';
 import { nbdAddress } from '../nbd/uri.js';
 import type { LiveBackupReport } from '../live/liveBackup.js';
 import type { BackupReport } from '../store/backup.js';
-import type { Job, JobDisk } from './jobFile.js';
+import type { VmBackupReport } from '../live/vmBackup.js';
+import type { Job, JobDisk, JobVm } from './jobFile.js';
 
 const CLI = fileURLToPath(new URL('../cli/main.js', import.meta.url));
 /** After SIGTERM, how long a backup may take to unwind before it is killed. */
@@ -18,7 +19,8 @@ const ABORT_GRACE_MS = 10_000;
 
 export type DiskBackupReport = BackupReport & Partial<Pick<LiveBackupReport, 'mode' | 'copiedBytes' | 'fleecingPeakBytes' | 'checkpoint' | 'previousCheckpoint'>>;
 
-export type DiskOutcome = { ok: true; report: DiskBackupReport; durationMs: number } | { ok: false; error: string; durationMs: number };
+export type Outcome<T> = { ok: true; report: T; durationMs: number } | { ok: false; error: string; durationMs: number };
+export type DiskOutcome = Outcome<DiskBackupReport>;
 
 /** `vhdvault backup`'s arguments for one disk of a job. */
 export function backupArgs(job: Job, disk: JobDisk, full: boolean): string[] {
@@ -39,8 +41,30 @@ export function backupArgs(job: Job, disk: JobDisk, full: boolean): string[] {
   return args;
 }
 
+/** `vhdvault vm backup`'s arguments for one VM of a job. */
+export function vmBackupArgs(job: Job, vm: JobVm, full: boolean): string[] {
+  const args = ['vm', 'backup', job.repository, vm.name, '--json'];
+  if (vm.kind === 'libvirt') args.push('--libvirt', vm.domain, '--connect', vm.connect);
+  else {
+    args.push('--qemu', vm.qmp);
+    if (vm.qga !== undefined) args.push('--qga', vm.qga);
+    if (vm.fleecing !== undefined) args.push('--fleecing', vm.fleecing);
+  }
+  if (full) args.push('--full');
+  return args;
+}
+
 /** Run one disk's backup in its own process; never throws. */
 export function backupDisk(args: string[], signal?: AbortSignal): Promise<DiskOutcome> {
+  return runBackup<DiskBackupReport>(args, signal);
+}
+
+/** Run one VM's backup in its own process; never throws. */
+export function backupVm(args: string[], signal?: AbortSignal): Promise<Outcome<VmBackupReport>> {
+  return runBackup<VmBackupReport>(args, signal);
+}
+
+function runBackup<T>(args: string[], signal?: AbortSignal): Promise<Outcome<T>> {
   const started = performance.now();
   const elapsed = () => Math.round(performance.now() - started);
   return new Promise((resolve) => {
@@ -65,9 +89,9 @@ export function backupDisk(args: string[], signal?: AbortSignal): Promise<DiskOu
       const lastLine = stderr.trim().split('\n').filter((l) => !l.startsWith('note:')).at(-1)?.replace(/^vhdvault: /, '');
       if (code === 0) {
         try {
-          return resolve({ ok: true, report: JSON.parse(stdout) as DiskBackupReport, durationMs: elapsed() });
+          return resolve({ ok: true, report: JSON.parse(stdout) as T, durationMs: elapsed() });
         } catch {
-          return resolve({ ok: false, error: 'vhdvault backup printed no report', durationMs: elapsed() });
+          return resolve({ ok: false, error: `vhdvault ${args[0]} printed no report`, durationMs: elapsed() });
         }
       }
       const why = sig ? `killed by ${sig}` : `exit ${code}`;

@@ -44,6 +44,20 @@ export type JobDisk =
       cbwTimeout?: number;
     };
 
+/** A whole VM (vm backup): every disk at one instant, kept and pruned as a unit. */
+export type JobVm =
+  | { kind: 'libvirt'; name: string; domain: string; connect: string }
+  | {
+      kind: 'qemu';
+      name: string;
+      /** QMP socket, absolute. */
+      qmp: string;
+      /** Guest agent socket, absolute. */
+      qga?: string;
+      /** Fleecing folder, absolute; without it, direct mode. */
+      fleecing?: string;
+    };
+
 export interface Job {
   /** The job file, absolute. */
   file: string;
@@ -61,12 +75,13 @@ export interface Job {
   maxRead: number | null;
   maxWrite: number | null;
   verify: Verify;
-  /** Null: off. `scratch` null: a temporary folder of the runner's choosing. */
-  healthCheck: { scratch: string | null } | null;
+  /** Null: off. `scratch` null: a temporary folder of the runner's choosing. `boot`: each VM's newest backup is booted (vm boot-check). */
+  healthCheck: { scratch: string | null; boot: boolean } | null;
   /** Null: backups are never pruned. */
   retention: RetentionPolicy | null;
   replicate: { repository: string; retention: RetentionPolicy | null } | null;
   disks: JobDisk[];
+  vms: JobVm[];
 }
 
 /** A bad job file: one line naming the file and, where there is one, the key. */
@@ -211,6 +226,16 @@ const diskSchema = mapping('a disk: name + source (a path or an nbd:// URI), or 
 });
 type DiskEntry = z.infer<typeof diskSchema>;
 
+const vmSchema = mapping('a VM: name + libvirt (a domain), or name + qmp (a QEMU VM\'s QMP socket)', {
+  name: z.string(expected('a VM name')).refine((n) => isSafeName(n) && !n.includes('.'), expected("a VM name of 1-128 letters, digits, '_' or '-', starting with a letter or digit (no '.')")),
+  libvirt: text('a libvirt domain name').optional(),
+  connect: text("libvirt's URI, such as qemu:///system").optional(),
+  qmp: pathText("the QMP socket of the VM's QEMU").optional(),
+  qga: pathText("the guest agent's socket").optional(),
+  fleecing: pathText('a fleecing folder').optional(),
+});
+type VmEntry = z.infer<typeof vmSchema>;
+
 const TIMEZONE = 'an IANA time zone such as "Europe/Berlin"';
 
 const jobSchema = mapping('a mapping of job keys (name, schedule, repository, disks, …)', {
@@ -230,16 +255,20 @@ const jobSchema = mapping('a mapping of job keys (name, schedule, repository, di
   maxRead: bytes(RATE).optional(),
   maxWrite: bytes(RATE).optional(),
   verify: z.enum(['none', 'new', 'all'], expected('none, new or all')).default('none'),
-  // true is {} (a temporary scratch folder), false is off.
+  // true is {} (a temporary scratch folder), false is off, boot is { boot: true }.
   healthCheck: z
-    .preprocess((v) => (v === true ? {} : v === false ? undefined : v), mapping('true, false or a mapping with scratch: <folder>', { scratch: pathText('a scratch folder').optional() }).optional())
+    .preprocess(
+      (v) => (v === true ? {} : v === false ? undefined : v === 'boot' ? { boot: true } : v),
+      mapping('true, false, boot, or a mapping with scratch: <folder> and boot: true|false', { scratch: pathText('a scratch folder').optional(), boot: z.boolean(expected('true or false')).optional() }).optional(),
+    )
     .optional(),
   retention: retentionSchema.optional(),
   replicate: mapping('a mapping with repository (and retention)', {
     repository: pathText('the path of a second repository folder'),
     retention: retentionSchema.optional(),
   }).optional(),
-  disks: z.array(diskSchema, expected('a list of disks')).min(1, { error: 'expected at least one disk' }),
+  disks: z.array(diskSchema, expected('a list of disks')).optional(),
+  vms: z.array(vmSchema, expected('a list of VMs')).optional(),
 });
 type JobEntry = z.infer<typeof jobSchema>;
 
@@ -342,11 +371,22 @@ function toJob(entry: JobEntry, file: string): Job {
   const place = (where: string) => (where.startsWith('s3://') ? where : resolve(dir, where));
   const repository = place(entry.repository);
   const seen = new Map<string, number>();
-  const disks = entry.disks.map((disk, i) => {
+  if ((entry.disks?.length ?? 0) + (entry.vms?.length ?? 0) === 0) throw fail(['disks'], 'expected at least one disk (disks:) or VM (vms:)');
+  const disks = (entry.disks ?? []).map((disk, i) => {
     const first = seen.get(disk.name);
     if (first !== undefined) throw fail(['disks', i, 'name'], `expected a name no other disk has, got ${quote(disk.name)} again (as disks[${first}])`);
     seen.set(disk.name, i);
     return toDisk(disk, dir, (key, problem) => fail(['disks', i, key], problem));
+  });
+  const vmSeen = new Map<string, number>();
+  const vms = (entry.vms ?? []).map((vm, i) => {
+    const first = vmSeen.get(vm.name);
+    if (first !== undefined) throw fail(['vms', i, 'name'], `expected a name no other VM has, got ${quote(vm.name)} again (as vms[${first}])`);
+    vmSeen.set(vm.name, i);
+    // A VM's disks are <vm>.<target>: a plain disk of such a name would be pruned as the VM's.
+    const clash = disks.find((d) => d.name.startsWith(`${vm.name}.`));
+    if (clash) throw fail(['vms', i, 'name'], `expected a VM name no disk name starts with, got ${quote(vm.name)} (disk ${quote(clash.name)} would be taken for one of its disks)`);
+    return toVm(vm, dir, (key, problem) => fail(['vms', i, key], problem));
   });
   let replicate: Job['replicate'] = null;
   if (entry.replicate) {
@@ -355,7 +395,8 @@ function toJob(entry: JobEntry, file: string): Job {
     if (other === repository) throw fail(['replicate', 'repository'], `expected a repository other than repository (${repository})`);
     replicate = { repository: other, retention: entry.replicate.retention ?? null };
   }
-  const healthCheck = entry.healthCheck ? { scratch: entry.healthCheck.scratch === undefined ? null : resolve(dir, entry.healthCheck.scratch) } : null;
+  const healthCheck = entry.healthCheck ? { scratch: entry.healthCheck.scratch === undefined ? null : resolve(dir, entry.healthCheck.scratch), boot: entry.healthCheck.boot === true } : null;
+  if (healthCheck?.boot && vms.length === 0) throw fail(['healthCheck', 'boot'], 'boots VM backups, and the job has no vms:');
   return {
     file: resolve(file),
     name: entry.name,
@@ -371,7 +412,21 @@ function toJob(entry: JobEntry, file: string): Job {
     retention: entry.retention ?? null,
     replicate,
     disks,
+    vms,
   };
+}
+
+function toVm(vm: VmEntry, dir: string, fail: (key: keyof VmEntry, problem: string) => JobFileError): JobVm {
+  if ((vm.libvirt === undefined) === (vm.qmp === undefined)) throw fail('libvirt', 'expected either libvirt (a domain) or qmp (a QEMU VM\'s QMP socket)');
+  if (vm.libvirt !== undefined) {
+    for (const key of ['qga', 'fleecing'] as const) if (vm[key] !== undefined) throw fail(key, 'only for a QEMU VM (qmp), not with libvirt');
+    return { kind: 'libvirt', name: vm.name, domain: vm.libvirt, connect: vm.connect ?? 'qemu:///system' };
+  }
+  if (vm.connect !== undefined) throw fail('connect', 'only with libvirt');
+  const result: JobVm = { kind: 'qemu', name: vm.name, qmp: resolve(dir, vm.qmp!) };
+  if (vm.qga !== undefined) result.qga = resolve(dir, vm.qga);
+  if (vm.fleecing !== undefined) result.fleecing = resolve(dir, vm.fleecing);
+  return result;
 }
 
 function parseUri(uri: string, bad: (problem: string) => JobFileError): NbdAddress {

@@ -11,10 +11,12 @@ import { prune } from '../store/prune.js';
 import { replicate, type ReplicationReport } from '../store/replicate.js';
 import { Repository } from '../store/repository.js';
 import { verify } from '../store/verify.js';
-import { backupArgs, backupDisk, type DiskOutcome } from './diskBackup.js';
+import type { VmBackupReport } from '../live/vmBackup.js';
+import { vmDiskName, vmRecords } from '../store/vmRecord.js';
+import { backupArgs, backupDisk, backupVm, type DiskOutcome, type Outcome, vmBackupArgs } from './diskBackup.js';
 import { healthCheck } from './healthCheck.js';
-import type { Job, JobDisk } from './jobFile.js';
-import { type DiskRun, type JobRunReport, retentionStep, RUN_REPORT_FORMAT, runStages, saveRunReport } from './runReport.js';
+import type { Job, JobDisk, JobVm } from './jobFile.js';
+import { type DiskRun, type JobRunReport, retentionStep, RUN_REPORT_FORMAT, runStages, saveRunReport, type VmRun } from './runReport.js';
 
 export interface RunOptions {
   trigger?: JobRunReport['trigger'];
@@ -35,8 +37,21 @@ export async function runJob(job: Job, options: RunOptions = {}): Promise<JobRun
   const limit = pLimit(job.concurrency);
   // A QEMU monitor serves one client at a time: disks behind one QMP socket go one after another.
   const monitors = new Map<string, ReturnType<typeof pLimit>>();
-  const throughMonitor = (disk: JobDisk) => (disk.kind !== 'qemu' ? (fn: () => Promise<DiskOutcome>) => fn() : ((monitors.get(disk.qmp) ?? monitors.set(disk.qmp, pLimit(1)).get(disk.qmp)!) as (fn: () => Promise<DiskOutcome>) => Promise<DiskOutcome>));
-  const disks: DiskRun[] = await Promise.all(
+  const throughMonitor = (unit: JobDisk | JobVm) => <T>(fn: () => Promise<T>): Promise<T> => (unit.kind !== 'qemu' ? fn() : (monitors.get(unit.qmp) ?? monitors.set(unit.qmp, pLimit(1)).get(unit.qmp)!)(fn));
+  const vmsDone = Promise.all(
+    job.vms.map((vm) =>
+      limit(async (): Promise<{ run: VmRun; disks: DiskRun[] }> => {
+        const fullBecause = await vmFullIntervalDue(repo, job, vm.name);
+        if (stopped()) return { run: { vm: vm.name, ok: false, error: 'not started: the run was stopped', durationMs: 0 }, disks: [] };
+        log(`VM ${vm.name}: backup${fullBecause ? ' (full)' : ''}`);
+        const outcome = await throughMonitor(vm)(() => backupVm(vmBackupArgs(job, vm, fullBecause !== null), options.signal));
+        const done = vmRun(vm.name, outcome, fullBecause);
+        log(`VM ${vm.name}: ${done.run.ok ? `${done.run.id}, ${done.disks.length} disks at one instant` : `FAILED: ${done.run.error}`}`);
+        return done;
+      }),
+    ),
+  );
+  const disksDone: DiskRun[] = await Promise.all(
     job.disks.map((disk) =>
       limit(async (): Promise<DiskRun> => {
         const fullBecause = await fullIntervalDue(repo, job, disk.name);
@@ -49,7 +64,12 @@ export async function runJob(job: Job, options: RunOptions = {}): Promise<JobRun
       }),
     ),
   );
-  const names = job.disks.map((d) => d.name);
+  const vmResults = await vmsDone;
+  const vms = vmResults.map((v) => v.run);
+  const disks = [...disksDone, ...vmResults.flatMap((v) => v.disks)];
+  // A VM's disks, as its newest VM backup names them (this run's, or an earlier one's when this one failed).
+  const vmDisks = (await Promise.all(job.vms.map((vm) => vmDiskNames(repo, vm.name)))).flat();
+  const names = [...job.disks.map((d) => d.name), ...vmDisks];
   const newIds = new Set(disks.flatMap((d) => (d.id ? [d.id] : [])));
 
   let retention: JobRunReport['retention'] = null;
@@ -123,9 +143,10 @@ export async function runJob(job: Job, options: RunOptions = {}): Promise<JobRun
     startedAt: started.toISOString(),
     finishedAt: new Date().toISOString(),
     durationMs: Math.round(performance.now() - t0),
-    ok: !stopped() && disks.every((d) => d.ok) && steps.every((s) => s === null || s.ok),
+    ok: !stopped() && disks.every((d) => d.ok) && vms.every((v) => v.ok) && steps.every((s) => s === null || s.ok),
     ...(stopped() ? { stopped: true } : {}),
     disks,
+    ...(vms.length > 0 ? { vms } : {}),
     retention,
     verify: verifyStep,
     replication,
@@ -149,6 +170,29 @@ async function fullIntervalDue(repo: Repository, job: Job, disk: string): Promis
   for (let b = backups.at(-1); b && b.parent !== null; b = byId.get(b.parent)) deltas++;
   if (backups.length === 0 || deltas < job.fullInterval - 1) return null;
   return `fullInterval ${job.fullInterval}: ${deltas} ${deltas === 1 ? 'delta' : 'deltas'} since the last full`;
+}
+
+/** A VM is due a full backup when any of its disks is (fullInterval). */
+async function vmFullIntervalDue(repo: Repository, job: Job, vm: string): Promise<string | null> {
+  for (const disk of await vmDiskNames(repo, vm)) {
+    const why = await fullIntervalDue(repo, job, disk);
+    if (why !== null) return `${why} (${disk})`;
+  }
+  return null;
+}
+
+/** The repository disks of a VM, as its newest VM backup names them ([] before the first). */
+async function vmDiskNames(repo: Repository, vm: string): Promise<string[]> {
+  const latest = (await vmRecords(repo, vm).catch(() => [])).at(-1);
+  return latest ? Object.keys(latest.disks).map((t) => vmDiskName(vm, t)) : [];
+}
+
+/** A VM's backup in the run report: the VM's own line, and each of its disks' as a disk of the run. */
+function vmRun(vm: string, outcome: Outcome<VmBackupReport>, fullBecause: string | null): { run: VmRun; disks: DiskRun[] } {
+  if (!outcome.ok) return { run: { vm, ok: false, error: outcome.error, durationMs: outcome.durationMs }, disks: [{ disk: vm, vm, ok: false, error: outcome.error, durationMs: outcome.durationMs }] };
+  const r = outcome.report;
+  const disks = Object.entries(r.disks).map(([target, report]) => ({ ...diskRun(vmDiskName(vm, target), { ok: true, report, durationMs: report.durationMs }, fullBecause), vm }));
+  return { run: { vm, ok: true, id: r.id, quiesced: r.quiesced, frozenMs: r.frozenMs, pausedMs: r.pausedMs, durationMs: outcome.durationMs }, disks };
 }
 
 function diskRun(disk: string, outcome: DiskOutcome, fullBecause: string | null): DiskRun {

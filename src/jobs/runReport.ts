@@ -18,6 +18,8 @@ export type RunStage = (typeof RUN_STAGES)[number];
 
 export interface DiskRun {
   disk: string;
+  /** The VM whose backup this disk's is part of (vms:). */
+  vm?: string;
   ok: boolean;
   error?: string;
   /** Why this backup was full when the disk already had backups (fullInterval). */
@@ -35,6 +37,18 @@ export interface DiskRun {
   note?: string;
   stages?: Record<string, StageFigures>;
   slowestStage?: string;
+}
+
+export interface VmRun {
+  vm: string;
+  ok: boolean;
+  error?: string;
+  /** The VM backup's id (vm list). */
+  id?: string;
+  quiesced?: boolean;
+  frozenMs?: number | null;
+  pausedMs?: number | null;
+  durationMs: number;
 }
 
 export interface StepResult {
@@ -59,10 +73,12 @@ export interface JobRunReport {
   /** Set when the daemon skipped this run (the previous one was still going): why. */
   skipped?: string;
   disks: DiskRun[];
+  /** Each VM's backup (vms:): its disks are in `disks` too, as <vm>.<target>. */
+  vms?: VmRun[];
   retention: (StepResult & { removed: string[]; merged: number; kept: number }) | null;
   verify: (StepResult & { mode: 'new' | 'all'; backups: number; blocks: number }) | null;
   replication: (StepResult & { destination: string; copied: number; full: number; bytesSent: number; pruned: number; report: Omit<ReplicationReport, 'disks'> | null }) | null;
-  healthCheck: (StepResult & { checked: Array<{ disk: string; id: string; ok: boolean; problem?: string }> }) | null;
+  healthCheck: (StepResult & { checked: Array<{ disk: string; id: string; ok: boolean; problem?: string }>; booted?: Array<{ vm: string; id: string; ok: boolean; ms?: number; problem?: string }> }) | null;
   /** Busy time per stage, summed over the run's disks and its replication. */
   stages: Record<RunStage, { busyMs: number; bytes: number }>;
   /** The stage with the most busy time: what to speed up first. */
@@ -141,7 +157,13 @@ export function describeRun(r: JobRunReport): string[] {
   step('retention', r.retention, r.retention ? `${r.retention.removed.length} removed, ${r.retention.merged} merged` : '');
   step('verify', r.verify, r.verify ? `${r.verify.mode}: ${plural(r.verify.backups, 'backup')}, ${plural(r.verify.blocks, 'block')} re-read` : '');
   step('replication', r.replication, r.replication ? `to ${r.replication.destination}: ${r.replication.copied} copied (${r.replication.full} full), ${mib(r.replication.bytesSent)} sent, ${r.replication.pruned} pruned there` : '');
-  step('health check', r.healthCheck, r.healthCheck ? `${r.healthCheck.checked.filter((c) => c.ok).length} of ${r.healthCheck.checked.length} restored and read by qemu-img` : '');
+  for (const v of r.vms ?? []) {
+    const how = v.quiesced ? `frozen ${v.frozenMs} ms` : v.pausedMs !== null && v.pausedMs !== undefined ? `paused ${v.pausedMs} ms` : 'crash-consistent';
+    lines.push(v.ok ? `  VM ${v.vm}: backup ${v.id}, every disk at one instant, ${how}` : `  VM ${v.vm}: FAILED  ${v.error}`);
+  }
+  const booted = r.healthCheck?.booted ?? [];
+  const bootText = booted.length > 0 ? `; ${booted.filter((b) => b.ok).length} of ${booted.length} VM backups booted` : '';
+  step('health check', r.healthCheck, r.healthCheck ? `${r.healthCheck.checked.filter((c) => c.ok).length} of ${r.healthCheck.checked.length} restored and read by qemu-img${bootText}` : '');
   return lines;
 }
 
