@@ -176,8 +176,9 @@ export async function bootCheckVm(repo: Repository, vm: string, options: BootChe
             onReady: resolve,
             // serve tells each failed request: a read error of this disk fails the check.
             log: (message) => {
-              const command = /\bNBD_CMD_(\w+) at /.exec(message)?.[1];
-              if (command !== undefined) verdict.fail(`disk ${target} (${disk}): ${command === 'READ' ? 'read error' : `${command.toLowerCase()} failed`}: ${message.replace(/^.*?\bNBD_CMD_\w+ at /, 'at ')}`);
+              // `<peer>: READ at <offset> (+<length>): <why>`
+              const m = /: ([A-Z_]+) at (\d+) \(\+\d+\): (.*)$/s.exec(message);
+              if (m) verdict.fail(`disk ${target} (${disk}): ${m[1] === 'READ' ? 'read error' : `${m[1]!.toLowerCase()} failed`} at byte ${m[2]}: ${m[3]}`);
             },
           });
           servers.push(serving.catch(() => undefined));
