@@ -10,7 +10,7 @@
  * `--define` becomes a new domain (new name, UUID and MACs) when a libvirtd
  * answers at qemu:///system.
  */
-import { execFile, spawnSync } from 'node:child_process';
+import { execFile, spawn, spawnSync } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
 import { mkdir, open, readdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -20,7 +20,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { newBackupId } from '../src/store/names.js';
 import { Repository } from '../src/store/repository.js';
 import { writeVmRecord } from '../src/store/vmRecord.js';
-import { vhdvaultAsync } from './helpers/cli.js';
+import { CLI, cliEnv, vhdvaultAsync } from './helpers/cli.js';
 import { tempDir } from './helpers/files.js';
 import { bootGuest, e2fsck, ext4Cat, type Guest, guestSkip, guestTitle, makeExt4Disk } from './helpers/guest.js';
 
@@ -122,6 +122,40 @@ describe.skipIf(guestSkip !== undefined)(guestTitle('vm restore and vm boot-chec
       expect((await stat(join(out, 'web.sh'))).mode & 0o111).not.toBe(0);
       expect(spawnSync('sh', ['-n', join(out, 'web.sh')]).status).toBe(0);
       console.log(`vm restore --format ${format}: counters ${counters}`);
+      if (format === 'raw') {
+        // The script boots the restored VM: the guest mounts both disks and says so.
+        const ready = await bootsToReady(join(out, 'web.sh'));
+        expect(ready).toMatch(/VHDVAULT-GUEST-READY mounted=vda,vdb/);
+      }
+    });
+  }
+
+  /** Runs a restore's script until the guest prints its ready line (or 120 s pass); then kills it. */
+  function bootsToReady(script: string): Promise<string> {
+    return new Promise((resolve, reject) => {
+      const child = spawn('sh', [script], { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+      let text = '';
+      let stderr = '';
+      const stop = () => {
+        clearTimeout(timer);
+        if (child.exitCode === null) process.kill(-child.pid!, 'SIGKILL');
+      };
+      const timer = setTimeout(() => {
+        stop();
+        reject(new Error(`${script}: no ready line within 120 s: ${text.slice(-2000)} ${stderr}`));
+      }, 120_000);
+      child.stdout.setEncoding('utf8').on('data', (d: string) => {
+        text += d;
+        const line = /VHDVAULT-GUEST-(?:READY|FAILED)[^\r\n]*/.exec(text)?.[0];
+        if (line === undefined) return;
+        stop();
+        resolve(line);
+      });
+      child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+      child.once('exit', (code) => {
+        clearTimeout(timer);
+        reject(new Error(`${script} exited ${code}: ${stderr.trim()}`));
+      });
     });
   }
 
@@ -182,6 +216,24 @@ describe.skipIf(guestSkip !== undefined)(guestTitle('vm restore and vm boot-chec
     const report = JSON.parse(r.stdout) as BootReport;
     expect(report).toMatchObject({ ok: false, by: 'console' });
     expect(report.problem).toMatch(/did not answer within 3 s/);
+  });
+
+  it('boot-check: SIGTERM kills the VM and removes its overlays before exiting', async () => {
+    const child = spawn(process.execPath, [CLI, 'vm', 'boot-check', repo, 'web', '--expect', 'NEVER-PRINTED'], { stdio: ['ignore', 'pipe', 'pipe'], env: cliEnv() });
+    let stderr = '';
+    child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+    const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+    // Until the VM runs: its temporary folder holds the agent's socket.
+    const running = async () => {
+      for (const name of (await readdir(tmpdir())).filter((n) => n.startsWith('vhdvault-bootcheck-'))) if ((await readdir(join(tmpdir(), name)).catch(() => [])).includes('qga.sock')) return true;
+      return false;
+    };
+    for (let i = 0; i < 200 && !(await running()); i++) await new Promise((r) => setTimeout(r, 50));
+    expect(await running()).toBe(true);
+    child.kill('SIGTERM');
+    expect(await exited, stderr).toBe(143);
+    expect(stderr.trim()).toBe('vhdvault: interrupted');
+    expect((await readdir(tmpdir())).filter((n) => n.startsWith('vhdvault-bootcheck-'))).toEqual([]);
   });
 
   it('boot-check: a damaged block of one disk fails it, naming that disk', async () => {
