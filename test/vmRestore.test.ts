@@ -6,9 +6,9 @@
  * definition names the restored files; nothing is ever overwritten. The
  * backup boots without being restored (the agent answers, or the console
  * shows the ready line), and a damaged block of one disk fails the check
- * naming that disk, leaving nothing behind. A libvirt VM backup restored with
- * `--define` becomes a new domain (new name, UUID and MACs) when a libvirtd
- * answers at qemu:///system.
+ * naming that disk, leaving nothing behind. A libvirt VM backup boots from
+ * its domain XML's kernel, and restored with `--define` becomes a new domain
+ * (new name, UUID and MACs), when a libvirtd answers at qemu:///system.
  */
 import { execFile, spawn, spawnSync } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
@@ -22,7 +22,7 @@ import { Repository } from '../src/store/repository.js';
 import { writeVmRecord } from '../src/store/vmRecord.js';
 import { CLI, cliEnv, vhdvaultAsync } from './helpers/cli.js';
 import { tempDir } from './helpers/files.js';
-import { bootGuest, e2fsck, ext4Cat, type Guest, guestSkip, guestTitle, makeExt4Disk } from './helpers/guest.js';
+import { bootGuest, e2fsck, ext4Cat, type Guest, guestInitramfs, guestSkip, guestTitle, makeExt4Disk } from './helpers/guest.js';
 
 const run = promisify(execFile);
 
@@ -225,7 +225,7 @@ describe.skipIf(guestSkip !== undefined)(guestTitle('vm restore and vm boot-chec
     const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
     // Until the VM runs: its temporary folder holds the agent's socket.
     const running = async () => {
-      for (const name of (await readdir(tmpdir())).filter((n) => n.startsWith('vhdvault-bootcheck-'))) if ((await readdir(join(tmpdir(), name)).catch(() => [])).includes('qga.sock')) return true;
+      for (const name of (await readdir(tmpdir())).filter((n) => n.startsWith('vhdvault-bootcheck-'))) if ((await readdir(join(tmpdir(), name)).catch((): string[] => [])).includes('qga.sock')) return true;
       return false;
     };
     for (let i = 0; i < 200 && !(await running()); i++) await new Promise((r) => setTimeout(r, 50));
@@ -287,6 +287,7 @@ describe.skipIf(libvirtSkip !== undefined)(`vm restore --define of a libvirt VM 
       expect(b.code, b.stderr).toBe(0);
     }
     for (const d of JSON.parse((await vhdvaultAsync('list', repo, '--json')).stdout) as Array<{ disk: string; id: string }>) ids[d.disk.split('.')[1]!] = d.id;
+    const kernelImage = (await readdir('/boot')).filter((n) => /^vmlinuz-.*-cloud-amd64$/.test(n)).sort().map((n) => join('/boot', n)).at(-1)!;
     const xml = `<domain type='qemu'>
   <name>${original}</name>
   <uuid>${uuid}</uuid>
@@ -294,6 +295,9 @@ describe.skipIf(libvirtSkip !== undefined)(`vm restore --define of a libvirt VM 
   <vcpu placement='static'>1</vcpu>
   <os>
     <type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>${kernelImage}</kernel>
+    <initrd>${(await guestInitramfs()).path}</initrd>
+    <cmdline>console=ttyS0 quiet panic=1 vhdvault.disks=2 vhdvault.writer=0</cmdline>
   </os>
   <devices>
     <disk type='file' device='disk'>
@@ -330,6 +334,12 @@ describe.skipIf(libvirtSkip !== undefined)(`vm restore --define of a libvirt VM 
   });
   afterAll(() => {
     virsh('undefine', copy);
+  });
+
+  it("boot-check of a libvirt VM backup: the domain XML's kernel, initrd, command line and memory", async () => {
+    const r = await vhdvaultAsync('vm', 'boot-check', repo, 'lv', '--expect', 'VHDVAULT-GUEST-READY mounted=vda,vdb', '--json');
+    expect(r.code, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout)).toMatchObject({ vm: 'lv', ok: true, by: 'console' });
   });
 
   it('defines the restored VM as a new domain: the restored disks, a new UUID, new MACs; an existing name is refused', async () => {
