@@ -146,7 +146,8 @@ describe.skipIf(guestSkip !== undefined)(guestTitle('vm restore and vm boot-chec
       }, 120_000);
       child.stdout.setEncoding('utf8').on('data', (d: string) => {
         text += d;
-        const line = /VHDVAULT-GUEST-(?:READY|FAILED)[^\r\n]*/.exec(text)?.[0];
+        // A whole line: the console's output arrives in pieces.
+        const line = /VHDVAULT-GUEST-(?:READY|FAILED)[^\r\n]*(?=\r?\n)/.exec(text)?.[0];
         if (line === undefined) return;
         stop();
         resolve(line);

@@ -208,7 +208,8 @@ export async function bootCheckVm(repo: Repository, vm: string, options: BootChe
       let stderr = '';
       child.stdout!.setEncoding('utf8').on('data', (d: string) => {
         consoleText = (consoleText + d).slice(-CONSOLE_KEEP);
-        if (options.expect && !verdict.decided && options.expect.test(consoleText)) {
+        // Whole lines only: the console's output arrives in pieces, and a pattern ending in $ must not match half a line.
+        if (options.expect && !verdict.decided && options.expect.test(consoleText.slice(0, consoleText.lastIndexOf('\n') + 1))) {
           answeredAt = performance.now();
           verdict.pass();
         }
