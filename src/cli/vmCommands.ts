@@ -1,10 +1,13 @@
-import { Command } from 'commander';
+import { Command, InvalidArgumentError, Option } from 'commander';
+import { DEFAULT_BOOT_TIMEOUT_S, DEFAULT_LIBVIRT_URI } from '../live/defaults.js';
+import { checkBackupId } from '../store/names.js';
 import { parseNbdUri } from '../nbd/uri.js';
 import { Repository } from '../store/repository.js';
 import type { VmBackupOptions, VmBackupReport } from '../live/vmBackup.js';
 import type { VmRecord } from '../store/vmRecord.js';
 import { UsageError } from '../util/errors.js';
 import { progressBar } from './progress.js';
+import { ExitStatus } from './run.js';
 
 // Each command imports what it runs when it runs (see storeCommands.ts).
 
@@ -121,5 +124,81 @@ export function vmCommand(): Command {
       }
     });
 
+  vm.command('restore')
+    .description("write every disk of a VM backup into a folder, with the VM's definition pointing at them (libvirt: <vm>.xml; QEMU: <vm>.json and <vm>.sh)")
+    .argument('<repo>', 'the repository: a folder, or s3://bucket/prefix')
+    .argument('<vm>')
+    .argument('<dir>', 'the folder to write into (made when its parent exists); no file in it is ever overwritten')
+    .option('--backup <id>', 'the VM backup to restore (default: the newest)')
+    .addOption(new Option('--format <format>', 'the disks\' format').choices(['qcow2', 'raw', 'vhd']).default('qcow2'))
+    .option('--define <new-name>', 'libvirt: define the restored VM under this new name, with a new UUID and new MAC addresses (the original is never touched)')
+    .option('--connect <uri>', `with --define: libvirt's URI (default: ${DEFAULT_LIBVIRT_URI})`)
+    .option('--json', 'print one JSON object')
+    .action(async (root: string, name: string, dir: string, opts: { backup?: string; format: 'qcow2' | 'raw' | 'vhd'; define?: string; connect?: string; json?: boolean }) => {
+      if (opts.connect !== undefined && opts.define === undefined) throw new UsageError('--connect goes with --define');
+      const { checkVmName } = await import('../store/vmRecord.js');
+      checkVmName(name);
+      if (opts.backup !== undefined) checkBackupId(opts.backup);
+      const repo = await Repository.open(root);
+      const { vmRestore } = await import('../live/vmRestore.js');
+      const bar = progressBar(`vm restore ${name}`, opts.json ?? false, 'written');
+      let report;
+      try {
+        report = await vmRestore(repo, name, dir, { backup: opts.backup, format: opts.format, define: opts.define, connect: opts.connect, onProgress: (d, t, b) => bar.update(d, t, b), signal: bar.signal });
+      } finally {
+        bar.stop();
+      }
+      if (opts.json) {
+        console.log(JSON.stringify(report, null, 2));
+        return;
+      }
+      for (const [target, d] of Object.entries(report.disks)) console.log(`${target}\t${d.path}`);
+      console.log(`definition\t${report.definition}`);
+      console.error(`VM backup ${report.id} of ${name}: ${Object.keys(report.disks).length} disks restored as ${opts.format} into ${report.dir}${report.defined ? `, defined in libvirt as "${report.defined}"` : ''}`);
+    });
+
+  vm.command('boot-check')
+    .description('boot a VM backup without restoring it (its disks served writable into throwaway overlays, a throwaway QEMU with no network) and wait for its guest agent to answer')
+    .argument('<repo>', 'the repository: a local folder')
+    .argument('<vm>')
+    .option('--backup <id>', 'the VM backup to boot (default: the newest)')
+    .option('--timeout <s>', `seconds the guest has to answer (default: ${DEFAULT_BOOT_TIMEOUT_S})`, parseSeconds)
+    .option('--expect <regex>', 'pass when the serial console matches this, instead of when the guest agent answers')
+    .option('--json', 'print one JSON object')
+    .action(async (root: string, name: string, opts: { backup?: string; timeout?: number; expect?: string; json?: boolean }) => {
+      let expect: RegExp | undefined;
+      if (opts.expect !== undefined) {
+        try {
+          expect = new RegExp(opts.expect);
+        } catch (err) {
+          throw new UsageError(`--expect ${opts.expect}: not a regular expression (${(err as Error).message})`);
+        }
+      }
+      const { checkVmName } = await import('../store/vmRecord.js');
+      checkVmName(name);
+      if (opts.backup !== undefined) checkBackupId(opts.backup);
+      const repo = await Repository.open(root);
+      const { bootCheckVm } = await import('../live/bootCheck.js');
+      // No bar: only its handling of SIGINT/SIGTERM (the VM killed, the overlays removed, then exit).
+      const interrupt = progressBar(`vm boot-check ${name}`, true);
+      let result;
+      try {
+        result = await bootCheckVm(repo, name, { backup: opts.backup, timeoutS: opts.timeout, expect, signal: interrupt.signal });
+      } finally {
+        interrupt.stop();
+      }
+      if (opts.json) console.log(JSON.stringify(result, null, 2));
+      else if (result.ok) console.log(`VM backup ${result.id} of ${name} booted: ${result.by === 'agent' ? 'its guest agent answered' : 'its console matched'} after ${(result.ms / 1000).toFixed(1)} s`);
+      else console.error(`vhdvault: VM backup ${result.id} of ${name} failed its boot check: ${result.problem}`);
+      if (!result.ok) throw new ExitStatus(1);
+    });
+
   return vm;
+}
+
+/** `--timeout 90`: whole seconds, at least one. */
+function parseSeconds(text: string): number {
+  const n = Number(text);
+  if (!/^\d+$/.test(text) || !Number.isSafeInteger(n) || n < 1) throw new InvalidArgumentError(`"${text}" is not a number of seconds (a whole number, at least 1)`);
+  return n;
 }

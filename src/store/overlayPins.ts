@@ -29,6 +29,13 @@ export async function pinBackup(repo: Repository, meta: BackupMetadata, dir: str
   await repo.writeJson(pinKey(meta.disk, dir), pin);
 }
 
+/** Forget the overlay in `dir` (as pinBackup named it): its folder is being removed by the process that made it. */
+export async function unpinBackup(repo: Repository, disk: string, dir: string): Promise<void> {
+  await repo.storage.delete(pinKey(disk, dir)).catch((err: unknown) => {
+    if (!isNotFound(err)) throw err;
+  });
+}
+
 /** Does the folder still hold an overlay over this backup? */
 async function stillThere(pin: Pin): Promise<boolean> {
   try {
