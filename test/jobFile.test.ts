@@ -210,6 +210,21 @@ disks:
     const off = checkJson(await vhdvaultAsync('job', 'check', await jobFile('hc-off.yaml', `${MINIMAL}healthCheck: false\n`), '--json'));
     expect(off.healthCheck).toBeNull();
   });
+
+  it('vms: a libvirt domain (connect defaults to qemu:///system) or a QEMU VM; healthCheck: boot; a job of VMs only', async () => {
+    const text = `name: vms\nschedule: "0 3 * * *"\nrepository: repo\nhealthCheck: boot\nvms:\n  - name: web\n    libvirt: web-prod\n  - name: db\n    qmp: run/db.qmp\n    qga: run/db-qga.sock\n    fleecing: /fast\n`;
+    const file = await jobFile('vms.yaml', text);
+    const job = checkJson(await vhdvaultAsync('job', 'check', file, '--json'));
+    expect(job.disks).toEqual([]);
+    expect(job.vms).toEqual([
+      { kind: 'libvirt', name: 'web', domain: 'web-prod', connect: 'qemu:///system' },
+      { kind: 'qemu', name: 'db', qmp: join(dir, 'run/db.qmp'), qga: join(dir, 'run/db-qga.sock'), fleecing: '/fast' },
+    ]);
+    expect(job.healthCheck).toEqual({ scratch: null, boot: true });
+    const printed = vhdvault('job', 'check', file);
+    expect(printed.stdout).toMatch(/web\s+VM\s+libvirt domain web-prod on qemu:\/\/\/system/);
+    expect(printed.stdout).toMatch(/boot each VM's newest backup/);
+  });
 });
 
 describe('job check: bad files exit 2 with one line naming the file and the key', () => {
@@ -247,6 +262,13 @@ describe('job check: bad files exit 2 with one line naming the file and the key'
     ['empty.yaml', '', 'empty.yaml: the file is empty', /expected a mapping of job keys/],
     ['huge.yaml', () => Buffer.alloc(1024 * 1024 + 1, '#'), 'huge.yaml: larger than 1 MiB', /not a job file$/],
     ['newline.yaml', MINIMAL.replace('name: small', 'name: "a\\nb"'), 'name', /got "a\\nb"$/],
+    ['vm-both.yaml', `${MINIMAL}vms:\n  - name: web\n    libvirt: web\n    qmp: /run/web.qmp\n`, 'vms[0].libvirt', /expected either libvirt \(a domain\) or qmp/],
+    ['vm-neither.yaml', `${MINIMAL}vms:\n  - name: web\n`, 'vms[0].libvirt', /expected either libvirt/],
+    ['vm-dot.yaml', `${MINIMAL}vms:\n  - name: web.1\n    libvirt: web\n`, 'vms[0].name', /no '\.'/],
+    ['vm-qga-libvirt.yaml', `${MINIMAL}vms:\n  - name: web\n    libvirt: web\n    qga: /run/qga.sock\n`, 'vms[0].qga', /only for a QEMU VM/],
+    ['vm-clash.yaml', `${MINIMAL.replace('name: d1', 'name: web.vda')}vms:\n  - name: web\n    libvirt: web\n`, 'vms[0].name', /disk "web\.vda" would be taken for one of its disks/],
+    ['boot-no-vms.yaml', `${MINIMAL}healthCheck: boot\n`, 'healthCheck.boot', /the job has no vms:/],
+    ['nothing.yaml', MINIMAL.replace(/disks:\n[\s\S]*$/, ''), 'disks', /expected at least one disk \(disks:\) or VM \(vms:\)/],
   ];
 
   // Each case is a Node start-up: overlapping them saves most of the time.

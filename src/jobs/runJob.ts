@@ -11,6 +11,7 @@ import { prune } from '../store/prune.js';
 import { replicate, type ReplicationReport } from '../store/replicate.js';
 import { Repository } from '../store/repository.js';
 import { verify } from '../store/verify.js';
+import { bootCheckVm } from '../live/bootCheck.js';
 import type { VmBackupReport } from '../live/vmBackup.js';
 import { vmDiskName, vmRecords } from '../store/vmRecord.js';
 import { backupArgs, backupDisk, backupVm, type DiskOutcome, type Outcome, vmBackupArgs } from './diskBackup.js';
@@ -127,7 +128,9 @@ export async function runJob(job: Job, options: RunOptions = {}): Promise<JobRun
     try {
       const checked = await healthCheck(repo, names, job.healthCheck.scratch);
       const problems = checked.flatMap((c) => (c.ok ? [] : [`${c.disk}@${c.id}: ${c.problem}`]));
-      health = { ok: problems.length === 0, problems, checked };
+      const booted = job.healthCheck.boot ? await bootVms(repo, job, options.signal) : [];
+      problems.push(...booted.flatMap((b) => (b.ok ? [] : [`VM ${b.vm}@${b.id}: ${b.problem}`])));
+      health = { ok: problems.length === 0, problems, checked, ...(job.healthCheck.boot ? { booted } : {}) };
     } catch (err) {
       health = { ok: false, problems: [(err as Error).message], checked: [] };
     }
@@ -170,6 +173,18 @@ async function fullIntervalDue(repo: Repository, job: Job, disk: string): Promis
   for (let b = backups.at(-1); b && b.parent !== null; b = byId.get(b.parent)) deltas++;
   if (backups.length === 0 || deltas < job.fullInterval - 1) return null;
   return `fullInterval ${job.fullInterval}: ${deltas} ${deltas === 1 ? 'delta' : 'deltas'} since the last full`;
+}
+
+/** `healthCheck: boot`: each VM's newest backup booted (vm boot-check), one after another (each is a whole guest). */
+async function bootVms(repo: Repository, job: Job, signal?: AbortSignal): Promise<NonNullable<NonNullable<JobRunReport['healthCheck']>['booted']>> {
+  const booted = [];
+  for (const vm of job.vms) {
+    if (signal?.aborted) break;
+    if ((await vmRecords(repo, vm.name).catch(() => [])).length === 0) continue;
+    const r = await bootCheckVm(repo, vm.name, { scratch: job.healthCheck?.scratch ?? undefined, signal }).catch((err: Error) => ({ vm: vm.name, id: '', ok: false, ms: 0, problem: err.message }));
+    booted.push({ vm: r.vm, id: r.id, ok: r.ok, ms: r.ms, ...(r.problem ? { problem: r.problem } : {}) });
+  }
+  return booted;
 }
 
 /** A VM is due a full backup when any of its disks is (fullInterval). */
