@@ -87,6 +87,33 @@ describe('prune of VM backups', () => {
     expect(verify.code, verify.stderr).toBe(0);
   });
 
+  it('replication copies a VM backup once all its disks are at the destination, and the destination keeps VM backups whole', async () => {
+    const dst = join(dir, 'dst');
+    expect((await vhdvaultAsync('init', dst)).code).toBe(0);
+    const first = await vmBackup();
+    // Only one disk replicated: its VM backup is not recorded there (it would not restore whole).
+    const one = await vhdvaultAsync('replicate', repo, dst, 'web.vda', '--json');
+    expect(one.code, one.stderr).toBe(0);
+    expect(JSON.parse(one.stdout).vmBackups).toEqual([]);
+    const both = await vhdvaultAsync('replicate', repo, dst, '--json');
+    expect(both.code, both.stderr).toBe(0);
+    expect(JSON.parse(both.stdout).vmBackups).toEqual([`web ${first.id}`]);
+    await vmBackup();
+    const third = await vmBackup();
+    const kept = await vhdvaultAsync('replicate', repo, dst, '--keep-last', '1', '--json');
+    expect(kept.code, kept.stderr).toBe(0);
+    const at = async (d: string) => (JSON.parse((await vhdvaultAsync('list', dst, d, '--json')).stdout) as Array<{ id: string }>).map((b) => b.id);
+    const dstVms = () => vhdvaultAsync('vm', 'list', dst, '--json').then((r) => (JSON.parse(r.stdout) as Array<{ id: string }>).map((v) => v.id));
+    // Recorded there after its prune: the newest VM backup, whose disks the prune kept as newer than every record.
+    expect(await dstVms()).toContain(third.id);
+    expect(await at('web.vda')).toContain(third.disks.vda);
+    // The next replication's prune applies the policy to the records.
+    expect((await vhdvaultAsync('replicate', repo, dst, '--keep-last', '1')).code).toBe(0);
+    expect(await dstVms()).toEqual([third.id]);
+    expect(await at('web.vda')).toEqual([third.disks.vda]);
+    expect(await at('web.vdb')).toEqual([third.disks.vdb]);
+  });
+
   it('pruning one disk of a VM applies the policy to the VM: no record is left naming a removed backup', async () => {
     await vmBackup();
     await vmBackup();

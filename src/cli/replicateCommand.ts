@@ -64,6 +64,7 @@ export function replicateCommand(): Command {
       if (json) console.log(JSON.stringify(report, null, 2));
       else {
         for (const r of report.disks) console.log(describeDisk(r));
+        for (const v of report.vmBackups) console.log(`VM backup ${v}: recorded at the destination (every disk there)`);
         const { read, write } = report.stages;
         console.log(`${fmtBytes(report.totals.bytesSent)} sent in ${(report.durationMs / 1000).toFixed(1)} s; busy: read ${(read.busyMs / 1000).toFixed(1)} s, write ${(write.busyMs / 1000).toFixed(1)} s (${report.slowestStage} bounded it)`);
       }

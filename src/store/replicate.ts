@@ -23,6 +23,7 @@ import { describeFinding } from './list.js';
 import { readingDisk } from './merge.js';
 import { checkDiskName } from './names.js';
 import { prune } from './prune.js';
+import { vmDiskName, vmNames, vmRecords, writeVmRecord } from './vmRecord.js';
 import { pinReplica, readReplicaPin } from './replicaPins.js';
 import type { BackupWriter } from './layouts/Layout.js';
 import { type BackupMetadata, newBackupMetadata, type Repository } from './repository.js';
@@ -77,6 +78,8 @@ export interface ReplicationReport {
   source: string;
   destination: string;
   disks: DiskReplication[];
+  /** VM backups (vmRecord.ts) now whole at the destination and recorded there, as `<vm> <id>`. */
+  vmBackups: string[];
   totals: { disks: number; failed: number; copied: number; full: number; bytesSent: number; pruned: number };
   /** read: the source's blocks read and checked against their digests; write: the destination's writes and commits. */
   stages: Record<ReplicationStage, StageFigures>;
@@ -117,13 +120,18 @@ export async function replicate(src: Repository, dst: Repository, disks: string[
   if ((await realpath(src.root)) === destination) throw new UsageError(`${dst.root} is the source repository itself: replicate to another repository`);
   const run: Run = { src, dst, destination, options, read: new BusyClock(), write: new BusyClock(), writeLimit: limiter(options.maxWrite) };
   const results: DiskReplication[] = [];
-  for (const disk of disks ?? (await src.disks())) results.push(await replicateDisk(run, disk));
+  const chosen = disks ?? (await src.disks());
+  // VM backups whose disks the destination already holds first: its retention then keeps or removes them whole.
+  const vmBackups = await copyVmRecords(run, chosen);
+  for (const disk of chosen) results.push(await replicateDisk(run, disk));
+  vmBackups.push(...(await copyVmRecords(run, chosen)));
   const stages = { read: figures(run.read.bytes, run.read.busyMs), write: figures(run.write.bytes, run.write.busyMs) };
   const copied = results.flatMap((r) => r.copied);
   return {
     source: src.root,
     destination: dst.root,
     disks: results,
+    vmBackups,
     totals: {
       disks: results.length,
       failed: results.filter((r) => r.error !== undefined).length,
@@ -136,6 +144,30 @@ export async function replicate(src: Repository, dst: Repository, disks: string[
     slowestStage: stages.write.busyMs >= stages.read.busyMs ? 'write' : 'read',
     durationMs: Math.round(performance.now() - started),
   };
+}
+
+/**
+ * Copy the records of the source's VM backups (vmRecord.ts) whose disks are
+ * all among `disks` and whose every disk backup the destination now holds,
+ * unless it has them: a VM backup exists at the destination only whole.
+ * Returns what was copied, as `<vm> <id>`.
+ */
+async function copyVmRecords(run: Run, disks: string[]): Promise<string[]> {
+  const copied: string[] = [];
+  const chosen = new Set(disks);
+  for (const vm of await vmNames(run.src)) {
+    const have = new Set((await vmRecords(run.dst, vm)).map((r) => r.id));
+    for (const record of await vmRecords(run.src, vm)) {
+      if (have.has(record.id)) continue;
+      const parts = Object.entries(record.disks).map(([target, id]) => ({ disk: vmDiskName(vm, target), id }));
+      if (!parts.every((p) => chosen.has(p.disk))) continue;
+      const held = await Promise.all(parts.map(async (p) => (await run.dst.storage.head(run.dst.metadataKey(p.disk, p.id))) !== null));
+      if (!held.every(Boolean)) continue;
+      await writeVmRecord(run.dst, record);
+      copied.push(`${vm} ${record.id}`);
+    }
+  }
+  return copied;
 }
 
 /** A problem with one disk (a file, a lock, a damaged backup) rather than a reason to stop everything (an interrupt). */
