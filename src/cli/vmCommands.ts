@@ -65,7 +65,7 @@ export function vmCommand(): Command {
     .argument('<vm>', 'the VM\'s name in the repository; its disks are stored as <vm>.<target>')
     .option('--libvirt <domain>', 'a libvirt domain (running: through libvirt\'s backup API; shut off: its images read as they are)')
     .option('--connect <uri>', 'with --libvirt: libvirt\'s URI', 'qemu:///system')
-    .option('--scratch <dir>', "with --libvirt: folder for libvirt's scratch images, which hold what the guest overwrites during the backup (default: a new folder in the system's temporary folder, removed after)")
+    .option('--scratch <dir>', "with --libvirt: folder for libvirt's scratch images, which hold what the guest overwrites during the backup (default: a new vhdvault-scratch-<pid>-… folder in the system's temporary folder, removed after)")
     .option('--qemu <qmp-socket>', "the VM's QMP socket (a QEMU started without libvirt)")
     .option('--qga <socket>', "with --qemu: the guest agent's socket")
     .option('--fleecing <dir>', 'with --qemu: folder on fast local storage for the fleecing images (default: direct mode)')

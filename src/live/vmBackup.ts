@@ -1,5 +1,5 @@
 /**
- * A whole-VM backup (docs/design/10-whole-vm-backups.md): every disk of a
+ * A whole-VM backup (docs/design/11-whole-vm-backups.md): every disk of a
  * running VM at one instant. Each disk gets what a single live backup does
  * (liveBackup.ts's LiveDisk), but the points in time are set together, in
  * one window: the guest frozen through its agent, else the VM paused. Then

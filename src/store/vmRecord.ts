@@ -1,5 +1,5 @@
 /**
- * VM backups (docs/design/10-whole-vm-backups.md): one record per backup of a
+ * VM backups (docs/design/11-whole-vm-backups.md): one record per backup of a
  * virtual machine, `vms/<vm>/<id>.json`, naming one backup of each of its
  * disks — all taken at the same instant — and the VM's definition. Each disk
  * is an ordinary repository disk, `<vm>.<target>`, so list, restore, serve,
