@@ -6,11 +6,25 @@
  * each restored disk is a clean ext4 and the two counters differ by at most
  * one; a delta follows from the checkpoints; `vm list` shows the VM backups.
  */
+import { spawn, spawnSync } from 'node:child_process';
+import { writeFile } from 'node:fs/promises';
+import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { vhdvaultAsync } from './helpers/cli.js';
+import { markerPath } from '../src/live/quiesce.js';
+import { CLI, type CliResult, cliEnv, vhdvaultAsync } from './helpers/cli.js';
 import { tempDir } from './helpers/files.js';
 import { bootGuest, e2fsck, ext4Cat, type Guest, guestSkip, guestTitle, makeExt4Disk, replayJournal } from './helpers/guest.js';
+
+/** vhdvault with extra environment variables. */
+function vhdvaultWith(env: NodeJS.ProcessEnv, ...args: string[]): Promise<CliResult> {
+  const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: cliEnv(env) });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.setEncoding('utf8').on('data', (c: string) => (stdout += c));
+  child.stderr.setEncoding('utf8').on('data', (c: string) => (stderr += c));
+  return new Promise((resolve) => child.on('close', (code) => resolve({ code: code ?? -1, stdout, stderr })));
+}
 
 interface VmReport {
   id: string;
@@ -88,17 +102,44 @@ describe.skipIf(guestSkip !== undefined)(guestTitle('vm backup --qemu of a runni
     expect(status.running).toBe(true);
   });
 
+  it('an agent that never answers: a warning, then the VM paused instead; a VM a killed run left paused is resumed by the next', async () => {
+    // A socket that accepts and never answers: the agent times out (1 s here).
+    const silent = join(dir, 'silent-qga.sock');
+    const server = createServer(() => undefined);
+    await new Promise<void>((resolve) => server.listen(silent, resolve));
+    try {
+      const r = await vhdvaultWith({ VHDVAULT_QGA_TIMEOUT_S: '1' }, 'vm', 'backup', repo, 'web', '--qemu', guest.qmpSocket, '--qga', silent, '--fleecing', dir, '--json');
+      expect(r.code, r.stderr).toBe(0);
+      expect(r.stderr).toMatch(/backing up without quiescing \(crash-consistent\)/);
+      const report = JSON.parse(r.stdout) as VmReport;
+      expect(report.quiesced).toBe(false);
+      expect(report.pausedMs).toBeGreaterThanOrEqual(0);
+    } finally {
+      server.close();
+    }
+    // As after a kill -9 inside the pause: the VM stopped, the marker naming a process that is gone.
+    const gone = spawnSync(process.execPath, ['-e', 'process.stdout.write(String(process.pid))'], { encoding: 'utf8' });
+    const owner = { ...(await import('../src/util/owner.js')).lockOwner('backup'), pid: Number(gone.stdout) };
+    await writeFile(await markerPath(guest.qmpSocket, 'paused'), JSON.stringify(owner));
+    await guest.testQmp.execute('stop');
+    const next = await vhdvaultAsync('vm', 'backup', repo, 'web', '--qemu', guest.qmpSocket, '--no-quiesce', '--fleecing', dir, '--json');
+    expect(next.code, next.stderr).toBe(0);
+    expect(next.stderr).toMatch(new RegExp(`resumed the VM, which process ${owner.pid} on host .* left paused when it was killed`));
+    expect((await guest.testQmp.execute<{ running: boolean }>('query-status')).running).toBe(true);
+    expect((JSON.parse(next.stdout) as VmReport).pausedMs).toBeGreaterThanOrEqual(0);
+  });
+
   it('vm list shows each VM backup with its disks, quiescing and definition', async () => {
     const r = await vhdvaultAsync('vm', 'list', repo, 'web', '--json');
     expect(r.code, r.stderr).toBe(0);
     const rows = JSON.parse(r.stdout) as Array<{ id: string; time: string; disks: Record<string, string>; quiesced: boolean; definition: { kind: string } }>;
-    expect(rows.map((x) => x.quiesced)).toEqual([true, true, false, false]);
+    expect(rows.map((x) => x.quiesced)).toEqual([true, true, false, false, false, false]);
     for (const row of rows) {
       expect(Object.keys(row.disks).sort()).toEqual(['vda', 'vdb']);
       expect(row.definition.kind).toBe('qemu');
     }
     const disks = await vhdvaultAsync('list', repo, '--json');
-    expect((JSON.parse(disks.stdout) as Array<{ disk: string }>).map((d) => d.disk).sort()).toEqual([...Array(4).fill('web.vda'), ...Array(4).fill('web.vdb')]);
+    expect((JSON.parse(disks.stdout) as Array<{ disk: string }>).map((d) => d.disk).sort()).toEqual([...Array(6).fill('web.vda'), ...Array(6).fill('web.vdb')]);
   });
 
   it('refuses what cannot be done, with one line, before anything is changed', async () => {
@@ -117,6 +158,6 @@ describe.skipIf(guestSkip !== undefined)(guestTitle('vm backup --qemu of a runni
     expect(named.code).toBe(1);
     expect(named.stderr).toMatch(/invalid VM name/);
     const list = await vhdvaultAsync('vm', 'list', repo, 'web', '--json');
-    expect(JSON.parse(list.stdout)).toHaveLength(4);
+    expect(JSON.parse(list.stdout)).toHaveLength(6);
   });
 });
