@@ -11,6 +11,7 @@
  */
 import type { VmDefinition } from '../store/vmRecord.js';
 import { VaultError } from '../util/errors.js';
+import { attribute, escapeXml, text } from './libvirtXml.js';
 
 /** What a restored disk became: its file and its format as QEMU names it (qcow2, raw, vpc). */
 export interface PlacedDisk {
@@ -31,32 +32,8 @@ export interface BootPlan {
 
 const DEFAULT_MEMORY_MIB = 512;
 
-export function xmlEscape(text: string): string {
-  return text.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/'/g, '&apos;').replace(/"/g, '&quot;');
-}
-
-function xmlUnescape(text: string): string {
-  return text.replace(/&(lt|gt|quot|apos|amp|#x[0-9a-fA-F]+|#[0-9]+);/g, (_, e: string) => {
-    if (e === 'lt') return '<';
-    if (e === 'gt') return '>';
-    if (e === 'quot') return '"';
-    if (e === 'apos') return "'";
-    if (e === 'amp') return '&';
-    return String.fromCodePoint(e.startsWith('#x') ? Number.parseInt(e.slice(2), 16) : Number.parseInt(e.slice(1), 10));
-  });
-}
-
-/** An attribute's value in a start tag, unescaped, or null. */
-function attribute(tag: string, name: string): string | null {
-  const m = new RegExp(`\\s${name}\\s*=\\s*(?:'([^']*)'|"([^"]*)")`).exec(tag);
-  return m ? xmlUnescape(m[1] ?? m[2]!) : null;
-}
-
-/** The text of the first `<name>…</name>` inside `xml`, unescaped, or null. */
-function elementText(xml: string, name: string): string | null {
-  const m = new RegExp(`<${name}(?:\\s[^>]*)?>([^<]*)</${name}>`).exec(xml);
-  return m ? xmlUnescape(m[1]!).trim() : null;
-}
+/** The text of the first `<name>…</name>` inside `xml`, decoded and trimmed, or null. */
+const elementText = (xml: string, name: string): string | null => text(xml, name)?.trim() ?? null;
 
 /** The domain's own children: what lies inside `<domain …>`, outside `<devices>` (where a disk's `<name>` or `<uuid>` never is). */
 function domainHead(xml: string): { start: number; end: number } {
@@ -80,7 +57,7 @@ function diskElements(xml: string): Array<{ start: number; end: number; text: st
 
 /** One disk element with its source now `placed`: a file disk, its driver type set, its backing chain (if any) gone. */
 function rewriteDisk(disk: string, placed: PlacedDisk): string {
-  const file = xmlEscape(placed.path);
+  const file = escapeXml(placed.path);
   let out = disk.replace(/^<disk\s[^>]*>/, (open) => (/\stype\s*=/.test(open) ? open.replace(/\stype\s*=\s*(?:'[^']*'|"[^"]*")/, " type='file'") : open.replace('<disk', "<disk type='file'")));
   // The restored image stands alone: no backing store, and no source of another kind (block, volume, network).
   out = out.replace(/\s*<backingStore\s*\/>/g, '').replace(/\s*<backingStore[\s>][\s\S]*?<\/backingStore>/g, '');
@@ -122,7 +99,7 @@ export function rewriteDomainXml(xml: string, disks: Record<string, PlacedDisk>,
   const head = domainHead(out);
   let top = out.slice(head.start, head.end);
   if (!/<name>[^<]*<\/name>/.test(top)) throw new VaultError('the VM backup\'s definition', 'has no <name> element');
-  top = top.replace(/<name>[^<]*<\/name>/, `<name>${xmlEscape(rename)}</name>`).replace(/\s*<uuid>[^<]*<\/uuid>/, '');
+  top = top.replace(/<name>[^<]*<\/name>/, `<name>${escapeXml(rename)}</name>`).replace(/\s*<uuid>[^<]*<\/uuid>/, '');
   out = out.slice(0, head.start) + top + out.slice(head.end);
   return out.replace(/\s*<mac\s+address\s*=\s*(?:'[^']*'|"[^"]*")\s*\/>/g, '');
 }
