@@ -144,7 +144,9 @@ export function bootPlan(definition: VmDefinition, targets: string[]): BootPlan 
 
 /** A word for a POSIX shell: as is when it is safe, else in single quotes. */
 export function shellWord(word: string): string {
-  return /^[A-Za-z0-9_@%+=:,./-]+$/.test(word) ? word : `'${word.replace(/'/g, `'\\''`)}'`;
+  // Each ' closes the quotes, adds a quoted quote, and opens them again.
+  const QUOTE = "'";
+  return /^[A-Za-z0-9_@%+=:,./-]+$/.test(word) ? word : QUOTE + word.split(QUOTE).join(`${QUOTE}\\${QUOTE}${QUOTE}`) + QUOTE;
 }
 
 /**
