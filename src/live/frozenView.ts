@@ -121,13 +121,23 @@ export class FrozenView {
     this.undo.push(() => options.server.release());
   }
 
-  /** The point in time: the filter enters the guest's path. Anything set up before a failure is undone by teardown(). */
-  async insert(target: CopyTarget): Promise<void> {
+  /**
+   * The copy target and the filter, added beside the guest's path, before the
+   * point in time (outside the window a frozen or paused guest waits through):
+   * until insert(), the guest's writes do not pass the filter, and what they
+   * change is what the view shows. Anything set up before a failure is undone by teardown().
+   */
+  async prepare(target: CopyTarget): Promise<void> {
     const { qmp, guest, names } = this;
     this.undo.push(await target.add(qmp, names.target));
     // No `bitmap`: the whole disk is protected, so a write during the bitmap hand-over is never lost.
     await blockdevAdd(qmp, { driver: 'copy-before-write', 'node-name': names.cbw, file: guest.disk.nodeName, target: names.target, 'on-cbw-error': 'break-snapshot', 'cbw-timeout': this.options.cbwTimeout });
     this.undo.push(() => blockdevDel(qmp, names.cbw));
+  }
+
+  /** The point in time: the filter enters the guest's path; from now on a write first copies what it overwrites. */
+  async insert(): Promise<void> {
+    const { qmp, guest, names } = this;
     this.undo.push(() => attach(qmp, guest.entry, guest.disk.nodeName)); // before attaching: a failed attach may have half-happened
     await attach(qmp, guest.entry, names.cbw);
   }

@@ -182,12 +182,13 @@ export class LiveDisk {
   /** The copy target (fleecing image, or direct mode's NBD export of the repository's copy file). */
   async start(): Promise<void> {
     this.mode = await startMode(this.repo, this.disk, this.id, this.size, this.view, this.options, this.writeLimit);
+    await this.view.prepare(this.mode.target);
   }
 
   /** The point in time: the new checkpoint starts, the filter goes in, the old checkpoint stops. */
   async setPoint(): Promise<void> {
     await this.bitmaps.start();
-    await this.view.insert(this.mode!.target);
+    await this.view.insert();
     await this.bitmaps.handOver();
   }
 
