@@ -9,7 +9,7 @@
 import { createHash } from 'node:crypto';
 import type { Checkpoint } from '../store/repository.js';
 import type { BackupMetadata } from '../store/repository.js';
-import { blockDirtyBitmapAdd, blockDirtyBitmapDisable, blockDirtyBitmapEnable, blockDirtyBitmapMerge, blockDirtyBitmapRemove, queryNamedBlockNodes, type DirtyBitmapInfo } from '../qmp/commands.js';
+import { blockDirtyBitmapEnable, blockDirtyBitmapMerge, blockDirtyBitmapRemove, queryNamedBlockNodes, transaction, type DirtyBitmapInfo } from '../qmp/commands.js';
 import { OUR_PREFIX } from './guestPath.js';
 import type { QmpClient } from '../qmp/QmpClient.js';
 
@@ -81,14 +81,24 @@ export class CheckpointHandOver {
   ) {}
 
   async start(): Promise<void> {
-    await blockDirtyBitmapAdd(this.qmp, { node: this.node, name: this.next, persistent: this.persistent });
-    this.added = true;
+    await CheckpointHandOver.startAll(this.qmp, [this]);
   }
 
   async handOver(): Promise<void> {
-    if (this.previous.valid === null) return;
-    await blockDirtyBitmapDisable(this.qmp, this.node, this.previous.valid);
-    this.previousDisabled = true;
+    await CheckpointHandOver.handOverAll(this.qmp, [this]);
+  }
+
+  /** start() of several disks' checkpoints in one transaction: one round trip of the window a guest waits through. */
+  static async startAll(qmp: QmpClient, all: readonly CheckpointHandOver[]): Promise<void> {
+    await transaction(qmp, all.map((h) => ({ type: 'block-dirty-bitmap-add', data: { node: h.node, name: h.next, persistent: h.persistent } })));
+    for (const h of all) h.added = true;
+  }
+
+  /** handOver() of several disks' checkpoints in one transaction. */
+  static async handOverAll(qmp: QmpClient, all: readonly CheckpointHandOver[]): Promise<void> {
+    const handing = all.filter((h) => h.previous.valid !== null);
+    await transaction(qmp, handing.map((h) => ({ type: 'block-dirty-bitmap-disable', data: { node: h.node, name: h.previous.valid } })));
+    for (const h of handing) h.previousDisabled = true;
   }
 
   /** The backup is committed: the new checkpoint takes over, the older one goes. */

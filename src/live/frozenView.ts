@@ -139,7 +139,8 @@ export class FrozenView {
   async insert(): Promise<void> {
     const { qmp, guest, names } = this;
     this.undo.push(() => attach(qmp, guest.entry, guest.disk.nodeName)); // before attaching: a failed attach may have half-happened
-    await attach(qmp, guest.entry, names.cbw);
+    // The filter is new: the guest cannot be using it yet, so no need to ask (a round trip saved inside the window).
+    await attach(qmp, guest.entry, names.cbw, { fresh: true });
   }
 
   /** Export the frozen view read-only, with the previous checkpoint (disabled by now) as a meta context. */

@@ -73,10 +73,11 @@ export async function findGuestPath(qmp: QmpClient, entry: GuestEntry): Promise<
 /**
  * Make the guest read through `node`: how the filter enters and leaves its
  * path. A device is set only when it uses another node now (setting the
- * node it already uses aborts QEMU 7.2).
+ * node it already uses aborts QEMU 7.2), which only a `fresh` node needs no asking for.
  */
-export async function attach(qmp: QmpClient, entry: GuestEntry, node: string): Promise<void> {
+export async function attach(qmp: QmpClient, entry: GuestEntry, node: string, options: { fresh?: boolean } = {}): Promise<void> {
   if (entry.device === undefined) return blockdevReopen(qmp, [{ driver: 'raw', 'node-name': entry.node, file: node }]);
   const path = devicePath(entry.device);
-  if ((await qomGet(qmp, path, 'drive')) !== node) await qomSet(qmp, path, 'drive', node);
+  // `fresh`: a node just added, which the device cannot be using.
+  if (options.fresh || (await qomGet(qmp, path, 'drive')) !== node) await qomSet(qmp, path, 'drive', node);
 }

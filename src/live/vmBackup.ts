@@ -72,9 +72,7 @@ export async function vmBackupQemu(repo: Repository, vm: string, given: VmBackup
         for (const d of disks) lives.push(await LiveDisk.prepare(repo, names.get(d.target)!, qmp, { ...options, node: d.node, device: d.target, onProgress: progress(d.target) }));
         for (const live of lives) await live.start();
         let pausedMs: number | null = null;
-        const setPoints = async () => {
-          for (const live of lives) await live.setPoint();
-        };
+        const setPoints = () => LiveDisk.setPoints(qmp, lives);
         const quiesced = await atQuiescedPoint({ agent: options.qga, vm: options.qemu, mode: options.quiesce, tell, unfrozen: async (fn) => void (pausedMs = await whilePaused(pausable, fn)) }, setPoints);
         // Each disk is read and committed on its own; its filter leaves QEMU as soon as it is read.
         const reports = await readAll(lives.map((live) => ({ disk: live.disk, read: () => live.read(locks.get(live.disk)!), after: () => live.teardown() })));

@@ -118,6 +118,14 @@ export async function blockDirtyBitmapMerge(qmp: QmpClient, m: { node: string; t
   await qmp.execute('block-dirty-bitmap-merge', m);
 }
 
+/** A QMP `transaction` action (block-dirty-bitmap-add, -disable, …). */
+export type TransactionAction = { type: string; data: Record<string, unknown> };
+
+/** Several actions at once, all or none, in one round trip (nothing to do for none). */
+export async function transaction(qmp: QmpClient, actions: readonly TransactionAction[]): Promise<void> {
+  if (actions.length > 0) await qmp.execute('transaction', { actions });
+}
+
 export async function blockdevAdd(qmp: QmpClient, options: BlockdevOptions): Promise<void> {
   await qmp.execute('blockdev-add', options);
 }
