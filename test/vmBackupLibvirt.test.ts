@@ -143,7 +143,7 @@ describe.skipIf(libvirtSkip !== undefined)(libvirtTitle('vm backup --libvirt of 
     expect(Object.values(report.disks).map((d) => d.kind)).toEqual(['delta', 'delta']);
     const counters = await restoredCounters(report, false);
     expect(Math.abs(counters[0]! - counters[1]!), `counters ${counters}`).toBeLessThanOrEqual(1);
-    // virsh destroy lets QEMU stop cleanly (SIGTERM first): the checkpoint's bitmap is stored in each image and read.
+    // QEMU stopped by SIGTERM (virsh destroy --graceful) stores the checkpoint's bitmap in each image: read here.
     for (const d of Object.values(report.disks)) {
       expect(d.note, JSON.stringify(report.disks)).toBeUndefined();
       expect(d.blocksRead).toBeLessThan(16);

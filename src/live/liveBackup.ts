@@ -22,6 +22,7 @@ import { limiter } from '../store/throttle.js';
 import { VaultError } from '../util/errors.js';
 import { atQuiescedPoint, type QuiesceMode } from './quiesce.js';
 import type { DiskLock } from '../store/lock.js';
+import type { BlockPool } from '../store/pool.js';
 import { CheckpointHandOver, checkpointName, checkpointTag, type PreviousCheckpoint, previousCheckpoint, removeLeftoverBitmaps } from './checkpoint.js';
 import { DirectTarget } from './directTarget.js';
 import { FleecingImage, FleecingWatch, removeLeftoverImages } from './fleecing.js';
@@ -202,14 +203,14 @@ export class LiveDisk {
   }
 
   /** Read the frozen view into the next backup of the disk, and commit it. */
-  async read(lock: DiskLock): Promise<LiveDiskReport> {
+  async read(lock: DiskLock, pool?: BlockPool): Promise<LiveDiskReport> {
     const mode = this.mode!;
     const { options, previous, bitmaps } = this;
     const address = await this.view.export(previous.valid);
     const source = await NbdSource.open(address, { bitmap: previous.valid });
     try {
       const checkpoint = { bitmap: bitmaps.next, node: this.node };
-      this.report = await backupFrom(this.repo, this.disk, source, { ...options, source: address.uri }, previous.valid, { id: this.id, note: previous.note, checkpoint, writeLimit: this.writeLimit, lock });
+      this.report = await backupFrom(this.repo, this.disk, source, { ...options, source: address.uri }, previous.valid, { id: this.id, note: previous.note, checkpoint, writeLimit: this.writeLimit, lock, pool });
     } catch (err) {
       throw await explain(err, mode, options);
     } finally {

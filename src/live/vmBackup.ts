@@ -8,6 +8,7 @@
  */
 import { type BackupReport, withBackupLock } from '../store/backup.js';
 import type { DiskLock } from '../store/lock.js';
+import { BlockPool, defaultConcurrency } from '../store/pool.js';
 import { newBackupId } from '../store/names.js';
 import type { Repository } from '../store/repository.js';
 import { checkVmName, type VmDefinition, type VmRecord, vmDiskName, vmRecords, writeVmRecord } from '../store/vmRecord.js';
@@ -67,6 +68,7 @@ export async function vmBackupQemu(repo: Repository, vm: string, given: VmBackup
     const names = new Map(disks.map((d) => [d.target, vmDiskName(vm, d.target)]));
     return await withBackupLocks(repo, [...names.values()], async (locks) => {
       const lives: LiveDisk[] = [];
+      let pool: BlockPool | null = null;
       try {
         const progress = sharedProgress(options.onProgress);
         for (const d of disks) lives.push(await LiveDisk.prepare(repo, names.get(d.target)!, qmp, { ...options, node: d.node, device: d.target, onProgress: progress(d.target) }));
@@ -75,13 +77,17 @@ export async function vmBackupQemu(repo: Repository, vm: string, given: VmBackup
         const setPoints = () => LiveDisk.setPoints(qmp, lives);
         const quiesced = await atQuiescedPoint({ agent: options.qga, vm: options.qemu, mode: options.quiesce, tell, unfrozen: async (fn) => void (pausedMs = await whilePaused(pausable, fn)) }, setPoints);
         // Each disk is read and committed on its own; its filter leaves QEMU as soon as it is read.
-        const reports = await readAll(lives.map((live) => ({ disk: live.disk, read: () => live.read(locks.get(live.disk)!), after: () => live.teardown() })));
+        // One pool of worker threads for every disk, started once the guest runs on (not to slow the window).
+        pool = await BlockPool.create(Math.max(1, options.concurrency ?? defaultConcurrency()));
+        const threads = pool;
+        const reports = await readAll(lives.map((live) => ({ disk: live.disk, read: () => live.read(locks.get(live.disk)!, threads), after: () => live.teardown() })));
         const record = await recordOf(repo, vm, disks.map((d) => d.target), reports, { ...quiesced, pausedMs, checkpoint: null, definition });
         await writeVmRecord(repo, record);
         return { vm, id: record.id, time: record.createdAt, disks: Object.fromEntries(disks.map((d, i) => [d.target, reports[i]!])), ...quiesced, pausedMs, definition: definition.kind, durationMs: Math.round(performance.now() - started) };
       } finally {
         // What readAll did not reach (a failure before the reads); errors here would hide the first one.
         for (const live of lives) await live.teardown().catch(() => undefined);
+        await pool?.close();
       }
     });
   } finally {

@@ -13,6 +13,7 @@ import { openImageThroughQemuNbd } from '../nbd/imageServer.js';
 import { NbdSource } from '../nbd/NbdSource.js';
 import { type BackupOptions, type BackupReport, backupFrom } from '../store/backup.js';
 import type { DiskLock } from '../store/lock.js';
+import { BlockPool, defaultConcurrency } from '../store/pool.js';
 import { newBackupId } from '../store/names.js';
 import type { Repository } from '../store/repository.js';
 import { checkVmName, type LibvirtDefinition, type VmRecord, vmDiskName, vmRecords, writeVmRecord } from '../store/vmRecord.js';
@@ -59,8 +60,16 @@ export async function vmBackupLibvirt(repo: Repository, vm: string, options: Lib
     const ours = (await checkpoints(options.connect, options.domain)).filter((c) => c.startsWith(tag));
     const base = await baseOf(repo, vm, latest, ours, names, options.full === true);
     const progress = sharedProgress(options.onProgress);
-    const read = { repo, names, locks, options, progress, id, base };
-    const taken = info.state === 'shut off' ? await readOffline(info, targets, read) : await readRunning(info, targets, `${tag}${id}`, read);
+    // One pool of worker threads for every disk, started when the first read needs it (after the point in time).
+    const threads: { pool: Promise<BlockPool> | null } = { pool: null };
+    const shared = () => (threads.pool ??= BlockPool.create(Math.max(1, options.concurrency ?? defaultConcurrency())));
+    const read = { repo, names, locks, options, progress, id, base, pool: shared };
+    let taken: Taken;
+    try {
+      taken = info.state === 'shut off' ? await readOffline(info, targets, read) : await readRunning(info, targets, `${tag}${id}`, read);
+    } finally {
+      await (await threads.pool)?.close();
+    }
     const record: VmRecord = { format: 1, vm, id, createdAt: new Date().toISOString(), disks: Object.fromEntries(targets.map((t, i) => [t, taken.reports[i]!.id])), quiesced: taken.quiesced, frozenMs: taken.frozenMs, pausedMs: taken.pausedMs, checkpoint: taken.checkpoint, definition };
     await writeVmRecord(repo, record);
     // Only the newest VM backup's checkpoint is of use (a delta reads from it): older ones of ours go.
@@ -86,6 +95,8 @@ interface ReadContext {
   /** The VM backup's id: each disk's backup takes an id of its own. */
   id: string;
   base: Base;
+  /** Worker threads shared by the disks. */
+  pool: () => Promise<BlockPool>;
 }
 
 /** A running (or paused) domain: libvirt's pull backup, its point in time set in one frozen or paused window. */
@@ -119,7 +130,7 @@ async function readRunning(info: DomainInfo, targets: string[], checkpoint: stri
             const bitmap = base.checkpoint === null ? null : exp.bitmap;
             const source = await NbdSource.open(exp.uri, { bitmap });
             try {
-              return await backupFrom(ctx.repo, disk, source, { ...options, source: exp.uri, onProgress: ctx.progress(target) }, bitmap, { note: base.note, checkpoint: { bitmap: checkpoint, node: `libvirt:${target}` }, lock: ctx.locks.get(disk)! });
+              return await backupFrom(ctx.repo, disk, source, { ...options, source: exp.uri, onProgress: ctx.progress(target) }, bitmap, { note: base.note, checkpoint: { bitmap: checkpoint, node: `libvirt:${target}` }, lock: ctx.locks.get(disk)!, pool: await ctx.pool() });
             } finally {
               await source.close();
             }
@@ -172,7 +183,7 @@ async function readOffline(info: DomainInfo, targets: string[], ctx: ReadContext
         read: async () => {
           const { source, bitmap, note } = await openOffline(image.source, image.driver, base);
           try {
-            return await backupFrom(ctx.repo, disk, source, { ...ctx.options, source: image.source, onProgress: ctx.progress(target) }, bitmap, { note, lock: ctx.locks.get(disk)! });
+            return await backupFrom(ctx.repo, disk, source, { ...ctx.options, source: image.source, onProgress: ctx.progress(target) }, bitmap, { note, lock: ctx.locks.get(disk)!, pool: await ctx.pool() });
           } finally {
             await source.close();
           }

@@ -14,7 +14,7 @@ import { lineageFindings } from './inspect.js';
 import { completePendingMerge, hasPendingMerge } from './merge.js';
 import { isNoSpace } from './reserve.js';
 import { newBackupId } from './names.js';
-import { defaultConcurrency } from './pool.js';
+import { type BlockPool, defaultConcurrency } from './pool.js';
 import type { BackupMetadata, Checkpoint, Repository } from './repository.js';
 import { newBackupMetadata } from './repository.js';
 import { slowest, type Stage, type StageFigures } from './stages.js';
@@ -153,6 +153,8 @@ export interface BackupExtras {
   writeLimit?: Limiter;
   /** The disk's lock, confirmed still ours right before the commit. */
   lock?: DiskLock;
+  /** Worker threads shared by the disks of a VM backup (see BackupPipeline). */
+  pool?: BlockPool;
 }
 
 /**
@@ -231,6 +233,7 @@ export async function backupFrom(repo: Repository, disk: string, source: BlockSo
         paced: options.maxWrite !== undefined,
         onProgress: options.onProgress,
         signal: failed.signal,
+        pool: extras.pool,
       });
       await writer.finish(result.digests.bytes);
     } catch (err) {

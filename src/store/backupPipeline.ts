@@ -29,6 +29,8 @@ export interface PipelineInput {
   onProgress?: (doneBlocks: number, totalBlocks: number, bytesRead: number) => void;
   /** Aborted: blocks waiting for their turn under a rate limit give up at once. */
   signal: AbortSignal;
+  /** Worker threads shared with other pipelines (a VM backup's disks), left open; default: a pool of `concurrency` threads of its own. */
+  pool?: BlockPool;
 }
 
 export interface PipelineResult {
@@ -72,11 +74,11 @@ export class BackupPipeline {
   }
 
   static async run(input: PipelineInput): Promise<PipelineResult> {
-    const pipeline = new BackupPipeline(input, await BlockPool.create(input.concurrency));
+    const pipeline = new BackupPipeline(input, input.pool ?? (await BlockPool.create(input.concurrency)));
     try {
       return await pipeline.consume();
     } finally {
-      await pipeline.pool.close();
+      if (!input.pool) await pipeline.pool.close();
     }
   }
 

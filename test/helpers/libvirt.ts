@@ -61,7 +61,7 @@ export interface LibvirtGuest {
   bootMs: number;
   /** Destroy (when running) and undefine, checkpoints' metadata included; again is a no-op. */
   shutdown(): Promise<void>;
-  /** Destroy only (a power cut): the domain stays defined, shut off. */
+  /** Destroy only, gracefully (QEMU is sent SIGTERM, never SIGKILL, so it stores its persistent bitmaps): the domain stays defined, shut off. */
   powerOff(): Promise<void>;
 }
 
@@ -149,7 +149,7 @@ export async function defineGuest(o: LibvirtGuestOptions): Promise<LibvirtGuest>
     console: consoleFile,
     bootMs: 0,
     shutdown: () => (removed ??= remove(name)),
-    powerOff: async () => void (await virsh('destroy', name)),
+    powerOff: async () => void (await virsh('destroy', '--graceful', name)),
   };
   await virsh('define', xmlFile);
   defined.push(guest);
