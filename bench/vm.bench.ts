@@ -1,5 +1,5 @@
 /**
- * Whole-VM backups of a real two-disk Linux guest (test/helpers/guestVm.ts:
+ * Whole-VM backups of a real two-disk Linux guest (src/demo/guest.ts:
  * the cloud kernel, busybox and qemu-ga under qemu-system-x86_64, KVM when
  * /dev/kvm is usable, else TCG), whose writer puts a counter on both disks
  * and then syncs, every 50 ms, timing each round (vhdvault.latency=1).
@@ -42,7 +42,7 @@ import { cpus, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { GuestAgent } from '../src/qmp/GuestAgent.js';
-import { bootGuest, type Guest, guestSkip, makeExt4Disk, stopGuests, type WriterRound, writerRounds } from '../test/helpers/guestVm.js';
+import { bootGuest, type Guest, guestMissing, makeExt4Disk, stopGuests, type WriterRound, writerRounds } from '../src/demo/guest.js';
 import { formatTable, median, MiB, mustRun, runCommand, writeRandomFile, writeResults } from './lib.js';
 
 const CLI = fileURLToPath(new URL('../src/cli/main.js', import.meta.url));
@@ -161,7 +161,7 @@ async function main(): Promise<void> {
   const log = (s: string) => {
     if (!json) console.error(s);
   };
-  if (guestSkip !== undefined) throw new Error(`bench:vm: ${guestSkip}`);
+  if (guestMissing !== undefined) throw new Error(`bench:vm: ${guestMissing}`);
   const diskMiB = Number(process.env.BENCH_DISK_MIB ?? 64);
   const dataMiB = Number(process.env.BENCH_DATA_MIB ?? 24);
   const deltas = Number(process.env.BENCH_DELTAS ?? 9);

@@ -14,13 +14,10 @@
  * then renamed, so that test files starting side by side never see half an
  * image (the loser of a race throws its copy away).
  *
- * Outside CI the tests are skipped, with the reason in their title
- * (guestSkip), when a package is missing; under CI (which installs them) a
- * missing package is an error.
- *
- * Nothing here needs vitest, so a bench run by plain Node boots the guest too
- * (bench/vm.bench.ts, which calls stopGuests at its end); test files import
- * guest.ts, which stops every guest of the file after it.
+ * `guestMissing` says which package is missing, if one is: `npm start` then
+ * leaves the whole-VM part out, and the tests skip (test/helpers/guest.ts,
+ * which also stops every guest a test file booted after it). The bench
+ * (bench/vm.bench.ts) and the demo call stopGuests at their end.
  */
 import { type ChildProcess, execFile, spawn, spawnSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
@@ -30,8 +27,8 @@ import { homedir, tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
 import { promisify } from 'node:util';
 import { gzipSync } from 'node:zlib';
-import { QmpClient } from '../../src/qmp/QmpClient.js';
-import { accepts } from './sockets.js';
+import { QmpClient } from '../qmp/QmpClient.js';
+import { socketState } from '../util/unixSocket.js';
 
 const execFileAsync = promisify(execFile);
 
@@ -98,11 +95,7 @@ function missingPackages(): string | undefined {
 }
 
 /** Why the guest tests cannot run here (outside CI only), else undefined: for describe.skipIf. */
-export const guestSkip = missingPackages();
-if (guestSkip !== undefined && process.env.CI) throw new Error(`${guestSkip} (CI must install them: .ci/run)`);
-
-/** A suite's title, with the reason when it is skipped. */
-export const guestTitle = (name: string) => (guestSkip === undefined ? name : `${name} [skipped: ${guestSkip}]`);
+export const guestMissing = missingPackages();
 
 // ---------------------------------------------------------------------------
 // The initramfs
@@ -337,7 +330,7 @@ export function guestInitramfs(): Promise<Initramfs> {
 const WEEK_MS = 7 * 24 * 3600 * 1000;
 
 async function buildInitramfs(): Promise<Initramfs> {
-  if (guestSkip !== undefined) throw new Error(guestSkip);
+  if (guestMissing !== undefined) throw new Error(guestMissing);
   const started = Date.now();
   const { key, entries } = recipe();
   const root = guestCacheRoot();
@@ -511,6 +504,15 @@ const running = new Set<ChildProcess>();
 const dirs: string[] = [];
 
 /** Kills every guest this process booted and removes their folders (sockets): after a test file (guest.ts), or at a bench's end. */
+/** Once a server accepts connections on the Unix socket (QEMU makes it when it is ready). */
+async function listening(socket: string, withinMs = 10_000): Promise<void> {
+  const deadline = Date.now() + withinMs;
+  while ((await socketState(socket)) !== 'listening') {
+    if (Date.now() > deadline) throw new Error(`nothing accepts connections on ${socket} after ${withinMs} ms`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
 export async function stopGuests(): Promise<void> {
   await Promise.all([...running].map((child) => killChild(child)));
   await Promise.all(dirs.splice(0).map((dir) => rm(dir, { recursive: true, force: true })));
@@ -533,9 +535,9 @@ function kvmUsable(): boolean {
   }
 }
 
-/** The cloud kernel the guest boots (only when guestSkip is undefined). */
+/** The cloud kernel the guest boots (only when guestMissing is undefined). */
 export function guestKernel(): string {
-  if (kernel === null) throw new Error(guestSkip);
+  if (kernel === null) throw new Error(guestMissing);
   return kernel.image;
 }
 
@@ -629,7 +631,7 @@ export async function bootGuest(options: GuestOptions): Promise<Guest> {
     const unmounted = disks.filter((d) => !mounted.includes(d.device)).map((d) => `${d.device} (${d.image})`);
     if (unmounted.length) throw new Error(`the guest did not mount ${unmounted.join(', ')} (ext4 expected: makeExt4Disk); its console showed:\n${tail(text)}`);
     const bootMs = Date.now() - started;
-    await Promise.all([accepts(qmpSocket), accepts(testSocket)]);
+    await Promise.all([listening(qmpSocket), listening(testSocket)]);
     const testQmp = await QmpClient.connect(testSocket);
     return {
       disks,
