@@ -14,7 +14,8 @@
  */
 import { execFile, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { mkdir, mkdtemp, readdir, readFile, rm, rmdir, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -40,6 +41,48 @@ if (libvirtSkip !== undefined && process.env.CI) throw new Error(`${libvirtSkip}
 
 /** A suite's title, with the reason when it is skipped. */
 export const libvirtTitle = (name: string) => (libvirtSkip === undefined ? name : `${name} [skipped: ${libvirtSkip}]`);
+
+// Test files share libvirtd, and one test restarts it: every file holding libvirtd shares it
+// (a file in HOLDS from its import to its end); the restart test holds it alone (EXCLUSIVE, once
+// the other files' holds are gone), and files that start meanwhile wait for it.
+const HOLDS = join(tmpdir(), 'vhdvault-libvirt-holds');
+const EXCLUSIVE = join(HOLDS, 'exclusive');
+const me = `shared-${process.pid}-${randomBytes(4).toString('hex')}`;
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+async function holdShared(): Promise<void> {
+  for (;;) {
+    await mkdir(HOLDS, { recursive: true });
+    await writeFile(join(HOLDS, me), '');
+    if (!existsSync(EXCLUSIVE)) return;
+    await rm(join(HOLDS, me), { force: true });
+    await sleep(200);
+  }
+}
+
+async function releaseShared(): Promise<void> {
+  await rm(join(HOLDS, me), { force: true });
+  await rmdir(HOLDS).catch(() => undefined); // the last one out
+}
+
+/** Run `fn` with libvirtd to this file alone (other files' holds gone, new ones waiting). */
+export async function withLibvirtAlone<T>(fn: () => Promise<T>): Promise<T> {
+  await mkdir(HOLDS, { recursive: true });
+  await writeFile(EXCLUSIVE, '', { flag: 'wx' });
+  try {
+    for (let i = 0; ; i++) {
+      const others = (await readdir(HOLDS)).filter((n) => n.startsWith('shared-') && n !== me);
+      if (others.length === 0) break;
+      if (i > 3000) throw new Error(`libvirtd still shared after 600 s: ${others.join(', ')}`);
+      await sleep(200);
+    }
+    return await fn();
+  } finally {
+    await rm(EXCLUSIVE, { force: true });
+  }
+}
+
+if (libvirtSkip === undefined) await holdShared();
 
 export interface LibvirtGuestOptions {
   /** qcow2 images with ext4 inside (makeExt4Disk), attached as vda, vdb, … */
@@ -72,6 +115,7 @@ const dirs: string[] = [];
 afterAll(async () => {
   await Promise.all(defined.splice(0).map((g) => g.shutdown()));
   await Promise.all(dirs.splice(0).map((dir) => rm(dir, { recursive: true, force: true })));
+  await releaseShared();
 });
 
 /** Destroy and undefine, each tolerated when already done. */
