@@ -51,7 +51,7 @@ import { mergeForward } from '../src/store/merge.js';
 import { type BackupMetadata, Repository } from '../src/store/repository.js';
 import { restore } from '../src/store/restore.js';
 import { S3Storage } from '../src/storage/S3Storage.js';
-import { newBucket, s3Env } from '../test/helpers/s3.js';
+import { newBucket, s3Env } from '../test/helpers/s3Server.js';
 import { describeFilesystem, formatTable, median, MiB, sameContent, syncAll, writeRandomFile, writeResults } from './lib.js';
 
 const BLOCK = 2 * MiB;
