@@ -4,7 +4,7 @@ import { checkBackupId } from '../store/names.js';
 import { parseNbdUri } from '../nbd/uri.js';
 import { Repository } from '../store/repository.js';
 import type { VmBackupOptions, VmBackupReport } from '../live/vmBackup.js';
-import type { VmRecord } from '../store/vmRecord.js';
+import { isVmTarget, type VmRecord } from '../store/vmRecord.js';
 import { UsageError } from '../util/errors.js';
 import { progressBar } from './progress.js';
 import { ExitStatus } from './run.js';
@@ -29,7 +29,7 @@ interface VmBackupCliOptions {
 /** `--disks vda,vdb`: targets, each once. */
 function parseTargets(text: string): string[] {
   const targets = text.split(',').map((t) => t.trim());
-  for (const t of targets) if (!/^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$/.test(t)) throw new UsageError(`--disks ${text}: "${t}" is not a disk target (like vda, or a QEMU device id)`);
+  for (const t of targets) if (!isVmTarget(t)) throw new UsageError(`--disks ${text}: "${t}" is not a disk target (like vda, or a QEMU device id)`);
   if (new Set(targets).size !== targets.length) throw new UsageError(`--disks ${text}: a target is named twice`);
   return targets;
 }
@@ -64,7 +64,7 @@ export function vmCommand(): Command {
     .argument('<repo>', 'the repository: a folder, or s3://bucket/prefix')
     .argument('<vm>', 'the VM\'s name in the repository; its disks are stored as <vm>.<target>')
     .option('--libvirt <domain>', 'a libvirt domain (running: through libvirt\'s backup API; shut off: its images read as they are)')
-    .option('--connect <uri>', 'with --libvirt: libvirt\'s URI', 'qemu:///system')
+    .option('--connect <uri>', 'with --libvirt: libvirt\'s URI', DEFAULT_LIBVIRT_URI)
     .option('--scratch <dir>', "with --libvirt: folder for libvirt's scratch images, which hold what the guest overwrites during the backup (default: a new vhdvault-scratch-<pid>-… folder in the system's temporary folder, removed after)")
     .option('--qemu <qmp-socket>', "the VM's QMP socket (a QEMU started without libvirt)")
     .option('--qga <socket>', "with --qemu: the guest agent's socket")

@@ -19,6 +19,7 @@ import { checkDiskName } from '../store/names.js';
 import { KEEP_OPTIONS, type KeepOption, type RetentionPolicy } from '../store/retention.js';
 import { describeFsError, UsageError } from '../util/errors.js';
 import { checkSchedule, checkTimezone } from './schedule.js';
+import { DEFAULT_LIBVIRT_URI } from '../live/defaults.js';
 
 /** Job files are small; the cap bounds the memory a wrong path (an image, a log) can take. */
 export const MAX_JOB_FILE_BYTES = 1024 * 1024;
@@ -420,7 +421,7 @@ function toVm(vm: VmEntry, dir: string, fail: (key: keyof VmEntry, problem: stri
   if ((vm.libvirt === undefined) === (vm.qmp === undefined)) throw fail('libvirt', 'expected either libvirt (a domain) or qmp (a QEMU VM\'s QMP socket)');
   if (vm.libvirt !== undefined) {
     for (const key of ['qga', 'fleecing'] as const) if (vm[key] !== undefined) throw fail(key, 'only for a QEMU VM (qmp), not with libvirt');
-    return { kind: 'libvirt', name: vm.name, domain: vm.libvirt, connect: vm.connect ?? 'qemu:///system' };
+    return { kind: 'libvirt', name: vm.name, domain: vm.libvirt, connect: vm.connect ?? DEFAULT_LIBVIRT_URI };
   }
   if (vm.connect !== undefined) throw fail('connect', 'only with libvirt');
   const result: JobVm = { kind: 'qemu', name: vm.name, qmp: resolve(dir, vm.qmp!) };

@@ -8,7 +8,7 @@
 import { VaultError } from '../util/errors.js';
 import { qomGet, queryNamedBlockNodes } from '../qmp/commands.js';
 import type { QmpClient } from '../qmp/QmpClient.js';
-import type { QemuDefinition } from '../store/vmRecord.js';
+import { isVmTarget, type QemuDefinition } from '../store/vmRecord.js';
 import { fileChild, OUR_PREFIX } from './guestPath.js';
 
 const PERIPHERAL = '/machine/peripheral/';
@@ -22,9 +22,6 @@ export interface VmDisk {
   node: string;
 }
 
-/** Target names become part of a disk name: the device ids QEMU allows that are safe there too. */
-const TARGET = /^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$/;
-
 /** Every writable disk device with a medium, or those `only` names (each must exist). */
 export async function vmDisks(qmp: QmpClient, only?: string[]): Promise<VmDisk[]> {
   const devices = await qmp.execute<Array<{ qdev?: string; inserted?: { 'node-name'?: string; ro?: boolean } }>>('query-block');
@@ -35,7 +32,7 @@ export async function vmDisks(qmp: QmpClient, only?: string[]): Promise<VmDisk[]
     let node = d.inserted['node-name'] ?? '';
     // A filter a killed backup left: the disk is the node below it (frozenView's leftover removal puts it back).
     if (node.startsWith(OUR_PREFIX)) node = (await fileChild(qmp, node)) ?? node;
-    if (!TARGET.test(target)) throw new VaultError(qmp.socketPath, `disk device "${target}" has an id vhdvault cannot use as a disk name (letters, digits, '_' or '-')`);
+    if (!isVmTarget(target)) throw new VaultError(qmp.socketPath, `disk device "${target}" has an id vhdvault cannot use as a disk name (letters, digits, '_' or '-')`);
     disks.push({ target, node });
   }
   if (only === undefined) {

@@ -60,6 +60,9 @@ export interface VmRecord {
   sealSha256?: string;
 }
 
+/** A disk's target (libvirt's vda, a QEMU device id) becomes part of a disk name: letters, digits, '_' and '-'. */
+export const isVmTarget = (target: string): boolean => /^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$/.test(target);
+
 /** The repository disk holding a VM's disk. */
 export function vmDiskName(vm: string, target: string): string {
   return checkDiskName(`${checkVmName(vm)}.${target}`);
@@ -138,7 +141,7 @@ function parseVmRecord(value: unknown, where: string, vm: string, id: string): V
     typeof disks === 'object' &&
     disks !== null &&
     Object.keys(disks).length > 0 &&
-    Object.entries(disks).every(([target, backup]) => /^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$/.test(target) && typeof backup === 'string' && isBackupId(backup)) &&
+    Object.entries(disks).every(([target, backup]) => isVmTarget(target) && typeof backup === 'string' && isBackupId(backup)) &&
     typeof r.quiesced === 'boolean' &&
     typeof r.definition === 'object' &&
     r.definition !== null &&
