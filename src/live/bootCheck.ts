@@ -16,8 +16,7 @@
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import { accessSync, constants } from 'node:fs';
-import { mkdtemp, realpath, rm, stat } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { realpath, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { serve, type ServeReady } from '../exports/serve.js';
@@ -26,6 +25,8 @@ import { unpinBackup } from '../store/overlayPins.js';
 import type { Repository } from '../store/repository.js';
 import { findVmRecord, vmDiskName } from '../store/vmRecord.js';
 import { VaultError } from '../util/errors.js';
+import { processTempDir } from '../util/files.js';
+import { withDeathSignal } from '../util/processes.js';
 import { DEFAULT_BOOT_TIMEOUT_S } from './defaults.js';
 import { bootPlan, type BootPlan } from './vmDefinition.js';
 
@@ -145,7 +146,8 @@ export async function bootCheckVm(repo: Repository, vm: string, options: BootChe
     }
   }
   const log = options.log ?? (() => undefined);
-  const temp = await mkdtemp(join(options.scratch ?? tmpdir(), 'vhdvault-bootcheck-'));
+  // A killed check's folder (its overlays) goes at the next check.
+  const temp = await processTempDir('vhdvault-bootcheck-', options.scratch);
   const verdict = new Verdict();
   let stopServers!: () => void;
   const until = new Promise<void>((resolve) => (stopServers = resolve));
@@ -198,7 +200,9 @@ export async function bootCheckVm(repo: Repository, vm: string, options: BootChe
       log(`serving ${plan.targets.map((t) => vmDiskName(vm, t)).join(', ')} of VM backup ${record.id}; booting it`);
       const agentSocket = join(temp, 'qga.sock');
       started = performance.now();
-      const child = spawn('qemu-system-x86_64', qemuArgs(plan, sockets, agentSocket), { stdio: ['ignore', 'pipe', 'pipe'] });
+      // Dies with us (setpriv --pdeathsig, where it exists): a killed check leaves no VM running.
+      const [command, ...args] = withDeathSignal(['qemu-system-x86_64', ...qemuArgs(plan, sockets, agentSocket)]);
+      const child = spawn(command!, args, { stdio: ['ignore', 'pipe', 'pipe'] });
       qemu = child;
       exited = new Promise<void>((resolve) => {
         child.once('exit', () => resolve());

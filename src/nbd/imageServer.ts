@@ -13,6 +13,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { VaultError } from '../util/errors.js';
 import { processTempDir } from '../util/files.js';
+import { withDeathSignal } from '../util/processes.js';
 import { NbdSource } from './NbdSource.js';
 
 const START_MS = 15_000;
@@ -55,8 +56,8 @@ export async function openImageThroughQemuNbd(path: string, format: string, bitm
 
 async function startServer(path: string, format: string, socket: string, bitmap: string | null): Promise<{ child: ChildProcess; stderr(): string }> {
   const args = ['--read-only', '--format', format, '--socket', socket, '--persistent', ...(bitmap === null ? [] : ['--bitmap', bitmap]), path];
-  const withDeathSignal = existsSync('/usr/bin/setpriv') || existsSync('/bin/setpriv');
-  const child = withDeathSignal ? spawn('setpriv', ['--pdeathsig', 'SIGKILL', '--', 'qemu-nbd', ...args], { stdio: ['ignore', 'ignore', 'pipe'] }) : spawn('qemu-nbd', args, { stdio: ['ignore', 'ignore', 'pipe'] });
+  const [command, ...argv] = withDeathSignal(['qemu-nbd', ...args]);
+  const child = spawn(command!, argv, { stdio: ['ignore', 'ignore', 'pipe'] });
   let stderr = '';
   child.stderr!.setEncoding('utf8').on('data', (c: string) => (stderr = (stderr + c).slice(-2000)));
   const failed = new Promise<Error>((resolve) => {

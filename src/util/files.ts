@@ -42,15 +42,15 @@ export async function bytesUnder(paths: string[]): Promise<number> {
 }
 
 /**
- * A new private folder in the system's temporary folder, `<prefix><pid>-<random>`,
+ * A new private folder in `parent` (default the system's temporary folder), `<prefix><pid>-<random>`,
  * after removing those of `prefix` whose process is gone (a killed run's): what
  * a run keeps there is its own, and the next run clears what a kill left.
  */
-export async function processTempDir(prefix: string): Promise<string> {
-  for (const name of await readdir(tmpdir()).catch(() => [] as string[])) {
+export async function processTempDir(prefix: string, parent = tmpdir()): Promise<string> {
+  for (const name of await readdir(parent).catch(() => [] as string[])) {
     if (!name.startsWith(prefix)) continue;
     const pid = Number(/^(\d+)-/.exec(name.slice(prefix.length))?.[1] ?? NaN);
-    if (Number.isSafeInteger(pid) && !processAlive(pid)) await rm(join(tmpdir(), name), { recursive: true, force: true });
+    if (Number.isSafeInteger(pid) && !processAlive(pid)) await rm(join(parent, name), { recursive: true, force: true });
   }
-  return mkdtemp(join(tmpdir(), `${prefix}${process.pid}-`));
+  return mkdtemp(join(parent, `${prefix}${process.pid}-`));
 }

@@ -1,4 +1,4 @@
-import { readFileSync, readlinkSync } from 'node:fs';
+import { existsSync, readFileSync, readlinkSync } from 'node:fs';
 
 /** This boot of the host (Linux boot_id), or undefined where there is none. */
 export function bootId(): string | undefined {
@@ -45,4 +45,15 @@ export function pidNamespace(): string | undefined {
   } catch {
     return undefined;
   }
+}
+
+const SETPRIV = ['/usr/bin/setpriv', '/bin/setpriv'].find((p) => existsSync(p));
+
+/**
+ * A command line that makes the program die with us (`setpriv --pdeathsig
+ * SIGKILL`, util-linux), where setpriv exists: a server or VM we start is
+ * never left running by a vhdvault killed with -9.
+ */
+export function withDeathSignal(argv: string[]): string[] {
+  return SETPRIV ? [SETPRIV, '--pdeathsig', 'SIGKILL', '--', ...argv] : argv;
 }
