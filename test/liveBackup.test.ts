@@ -5,7 +5,8 @@
  * writes through the guest's NBD export while vhdvault backs it up. The test
  * watches QEMU on the daemon's second monitor, since vhdvault holds the first.
  */
-import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
+import { mkdir, readdir, readFile, rm, stat } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it, onTestFinished, test } from 'vitest';
 import { spawn, spawnSync } from 'node:child_process';
@@ -182,7 +183,11 @@ describe.skipIf(!hasQsd).concurrent.each(['fleecing', 'direct'] as const)('backu
     expect(await readdir(folderOf(disk))).toHaveLength(mode === 'fleecing' ? 1 : 0);
     expect(await copiesFiles(disk)).toHaveLength(mode === 'direct' ? 1 : 0);
     await write(g, 0x0a, 3 * MiB, MiB); // the guest goes on through the orphaned filter (direct mode: its target is gone)
+    // A killed direct-mode run's socket folder: any live backup removes it, whatever its own mode.
+    const staleSockets = join(tmpdir(), `vhdvault-direct-${child.pid}-left`);
+    await mkdir(staleSockets, { recursive: true });
     const next = await backUp(g, disk);
+    expect(await stat(staleSockets).catch(() => null)).toBeNull();
     // The previous checkpoint was disabled at the point in time: it missed writes since.
     expect(next).toMatchObject({ kind: 'delta', previousCheckpoint: null, bytesRead: size });
     expect(next.note).toContain(`previous checkpoint bitmap "${first.checkpoint}" is not recording`);

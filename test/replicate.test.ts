@@ -233,9 +233,9 @@ describe('refusals and failures', () => {
     expect(r.code).toBe(1);
     const report = JSON.parse(r.stdout) as ReplicationReport;
     expect(report.disks.map((d) => [d.disk, d.error === undefined])).toEqual([['nosuch', false], ['vm', true]]);
-    expect(report.disks[0]!.error).toMatch(/has no disk named nosuch/);
+    expect(report.disks[0]!.error).toMatch(/has no backups of disk "nosuch"/);
     expect(report.disks[1]!.common).toBe(id);
-    expect(r.stderr).toMatch(/vhdvault: nosuch: .*has no disk named nosuch/);
+    expect(r.stderr).toMatch(/vhdvault: nosuch: .*has no backups of disk "nosuch"/);
   });
 });
 

@@ -286,7 +286,7 @@ describe('repository rules', () => {
     for (const [i, args] of runs.entries()) {
       const r = results[i]!;
       expect(r.code, args.join(' ')).toBe(1);
-      expect(r.stderr).toMatch(/has no disk named nosuch/);
+      expect(r.stderr).toMatch(/has no backups of disk "nosuch"/);
     }
   });
 

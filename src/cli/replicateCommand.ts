@@ -25,7 +25,7 @@ function describeDisk(r: DiskReplication): string {
 export function replicateCommand(): Command {
   const cmd = new Command('replicate')
     .description("copy to <dst-repo> the backups it lacks (only the blocks each delta stores), then apply the destination's retention")
-    .argument('<src-repo>')
+    .argument('<src-repo>', 'the repository to copy from')
     .argument('<dst-repo>', 'an initialised repository (vhdvault init), not the source')
     .argument('[disk...]', 'disks to replicate (default: every disk of the source)');
   for (const option of KEEP_OPTIONS) cmd.option(`--keep-${option} <n>`, `destination retention: keep the newest backup of this many ${option === 'last' ? 'backups' : `${option} periods`}`, parseKeep);

@@ -25,7 +25,7 @@ export function serveCommand(): Command {
   return new Command('serve')
     .description('serve a backup as an NBD export (read through the chain, nothing materialized) until SIGINT/SIGTERM')
     .argument('<repo>', 'the repository: a folder, or s3://bucket/prefix')
-    .argument('<disk>')
+    .argument('<disk>', 'the disk whose backups to serve')
     .option('--backup <id>', 'backup to serve as the default export (default: the latest)')
     .option('--listen <host:port>', 'TCP address (default: 127.0.0.1:10809; port 0 picks a free one)', parseListen)
     .option('--socket <path>', 'listen on this Unix socket instead of TCP')

@@ -189,7 +189,7 @@ export function storeCommands(): Command[] {
   const list = new Command('list')
     .description('list backups, oldest first')
     .argument('<repo>', 'the repository: a folder, or s3://bucket/prefix')
-    .argument('[disk]')
+    .argument('[disk]', 'only this disk (default: every disk)')
     .option('--json', 'print a JSON array')
     .action(async (root: string, disk: string | undefined, opts: { json?: boolean }) => {
       const repo = await Repository.open(root);
@@ -206,7 +206,7 @@ export function storeCommands(): Command[] {
   const restoreCmd = new Command('restore')
     .description('restore a backup (default the latest) as a full VHD, raw image, fixed VHD or VHD directory')
     .argument('<repo>', 'the repository: a folder, or s3://bucket/prefix')
-    .argument('<disk>')
+    .argument('<disk>', 'the disk to restore')
     .argument('<out>', 'file (replaced atomically), block or character device (raw, in place), or - for standard output')
     .option('--backup <id>', 'backup id (default: the latest)')
     .addOption(new Option('--format <format>', 'output format (default: raw for a device or -, else from the extension: .vhd → VHD, .vhd-dir → directory, else raw)').choices(['vhd', 'raw', 'fixed', 'dir']))
@@ -231,7 +231,7 @@ export function storeCommands(): Command[] {
   const verifyCmd = new Command('verify')
     .description('re-read every stored block and check digests and structure')
     .argument('<repo>', 'the repository: a folder, or s3://bucket/prefix')
-    .argument('[disk]')
+    .argument('[disk]', 'only this disk (default: every disk)')
     .option('--json', 'print one JSON object')
     .action(async (root: string, disk: string | undefined, opts: { json?: boolean }) => {
       const repo = await Repository.open(root);
@@ -257,7 +257,7 @@ export function storeCommands(): Command[] {
   const pruneCmd = new Command('prune')
     .description('remove backups a retention policy does not keep; merge forward those later backups depend on')
     .argument('<repo>', 'the repository: a folder, or s3://bucket/prefix')
-    .argument('[disk]');
+    .argument('[disk]', 'only this disk (default: every disk)');
   for (const option of KEEP_OPTIONS) pruneCmd.option(`--keep-${option} <n>`, `keep the newest backup of this many ${option === 'last' ? 'backups' : `${option} periods`}`, parseKeep);
   pruneCmd
     .option('--max-merges <n>', 'merge at most this many backups in this run', parseMaxMerges)

@@ -106,7 +106,7 @@ export function vmCommand(): Command {
   vm.command('list')
     .description('list VM backups, oldest first')
     .argument('<repo>', 'the repository: a folder, or s3://bucket/prefix')
-    .argument('[vm]')
+    .argument('[vm]', 'only this VM (default: every VM)')
     .option('--json', 'print a JSON array')
     .action(async (root: string, name: string | undefined, opts: { json?: boolean }) => {
       const { checkVmName, vmNames, vmRecords } = await import('../store/vmRecord.js');

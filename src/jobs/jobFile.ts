@@ -18,6 +18,7 @@ import { isNbdUri, type NbdAddress, type NbdEndpoint, parseNbdUri } from '../nbd
 import { checkDiskName } from '../store/names.js';
 import { KEEP_OPTIONS, type KeepOption, type RetentionPolicy } from '../store/retention.js';
 import { describeFsError, UsageError } from '../util/errors.js';
+import { nearest } from '../util/suggest.js';
 import { checkSchedule, checkTimezone } from './schedule.js';
 import { DEFAULT_LIBVIRT_URI } from '../live/defaults.js';
 
@@ -130,19 +131,8 @@ function formatPath(path: readonly PropertyKey[]): string {
 
 const expected = (what: string) => ({ error: (issue: { input?: unknown }) => (issue.input === undefined ? `missing: expected ${what}` : `expected ${what}, got ${describe(issue.input)}`) });
 
-function editDistance(a: string, b: string): number {
-  let previous = Array.from({ length: b.length + 1 }, (_, j) => j);
-  for (let i = 1; i <= a.length; i++) {
-    const row = [i];
-    for (let j = 1; j <= b.length; j++) row[j] = Math.min(previous[j]! + 1, row[j - 1]! + 1, previous[j - 1]! + (a[i - 1] === b[j - 1] ? 0 : 1));
-    previous = row;
-  }
-  return previous[b.length]!;
-}
-
 function unknownKey(key: string, known: readonly string[]): string {
-  const lower = key.toLowerCase();
-  const near = known.find((k) => k.toLowerCase() === lower) ?? known.find((k) => Math.abs(k.length - key.length) <= 2 && editDistance(k.toLowerCase(), lower) <= 2);
+  const near = nearest(key, known);
   return near ? `unknown key (did you mean ${near}?)` : `unknown key (known here: ${known.join(', ')})`;
 }
 

@@ -4,13 +4,12 @@
  * the repository; QEMU reaches it through an `nbd` block node. A guest write
  * to a cluster not yet copied waits for the backup target.
  */
-import { mkdtemp, readdir, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { ExportCatalog } from '../nbd/export.js';
 import { NbdServer } from '../nbd/NbdServer.js';
 import type { CopyStore } from './copyStore.js';
-import { processAlive } from '../util/processes.js';
+import { processTempDir, removeDeadProcessDirs } from '../util/files.js';
 import { blockdevAdd, blockdevDel } from '../qmp/commands.js';
 import type { CopyTarget, Undo } from './frozenView.js';
 import { OUR_PREFIX } from './guestPath.js';
@@ -18,7 +17,7 @@ import type { QmpClient } from '../qmp/QmpClient.js';
 
 const EXPORT_NAME = 'copies';
 /** `vhdvault-direct-<pid>-<random>`: the folder of one run's socket. */
-const SOCKET_DIR = new RegExp(`^${OUR_PREFIX}direct-(\\d+)-`);
+const SOCKET_DIR_PREFIX = `${OUR_PREFIX}direct-`;
 
 export class DirectTarget implements CopyTarget {
   private constructor(
@@ -28,8 +27,7 @@ export class DirectTarget implements CopyTarget {
   ) {}
 
   static async start(store: CopyStore, log: (message: string) => void): Promise<DirectTarget> {
-    await removeStaleSocketDirs();
-    const dir = await mkdtemp(join(tmpdir(), `${OUR_PREFIX}direct-${process.pid}-`));
+    const dir = await processTempDir(SOCKET_DIR_PREFIX);
     const catalog: ExportCatalog = {
       list: async () => [{ name: EXPORT_NAME, description: 'clusters QEMU copies before guest writes' }],
       open: async (name) => (name === EXPORT_NAME ? store : null),
@@ -62,10 +60,5 @@ export class DirectTarget implements CopyTarget {
   }
 }
 
-/** Socket folders of runs that were killed (their process is gone). */
-async function removeStaleSocketDirs(): Promise<void> {
-  for (const name of await readdir(tmpdir()).catch(() => [])) {
-    const pid = Number(SOCKET_DIR.exec(name)?.[1] ?? NaN);
-    if (Number.isSafeInteger(pid) && pid !== process.pid && !processAlive(pid)) await rm(join(tmpdir(), name), { recursive: true, force: true });
-  }
-}
+/** Socket folders of direct-mode runs that were killed (their process is gone): removed by any live backup, whatever its mode. */
+export const removeStaleSocketDirs = (): Promise<void> => removeDeadProcessDirs(SOCKET_DIR_PREFIX);

@@ -24,7 +24,7 @@ import { atQuiescedPoint, type QuiesceMode } from './quiesce.js';
 import type { DiskLock } from '../store/lock.js';
 import type { BlockPool } from '../store/pool.js';
 import { CheckpointHandOver, checkpointName, checkpointTag, type PreviousCheckpoint, previousCheckpoint, removeLeftoverBitmaps } from './checkpoint.js';
-import { DirectTarget } from './directTarget.js';
+import { DirectTarget, removeStaleSocketDirs } from './directTarget.js';
 import { FleecingImage, FleecingWatch, removeLeftoverImages } from './fleecing.js';
 import { FrozenView, removeLeftoverView, ViewNames } from './frozenView.js';
 import { findGuestPath } from './guestPath.js';
@@ -168,6 +168,7 @@ export class LiveDisk {
     const entry = { node: options.node, device: options.device };
     await removeLeftoverView(qmp, entry);
     if (options.fleecing !== undefined) await removeLeftoverImages(options.fleecing, new ViewNames(options.node));
+    await removeStaleSocketDirs();
     const guest = await findGuestPath(qmp, entry);
     const node = guest.disk.nodeName;
     const tag = checkpointTag(await realpath(repo.root).catch(() => repo.root), disk);

@@ -62,6 +62,8 @@ export class QmpClient {
   /** Why the client is no longer connected: what pending and later calls are told. */
   private cause: QmpError | null = null;
   private greeting: QmpGreeting['QMP'] | null = null;
+  /** Some bytes have come from the peer. */
+  private heard = false;
   private onGreeting: ((greeting: QmpGreeting['QMP']) => void) | null = null;
   private readonly pending = new Map<string, Pending>();
   private nextId = 1;
@@ -157,6 +159,11 @@ export class QmpClient {
   }
 
   private receive(chunk: Buffer): void {
+    // An NBD server greets with its magic and no newline: said at once, rather than as a missing greeting later.
+    if (!this.greeting && !this.heard && chunk.subarray(0, 8).toString('latin1') === 'NBDMAGIC') {
+      return this.die(new QmpProtocolError(this.socketPath, 'is an NBD server, not a QMP monitor (give the socket of QEMU\'s -qmp unix:<path>,server=on, or of qemu-storage-daemon\'s --chardev socket … --monitor)'));
+    }
+    this.heard = true;
     try {
       for (const line of this.lines.push(chunk)) {
         if (this.state === 'closed' || this.state === 'dead') return;

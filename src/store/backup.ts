@@ -76,6 +76,11 @@ interface SourcePlan {
 
 /** Usage errors about the source, found before any work (the CLI calls it before opening the repository). */
 export function planSource(options: BackupOptions): SourcePlan {
+  // Another URI scheme would otherwise be opened as a file name and fail as a missing file.
+  const scheme = /^([a-z][a-z0-9+.-]*):\/\//i.exec(options.source)?.[1];
+  if (scheme !== undefined && !isNbdUri(options.source)) {
+    throw new UsageError(`--source ${options.source}: vhdvault does not read ${scheme}:// sources; give a file or device path, or an NBD URI (nbd://host[:port]/export, nbd+unix:///export?socket=/path)`);
+  }
   if (!isNbdUri(options.source)) {
     if (options.bitmap !== undefined) throw new UsageError('--bitmap needs an NBD source (--source nbd://… or nbd+unix://…)');
     return { nbd: null, bitmap: null };

@@ -3,6 +3,7 @@ import { dirname, join, resolve } from 'node:path';
 import type { Compression } from '../vhd/compression.js';
 import { DEFAULT_BLOCK_SIZE } from '../vhd/constants.js';
 import { UsageError, VaultError } from '../util/errors.js';
+import { nearest } from '../util/suggest.js';
 import { openStorage } from '../storage/open.js';
 import { isS3Uri, parseS3Uri } from '../storage/s3Uri.js';
 import { bytesBelow, isNotFound, isUnavailable, key, localPathOf, NotFoundError, type Storage, type StorageDescriptor } from '../storage/Storage.js';
@@ -109,6 +110,10 @@ export class Repository {
     const top = await storage.head('');
     if (top && !top.prefix) throw new VaultError(root, 'exists and is not a folder');
     if (top && (await storage.list('')).length > 0) throw new VaultError(root, `is not empty and is not a vhdvault repository: refusing to use it`);
+    // Only the repository's own folder is made: a mistyped parent would otherwise quietly become a new tree.
+    if (descriptor.kind === 'local' && !top && !existsSync(dirname(descriptor.root))) {
+      throw new VaultError(root, `its parent folder ${dirname(descriptor.root)} does not exist: create it first (init makes only the repository's own folder)`);
+    }
     const config: RepositoryConfig = {
       format: 'vhdvault-repository',
       version: 1,
@@ -260,9 +265,20 @@ export class Repository {
   }
 
   /** A disk named on the command line must exist: a misspelt name must not read as "nothing wrong". */
+  /** `disk`, when it has anything (a backup, or files to report); else the one error every command gives, with a suggestion. */
   async requireDisk(disk: string): Promise<string> {
-    if (!(await this.storage.head(this.diskKey(disk)))) throw new VaultError(this.root, `has no disk named ${disk}`);
+    // A folder holding nothing but its lock is what a failed first backup leaves: no disk yet.
+    const names = (await this.storage.head(this.diskKey(disk))) ? await this.storage.list(this.diskKey(disk)) : [];
+    if (!names.some((n) => n !== 'lock')) throw await this.noSuchDisk(disk);
     return disk;
+  }
+
+  /** "has no backups of disk X", with the disk probably meant. */
+  async noSuchDisk(disk: string): Promise<VaultError> {
+    const withBackups: string[] = [];
+    for (const d of await this.disks()) if (d !== disk && (await this.storage.list(this.diskKey(d))).some((n) => n !== 'lock')) withBackups.push(d);
+    const near = nearest(disk, withBackups);
+    return new VaultError(this.root, `has no backups of disk "${disk}"${near ? ` (did you mean ${near}?)` : ''}`);
   }
 
   async disks(): Promise<string[]> {

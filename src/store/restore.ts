@@ -28,6 +28,8 @@ export interface RestoreLayer {
 export type RestoreFormat = 'vhd' | 'raw' | 'fixed' | 'dir';
 
 const BY_EXTENSION: Record<string, RestoreFormat> = { '.vhd': 'vhd', '.vhd-dir': 'dir' };
+/** Names of image formats restore does not write. */
+const FOREIGN_EXTENSIONS = ['.qcow2', '.qcow', '.qed', '.vmdk', '.vdi', '.vhdx'];
 
 export interface RestoreReport {
   id: string;
@@ -40,7 +42,7 @@ export interface RestoreReport {
 export async function pickBackup(repo: Repository, disk: string, id?: string): Promise<BackupMetadata> {
   if (id) return repo.backup(disk, id);
   const latest = await repo.latest(disk);
-  if (!latest) throw new VaultError(repo.diskDir(disk), `disk "${disk}" has no backups`);
+  if (!latest) throw await repo.noSuchDisk(disk);
   return latest;
 }
 
@@ -54,7 +56,12 @@ export async function pickBackup(repo: Repository, disk: string, id?: string): P
 async function restoreAsReader(repo: Repository, disk: string, out: string, options: { backup?: string; format?: RestoreFormat; layer?: RestoreLayer; onProgress?: OnProgress }): Promise<RestoreReport> {
   // Checked before anything is read: a restore never writes into the repository.
   const target = await outputTarget(out);
-  const format = options.format ?? implicitFormat(target) ?? BY_EXTENSION[extname(out).toLowerCase()] ?? 'raw';
+  const ext = extname(out).toLowerCase();
+  // Raw bytes in a file named .qcow2 (or another format's name) would be taken for that format, and misread.
+  if (options.format === undefined && FOREIGN_EXTENSIONS.includes(ext)) {
+    throw new UsageError(`${out}: restore writes raw images, VHDs and VHD directories, not ${ext.slice(1)}: name the file .raw (or give --format raw) and convert it (qemu-img convert -f raw -O ${ext.slice(1)} …); a whole VM restores to qcow2 with vhdvault vm restore`);
+  }
+  const format = options.format ?? implicitFormat(target) ?? BY_EXTENSION[ext] ?? 'raw';
   checkFormatFits(target, format);
   if (repo.storage.capabilities.localFiles) await refuseProtected(target, [{ path: repo.root, what: `the repository ${repo.root}` }]);
   let backupId = options.backup;

@@ -47,10 +47,15 @@ export async function bytesUnder(paths: string[]): Promise<number> {
  * a run keeps there is its own, and the next run clears what a kill left.
  */
 export async function processTempDir(prefix: string, parent = tmpdir()): Promise<string> {
+  await removeDeadProcessDirs(prefix, parent);
+  return mkdtemp(join(parent, `${prefix}${process.pid}-`));
+}
+
+/** Remove the `<prefix><pid>-…` folders in `parent` whose process is gone. */
+export async function removeDeadProcessDirs(prefix: string, parent = tmpdir()): Promise<void> {
   for (const name of await readdir(parent).catch(() => [] as string[])) {
     if (!name.startsWith(prefix)) continue;
     const pid = Number(/^(\d+)-/.exec(name.slice(prefix.length))?.[1] ?? NaN);
     if (Number.isSafeInteger(pid) && !processAlive(pid)) await rm(join(parent, name), { recursive: true, force: true });
   }
-  return mkdtemp(join(parent, `${prefix}${process.pid}-`));
 }
