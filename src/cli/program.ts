@@ -33,7 +33,8 @@ export function buildProgram(): Command {
 }
 
 /** Commands that open a repository (directly, or through a job file or a daemon): they take --endpoint. */
-const TAKES_REPOSITORY = new Set(['init', 'backup', 'list', 'restore', 'verify', 'prune', 'unlock', 'serve', 'replicate', 'run', 'check', 'history', 'daemon', 'convert']);
+// Not replicate: it refuses object stores (its own line says so), so an S3 endpoint would only mislead.
+const TAKES_REPOSITORY = new Set(['init', 'backup', 'list', 'restore', 'verify', 'prune', 'unlock', 'serve', 'run', 'check', 'history', 'daemon', 'convert']);
 
 /**
  * `--endpoint <url>` on every command that opens a repository: the S3 endpoint

@@ -7,6 +7,7 @@ import type { RestoreFormat } from '../store/restore.js';
 import type { PruneReport } from '../store/prune.js';
 import { KEEP_OPTIONS, type RetentionPolicy } from '../store/retention.js';
 import { UsageError } from '../util/errors.js';
+import { plural } from '../util/words.js';
 import { checkBackupId } from '../store/names.js';
 import { type Compression, COMPRESSIONS } from '../vhd/compression.js';
 import { progressBar } from './progress.js';
@@ -245,7 +246,7 @@ export function storeCommands(): Command[] {
         bar.stop();
       }
       if (opts.json) console.log(JSON.stringify({ ok: report.problems.length === 0, ...report }, null, 2));
-      else if (report.problems.length === 0) console.log(`ok: ${report.backups} backups, ${report.blocks} blocks verified`);
+      else if (report.problems.length === 0) console.log(`ok: ${plural(report.backups, 'backup')}, ${plural(report.blocks, 'block')} verified`);
       for (const p of report.problems) {
         if (!opts.json) {
           console.error(`vhdvault: ${p.disk}${p.id ? ` backup ${p.id}` : ''}${p.block !== null ? ` block ${p.block}` : ''}: ${p.problem}`);
@@ -312,11 +313,12 @@ export function storeCommands(): Command[] {
   bench
     .command('merge')
     .description('time a retention merge in both layouts (same chain), to compare them on your storage')
-    .option('--dir <path>', 'where to build the chains (default: the current folder, i.e. the disk you are on)', '.')
-    .option('--size <size>', 'virtual disk size', parseSize, 1024 ** 3)
+    .option('--dir <path>', 'where to build the chains (default: the current folder, i.e. the disk you are on)')
+    .option('--size <size>', 'virtual disk size (default: 1G)', parseSize)
     .option('--changed <percent|blocks>', 'blocks the delta changes: "10%" or a count', '10%')
     .option('--json', 'print the rows as JSON')
-    .action(async (opts: { dir: string; size: number; changed: string; json?: boolean }) => {
+    .action(async (given: { dir?: string; size?: number; changed: string; json?: boolean }) => {
+      const opts = { ...given, dir: given.dir ?? '.', size: given.size ?? 1024 ** 3 };
       const { benchMerge, formatMergeRows } = await import('../../bench/measure/merge.js');
       const bar = progressBar('bench merge', opts.json ?? false, 'written');
       let rows;

@@ -3,6 +3,7 @@
  * its backups trend — duration, bytes, the stage that bounded them — so a
  * disk getting slower shows before it misses its window.
  */
+import { plural } from '../util/words.js';
 import type { JobRunReport } from './runReport.js';
 
 export interface DiskTrend {
@@ -73,7 +74,7 @@ export function describeHistory(reports: JobRunReport[]): string[] {
   for (const t of trends) {
     const trend = t.slowdown === null ? '' : ` (${t.slowdown >= 1 ? '+' : ''}${Math.round((t.slowdown - 1) * 100)}%)`;
     const stages = Object.entries(t.bounding).sort((a, b) => b[1] - a[1]).map(([s, n]) => `${s} ${n}×`).join(', ');
-    lines.push(`  ${t.job}/${t.disk}: ${t.runs} runs, ${t.failed} failed; duration ${secs(t.lastMs)} vs ${secs(t.medianBeforeMs)}${trend}; bounded by ${stages || '—'}`);
+    lines.push(`  ${t.job}/${t.disk}: ${plural(t.runs, 'run')}, ${t.failed} failed; duration ${secs(t.lastMs)} vs ${secs(t.medianBeforeMs)}${trend}; bounded by ${stages || '—'}`);
   }
   return lines;
 }

@@ -9,6 +9,7 @@ import type { ReplicationReport } from '../store/replicate.js';
 import type { Repository } from '../store/repository.js';
 import type { StageFigures } from '../store/stages.js';
 import { checkDiskName } from '../store/names.js';
+import { plural } from '../util/words.js';
 
 export const RUN_REPORT_FORMAT = 'vhdvault-job-run';
 
@@ -132,7 +133,6 @@ export function runStages(disks: DiskRun[], replication: ReplicationReport | nul
   return { stages, boundingStage: stages[busiest].busyMs > 0 ? busiest : null };
 }
 
-const plural = (n: number, what: string) => `${n} ${what}${n === 1 ? '' : 's'}`;
 const mib = (bytes: number) => `${(bytes / 1048576).toFixed(1)} MiB`;
 const secs = (ms: number) => `${(ms / 1000).toFixed(1)} s`;
 
