@@ -267,9 +267,9 @@ export class Repository {
   /** A disk named on the command line must exist: a misspelt name must not read as "nothing wrong". */
   /** `disk`, when it has anything (a backup, or files to report); else the one error every command gives, with a suggestion. */
   async requireDisk(disk: string): Promise<string> {
-    // A folder holding nothing but its lock is what a failed first backup leaves: no disk yet.
+    // An empty folder is what a failed first backup leaves: no disk yet. (One holding a lock is a disk someone works on: unlock needs it.)
     const names = (await this.storage.head(this.diskKey(disk))) ? await this.storage.list(this.diskKey(disk)) : [];
-    if (!names.some((n) => n !== 'lock')) throw await this.noSuchDisk(disk);
+    if (names.length === 0) throw await this.noSuchDisk(disk);
     return disk;
   }
 
