@@ -272,7 +272,7 @@ describe('outputs that would destroy what is read are refused', () => {
     for (const out of cases) refused(vhdvault('restore', repo, 'vm', out), 1, out, /repository/);
     expect(await listing(repo)).toEqual(before);
     expect(await sha256(join(repo, 'vhdvault.json'))).toBe(configBefore);
-    expect(ok(vhdvault('verify', repo)).stdout).toMatch(/^ok: 1 backups/);
+    expect(ok(vhdvault('verify', repo)).stdout).toMatch(/^ok: 1 backup,/);
   });
 
   it('vhd convert refuses its input and the files of its chain, through symlinks and inside directories', async () => {

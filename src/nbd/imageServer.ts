@@ -7,13 +7,13 @@
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { existsSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { VaultError } from '../util/errors.js';
 import { processTempDir } from '../util/files.js';
 import { withDeathSignal } from '../util/processes.js';
+import { socketState } from '../util/unixSocket.js';
 import { NbdSource } from './NbdSource.js';
 
 const START_MS = 15_000;
@@ -65,7 +65,8 @@ async function startServer(path: string, format: string, socket: string, bitmap:
     child.once('exit', () => resolve(new Error(stderr)));
   });
   const deadline = Date.now() + START_MS;
-  while (!existsSync(socket)) {
+  // Listening, not only there: qemu-nbd binds the socket's file before it listens, and a connection in between is refused.
+  while ((await socketState(socket)) !== 'listening') {
     const err = await Promise.race([failed, sleep(20).then(() => null)]);
     if (err) throw serverError(path, format, err, stderr);
     if (Date.now() > deadline) {
