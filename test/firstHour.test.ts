@@ -80,6 +80,9 @@ describe('the first hour', () => {
       ['prune', repo, 'webserve', '--keep-last', '1'],
       ['list', repo, 'websrver'],
     ];
+    const vm = await vhdvaultAsync('vm', 'list', repo, 'nosuch');
+    expect(vm.code).toBe(1);
+    expect(vm.stderr.trim()).toBe(`vhdvault: ${repo}: has no backup of VM "nosuch"`);
     for (const args of runs) {
       const r = await vhdvaultAsync(...args);
       expect(r.code, args.join(' ')).toBe(1);

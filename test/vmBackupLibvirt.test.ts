@@ -16,7 +16,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { checkpoints } from '../src/live/libvirtDomain.js';
 import { CLI, type CliResult, cliEnv, vhdvaultAsync } from './helpers/cli.js';
 import { tempDir } from './helpers/files.js';
-import { e2fsck, ext4Cat, makeExt4Disk, replayJournal } from './helpers/guest.js';
+import { makeExt4Disk, restoredCounters as restoreEach } from './helpers/guest.js';
 import { defineGuest, LIBVIRT, type LibvirtGuest, libvirtSkip, libvirtTitle } from './helpers/libvirt.js';
 
 interface VmReport {
@@ -52,19 +52,8 @@ describe.skipIf(libvirtSkip !== undefined)(libvirtTitle('vm backup --libvirt of 
     return JSON.parse(r.stdout) as VmReport;
   }
 
-  async function restoredCounters(report: VmReport, quiesced: boolean): Promise<number[]> {
-    const counters: number[] = [];
-    for (const [target, disk] of Object.entries(report.disks)) {
-      const out = join(dir, `${target}-${disk.id}.raw`);
-      const r = await vhdvaultAsync('restore', repo, `db.${target}`, out, '--backup', disk.id);
-      expect(r.code, r.stderr).toBe(0);
-      if (!quiesced) await replayJournal(out);
-      const fsck = await e2fsck(out);
-      expect(fsck.code, `${target}: ${fsck.output}`).toBe(0);
-      counters.push(Number.parseInt(await ext4Cat(out, '/counter'), 10));
-    }
-    return counters;
-  }
+  const restoredCounters = (report: VmReport, quiesced: boolean) =>
+    restoreEach(repo, 'db', Object.fromEntries(Object.entries(report.disks).map(([t, d]) => [t, d.id])), dir, quiesced);
 
   const ours = async () => (await checkpoints(LIBVIRT, guest.name)).filter((c) => c.startsWith('vhdvault-'));
 

@@ -14,7 +14,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { markerPath } from '../src/live/quiesce.js';
 import { CLI, type CliResult, cliEnv, vhdvaultAsync } from './helpers/cli.js';
 import { tempDir } from './helpers/files.js';
-import { bootGuest, e2fsck, ext4Cat, type Guest, guestSkip, guestTitle, makeExt4Disk, replayJournal } from './helpers/guest.js';
+import { bootGuest, type Guest, guestSkip, guestTitle, makeExt4Disk, restoredCounters as restoreEach } from './helpers/guest.js';
 
 /** vhdvault with extra environment variables. */
 function vhdvaultWith(env: NodeJS.ProcessEnv, ...args: string[]): Promise<CliResult> {
@@ -57,20 +57,8 @@ describe.skipIf(guestSkip !== undefined)(guestTitle('vm backup --qemu of a runni
     return JSON.parse(r.stdout) as VmReport;
   }
 
-  /** Each disk of a VM backup restored: clean once its journal is replayed (none needed when quiesced), and its counter. */
-  async function restoredCounters(report: VmReport, quiesced: boolean): Promise<number[]> {
-    const counters: number[] = [];
-    for (const [target, disk] of Object.entries(report.disks)) {
-      const out = join(dir, `${target}-${disk.id}.raw`);
-      const r = await vhdvaultAsync('restore', repo, `web.${target}`, out, '--backup', disk.id);
-      expect(r.code, r.stderr).toBe(0);
-      if (!quiesced) await replayJournal(out);
-      const fsck = await e2fsck(out);
-      expect(fsck.code, `${target}: ${fsck.output}`).toBe(0);
-      counters.push(Number.parseInt(await ext4Cat(out, '/counter'), 10));
-    }
-    return counters;
-  }
+  const restoredCounters = (report: VmReport, quiesced: boolean) =>
+    restoreEach(repo, 'web', Object.fromEntries(Object.entries(report.disks).map(([t, d]) => [t, d.id])), dir, quiesced);
 
   it('quiesced through the agent: one frozen window for both disks, full then delta, counters within one', async () => {
     const seen: number[] = [];

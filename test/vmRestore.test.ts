@@ -18,6 +18,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { BootCheckResult } from '../src/live/bootCheck.js';
 import { newBackupId } from '../src/store/names.js';
 import { Repository } from '../src/store/repository.js';
 import { writeVmRecord } from '../src/store/vmRecord.js';
@@ -37,14 +38,7 @@ interface RestoreReport {
   defined: string | null;
 }
 
-interface BootReport {
-  vm: string;
-  id: string;
-  ok: boolean;
-  ms: number;
-  by: 'agent' | 'console';
-  problem?: string;
-}
+type BootReport = BootCheckResult;
 
 /** A raw copy of a restored image (qemu-img for qcow2 and VHD), for e2fsck and debugfs. */
 async function asRaw(path: string, format: string, dir: string): Promise<string> {

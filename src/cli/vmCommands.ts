@@ -109,11 +109,13 @@ export function vmCommand(): Command {
     .argument('[vm]', 'only this VM (default: every VM)')
     .option('--json', 'print a JSON array')
     .action(async (root: string, name: string | undefined, opts: { json?: boolean }) => {
-      const { checkVmName, vmNames, vmRecords } = await import('../store/vmRecord.js');
+      const { checkVmName, noSuchVm, vmNames, vmRecords } = await import('../store/vmRecord.js');
       if (name !== undefined) checkVmName(name);
       const repo = await Repository.open(root);
       const rows = [];
       for (const v of name !== undefined ? [name] : await vmNames(repo)) rows.push(...(await vmRecords(repo, v)).map(vmListRow));
+      // A VM named and never backed up is an error, as a disk is for list: not an empty all-clear.
+      if (name !== undefined && rows.length === 0) throw await noSuchVm(repo, name);
       if (opts.json) {
         console.log(JSON.stringify(rows, null, 2));
         return;

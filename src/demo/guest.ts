@@ -28,6 +28,7 @@ import { basename, join } from 'node:path';
 import { promisify } from 'node:util';
 import { gzipSync } from 'node:zlib';
 import { QmpClient } from '../qmp/QmpClient.js';
+import { kvmUsable } from '../util/device.js';
 import { socketState } from '../util/unixSocket.js';
 
 const execFileAsync = promisify(execFile);
@@ -526,14 +527,6 @@ async function killChild(child: ChildProcess): Promise<void> {
   await gone;
 }
 
-function kvmUsable(): boolean {
-  try {
-    accessSync('/dev/kvm', constants.R_OK | constants.W_OK);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 /** The cloud kernel the guest boots (only when guestMissing is undefined). */
 export function guestKernel(): string {

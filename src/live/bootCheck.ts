@@ -15,7 +15,6 @@
  * leaves nothing behind.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
-import { accessSync, constants } from 'node:fs';
 import { realpath, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -24,6 +23,7 @@ import { GuestAgent } from '../qmp/GuestAgent.js';
 import { unpinBackup } from '../store/overlayPins.js';
 import type { Repository } from '../store/repository.js';
 import { findVmRecord, vmDiskName } from '../store/vmRecord.js';
+import { kvmUsable } from '../util/device.js';
 import { VaultError } from '../util/errors.js';
 import { processTempDir } from '../util/files.js';
 import { withDeathSignal } from '../util/processes.js';
@@ -60,14 +60,6 @@ export interface BootCheckResult {
   problem?: string;
 }
 
-function kvmUsable(): boolean {
-  try {
-    accessSync('/dev/kvm', constants.R_OK | constants.W_OK);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 /** A value for a QEMU option list (commas doubled). */
 const opt = (value: string) => value.replace(/,/g, ',,');

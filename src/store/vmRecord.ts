@@ -9,6 +9,7 @@
 import { key } from '../storage/Storage.js';
 import { isNotFound } from '../storage/Storage.js';
 import { VaultError } from '../util/errors.js';
+import { nearest } from '../util/suggest.js';
 import { parseJson, sealedText, sealHolds } from './metadata.js';
 import { checkBackupId, checkDiskName, isBackupId } from './names.js';
 import type { Repository } from './repository.js';
@@ -114,8 +115,14 @@ export async function findVmRecord(repo: Repository, vm: string, id?: string): P
     });
   }
   const newest = (await vmRecords(repo, vm)).at(-1);
-  if (!newest) throw new VaultError(repo.root, `has no backup of VM "${vm}"`);
+  if (!newest) throw await noSuchVm(repo, vm);
   return newest;
+}
+
+/** "has no backup of VM X", with the VM probably meant: what every vm command says of a VM never backed up. */
+export async function noSuchVm(repo: Repository, vm: string): Promise<VaultError> {
+  const near = nearest(vm, (await vmNames(repo)).filter((v) => v !== vm));
+  return new VaultError(repo.root, `has no backup of VM "${vm}"${near ? ` (did you mean ${near}?)` : ''}`);
 }
 
 /** Written last, after every disk's backup is committed: durable and whole (readers see it or nothing). */

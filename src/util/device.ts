@@ -1,3 +1,4 @@
+import { accessSync, constants } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 
 const SECTOR = 512;
@@ -29,4 +30,14 @@ export async function blockDeviceSize(fh: FileHandle): Promise<number> {
     else high = mid;
   }
   return high * SECTOR;
+}
+
+/** Whether this process may use KVM (/dev/kvm readable and writable); else QEMU runs the guest with TCG. */
+export function kvmUsable(): boolean {
+  try {
+    accessSync('/dev/kvm', constants.R_OK | constants.W_OK);
+    return true;
+  } catch {
+    return false;
+  }
 }
