@@ -32,7 +32,7 @@ interface Report {
   durationMs: number;
   boundingStage: string | null;
   stages: Record<string, { busyMs: number }>;
-  disks: Array<{ kind?: string; bytesWritten?: number; slowestStage?: string }>;
+  disks: Array<{ kind?: string; bytesWritten?: number; boundingStage?: string }>;
 }
 
 async function changeBlocks(path: string, size: number, percent: number): Promise<void> {

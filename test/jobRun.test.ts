@@ -73,7 +73,7 @@ async function restoredSha(root: string, disk: string, id: string): Promise<stri
 interface RunReport {
   ok: boolean;
   runId: string;
-  disks: Array<{ disk: string; ok: boolean; error?: string; id?: string; kind?: string; fullBecause?: string; bytesWritten?: number; slowestStage?: string }>;
+  disks: Array<{ disk: string; ok: boolean; error?: string; id?: string; kind?: string; fullBecause?: string; bytesWritten?: number; boundingStage?: string }>;
   retention: { ok: boolean; removed: string[] };
   verify: { ok: boolean; mode: string; backups: number; blocks: number };
   replication: { ok: boolean; copied: number; full: number; bytesSent: number };

@@ -285,7 +285,9 @@ describe.skipIf(!hasQsd)('backup --qemu, fleecing folder on a full filesystem', 
     expect(await ours(g)).toEqual({ nodes: [], exports: [], bitmaps: [] });
     expect(await readdir(smallFolder)).toEqual([]);
     await run('qemu-io', ['-f', 'raw', '-r', '-c', `read -P 0x22 ${4 * MiB} ${12 * MiB}`, g.qsd.guestUri]);
+    // Nothing committed: the disk has no backup, and list says so (as JSON too).
     const list = await vhdvaultAsync('list', repo, 'full-fs', '--json');
-    expect(JSON.parse(list.stdout || '[]')).toEqual([]);
+    expect(list.code).toBe(1);
+    expect((JSON.parse(list.stdout) as { error: { message: string } }).error.message).toMatch(/has no backups of disk "full-fs"/);
   });
 });

@@ -83,7 +83,7 @@ interface Listed {
 
 async function list(repo: Location): Promise<Listed[]> {
   const r = ok(await cli('list', repo, 'vm', '--json'));
-  return JSON.parse(r.stdout) as Listed[];
+  return (JSON.parse(r.stdout) as { backups: Listed[] }).backups;
 }
 
 /**

@@ -153,7 +153,7 @@ describe.skipIf(guestSkip !== undefined)(guestTitle('live backups quiesced throu
     const server = createServer(() => undefined);
     servers.push(server);
     await new Promise<void>((resolve) => server.listen(silent, resolve));
-    const count = async () => (JSON.parse((await vhdvaultAsync('list', repo, 'vm', '--json')).stdout) as unknown[]).length;
+    const count = async () => (JSON.parse((await vhdvaultAsync('list', repo, 'vm', '--json')).stdout) as { backups: unknown[] }).backups.length;
     const before = await count();
 
     const loose = await backup('--qga', silent).done;

@@ -266,7 +266,7 @@ describe('replicate killed with SIGKILL', () => {
         const [list, verify] = await Promise.all([vhdvaultAsync('list', dst, '--json'), vhdvaultAsync('verify', dst)]);
         expect(list.code, list.stderr).toBe(0);
         expect(list.stderr).toBe('');
-        expect((JSON.parse(list.stdout) as Array<{ id: string }>).map((b) => b.id)).toEqual(after);
+        expect((JSON.parse(list.stdout) as { backups: Array<{ id: string }> }).backups.map((b) => b.id)).toEqual(after);
         for (const id of after) expect(disk.contents.has(id)).toBe(true);
         expect(verify.code, `${verify.stdout}${verify.stderr}`).toBe(0);
       }

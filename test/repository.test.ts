@@ -63,7 +63,7 @@ for (const layout of ['dir', 'vhd'] as const) {
       const changes = [[], [1, 5], [20], [0, 7, 8, 9], [3]];
       for (let i = 0; i < changes.length; i++) {
         await changeBlocks(disk, changes[i]!);
-        const report = json<{ id: string; kind: string; parent: string | null; blocksWritten: number; bytesWritten: number; durationMs: number; stages: Record<string, { bytesPerSecond: number; busyMs: number }>; slowestStage: string }>([
+        const report = json<{ id: string; kind: string; parent: string | null; blocksWritten: number; bytesWritten: number; durationMs: number; stages: Record<string, { bytesPerSecond: number; busyMs: number }>; boundingStage: string }>([
           'backup', repo, 'vm-1', '--source', disk, '--json', '--concurrency', '2',
         ]);
         expect(report.kind).toBe(i === 0 ? 'full' : 'delta');
@@ -71,12 +71,12 @@ for (const layout of ['dir', 'vhd'] as const) {
         // Full: only the blocks holding data (0-2, 8, 20); deltas: exactly what changed.
         expect(report.blocksWritten).toBe(i === 0 ? 5 : changes[i]!.length);
         expect(Object.keys(report.stages).sort()).toEqual(['compress', 'digest', 'read', 'write']);
-        expect(['read', 'digest', 'compress', 'write']).toContain(report.slowestStage);
+        expect(['read', 'digest', 'compress', 'write']).toContain(report.boundingStage);
         const copy = join(work, `at-${i}.raw`);
         await copyFile(disk, copy);
         snapshots.push({ id: report.id, copy });
       }
-      const rows = json<ListRow[]>(['list', repo, '--json']);
+      const rows = json<{ backups: ListRow[] }>(['list', repo, '--json']).backups;
       expect(rows.map((r) => r.id)).toEqual(snapshots.map((s) => s.id));
       expect(rows.map((r) => r.kind)).toEqual(['full', 'delta', 'delta', 'delta', 'delta']);
       for (const r of rows) {
@@ -295,7 +295,7 @@ describe('repository rules', () => {
     await makeRaw(small, 4 * MiB, [[0, 4096]]);
     // Set-up in this process (the listing is what is checked): `vhdvault backup <repo> <d> --source <small> --full`.
     for (const d of ['zz', 'aa', 'zz']) await backupOf(repo, d, small, { full: true });
-    const rows = json<ListRow[]>(['list', repo, '--json']);
+    const rows = json<{ backups: ListRow[] }>(['list', repo, '--json']).backups;
     const ids = rows.map((r) => r.id);
     expect(ids).toEqual([...ids].sort());
     expect(rows.filter((r) => r.disk === 'aa' || r.disk === 'zz').map((r) => r.disk)).toEqual(['zz', 'aa', 'zz']);
@@ -342,7 +342,7 @@ describe('repository rules', () => {
       expect(codes.filter((c) => c === 0), `round ${round}: ${codes}`).toHaveLength(1);
     }
     // The chain stayed a chain: every backup's parent is the one before it.
-    const rows = json<ListRow[]>(['list', repo, 'race', '--json']);
+    const rows = json<{ backups: ListRow[] }>(['list', repo, 'race', '--json']).backups;
     rows.slice(1).forEach((row, i) => expect(row.parent).toBe(rows[i]!.id));
   });
 

@@ -115,7 +115,7 @@ async function namedObjects(repo: Repository): Promise<number> {
 }
 
 async function listIds(uri: string, ...endpoint: string[]): Promise<string[]> {
-  return (JSON.parse(ok(await vhdvaultAsync('list', uri, 'vm', '--json', ...endpoint)).stdout) as Array<{ id: string }>).map((b) => b.id);
+  return (JSON.parse(ok(await vhdvaultAsync('list', uri, 'vm', '--json', ...endpoint)).stdout) as { backups: Array<{ id: string }> }).backups.map((b) => b.id);
 }
 
 // Side by side: each test has its own bucket and files, and their waits (a throttled writer, retries) overlap.

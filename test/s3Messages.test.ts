@@ -58,7 +58,7 @@ async function chain(tag: string, count: number): Promise<{ uri: string; disk: s
 }
 
 async function listIds(uri: string): Promise<string[]> {
-  return (JSON.parse(ok(await vhdvaultAsync('list', uri, 'vm', '--json')).stdout) as Array<{ id: string }>).map((b) => b.id);
+  return (JSON.parse(ok(await vhdvaultAsync('list', uri, 'vm', '--json')).stdout) as { backups: Array<{ id: string }> }).backups.map((b) => b.id);
 }
 
 /** The local cache's files for a repository's disk vm. */

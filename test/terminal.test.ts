@@ -166,7 +166,7 @@ describe('bench stages', () => {
     child.stderr.on('data', (d: Buffer) => (stderr += d));
     const code = await new Promise<number | null>((resolve) => child.on('close', resolve));
     expect(code, stderr).toBe(0);
-    const rows = JSON.parse(stdout) as Array<{ stage: string; note: string }>;
+    const rows = (JSON.parse(stdout) as { stages: Array<{ stage: string; note: string }> }).stages;
     return { read: rows.find((r) => r.stage === 'read')!, dropped: existsSync(log) ? await readFile(log, 'utf8') : null };
   }
 

@@ -185,12 +185,12 @@ describe('what a review found', () => {
       await rename(bMeta, `${bMeta}.saved`);
       const c = await take();
       await rename(`${bMeta}.saved`, bMeta);
-      const rows = JSON.parse(vhdvault('list', repo, '--json').stdout) as Array<{ id: string; parent: string | null }>;
+      const rows = (JSON.parse(vhdvault('list', repo, '--json').stdout) as { backups: Array<{ id: string; parent: string | null }> }).backups;
       expect(rows.find((r) => r.id === c)?.parent).toBe(a);
       const prune = vhdvault('prune', repo, '--keep-last', keep);
       expect(prune.code, prune.stderr).toBe(0);
       expect(vhdvault('verify', repo).code).toBe(0);
-      const left = (JSON.parse(vhdvault('list', repo, '--json').stdout) as Array<{ id: string }>).map((r) => r.id);
+      const left = (JSON.parse(vhdvault('list', repo, '--json').stdout) as { backups: Array<{ id: string }> }).backups.map((r) => r.id);
       expect(left).toContain(c);
       if (keep === '2') expect(prune.stderr).toMatch(/kept although the policy removes it/);
       for (const id of left) await expectRestores({ repo, ids: left, content }, id, dir);
@@ -282,7 +282,7 @@ describe('crash between commit steps', () => {
     const b = vhdvault('backup', f.repo, 'vm', '--source', `${f.repo}.raw`);
     expect(b.code, b.stderr).toBe(0);
     expect(b.stderr).toBe('');
-    const rows = JSON.parse(vhdvault('list', f.repo, '--json').stdout) as Array<{ id: string; parent: string | null }>;
+    const rows = (JSON.parse(vhdvault('list', f.repo, '--json').stdout) as { backups: Array<{ id: string; parent: string | null }> }).backups;
     expect(rows.map((r) => r.id).slice(0, 2)).toEqual(f.ids);
     expect(rows[2]!.parent).toBe(last);
     expect(vhdvault('verify', f.repo).code).toBe(0);
@@ -342,7 +342,7 @@ describe('a full filesystem', () => {
       const prune = vhdvault('prune', repo, '--keep-last', '1');
       expect(prune.code, prune.stderr).toBe(0);
       const latest = second.stdout.trim();
-      const rows = JSON.parse(vhdvault('list', repo, '--json').stdout) as Array<{ id: string }>;
+      const rows = (JSON.parse(vhdvault('list', repo, '--json').stdout) as { backups: Array<{ id: string }> }).backups;
       expect(rows.map((r) => r.id)).toEqual([latest]);
       expect(vhdvault('verify', repo).code).toBe(0);
       const out = join(dir, 'after-full.raw');

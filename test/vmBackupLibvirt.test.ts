@@ -75,7 +75,7 @@ describe.skipIf(libvirtSkip !== undefined)(libvirtTitle('vm backup --libvirt of 
       expect(Math.abs(counters[0]! - counters[1]!), `counters ${counters}`).toBeLessThanOrEqual(1);
       console.log(`vm backup --libvirt ${c.kind}: quiesced ${report.quiesced}, frozen ${report.frozenMs} ms, paused ${report.pausedMs} ms, counters ${counters}`);
       // Only the newest VM backup's checkpoint is left, and it is the one its record names.
-      const list = JSON.parse((await vhdvaultAsync('vm', 'list', repo, 'db', '--json')).stdout) as Array<{ id: string; checkpoint: string }>;
+      const list = (JSON.parse((await vhdvaultAsync('vm', 'list', repo, 'db', '--json')).stdout) as { backups: Array<{ id: string; checkpoint: string }> }).backups;
       expect(await ours()).toEqual([list.at(-1)!.checkpoint]);
     }
     expect((await readdir(tmpdir())).filter((n) => n.startsWith('vhdvault-scratch-'))).toEqual([]);
@@ -153,7 +153,7 @@ describe.skipIf(libvirtSkip !== undefined)(libvirtTitle('vm backup --libvirt of 
       expect(r.code).toBe(1);
       expect(r.stderr.trim().split('\n')).toHaveLength(1);
       expect(r.stderr).toMatch(/no guest agent channel \(org\.qemu\.guest_agent\.0\); nothing was backed up/);
-      expect(JSON.parse((await vhdvaultAsync('vm', 'list', repo, '--json')).stdout)).toEqual([]);
+      expect(JSON.parse((await vhdvaultAsync('vm', 'list', repo, '--json')).stdout)).toEqual({ format: 'vhdvault-vm-list/1', backups: [] });
       const ok = await vhdvaultAsync('vm', 'backup', repo, 'solo', '--libvirt', guest.name, '--connect', LIBVIRT, '--json');
       expect(ok.code, ok.stderr).toBe(0);
       const report = JSON.parse(ok.stdout) as VmReport;

@@ -120,14 +120,14 @@ describe.skipIf(guestSkip !== undefined)(guestTitle('vm backup --qemu of a runni
   it('vm list shows each VM backup with its disks, quiescing and definition', async () => {
     const r = await vhdvaultAsync('vm', 'list', repo, 'web', '--json');
     expect(r.code, r.stderr).toBe(0);
-    const rows = JSON.parse(r.stdout) as Array<{ id: string; time: string; disks: Record<string, string>; quiesced: boolean; definition: { kind: string } }>;
+    const rows = (JSON.parse(r.stdout) as { backups: Array<{ id: string; time: string; disks: Record<string, string>; quiesced: boolean; definition: { kind: string } }> }).backups;
     expect(rows.map((x) => x.quiesced)).toEqual([true, true, false, false, false, false]);
     for (const row of rows) {
       expect(Object.keys(row.disks).sort()).toEqual(['vda', 'vdb']);
       expect(row.definition.kind).toBe('qemu');
     }
     const disks = await vhdvaultAsync('list', repo, '--json');
-    expect((JSON.parse(disks.stdout) as Array<{ disk: string }>).map((d) => d.disk).sort()).toEqual([...Array(6).fill('web.vda'), ...Array(6).fill('web.vdb')]);
+    expect((JSON.parse(disks.stdout) as { backups: Array<{ disk: string }> }).backups.map((d) => d.disk).sort()).toEqual([...Array(6).fill('web.vda'), ...Array(6).fill('web.vdb')]);
   });
 
   it('refuses what cannot be done, with one line, before anything is changed', async () => {
@@ -146,6 +146,6 @@ describe.skipIf(guestSkip !== undefined)(guestTitle('vm backup --qemu of a runni
     expect(named.code).toBe(1);
     expect(named.stderr).toMatch(/invalid VM name/);
     const list = await vhdvaultAsync('vm', 'list', repo, 'web', '--json');
-    expect(JSON.parse(list.stdout)).toHaveLength(6);
+    expect(JSON.parse(list.stdout).backups).toHaveLength(6);
   });
 });

@@ -58,9 +58,9 @@ describe.skipIf(guestSkip !== undefined)(guestTitle('a job with vms:'), () => {
       console.log(`job run (${kind}): VM frozen ${report.vms[0]!.frozenMs} ms; newest VM backup booted in ${report.healthCheck.booted[0]!.ms} ms`);
     }
     // keepLast 1: one VM backup left, and each of its disks' backups.
-    const list = JSON.parse((await vhdvaultAsync('vm', 'list', join(dir, 'repo'), '--json')).stdout) as Array<{ id: string; disks: Record<string, string> }>;
+    const list = (JSON.parse((await vhdvaultAsync('vm', 'list', join(dir, 'repo'), '--json')).stdout) as { backups: Array<{ id: string; disks: Record<string, string> }> }).backups;
     expect(list.map((v) => v.id)).toEqual([ids[1]]);
-    const disks = JSON.parse((await vhdvaultAsync('list', join(dir, 'repo'), '--json')).stdout) as Array<{ disk: string; id: string }>;
+    const disks = (JSON.parse((await vhdvaultAsync('list', join(dir, 'repo'), '--json')).stdout) as { backups: Array<{ disk: string; id: string }> }).backups;
     expect(disks.map((d) => `${d.disk} ${d.id}`).sort()).toEqual(Object.entries(list[0]!.disks).map(([t, id]) => `web.${t} ${id}`).sort());
     const history = await vhdvaultAsync('job', 'history', join(dir, 'repo'));
     expect(history.code, history.stderr).toBe(0);

@@ -50,9 +50,9 @@ describe('prune of VM backups', () => {
 
   const listed = async (disk: string) => {
     const r = await vhdvaultAsync('list', repo, disk, '--json');
-    return (JSON.parse(r.stdout) as Array<{ id: string }>).map((b) => b.id);
+    return (JSON.parse(r.stdout) as { backups: Array<{ id: string }> }).backups.map((b) => b.id);
   };
-  const vmList = async () => (JSON.parse((await vhdvaultAsync('vm', 'list', repo, 'web', '--json')).stdout) as Array<{ id: string; disks: Record<string, string> }>);
+  const vmList = async () => (JSON.parse((await vhdvaultAsync('vm', 'list', repo, 'web', '--json')).stdout) as { backups: Array<{ id: string; disks: Record<string, string> }> }).backups;
 
   it('keeps or removes whole VM backups: the kept ones keep every disk, a failed one\'s leftovers go, a newer one stays', async () => {
     await vmBackup();
@@ -102,8 +102,8 @@ describe('prune of VM backups', () => {
     const third = await vmBackup();
     const kept = await vhdvaultAsync('replicate', repo, dst, '--keep-last', '1', '--json');
     expect(kept.code, kept.stderr).toBe(0);
-    const at = async (d: string) => (JSON.parse((await vhdvaultAsync('list', dst, d, '--json')).stdout) as Array<{ id: string }>).map((b) => b.id);
-    const dstVms = () => vhdvaultAsync('vm', 'list', dst, '--json').then((r) => (JSON.parse(r.stdout) as Array<{ id: string }>).map((v) => v.id));
+    const at = async (d: string) => (JSON.parse((await vhdvaultAsync('list', dst, d, '--json')).stdout) as { backups: Array<{ id: string }> }).backups.map((b) => b.id);
+    const dstVms = () => vhdvaultAsync('vm', 'list', dst, '--json').then((r) => (JSON.parse(r.stdout) as { backups: Array<{ id: string }> }).backups.map((v) => v.id));
     // Recorded there after its prune: the newest VM backup, whose disks the prune kept as newer than every record.
     expect(await dstVms()).toContain(third.id);
     expect(await at('web.vda')).toContain(third.disks.vda);

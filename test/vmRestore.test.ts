@@ -266,7 +266,7 @@ describe.skipIf(guestSkip !== undefined)(guestTitle('vm restore and vm boot-chec
   });
 
   it('boot-check: a damaged block of one disk fails it, naming that disk', async () => {
-    const disks = JSON.parse((await vhdvaultAsync('list', repo, '--json')).stdout) as Array<{ disk: string; id: string }>;
+    const disks = (JSON.parse((await vhdvaultAsync('list', repo, '--json')).stdout) as { backups: Array<{ disk: string; id: string }> }).backups;
     const vdb = disks.find((d) => d.disk === 'web.vdb')!;
     // The dir layout (init's default): one file per block; block 0 holds the superblock the guest reads first.
     const file = join(repo, 'disks', 'web.vdb', `${vdb.id}.vhd-dir`, 'blocks', '0', '0');
@@ -307,7 +307,7 @@ describe.skipIf(libvirtSkip !== undefined)(libvirtTitle('vm restore --define of 
       const b = await vhdvaultAsync('backup', repo, `lv.${target}`, '--source', raw);
       expect(b.code, b.stderr).toBe(0);
     }
-    for (const d of JSON.parse((await vhdvaultAsync('list', repo, '--json')).stdout) as Array<{ disk: string; id: string }>) ids[d.disk.split('.')[1]!] = d.id;
+    for (const d of (JSON.parse((await vhdvaultAsync('list', repo, '--json')).stdout) as { backups: Array<{ disk: string; id: string }> }).backups) ids[d.disk.split('.')[1]!] = d.id;
     const kernelImage = (await readdir('/boot')).filter((n) => /^vmlinuz-.*-cloud-amd64$/.test(n)).sort().map((n) => join('/boot', n)).at(-1)!;
     const xml = `<domain type='qemu'>
   <name>${original}</name>

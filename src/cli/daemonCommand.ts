@@ -1,6 +1,7 @@
 import { Command } from 'commander';
 import type { DaemonEvent } from '../jobs/daemon.js';
 import { UsageError } from '../util/errors.js';
+import { JSON_FORMATS, printJsonLine } from './json.js';
 
 /** `vhdvault daemon <folder-or-file>...`: the jobs on their schedules, one event per line, until SIGTERM/SIGINT. */
 export function daemonCommand(): Command {
@@ -12,7 +13,7 @@ export function daemonCommand(): Command {
       const loaded = { count: 0 };
       const emit = (e: DaemonEvent) => {
         if (e.event === 'loaded') loaded.count++;
-        if (opts.json) console.log(JSON.stringify({ time: new Date().toISOString(), ...e }));
+        if (opts.json) printJsonLine(JSON_FORMATS.daemonEvent, { time: new Date().toISOString(), ...e });
         else console.log(`${new Date().toISOString()} ${e.message}`);
       };
       // Loaded here: job files need zod, yaml and croner, which no other command should pay for.

@@ -4,6 +4,7 @@ import { checkDiskName } from '../store/names.js';
 import { Repository } from '../store/repository.js';
 import { KEEP_OPTIONS, type RetentionPolicy } from '../store/retention.js';
 import { EXIT_FAILURE, ExitStatus, Interrupted } from './run.js';
+import { JSON_FORMATS, printJson, printJsonLine } from './json.js';
 
 const NEXT_RUNS = 5;
 
@@ -45,7 +46,7 @@ function runCommand(): Command {
         process.off('SIGINT', onSignal);
         process.off('SIGTERM', onSignal);
       }
-      if (opts.json) console.log(JSON.stringify(report, null, 2));
+      if (opts.json) printJson(JSON_FORMATS.jobRun, report);
       else for (const line of describeRun(report)) console.log(line);
       if (signal) throw new Interrupted(signal);
       if (!report.ok) throw new ExitStatus(EXIT_FAILURE);
@@ -63,7 +64,7 @@ function historyCommand(): Command {
       if (opts.job !== undefined) checkDiskName(opts.job);
       const [{ describeHistory, diskTrends }, { loadRunReports }] = await Promise.all([import('../jobs/history.js'), import('../jobs/runReport.js')]);
       const runs = await loadRunReports(repo, opts.job, (problem) => console.error(`vhdvault: warning: ${problem}`));
-      if (opts.json) console.log(JSON.stringify({ runs, trends: diskTrends(runs) }, null, 2));
+      if (opts.json) printJson(JSON_FORMATS.jobHistory, { runs, trends: diskTrends(runs) });
       else if (runs.length === 0) console.log(`no job runs recorded in ${repo.root}${opts.job ? ` for job ${opts.job}` : ''}`);
       else for (const line of describeHistory(runs)) console.log(line);
     });
@@ -79,7 +80,7 @@ function checkCommand(): Command {
       const { isoInZone, nextRuns, scheduleZone } = await schedule();
       const zone = scheduleZone(job);
       const runs = nextRuns(job, NEXT_RUNS);
-      if (opts.json) console.log(JSON.stringify({ ...job, scheduleZone: zone, nextRuns: runs.map((run) => isoInZone(run, zone)) }));
+      if (opts.json) printJsonLine(JSON_FORMATS.jobCheck, { ...job, scheduleZone: zone, nextRuns: runs.map((run) => isoInZone(run, zone)) });
       else printCheck(job, zone, runs, await schedule());
     });
 }

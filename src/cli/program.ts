@@ -3,6 +3,7 @@ import { UsageError } from '../util/errors.js';
 import { daemonCommand } from './daemonCommand.js';
 import { jobCommand } from './jobCommands.js';
 import { replicateCommand } from './replicateCommand.js';
+import { wantsJson } from './json.js';
 import { reportError } from './run.js';
 import { serveCommand } from './serveCommand.js';
 import { storeCommands } from './storeCommands.js';
@@ -59,6 +60,6 @@ export async function run(argv: string[]): Promise<number> {
     await buildProgram().parseAsync(argv);
     return 0;
   } catch (err) {
-    return reportError(err);
+    return reportError(err, wantsJson(argv.slice(2)));
   }
 }

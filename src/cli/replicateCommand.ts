@@ -7,6 +7,7 @@ import { type Progress, progressBar } from './progress.js';
 import { EXIT_FAILURE, ExitStatus } from './run.js';
 import { parseRate } from './sizes.js';
 import { parseKeep, retentionPolicy } from './storeCommands.js';
+import { JSON_FORMATS, printJson } from './json.js';
 
 const fmtBytes = (n: number) => (n >= 1048576 ? `${(n / 1048576).toFixed(1)} MiB` : `${n} B`);
 
@@ -61,12 +62,12 @@ export function replicateCommand(): Command {
       } finally {
         bar.progress?.stop();
       }
-      if (json) console.log(JSON.stringify(report, null, 2));
+      if (json) printJson(JSON_FORMATS.replicate, report);
       else {
         for (const r of report.disks) console.log(describeDisk(r));
         for (const v of report.vmBackups) console.log(`VM backup ${v}: recorded at the destination (every disk there)`);
         const { read, write } = report.stages;
-        console.log(`${fmtBytes(report.totals.bytesSent)} sent in ${(report.durationMs / 1000).toFixed(1)} s; busy: read ${(read.busyMs / 1000).toFixed(1)} s, write ${(write.busyMs / 1000).toFixed(1)} s (${report.slowestStage} bounded it)`);
+        console.log(`${fmtBytes(report.totals.bytesSent)} sent in ${(report.durationMs / 1000).toFixed(1)} s; busy: read ${(read.busyMs / 1000).toFixed(1)} s, write ${(write.busyMs / 1000).toFixed(1)} s (${report.boundingStage} bounded it)`);
       }
       for (const r of report.disks) if (r.error !== undefined) console.error(`vhdvault: ${r.disk}: ${r.error}`);
       if (report.totals.failed > 0) throw new ExitStatus(EXIT_FAILURE);

@@ -1,6 +1,7 @@
 import { CommanderError } from 'commander';
 import { constants } from 'node:os';
 import { describeFsError, UsageError, VaultError } from '../util/errors.js';
+import { printJsonError } from './json.js';
 
 export const EXIT_OK = 0;
 export const EXIT_FAILURE = 1;
@@ -33,25 +34,34 @@ export function reportInterrupt(signal: NodeJS.Signals): number {
   return new Interrupted(signal).code;
 }
 
-/** Map any error to one line on stderr and an exit code; stacks only with VHDVAULT_DEBUG=1. */
-export function reportError(err: unknown): number {
-  if (err instanceof ExitStatus) return err.code;
-  if (err instanceof CommanderError) return err.exitCode === 0 ? EXIT_OK : EXIT_USAGE;
-  if (err instanceof Interrupted) return reportInterrupt(err.signal);
-  if (process.env.VHDVAULT_DEBUG === '1') console.error(err);
-  if (err instanceof UsageError) {
-    console.error(`vhdvault: ${err.message}`);
+/**
+ * Map any error to one line on stderr and an exit code; stacks only with
+ * VHDVAULT_DEBUG=1. With `json`, the same failure is also a JSON document on
+ * stdout, so a script reading stdout always gets one.
+ */
+export function reportError(err: unknown, json = false): number {
+  if (err instanceof ExitStatus) return err.code; // the command has printed its findings (as JSON, when asked)
+  if (err instanceof CommanderError) {
+    if (err.exitCode === 0) return EXIT_OK; // --help, --version
+    if (json) printJsonError(err.message.replace(/^error: /, ''), EXIT_USAGE); // commander has printed its line
     return EXIT_USAGE;
   }
-  if (err instanceof VaultError) {
-    console.error(`vhdvault: ${err.message}`);
-    return EXIT_FAILURE;
+  if (err instanceof Interrupted) {
+    const code = reportInterrupt(err.signal);
+    if (json) printJsonError('interrupted', code);
+    return code;
   }
+  if (process.env.VHDVAULT_DEBUG === '1') console.error(err);
+  const { message, code } = describeFailure(err);
+  console.error(`vhdvault: ${message}`);
+  if (json) printJsonError(message, code);
+  return code;
+}
+
+function describeFailure(err: unknown): { message: string; code: number } {
+  if (err instanceof UsageError) return { message: err.message, code: EXIT_USAGE };
+  if (err instanceof VaultError) return { message: err.message, code: EXIT_FAILURE };
   const fsError = err as NodeJS.ErrnoException;
-  if (fsError?.code && fsError.path) {
-    console.error(`vhdvault: ${fsError.path}: ${describeFsError(err)}`);
-    return EXIT_FAILURE;
-  }
-  console.error(`vhdvault: ${(err as Error)?.message ?? String(err)}`);
-  return EXIT_FAILURE;
+  if (fsError?.code && fsError.path) return { message: `${fsError.path}: ${describeFsError(err)}`, code: EXIT_FAILURE };
+  return { message: (err as Error)?.message ?? String(err), code: EXIT_FAILURE };
 }

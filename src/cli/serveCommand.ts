@@ -3,6 +3,7 @@ import type { Listen } from '../nbd/NbdServer.js';
 import { checkBackupId } from '../store/names.js';
 import { Repository } from '../store/repository.js';
 import { UsageError } from '../util/errors.js';
+import { JSON_FORMATS, printJsonLine } from './json.js';
 
 const DEFAULT_PORT = 10809;
 
@@ -60,7 +61,7 @@ export function serveCommand(): Command {
         log: (message) => console.error(`vhdvault: ${message}`),
         onWait: (message) => console.error(`vhdvault: ${message}`),
         onReady: (ready) => {
-          if (opts.json) console.log(JSON.stringify(ready));
+          if (opts.json) printJsonLine(JSON_FORMATS.serveReady, ready);
           else {
             console.log(`serving ${disk} backup ${ready.backup} (${ready.writable ? `writable, overlay ${ready.overlay}` : 'read-only'}) at ${ready.uri}`);
             console.log(`exports: ${ready.exports.join(' ')}`);

@@ -13,6 +13,7 @@ import { type Compression, COMPRESSIONS } from '../vhd/compression.js';
 import { progressBar } from './progress.js';
 import { parseRate, parseSize } from './sizes.js';
 import { EXIT_FAILURE, ExitStatus } from './run.js';
+import { JSON_FORMATS, printJson } from './json.js';
 
 // Each command imports what it runs when it runs (`await import` in its action): a start-up
 // then loads one command's code, not every command's (the QEMU and NBD stacks included).
@@ -174,7 +175,7 @@ export function storeCommands(): Command[] {
       } finally {
         bar.stop();
       }
-      if (opts.json) console.log(JSON.stringify(report, null, 2));
+      if (opts.json) printJson(JSON_FORMATS.backup, report);
       else {
         console.log(report.id);
         // For people only: on stderr, so a script reading stdout still gets the id alone.
@@ -191,7 +192,7 @@ export function storeCommands(): Command[] {
     .description('list backups, oldest first')
     .argument('<repo>', 'the repository: a folder, or s3://bucket/prefix')
     .argument('[disk]', 'only this disk (default: every disk)')
-    .option('--json', 'print a JSON array')
+    .option('--json', 'print one JSON object (docs/json.md)')
     .action(async (root: string, disk: string | undefined, opts: { json?: boolean }) => {
       const repo = await Repository.open(root);
       const { describeFinding, listBackups } = await import('../store/list.js');
@@ -199,7 +200,7 @@ export function storeCommands(): Command[] {
       for (const f of listing.findings) console.error(`vhdvault: warning: ${describeFinding(f)}`);
       for (const u of listing.unreadable) console.error(`vhdvault: ${u.problem}`);
       const rows = listing.backups.map((m) => ({ disk: m.disk, id: m.id, kind: m.kind, parent: m.parent, createdAt: m.createdAt, size: m.size, bytesStored: m.bytesStored, blocksWritten: m.blocksWritten }));
-      if (opts.json) console.log(JSON.stringify(rows, null, 2));
+      if (opts.json) printJson(JSON_FORMATS.list, { backups: rows, unreadable: listing.unreadable.map((u) => u.problem) });
       else for (const r of rows) console.log(`${r.disk}\t${r.id}\t${r.kind}\t${r.createdAt}\t${fmtBytes(r.size)}\tstored ${fmtBytes(r.bytesStored)}`);
       if (listing.unreadable.length > 0) throw new ExitStatus(EXIT_FAILURE);
     });
@@ -245,7 +246,7 @@ export function storeCommands(): Command[] {
       } finally {
         bar.stop();
       }
-      if (opts.json) console.log(JSON.stringify({ ok: report.problems.length === 0, ...report }, null, 2));
+      if (opts.json) printJson(JSON_FORMATS.verify, { ok: report.problems.length === 0, ...report });
       else if (report.problems.length === 0) console.log(`ok: ${plural(report.backups, 'backup')}, ${plural(report.blocks, 'block')} verified`);
       for (const p of report.problems) {
         if (!opts.json) {
@@ -263,7 +264,7 @@ export function storeCommands(): Command[] {
   pruneCmd
     .option('--max-merges <n>', 'merge at most this many backups in this run', parseMaxMerges)
     .option('--dry-run', 'print what would be kept and removed; change nothing')
-    .option('--json', 'print { kept, removed, merged, merges, deferred, refused, collected, vms }')
+    .option('--json', 'print one JSON object (docs/json.md)')
     .action(async (root: string, disk: string | undefined, opts: Record<string, unknown>) => {
       const policy = retentionPolicy(opts);
       const repo = await Repository.open(root);
@@ -277,7 +278,7 @@ export function storeCommands(): Command[] {
         onFinding: (f) => console.error(`vhdvault: warning: ${describeFinding(f)}`),
       });
       for (const r of report.refused) console.error(`vhdvault: ${r.problem}`);
-      if (opts.json) console.log(JSON.stringify(report, null, 2));
+      if (opts.json) printJson(JSON_FORMATS.prune, report);
       else printPrune(report, opts.dryRun === true);
       if (report.refused.length > 0) throw new ExitStatus(EXIT_FAILURE);
     });
@@ -302,12 +303,13 @@ export function storeCommands(): Command[] {
     .description('measure read, digest, compression, decompression and write speed')
     .option('--repo <repo>', 'write the test data inside this repository (its storage is what is measured)')
     .option('--drop-caches', "read from storage after dropping the whole machine's page cache (root; slows everything else running); default: O_DIRECT reads")
-    .option('--json', 'print JSON')
+    .option('--json', 'print one JSON object (docs/json.md)')
     .action(async (opts: { repo?: string; dropCaches?: boolean; json?: boolean }) => {
       const dir = opts.repo ? (await Repository.open(opts.repo)).root : undefined;
       const { benchStages, formatStages } = await import('../../bench/measure/stages.js');
       const results = await benchStages(dir, { dropCaches: opts.dropCaches === true });
-      console.log(opts.json ? JSON.stringify(results, null, 2) : formatStages(results));
+      if (opts.json) printJson(JSON_FORMATS.benchStages, { stages: results });
+      else console.log(formatStages(results));
     });
 
   bench
@@ -316,7 +318,7 @@ export function storeCommands(): Command[] {
     .option('--dir <path>', 'where to build the chains (default: the current folder, i.e. the disk you are on)')
     .option('--size <size>', 'virtual disk size (default: 1G)', parseSize)
     .option('--changed <percent|blocks>', 'blocks the delta changes: "10%" or a count', '10%')
-    .option('--json', 'print the rows as JSON')
+    .option('--json', 'print one JSON object (docs/json.md)')
     .action(async (given: { dir?: string; size?: number; changed: string; json?: boolean }) => {
       const opts = { ...given, dir: given.dir ?? '.', size: given.size ?? 1024 ** 3 };
       const { benchMerge, formatMergeRows } = await import('../../bench/measure/merge.js');
@@ -327,7 +329,8 @@ export function storeCommands(): Command[] {
       } finally {
         bar.stop();
       }
-      console.log(opts.json ? JSON.stringify(rows, null, 2) : formatMergeRows(rows));
+      if (opts.json) printJson(JSON_FORMATS.benchMerge, { rows });
+      else console.log(formatMergeRows(rows));
     });
 
   return [init, backupCmd, list, restoreCmd, verifyCmd, pruneCmd, unlock, bench];

@@ -6,6 +6,7 @@ import { checkFormatFits, implicitFormat, type OutputTarget, outputTarget } from
 import { type Compression, COMPRESSIONS } from '../vhd/compression.js';
 import { progressBar } from './progress.js';
 import { parseSize } from './sizes.js';
+import { JSON_FORMATS, printJson } from './json.js';
 
 // Each command imports what it runs when it runs (see storeCommands.ts).
 
@@ -59,7 +60,8 @@ export function vhdCommand(): Command {
       refuseObjectStore(path);
       const [{ readingPath }, { describeVhd, formatDescription }] = await Promise.all([import('../store/insideRepository.js'), import('../vhd/describe.js')]);
       const description = await readingPath(path, () => describeVhd(path));
-      console.log(opts.json ? JSON.stringify(description, null, 2) : formatDescription(description));
+      if (opts.json) printJson(JSON_FORMATS.vhdInfo, description);
+      else console.log(formatDescription(description));
     });
 
   vhd

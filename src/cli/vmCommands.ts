@@ -8,6 +8,7 @@ import { isVmTarget, type VmRecord } from '../store/vmRecord.js';
 import { UsageError } from '../util/errors.js';
 import { progressBar } from './progress.js';
 import { ExitStatus } from './run.js';
+import { JSON_FORMATS, printJson } from './json.js';
 
 // Each command imports what it runs when it runs (see storeCommands.ts).
 
@@ -94,7 +95,7 @@ export function vmCommand(): Command {
         bar.stop();
       }
       if (opts.json) {
-        console.log(JSON.stringify(report, null, 2));
+        printJson(JSON_FORMATS.vmBackup, report);
         return;
       }
       console.log(report.id);
@@ -107,7 +108,7 @@ export function vmCommand(): Command {
     .description('list VM backups, oldest first')
     .argument('<repo>', 'the repository: a folder, or s3://bucket/prefix')
     .argument('[vm]', 'only this VM (default: every VM)')
-    .option('--json', 'print a JSON array')
+    .option('--json', 'print one JSON object (docs/json.md)')
     .action(async (root: string, name: string | undefined, opts: { json?: boolean }) => {
       const { checkVmName, noSuchVm, vmNames, vmRecords } = await import('../store/vmRecord.js');
       if (name !== undefined) checkVmName(name);
@@ -117,7 +118,7 @@ export function vmCommand(): Command {
       // A VM named and never backed up is an error, as a disk is for list: not an empty all-clear.
       if (name !== undefined && rows.length === 0) throw await noSuchVm(repo, name);
       if (opts.json) {
-        console.log(JSON.stringify(rows, null, 2));
+        printJson(JSON_FORMATS.vmList, { backups: rows });
         return;
       }
       for (const r of rows) {
@@ -151,7 +152,7 @@ export function vmCommand(): Command {
         bar.stop();
       }
       if (opts.json) {
-        console.log(JSON.stringify(report, null, 2));
+        printJson(JSON_FORMATS.vmRestore, report);
         return;
       }
       for (const [target, d] of Object.entries(report.disks)) console.log(`${target}\t${d.path}`);
@@ -189,7 +190,7 @@ export function vmCommand(): Command {
       } finally {
         interrupt.stop();
       }
-      if (opts.json) console.log(JSON.stringify(result, null, 2));
+      if (opts.json) printJson(JSON_FORMATS.vmBootCheck, result);
       else if (result.ok) console.log(`VM backup ${result.id} of ${name} booted: ${result.by === 'agent' ? 'its guest agent answered' : 'its console matched'} after ${(result.ms / 1000).toFixed(1)} s`);
       else console.error(`vhdvault: VM backup ${result.id} of ${name} failed its boot check: ${result.problem}`);
       if (!result.ok) throw new ExitStatus(1);

@@ -72,7 +72,7 @@ export async function offlineDemo(keep: boolean): Promise<void> {
     console.log('backup                      kind   blocks written  stored      time    slowest stage');
     for (const [i, rep] of reports.entries()) {
       console.log(
-        `${rep.id}  ${rep.kind.padEnd(5)}  ${String(rep.blocksWritten).padStart(14)}  ${mib(stored[i]!.bytesStored).padStart(9)}  ${String(rep.durationMs).padStart(5)} ms  ${rep.slowestStage}`,
+        `${rep.id}  ${rep.kind.padEnd(5)}  ${String(rep.blocksWritten).padStart(14)}  ${mib(stored[i]!.bytesStored).padStart(9)}  ${String(rep.durationMs).padStart(5)} ms  ${rep.boundingStage}`,
       );
     }
     console.log(`\nrestored the latest backup (${r.id}) as a VHD: ${mib(r.bytesWritten)}`);

@@ -42,7 +42,7 @@ export function diskTrends(reports: JobRunReport[]): DiskTrend[] {
     const last = ok.at(-1);
     const before = median(ok.slice(0, -1).filter((d) => d.kind === last?.kind).map((d) => d.durationMs));
     const bounding: Record<string, number> = {};
-    for (const d of ok) if (d.slowestStage) bounding[d.slowestStage] = (bounding[d.slowestStage] ?? 0) + 1;
+    for (const d of ok) if (d.boundingStage) bounding[d.boundingStage] = (bounding[d.boundingStage] ?? 0) + 1;
     return {
       job,
       disk,

@@ -228,6 +228,6 @@ function diskRun(disk: string, outcome: DiskOutcome, fullBecause: string | null)
     ...(r.previousCheckpoint !== undefined ? { checkpoint: r.previousCheckpoint } : {}),
     ...(r.note ? { note: r.note } : {}),
     stages: r.stages,
-    slowestStage: r.slowestStage,
+    boundingStage: r.boundingStage,
   };
 }

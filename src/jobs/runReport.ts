@@ -11,7 +11,9 @@ import type { StageFigures } from '../store/stages.js';
 import { checkDiskName } from '../store/names.js';
 import { plural } from '../util/words.js';
 
-export const RUN_REPORT_FORMAT = 'vhdvault-job-run';
+/** Version 2 named each disk's and the replication's busiest stage `boundingStage` (version 1: `slowestStage`). */
+export const RUN_REPORT_FORMAT = 'vhdvault-job-run/2';
+const RUN_REPORT_FORMAT_V1 = 'vhdvault-job-run';
 
 /** The stages a run's time goes to; the one with the most busy time bounded it. */
 export const RUN_STAGES = ['read', 'digest', 'compress', 'write', 'replicate'] as const;
@@ -37,7 +39,7 @@ export interface DiskRun {
   checkpoint?: string | null;
   note?: string;
   stages?: Record<string, StageFigures>;
-  slowestStage?: string;
+  boundingStage?: string;
 }
 
 export interface VmRun {
@@ -92,6 +94,18 @@ export async function saveRunReport(repo: Repository, report: JobRunReport): Pro
   await repo.writeJson(key(runsKey(report.job), `${report.runId}.json`), report);
 }
 
+/** A report an earlier vhdvault wrote, read as the current version (history spans upgrades). */
+function upgradeRunReport(read: unknown): Partial<JobRunReport> {
+  const r = read as Omit<Partial<JobRunReport>, 'format'> & { format?: string };
+  if (r?.format !== RUN_REPORT_FORMAT_V1) return r as Partial<JobRunReport>;
+  const renamed = <T extends object>(o: T): T => {
+    const { slowestStage, ...rest } = o as T & { slowestStage?: string };
+    return (slowestStage !== undefined ? { ...rest, boundingStage: slowestStage } : rest) as T;
+  };
+  const replication = r.replication?.report ? { ...r.replication, report: renamed(r.replication.report) } : r.replication;
+  return { ...r, format: RUN_REPORT_FORMAT, disks: Array.isArray(r.disks) ? r.disks.map(renamed) : r.disks, replication };
+}
+
 /** Every run report of `job` (or of every job), oldest first; unreadable ones are told to `onProblem`. */
 export async function loadRunReports(repo: Repository, job?: string, onProblem: (message: string) => void = () => undefined): Promise<JobRunReport[]> {
   const jobs = job !== undefined ? [job] : await repo.storage.list('jobs').catch(() => []);
@@ -101,7 +115,7 @@ export async function loadRunReports(repo: Repository, job?: string, onProblem: 
     for (const name of names.filter((n) => n.endsWith('.json'))) {
       const k = key(runsKey(j), name);
       try {
-        const r = (await repo.readJson(k)) as Partial<JobRunReport>;
+        const r = upgradeRunReport(await repo.readJson(k));
         if (r?.format !== RUN_REPORT_FORMAT || typeof r.startedAt !== 'string' || !Array.isArray(r.disks)) throw new Error('not a job run report');
         out.push(r as JobRunReport);
       } catch (err) {
@@ -126,7 +140,7 @@ export function runStages(disks: DiskRun[], replication: ReplicationReport | nul
   }
   if (replication) {
     // Replication's own read and write are one transfer: its slower half is what it costs.
-    const r = replication.stages[replication.slowestStage];
+    const r = replication.stages[replication.boundingStage];
     stages.replicate = { busyMs: r.busyMs, bytes: r.bytes };
   }
   const busiest = RUN_STAGES.reduce((a, b) => (stages[b].busyMs > stages[a].busyMs ? b : a));
@@ -147,7 +161,7 @@ export function describeRun(r: JobRunReport): string[] {
       continue;
     }
     const why = d.fullBecause ? ` (${d.fullBecause})` : d.note ? ` (${d.note})` : '';
-    lines.push(`  ${d.disk.padEnd(width)}  ${d.kind!.padEnd(5)}  read ${mib(d.bytesRead ?? 0)}, wrote ${mib(d.bytesWritten ?? 0)} in ${secs(d.durationMs)}, bounded by ${d.slowestStage}${why}`);
+    lines.push(`  ${d.disk.padEnd(width)}  ${d.kind!.padEnd(5)}  read ${mib(d.bytesRead ?? 0)}, wrote ${mib(d.bytesWritten ?? 0)} in ${secs(d.durationMs)}, bounded by ${d.boundingStage}${why}`);
   }
   const step = (name: string, s: StepResult | null, detail: string) => {
     if (!s) return;

@@ -53,7 +53,7 @@ export interface BackupReport {
   bitmap: string | null;
   durationMs: number;
   stages: Record<Stage, StageFigures>;
-  slowestStage: Stage;
+  boundingStage: Stage;
   /** Why a delta was not possible, when the backup is full although not asked to be. */
   note?: string;
 }
@@ -269,7 +269,7 @@ export async function backupFrom(repo: Repository, disk: string, source: BlockSo
     bitmap: parent && bitmap !== null ? bitmap : null,
     durationMs: Math.round(performance.now() - started),
     stages: result.stages,
-    slowestStage: slowest(result.stages),
+    boundingStage: slowest(result.stages),
     ...(note ? { note } : {}),
   };
 }

@@ -83,7 +83,7 @@ export interface ReplicationReport {
   totals: { disks: number; failed: number; copied: number; full: number; bytesSent: number; pruned: number };
   /** read: the source's blocks read and checked against their digests; write: the destination's writes and commits. */
   stages: Record<ReplicationStage, StageFigures>;
-  slowestStage: ReplicationStage;
+  boundingStage: ReplicationStage;
   durationMs: number;
 }
 
@@ -141,7 +141,7 @@ export async function replicate(src: Repository, dst: Repository, disks: string[
       pruned: results.reduce((n, r) => n + r.pruned.length, 0),
     },
     stages,
-    slowestStage: stages.write.busyMs >= stages.read.busyMs ? 'write' : 'read',
+    boundingStage: stages.write.busyMs >= stages.read.busyMs ? 'write' : 'read',
     durationMs: Math.round(performance.now() - started),
   };
 }
