@@ -17,6 +17,7 @@ import { liveArgs as argsOf, liveReport, type LiveReport, vhdvaultLeftovers } fr
 import { initRepo } from './helpers/store.js';
 import { queryBlockExports } from '../src/qmp/commands.js';
 import { QmpClient } from '../src/qmp/QmpClient.js';
+import { NbdClient } from '../src/nbd/NbdClient.js';
 import { ViewNames } from '../src/live/frozenView.js';
 import { Repository } from '../src/store/repository.js';
 import { restore } from '../src/store/restore.js';
@@ -86,6 +87,21 @@ async function exportShown(g: Guest): Promise<void> {
 
 const ours = (g: Guest) => vhdvaultLeftovers(g.qmp);
 
+/** Resolves once vhdvault has discarded `block` from its view: a read there fails (QEMU refuses what is no longer kept). */
+async function viewDiscarded(g: Guest, block: number): Promise<void> {
+  const id = (await queryBlockExports(g.qmp)).find((e) => e.id.startsWith('vhdvault-'))!.id;
+  const view = await NbdClient.connect(`nbd+unix:///${id}?socket=${g.qsd.nbdSocket}`);
+  try {
+    for (;;) {
+      const readable = await view.read(block * BLOCK, 512).then(() => true, () => false);
+      if (!readable) return;
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  } finally {
+    await view.disconnect().catch(() => undefined);
+  }
+}
+
 describe('backup --qemu usage', () => {
   it('refuses options that do not go together, with exit 2', async () => {
     const base = ['backup', repo, 'u', '--qemu', '/nonexistent.sock'];
@@ -124,7 +140,9 @@ describe.skipIf(!hasQsd).concurrent.each(['fleecing', 'direct'] as const)('backu
     const report = parsed(await running);
     expect(report).toMatchObject({ mode, kind: 'full', previousCheckpoint: null, bytesRead: 8 * MiB });
     expect(report.copiedBytes).toBeGreaterThanOrEqual(4 * MiB); // the old data B overwrote
-    if (mode === 'fleecing') expect(report.fleecingPeakBytes).toBe(report.copiedBytes);
+    // Each block discarded from the view once backed up (the image frees what was copied for it).
+    expect(report.discardedBytes).toBe(8 * MiB);
+    if (mode === 'fleecing') expect(report.fleecingPeakBytes).toBeGreaterThanOrEqual(4 * MiB);
     else expect(report).toMatchObject({ fleecingPeakBytes: null, copies: expect.any(Number) });
     expect((await restored(disk, report.id)).equals(a)).toBe(true);
     await run('qemu-io', ['-f', 'raw', '-r', '-c', `read -P 0xbb ${4 * MiB} ${4 * MiB}`, '-c', `read -P 0xaa 0 ${4 * MiB}`, g.qsd.guestUri]);
@@ -161,6 +179,40 @@ describe.skipIf(!hasQsd).concurrent.each(['fleecing', 'direct'] as const)('backu
       previous = r;
     }
     for (const [id, bytes] of expected) expect((await restored(disk, id)).equals(bytes), id).toBe(true);
+  });
+
+  it('copies nothing for guest writes to blocks already backed up: they were discarded from the view', async () => {
+    const g = await startGuest('qcow2', 8 * MiB);
+    await write(g, 0x31, 0, 8 * MiB);
+    const disk = `discard-${mode}`;
+    await mkdir(folderOf(disk), { recursive: true });
+    const first = await backUp(g, disk);
+    await write(g, 0x32, 6 * MiB, BLOCK); // the delta reads only the last block: the first three settle at once
+    const at = Buffer.from(g.bytes);
+    const running = vhdvaultAsync(...args(g, disk, '--max-read', '512K'));
+    await exportShown(g);
+    await viewDiscarded(g, 0); // block 0 (and with it 1 and 2, in order) is out of the view: its reads fail
+    await write(g, 0x33, 0, 3 * BLOCK);
+    const report = parsed(await running);
+    expect(report).toMatchObject({ kind: 'delta', previousCheckpoint: first.checkpoint, bytesRead: BLOCK, discardedBytes: 8 * MiB, copiedBytes: 0 });
+    if (mode === 'fleecing') expect(report.fleecingPeakBytes).toBe(0);
+    expect((await restored(disk, report.id)).equals(at)).toBe(true);
+    const next = await backUp(g, disk); // the writes after the point in time are the next delta's
+    expect(next).toMatchObject({ kind: 'delta', bytesRead: 3 * BLOCK });
+    expect((await restored(disk, next.id)).equals(g.bytes)).toBe(true);
+  });
+
+  it('backs up a disk whose size is not a multiple of 64 KiB: its partial last block stays in the view, QEMU lives', async () => {
+    const size = 4 * MiB + 3 * 512;
+    const g = await startGuest('qcow2', size);
+    await write(g, 0x41, 0, size);
+    const disk = `odd-${mode}`;
+    await mkdir(folderOf(disk), { recursive: true });
+    const report = await backUp(g, disk);
+    expect(report).toMatchObject({ kind: 'full', bytesRead: size, discardedBytes: 4 * MiB });
+    expect((await restored(disk, report.id)).equals(g.bytes)).toBe(true);
+    await write(g, 0x42, size - 512, 512); // the daemon still serves the guest
+    expect((await backUp(g, disk)).kind).toBe('delta');
   });
 
   it('removes what a killed run left in QEMU, the fleecing folder and the repository, and trusts no bitmap it touched', async () => {
@@ -250,7 +302,7 @@ describe.skipIf(!hasQsd)('backup --qemu', () => {
     await write(g, 0x08, 6 * MiB, 8 * MiB); // succeeds: copies go to the fleecing image, past its max
     const r = await running;
     expect(r.code, r.stderr).toBe(1);
-    expect(r.stdout).toBe('');
+    expect(JSON.parse(r.stdout)).toMatchObject({ error: { code: 1, message: expect.stringMatching(/past --fleecing-max/) } }); // --json: the failure as JSON too
     expect(r.stderr.trimEnd().split('\n')).toHaveLength(1);
     expect(r.stderr).toMatch(/fleecing image grew to \d+ bytes, past --fleecing-max 1048576: backup aborted/);
     // The previous checkpoint got the writes back, and records again.

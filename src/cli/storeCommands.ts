@@ -80,6 +80,8 @@ interface BackupCliOptions {
   qemuNbd?: string;
   qga?: string;
   requireQuiesce?: boolean;
+  /** false with --no-discard. */
+  discard: boolean;
   concurrency?: number;
   maxRead?: number;
   maxWrite?: number;
@@ -106,11 +108,11 @@ function liveOptions(opts: BackupCliOptions): LiveBackupOptions {
   if (opts.fleecingMax !== undefined && opts.fleecing === undefined) throw new UsageError('--fleecing-max needs --fleecing <dir> (direct mode keeps no fleecing image)');
   if (opts.requireQuiesce && opts.qga === undefined) throw new UsageError('--require-quiesce needs --qga <socket> (the guest agent that freezes the guest)');
   const qemuNbd = opts.qemuNbd === undefined ? undefined : parseNbdUri(opts.qemuNbd).endpoint;
-  const { qemu, node, device, fleecing, fleecingMax, cbwTimeout, full, concurrency, maxRead, maxWrite, qga } = opts;
+  const { qemu, node, device, fleecing, fleecingMax, cbwTimeout, full, concurrency, maxRead, maxWrite, qga, discard } = opts;
   // Direct mode's NBD connection from QEMU, and quiescing: what goes wrong there is worth a line.
   const log = (message: string) => console.error(`vhdvault: ${message}`);
   const quiesce = opts.requireQuiesce ? ('require' as const) : ('try' as const);
-  return { qemu: qemu!, node, device, fleecing, fleecingMax, cbwTimeout, qemuNbd, full, concurrency, maxRead, maxWrite, log, qga, quiesce, warn: log };
+  return { qemu: qemu!, node, device, fleecing, fleecingMax, cbwTimeout, qemuNbd, full, concurrency, maxRead, maxWrite, log, qga, quiesce, warn: log, discard };
 }
 
 /** A live backup's own figures, for a person. */
@@ -118,7 +120,7 @@ function describeLive(r: LiveBackupReport): string {
   const from = r.previousCheckpoint ? `delta from checkpoint ${r.previousCheckpoint}` : 'no checkpoint used';
   const peak = r.fleecingPeakBytes === null ? '' : `, fleecing peak ${fmtBytes(r.fleecingPeakBytes)}`;
   const frozen = r.quiesced ? `; guest frozen ${r.frozenMs} ms` : '';
-  return `${r.mode} mode, ${from}: read ${fmtBytes(r.bytesRead)}; copied ${fmtBytes(r.copiedBytes)} before guest writes${peak}${frozen}; new checkpoint ${r.checkpoint}`;
+  return `${r.mode} mode, ${from}: read ${fmtBytes(r.bytesRead)}, discarded ${fmtBytes(r.discardedBytes)} from the view once backed up; copied ${fmtBytes(r.copiedBytes)} before guest writes${peak}${frozen}; new checkpoint ${r.checkpoint}`;
 }
 
 export function storeCommands(): Command[] {
@@ -152,6 +154,7 @@ export function storeCommands(): Command[] {
     .option('--qemu-nbd <uri>', "with --qemu: the address of QEMU's own NBD server when it already runs one (nbd+unix:///?socket=/path or nbd://host:port)")
     .option('--qga <socket>', "with --qemu: the guest agent's socket: the guest's filesystems are frozen while the point in time is set (without an answer: crash-consistent, with a warning)")
     .option('--require-quiesce', 'with --qga: fail the backup, rather than go on crash-consistent, when the guest cannot be frozen')
+    .option('--no-discard', 'with --qemu: keep what was read in the frozen view (by default each block is discarded from it once backed up: QEMU stops copying old data there before guest writes, and the fleecing image frees it)')
     .option('--concurrency <n>', 'worker threads (default: number of cores)', parseCount)
     .option('--max-read <rate>', 'read bandwidth limit, e.g. 50M (per second)', parseRate)
     .option('--max-write <rate>', 'write bandwidth limit, e.g. 20M (per second)', parseRate)
@@ -162,6 +165,7 @@ export function storeCommands(): Command[] {
       if (!live) {
         if (opts.source === undefined) throw new UsageError('give --source <path|nbd-uri>, or --qemu <qmp-socket> for a running QEMU disk');
         for (const o of QEMU_ONLY) if (opts[o] !== undefined) throw new UsageError(`--${o.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)} needs --qemu`);
+        if (!opts.discard) throw new UsageError('--no-discard needs --qemu');
         planSource({ ...opts, source: opts.source, fromRaw: opts.from === 'raw' }); // usage errors about the source (NBD URI, --bitmap) come first
       }
       const repo = await Repository.open(root);

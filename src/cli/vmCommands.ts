@@ -23,6 +23,8 @@ interface VmBackupCliOptions {
   disks?: string[];
   quiesce: boolean;
   requireQuiesce?: boolean;
+  /** false with --no-discard. */
+  discard: boolean;
   full?: boolean;
   json?: boolean;
 }
@@ -54,7 +56,7 @@ async function runVmBackup(repo: Repository, name: string, opts: VmBackupCliOpti
   }
   const { vmBackupQemu } = await import('../live/vmBackup.js');
   const qemuNbd = opts.qemuNbd === undefined ? undefined : parseNbdUri(opts.qemuNbd).endpoint;
-  return vmBackupQemu(repo, name, { ...common, qemu: opts.qemu!, qga: opts.qga, fleecing: opts.fleecing, qemuNbd, log: common.warn });
+  return vmBackupQemu(repo, name, { ...common, qemu: opts.qemu!, qga: opts.qga, fleecing: opts.fleecing, qemuNbd, log: common.warn, discard: opts.discard });
 }
 
 export function vmCommand(): Command {
@@ -73,6 +75,7 @@ export function vmCommand(): Command {
     .option('--qemu-nbd <uri>', "with --qemu: the address of QEMU's own NBD server when it already runs one")
     .option('--disks <targets>', 'only these disks, comma-separated (default: every writable disk)', parseTargets)
     .option('--no-quiesce', 'do not freeze the guest: pause the VM for the instant instead')
+    .option('--no-discard', 'with --qemu: keep what was read in the frozen views (by default each block is discarded once backed up, and QEMU stops copying old data there)')
     .option('--require-quiesce', 'fail, committing nothing, when the guest cannot be frozen')
     .option('--full', 'read every disk whole, even where a checkpoint could give a delta')
     .option('--json', 'print one JSON object')
@@ -81,6 +84,7 @@ export function vmCommand(): Command {
       if ((opts.qemu === undefined) === (opts.libvirt === undefined)) throw new UsageError('give --libvirt <domain> or --qemu <qmp-socket>: one of them');
       if (opts.libvirt !== undefined) {
         for (const [given, flag] of [[opts.qga, '--qga'], [opts.fleecing, '--fleecing'], [opts.qemuNbd, '--qemu-nbd']] as const) if (given !== undefined) throw new UsageError(`${flag} goes with --qemu (libvirt has its own agent channel, scratch images and NBD server)`);
+        if (!opts.discard) throw new UsageError('--no-discard goes with --qemu (libvirt makes the views, read-only)');
       } else if (opts.scratch !== undefined) throw new UsageError('--scratch goes with --libvirt (with --qemu, --fleecing names the folder of the copies)');
       const { checkVmName } = await import('../store/vmRecord.js');
       checkVmName(name);

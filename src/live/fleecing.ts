@@ -37,7 +37,8 @@ export class FleecingImage implements CopyTarget {
       await fh.close();
     }
     try {
-      await blockdevAdd(qmp, { driver: 'file', 'node-name': name, filename: this.path });
+      // unmap: what the frozen view discards (discard after read) is punched out of the image.
+      await blockdevAdd(qmp, { driver: 'file', 'node-name': name, filename: this.path, discard: 'unmap' });
     } catch (err) {
       await remove();
       throw err;
@@ -59,6 +60,10 @@ export async function removeLeftoverImages(dir: string, names: ViewNames): Promi
 /** Allocated bytes of the fleecing image, sampled about every 100 ms; the peak, and a trip past `max`. */
 export class FleecingWatch {
   peak = 0;
+  /** What the image held at the last sample. */
+  last = 0;
+  /** Bytes discards took out of the image (measured around each): with `last`, what was copied into it. */
+  freed = 0;
   /** Set when the image grew past `max`: why the backup was cut short. */
   overflow: VaultError | null = null;
   private readonly timer: NodeJS.Timeout;
@@ -81,11 +86,23 @@ export class FleecingWatch {
     await this.sample();
   }
 
-  private async sample(): Promise<void> {
-    const used = await stat(this.image).then(
+  /** Run a discard of the frozen view, counting what it took out of the image (less what copies added meanwhile). */
+  async measureFreed(discard: () => Promise<void>): Promise<void> {
+    const before = await this.allocated();
+    await discard();
+    this.freed += Math.max(0, before - (await this.allocated()));
+  }
+
+  private allocated(): Promise<number> {
+    return stat(this.image).then(
       (s) => s.blocks * 512,
       () => 0, // gone: the view is torn down
     );
+  }
+
+  private async sample(): Promise<void> {
+    const used = await this.allocated();
+    this.last = used;
     this.peak = Math.max(this.peak, used);
     if (this.max !== null && used > this.max && !this.overflow) {
       this.overflow = new VaultError(this.image, `the fleecing image grew to ${used} bytes, past --fleecing-max ${this.max}: backup aborted (the guest's writes went on unharmed)`);

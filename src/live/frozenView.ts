@@ -143,13 +143,18 @@ export class FrozenView {
     await attach(qmp, guest.entry, names.cbw, { fresh: true });
   }
 
-  /** Export the frozen view read-only, with the previous checkpoint (disabled by now) as a meta context. */
+  /**
+   * Export the frozen view, with the previous checkpoint (disabled by now) as a
+   * meta context. Writable only so that it takes discards (viewDiscard.ts): a
+   * snapshot-access node refuses writes, and with `unmap` a discard reaches
+   * the filter, which stops copying there.
+   */
   async export(bitmap: string | null): Promise<NbdAddress> {
     const { qmp, names } = this;
-    await blockdevAdd(qmp, { driver: 'snapshot-access', 'node-name': names.snap, file: names.cbw });
+    await blockdevAdd(qmp, { driver: 'snapshot-access', 'node-name': names.snap, file: names.cbw, discard: 'unmap' });
     this.undo.push(() => blockdevDel(qmp, names.snap));
     const bitmaps: BitmapRef[] | undefined = bitmap === null ? undefined : [{ node: this.guest.disk.nodeName, name: bitmap }];
-    await blockExportAdd(qmp, { type: 'nbd', id: this.exportName, nodeName: names.snap, name: this.exportName, writable: false, bitmaps }).catch((err: unknown) => {
+    await blockExportAdd(qmp, { type: 'nbd', id: this.exportName, nodeName: names.snap, name: this.exportName, writable: true, bitmaps }).catch((err: unknown) => {
       if (err instanceof QmpCommandError && /NBD server not running/i.test(err.desc)) throw new VaultError(qmp.socketPath, 'QEMU runs no NBD server at the --qemu-nbd address: leave --qemu-nbd out (vhdvault then starts one) or name the server QEMU runs');
       throw err;
     });

@@ -28,6 +28,7 @@ import { DirectTarget, removeStaleSocketDirs } from './directTarget.js';
 import { FleecingImage, FleecingWatch, removeLeftoverImages } from './fleecing.js';
 import { FrozenView, removeLeftoverView, ViewNames } from './frozenView.js';
 import { findGuestPath } from './guestPath.js';
+import { type AroundDiscard, ViewDiscard } from './viewDiscard.js';
 import { qemuNbdServer } from './qemuNbdServer.js';
 import { QmpClient } from '../qmp/QmpClient.js';
 
@@ -55,16 +56,20 @@ export interface LiveBackupOptions extends Omit<BackupOptions, 'source' | 'fromR
   qga?: string;
   /** With `qga`: `try` (default) goes on crash-consistent when the agent fails, `require` fails the backup. */
   quiesce?: QuiesceMode;
-  /** Warnings about quiescing. */
+  /** Warnings about quiescing, and about discarding. */
   warn?: (message: string) => void;
+  /** Discard each block from the frozen view once the backup holds it (default true): see viewDiscard.ts. */
+  discard?: boolean;
 }
 
 export interface LiveBackupReport extends BackupReport {
   mode: 'fleecing' | 'direct';
   /** Most bytes the fleecing image held at once (null in direct mode). */
   fleecingPeakBytes: number | null;
-  /** Bytes the filter copied before guest writes landed (fleecing mode: what the image holds at the end). */
+  /** Bytes the filter copied before guest writes landed (fleecing mode: what the image held at the end plus what discards freed). */
   copiedBytes: number;
+  /** Bytes discarded from the frozen view once backed up (the filter copied nothing there after), 0 when the export takes no discards or --no-discard. */
+  discardedBytes: number;
   /** Copy requests QEMU made (direct mode; null in fleecing mode, where QEMU does not say). */
   copies: number | null;
   /** The new backup's checkpoint bitmap. */
@@ -82,6 +87,8 @@ interface Mode {
   target: FleecingImage | DirectTarget;
   watch: FleecingWatch | null;
   copied(): { copiedBytes: number; copies: number | null; fleecingPeakBytes: number | null };
+  /** Runs each discard of the view (fleecing mode measures what it frees). */
+  around: AroundDiscard;
   /** Why the frozen view failed the backup, when the copy target can tell (the folder filled up, a copy write failed). */
   whyBroken(): Promise<Error | null>;
   /** After QEMU let go of the target. */
@@ -209,18 +216,22 @@ export class LiveDisk {
     const { options, previous, bitmaps } = this;
     const address = await this.view.export(previous.valid);
     const source = await NbdSource.open(address, { bitmap: previous.valid });
+    const discard = options.discard !== false && source.canDiscard ? new ViewDiscard(source, mode.around, options.warn ?? (() => undefined)) : null;
     try {
       const checkpoint = { bitmap: bitmaps.next, node: this.node };
-      this.report = await backupFrom(this.repo, this.disk, source, { ...options, source: address.uri }, previous.valid, { id: this.id, note: previous.note, checkpoint, writeLimit: this.writeLimit, lock, pool });
+      const onSettled = discard ? (block: number) => discard.settled(block) : undefined;
+      this.report = await backupFrom(this.repo, this.disk, source, { ...options, source: address.uri }, previous.valid, { id: this.id, note: previous.note, checkpoint, writeLimit: this.writeLimit, lock, pool, onSettled });
     } catch (err) {
       throw await explain(err, mode, options);
     } finally {
+      await discard?.close();
       await source.close();
     }
     return {
       ...this.report,
       mode: options.fleecing !== undefined ? ('fleecing' as const) : ('direct' as const),
       ...mode.copied(),
+      discardedBytes: discard?.discardedBytes ?? 0,
       checkpoint: bitmaps.next,
       previousCheckpoint: this.report.bitmap,
     };
@@ -247,8 +258,9 @@ async function startMode(repo: Repository, disk: string, id: string, size: numbe
     return {
       target: image,
       watch,
-      // The filter copies each cluster once and nothing frees it: what the image holds at the end is what was copied.
-      copied: () => ({ copiedBytes: watch.peak, copies: null, fleecingPeakBytes: watch.peak }),
+      // The filter copies each cluster once; only discards free any: what the image holds at the end, and what they freed, was copied.
+      copied: () => ({ copiedBytes: watch.last + watch.freed, copies: null, fleecingPeakBytes: watch.peak }),
+      around: (discard) => watch.measureFreed(discard),
       whyBroken: async () => {
         const fs = await statfs(image.dir).catch(() => null);
         const free = fs ? fs.bavail * fs.bsize : Infinity;
@@ -267,6 +279,7 @@ async function startMode(repo: Repository, disk: string, id: string, size: numbe
     target,
     watch: null,
     copied: () => ({ copiedBytes: store.copiedBytes, copies: store.copies, fleecingPeakBytes: null }),
+    around: (discard) => discard(),
     whyBroken: async () => store.failure && new VaultError(store.path, `copying old data into the repository failed (${store.failure.message}), so QEMU gave up the view; backup aborted (the guest's writes went on unharmed)`),
     stop: () => target.stop(),
   };

@@ -11,7 +11,7 @@ import { setBit } from '../vhd/bitmap.js';
 import { VaultError } from '../util/errors.js';
 import type { BlockSource } from '../vhd/source.js';
 import { releaseBuffer, takeBuffer } from '../util/bufferPool.js';
-import { AllocationFlag, BASE_ALLOCATION, DIRTY, DIRTY_BITMAP_PREFIX } from './constants.js';
+import { AllocationFlag, BASE_ALLOCATION, DIRTY, DIRTY_BITMAP_PREFIX, TransmissionFlag } from './constants.js';
 import { NbdClient } from './NbdClient.js';
 import { type NbdAddress, parseNbdUri } from './uri.js';
 
@@ -110,6 +110,16 @@ export class NbdSource implements BlockSource {
       return null;
     }
     return buf;
+  }
+
+  /** Whether the export takes discards (TRIM on a writable export): a frozen view does, to stop copying what is read. */
+  get canDiscard(): boolean {
+    return !this.client.readOnly && (this.client.flags & TransmissionFlag.SEND_TRIM) !== 0;
+  }
+
+  /** Discard [offset, offset + length): a frozen view drops it (later reads of it fail) and copies none of it any more. */
+  discard(offset: number, length: number): Promise<void> {
+    return this.client.trim(offset, length);
   }
 
   /**

@@ -160,6 +160,8 @@ export interface BackupExtras {
   lock?: DiskLock;
   /** Worker threads shared by the disks of a VM backup (see BackupPipeline). */
   pool?: BlockPool;
+  /** Told each block, in order, once the new backup holds it (or needs nothing of the source's): see PipelineInput. */
+  onSettled?: (block: number) => void;
 }
 
 /**
@@ -239,6 +241,7 @@ export async function backupFrom(repo: Repository, disk: string, source: BlockSo
         onProgress: options.onProgress,
         signal: failed.signal,
         pool: extras.pool,
+        onSettled: extras.onSettled,
       });
       await writer.finish(result.digests.bytes);
     } catch (err) {

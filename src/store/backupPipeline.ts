@@ -31,6 +31,12 @@ export interface PipelineInput {
   signal: AbortSignal;
   /** Worker threads shared with other pipelines (a VM backup's disks), left open; default: a pool of `concurrency` threads of its own. */
   pool?: BlockPool;
+  /**
+   * Told each block, in order, once the source is no longer needed for it: its
+   * data is written to the new backup's staging, or it was unchanged, skipped or
+   * known zero. (A live backup discards it from the frozen view then.)
+   */
+  onSettled?: (block: number) => void;
 }
 
 export interface PipelineResult {
@@ -140,6 +146,7 @@ export class BackupPipeline {
           bytesCompressed += source.blockSize;
         }
       }
+      this.input.onSettled?.(block);
       onProgress?.(++done, source.blockCount, this.clocks.read.bytes);
     }
     const threads = concurrency;

@@ -13,6 +13,7 @@ export interface LiveReport {
   extents: number;
   fleecingPeakBytes: number | null;
   copiedBytes: number;
+  discardedBytes: number;
   copies: number | null;
   checkpoint: string;
   previousCheckpoint: string | null;
