@@ -1,42 +1,45 @@
 /**
- * What a live backup costs the guest: 4 KiB random writes measured with fio
- * through a qemu-storage-daemon "guest" while idle, while a fleecing-mode
- * live backup runs against it, and while a direct-mode one does
- * (docs/live-backups.md).
+ * What a live backup costs the guest, as the guest feels it: 4 KiB writes by
+ * fio through a qemu-storage-daemon "guest", idle, during a live backup in
+ * each mode, and idle again after (docs/live-backups.md, docs/performance.md).
  *
- *   npm run bench:live              # 1 GiB, table
+ *   npm run bench:live              # table
  *   npm run bench:live -- --json    # one JSON object
  *
- * Environment: BENCH_SIZE_MIB (default 1024), BENCH_SECONDS per fio job
- * (default 10), BENCH_REWRITE_PCT (default 90), BENCH_MAX_WRITE (default 20M),
- * BENCH_DIR (where to work), BENCH_FLEECING_DIR (the fleecing folder; default
- * a folder in BENCH_DIR, on the same disk as the guest's image and the repository).
+ * Environment: BENCH_SIZE_MIB (default 512), BENCH_SECONDS per fio job
+ * (default 8), BENCH_REWRITE_PCT (default 90), BENCH_MAX_WRITE (default 20M),
+ * BENCH_PATTERNS (default uniform,zipf,sequential), BENCH_MODES (default
+ * fleecing,fleecing-no-discard,direct), BENCH_IOTHREAD=1 (the guest's disk in
+ * an iothread), BENCH_DIR (where to work), BENCH_FLEECING_DIR (the fleecing
+ * folder; default a folder in BENCH_DIR, on the same disk as the guest's
+ * image and the repository).
  *
  * The guest: qemu-storage-daemon serving a qcow2 image (file f0 → qcow2 disk0
  * → raw passthrough g0), g0 exported writable over NBD as `disk0` on a Unix
  * socket (the guest's writes go there), two QMP monitors (vhdvault holds one,
  * the bench watches on the other). Default cache mode (host page cache).
  *
- * Sequence: fill the whole disk with random data (fio, 1 MiB sequential
- * writes); a first live backup (full, unthrottled); rewrite the first
- * BENCH_REWRITE_PCT % of the disk with fresh random data, so the measured
- * backup is a delta of most of the disk (every rewritten block is dirty in the
- * checkpoint bitmap and differs from the stored one); then
- *   (a) idle: fio randwrite 4k at iodepth 1, then 8, no backup;
- *   (b) fleecing: start `backup --qemu … --fleecing … --max-write 20M --json`,
- *       wait until its export is shown in QEMU (the point in time has passed:
- *       copy-before-write is in the guest's path), then the same two fio jobs
- *       while it runs; the backup's duration, copies and fleecing image peak
- *       come from its --json report;
- *   (c) direct: rewrite the same share of the disk again, then the same with
- *       `backup --qemu … --max-write 20M` (no --fleecing): the copies go to
- *       the repository at the --max-write pace;
- *   idle again after the backups ended, as a measure of run-to-run noise.
- * fio jobs are time-based without ramp (the first writes to each cluster are
- * the ones copy-before-write slows). Goal: fleecing p99 ≤ 1.5 × idle p99.
+ * Write patterns (fio, 4 KiB, time-based, no ramp: the first writes to each
+ * cluster are the ones copy-before-write slows):
+ *   uniform     randwrite over the whole disk: nearly every write is the
+ *               first to its 64 KiB cluster (the worst case);
+ *   zipf        randwrite with --random_distribution=zipf:1.2: hot areas
+ *               rewritten, as real guests do;
+ *   sequential  write, in order from the start.
+ * For each pattern: idle (iodepth 1, then 8); then for each mode, the first
+ * BENCH_REWRITE_PCT % of the disk rewritten with fresh data (so the backup is
+ * a delta of most of the disk), `backup --qemu … --max-write BENCH_MAX_WRITE
+ * --json` started, and once its export shows in QEMU (the filter is in the
+ * guest's path) the same two fio jobs while it runs; then idle again. Modes:
+ *   fleecing             fleecing image, discard after read (the default);
+ *   fleecing-no-discard  the same with --no-discard: what it was before;
+ *   direct               no fleecing image: copies into the repository.
+ * Goals (p99 against idle in the same run): fleecing zipf ≤ 1.3×, uniform
+ * ≤ 1.5×, at iodepth 1 and 8; the fleecing image's peak with discard ≤ 50%
+ * of its peak without, for the same workload.
  */
 import { type Daemon, startDaemon } from '../src/demo/qsd.js';
-import { mkdir, mkdtemp, readdir, rm } from 'node:fs/promises';
+import { mkdtemp, rm } from 'node:fs/promises';
 import { cpus, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -47,25 +50,41 @@ import { describeFilesystem, formatTable, MiB, mustRun, runCommand, type RunResu
 const CLI = fileURLToPath(new URL('../src/cli/main.js', import.meta.url));
 const BLOCK = 2 * MiB;
 
+const PATTERNS = {
+  uniform: ['--rw=randwrite'],
+  zipf: ['--rw=randwrite', '--random_distribution=zipf:1.2'],
+  sequential: ['--rw=write'],
+} as const;
+type Pattern = keyof typeof PATTERNS;
+
+const MODES = {
+  fleecing: { fleecing: true, extra: [] as string[] },
+  'fleecing-no-discard': { fleecing: true, extra: ['--no-discard'] },
+  direct: { fleecing: false, extra: [] as string[] },
+} as const;
+type Mode = keyof typeof MODES;
+
+/** p99 goals against idle, per pattern (fleecing mode). */
+const GOALS: Partial<Record<Pattern, number>> = { zipf: 1.3, uniform: 1.5 };
+
 interface FioWrite {
   iops: number;
   p50us: number;
   p99us: number;
+  p999us: number;
   /** Wall-clock start and end, ms since the bench started. */
   startMs: number;
   endMs: number;
 }
 
 interface BackupReport {
-  id: string;
   kind: string;
   mode: string;
   bytesRead: number;
-  bytesWritten: number;
   durationMs: number;
   fleecingPeakBytes: number | null;
   copiedBytes: number;
-  note?: string;
+  discardedBytes: number;
 }
 
 const t0 = performance.now();
@@ -76,14 +95,15 @@ async function fio(uri: string, job: string[]): Promise<RunResult> {
   return mustRun('fio', ['--name=bench', '--ioengine=nbd', `--uri=${uri}`, ...job, '--output-format=json']);
 }
 
-async function randwrite(uri: string, iodepth: number, seconds: number): Promise<FioWrite> {
+async function writes(uri: string, pattern: Pattern, iodepth: number, seconds: number): Promise<FioWrite> {
   const startMs = now();
-  const r = await fio(uri, ['--rw=randwrite', '--bs=4k', `--iodepth=${iodepth}`, '--time_based', `--runtime=${seconds}`]);
+  const r = await fio(uri, [...PATTERNS[pattern], '--bs=4k', `--iodepth=${iodepth}`, '--time_based', `--runtime=${seconds}`]);
   const endMs = now();
   // fio prints "fio: connected to NBD server" before its JSON.
   const write = JSON.parse(r.stdout.slice(r.stdout.indexOf('{'))).jobs[0].write;
   const pct = write.clat_ns.percentile as Record<string, number>;
-  return { iops: write.iops, p50us: pct['50.000000']! / 1000, p99us: pct['99.000000']! / 1000, startMs, endMs };
+  const us = (p: string) => pct[p]! / 1000;
+  return { iops: write.iops, p50us: us('50.000000'), p99us: us('99.000000'), p999us: us('99.900000'), startMs, endMs };
 }
 
 /** Sequential 1 MiB writes of fresh random data over [0, bytes). */
@@ -92,10 +112,10 @@ async function fill(uri: string, bytes: number): Promise<void> {
 }
 
 /** qemu-storage-daemon as a running VM's disk (the demo's set-up), with a monitor for the bench to watch on. */
-async function startGuest(dir: string, size: number): Promise<Daemon & { watchSocket: string }> {
+async function startGuest(dir: string, size: number, iothread: boolean): Promise<Daemon & { watchSocket: string }> {
   const image = join(dir, 'disk.qcow2');
   await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', image, String(size)]);
-  const daemon = await startDaemon(dir, image, { watchMonitor: true });
+  const daemon = await startDaemon(dir, image, { watchMonitor: true, iothread });
   return { ...daemon, watchSocket: daemon.watchSocket! };
 }
 
@@ -123,42 +143,65 @@ async function viewExported(watch: QmpClient, backup: Promise<RunResult>): Promi
 
 interface During {
   fio: FioWrite[];
-  report: BackupReport;
-  wallSeconds: number;
-  exportShownAfterMs: number;
-  /** Every fio job ended before the backup did. */
-  fioWithinBackup: boolean;
+  backup: BackupReport & { wallSeconds: number; fioWithinBackup: boolean };
 }
 
-/** The fio jobs while a live backup (fleecing into `fleecing`, or direct when null) runs. */
-async function duringBackup(repo: string, g: Daemon, watch: QmpClient, fleecing: string | null, maxWrite: string, depths: number[], seconds: number, log: (s: string) => void): Promise<During> {
-  const label = fleecing === null ? 'direct' : 'fleecing';
-  log(`${label}: live backup with --max-write ${maxWrite}, fio while it runs`);
+interface Context {
+  repo: string;
+  g: Daemon;
+  watch: QmpClient;
+  fleecing: string;
+  maxWrite: string;
+  depths: number[];
+  seconds: number;
+  rewriteBytes: number;
+  log: (s: string) => void;
+}
+
+/** The fio jobs of `pattern` while a live backup in `mode` runs, after rewriting most of the disk. */
+async function duringBackup(c: Context, pattern: Pattern, mode: Mode): Promise<During> {
+  c.log(`${pattern}, ${mode}: rewrite ${c.rewriteBytes / MiB} MiB, then a live backup at --max-write ${c.maxWrite} with fio while it runs`);
+  await fill(c.g.guestUri, c.rewriteBytes);
+  const m = MODES[mode];
   const start = now();
-  const running = runCommand(process.execPath, liveBackupArgs(repo, g, fleecing, '--max-write', maxWrite));
+  const running = runCommand(process.execPath, liveBackupArgs(c.repo, c.g, m.fleecing ? c.fleecing : null, '--max-write', c.maxWrite, ...m.extra));
   let endMs = Infinity;
   void running.then(() => (endMs = now()));
-  await viewExported(watch, running);
-  const exportShownAfterMs = now() - start;
+  await viewExported(c.watch, running);
   const fio: FioWrite[] = [];
-  for (const d of depths) {
-    log(`${label}: randwrite 4k iodepth ${d}, ${seconds} s`);
-    fio.push(await randwrite(g.guestUri, d, seconds));
-  }
-  const fioWithinBackup = fio.every((r) => r.endMs <= endMs);
+  for (const d of c.depths) fio.push(await writes(c.g.guestUri, pattern, d, c.seconds));
   const report = parseReport(await running);
-  return { fio, report, wallSeconds: (endMs - start) / 1000, exportShownAfterMs, fioWithinBackup };
+  return { fio, backup: { ...report, wallSeconds: (endMs - start) / 1000, fioWithinBackup: fio.every((r) => r.endMs <= endMs) } };
 }
+
+async function idleRuns(c: Context, pattern: Pattern, label: string): Promise<FioWrite[]> {
+  const out: FioWrite[] = [];
+  for (const d of c.depths) {
+    c.log(`${pattern}, ${label}: iodepth ${d}, ${c.seconds} s`);
+    out.push(await writes(c.g.guestUri, pattern, d, c.seconds));
+  }
+  return out;
+}
+
+const list = <T extends string>(text: string | undefined, all: readonly T[]): T[] => {
+  if (!text) return [...all];
+  const given = text.split(',').map((s) => s.trim());
+  for (const g of given) if (!all.includes(g as T)) throw new Error(`bench: "${g}" is not one of ${all.join(', ')}`);
+  return given as T[];
+};
 
 const fmtUs = (us: number) => (us >= 1000 ? `${(us / 1000).toFixed(2)} ms` : `${us.toFixed(0)} µs`);
 
 async function main(): Promise<void> {
   const json = process.argv.includes('--json');
-  const sizeMiB = Number(process.env.BENCH_SIZE_MIB ?? 1024);
+  const sizeMiB = Number(process.env.BENCH_SIZE_MIB ?? 512);
   const size = sizeMiB * MiB;
-  const seconds = Number(process.env.BENCH_SECONDS ?? 10);
+  const seconds = Number(process.env.BENCH_SECONDS ?? 8);
   const rewritePct = Number(process.env.BENCH_REWRITE_PCT ?? 90);
   const maxWrite = process.env.BENCH_MAX_WRITE ?? '20M';
+  const patterns = list(process.env.BENCH_PATTERNS, Object.keys(PATTERNS) as Pattern[]);
+  const modes = list(process.env.BENCH_MODES, Object.keys(MODES) as Mode[]);
+  const iothread = process.env.BENCH_IOTHREAD === '1';
   const depths = [1, 8];
   const load = { before: loadavg().map((l) => Number(l.toFixed(2))), cores: cpus().length };
   const log = (s: string) => {
@@ -170,123 +213,77 @@ async function main(): Promise<void> {
   const repo = join(work, 'repo');
   const fleecing = await mkdtemp(join(process.env.BENCH_FLEECING_DIR ?? work, 'fleece-'));
   await mustRun(process.execPath, [CLI, 'init', repo, '--layout', 'dir', '--compression', 'none']);
-  const g = await startGuest(work, size);
+  const g = await startGuest(work, size, iothread);
   const watch = await QmpClient.connect(g.watchSocket);
+  const rewriteBytes = Math.max(BLOCK, Math.floor((size * rewritePct) / 100 / BLOCK) * BLOCK);
+  const c: Context = { repo, g, watch, fleecing, maxWrite, depths, seconds, rewriteBytes, log };
   try {
-    log(`fill ${sizeMiB} MiB with random data`);
-    let t = now();
+    log(`fill ${sizeMiB} MiB with random data, then a first live backup (full, unthrottled)`);
     await fill(g.guestUri, size);
-    const fillSeconds = (now() - t) / 1000;
+    parseReport(await runCommand(process.execPath, liveBackupArgs(repo, g, fleecing)));
 
-    log('first live backup (full, unthrottled)');
-    const first = parseReport(await runCommand(process.execPath, liveBackupArgs(repo, g, fleecing)));
-
-    const rewriteBytes = Math.max(BLOCK, Math.floor((size * rewritePct) / 100 / BLOCK) * BLOCK);
-    log(`rewrite the first ${rewriteBytes / MiB} MiB (${rewritePct}%) with fresh random data`);
-    t = now();
-    await fill(g.guestUri, rewriteBytes);
-    const rewriteSeconds = (now() - t) / 1000;
-
-    const idle: FioWrite[] = [];
-    for (const d of depths) {
-      log(`idle: randwrite 4k iodepth ${d}, ${seconds} s`);
-      idle.push(await randwrite(g.guestUri, d, seconds));
-    }
-
-    const fleecingRun = await duringBackup(repo, g, watch, fleecing, maxWrite, depths, seconds, log);
-    log(`rewrite the first ${rewriteBytes / MiB} MiB again`);
-    await fill(g.guestUri, rewriteBytes);
-    const directRun = await duringBackup(repo, g, watch, null, maxWrite, depths, seconds, log);
-
-    const after: FioWrite[] = [];
-    for (const d of depths) {
-      log(`idle after: randwrite 4k iodepth ${d}, ${seconds} s`);
-      after.push(await randwrite(g.guestUri, d, seconds));
+    const results = [];
+    for (const pattern of patterns) {
+      const idle = await idleRuns(c, pattern, 'idle');
+      const during: Partial<Record<Mode, During>> = {};
+      for (const mode of modes) during[mode] = await duringBackup(c, pattern, mode);
+      const after = await idleRuns(c, pattern, 'idle after');
+      results.push({ pattern, idle, during, after });
     }
     const loadAfter = loadavg().map((l) => Number(l.toFixed(2)));
 
-    const rows = depths.map((d, i) => {
-      const a = idle[i]!;
-      const f = fleecingRun.fio[i]!;
-      const c = directRun.fio[i]!;
-      const p99Ratio = f.p99us / a.p99us;
-      return {
-        iodepth: d,
-        idle: a,
-        fleecing: f,
-        direct: c,
-        idleAfter: after[i]!,
-        iopsRatio: f.iops / a.iops,
-        p99Ratio,
-        goalMet: p99Ratio <= 1.5,
-        directIopsRatio: c.iops / a.iops,
-        directP99Ratio: c.p99us / a.p99us,
-      };
+    const rows = results.flatMap((r) =>
+      depths.map((d, i) => {
+        const idle = r.idle[i]!;
+        const states = Object.fromEntries(Object.entries(r.during).map(([mode, x]) => [mode, { ...x!.fio[i]!, p99Ratio: x!.fio[i]!.p99us / idle.p99us, iopsRatio: x!.fio[i]!.iops / idle.iops }]));
+        const goal = GOALS[r.pattern] ?? null;
+        const fleecingRatio = states.fleecing?.p99Ratio ?? null;
+        return { pattern: r.pattern, iodepth: d, idle, ...states, idleAfter: r.after[i]!, goal, goalMet: goal === null || fleecingRatio === null ? null : fleecingRatio <= goal };
+      }),
+    );
+    const backups = results.flatMap((r) => Object.entries(r.during).map(([mode, x]) => ({ pattern: r.pattern, ...x!.backup, mode })));
+    const peaks = results.map((r) => {
+      const withDiscard = r.during.fleecing?.backup.fleecingPeakBytes ?? null;
+      const without = r.during['fleecing-no-discard']?.backup.fleecingPeakBytes ?? null;
+      return { pattern: r.pattern, withDiscard, without, ratio: withDiscard !== null && without ? withDiscard / without : null };
     });
-    const backupOf = (r: During) => ({
-      kind: r.report.kind,
-      mode: r.report.mode,
-      durationMs: r.report.durationMs,
-      wallSeconds: r.wallSeconds,
-      exportShownAfterMs: r.exportShownAfterMs,
-      bytesRead: r.report.bytesRead,
-      bytesWritten: r.report.bytesWritten,
-      copiedBytes: r.report.copiedBytes,
-      fleecingPeakBytes: r.report.fleecingPeakBytes,
-      fioWithinBackup: r.fioWithinBackup,
-      note: r.report.note ?? null,
-    });
+    const fleecingFs = (await describeFilesystem(fleecing)).split(' ')[0];
     const result = {
       sizeMiB,
       seconds,
       maxWrite,
+      rewritePct,
+      iothread,
+      fleecingFs,
       machine: { cores: load.cores, loadavgBefore: load.before, loadavgAfter: loadAfter },
-      setup: {
-        fillSeconds,
-        firstBackup: { kind: first.kind, durationMs: first.durationMs, bytesRead: first.bytesRead, bytesWritten: first.bytesWritten, fleecingPeakBytes: first.fleecingPeakBytes },
-        rewritePct,
-        rewriteBytes,
-        rewriteSeconds,
-      },
-      fleecingDir: fleecing,
-      backups: { fleecing: backupOf(fleecingRun), direct: backupOf(directRun) },
       rows,
-      goal: 'fleecing p99 ≤ 1.5 × idle p99',
+      backups,
+      peaks,
+      goal: 'fleecing p99 ≤ 1.3× idle (zipf) and ≤ 1.5× idle (uniform), iodepth 1 and 8; fleecing image peak with discard ≤ 50% of without',
     };
-    // Variants keep their own results file: the fleecing folder on another filesystem (live-tmpfs, …), or a slower backup.
-    const fleecingFs = (await describeFilesystem(fleecing)).split(' ')[0];
-    const name = process.env.BENCH_FLEECING_DIR ? `live-${fleecingFs}` : maxWrite !== '20M' ? 'live-throttled' : 'live';
+    // Variants keep their own results file: the fleecing folder on another filesystem (live-tmpfs, …), an iothread.
+    const name = `live${process.env.BENCH_FLEECING_DIR ? `-${fleecingFs}` : ''}${iothread ? '-iothread' : ''}`;
     const fleecingDir = process.env.BENCH_FLEECING_DIR ? `${fleecingFs} (${process.env.BENCH_FLEECING_DIR})` : "the same filesystem as the guest's image and the repository";
-    await writeResults('live', { sizeMiB, seconds, maxWrite, rewritePct, fleecingDir }, result, { name });
+    await writeResults('live', { sizeMiB, seconds, maxWrite, rewritePct, fleecingDir, iothread, patterns, modes }, result, { name });
     if (json) {
       console.log(JSON.stringify(result, null, 2));
       return;
     }
-    console.log(`guest 4 KiB random writes (fio nbd engine, ${seconds} s per job, no ramp), ${sizeMiB} MiB qcow2 under qemu-storage-daemon; ${load.cores} cores, load ${load.before.join(' ')} → ${loadAfter.join(' ')}`);
-    console.log(
-      `setup: fill ${fillSeconds.toFixed(1)} s; first live backup ${first.kind} ${(first.durationMs / 1000).toFixed(1)} s; rewrote ${rewriteBytes / MiB} MiB (${rewritePct}%) in ${rewriteSeconds.toFixed(1)} s`,
-    );
-    const row = (state: string, d: number, r: FioWrite | null) =>
-      r ? [state, String(d), r.iops.toFixed(0), fmtUs(r.p50us), fmtUs(r.p99us)] : [state, String(d), 'not available', '—', '—'];
+    console.log(`guest 4 KiB writes (fio nbd engine, ${seconds} s per job, no ramp), ${sizeMiB} MiB qcow2 under qemu-storage-daemon${iothread ? ' (iothread)' : ''}; fleecing on ${fleecingFs}; ${load.cores} cores, load ${load.before.join(' ')} → ${loadAfter.join(' ')}`);
     const table: string[][] = [];
-    for (const [i, d] of depths.entries()) {
-      table.push(row('(a) idle', d, idle[i]!));
-      table.push(row('(b) fleecing backup', d, fleecingRun.fio[i]!));
-      table.push(row('(c) direct backup', d, directRun.fio[i]!));
-      table.push(row('idle after (noise)', d, after[i]!));
-    }
-    console.log(formatTable(['state', 'iodepth', 'IOPS', 'p50', 'p99'], table));
-    for (const [label, r] of [['(b)', fleecingRun], ['(c)', directRun]] as const) {
-      const b = r.report;
-      const peak = b.fleecingPeakBytes === null ? '' : `, fleecing peak ${(b.fleecingPeakBytes / MiB).toFixed(1)} MiB`;
-      console.log(
-        `backup during ${label}: ${b.mode} ${b.kind}, --max-write ${maxWrite}, ${(b.durationMs / 1000).toFixed(1)} s (wall ${r.wallSeconds.toFixed(1)} s, export shown after ${(r.exportShownAfterMs / 1000).toFixed(1)} s), read ${(b.bytesRead / MiB).toFixed(0)} MiB, wrote ${(b.bytesWritten / MiB).toFixed(0)} MiB, copied ${(b.copiedBytes / MiB).toFixed(1)} MiB before guest writes${peak}${r.fioWithinBackup ? '' : '; WARNING: the backup ended before fio did'}`,
-      );
-    }
-    console.log(`fleecing folder: ${fleecing}`);
     for (const r of rows) {
-      console.log(`goal fleecing p99 ≤ 1.5× idle, iodepth ${r.iodepth}: ${r.p99Ratio.toFixed(2)}× — ${r.goalMet ? 'met' : 'not met'} (IOPS ${r.iopsRatio.toFixed(2)}× idle); direct p99 ${r.directP99Ratio.toFixed(2)}× idle (IOPS ${r.directIopsRatio.toFixed(2)}×)`);
+      const line = (state: string, x: FioWrite) => [r.pattern, String(r.iodepth), state, x.iops.toFixed(0), fmtUs(x.p50us), fmtUs(x.p99us), fmtUs(x.p999us), `${(x.p99us / r.idle.p99us).toFixed(2)}×`];
+      table.push(line('idle', r.idle));
+      for (const mode of modes) table.push(line(mode, (r as unknown as Record<string, FioWrite>)[mode]!));
+      table.push(line('idle after', r.idleAfter));
     }
+    console.log(formatTable(['pattern', 'iodepth', 'state', 'IOPS', 'p50', 'p99', 'p99.9', 'p99 vs idle'], table));
+    for (const b of backups) {
+      const peak = b.fleecingPeakBytes === null ? '' : `, fleecing peak ${(b.fleecingPeakBytes / MiB).toFixed(1)} MiB`;
+      console.log(`${b.pattern}, ${b.mode}: ${b.kind} in ${b.wallSeconds.toFixed(1)} s, read ${(b.bytesRead / MiB).toFixed(0)} MiB, copied ${(b.copiedBytes / MiB).toFixed(1)} MiB, discarded ${(b.discardedBytes / MiB).toFixed(0)} MiB${peak}${b.fioWithinBackup ? '' : '; WARNING: the backup ended before fio did'}`);
+    }
+    for (const p of peaks) if (p.ratio !== null) console.log(`${p.pattern}: fleecing peak with discard ${(p.ratio * 100).toFixed(0)}% of without (goal ≤ 50%)`);
+    for (const r of rows) if (r.goal !== null && r.goalMet !== null) console.log(`goal ${r.pattern} iodepth ${r.iodepth}: fleecing p99 ≤ ${r.goal}× idle: ${((r as unknown as Record<string, { p99Ratio: number }>).fleecing!.p99Ratio).toFixed(2)}× — ${r.goalMet ? 'met' : 'not met'}`);
   } finally {
     await watch.close().catch(() => undefined);
     await g.stop();

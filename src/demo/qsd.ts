@@ -66,7 +66,7 @@ export interface Daemon {
 }
 
 /** Start the daemon on `image` (qcow2), its sockets in `dir`, which must be short: a socket path fits in 108 bytes. */
-export async function startDaemon(dir: string, image: string, options: { watchMonitor?: boolean } = {}): Promise<Daemon> {
+export async function startDaemon(dir: string, image: string, options: { watchMonitor?: boolean; iothread?: boolean } = {}): Promise<Daemon> {
   const qmpSocket = join(dir, 'qmp.sock');
   const watchSocket = options.watchMonitor ? join(dir, 'qmp2.sock') : null;
   const nbdSocket = join(dir, 'nbd.sock');
@@ -75,7 +75,9 @@ export async function startDaemon(dir: string, image: string, options: { watchMo
     ...['--blockdev', 'driver=qcow2,node-name=disk0,file=f0'],
     ...['--blockdev', 'driver=raw,node-name=g0,file=disk0'],
     ...['--nbd-server', `addr.type=unix,addr.path=${nbdSocket}`],
-    ...['--export', 'type=nbd,id=guest,node-name=g0,name=disk0,writable=on'],
+    // With an iothread, the guest's disk and its export run there, off the main loop that serves QMP and our NBD reads.
+    ...(options.iothread ? ['--object', 'iothread,id=io0'] : []),
+    ...['--export', `type=nbd,id=guest,node-name=g0,name=disk0,writable=on${options.iothread ? ',iothread=io0' : ''}`],
     ...['--chardev', `socket,path=${qmpSocket},server=on,wait=off,id=m0`, '--monitor', 'chardev=m0'],
     ...(watchSocket ? ['--chardev', `socket,path=${watchSocket},server=on,wait=off,id=m1`, '--monitor', 'chardev=m1'] : []),
   ];
