@@ -72,6 +72,15 @@ describe('what the vhd tools never read as a disk', () => {
     expectRefused(await vhdvaultAsync('vhd', 'convert', loose, out, '--from', 'raw'), loose, /is a JSON file/);
   });
 
+  it('an s3:// path that names no backup is a usage error for vhd info, check and convert', async () => {
+    const path = 's3://bucket/prefix/disks/vm/not-an-id';
+    for (const args of [['info', path], ['check', path], ['convert', path, join(dir, 'none.raw')]]) {
+      const r = await vhdvaultAsync('vhd', ...args);
+      expect(r.code, r.stderr).toBe(2);
+      expect(r.stderr).toBe(`vhdvault: ${path}: names no backup; the vhd tools read a backup of an object store as s3://bucket/prefix/disks/<disk>/<id>\n`);
+    }
+  });
+
   it('a qcow2 image is named as one by vhd info, check and convert', async () => {
     const image = join(dir, 'disk.qcow2');
     execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', image, '16M']);

@@ -128,6 +128,7 @@ export function vhdCommand(): Command {
           await restore(repo, checkDiskName(backup.disk), output, { backup: backup.id, format: format === 'fixed' || format === 'dir' || format === 'vhd' ? format : 'raw', onProgress });
           return;
         }
+        refuseObjectStore(input);
         const [{ readingPath }, { convert }] = await Promise.all([import('../store/insideRepository.js'), import('../vhd/convert.js')]);
         await readingPath(input, () => convert(input, target, { format, fromRaw: opts.from === 'raw', compression: opts.compression, onProgress }));
       } finally {
