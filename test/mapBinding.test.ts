@@ -2,14 +2,16 @@
  * Each backup's digests (the objects layout's block map) are bound to it by
  * their SHA-256 in its metadata. A map swapped for another backup's of the same
  * size, in the store, is found by verify and refused by restore; a local cache
- * poisoned the same way is not trusted: the store's map is read instead.
+ * poisoned the same way is not trusted: the store's map is read instead, and
+ * the cache keeps only the maps of backups the store still holds.
  */
 import { copyFile, readdir, readFile, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { Repository } from '../src/store/repository.js';
 import { restore } from '../src/store/restore.js';
 import { verify } from '../src/store/verify.js';
+import { vhdvaultAsync } from './helpers/cli.js';
 import { sameBytes, tempDir } from './helpers/files.js';
 import { newBucket, s3Env, startS3 } from './helpers/s3.js';
 import { backupOf, initRepo } from './helpers/store.js';
@@ -89,6 +91,44 @@ describe('a poisoned map cache (objects layout on S3)', async () => {
     await writeFile(second!, await readFile(first!));
     await restore(repo, 'vm', join(dir, 'out.raw'), { backup: ids[1] });
     expect(await sameBytes(join(dir, 'out.raw'), copies[1]!)).toBe(true);
+  });
+});
+
+describe('the map cache (objects layout on S3)', async () => {
+  const s3 = await startS3();
+  afterAll(() => s3.close());
+
+  it('holds only the maps of backups the store still has: after a prune, and whenever it is opened', async () => {
+    const dir = await tempDir();
+    const cache = join(dir, 'cache');
+    Object.assign(process.env, s3Env(s3.endpoint), { VHDVAULT_CACHE_DIR: cache });
+    const root = `s3://${await newBucket(s3.endpoint)}/repo`;
+    await initRepo(root, 'objects');
+    const disk = join(dir, 'disk.raw');
+    const ids: string[] = [];
+    for (let i = 0; i < 4; i++) {
+      await writeFile(disk, Buffer.alloc(4 * MiB, 0x21 * (i + 1)));
+      ids.push(await backupOf(root, 'vm', disk));
+    }
+    const repo = await Repository.open(root);
+    for (const id of ids) await restore(repo, 'vm', join(dir, `warm-${id}.raw`), { backup: id });
+    const cachedIds = async () => (await findFiles(cache, '.digests')).map((p) => basename(p, '.digests')).sort();
+    expect(await cachedIds()).toEqual(ids);
+
+    const pruned = await vhdvaultAsync('prune', root, 'vm', '--keep-last', '2');
+    expect(pruned.code, pruned.stderr).toBe(0);
+    const survivors = ids.slice(2);
+    expect(await cachedIds()).toEqual(survivors);
+
+    // A backup pruned elsewhere (another machine's prune): its map goes the next time the cache is opened; nothing else does.
+    const folder = dirname((await findFiles(cache, '.digests'))[0]!);
+    const gone = '20200101T000000000Z-abcdef';
+    await copyFile(join(folder, `${survivors[0]}.digests`), join(folder, `${gone}.digests`));
+    await writeFile(join(folder, 'notes.txt'), 'not a map');
+    const restored = await vhdvaultAsync('restore', root, 'vm', join(dir, 'again.raw'));
+    expect(restored.code, restored.stderr).toBe(0);
+    expect(await cachedIds()).toEqual(survivors);
+    expect((await readdir(folder)).sort()).toEqual([...survivors.map((id) => `${id}.digests`), 'notes.txt'].sort());
   });
 });
 

@@ -268,7 +268,7 @@ describe.concurrent('an S3 repository through the CLI', () => {
     expect(history.runs[0]).toMatchObject({ job: 'to-s3', ok: true, disks: [{ disk: 'vm', id: ids[0] }] });
   });
 
-  it('vhd convert exports a backup to a VHD directory and a VHD file, restore to a fixed VHD: each reads back as the disk', async () => {
+  it('vhd convert exports a backup to a VHD directory and a VHD file, restore to a fixed VHD: each reads back as the disk; vhd info and check read the backup', async () => {
     const repo = await location();
     ok(await vhdvaultAsync('init', repo));
     const disk = await newDisk('export');
@@ -285,6 +285,9 @@ describe.concurrent('an S3 repository through the CLI', () => {
       ])
     ).forEach(ok);
     ok(await vhdvaultAsync('vhd', 'check', exploded));
+    // The backup itself, read through its repository as restore reads it.
+    expect(ok(await vhdvaultAsync('vhd', 'check', backup)).stdout).toMatch(/: ok \(dynamic, \d+ bytes\)/);
+    expect(JSON.parse(ok(await vhdvaultAsync('vhd', 'info', backup, '--json')).stdout)).toMatchObject({ path: backup, type: 'dynamic' });
     const back = join(dir, 'back.raw');
     ok(await vhdvaultAsync('vhd', 'convert', exploded, back));
     expect(await sameBytes(back, disk)).toBe(true);

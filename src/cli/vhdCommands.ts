@@ -22,10 +22,19 @@ export function outputFormatFor(target: OutputTarget, requested?: OutputFormat):
   return byExtension;
 }
 
-/** A backup on an object store is no VHD file: say how to get one. */
+/** An object store holds no VHD file: only its backups are read (named as below). */
 function refuseObjectStore(path: string): void {
-  if (path.startsWith('s3://')) throw new UsageError(`${path}: a backup on an object store is not a VHD; export it with \`vhdvault vhd convert ${path} <out.vhd>\` (or restore), then inspect that`);
+  if (path.startsWith('s3://')) throw new UsageError(`${path}: names no backup; the vhd tools read a backup of an object store as s3://bucket/prefix/disks/<disk>/<id>`);
 }
+
+/** The backup `path` names, `<repo>/disks/<disk>/<id>` (or its .json or .digests), in any layout, in a folder or on s3://; else null. */
+async function backupNamedBy(path: string) {
+  const { namedBackup } = await import('../store/namedBackup.js');
+  return namedBackup(path);
+}
+
+/** What `vhd check` prints of a sound disk. */
+const checkedLine = (path: string, type: string, size: number, depth: number) => `${path}: ok (${type}, ${size} bytes${depth > 1 ? `, chain of ${depth} disks` : ''})`;
 
 export function vhdCommand(): Command {
   const vhd = new Command('vhd').description('create, inspect, check and convert VHD files and directories');
@@ -57,9 +66,14 @@ export function vhdCommand(): Command {
     .argument('<path>')
     .option('--json', 'print one JSON object')
     .action(async (path: string, opts: { json?: boolean }) => {
-      refuseObjectStore(path);
-      const [{ readingPath }, { describeVhd, formatDescription }] = await Promise.all([import('../store/insideRepository.js'), import('../vhd/describe.js')]);
-      const description = await readingPath(path, () => describeVhd(path));
+      const [named, { readingPath }, { readingBackup, describeBackup }, { describeVhd, formatDescription }] = await Promise.all([
+        backupNamedBy(path),
+        import('../store/insideRepository.js'),
+        import('../store/namedBackup.js'),
+        import('../vhd/describe.js'),
+      ]);
+      if (!named) refuseObjectStore(path);
+      const description = named ? await readingBackup(named, (repo, meta) => describeBackup(path, repo, meta)) : await readingPath(path, () => describeVhd(path));
       if (opts.json) printJson(JSON_FORMATS.vhdInfo, description);
       else console.log(formatDescription(description));
     });
@@ -69,6 +83,13 @@ export function vhdCommand(): Command {
     .description('validate a VHD and its parents; exit 1 with the first problem')
     .argument('<path>')
     .action(async (path: string) => {
+      const named = await backupNamedBy(path);
+      if (named) {
+        // A backup is checked as a restore reads it: every block against its digests.
+        const { readingBackup, checkBackup } = await import('../store/namedBackup.js');
+        const { type, size, depth } = await readingBackup(named, checkBackup);
+        return void console.log(checkedLine(path, type, size, depth));
+      }
       // A backup's data inside a repository is read as a reader of its disk, never beside a merge.
       refuseObjectStore(path);
       const [{ readingPath }, { VhdChain }, { VhdDirectory }] = await Promise.all([import('../store/insideRepository.js'), import('../vhd/VhdChain.js'), import('../vhd/VhdDirectory.js')]);
@@ -77,8 +98,7 @@ export function vhdCommand(): Command {
         try {
           // Directories are validated block by block only when asked: here.
           for (const member of chain.members) if (member instanceof VhdDirectory) await member.verifyBlocks();
-          const depth = chain.members.length;
-          console.log(`${path}: ok (${chain.top.footer.diskType}, ${chain.size} bytes${depth > 1 ? `, chain of ${depth} disks` : ''})`);
+          console.log(checkedLine(path, chain.top.footer.diskType, chain.size, chain.members.length));
         } finally {
           await chain.close();
         }
@@ -88,7 +108,7 @@ export function vhdCommand(): Command {
   vhd
     .command('convert')
     .description('convert a VHD (read through its chain) or raw image to a full disk')
-    .argument('<input>', 'VHD file or directory, Xen Orchestra *.alias.vhd, raw image, or a backup of an object store (s3://bucket/prefix/disks/<disk>/<id>)')
+    .argument('<input>', 'VHD file or directory, Xen Orchestra *.alias.vhd, raw image, or a backup (<repo>/disks/<disk>/<id>, in a folder or on s3://)')
     .argument('<output>', 'file (replaced atomically), block or character device (raw, in place), or - for standard output')
     .addOption(new Option('--format <format>', 'output format (default: raw for a device or -, else from the extension)').choices(['vhd', 'fixed', 'raw', 'dir']))
     .addOption(new Option('--from <format>', 'treat the input as this format').choices(['raw']))
@@ -100,17 +120,17 @@ export function vhdCommand(): Command {
       checkFormatFits(target, format);
       const bar = progressBar('convert', false);
       const onProgress = (d: number, t: number, b: number) => bar.update(d, t, b);
-      // A backup of an object store has no VHD to open: it is read as restore reads it, digests checked.
-      const { backupLocation } = await import('../store/names.js');
-      const backup = backupLocation(input);
+      // A backup (of any layout) is read as restore reads it, digests checked.
+      const backup = await backupNamedBy(input);
       try {
         if (backup) {
           if (opts.compression) throw new UsageError('--compression applies to converting a VHD; a backup is exported uncompressed');
-          const [{ Repository }, { checkBackupId, checkDiskName }, { restore }] = await Promise.all([import('../store/repository.js'), import('../store/names.js'), import('../store/restore.js')]);
+          const [{ Repository }, { checkDiskName }, { restore }] = await Promise.all([import('../store/repository.js'), import('../store/names.js'), import('../store/restore.js')]);
           const repo = await Repository.open(backup.root);
-          await restore(repo, checkDiskName(backup.disk), output, { backup: checkBackupId(backup.id), format: format === 'fixed' || format === 'dir' || format === 'vhd' ? format : 'raw', onProgress });
+          await restore(repo, checkDiskName(backup.disk), output, { backup: backup.id, format: format === 'fixed' || format === 'dir' || format === 'vhd' ? format : 'raw', onProgress });
           return;
         }
+        refuseObjectStore(input);
         const [{ readingPath }, { convert }] = await Promise.all([import('../store/insideRepository.js'), import('../vhd/convert.js')]);
         await readingPath(input, () => convert(input, target, { format, fromRaw: opts.from === 'raw', compression: opts.compression, onProgress }));
       } finally {

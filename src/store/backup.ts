@@ -2,6 +2,7 @@ import { readFile } from 'node:fs/promises';
 import { NbdSource } from '../nbd/NbdSource.js';
 import { isNbdUri, type NbdAddress, parseNbdUri } from '../nbd/uri.js';
 import { UsageError, VaultError } from '../util/errors.js';
+import { cleanUpAfter } from '../util/fsync.js';
 import { ForeignImageError, openSource, type BlockSource } from '../vhd/source.js';
 import { openImageThroughQemuNbd } from '../nbd/imageServer.js';
 import { newUuid } from '../vhd/uuid.js';
@@ -246,8 +247,7 @@ export async function backupFrom(repo: Repository, disk: string, source: BlockSo
       await writer.finish(result.digests.bytes);
     } catch (err) {
       failed.abort();
-      await writer.abort();
-      throw err;
+      throw await cleanUpAfter(err, () => writer.abort());
     }
     const fields = { disk, id, parent: parent?.id ?? null, size, blockCount, uuid, blocksWritten: result.blocksWritten, bytesWritten: result.bytesWritten };
     const metadata = newBackupMetadata(repo, { ...fields, bytesStored: await writer.storedBytes(result.bytesWritten), ...(extras.checkpoint ? { checkpoint: extras.checkpoint } : {}) }, result.digests.bytes);

@@ -61,7 +61,9 @@ interface Produced {
 /**
  * Blocks are read in order (ahead of the workers), digested, compared with the
  * previous backup's digests, and only changed ones stored, as the layout's
- * writer directs; the digests of every block are gathered in order.
+ * writer directs; the digests of every block are gathered in order. A failed
+ * run returns only once no block task runs any more (read, worker or write):
+ * the writer's abort then finds every file it has to remove.
  */
 export class BackupPipeline {
   private readonly clocks = { read: new BusyClock(), write: new BusyClock() };
@@ -70,6 +72,8 @@ export class BackupPipeline {
   private readonly zero: Buffer;
   private blocksRead = 0;
   private fileBytesRead = 0;
+  /** A block failed: those still in flight do no more work, and are only waited for. */
+  private stopped = false;
 
   private constructor(
     private readonly input: PipelineInput,
@@ -88,6 +92,17 @@ export class BackupPipeline {
     }
   }
 
+  /** A failure stops every block still in flight at its next step. */
+  private readonly stop = (err: unknown): never => {
+    this.stopped = true;
+    throw err;
+  };
+
+  /** Between the steps of a block: give up once the backup failed or was stopped. */
+  private going(): void {
+    if (this.stopped || this.input.signal.aborted) throw new Error('the backup stopped');
+  }
+
   /** Read, digest and hand one block to its worker; resolves to what the in-order consumer needs. */
   private async produce(block: number): Promise<Produced> {
     const { source, previous, changed, writer, readLimit, writeLimit, signal } = this.input;
@@ -95,6 +110,7 @@ export class BackupPipeline {
     const prev = previous ? await previous.get(block) : null;
     if (changed && prev && !testBit(changed, block)) return { digest: prev, store: false, data: null, storedBytes: 0 };
     let data = await this.readSlots(async () => {
+      this.going();
       await readLimit.take(blockSize, signal);
       return this.clocks.read.time(() => source.readBlock(block));
     });
@@ -106,6 +122,7 @@ export class BackupPipeline {
       if (prev === null || prev.equals(this.zero)) return { digest: this.zero, store: false, data: null, storedBytes: 0 };
       data = Buffer.alloc(blockSize);
     }
+    this.going();
     const output = await writer.output(block, this.input.paced);
     const task = { block, data: data.buffer as ArrayBuffer, byteOffset: data.byteOffset, length: data.length, previousDigest: prev, compression: writer.codec, bare: writer.bare, output };
     const result = await this.pool.run(task);
@@ -120,6 +137,7 @@ export class BackupPipeline {
       if (target === null) result.store = false;
     }
     if (result.store) await writeLimit.take(result.storedBytes, signal);
+    if (result.store) this.going();
     if (result.store && result.prepared && target) this.workerMs.write += await this.pool.write({ target, parts: result.prepared });
     const keep = result.store && writer.writesInOrder; // the main thread still has to store it
     if (!keep) releaseBuffer(result.data);
@@ -133,16 +151,16 @@ export class BackupPipeline {
     let [done, blocksWritten, bytesWritten, bytesCompressed] = [0, 0, 0, 0];
     // Two blocks per worker keep them all busy; at most 64 blocks (128 MiB) in flight whatever --concurrency.
     const readAhead = Math.min(64, Math.max(BLOCK_READ_AHEAD, concurrency * 2));
-    for await (const [block, r] of orderedReadAhead(range(source.blockCount), readAhead, (b) => this.produce(b))) {
+    for await (const [block, r] of orderedReadAhead(range(source.blockCount), readAhead, (b) => this.produce(b).catch(this.stop))) {
       digests.append(r.digest);
       if (r.store) {
         blocksWritten++;
         bytesWritten += r.storedBytes;
         if (writer.writesInOrder) {
-          await this.clocks.write.time(() => writer.record(block, r.data));
+          await this.clocks.write.time(() => writer.record(block, r.data)).catch(this.stop);
           releaseBuffer(r.data!);
         } else {
-          await writer.record(block, null);
+          await writer.record(block, null).catch(this.stop);
           bytesCompressed += source.blockSize;
         }
       }

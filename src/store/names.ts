@@ -61,12 +61,3 @@ export function pinKeys(folder: string): { pinsKey(disk: string): string; pinKey
   const pinsKey = (disk: string) => key(folder, checkDiskName(disk));
   return { pinsKey, pinKey: (disk, what) => key(pinsKey(disk), `${createHash('sha256').update(what).digest('hex').slice(0, 16)}.json`) };
 }
-
-/**
- * A backup named by where it is, `<repository>/disks/<disk>/<id>` — how `vhd
- * convert` takes a backup of an object store, whose backups are no VHD files.
- */
-export function backupLocation(input: string): { root: string; disk: string; id: string } | null {
-  const m = /^(s3:\/\/.+?)\/disks\/([^/]+)\/([^/]+)\/?$/.exec(input);
-  return m ? { root: m[1]!, disk: m[2]!, id: m[3]! } : null;
-}

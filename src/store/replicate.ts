@@ -12,6 +12,7 @@ import { type Compression, compress, decompress } from '../vhd/compression.js';
 import { SECTOR_SIZE } from '../vhd/constants.js';
 import type { VhdDisk } from '../vhd/disk.js';
 import { UsageError, VaultError } from '../util/errors.js';
+import { cleanUpAfter } from '../util/fsync.js';
 import { blocksWithData } from '../vhd/synthesize.js';
 import { orderedReadAhead, range } from '../util/pipeline.js';
 import { isAllZero } from '../util/zero.js';
@@ -404,8 +405,7 @@ async function sendBackup(run: Run, disk: string, step: Step, progress: (blocks:
       await run.writeLimit.take(digests.length);
       await run.write.time(() => writer.finish(digests));
     } catch (err) {
-      await writer.abort();
-      throw err;
+      throw await cleanUpAfter(err, () => writer.abort());
     }
     const fields = { disk, id: meta.id, parent: parent?.id ?? null, size: meta.size, blockCount: meta.blockCount, uuid: meta.uuid, blocksWritten: sent.blocks, bytesWritten: sent.bytes };
     const copy = { ...newBackupMetadata(dst, { ...fields, bytesStored: await writer.storedBytes(sent.bytes) }, digests), createdAt: meta.createdAt };

@@ -20,8 +20,35 @@ export async function fsyncDirectory(dir: string): Promise<void> {
   }
 }
 
-export async function removeQuietly(path: string): Promise<void> {
-  await rm(path, { force: true, recursive: true }).catch(() => undefined);
+/** Remove what a failed write staged; a removal that fails is an error naming what is left behind. */
+export async function removeStaged(path: string): Promise<void> {
+  await rm(path, { force: true, recursive: true }).catch((err: unknown) => {
+    throw new VaultError(path, `is left behind: it cannot be removed (${describeFsError(err)}); remove it by hand`);
+  });
+}
+
+/**
+ * Run `cleanUp` (an abort) after `err`; resolves to what to throw: `err`, or,
+ * when the clean-up fails too, `err` saying also what is left behind.
+ */
+export async function cleanUpAfter(err: unknown, cleanUp: () => Promise<void>): Promise<unknown> {
+  try {
+    await cleanUp();
+    return err;
+  } catch (failure) {
+    return alsoSaying(err, `and ${(failure as Error).message}`);
+  }
+}
+
+/** `err` with `more` after its message, its type and code kept (an fs error becomes a VaultError naming its path). */
+function alsoSaying(err: unknown, more: string): unknown {
+  const fsError = err as NodeJS.ErrnoException;
+  if (fsError?.code && fsError.path && !(err instanceof VaultError)) {
+    return Object.assign(new VaultError(fsError.path, `${describeFsError(err)}; ${more}`), { code: fsError.code });
+  }
+  if (!(err instanceof Error)) return new Error(`${String(err)}; ${more}`);
+  err.message = `${err.message}; ${more}`;
+  return err;
 }
 
 /**
@@ -89,15 +116,14 @@ export class AtomicFile {
       });
       await fsyncDirectory(dirname(this.target));
     } catch (err) {
-      await this.abort();
-      throw err;
+      throw await cleanUpAfter(err, () => this.abort());
     }
   }
 
   async abort(): Promise<void> {
     await this.flushing;
     await this.handle.close().catch(() => undefined);
-    await removeQuietly(this.temp);
+    await removeStaged(this.temp);
   }
 }
 

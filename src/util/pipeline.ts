@@ -7,7 +7,8 @@ export const BLOCK_READ_AHEAD = 16;
 
 /**
  * Yield `produce(i)` for each i of `indices`, in order, with up to `readAhead`
- * of them in flight: memory is bounded by `readAhead` produced values.
+ * of them in flight: memory is bounded by `readAhead` produced values. When
+ * the iteration ends early, the items still in flight are waited for first.
  */
 export async function* orderedReadAhead<T>(
   indices: Iterable<number>,
@@ -25,11 +26,16 @@ export async function* orderedReadAhead<T>(
     return true;
   };
   while (inFlight.length < readAhead && launch());
-  while (inFlight.length > 0) {
-    const [index, p] = inFlight.shift()!;
-    const value = await p;
-    launch();
-    yield [index, value];
+  try {
+    while (inFlight.length > 0) {
+      const [index, p] = inFlight.shift()!;
+      const value = await p;
+      launch();
+      yield [index, value];
+    }
+  } finally {
+    // Cut short (an item failed, or the consumer stopped): nothing launched here runs on once we are done.
+    await Promise.allSettled(inFlight.map(([, p]) => p));
   }
 }
 

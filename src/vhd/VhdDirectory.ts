@@ -12,7 +12,7 @@ import { MAX_LOCATOR_BYTES, PLATFORM_NONE } from './parentLocator.js';
 import { newDiskMetadata, type WriterOptions } from './VhdWriter.js';
 import { pathExists } from '../util/files.js';
 import { OpenFiles } from '../util/smallReads.js';
-import { AtomicFile, fsyncDirectory, removeQuietly, syncFilesystem, temporaryPath } from '../util/fsync.js';
+import { AtomicFile, cleanUpAfter, fsyncDirectory, removeStaged, syncFilesystem, temporaryPath } from '../util/fsync.js';
 
 /**
  * The exploded layout (Xen Orchestra vhd-lib's VhdDirectory): a directory with
@@ -374,13 +374,12 @@ export class VhdDirectoryWriter {
       await rename(this.temp, this.target);
       await fsyncDirectory(dirname(this.target));
     } catch (err) {
-      await this.abort();
-      throw err;
+      throw await cleanUpAfter(err, () => this.abort());
     }
   }
 
   async abort(): Promise<void> {
     await Promise.allSettled(this.pending);
-    await removeQuietly(this.temp);
+    await removeStaged(this.temp);
   }
 }

@@ -7,7 +7,7 @@ import { VhdChain } from './VhdChain.js';
 import { DynamicVhdWriter } from './VhdWriter.js';
 import type { Compression } from './compression.js';
 import { VhdDirectoryWriter } from './VhdDirectory.js';
-import { AtomicFile } from '../util/fsync.js';
+import { AtomicFile, cleanUpAfter } from '../util/fsync.js';
 import { BLOCK_READ_AHEAD, forEachOrdered } from '../util/pipeline.js';
 import { isAllZero } from '../util/zero.js';
 import { releaseBuffer } from '../util/bufferPool.js';
@@ -57,8 +57,7 @@ class FlatDiskWriter implements DiskWriter {
     try {
       await file.handle.truncate(size + (footer ? FOOTER_SIZE : 0));
     } catch (err) {
-      await file.abort();
-      throw err;
+      throw await cleanUpAfter(err, () => file.abort());
     }
     return new FlatDiskWriter(file, size, blockSize, footer);
   }
@@ -168,8 +167,7 @@ export async function copyDisk(source: BlockSource, writer: DiskWriter, onProgre
     );
     await writer.finish();
   } catch (err) {
-    await writer.abort();
-    throw err;
+    throw await cleanUpAfter(err, () => writer.abort());
   }
   return { size: source.size, blocks: source.blockCount, dataBlocks };
 }

@@ -4,6 +4,7 @@ import { fromVhdTimestamp } from './timestamp.js';
 import { VhdChain } from './VhdChain.js';
 import { VhdDirectory } from './VhdDirectory.js';
 import { openDisk } from './openDisk.js';
+import type { VhdDisk } from './disk.js';
 import { bytesUnder } from '../util/files.js';
 import type { Geometry } from './geometry.js';
 import { decodeLocatorPath, PLATFORM_NONE } from './parentLocator.js';
@@ -42,18 +43,20 @@ export interface VhdDescription {
 }
 
 
-async function describeChain(path: string): Promise<Pick<VhdDescription, 'chain' | 'chainProblem'>> {
+type ChainPart = Pick<VhdDescription, 'chain' | 'chainProblem'>;
+
+const storageOf = (vhd: VhdDisk): VhdDescription['storage'] => (vhd instanceof VhdDirectory ? 'directory' : 'file');
+
+/** An open chain's members, top first, as `vhd info` lists them. */
+export function chainMembers(chain: { members: VhdDisk[] }): ChainPart {
+  return { chain: chain.members.map((m) => ({ path: m.path, type: m.footer.diskType, uuid: m.footer.uuid, storage: storageOf(m) })) };
+}
+
+async function describeChain(path: string): Promise<ChainPart> {
   try {
     const chain = await VhdChain.open(path);
     await chain.close();
-    return {
-      chain: chain.members.map((m) => ({
-        path: m.path,
-        type: m.footer.diskType,
-        uuid: m.footer.uuid,
-        storage: m instanceof VhdDirectory ? 'directory' : 'file',
-      })),
-    };
+    return chainMembers(chain);
   } catch (err) {
     return { chain: null, chainProblem: (err as Error).message };
   }
@@ -64,45 +67,53 @@ const printable = (s: string) => s.replace(/\0/g, '');
 export async function describeVhd(path: string): Promise<VhdDescription> {
   const vhd = await openDisk(path);
   try {
-    const { footer, header } = vhd;
-    const differencing = footer.diskType === 'differencing';
-    const isDirectory = vhd instanceof VhdDirectory;
-    const parentLocators: VhdDescription['parentLocators'] = [];
-    if (differencing && header) {
-      for (const [index, loc] of header.parentLocators.entries()) {
-        if (loc.platformCode === PLATFORM_NONE) continue;
-        const data = await vhd.readLocatorData(index);
-        parentLocators.push({ platform: printable(loc.platformCode), path: data ? decodeLocatorPath(data) : null });
-      }
-    }
-    const v = footer.creatorVersion;
-    return {
-      path,
-      aliasTarget: vhd.path !== path ? vhd.path : null,
-      type: footer.diskType,
-      size: vhd.size,
-      currentSize: footer.currentSize,
-      originalSize: footer.originalSize,
-      blockSize: vhd.blockSize,
-      blockCount: vhd.blockCount,
-      allocatedBlocks: vhd.allocatedBlocks(),
-      uuid: footer.uuid,
-      parentUuid: differencing && header ? header.parentUuid : null,
-      parentName: differencing && header ? header.parentName : null,
-      parentLocators,
-      creator: printable(footer.creatorApp),
-      creatorVersion: `${v >>> 16}.${v & 0xffff}`,
-      creatorHostOs: printable(footer.creatorHostOs),
-      createdAt: fromVhdTimestamp(footer.timestamp).toISOString(),
-      geometry: footer.geometry,
-      storage: isDirectory ? 'directory' : 'file',
-      compression: isDirectory ? vhd.compression : 'none',
-      storedBytes: await bytesUnder([vhd.path]),
-      ...(differencing ? await describeChain(path) : { chain: [{ path: vhd.path, type: footer.diskType, uuid: footer.uuid, storage: isDirectory ? 'directory' : 'file' }] }),
-    };
+    const chain = vhd.footer.diskType === 'differencing' ? await describeChain(path) : chainMembers({ members: [vhd] });
+    return await describeDisk(path, vhd, { ...chain, storedBytes: await bytesUnder([vhd.path]) });
   } finally {
     await vhd.close();
   }
+}
+
+/** An open VHD (a file, a directory, or a backup read through its repository), given its chain and the bytes it occupies. */
+export async function describeDisk(path: string, vhd: VhdDisk, known: ChainPart & { storedBytes: number }): Promise<VhdDescription> {
+  const { footer, header } = vhd;
+  const differencing = footer.diskType === 'differencing';
+  const parentLocators: VhdDescription['parentLocators'] = [];
+  if (differencing && header) {
+    for (const [index, loc] of header.parentLocators.entries()) {
+      if (loc.platformCode === PLATFORM_NONE) continue;
+      const data = await vhd.readLocatorData(index);
+      parentLocators.push({ platform: printable(loc.platformCode), path: data ? decodeLocatorPath(data) : null });
+    }
+  }
+  const v = footer.creatorVersion;
+  let allocatedBlocks = 0;
+  for (let b = 0; b < vhd.blockCount; b++) if (vhd.isAllocated(b)) allocatedBlocks++;
+  return {
+    path,
+    aliasTarget: vhd.path !== path ? vhd.path : null,
+    type: footer.diskType,
+    size: vhd.size,
+    currentSize: footer.currentSize,
+    originalSize: footer.originalSize,
+    blockSize: vhd.blockSize,
+    blockCount: vhd.blockCount,
+    allocatedBlocks,
+    uuid: footer.uuid,
+    parentUuid: differencing && header ? header.parentUuid : null,
+    parentName: differencing && header ? header.parentName : null,
+    parentLocators,
+    creator: printable(footer.creatorApp),
+    creatorVersion: `${v >>> 16}.${v & 0xffff}`,
+    creatorHostOs: printable(footer.creatorHostOs),
+    createdAt: fromVhdTimestamp(footer.timestamp).toISOString(),
+    geometry: footer.geometry,
+    storage: storageOf(vhd),
+    compression: vhd instanceof VhdDirectory ? vhd.compression : 'none',
+    storedBytes: known.storedBytes,
+    chain: known.chain,
+    ...(known.chainProblem === undefined ? {} : { chainProblem: known.chainProblem }),
+  };
 }
 
 export function formatDescription(d: VhdDescription): string {

@@ -1,4 +1,5 @@
 import { open } from 'node:fs/promises';
+import { VaultError } from '../util/errors.js';
 
 /**
  * Disk image formats other than VHD, told by the magic bytes at their start
@@ -33,5 +34,22 @@ export async function foreignFormat(path: string): Promise<string | null> {
     return null;
   } finally {
     await fh.close();
+  }
+}
+
+/**
+ * A qcow2 (or other) image given where a disk is read: its container bytes are
+ * not the disk. A caller that can read it another way (backup: through qemu-nbd)
+ * catches this and does; the others say how.
+ */
+export class ForeignImageError extends VaultError {
+  constructor(
+    path: string,
+    readonly format: string,
+    fromRawFlag: string | undefined,
+  ) {
+    const serve = `serve it read-only with \`qemu-nbd -r -f ${format} -k <socket> <file>\` and give nbd+unix:///?socket=<socket>, or convert it with \`qemu-img convert -O raw\``;
+    const raw = fromRawFlag ? `; ${fromRawFlag} reads the file's own bytes as the disk` : '';
+    super(path, `is a ${format} image, not a raw disk or VHD: its bytes are a container, not the disk; ${serve}${raw}`);
   }
 }

@@ -2,6 +2,7 @@ import { stat } from 'node:fs/promises';
 import { notADiskImage } from '../util/files.js';
 import { isAliasName, resolveAlias } from './alias.js';
 import { describeFsError, VaultError } from '../util/errors.js';
+import { ForeignImageError, foreignFormat } from './imageFormat.js';
 import { VhdDirectory } from './VhdDirectory.js';
 import { type OpenOptions, VhdFile } from './VhdFile.js';
 
@@ -17,5 +18,10 @@ export async function openDisk(path: string, options: OpenOptions = {}): Promise
   // Checked before opening: opening a FIFO would wait for a writer.
   const odd = notADiskImage(s);
   if (odd) throw new VaultError(at, odd);
-  return s.isDirectory() ? VhdDirectory.open(at, options) : VhdFile.open(at, options);
+  if (s.isDirectory()) return VhdDirectory.open(at, options);
+  return VhdFile.open(at, options).catch(async (err: unknown) => {
+    // Not a VHD: another format's image is named as such (its container is no disk).
+    const foreign = await foreignFormat(at).catch(() => null);
+    throw foreign ? new ForeignImageError(at, foreign, undefined) : err;
+  });
 }

@@ -3,10 +3,12 @@ import { SECTOR_SIZE, DEFAULT_BLOCK_SIZE, FOOTER_COOKIE, FOOTER_SIZE, MAX_DISK_S
 import { isAliasName, resolveAlias } from './alias.js';
 import { describeFsError, VaultError } from '../util/errors.js';
 import { VhdChain } from './VhdChain.js';
-import { foreignFormat } from './imageFormat.js';
+import { ForeignImageError, foreignFormat } from './imageFormat.js';
 import { takeBuffer } from '../util/bufferPool.js';
 import { blockDeviceSize } from '../util/device.js';
 import { notADiskImage } from '../util/files.js';
+
+export { ForeignImageError };
 
 /** Bytes an open file or block device holds (fstat says 0 for a device). */
 async function sizeOf(fh: FileHandle): Promise<{ size: number; isFile: boolean; isBlockDevice: boolean }> {
@@ -105,23 +107,6 @@ export interface SourceOptions {
  * name ending in .vhd must hold a VHD: taking it for a raw image would turn a
  * damaged or mistaken file into a "disk" of garbage.
  */
-/**
- * A qcow2 (or other) image given where a disk is read: its container bytes are
- * not the disk. A caller that can read it another way (backup: through qemu-nbd)
- * catches this and does; the others say how.
- */
-export class ForeignImageError extends VaultError {
-  constructor(
-    path: string,
-    readonly format: string,
-    fromRawFlag: string | undefined,
-  ) {
-    const serve = `serve it read-only with \`qemu-nbd -r -f ${format} -k <socket> <file>\` and give nbd+unix:///?socket=<socket>, or convert it with \`qemu-img convert -O raw\``;
-    const raw = fromRawFlag ? `; ${fromRawFlag} reads the file's own bytes as the disk` : '';
-    super(path, `is a ${format} image, not a raw disk or VHD: its bytes are a container, not the disk; ${serve}${raw}`);
-  }
-}
-
 export async function openSource(path: string, options: SourceOptions = {}): Promise<BlockSource> {
   // The chain is opened through the alias itself: its parent may be named relative to the alias's folder.
   if (isAliasName(path) && !options.fromRaw) return VhdChain.open(path);
@@ -132,6 +117,8 @@ export async function openSource(path: string, options: SourceOptions = {}): Pro
   // Before any open: opening a FIFO would wait for a writer, and none of these can be read at an offset.
   const odd = notADiskImage(s);
   if (odd) throw new VaultError(at, odd);
+  // vhdvault's metadata, a job or a report: never a disk, whatever --from says.
+  if (/\.json$/i.test(at)) throw new VaultError(at, 'is a JSON file, not a disk image: a backup is given as <repo>/disks/<disk>/<id> inside its repository, a disk as a VHD or raw image');
   if (s.isDirectory()) return VhdChain.open(at);
   if (options.fromRaw) return RawSource.open(at);
   if (await looksLikeVhd(at)) return VhdChain.open(at);

@@ -1,5 +1,5 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { lstat, mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { lstat, mkdir, readdir, readFile, rename, rm, stat, unlink, writeFile } from 'node:fs/promises';
 import { homedir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { decompress } from '../../vhd/compression.js';
@@ -9,7 +9,7 @@ import { checkDigestsBinding, DIGEST_SIZE, digestsSha256, zeroDigest } from '../
 import { blocksKey, digestsKey, diskKey, inDisk } from '../keys.js';
 import { SharedObjectError } from '../finding.js';
 import type { BackupMetadata } from '../metadata.js';
-import { isBackupId } from '../names.js';
+import { checkBackupId, checkDiskName, isBackupId } from '../names.js';
 import type { LayoutContext } from './Layout.js';
 
 /**
@@ -78,11 +78,39 @@ export class BlockMap {
  * object store's maps are kept in a local cache: a restore or delta reads each
  * once. The cache is per repository (URI and creation time) and disk.
  */
-function cachePath(repo: LayoutContext, disk: string, id: string): string | null {
+function cacheFolder(repo: LayoutContext, disk: string): string | null {
   if (repo.storage.capabilities.localFiles) return null;
   const base = process.env.VHDVAULT_CACHE_DIR ?? join(process.env.XDG_CACHE_HOME ?? join(homedir(), '.cache'), 'vhdvault');
   const repoId = createHash('sha256').update(`${repo.root}\0${repo.config.createdAt}`).digest('hex').slice(0, 16);
-  return join(base, 'maps', repoId, disk, `${id}.digests`);
+  return join(base, 'maps', repoId, checkDiskName(disk));
+}
+
+const MAP_NAME = /^(.+)\.digests$/;
+
+function cachePath(repo: LayoutContext, disk: string, id: string): string | null {
+  const folder = cacheFolder(repo, disk);
+  return folder && join(folder, `${checkBackupId(id)}.digests`);
+}
+
+/** Disk cache folders trimmed by this process: once each is enough. */
+const trimmed = new Set<string>();
+
+/**
+ * Remove the disk's cached maps whose backup the store no longer holds (pruned,
+ * merged away, or deleted from another machine): one listing of the disk's
+ * folder, none when nothing is cached. Only `<id>.digests` entries of the
+ * disk's cache folder go, and only copies: a map still needed is read from the
+ * store again. A cache that cannot be read or trimmed is left as it is.
+ */
+export async function trimMapCache(repo: LayoutContext, disk: string): Promise<void> {
+  const folder = cacheFolder(repo, disk);
+  if (!folder) return;
+  trimmed.add(folder);
+  const cached = (await readdir(folder).catch(() => [])).filter((name) => isBackupId(MAP_NAME.exec(name)?.[1] ?? ''));
+  if (cached.length === 0) return;
+  const stored = new Set(await repo.storage.list(diskKey(disk)).catch(() => cached));
+  // unlink: a link goes, never what it points to; a folder at a map's name stays.
+  for (const name of cached) if (!stored.has(name)) await unlink(join(folder, name)).catch(() => undefined);
 }
 
 /**
@@ -96,6 +124,7 @@ export async function loadBlockMap(repo: LayoutContext, meta: BackupMetadata, op
   // A cached copy counts only when it is the map the backup's metadata (read from the store) records,
   // and while the store still holds it (one HEAD, not the download): a backup whose map is gone is
   // damaged, whatever this machine remembers. Backups that record no digest are read from the store.
+  if (cached && !trimmed.has(dirname(cached))) await trimMapCache(repo, meta.disk);
   if (cached && meta.digestsSha256 !== undefined) {
     const bytes = await readCached(cached, expected);
     if (bytes && digestsSha256(bytes) === meta.digestsSha256 && (await repo.storage.head(k))?.size === expected) return new BlockMap(bytes, meta.blockSize);
@@ -186,7 +215,7 @@ export async function collectGarbage(repo: LayoutContext, disk: string, candidat
   const markers = names.filter((n) => SWEEP_MARKER.test(n) && n !== (ownMarker && `.${ownMarker}.sweep.tmp`));
   const referenced = new Set<string>();
   for (const name of names) {
-    const id = /^(.+)\.digests$/.exec(name)?.[1];
+    const id = MAP_NAME.exec(name)?.[1];
     if (id === undefined || !isBackupId(id)) continue;
     // From the store, never the cache: what is deleted must be provably unnamed by what is stored.
     const bytes = await storage.get(key(diskKey(disk), name));

@@ -6,7 +6,7 @@ import { DIGEST_SIZE, zeroDigest } from '../digests.js';
 import type { Finding } from '../finding.js';
 import { blocksKey, deletingKey, digestsKey, metadataKey, pendingMetadataKey } from '../keys.js';
 import { type BackupMetadata, metadataText } from '../metadata.js';
-import { blockObjectKey, collectGarbage, loadBlockMap, objectsNamedBy, SWEEP_MARKER, sweepMarkerKey } from './blockObjects.js';
+import { blockObjectKey, collectGarbage, loadBlockMap, objectsNamedBy, SWEEP_MARKER, sweepMarkerKey, trimMapCache } from './blockObjects.js';
 import type { BackupWriter, Layout, LayoutContext, LayoutMerge, MergeJournal, WriterSpec } from './Layout.js';
 import { ObjectBackupDisk } from './ObjectBackupDisk.js';
 
@@ -204,6 +204,7 @@ export const objectsLayout: Layout = {
       async after() {
         const { objects } = await collectGarbage(ctx, disk, candidates, marked ? marker : undefined);
         if (marked) await ctx.storage.delete(sweepMarkerKey(disk, marker));
+        await trimMapCache(ctx, disk);
         return objects;
       },
     };

@@ -91,9 +91,11 @@ export function stagedVhd(ctx: LayoutContext, disk: string, dataName: string, id
       await vhd.finish();
       await ctx.storage.put(stagedDigestsKey(disk, id), digests);
     },
+    // Each removal is tried; the first that fails is reported.
     async abort() {
-      await vhd.abort();
-      await Promise.all(staged.map((k) => ctx.storage.delete(k)));
+      const removals = await Promise.allSettled([vhd.abort(), ...staged.map((k) => ctx.storage.delete(k))]);
+      const failed = removals.find((r) => r.status === 'rejected');
+      if (failed) throw failed.reason;
     },
     storedBytes: () => bytesBelow(ctx.storage, staged),
   };
