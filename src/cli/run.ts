@@ -39,12 +39,14 @@ export function reportError(err: unknown): number {
   if (err instanceof CommanderError) return err.exitCode === 0 ? EXIT_OK : EXIT_USAGE;
   if (err instanceof Interrupted) return reportInterrupt(err.signal);
   if (process.env.VHDVAULT_DEBUG === '1') console.error(err);
+  // A message of several problems (a job file's) is a line each.
+  const eachLine = (message: string) => message.split('\n').forEach((line) => console.error(`vhdvault: ${line}`));
   if (err instanceof UsageError) {
-    console.error(`vhdvault: ${err.message}`);
+    eachLine(err.message);
     return EXIT_USAGE;
   }
   if (err instanceof VaultError) {
-    console.error(`vhdvault: ${err.message}`);
+    eachLine(err.message);
     return EXIT_FAILURE;
   }
   const fsError = err as NodeJS.ErrnoException;
