@@ -100,6 +100,9 @@ describe.skipIf(!hasScript)('on a terminal', () => {
       const r = onTerminal(args);
       expect(r.code, r.output).toBe(0);
       expect(r.output).toMatch(bar);
+      // Rate and ETA are ours: '…' in the first second, then a rate and seconds (never cli-progress' own bare number).
+      expect(r.output).toMatch(/ \| (…|[\d.]+ [KMG]?i?B\/s) \| ETA (…|\d+s)\x1b/);
+      expect(r.output).not.toMatch(/ETA \d+\x1b/);
       expect(r.output).toContain(SHOW_CURSOR);
     }
   });

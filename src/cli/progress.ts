@@ -98,7 +98,9 @@ export function progressBar(label: string, json: boolean, verb = 'read'): Progre
         process.stderr.write(progressLine(done, total, bytes));
       }
       if (!bar) return;
-      const payload = progressFigures({ done, total, bytes, seconds: (now - started) / 1000 });
+      const { eta, ...figures } = progressFigures({ done, total, bytes, seconds: (now - started) / 1000 });
+      // cli-progress has an {eta} of its own (from its first instants too): ours is {left}.
+      const payload = { ...figures, left: eta };
       if (!shown) {
         shown = true;
         bar.start(total, done, payload);
@@ -115,7 +117,7 @@ function newBar(label: string, verb: string): import('cli-progress').SingleBar {
   return new cliProgress.SingleBar(
     {
       stream: process.stderr,
-      format: `${label} [{bar}] {percentage}% | {bytes} ${verb} | {rate} | ETA {eta}`,
+      format: `${label} [{bar}] {percentage}% | {bytes} ${verb} | {rate} | ETA {left}`,
       hideCursor: true,
     },
     cliProgress.Presets.shades_classic,
