@@ -80,6 +80,7 @@ describe('formatting', () => {
   });
 
   it('a unit\'s progress on one line, and ETAs of minutes and hours', () => {
+    expect(describeProgress('alpha', { done: 0, total: 0, bytes: 0, seconds: 0 })).toBe('alpha …');
     expect(describeProgress('alpha', { done: 3, total: 10, bytes: 6 * MiB, seconds: 0.2 })).toBe('alpha 30% 6.0 MiB read');
     expect(describeProgress('alpha', { done: 5, total: 10, bytes: 10 * MiB, seconds: 2 })).toBe('alpha 50% 10.0 MiB read, 5.0 MiB/s, ETA 2s');
     expect([59, 61, 3599, 3600, 7830].map(formatEta)).toEqual(['59s', '1m 01s', '59m 59s', '1h 00m', '2h 10m']);

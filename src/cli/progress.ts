@@ -43,8 +43,10 @@ export function formatEta(seconds: number): string {
   return `${Math.floor(s / 3600)}h ${two(Math.floor((s % 3600) / 60))}m`;
 }
 
-/** One unit's progress on a line: `alpha 45% 120.0 MiB read, 80.0 MiB/s, ETA 3s` (rate and ETA once settled). */
+/** One unit's progress on a line: `alpha 45% 120.0 MiB read, 80.0 MiB/s, ETA 3s` (rate and ETA once settled; `alpha …` before its first figures). */
 export function describeProgress(label: string, figures: ProgressFigures, verb = 'read'): string {
+  // Started, nothing known yet (the backup opens its source).
+  if (figures.total === 0) return `${label} …`;
   const f = progressFigures(figures);
   return `${label} ${f.percent} ${f.bytes} ${verb}${f.rate === '…' ? '' : `, ${f.rate}, ETA ${f.eta}`}`;
 }
