@@ -206,9 +206,9 @@ describe.concurrent('messages of an S3 repository', () => {
     expect(line).toContain(`the merge of backup ${b} into ${c} is interrupted`);
     expect(line).toContain(`${b}.json: server error 500`);
     // What it did, it says: the first merge, and only that.
-    expect(prune.stdout).toContain(`remove  ${a}`);
-    expect(prune.stdout).toContain(`merge   ${a} into ${b}`);
-    expect(prune.stdout).not.toContain(`merge   ${b}`);
+    expect(prune.stdout).toContain(`remove  vm  ${a}`);
+    expect(prune.stdout).toContain(`merge   vm  ${a} into ${b}`);
+    expect(prune.stdout).not.toContain(`merge   vm  ${b}`);
     expect(prune.stdout).toContain('merged: 1');
 
     // Straight from the store (list would finish the merge first): a is gone, the second merge's journal waits.

@@ -91,15 +91,18 @@ describe.skipIf(!hasScript)('on a terminal', () => {
 
   it('restore, verify and convert show a progress bar and give the cursor back', () => {
     const runs = [
-      { args: ['restore', repo, 'vm', join(dir, 'restored.vhd')], bar: /restore vm \[.*100% \| \d+ MiB written/ },
-      { args: ['restore', repo, 'vm', join(dir, 'restored.raw')], bar: /restore vm \[.*100% \| 24 MiB written/ },
-      { args: ['verify', repo], bar: /verify \[.*100% \| 12 MiB read/ },
-      { args: ['vhd', 'convert', raw, join(dir, 'converted.vhd')], bar: /convert \[.*100% \| 24 MiB read/ },
+      { args: ['restore', repo, 'vm', join(dir, 'restored.vhd')], bar: /restore vm \[.*100% \| [\d.]+ MiB written/ },
+      { args: ['restore', repo, 'vm', join(dir, 'restored.raw')], bar: /restore vm \[.*100% \| 24\.0 MiB written/ },
+      { args: ['verify', repo], bar: /verify \[.*100% \| 12\.0 MiB read/ },
+      { args: ['vhd', 'convert', raw, join(dir, 'converted.vhd')], bar: /convert \[.*100% \| 24\.0 MiB read/ },
     ];
     for (const { args, bar } of runs) {
       const r = onTerminal(args);
       expect(r.code, r.output).toBe(0);
       expect(r.output).toMatch(bar);
+      // Rate and ETA are ours: '…' in the first second, then a rate and seconds (never cli-progress' own bare number).
+      expect(r.output).toMatch(/ \| (…|[\d.]+ [KMG]?i?B\/s) \| ETA (…|\d+s)\x1b/);
+      expect(r.output).not.toMatch(/ETA \d+\x1b/);
       expect(r.output).toContain(SHOW_CURSOR);
     }
   });

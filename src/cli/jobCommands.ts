@@ -3,6 +3,8 @@ import type { Job, JobDisk } from '../jobs/jobFile.js';
 import { checkDiskName } from '../store/names.js';
 import { Repository } from '../store/repository.js';
 import { KEEP_OPTIONS, type RetentionPolicy } from '../store/retention.js';
+import { formatBytes } from '../util/sizes.js';
+import { runStatus } from './progress.js';
 import { EXIT_FAILURE, ExitStatus, Interrupted } from './run.js';
 import { JSON_FORMATS, printJson, printJsonLine } from './json.js';
 
@@ -25,8 +27,9 @@ function runCommand(): Command {
   return new Command('run')
     .description('run a job once, now: every disk, then retention, verify, replication and the health check (exit 1 if anything failed)')
     .argument('<job.yaml>')
+    .option('--full', "take a full backup of every disk and VM, whatever the job's fullInterval says")
     .option('--json', 'print the run report as one JSON object')
-    .action(async (file: string, opts: { json?: boolean }) => {
+    .action(async (file: string, opts: { json?: boolean; full?: boolean }) => {
       const job = await loadJob(file);
       // SIGINT/SIGTERM stop the run: backups in progress abort cleanly, the report says so.
       const stop = new AbortController();
@@ -38,11 +41,14 @@ function runCommand(): Command {
       process.once('SIGINT', onSignal);
       process.once('SIGTERM', onSignal);
       const [{ runJob }, { describeRun }] = await Promise.all([import('../jobs/runJob.js'), import('../jobs/runReport.js')]);
-      const log = opts.json || !process.stderr.isTTY ? undefined : (line: string) => console.error(`${new Date().toISOString()} ${line}`);
+      // On a terminal: what happens, and each disk's progress on a status line below.
+      const status = opts.json || !process.stderr.isTTY ? null : runStatus();
+      const log = status ? (line: string) => status.log(`${new Date().toISOString()} ${line}`) : undefined;
       let report;
       try {
-        report = await runJob(job, { signal: stop.signal, log });
+        report = await runJob(job, { signal: stop.signal, log, full: opts.full, ...(status ? { progress: status.progress } : {}) });
       } finally {
+        status?.stop();
         process.off('SIGINT', onSignal);
         process.off('SIGTERM', onSignal);
       }
@@ -72,16 +78,22 @@ function historyCommand(): Command {
 
 function checkCommand(): Command {
   return new Command('check')
-    .description(`validate a job file and print its next ${NEXT_RUNS} run times (a bad file exits 2)`)
+    .description(`validate a job file, check (running nothing) that its repositories, sources, sockets and folders are there, and print its next ${NEXT_RUNS} run times (a bad file exits 2, anything missing 1)`)
     .argument('<job.yaml>')
-    .option('--json', 'print one JSON object: the parsed job, scheduleZone and nextRuns')
+    .option('--json', 'print one JSON object: the parsed job, scheduleZone, nextRuns and problems')
     .action(async (file: string, opts: { json?: boolean }) => {
       const job = await loadJob(file);
       const { isoInZone, nextRuns, scheduleZone } = await schedule();
       const zone = scheduleZone(job);
       const runs = nextRuns(job, NEXT_RUNS);
-      if (opts.json) printJsonLine(JSON_FORMATS.jobCheck, { ...job, scheduleZone: zone, nextRuns: runs.map((run) => isoInZone(run, zone)) });
-      else printCheck(job, zone, runs, await schedule());
+      const { problems, unchecked } = await (await import('../jobs/jobCheck.js')).checkJobPlaces(job);
+      if (opts.json) printJsonLine(JSON_FORMATS.jobCheck, { ...job, scheduleZone: zone, nextRuns: runs.map((run) => isoInZone(run, zone)), problems });
+      else {
+        printCheck(job, zone, runs, await schedule());
+        for (const line of unchecked) console.log(`not checked: ${line}`);
+        for (const problem of problems) console.error(`vhdvault: ${job.file}: ${problem}`);
+      }
+      if (problems.length > 0) throw new ExitStatus(EXIT_FAILURE);
     });
 }
 
@@ -130,5 +142,5 @@ function describeRetention(policy: RetentionPolicy | null): string {
 
 function describeRate(rate: number | null): string {
   if (rate === null) return 'no limit';
-  return rate % 1048576 === 0 ? `${rate / 1048576} MiB/s` : `${rate} B/s`;
+  return `${formatBytes(rate)}/s`;
 }

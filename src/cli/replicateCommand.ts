@@ -6,10 +6,9 @@ import { KEEP_OPTIONS } from '../store/retention.js';
 import { type Progress, progressBar } from './progress.js';
 import { EXIT_FAILURE, ExitStatus } from './run.js';
 import { parseRate } from './sizes.js';
+import { formatBytes } from '../util/sizes.js';
 import { parseKeep, retentionPolicy } from './storeCommands.js';
 import { JSON_FORMATS, printJson } from './json.js';
-
-const fmtBytes = (n: number) => (n >= 1048576 ? `${(n / 1048576).toFixed(1)} MiB` : `${n} B`);
 
 /** One line for a person: what one disk's replication did. */
 function describeDisk(r: DiskReplication): string {
@@ -17,7 +16,7 @@ function describeDisk(r: DiskReplication): string {
   const sent = r.copied.reduce((n, c) => n + c.bytesSent, 0);
   const deltas = r.copied.filter((c) => c.how === 'delta').length;
   const fulls = r.copied.filter((c) => c.how === 'full');
-  const copied = r.copied.length === 0 ? 'up to date' : `${r.copied.length} copied (${deltas} delta, ${fulls.length} full), ${fmtBytes(sent)} sent`;
+  const copied = r.copied.length === 0 ? 'up to date' : `${r.copied.length} copied (${deltas} delta, ${fulls.length} full), ${formatBytes(sent)} sent`;
   const why = fulls.filter((c) => c.reason).map((c) => `; full ${c.id}: ${c.reason}`).join('');
   const pruned = r.pruned.length > 0 ? `, ${r.pruned.length} pruned at the destination` : '';
   return `${r.disk}: ${copied}${pruned}; in common: ${r.common ?? 'none'}${why}`;
@@ -67,7 +66,7 @@ export function replicateCommand(): Command {
         for (const r of report.disks) console.log(describeDisk(r));
         for (const v of report.vmBackups) console.log(`VM backup ${v}: recorded at the destination (every disk there)`);
         const { read, write } = report.stages;
-        console.log(`${fmtBytes(report.totals.bytesSent)} sent in ${(report.durationMs / 1000).toFixed(1)} s; busy: read ${(read.busyMs / 1000).toFixed(1)} s, write ${(write.busyMs / 1000).toFixed(1)} s (${report.boundingStage} bounded it)`);
+        console.log(`${formatBytes(report.totals.bytesSent)} sent in ${(report.durationMs / 1000).toFixed(1)} s; busy: read ${(read.busyMs / 1000).toFixed(1)} s, write ${(write.busyMs / 1000).toFixed(1)} s (${report.boundingStage} bounded it)`);
       }
       for (const r of report.disks) if (r.error !== undefined) console.error(`vhdvault: ${r.disk}: ${r.error}`);
       if (report.totals.failed > 0) throw new ExitStatus(EXIT_FAILURE);

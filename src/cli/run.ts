@@ -53,7 +53,8 @@ export function reportError(err: unknown, json = false): number {
   }
   if (process.env.VHDVAULT_DEBUG === '1') console.error(err);
   const { message, code } = describeFailure(err);
-  console.error(`vhdvault: ${message}`);
+  // A message of several problems (a job file's) is a line each.
+  for (const line of message.split('\n')) console.error(`vhdvault: ${line}`);
   if (json) printJsonError(message, code);
   return code;
 }

@@ -2,16 +2,17 @@ import { Command, InvalidArgumentError, Option } from 'commander';
 import type { LiveBackupOptions, LiveBackupReport } from '../live/liveBackup.js';
 import { DEFAULT_CBW_TIMEOUT } from '../live/defaults.js';
 import { parseNbdUri } from '../nbd/uri.js';
-import { Repository, type LayoutName as Layout } from '../store/repository.js';
+import { type BackupMetadata, Repository, type LayoutName as Layout } from '../store/repository.js';
 import type { RestoreFormat } from '../store/restore.js';
 import type { PruneReport } from '../store/prune.js';
 import { KEEP_OPTIONS, type RetentionPolicy } from '../store/retention.js';
 import { UsageError } from '../util/errors.js';
-import { plural } from '../util/words.js';
+import { columns, plural } from '../util/words.js';
 import { checkBackupId } from '../store/names.js';
 import { type Compression, COMPRESSIONS } from '../vhd/compression.js';
 import { progressBar } from './progress.js';
 import { parseRate, parseSize } from './sizes.js';
+import { formatBytes } from '../util/sizes.js';
 import { EXIT_FAILURE, ExitStatus } from './run.js';
 import { JSON_FORMATS, printJson } from './json.js';
 
@@ -48,19 +49,26 @@ export function retentionPolicy(opts: Record<string, unknown>): RetentionPolicy 
   return policy;
 }
 
-const fmtBytes = (n: number) => (n >= 1048576 ? `${(n / 1048576).toFixed(1)} MiB` : `${n} B`);
+/** list's table for a person: a header, then one backup a line. */
+function listTable(rows: Array<Pick<BackupMetadata, 'disk' | 'id' | 'kind' | 'createdAt' | 'size' | 'bytesStored'>>): string[] {
+  return columns([['disk', 'backup', 'kind', 'created', 'size', 'stored'], ...rows.map((r) => [r.disk, r.id, r.kind, r.createdAt, formatBytes(r.size), formatBytes(r.bytesStored)])]);
+}
 
-/** prune's report for a person: what is (or would be) kept, removed, merged and deferred. */
-function printPrune(report: PruneReport, dryRun: boolean): void {
+/** prune's report for a person: what is (or would be) kept, removed, merged and deferred, each line naming its disk. */
+function printPrune(report: PruneReport, perDisk: Array<{ disk: string; report: PruneReport }>, dryRun: boolean): void {
   const verb = dryRun ? 'would ' : '';
   for (const v of report.vms) {
     for (const id of v.kept) console.log(`${verb}keep    VM backup ${v.vm} ${id}`);
     for (const id of v.removed) console.log(`${verb}remove  VM backup ${v.vm} ${id}`);
   }
-  for (const id of report.kept) console.log(`${verb}keep    ${id}`);
-  for (const id of report.removed) console.log(`${verb}remove  ${id}`);
-  for (const m of report.merges) console.log(`${verb}merge   ${m.removed} into ${m.into}`);
-  for (const id of report.deferred) console.log(`deferred ${id} (--max-merges reached; next run)`);
+  const width = Math.max(0, ...perDisk.map((d) => d.disk.length));
+  for (const { disk, report: r } of perDisk) {
+    const name = disk.padEnd(width);
+    for (const id of r.kept) console.log(`${verb}keep    ${name}  ${id}`);
+    for (const id of r.removed) console.log(`${verb}remove  ${name}  ${id}`);
+    for (const m of r.merges) console.log(`${verb}merge   ${name}  ${m.removed} into ${m.into}`);
+    for (const id of r.deferred) console.log(`deferred ${name}  ${id} (--max-merges reached; next run)`);
+  }
   console.log(`${dryRun ? 'would merge' : 'merged'}: ${report.merged}`);
   if (report.collected.objects > 0) console.log(`freed: ${report.collected.objects} block objects no backup names`);
 }
@@ -118,9 +126,9 @@ function liveOptions(opts: BackupCliOptions): LiveBackupOptions {
 /** A live backup's own figures, for a person. */
 function describeLive(r: LiveBackupReport): string {
   const from = r.previousCheckpoint ? `delta from checkpoint ${r.previousCheckpoint}` : 'no checkpoint used';
-  const peak = r.fleecingPeakBytes === null ? '' : `, fleecing peak ${fmtBytes(r.fleecingPeakBytes)}`;
+  const peak = r.fleecingPeakBytes === null ? '' : `, fleecing peak ${formatBytes(r.fleecingPeakBytes)}`;
   const frozen = r.quiesced ? `; guest frozen ${r.frozenMs} ms` : '';
-  return `${r.mode} mode, ${from}: read ${fmtBytes(r.bytesRead)}, discarded ${fmtBytes(r.discardedBytes)} from the view once backed up; copied ${fmtBytes(r.copiedBytes)} before guest writes${peak}${frozen}; new checkpoint ${r.checkpoint}`;
+  return `${r.mode} mode, ${from}: read ${formatBytes(r.bytesRead)}, discarded ${formatBytes(r.discardedBytes)} from the view once backed up; copied ${formatBytes(r.copiedBytes)} before guest writes${peak}${frozen}; new checkpoint ${r.checkpoint}`;
 }
 
 export function storeCommands(): Command[] {
@@ -185,7 +193,7 @@ export function storeCommands(): Command[] {
         // For people only: on stderr, so a script reading stdout still gets the id alone.
         if (process.stdout.isTTY) {
           const { kind, id, blocksRead, blocksWritten, bytesWritten, durationMs } = report;
-          console.error(`${kind} backup ${id}: ${blocksRead} blocks read, ${blocksWritten} written (${fmtBytes(bytesWritten)}) in ${(durationMs / 1000).toFixed(1)} s`);
+          console.error(`${kind} backup ${id}: ${blocksRead} blocks read, ${blocksWritten} written (${formatBytes(bytesWritten)}) in ${(durationMs / 1000).toFixed(1)} s`);
           if (live) console.error(describeLive(report as LiveBackupReport));
         }
         if (report.note) console.error(`note: ${report.note}`);
@@ -205,7 +213,7 @@ export function storeCommands(): Command[] {
       for (const u of listing.unreadable) console.error(`vhdvault: ${u.problem}`);
       const rows = listing.backups.map((m) => ({ disk: m.disk, id: m.id, kind: m.kind, parent: m.parent, createdAt: m.createdAt, size: m.size, bytesStored: m.bytesStored, blocksWritten: m.blocksWritten }));
       if (opts.json) printJson(JSON_FORMATS.list, { backups: rows, unreadable: listing.unreadable.map((u) => u.problem) });
-      else for (const r of rows) console.log(`${r.disk}\t${r.id}\t${r.kind}\t${r.createdAt}\t${fmtBytes(r.size)}\tstored ${fmtBytes(r.bytesStored)}`);
+      else if (rows.length > 0) for (const line of listTable(rows)) console.log(line);
       if (listing.unreadable.length > 0) throw new ExitStatus(EXIT_FAILURE);
     });
 
@@ -231,7 +239,7 @@ export function storeCommands(): Command[] {
         bar.stop();
       }
       // With `-`, standard output carries the disk and nothing else.
-      (out === '-' ? console.error : console.log)(`restored ${disk} backup ${r.id}${opts.fromOverlay ? ` with overlay ${opts.fromOverlay}` : ''} to ${out} (${r.format}, ${r.bytesWritten} bytes)`);
+      (out === '-' ? console.error : console.log)(`restored ${disk} backup ${r.id}${opts.fromOverlay ? ` with overlay ${opts.fromOverlay}` : ''} to ${out} (${r.format}, ${formatBytes(r.bytesWritten)})`);
     });
 
   const verifyCmd = new Command('verify')
@@ -274,8 +282,10 @@ export function storeCommands(): Command[] {
       const repo = await Repository.open(root);
       if (disk) await repo.requireDisk(disk);
       const [{ prune }, { describeFinding }] = await Promise.all([import('../store/prune.js'), import('../store/list.js')]);
+      const perDisk: Array<{ disk: string; report: PruneReport }> = [];
       const report = await prune(repo, disk, {
         policy,
+        onDisk: (d, r) => perDisk.push({ disk: d, report: r }),
         maxMerges: opts.maxMerges as number | undefined,
         dryRun: opts.dryRun === true,
         onWait: (message) => console.error(`vhdvault: ${message}`),
@@ -283,7 +293,7 @@ export function storeCommands(): Command[] {
       });
       for (const r of report.refused) console.error(`vhdvault: ${r.problem}`);
       if (opts.json) printJson(JSON_FORMATS.prune, report);
-      else printPrune(report, opts.dryRun === true);
+      else printPrune(report, perDisk, opts.dryRun === true);
       if (report.refused.length > 0) throw new ExitStatus(EXIT_FAILURE);
     });
 

@@ -12,6 +12,7 @@ import { backup, type BackupReport } from '../store/backup.js';
 import { Repository } from '../store/repository.js';
 import { restore } from '../store/restore.js';
 import { verify } from '../store/verify.js';
+import { formatBytes } from '../util/sizes.js';
 import { VhdChain } from '../vhd/VhdChain.js';
 import { RawSource } from '../vhd/source.js';
 
@@ -41,7 +42,7 @@ export async function sameContent(vhd: string, raw: string): Promise<boolean> {
   }
 }
 
-export const mib = (n: number) => `${(n / MiB).toFixed(1)} MiB`;
+export const mib = formatBytes;
 
 export async function offlineDemo(keep: boolean): Promise<void> {
   const work = await mkdtemp(join(tmpdir(), 'vhdvault-demo-'));

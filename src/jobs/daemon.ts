@@ -92,7 +92,8 @@ export class JobDaemon {
         job = await loadJob(file);
       } catch (err) {
         const kept = this.jobs.has(file) ? ' (its previous version stays scheduled)' : '';
-        this.emit({ event: 'invalid', file, message: `${(err as Error).message}${kept}` });
+        // A job file's problems, each a line: one event's message is one line.
+        this.emit({ event: 'invalid', file, message: `${(err as Error).message.replaceAll('\n', '; ')}${kept}` });
         continue;
       }
       const clash = [...this.jobs.entries()].find(([f, s]) => f !== file && s.job.name === job.name);

@@ -11,6 +11,7 @@ import { nbdAddress } from '../nbd/uri.js';
 import type { LiveBackupReport } from '../live/liveBackup.js';
 import type { BackupReport } from '../store/backup.js';
 import type { VmBackupReport } from '../live/vmBackup.js';
+import { type OnProgress, parseProgressLine, PROGRESS_LINES_ENV } from '../util/progress.js';
 import type { Job, JobDisk, JobVm } from './jobFile.js';
 
 const CLI = fileURLToPath(new URL('../cli/main.js', import.meta.url));
@@ -54,28 +55,46 @@ export function vmBackupArgs(job: Job, vm: JobVm, full: boolean): string[] {
   return args;
 }
 
-/** Run one disk's backup in its own process; never throws. */
-export function backupDisk(args: string[], signal?: AbortSignal): Promise<DiskOutcome> {
-  return runBackup<DiskBackupReport>(args, signal);
+/** Run one disk's backup in its own process, told its progress; never throws. */
+export function backupDisk(args: string[], signal?: AbortSignal, onProgress?: OnProgress): Promise<DiskOutcome> {
+  return runBackup<DiskBackupReport>(args, signal, onProgress);
 }
 
-/** Run one VM's backup in its own process; never throws. */
-export function backupVm(args: string[], signal?: AbortSignal): Promise<Outcome<VmBackupReport>> {
-  return runBackup<VmBackupReport>(args, signal);
+/** Run one VM's backup in its own process, told its progress; never throws. */
+export function backupVm(args: string[], signal?: AbortSignal, onProgress?: OnProgress): Promise<Outcome<VmBackupReport>> {
+  return runBackup<VmBackupReport>(args, signal, onProgress);
 }
 
-function runBackup<T>(args: string[], signal?: AbortSignal): Promise<Outcome<T>> {
+/** Each whole line of a stream to `onLine`. */
+function eachLine(onLine: (line: string) => void): (chunk: string) => void {
+  let partial = '';
+  return (chunk) => {
+    const lines = (partial + chunk).split('\n');
+    partial = lines.pop()!;
+    for (const line of lines) onLine(line);
+  };
+}
+
+function runBackup<T>(args: string[], signal?: AbortSignal, onProgress?: OnProgress): Promise<Outcome<T>> {
   const started = performance.now();
   const elapsed = () => Math.round(performance.now() - started);
   return new Promise((resolve) => {
     if (signal?.aborted) return resolve({ ok: false, error: 'not started: the run was stopped', durationMs: 0 });
     // Its own process group: a Ctrl-C at the terminal reaches the run, which stops each backup once (SIGTERM), not twice.
-    const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+    const env = onProgress ? { ...process.env, [PROGRESS_LINES_ENV]: '1' } : process.env;
+    const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'], detached: true, env });
     let stdout = '';
     let stderr = '';
     child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
-    // Bounded: a runaway child cannot grow our memory.
-    child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr = (stderr + d).slice(-16384)));
+    // Progress lines go to onProgress; the rest is kept, bounded: a runaway child cannot grow our memory.
+    const onLine = (line: string) => {
+      const figures = parseProgressLine(line);
+      if (figures) onProgress?.(...figures);
+      else stderr = `${stderr}${line}\n`.slice(-16384);
+    };
+    const lines = eachLine(onLine);
+    // A last line without its newline is a line too.
+    child.stderr.setEncoding('utf8').on('data', lines).on('end', () => lines('\n'));
     let killer: NodeJS.Timeout | null = null;
     const abort = () => {
       child.kill('SIGTERM');

@@ -3,6 +3,7 @@
  * its backups trend — duration, bytes, the stage that bounded them — so a
  * disk getting slower shows before it misses its window.
  */
+import { formatBytes } from '../util/sizes.js';
 import { plural } from '../util/words.js';
 import type { JobRunReport } from './runReport.js';
 
@@ -58,7 +59,6 @@ export function diskTrends(reports: JobRunReport[]): DiskTrend[] {
 }
 
 const secs = (ms: number | null) => (ms === null ? '—' : `${(ms / 1000).toFixed(1)} s`);
-const mib = (bytes: number) => `${(bytes / 1048576).toFixed(1)} MiB`;
 
 /** The table a person reads: one line per run, then one per disk's trend. */
 export function describeHistory(reports: JobRunReport[]): string[] {
@@ -67,7 +67,7 @@ export function describeHistory(reports: JobRunReport[]): string[] {
     const ok = r.disks.filter((d) => d.ok).length;
     const written = r.disks.reduce((n, d) => n + (d.bytesWritten ?? 0), 0);
     const result = r.ok ? 'ok' : r.skipped ? 'skipped' : r.stopped ? 'stopped' : 'FAILED';
-    lines.push(`${r.startedAt.padEnd(25)} ${r.job.padEnd(11)} ${result.padEnd(8)} ${`${ok}/${r.disks.length}`.padEnd(6)} ${mib(written).padEnd(12)} ${secs(r.durationMs).padEnd(9)} ${r.boundingStage ?? '—'}`);
+    lines.push(`${r.startedAt.padEnd(25)} ${r.job.padEnd(11)} ${result.padEnd(8)} ${`${ok}/${r.disks.length}`.padEnd(6)} ${formatBytes(written).padEnd(12)} ${secs(r.durationMs).padEnd(9)} ${r.boundingStage ?? '—'}`);
   }
   const trends = diskTrends(reports);
   if (trends.length > 0) lines.push('', 'per disk (latest backup against the median of the earlier ones of its kind):');

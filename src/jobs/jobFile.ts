@@ -99,6 +99,17 @@ export class JobFileError extends UsageError {
   }
 }
 
+/** Every problem of a job file, each its own JobFileError and its own line. */
+export class JobFileErrors extends UsageError {
+  constructor(readonly problems: JobFileError[]) {
+    super(problems.map((p) => p.message).join('\n'));
+    this.name = 'JobFileErrors';
+  }
+}
+
+/** One problem as itself; several as one error listing them all. */
+const allOf = (problems: JobFileError[]): UsageError => (problems.length === 1 ? problems[0]! : new JobFileErrors(problems));
+
 /** What a value is, for "expected X, got Y". */
 function describe(value: unknown): string {
   if (value === undefined) return 'nothing';
@@ -136,11 +147,11 @@ function unknownKey(key: string, known: readonly string[]): string {
   return near ? `unknown key (did you mean ${near}?)` : `unknown key (known here: ${known.join(', ')})`;
 }
 
-/** A mapping that refuses unknown keys (reported at the key's own path, see zodProblem). */
+/** A mapping that refuses unknown keys: the message has a line for each, reported at the key's own path (zodProblems). */
 function mapping<T extends z.ZodRawShape>(what: string, shape: T) {
   const known = Object.keys(shape);
   return z.strictObject(shape, {
-    error: (issue) => (issue.code === 'unrecognized_keys' ? unknownKey(issue.keys[0] ?? '', known) : expected(what).error(issue)),
+    error: (issue) => (issue.code === 'unrecognized_keys' ? issue.keys.map((key) => unknownKey(key, known)).join('\n') : expected(what).error(issue)),
   });
 }
 
@@ -263,17 +274,23 @@ const jobSchema = mapping('a mapping of job keys (name, schedule, repository, di
 });
 type JobEntry = z.infer<typeof jobSchema>;
 
-/** The first problem zod found, as one JobFileError; unknown keys first, since a misspelt key also leaves its real one missing. */
-function zodProblem(file: string, error: z.ZodError, value: unknown): JobFileError {
-  const issues = [...error.issues].sort((a, b) => Number(b.code === 'unrecognized_keys') - Number(a.code === 'unrecognized_keys'));
-  const issue = issues[0]!;
-  const more = issues.length > 1 ? ` (and ${issues.length - 1} more problem${issues.length > 2 ? 's' : ''})` : '';
-  const path = issue.code === 'unrecognized_keys' ? [...issue.path, issue.keys[0] ?? ''] : issue.path;
-  if (path.length === 0) {
+/**
+ * Every problem zod found, each a JobFileError. A mapping
+ * with an unknown key says only that: a misspelt key also leaves its real one
+ * missing, and the mapping's own checks fail for want of it.
+ */
+function zodProblems(file: string, error: z.ZodError, value: unknown): JobFileError[] {
+  const unknownAt = new Set(error.issues.filter((i) => i.code === 'unrecognized_keys').map((i) => formatPath(i.path)));
+  const explained = (issue: z.core.$ZodIssue) => issue.code !== 'unrecognized_keys' && (unknownAt.has(formatPath(issue.path)) || (issue.message.startsWith('missing:') && unknownAt.has(formatPath(issue.path.slice(0, -1)))));
+  return error.issues.filter((issue) => !explained(issue)).flatMap((issue) => {
+    if (issue.code === 'unrecognized_keys') {
+      const messages = issue.message.split('\n');
+      return issue.keys.map((key, i) => new JobFileError(file, formatPath([...issue.path, key]), messages[i] ?? 'unknown key'));
+    }
+    if (issue.path.length > 0) return [new JobFileError(file, formatPath(issue.path), issue.message)];
     const problem = value === null || value === undefined ? 'the file is empty: expected a mapping of job keys (name, schedule, repository, disks, …)' : issue.message;
-    return new JobFileError(file, null, problem + more);
-  }
-  return new JobFileError(file, formatPath(path), issue.message + more);
+    return [new JobFileError(file, null, problem)];
+  });
 }
 
 /** Parse a job file's text; `file` names it in errors and anchors its relative paths. */
@@ -308,7 +325,7 @@ export function parseJob(text: string, file: string): Job {
     throw new JobFileError(file, null, `not usable YAML: ${(err as Error).message}`);
   }
   const parsed = jobSchema.safeParse(value);
-  if (!parsed.success) throw zodProblem(file, parsed.error, value);
+  if (!parsed.success) throw allOf(zodProblems(file, parsed.error, value));
   return toJob(parsed.data, file);
 }
 
@@ -354,40 +371,43 @@ async function readJobFile(file: string): Promise<string> {
   }
 }
 
-/** The checks that span keys, and paths resolved against the job file's folder. */
+/** The checks that span keys, and paths resolved against the job file's folder; every problem found, not the first. */
 function toJob(entry: JobEntry, file: string): Job {
+  const problems: JobFileError[] = [];
   const fail = (path: PropertyKey[], problem: string) => new JobFileError(file, formatPath(path), problem);
+  // Each check on its own: a problem is noted, and the next check still runs.
+  const check = <T>(fn: () => T): T | null => {
+    try {
+      return fn();
+    } catch (err) {
+      if (!(err instanceof JobFileError)) throw err;
+      problems.push(err);
+      return null;
+    }
+  };
   const dir = dirname(resolve(file));
   // A folder is relative to the job file; an object store's URI is taken as written.
   const place = (where: string) => (where.startsWith('s3://') ? where : resolve(dir, where));
   const repository = place(entry.repository);
-  const seen = new Map<string, number>();
-  if ((entry.disks?.length ?? 0) + (entry.vms?.length ?? 0) === 0) throw fail(['disks'], 'expected at least one disk (disks:) or VM (vms:)');
-  const disks = (entry.disks ?? []).map((disk, i) => {
-    const first = seen.get(disk.name);
-    if (first !== undefined) throw fail(['disks', i, 'name'], `expected a name no other disk has, got ${quote(disk.name)} again (as disks[${first}])`);
-    seen.set(disk.name, i);
-    return toDisk(disk, dir, (key, problem) => fail(['disks', i, key], problem));
-  });
-  const vmSeen = new Map<string, number>();
-  const vms = (entry.vms ?? []).map((vm, i) => {
-    const first = vmSeen.get(vm.name);
-    if (first !== undefined) throw fail(['vms', i, 'name'], `expected a name no other VM has, got ${quote(vm.name)} again (as vms[${first}])`);
-    vmSeen.set(vm.name, i);
-    // A VM's disks are <vm>.<target>: a plain disk of such a name would be pruned as the VM's.
-    const clash = disks.find((d) => d.name.startsWith(`${vm.name}.`));
-    if (clash) throw fail(['vms', i, 'name'], `expected a VM name no disk name starts with, got ${quote(vm.name)} (disk ${quote(clash.name)} would be taken for one of its disks)`);
-    return toVm(vm, dir, (key, problem) => fail(['vms', i, key], problem));
-  });
+  if ((entry.disks?.length ?? 0) + (entry.vms?.length ?? 0) === 0) problems.push(fail(['disks'], 'expected at least one disk (disks:) or VM (vms:)'));
+  const disks = checkEach(entry.disks ?? [], 'disk', 'disks', fail, (disk, i) => check(() => toDisk(disk, dir, (key, problem) => fail(['disks', i, key], problem))), problems);
+  const vms = checkEach(entry.vms ?? [], 'VM', 'vms', fail, (vm, i) =>
+    check(() => {
+      // A VM's disks are <vm>.<target>: a plain disk of such a name would be pruned as the VM's.
+      const clash = disks.find((d) => d.name.startsWith(`${vm.name}.`));
+      if (clash) throw fail(['vms', i, 'name'], `expected a VM name no disk name starts with, got ${quote(vm.name)} (disk ${quote(clash.name)} would be taken for one of its disks)`);
+      return toVm(vm, dir, (key, problem) => fail(['vms', i, key], problem));
+    }), problems);
   let replicate: Job['replicate'] = null;
   if (entry.replicate) {
     const other = place(entry.replicate.repository);
     // Replicating into the primary itself would prune it with the other policy.
-    if (other === repository) throw fail(['replicate', 'repository'], `expected a repository other than repository (${repository})`);
+    if (other === repository) problems.push(fail(['replicate', 'repository'], `expected a repository other than repository (${repository})`));
     replicate = { repository: other, retention: entry.replicate.retention ?? null };
   }
   const healthCheck = entry.healthCheck ? { scratch: entry.healthCheck.scratch === undefined ? null : resolve(dir, entry.healthCheck.scratch), boot: entry.healthCheck.boot === true } : null;
-  if (healthCheck?.boot && vms.length === 0) throw fail(['healthCheck', 'boot'], 'boots VM backups, and the job has no vms:');
+  if (healthCheck?.boot && (entry.vms?.length ?? 0) === 0) problems.push(fail(['healthCheck', 'boot'], 'boots VM backups, and the job has no vms:'));
+  if (problems.length > 0) throw allOf(problems);
   return {
     file: resolve(file),
     name: entry.name,
@@ -405,6 +425,21 @@ function toJob(entry: JobEntry, file: string): Job {
     disks,
     vms,
   };
+}
+
+/** Each entry of a list made (null: a problem, noted), its name unique in the list. */
+function checkEach<E extends { name: string }, T>(entries: E[], what: string, key: string, fail: (path: PropertyKey[], problem: string) => JobFileError, make: (entry: E, i: number) => T | null, problems: JobFileError[]): T[] {
+  const seen = new Map<string, number>();
+  return entries.flatMap((entry, i) => {
+    const first = seen.get(entry.name);
+    if (first !== undefined) {
+      problems.push(fail([key, i, 'name'], `expected a name no other ${what} has, got ${quote(entry.name)} again (as ${key}[${first}])`));
+      return [];
+    }
+    seen.set(entry.name, i);
+    const made = make(entry, i);
+    return made === null ? [] : [made];
+  });
 }
 
 function toVm(vm: VmEntry, dir: string, fail: (key: keyof VmEntry, problem: string) => JobFileError): JobVm {

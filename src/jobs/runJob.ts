@@ -14,6 +14,7 @@ import { verify } from '../store/verify.js';
 import { bootCheckVm } from '../live/bootCheck.js';
 import type { VmBackupReport } from '../live/vmBackup.js';
 import { vmDiskName, vmRecords } from '../store/vmRecord.js';
+import type { OnProgress } from '../util/progress.js';
 import { backupArgs, backupDisk, backupVm, type DiskOutcome, type Outcome, vmBackupArgs } from './diskBackup.js';
 import { healthCheck } from './healthCheck.js';
 import type { Job, JobDisk, JobVm } from './jobFile.js';
@@ -25,7 +26,14 @@ export interface RunOptions {
   signal?: AbortSignal;
   /** Progress lines for a person (a disk started, finished, a step begins). */
   log?: (line: string) => void;
+  /** Each disk's (and VM's) progress while it is backed up, from its start; null once it is done. */
+  progress?: (unit: string, figures: { done: number; total: number; bytes: number } | null) => void;
+  /** Every disk and VM backed up full, whatever fullInterval says (`job run --full`). */
+  full?: boolean;
 }
+
+/** Why a run started with `full` takes full backups. */
+const FULL_ASKED = 'job run --full';
 
 export async function runJob(job: Job, options: RunOptions = {}): Promise<JobRunReport> {
   const started = new Date();
@@ -36,16 +44,27 @@ export async function runJob(job: Job, options: RunOptions = {}): Promise<JobRun
   const runId = newBackupId();
 
   const limit = pLimit(job.concurrency);
+  // A unit's progress, from its start to its end, when the caller shows it.
+  const watched = async <T>(unit: string, backup: (onProgress?: OnProgress) => Promise<T>): Promise<T> => {
+    const progress = options.progress;
+    if (!progress) return backup();
+    progress(unit, { done: 0, total: 0, bytes: 0 });
+    try {
+      return await backup((done, total, bytes) => progress(unit, { done, total, bytes }));
+    } finally {
+      progress(unit, null);
+    }
+  };
   // A QEMU monitor serves one client at a time: disks behind one QMP socket go one after another.
   const monitors = new Map<string, ReturnType<typeof pLimit>>();
   const throughMonitor = (unit: JobDisk | JobVm) => <T>(fn: () => Promise<T>): Promise<T> => (unit.kind !== 'qemu' ? fn() : (monitors.get(unit.qmp) ?? monitors.set(unit.qmp, pLimit(1)).get(unit.qmp)!)(fn));
   const vmsDone = Promise.all(
     job.vms.map((vm) =>
       limit(async (): Promise<{ run: VmRun; disks: DiskRun[] }> => {
-        const fullBecause = await vmFullIntervalDue(repo, job, vm.name);
+        const fullBecause = options.full ? FULL_ASKED : await vmFullIntervalDue(repo, job, vm.name);
         if (stopped()) return { run: { vm: vm.name, ok: false, error: 'not started: the run was stopped', durationMs: 0 }, disks: [] };
         log(`VM ${vm.name}: backup${fullBecause ? ' (full)' : ''}`);
-        const outcome = await throughMonitor(vm)(() => backupVm(vmBackupArgs(job, vm, fullBecause !== null), options.signal));
+        const outcome = await throughMonitor(vm)(() => watched(`VM ${vm.name}`, (onProgress) => backupVm(vmBackupArgs(job, vm, fullBecause !== null), options.signal, onProgress)));
         const done = vmRun(vm.name, outcome, fullBecause);
         log(`VM ${vm.name}: ${done.run.ok ? `${done.run.id}, ${done.disks.length} disks at one instant` : `FAILED: ${done.run.error}`}`);
         return done;
@@ -55,10 +74,10 @@ export async function runJob(job: Job, options: RunOptions = {}): Promise<JobRun
   const disksDone: DiskRun[] = await Promise.all(
     job.disks.map((disk) =>
       limit(async (): Promise<DiskRun> => {
-        const fullBecause = await fullIntervalDue(repo, job, disk.name);
+        const fullBecause = options.full ? FULL_ASKED : await fullIntervalDue(repo, job, disk.name);
         if (stopped()) return { disk: disk.name, ok: false, error: 'not started: the run was stopped', durationMs: 0 };
         log(`${disk.name}: backup${fullBecause ? ' (full)' : ''}`);
-        const outcome = await throughMonitor(disk)(() => backupDisk(backupArgs(job, disk, fullBecause !== null), options.signal));
+        const outcome = await throughMonitor(disk)(() => watched(disk.name, (onProgress) => backupDisk(backupArgs(job, disk, fullBecause !== null), options.signal, onProgress)));
         const run = diskRun(disk.name, outcome, fullBecause);
         log(`${disk.name}: ${run.ok ? `${run.kind} ${run.id}` : `FAILED: ${run.error}`}`);
         return run;

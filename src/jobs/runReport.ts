@@ -9,6 +9,7 @@ import type { ReplicationReport } from '../store/replicate.js';
 import type { Repository } from '../store/repository.js';
 import type { StageFigures } from '../store/stages.js';
 import { checkDiskName } from '../store/names.js';
+import { formatBytes } from '../util/sizes.js';
 import { plural } from '../util/words.js';
 
 /** Version 2 named each disk's and the replication's busiest stage `boundingStage` (version 1: `slowestStage`). */
@@ -147,7 +148,6 @@ export function runStages(disks: DiskRun[], replication: ReplicationReport | nul
   return { stages, boundingStage: stages[busiest].busyMs > 0 ? busiest : null };
 }
 
-const mib = (bytes: number) => `${(bytes / 1048576).toFixed(1)} MiB`;
 const secs = (ms: number) => `${(ms / 1000).toFixed(1)} s`;
 
 /** The summary a person reads: one line per disk and per step, the problems in full. */
@@ -161,7 +161,7 @@ export function describeRun(r: JobRunReport): string[] {
       continue;
     }
     const why = d.fullBecause ? ` (${d.fullBecause})` : d.note ? ` (${d.note})` : '';
-    lines.push(`  ${d.disk.padEnd(width)}  ${d.kind!.padEnd(5)}  read ${mib(d.bytesRead ?? 0)}, wrote ${mib(d.bytesWritten ?? 0)} in ${secs(d.durationMs)}, bounded by ${d.boundingStage}${why}`);
+    lines.push(`  ${d.disk.padEnd(width)}  ${d.kind!.padEnd(5)}  read ${formatBytes(d.bytesRead ?? 0)}, wrote ${formatBytes(d.bytesWritten ?? 0)} in ${secs(d.durationMs)}, bounded by ${d.boundingStage}${why}`);
   }
   const step = (name: string, s: StepResult | null, detail: string) => {
     if (!s) return;
@@ -170,7 +170,7 @@ export function describeRun(r: JobRunReport): string[] {
   };
   step('retention', r.retention, r.retention ? `${r.retention.removed.length} removed, ${r.retention.merged} merged` : '');
   step('verify', r.verify, r.verify ? `${r.verify.mode}: ${plural(r.verify.backups, 'backup')}, ${plural(r.verify.blocks, 'block')} re-read` : '');
-  step('replication', r.replication, r.replication ? `to ${r.replication.destination}: ${r.replication.copied} copied (${r.replication.full} full), ${mib(r.replication.bytesSent)} sent, ${r.replication.pruned} pruned there` : '');
+  step('replication', r.replication, r.replication ? `to ${r.replication.destination}: ${r.replication.copied} copied (${r.replication.full} full), ${formatBytes(r.replication.bytesSent)} sent, ${r.replication.pruned} pruned there` : '');
   for (const v of r.vms ?? []) {
     const how = v.quiesced ? `frozen ${v.frozenMs} ms` : v.pausedMs !== null && v.pausedMs !== undefined ? `paused ${v.pausedMs} ms` : 'crash-consistent';
     lines.push(v.ok ? `  VM ${v.vm}: backup ${v.id}, every disk at one instant, ${how}` : `  VM ${v.vm}: FAILED  ${v.error}`);

@@ -19,6 +19,8 @@ export interface PruneOptions {
   onWait?: (message: string) => void;
   /** Told of files that belong to no backup (reported, never removed). */
   onFinding?: (finding: Finding) => void;
+  /** Told, after each disk, what was done to it (or, refused, what was done before the refusal). */
+  onDisk?: (disk: string, report: PruneReport) => void;
 }
 
 export interface PruneReport {
@@ -221,6 +223,7 @@ export async function prune(repo: Repository, disk: string | undefined, options:
       if (!(err instanceof VaultError)) throw err;
       report.refused.push({ disk: d, problem: err.message });
     }
+    options.onDisk?.(d, attempt);
     report.kept.push(...attempt.kept);
     report.removed.push(...attempt.removed);
     report.merged += attempt.merged;

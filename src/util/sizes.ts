@@ -17,3 +17,16 @@ export function parseRate(text: string): number {
   if (bytes <= 0) throw new UsageError(`"${text}" is not a positive rate`);
   return bytes;
 }
+
+const SHOWN_UNITS = ['B', 'KiB', 'MiB', 'GiB', 'TiB'] as const;
+
+/** Bytes for a person, in one style everywhere: `512 B`, `136.7 KiB`, `30.0 MiB` (binary units). */
+export function formatBytes(bytes: number): string {
+  let value = bytes;
+  let unit = 0;
+  while (Math.abs(value) >= 1024 && unit < SHOWN_UNITS.length - 1) {
+    value /= 1024;
+    unit++;
+  }
+  return unit === 0 ? `${Math.round(value)} B` : `${value.toFixed(1)} ${SHOWN_UNITS[unit]}`;
+}
