@@ -1,4 +1,5 @@
 import { Command, InvalidArgumentError } from 'commander';
+import { MAX_CONNECTIONS } from '../nbd/limits.js';
 import type { Listen } from '../nbd/NbdServer.js';
 import { checkBackupId } from '../store/names.js';
 import { Repository } from '../store/repository.js';
@@ -22,6 +23,12 @@ export function parseListen(text: string): { host: string; port: number } {
   return { host, port };
 }
 
+/** --max-connections: a whole number of at least 1 (0 would serve nobody). */
+function parseMaxConnections(text: string): number {
+  if (!/^[1-9]\d{0,5}$/.test(text.trim())) throw new InvalidArgumentError(`"${text}" is not a whole number from 1 to 999999`);
+  return Number(text);
+}
+
 export function serveCommand(): Command {
   return new Command('serve')
     .description('serve a backup as an NBD export (read through the chain, nothing materialized) until SIGINT/SIGTERM')
@@ -33,8 +40,9 @@ export function serveCommand(): Command {
     .option('--name <export>', 'name of the default export (default: the disk name)')
     .option('--writable', 'accept writes into an overlay outside the repository (instant restore); the backup never changes')
     .option('--overlay <dir>', 'overlay folder for --writable (default: ./<disk>-<id>.overlay); reused when it holds an overlay of the same backup')
+    .option('--max-connections <n>', `clients served at once; more are refused, with a line on stderr (default: ${MAX_CONNECTIONS})`, parseMaxConnections)
     .option('--json', 'print the ready line as JSON')
-    .action(async (root: string, disk: string, opts: { backup?: string; listen?: { host: string; port: number }; socket?: string; name?: string; writable?: boolean; overlay?: string; json?: boolean }) => {
+    .action(async (root: string, disk: string, opts: { backup?: string; listen?: { host: string; port: number }; socket?: string; name?: string; writable?: boolean; overlay?: string; maxConnections?: number; json?: boolean }) => {
       if (opts.listen && opts.socket) throw new UsageError('--listen and --socket exclude each other');
       if (opts.overlay && !opts.writable) throw new UsageError('--overlay needs --writable');
       if (opts.name !== undefined && (opts.name.length === 0 || Buffer.byteLength(opts.name) > 4096 || opts.name.includes('\0'))) throw new UsageError('--name must be 1 to 4096 bytes');

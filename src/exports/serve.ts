@@ -26,6 +26,8 @@ export interface ServeOptions {
   writable?: boolean;
   /** The overlay folder for `writable` (default: `<disk>-<id>.overlay` in the current folder). */
   overlay?: string;
+  /** Clients served at once (an export chosen); more are refused at GO, each with a line in the log. */
+  maxConnections?: number;
   /** Told once the server listens. */
   onReady: (ready: ServeReady) => void;
   /** Failures told in full (a client's protocol error, a block that fails its digest). */
@@ -114,7 +116,7 @@ export async function serve(repo: Repository, disk: string, options: ServeOption
       const exportName = options.name ?? disk;
       const overlay = options.writable ? await Overlay.open(repo, chosen, options.overlay ?? defaultOverlayDir(disk, chosen.id), { create: true, writable: true }) : null;
       const catalog = new BackupCatalog(repo, disk, chosen, exportName, overlay);
-      const server = new NbdServer(catalog, { log: options.log });
+      const server = new NbdServer(catalog, { log: options.log, maxConnections: options.maxConnections });
       try {
         // The chosen backup is opened (and its chain checked) before anyone connects: a broken one fails here, not in a client.
         await catalog.open('');

@@ -4,10 +4,11 @@ import { READ_HIGH_WATER } from './limits.js';
 
 /**
  * Exact reads from a socket, for one consumer at a time. Bytes are buffered
- * up to READ_HIGH_WATER and the socket is paused beyond that, so a peer that
- * sends faster than we handle costs bounded memory. Tells an end at a message
- * boundary (the peer hung up: readOrEnd() gives null) from an end in the
- * middle of one (a protocol error naming what was cut short).
+ * up to a high-water mark (READ_HIGH_WATER unless told) and the socket is
+ * paused beyond that, so a peer that sends faster than we handle costs
+ * bounded memory. Tells an end at a message boundary (the peer hung up:
+ * readOrEnd() gives null) from an end in the middle of one (a protocol error
+ * naming what was cut short).
  */
 export class FrameReader {
   private chunks: Buffer[] = [];
@@ -21,11 +22,13 @@ export class FrameReader {
     private readonly socket: Socket,
     /** Names the peer in errors. */
     private readonly peer: string,
+    /** Bytes buffered before the socket is paused. */
+    private readonly highWater = READ_HIGH_WATER,
   ) {
     socket.on('data', (chunk: Buffer) => {
       this.chunks.push(chunk);
       this.buffered += chunk.length;
-      if (this.buffered >= READ_HIGH_WATER) socket.pause();
+      if (this.buffered >= this.highWater) socket.pause();
       this.notify();
     });
     socket.on('end', () => this.finish());
@@ -62,7 +65,7 @@ export class FrameReader {
       if (n === chunk.length) this.chunks.shift();
       else this.chunks[0] = chunk.subarray(n);
     }
-    if (this.buffered < READ_HIGH_WATER && this.socket.isPaused()) this.socket.resume();
+    if (this.buffered < this.highWater && this.socket.isPaused()) this.socket.resume();
   }
 
   /** Wait until at least one byte is buffered; fails like take() when none can come. */
@@ -79,7 +82,7 @@ export class FrameReader {
   /** Consume `length` bytes without keeping them (a refused request's payload). */
   async skip(length: number, what: string): Promise<void> {
     for (let left = length; left > 0; ) {
-      const n = Math.min(left, READ_HIGH_WATER);
+      const n = Math.min(left, this.highWater);
       await this.read(n, what);
       left -= n;
     }
@@ -134,7 +137,7 @@ export class FrameReader {
       }
     }
     this.buffered -= length;
-    if (this.buffered < READ_HIGH_WATER && this.socket.isPaused()) this.socket.resume();
+    if (this.buffered < this.highWater && this.socket.isPaused()) this.socket.resume();
     return out;
   }
 }

@@ -3,12 +3,20 @@
  * handshake (serverHandshake.ts), then a session (serverSession.ts); a
  * protocol error ends that connection only. stop() stops accepting, lets the
  * requests in flight finish, then flushes and closes the exports.
+ *
+ * Connections are counted in two pools, so that neither can lock the other
+ * out: those still negotiating (few, and each with a short deadline to choose
+ * an export) and those established (up to maxConnections, for as long as they
+ * like). A client beyond either limit is refused with a line in the log; one
+ * refused at GO is told why (NBD_REP_ERR_POLICY with the reason).
  */
 import { rm } from 'node:fs/promises';
 import { createServer, type Server, type Socket } from 'node:net';
 import { NbdProtocolError } from './errors.js';
 import type { ExportCatalog } from './export.js';
+import { ByteBudget } from './ByteBudget.js';
 import { FrameReader } from './FrameReader.js';
+import { CONNECTION_BUDGET, HANDSHAKE_TIMEOUT, MAX_CONNECTIONS, MAX_NEGOTIATING, SERVER_BUDGET, SERVER_INPUT_HIGH_WATER } from './limits.js';
 import { negotiate } from './serverHandshake.js';
 import { ServerSession } from './serverSession.js';
 import { socketState } from '../util/unixSocket.js';
@@ -17,27 +25,44 @@ import { socketState } from '../util/unixSocket.js';
 export type Listen = { host: string; port: number } | { path: string };
 
 export interface ServerOptions {
-  /** Connections served at once; more are closed at once. */
+  /** Connections with an export chosen, at once (default MAX_CONNECTIONS); a client choosing one beyond that is refused. */
   maxConnections?: number;
-  /** Failures told in full (protocol errors, export errors): the client only sees an errno. */
+  /** Connections still negotiating, at once (default MAX_NEGOTIATING); more are closed as they connect. */
+  maxNegotiating?: number;
+  /** Failures told in full (protocol errors, export errors, refusals): the client only sees an errno. */
   log?: (message: string) => void;
-  /** A handshake that takes longer than this is dropped (ms). */
+  /** A connection that has not chosen an export within this is closed (ms; default HANDSHAKE_TIMEOUT). */
   handshakeTimeout?: number;
+  /** Bytes of READ replies and WRITE payloads in progress on one connection (default CONNECTION_BUDGET). */
+  connectionBudget?: number;
+  /** The same over all connections (default SERVER_BUDGET). */
+  serverBudget?: number;
+}
+
+interface Connection {
+  socket: Socket;
+  session: ServerSession | null;
+  /** Counted as established (an export chosen), else as negotiating. */
+  established: boolean;
 }
 
 export class NbdServer {
   private readonly server: Server;
-  private readonly connections = new Set<{ socket: Socket; session: ServerSession | null }>();
+  private readonly connections = new Set<Connection>();
   private readonly log: (message: string) => void;
   private listening: Listen | null = null;
+  private readonly budget: ByteBudget;
+  private negotiating = 0;
+  private established = 0;
 
   constructor(
     private readonly catalog: ExportCatalog,
     private readonly options: ServerOptions = {},
   ) {
     this.log = options.log ?? (() => {});
+    // Not net.Server's maxConnections: it closes the connections beyond it without a word to anyone.
     this.server = createServer({ noDelay: true }, (socket) => void this.serve(socket));
-    this.server.maxConnections = options.maxConnections ?? 64;
+    this.budget = new ByteBudget(options.serverBudget ?? SERVER_BUDGET);
   }
 
   async listen(where: Listen): Promise<string> {
@@ -78,19 +103,27 @@ export class NbdServer {
 
   private async serve(socket: Socket): Promise<void> {
     const peer = socket.remoteAddress ? `client ${socket.remoteAddress}:${socket.remotePort}` : 'client on the Unix socket';
-    const connection = { socket, session: null as ServerSession | null };
-    this.connections.add(connection);
     socket.on('error', () => {}); // reported through the reader
-    const reader = new FrameReader(socket, peer);
+    const maxNegotiating = this.options.maxNegotiating ?? MAX_NEGOTIATING;
+    const timeout = this.options.handshakeTimeout ?? HANDSHAKE_TIMEOUT;
+    if (this.negotiating >= maxNegotiating) {
+      this.log(`refused ${peer}: ${this.negotiating} connections already negotiating (at most ${maxNegotiating}, each closed if it has not chosen an export within ${seconds(timeout)})`);
+      return void socket.destroy();
+    }
+    const connection: Connection = { socket, session: null, established: false };
+    this.connections.add(connection);
+    this.negotiating++;
+    const reader = new FrameReader(socket, peer, SERVER_INPUT_HIGH_WATER);
     const timer = setTimeout(() => {
-      this.log(`${peer}: handshake took too long; closing`);
+      this.log(`${peer}: no export chosen within ${seconds(timeout)}; closing`);
       socket.destroy();
-    }, this.options.handshakeTimeout ?? 30_000);
+    }, timeout);
     try {
-      const negotiated = await negotiate(socket, reader, this.catalog, peer);
+      const negotiated = await negotiate(socket, reader, this.catalog, peer, () => this.admit(connection, peer));
       clearTimeout(timer);
       if (negotiated) {
-        connection.session = new ServerSession(socket, reader, negotiated, peer, this.log);
+        const budget = this.budget.child(this.options.connectionBudget ?? CONNECTION_BUDGET);
+        connection.session = new ServerSession(socket, reader, negotiated, peer, this.log, budget);
         await connection.session.run();
       }
       socket.end();
@@ -101,7 +134,23 @@ export class NbdServer {
     } finally {
       clearTimeout(timer);
       this.connections.delete(connection);
+      if (connection.established) this.established--;
+      else this.negotiating--;
     }
+  }
+
+  /** At GO: count the connection as established, or say (and log) why it may not be. */
+  private admit(connection: Connection, peer: string): string | null {
+    const max = this.options.maxConnections ?? MAX_CONNECTIONS;
+    if (this.established >= max) {
+      const why = `${this.established} connections already established (at most ${max}: --max-connections)`;
+      this.log(`refused ${peer}: ${why}`);
+      return `too many clients: ${why}; try again later`;
+    }
+    connection.established = true;
+    this.negotiating--;
+    this.established++;
+    return null;
   }
 
   /** Stop accepting, answer what is in flight, close every connection, then flush and close the exports. */
@@ -127,3 +176,8 @@ export class NbdServer {
   }
 }
 
+
+/** A duration for the log: `10 s`, `0.2 s`. */
+function seconds(ms: number): string {
+  return `${ms / 1000} s`;
+}

@@ -19,3 +19,17 @@ export const MAX_IN_FLIGHT = 64;
 export const MAX_EXTENTS = 128 * 1024;
 /** Bytes buffered from a socket before reading pauses. */
 export const READ_HIGH_WATER = 4 * 1024 * 1024;
+/** Bytes a server buffers from one client before reading pauses (its next requests wait in the kernel). */
+export const SERVER_INPUT_HIGH_WATER = 1024 * 1024;
+/** Bytes of small replies (errors, acks, not budgeted) a client may leave unread before we stop reading its requests. */
+export const SMALL_REPLY_HIGH_WATER = 1024 * 1024;
+/** Bytes of READ replies and WRITE payloads in progress on one connection (one larger request is admitted alone). */
+export const CONNECTION_BUDGET = 4 * 1024 * 1024;
+/** The same over all connections of a server. */
+export const SERVER_BUDGET = 64 * 1024 * 1024;
+/** Connections in the transmission phase (an export chosen); more are refused at GO. */
+export const MAX_CONNECTIONS = 64;
+/** Connections still negotiating; more are refused as they connect. */
+export const MAX_NEGOTIATING = 16;
+/** A connection that has not chosen an export in this long is closed (ms). */
+export const HANDSHAKE_TIMEOUT = 10_000;

@@ -61,7 +61,13 @@ async function lookup(catalog: ExportCatalog, name: string): Promise<NbdExport |
   }
 }
 
-export async function negotiate(socket: Socket, reader: FrameReader, catalog: ExportCatalog, peer: string): Promise<Negotiated | null> {
+/**
+ * The handshake, up to the export the client chose (null: it left or aborted).
+ * `admit` is asked when it chooses one: a reason says the server is full, and
+ * GO gets NBD_REP_ERR_POLICY with it (the old EXPORT_NAME has no error reply:
+ * the connection is closed).
+ */
+export async function negotiate(socket: Socket, reader: FrameReader, catalog: ExportCatalog, peer: string, admit: () => string | null): Promise<Negotiated | null> {
   socket.write(encodeGreeting(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES));
   const clientFlags = (await reader.read(4, 'client flags')).readUInt32BE(0);
   if ((clientFlags & HandshakeFlag.FIXED_NEWSTYLE) === 0) throw new NbdProtocolError(peer, 'client does not speak the fixed newstyle handshake');
@@ -88,6 +94,7 @@ export async function negotiate(socket: Socket, reader: FrameReader, catalog: Ex
           const exp = await lookup(catalog, name);
           // The old option has no error reply: the spec's answer to an unknown export is to hang up.
           if (typeof exp === 'string') throw new NbdProtocolError(peer, exp);
+          if (admit() !== null) return null;
           socket.write(encodeExportNameReply(exp.size, transmissionFlags(exp), noZeroes));
           return { name, export: exp, structured, allocationContext: structured && contextFor === name };
         }
@@ -106,6 +113,11 @@ export async function negotiate(socket: Socket, reader: FrameReader, catalog: Ex
           const exp = await lookup(catalog, req.name);
           if (typeof exp === 'string') {
             refuse(OptionReply.ERR_UNKNOWN, exp);
+            break;
+          }
+          const full = option === Option.GO ? admit() : null;
+          if (full !== null) {
+            refuse(OptionReply.ERR_POLICY, full);
             break;
           }
           reply(OptionReply.INFO, encodeInfoExport(exp.size, transmissionFlags(exp)));

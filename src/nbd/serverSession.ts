@@ -4,13 +4,21 @@
  * finishes, so replies may come out of order. A request that is wrong but
  * well framed gets an error reply and the session goes on; a broken frame
  * (bad magic, a write too large to drain) ends the connection.
+ *
+ * Memory: a READ's reply and a WRITE's payload are held against the
+ * connection's and the server's byte budgets from before the request starts
+ * until the reply has left our buffers (the payload: until the export took
+ * it). While a request does not fit, nothing more is read from that client.
+ * A client that leaves gets nothing more started: the requests it sent and
+ * we had not started are dropped.
  */
 import type { Socket } from 'node:net';
 import { Command, CommandFlag, Errno, nameOf } from './constants.js';
 import { describeErrno, errnoOf, NbdProtocolError } from './errors.js';
 import { drained } from './drained.js';
 import type { FrameReader } from './FrameReader.js';
-import { MAX_EXTENTS, MAX_IN_FLIGHT, MAX_REQUEST, READ_HIGH_WATER } from './limits.js';
+import type { ByteBudget } from './ByteBudget.js';
+import { MAX_EXTENTS, MAX_IN_FLIGHT, MAX_REQUEST, SMALL_REPLY_HIGH_WATER } from './limits.js';
 import { ALLOCATION_CONTEXT_ID, type Negotiated } from './serverHandshake.js';
 import {
   encodeBlockStatusChunk,
@@ -35,12 +43,26 @@ class Refusal {
 const KNOWN_COMMANDS = new Set<number>(Object.values(Command));
 const KNOWN_FLAGS = CommandFlag.FUA | CommandFlag.NO_HOLE | CommandFlag.DF | CommandFlag.REQ_ONE | CommandFlag.FAST_ZERO;
 
+/** A request let in: its refusal (if it gets one), its WRITE payload, and how to give back what it holds of the budgets. */
+interface Admitted {
+  refusal: Refusal | null;
+  payload: Buffer | null;
+  release: () => void;
+}
+
+/** Structured chunk headers and offsets: a READ reply's bytes beyond its data, generously. */
+const REPLY_OVERHEAD = 4096;
+
 export class ServerSession {
   private inFlight = 0;
   private idle: (() => void) | null = null;
   private slot: (() => void) | null = null;
   private stopping = false;
   private corked = false;
+  /** Budgeted reply bytes handed to the socket and not yet sent on: the rest of its buffer is small replies. */
+  private budgetedUnsent = 0;
+  /** Fires when the peer is gone (or stop()): waits for the budget end, and nothing more is started. */
+  private readonly halt = new AbortController();
 
   constructor(
     private readonly socket: Socket,
@@ -49,21 +71,30 @@ export class ServerSession {
     private readonly peer: string,
     /** Where an export's failure is told in full (the client gets only an errno). */
     private readonly log: (message: string) => void,
-  ) {}
+    /** This connection's budget (a child of the server's). */
+    private readonly budget: ByteBudget,
+  ) {
+    socket.once('close', () => this.halt.abort());
+  }
+
+  /** The peer left or stop() was called. Destroyed counts: 'close' (which fires `halt`) comes a tick later. */
+  private get ended(): boolean {
+    return this.halt.signal.aborted || this.socket.destroyed;
+  }
 
   /** Stop reading requests; run() returns once those in flight are answered. */
   stop(): void {
     this.stopping = true;
     this.reader.cancel();
+    this.halt.abort();
   }
 
   /** Serve until the client disconnects (DISC or EOF) or stop(); throws NbdProtocolError on a broken frame. */
   async run(): Promise<void> {
+    let dropped = false;
     try {
-      while (!this.stopping) {
-        while (this.inFlight >= MAX_IN_FLIGHT) await new Promise<void>((r) => (this.slot = r));
-        // A client that does not read its replies stops being read from.
-        while (this.socket.writableLength > READ_HIGH_WATER && !this.socket.destroyed) await drained(this.socket);
+      while (!this.stopping && !this.ended) {
+        await this.roomForReplies();
         const header = await this.reader.readOrEnd(REQUEST_SIZE, 'request header').catch((err: unknown) => {
           if (this.stopping) return null;
           throw err;
@@ -72,36 +103,85 @@ export class ServerSession {
         const req = parseRequest(header);
         if (!req) throw new NbdProtocolError(this.peer, 'request has a bad magic');
         if (req.type === Command.DISC) break;
-        let payload: Buffer | null = null;
-        if (req.type === Command.WRITE) {
-          // Too large to drain safely: the spec lets the server hang up instead.
-          if (req.length > MAX_REQUEST) throw new NbdProtocolError(this.peer, `write of ${req.length} bytes (at most ${MAX_REQUEST})`);
-          payload = await this.reader.read(req.length, 'write payload');
+        const admitted = await this.admit(req);
+        if (!admitted) {
+          dropped = true;
+          break;
         }
-        this.inFlight++;
-        void this.handle(req, payload).finally(() => {
-          this.inFlight--;
-          const slot = this.slot;
-          this.slot = null;
-          slot?.();
-          if (this.inFlight === 0) this.idle?.();
-        });
+        this.start(req, admitted);
       }
     } finally {
+      if (this.ended && !this.stopping && (dropped || this.inFlight > 0)) {
+        this.log(`${this.peer}: disconnected with ${this.inFlight} requests unanswered; the requests not started are dropped`);
+      }
       if (this.inFlight > 0) await new Promise<void>((r) => (this.idle = r));
     }
   }
 
-  private async handle(req: Request, payload: Buffer | null): Promise<void> {
+  /**
+   * Below MAX_IN_FLIGHT, and the small replies (not budgeted) sent on: a
+   * client that does not read its replies stops being read from.
+   */
+  private async roomForReplies(): Promise<void> {
+    while (this.inFlight >= MAX_IN_FLIGHT) await new Promise<void>((r) => (this.slot = r));
+    while (this.socket.writableLength - this.budgetedUnsent > SMALL_REPLY_HIGH_WATER && !this.socket.destroyed) await drained(this.socket);
+  }
+
+  /**
+   * Wait until the request's bytes fit this connection's budget and the
+   * server's (no further request is read meanwhile), then take a WRITE's
+   * payload. Null when the peer left or the server stops: the request is
+   * dropped unstarted, with everything the peer sent after it.
+   */
+  private async admit(req: Request): Promise<Admitted | null> {
+    // Too large to drain safely: the spec lets the server hang up instead.
+    if (req.type === Command.WRITE && req.length > MAX_REQUEST) throw new NbdProtocolError(this.peer, `write of ${req.length} bytes (at most ${MAX_REQUEST})`);
+    const refusal = this.check(req);
+    const bytes = refusal ? 0 : this.bytesHeld(req);
+    const release = bytes > 0 ? await this.budget.take(bytes, this.halt.signal) : () => {};
+    if (!release || this.ended) {
+      release?.();
+      return null;
+    }
+    if (req.type !== Command.WRITE) return { refusal, payload: null, release };
     try {
-      const refusal = this.check(req);
-      if (refusal) throw refusal;
-      await this.execute(req, payload);
+      if (refusal) await this.reader.skip(req.length, 'write payload');
+      return { refusal, payload: refusal ? null : await this.reader.read(req.length, 'write payload'), release };
     } catch (err) {
-      const refusal = err instanceof Refusal ? err : null;
-      const errno = refusal ? refusal.errno : errnoOf(err);
-      const message = refusal ? refusal.message : `${nameOf(Command, req.type)} failed: ${describeErrno(errno)}`;
-      if (!refusal) this.log(`${this.peer}: ${nameOf(Command, req.type)} at ${req.offset} (+${req.length}): ${(err as Error)?.message ?? String(err)}`);
+      release();
+      throw err;
+    }
+  }
+
+  /** What a request holds while in progress: a READ its reply, a WRITE its payload, BLOCK_STATUS its largest reply. */
+  private bytesHeld(req: Request): number {
+    if (req.type === Command.READ) return req.length + REPLY_OVERHEAD;
+    if (req.type === Command.WRITE) return req.length;
+    if (req.type === Command.BLOCK_STATUS) return 8 * Math.min(MAX_EXTENTS, req.length) + REPLY_OVERHEAD;
+    return 0;
+  }
+
+  private start(req: Request, admitted: Admitted): void {
+    this.inFlight++;
+    void this.handle(req, admitted).finally(() => {
+      this.inFlight--;
+      const slot = this.slot;
+      this.slot = null;
+      slot?.();
+      if (this.inFlight === 0) this.idle?.();
+    });
+  }
+
+  private async handle(req: Request, { refusal, payload, release }: Admitted): Promise<void> {
+    try {
+      if (refusal) throw refusal;
+      await this.execute(req, payload, release);
+    } catch (err) {
+      const refused = err instanceof Refusal ? err : null;
+      const errno = refused ? refused.errno : errnoOf(err);
+      const message = refused ? refused.message : `${nameOf(Command, req.type)} failed: ${describeErrno(errno)}`;
+      if (!refused) this.log(`${this.peer}: ${nameOf(Command, req.type)} at ${req.offset} (+${req.length}): ${(err as Error)?.message ?? String(err)}`);
+      release();
       this.send(this.negotiated.structured && this.hasPayload(req) ? [encodeErrorChunk(req.cookie, errno, message)] : [encodeSimpleReply(req.cookie, errno)]);
     }
   }
@@ -115,8 +195,8 @@ export class ServerSession {
    * this runs to its end), and replies finished in the same tick leave in one
    * system call (cork until the next tick).
    */
-  private send(parts: Buffer[]): void {
-    if (this.socket.destroyed) return;
+  private send(parts: Buffer[], release?: () => void): void {
+    if (this.socket.destroyed) return release?.();
     if (!this.corked) {
       this.corked = true;
       this.socket.cork();
@@ -125,7 +205,21 @@ export class ServerSession {
         this.socket.uncork();
       });
     }
-    for (const part of parts) this.socket.write(part);
+    if (!release) {
+      for (const part of parts) this.socket.write(part);
+      return;
+    }
+    // The budget is given back once the socket has sent the reply on (or was destroyed, which calls back too).
+    const bytes = parts.reduce((n, p) => n + p.length, 0);
+    this.budgetedUnsent += bytes;
+    parts.forEach((part, i) => {
+      if (i < parts.length - 1) this.socket.write(part);
+      else
+        this.socket.write(part, () => {
+          this.budgetedUnsent -= bytes;
+          release();
+        });
+    });
   }
 
   /** What the session refuses before the export sees the request. */
@@ -143,12 +237,12 @@ export class ServerSession {
     return null;
   }
 
-  private async execute(req: Request, payload: Buffer | null): Promise<void> {
+  private async execute(req: Request, payload: Buffer | null, release: () => void): Promise<void> {
     const exp = this.negotiated.export;
     const fua = (req.flags & CommandFlag.FUA) !== 0;
     switch (req.type) {
       case Command.READ:
-        return this.read(req);
+        return this.read(req, release);
       case Command.WRITE:
         await exp.write!(req.offset, payload!, fua);
         break;
@@ -166,16 +260,17 @@ export class ServerSession {
       case Command.CACHE:
         break; // a hint: our reads need no warming
       case Command.BLOCK_STATUS:
-        return this.blockStatus(req);
+        return this.blockStatus(req, release);
     }
+    release(); // a WRITE's payload is the export's now
     this.send([encodeSimpleReply(req.cookie, 0)]);
   }
 
-  private async read(req: Request): Promise<void> {
+  private async read(req: Request, release: () => void): Promise<void> {
     const pieces = await this.negotiated.export.read(req.offset, req.length);
     if (!this.negotiated.structured) {
       const parts = [encodeSimpleReply(req.cookie, 0), ...pieces.map((p) => ('data' in p ? p.data : Buffer.alloc(p.hole)))];
-      return this.send(parts);
+      return this.send(parts, release);
     }
     const noHole = (req.flags & CommandFlag.NO_HOLE) !== 0;
     const parts: Buffer[] = [];
@@ -185,14 +280,14 @@ export class ServerSession {
       else if (noHole) parts.push(...encodeDataChunk(req.cookie, p.offset, Buffer.alloc(p.hole), done));
       else parts.push(encodeHoleChunk(req.cookie, p.offset, p.hole, done));
     });
-    this.send(parts);
+    this.send(parts, release);
   }
 
-  private async blockStatus(req: Request): Promise<void> {
+  private async blockStatus(req: Request, release: () => void): Promise<void> {
     let extents = await this.negotiated.export.allocation(req.offset, req.length);
     if ((req.flags & CommandFlag.REQ_ONE) !== 0) extents = extents.slice(0, 1);
     extents = clip(extents.slice(0, MAX_EXTENTS), req.length);
-    this.send([encodeBlockStatusChunk(req.cookie, ALLOCATION_CONTEXT_ID, extents, true)]);
+    this.send([encodeBlockStatusChunk(req.cookie, ALLOCATION_CONTEXT_ID, extents, true)], release);
   }
 }
 
