@@ -52,7 +52,7 @@ type Common = Pick<VmBackupOptions, 'quiesce' | 'full' | 'disks' | 'warn' | 'onP
 async function runVmBackup(repo: Repository, name: string, opts: VmBackupCliOptions, common: Common): Promise<VmBackupReport> {
   if (opts.libvirt !== undefined) {
     const { vmBackupLibvirt } = await import('../live/vmBackupLibvirt.js');
-    return vmBackupLibvirt(repo, name, { ...common, domain: opts.libvirt, connect: opts.connect!, scratch: opts.scratch });
+    return vmBackupLibvirt(repo, name, { ...common, domain: opts.libvirt, connect: opts.connect!, scratch: opts.scratch, discard: opts.discard });
   }
   const { vmBackupQemu } = await import('../live/vmBackup.js');
   const qemuNbd = opts.qemuNbd === undefined ? undefined : parseNbdUri(opts.qemuNbd).endpoint;
@@ -75,7 +75,7 @@ export function vmCommand(): Command {
     .option('--qemu-nbd <uri>', "with --qemu: the address of QEMU's own NBD server when it already runs one")
     .option('--disks <targets>', 'only these disks, comma-separated (default: every writable disk)', parseTargets)
     .option('--no-quiesce', 'do not freeze the guest: pause the VM for the instant instead')
-    .option('--no-discard', 'with --qemu: keep what was read in the frozen views (by default each block is discarded once backed up, and QEMU stops copying old data there)')
+    .option('--no-discard', 'keep what was read in the frozen views (by default each block is discarded once backed up, where the view takes it, and QEMU stops copying old data there)')
     .option('--require-quiesce', 'fail, committing nothing, when the guest cannot be frozen')
     .option('--full', 'read every disk whole, even where a checkpoint could give a delta')
     .option('--json', 'print one JSON object')
@@ -84,7 +84,6 @@ export function vmCommand(): Command {
       if ((opts.qemu === undefined) === (opts.libvirt === undefined)) throw new UsageError('give --libvirt <domain> or --qemu <qmp-socket>: one of them');
       if (opts.libvirt !== undefined) {
         for (const [given, flag] of [[opts.qga, '--qga'], [opts.fleecing, '--fleecing'], [opts.qemuNbd, '--qemu-nbd']] as const) if (given !== undefined) throw new UsageError(`${flag} goes with --qemu (libvirt has its own agent channel, scratch images and NBD server)`);
-        if (!opts.discard) throw new UsageError('--no-discard goes with --qemu (libvirt makes the views, read-only)');
       } else if (opts.scratch !== undefined) throw new UsageError('--scratch goes with --libvirt (with --qemu, --fleecing names the folder of the copies)');
       const { checkVmName } = await import('../store/vmRecord.js');
       checkVmName(name);

@@ -28,7 +28,7 @@ import { DirectTarget, removeStaleSocketDirs } from './directTarget.js';
 import { FleecingImage, FleecingWatch, removeLeftoverImages } from './fleecing.js';
 import { FrozenView, removeLeftoverView, ViewNames } from './frozenView.js';
 import { findGuestPath } from './guestPath.js';
-import { type AroundDiscard, ViewDiscard } from './viewDiscard.js';
+import { type AroundDiscard, readDiscarding } from './viewDiscard.js';
 import { qemuNbdServer } from './qemuNbdServer.js';
 import { QmpClient } from '../qmp/QmpClient.js';
 
@@ -216,22 +216,25 @@ export class LiveDisk {
     const { options, previous, bitmaps } = this;
     const address = await this.view.export(previous.valid);
     const source = await NbdSource.open(address, { bitmap: previous.valid });
-    const discard = options.discard !== false && source.canDiscard ? new ViewDiscard(source, mode.around, options.warn ?? (() => undefined)) : null;
+    let discardedBytes: number;
     try {
       const checkpoint = { bitmap: bitmaps.next, node: this.node };
-      const onSettled = discard ? (block: number) => discard.settled(block) : undefined;
-      this.report = await backupFrom(this.repo, this.disk, source, { ...options, source: address.uri }, previous.valid, { id: this.id, note: previous.note, checkpoint, writeLimit: this.writeLimit, lock, pool, onSettled });
+      const choice = { enabled: options.discard !== false, around: mode.around, warn: options.warn ?? (() => undefined) };
+      const read = await readDiscarding(source, choice, (onSettled) =>
+        backupFrom(this.repo, this.disk, source, { ...options, source: address.uri }, previous.valid, { id: this.id, note: previous.note, checkpoint, writeLimit: this.writeLimit, lock, pool, onSettled }),
+      );
+      this.report = read.result;
+      discardedBytes = read.discardedBytes;
     } catch (err) {
       throw await explain(err, mode, options);
     } finally {
-      await discard?.close();
       await source.close();
     }
     return {
       ...this.report,
       mode: options.fleecing !== undefined ? ('fleecing' as const) : ('direct' as const),
       ...mode.copied(),
-      discardedBytes: discard?.discardedBytes ?? 0,
+      discardedBytes,
       checkpoint: bitmaps.next,
       previousCheckpoint: this.report.bitmap,
     };

@@ -68,3 +68,25 @@ export class ViewDiscard {
       });
   }
 }
+
+export interface DiscardChoice {
+  /** false: --no-discard. */
+  enabled: boolean;
+  around?: AroundDiscard;
+  warn: (message: string) => void;
+}
+
+/**
+ * Read `source` through `read` with discard after read, when it is wanted
+ * and the export takes discards (a view exported read-only does not); the
+ * discards in flight are waited for, whatever `read` does.
+ */
+export async function readDiscarding<T>(source: NbdSource, choice: DiscardChoice, read: (onSettled?: (block: number) => void) => Promise<T>): Promise<{ result: T; discardedBytes: number }> {
+  const discard = choice.enabled && source.canDiscard ? new ViewDiscard(source, choice.around ?? ((fn) => fn()), choice.warn) : null;
+  try {
+    const result = await read(discard ? (block) => discard.settled(block) : undefined);
+    return { result, discardedBytes: discard?.discardedBytes ?? 0 };
+  } finally {
+    await discard?.close();
+  }
+}

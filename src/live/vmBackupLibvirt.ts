@@ -11,6 +11,7 @@ import { realpath, rm } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { openImageThroughQemuNbd } from '../nbd/imageServer.js';
 import { NbdSource } from '../nbd/NbdSource.js';
+import { readDiscarding } from './viewDiscard.js';
 import { type BackupOptions, type BackupReport, backupFrom } from '../store/backup.js';
 import type { DiskLock } from '../store/lock.js';
 import { BlockPool, defaultConcurrency } from '../store/pool.js';
@@ -36,6 +37,8 @@ export interface LibvirtVmBackupOptions extends Omit<BackupOptions, 'source' | '
   disks?: string[];
   quiesce: QuiesceMode;
   warn?: (message: string) => void;
+  /** Discard what is read from libvirt's views when their exports take discards (default true): see viewDiscard.ts. */
+  discard?: boolean;
 }
 
 /** Where the previous VM backup left off: the checkpoint a delta reads from, or why every block is read. */
@@ -130,7 +133,12 @@ async function readRunning(info: DomainInfo, targets: string[], checkpoint: stri
             const bitmap = base.checkpoint === null ? null : exp.bitmap;
             const source = await NbdSource.open(exp.uri, { bitmap });
             try {
-              return await backupFrom(ctx.repo, disk, source, { ...options, source: exp.uri, onProgress: ctx.progress(target) }, bitmap, { note: base.note, checkpoint: { bitmap: checkpoint, node: `libvirt:${target}` }, lock: ctx.locks.get(disk)!, pool: await ctx.pool() });
+              // libvirt's view is the same copy-before-write snapshot as ours: discarded once read, when its export takes it.
+              const pool = await ctx.pool();
+              const { result, discardedBytes } = await readDiscarding(source, { enabled: options.discard !== false, warn: tell }, (onSettled) =>
+                backupFrom(ctx.repo, disk, source, { ...options, source: exp.uri, onProgress: ctx.progress(target) }, bitmap, { note: base.note, checkpoint: { bitmap: checkpoint, node: `libvirt:${target}` }, lock: ctx.locks.get(disk)!, pool, onSettled }),
+              );
+              return { ...result, discardedBytes };
             } finally {
               await source.close();
             }
