@@ -140,6 +140,45 @@ describe('reply budgets', () => {
   });
 });
 
+describe('a client that stops reading its replies', () => {
+  it('is disconnected once its waiting replies have not moved for the stall time, and what it held goes to the others', async () => {
+    const exp = new CountingExport(false);
+    const { path, log } = await start(exp, { connectionBudget: 8 * MiB, serverBudget: 8 * MiB, replyStall: 400 });
+    const hog = await established(path);
+    hog.socket.pause();
+    hog.sendReads([[0, 8 * MiB], [8 * MiB, 8 * MiB]]); // the first fills the server's budget, unread
+    await exp.started(1);
+    const reader = await established(path);
+    reader.sendReads([[16 * MiB, MiB]]);
+    expect(await logged(log, /took none of its replies for [\d.]+ s with \d+ bytes of them waiting: disconnected/)).toContain('client on the Unix socket');
+    // (The hog, paused, reads nothing: not even that it was hung up on.)
+    const reply = await reader.readReply(MiB);
+    expect(reply.data!.equals(pattern(16 * MiB, MiB))).toBe(true);
+    expect(exp.reads).toBe(2); // the hog's second READ was dropped unstarted
+    reader.socket.destroy();
+    hog.socket.destroy();
+  });
+
+  it('is left alone while it takes each reply within the stall time, however slowly', async () => {
+    const exp = new CountingExport(false);
+    const { path, log } = await start(exp, { replyStall: 1000 });
+    const slow = await established(path);
+    slow.socket.pause();
+    slow.sendReads(Array.from({ length: 16 }, (_, i): [number, number] => [i * 256 * 1024, 256 * 1024]));
+    await exp.started(1);
+    // A reader that takes a little of its replies now and then, over several stall times.
+    const deadline = Date.now() + 3000;
+    while (Date.now() < deadline) {
+      slow.socket.resume();
+      await new Promise((r) => setTimeout(r, 5));
+      slow.socket.pause();
+      await new Promise((r) => setTimeout(r, 150));
+    }
+    expect(log.filter((l) => /took none of its replies/.test(l))).toEqual([]);
+    slow.socket.destroy();
+  });
+});
+
 describe('connection limits', () => {
   it('a client beyond --max-connections is refused at GO with the reason, logged, and gets in once one leaves', async () => {
     const { path, log } = await start(new CountingExport(false), { maxConnections: 2 });

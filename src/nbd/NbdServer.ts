@@ -16,7 +16,7 @@ import { NbdProtocolError } from './errors.js';
 import type { ExportCatalog } from './export.js';
 import { ByteBudget } from './ByteBudget.js';
 import { FrameReader } from './FrameReader.js';
-import { CONNECTION_BUDGET, HANDSHAKE_TIMEOUT, MAX_CONNECTIONS, MAX_NEGOTIATING, SERVER_BUDGET, SERVER_INPUT_HIGH_WATER } from './limits.js';
+import { CONNECTION_BUDGET, HANDSHAKE_TIMEOUT, MAX_CONNECTIONS, MAX_NEGOTIATING, REPLY_STALL_MS, SERVER_BUDGET, SERVER_INPUT_HIGH_WATER } from './limits.js';
 import { negotiate } from './serverHandshake.js';
 import { ServerSession } from './serverSession.js';
 import { socketState } from '../util/unixSocket.js';
@@ -37,6 +37,8 @@ export interface ServerOptions {
   connectionBudget?: number;
   /** The same over all connections (default SERVER_BUDGET). */
   serverBudget?: number;
+  /** A client that reads none of its waiting replies for this long is disconnected (ms; default REPLY_STALL_MS). */
+  replyStall?: number;
 }
 
 interface Connection {
@@ -123,7 +125,7 @@ export class NbdServer {
       clearTimeout(timer);
       if (negotiated) {
         const budget = this.budget.child(this.options.connectionBudget ?? CONNECTION_BUDGET);
-        connection.session = new ServerSession(socket, reader, negotiated, peer, this.log, budget);
+        connection.session = new ServerSession(socket, reader, negotiated, peer, this.log, budget, this.options.replyStall ?? REPLY_STALL_MS);
         await connection.session.run();
       }
       socket.end();

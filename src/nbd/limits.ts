@@ -33,3 +33,10 @@ export const MAX_CONNECTIONS = 64;
 export const MAX_NEGOTIATING = 16;
 /** A connection that has not chosen an export in this long is closed (ms). */
 export const HANDSHAKE_TIMEOUT = 10_000;
+/**
+ * A client whose replies have not moved on for this long, while some are
+ * waiting to be sent, is hung up on: what it holds of the server's budget
+ * would keep every other client's reads waiting for as long as it stays.
+ * A live client reads its replies as they come (QEMU and libnbd do).
+ */
+export const REPLY_STALL_MS = 60_000;

@@ -61,6 +61,8 @@ export class ServerSession {
   private corked = false;
   /** Budgeted reply bytes handed to the socket and not yet sent on: the rest of its buffer is small replies. */
   private budgetedUnsent = 0;
+  /** When the socket last finished a write (or had nothing to write): see watchStalls. */
+  private lastWriteDone = Date.now();
   /** Fires when the peer is gone (or stop()): waits for the budget end, and nothing more is started. */
   private readonly halt = new AbortController();
 
@@ -73,8 +75,31 @@ export class ServerSession {
     private readonly log: (message: string) => void,
     /** This connection's budget (a child of the server's). */
     private readonly budget: ByteBudget,
+    /** Hang up on a client whose waiting replies have not moved on for this long (ms). */
+    private readonly replyStall: number,
   ) {
     socket.once('close', () => this.halt.abort());
+  }
+
+  /**
+   * Watch that replies waiting in our buffers move on: a client that stops
+   * reading them holds its share of the server's budget, and with it every
+   * other client's reads. Progress is a write the socket finished (Node says
+   * no more of a write in progress), so a client must take a whole reply
+   * within the stall time: 32 MiB in 60 s by default, which any live client does.
+   * Returns the watch's stop.
+   */
+  private watchStalls(): () => void {
+    const timer = setInterval(() => {
+      if (this.socket.writableLength === 0) this.lastWriteDone = Date.now();
+      const stalled = Date.now() - this.lastWriteDone;
+      if (stalled < this.replyStall) return;
+      clearInterval(timer);
+      this.log(`${this.peer}: took none of its replies for ${(stalled / 1000).toFixed(1)} s with ${this.socket.writableLength} bytes of them waiting: disconnected (it kept other clients' reads waiting)`);
+      this.socket.destroy();
+    }, Math.max(10, Math.min(1000, this.replyStall / 4)));
+    timer.unref();
+    return () => clearInterval(timer);
   }
 
   /** The peer left or stop() was called. Destroyed counts: 'close' (which fires `halt`) comes a tick later. */
@@ -92,6 +117,7 @@ export class ServerSession {
   /** Serve until the client disconnects (DISC or EOF) or stop(); throws NbdProtocolError on a broken frame. */
   async run(): Promise<void> {
     let dropped = false;
+    const unwatch = this.watchStalls();
     try {
       while (!this.stopping && !this.ended) {
         await this.roomForReplies();
@@ -115,6 +141,7 @@ export class ServerSession {
         this.log(`${this.peer}: disconnected with ${this.inFlight} requests unanswered; the requests not started are dropped`);
       }
       if (this.inFlight > 0) await new Promise<void>((r) => (this.idle = r));
+      unwatch();
     }
   }
 
@@ -205,8 +232,9 @@ export class ServerSession {
         this.socket.uncork();
       });
     }
+    const done = () => void (this.lastWriteDone = Date.now());
     if (!release) {
-      for (const part of parts) this.socket.write(part);
+      parts.forEach((part, i) => this.socket.write(part, i === parts.length - 1 ? done : undefined));
       return;
     }
     // The budget is given back once the socket has sent the reply on (or was destroyed, which calls back too).
@@ -216,6 +244,7 @@ export class ServerSession {
       if (i < parts.length - 1) this.socket.write(part);
       else
         this.socket.write(part, () => {
+          done();
           this.budgetedUnsent -= bytes;
           release();
         });
