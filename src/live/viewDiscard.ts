@@ -23,11 +23,12 @@ export class ViewDiscard {
   private pending: { start: number; end: number } | null = null;
   private inFlight: Promise<void> | null = null;
   private stopped = false;
+  /** Why discards stopped early, if they did: worth a warning when the backup went through. */
+  failure: string | null = null;
 
   constructor(
     private readonly source: NbdSource,
     private readonly around: AroundDiscard,
-    private readonly warn: (message: string) => void,
   ) {}
 
   /** The block is in the new backup: discard it (with what settled while a discard was in flight). */
@@ -57,9 +58,9 @@ export class ViewDiscard {
       .then(
         () => void (this.discardedBytes += range.end - range.start),
         (err: Error) => {
-          // Nothing is lost: the guest's writes there are copied as before. A view that broke fails our reads and says why.
+          // Nothing is lost: the guest's writes there are copied as before. A view that broke fails our reads, which say why.
           this.stopped = true;
-          this.warn(`discarding what was read from the frozen view failed (${err.message}): the rest of this backup copies old data as without discard`);
+          this.failure = err.message;
         },
       )
       .then(() => {
@@ -82,9 +83,11 @@ export interface DiscardChoice {
  * discards in flight are waited for, whatever `read` does.
  */
 export async function readDiscarding<T>(source: NbdSource, choice: DiscardChoice, read: (onSettled?: (block: number) => void) => Promise<T>): Promise<{ result: T; discardedBytes: number }> {
-  const discard = choice.enabled && source.canDiscard ? new ViewDiscard(source, choice.around ?? ((fn) => fn()), choice.warn) : null;
+  const discard = choice.enabled && source.canDiscard ? new ViewDiscard(source, choice.around ?? ((fn) => fn())) : null;
   try {
     const result = await read(discard ? (block) => discard.settled(block) : undefined);
+    await discard?.close();
+    if (discard?.failure) choice.warn(`discarding what was read from the frozen view failed (${discard.failure}): the rest of the backup copied old data as without discard`);
     return { result, discardedBytes: discard?.discardedBytes ?? 0 };
   } finally {
     await discard?.close();

@@ -72,8 +72,8 @@ export class BackupPipeline {
   private readonly zero: Buffer;
   private blocksRead = 0;
   private fileBytesRead = 0;
-  /** A block failed: those still in flight do no more work, and are only waited for. */
-  private stopped = false;
+  /** The first block failure: those still in flight do no more work, are only waited for, and fail with it (the error reported is the cause, whichever block the in-order consumer meets first). */
+  private failure: { error: unknown } | null = null;
 
   private constructor(
     private readonly input: PipelineInput,
@@ -94,13 +94,14 @@ export class BackupPipeline {
 
   /** A failure stops every block still in flight at its next step. */
   private readonly stop = (err: unknown): never => {
-    this.stopped = true;
-    throw err;
+    this.failure ??= { error: err };
+    throw this.failure.error;
   };
 
   /** Between the steps of a block: give up once the backup failed or was stopped. */
   private going(): void {
-    if (this.stopped || this.input.signal.aborted) throw new Error('the backup stopped');
+    if (this.failure) throw this.failure.error;
+    if (this.input.signal.aborted) throw new Error('the backup stopped');
   }
 
   /** Read, digest and hand one block to its worker; resolves to what the in-order consumer needs. */
