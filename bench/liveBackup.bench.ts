@@ -10,7 +10,8 @@
  * (default 8), BENCH_REWRITE_PCT (default 90), BENCH_MAX_WRITE (default 20M),
  * BENCH_PATTERNS (default uniform,zipf,sequential), BENCH_MODES (default
  * fleecing,fleecing-no-discard,direct), BENCH_IOTHREAD=1 (the guest's disk in
- * an iothread), BENCH_DIR (where to work), BENCH_FLEECING_DIR (the fleecing
+ * an iothread), BENCH_BACKUP_ARGS (more options for the measured backups,
+ * e.g. "--concurrency 1"), BENCH_DIR (where to work), BENCH_FLEECING_DIR (the fleecing
  * folder; default a folder in BENCH_DIR, on the same disk as the guest's
  * image and the repository).
  *
@@ -155,6 +156,7 @@ interface Context {
   depths: number[];
   seconds: number;
   rewriteBytes: number;
+  backupArgs: string[];
   log: (s: string) => void;
 }
 
@@ -164,7 +166,7 @@ async function duringBackup(c: Context, pattern: Pattern, mode: Mode): Promise<D
   await fill(c.g.guestUri, c.rewriteBytes);
   const m = MODES[mode];
   const start = now();
-  const running = runCommand(process.execPath, liveBackupArgs(c.repo, c.g, m.fleecing ? c.fleecing : null, '--max-write', c.maxWrite, ...m.extra));
+  const running = runCommand(process.execPath, liveBackupArgs(c.repo, c.g, m.fleecing ? c.fleecing : null, '--max-write', c.maxWrite, ...m.extra, ...c.backupArgs));
   let endMs = Infinity;
   void running.then(() => (endMs = now()));
   await viewExported(c.watch, running);
@@ -216,7 +218,8 @@ async function main(): Promise<void> {
   const g = await startGuest(work, size, iothread);
   const watch = await QmpClient.connect(g.watchSocket);
   const rewriteBytes = Math.max(BLOCK, Math.floor((size * rewritePct) / 100 / BLOCK) * BLOCK);
-  const c: Context = { repo, g, watch, fleecing, maxWrite, depths, seconds, rewriteBytes, log };
+  const backupArgs = (process.env.BENCH_BACKUP_ARGS ?? '').split(/\s+/).filter(Boolean);
+  const c: Context = { repo, g, watch, fleecing, maxWrite, depths, seconds, rewriteBytes, backupArgs, log };
   try {
     log(`fill ${sizeMiB} MiB with random data, then a first live backup (full, unthrottled)`);
     await fill(g.guestUri, size);
@@ -254,6 +257,7 @@ async function main(): Promise<void> {
       maxWrite,
       rewritePct,
       iothread,
+      backupArgs,
       fleecingFs,
       machine: { cores: load.cores, loadavgBefore: load.before, loadavgAfter: loadAfter },
       rows,
@@ -264,7 +268,7 @@ async function main(): Promise<void> {
     // Variants keep their own results file: the fleecing folder on another filesystem (live-tmpfs, …), an iothread.
     const name = `live${process.env.BENCH_FLEECING_DIR ? `-${fleecingFs}` : ''}${iothread ? '-iothread' : ''}`;
     const fleecingDir = process.env.BENCH_FLEECING_DIR ? `${fleecingFs} (${process.env.BENCH_FLEECING_DIR})` : "the same filesystem as the guest's image and the repository";
-    await writeResults('live', { sizeMiB, seconds, maxWrite, rewritePct, fleecingDir, iothread, patterns, modes }, result, { name });
+    await writeResults('live', { sizeMiB, seconds, maxWrite, rewritePct, fleecingDir, iothread, backupArgs, patterns, modes }, result, { name });
     if (json) {
       console.log(JSON.stringify(result, null, 2));
       return;
