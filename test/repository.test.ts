@@ -117,6 +117,7 @@ for (const layout of ['dir', 'vhd'] as const) {
         const flipped = Buffer.from(original);
         flipped[Math.floor(flipped.length / 2)] = flipped[Math.floor(flipped.length / 2)]! ^ 0x40;
         await writeFile(file, flipped);
+        expect((await readFile(file)).equals(flipped)).toBe(true);
         restoreFlip = () => writeFile(file, original);
       } else {
         // The VHD's 4th stored block is block 9 (appended in order 0, 7, 8, 9): flip one data byte.
@@ -134,7 +135,7 @@ for (const layout of ['dir', 'vhd'] as const) {
         };
       }
       const bad = vhdvault('verify', repo, 'vm-1');
-      expect(bad.code).toBe(1);
+      expect(bad.code, `verify of a flipped byte: ${bad.stdout}${bad.stderr}`).toBe(1);
       const block = layout === 'dir' ? 8 : 9;
       expect(bad.stderr).toContain(`backup ${target.id} block ${block}`);
       expect(bad.stderr.trim().split('\n')).toHaveLength(1);
@@ -162,7 +163,7 @@ for (const layout of ['dir', 'vhd'] as const) {
       damaged[3] = damaged[3]! ^ 0x10;
       await writeFile(digests, damaged);
       const bad = vhdvault('verify', repo, 'vm-1');
-      expect(bad.code).toBe(1);
+      expect(bad.code, `verify of a flipped byte: ${bad.stdout}${bad.stderr}`).toBe(1);
       expect(bad.stderr).toContain(`backup ${target.id} block 0`);
       expect(vhdvault('restore', repo, 'vm-1', join(work, 'no.raw'), '--backup', target.id).code).toBe(1);
       await writeFile(digests, original);
