@@ -16,11 +16,14 @@ import type { NbdSource } from '../nbd/NbdSource.js';
 /** Runs a discard; may measure around it (what it freed from a fleecing image). */
 export type AroundDiscard = (discard: () => Promise<void>) => Promise<void>;
 
+/** Most bytes one discard covers: an NBD request's length is 32 bits. */
+const MAX_DISCARD = 1024 * 1024 * 1024;
+
 export class ViewDiscard {
   /** Bytes discarded on the view. */
   discardedBytes = 0;
-  /** A range of settled blocks not sent yet: contiguous, since blocks settle in order. */
-  private pending: { start: number; end: number } | null = null;
+  /** Runs of settled blocks not sent yet, in the order they settled; a block that follows the last run joins it. */
+  private readonly pending: Array<{ start: number; end: number }> = [];
   private inFlight: Promise<void> | null = null;
   private stopped = false;
   /** Why discards stopped early, if they did: worth a warning when the backup went through. */
@@ -31,32 +34,36 @@ export class ViewDiscard {
     private readonly around: AroundDiscard,
   ) {}
 
-  /** The block is in the new backup: discard it (with what settled while a discard was in flight). */
+  /** The block is in the new backup, or never read: discard it (with what settled while a discard was in flight). */
   settled(block: number): void {
     if (this.stopped) return;
     const { blockSize, size } = this.source;
     const start = block * blockSize;
     const end = start + blockSize;
     if (end > size) return; // the partial last block: see above
-    if (this.pending && this.pending.end === start) this.pending.end = end;
-    else this.pending = { start, end };
+    const last = this.pending.at(-1);
+    if (last && last.end === start) last.end = end;
+    else this.pending.push({ start, end });
     if (!this.inFlight) this.send();
   }
 
   /** Stop discarding (the backup is committed, or failed) and wait for the discard in flight. */
   async close(): Promise<void> {
     this.stopped = true;
-    this.pending = null;
+    this.pending.length = 0;
     await this.inFlight;
   }
 
   /** One discard at a time: the view's export is also serving our reads, and QEMU's main loop the guest. */
   private send(): void {
-    const range = this.pending!;
-    this.pending = null;
-    this.inFlight = this.around(() => this.source.discard(range.start, range.end - range.start))
+    const first = this.pending[0]!;
+    const length = Math.min(first.end - first.start, MAX_DISCARD);
+    const start = first.start;
+    first.start += length;
+    if (first.start === first.end) this.pending.shift();
+    this.inFlight = this.around(() => this.source.discard(start, length))
       .then(
-        () => void (this.discardedBytes += range.end - range.start),
+        () => void (this.discardedBytes += length),
         (err: Error) => {
           // Nothing is lost: the guest's writes there are copied as before. A view that broke fails our reads, which say why.
           this.stopped = true;
@@ -65,7 +72,7 @@ export class ViewDiscard {
       )
       .then(() => {
         this.inFlight = null;
-        if (this.pending && !this.stopped) this.send();
+        if (this.pending.length > 0 && !this.stopped) this.send();
       });
   }
 }

@@ -1,6 +1,6 @@
 import { setMaxListeners } from 'node:events';
 import pLimit from 'p-limit';
-import { testBit } from '../vhd/bitmap.js';
+import { setBit, testBit } from '../vhd/bitmap.js';
 import type { BlockSource } from '../vhd/source.js';
 import { releaseBuffer } from '../util/bufferPool.js';
 import { BLOCK_READ_AHEAD, orderedReadAhead, range } from '../util/pipeline.js';
@@ -32,9 +32,11 @@ export interface PipelineInput {
   /** Worker threads shared with other pipelines (a VM backup's disks), left open; default: a pool of `concurrency` threads of its own. */
   pool?: BlockPool;
   /**
-   * Told each block, in order, once the source is no longer needed for it: its
-   * data is written to the new backup's staging, or it was unchanged, skipped or
-   * known zero. (A live backup discards it from the frozen view then.)
+   * Told each block once the source is no longer needed for it: first, at the
+   * start, every block a delta will not read (unchanged since the previous
+   * backup); then the others in order, once the new backup's staging holds
+   * their data or they were found unchanged or zero. (A live backup discards
+   * each from the frozen view then.)
    */
   onSettled?: (block: number) => void;
 }
@@ -145,9 +147,23 @@ export class BackupPipeline {
     return { digest, store: result.store, data: keep ? Buffer.from(result.data.buffer, result.data.byteOffset, result.data.length) : null, storedBytes: result.storedBytes };
   }
 
+  /** A delta's blocks that are never read (see produce), told settled before any block is read; the set of them. */
+  private async settleUnread(): Promise<Buffer | null> {
+    const { changed, previous, onSettled, source } = this.input;
+    if (!changed || !previous || !onSettled) return null;
+    const unread = Buffer.alloc(Math.ceil(source.blockCount / 8));
+    for (let block = 0; block < source.blockCount; block++) {
+      if (testBit(changed, block) || (await previous.get(block)) === null) continue;
+      setBit(unread, block);
+      onSettled(block);
+    }
+    return unread;
+  }
+
   /** Blocks in order: their digests, and each stored block handed to the writer. */
   private async consume(): Promise<PipelineResult> {
     const { source, writer, concurrency, onProgress } = this.input;
+    const unread = await this.settleUnread();
     const digests = new DigestList(source.blockCount);
     let [done, blocksWritten, bytesWritten, bytesCompressed] = [0, 0, 0, 0];
     // Two blocks per worker keep them all busy; at most 64 blocks (128 MiB) in flight whatever --concurrency.
@@ -165,7 +181,7 @@ export class BackupPipeline {
           bytesCompressed += source.blockSize;
         }
       }
-      this.input.onSettled?.(block);
+      if (!unread || !testBit(unread, block)) this.input.onSettled?.(block);
       onProgress?.(++done, source.blockCount, this.clocks.read.bytes);
     }
     const threads = concurrency;
