@@ -270,8 +270,8 @@ const SECTIONS: Section[] = [
       const backups = Array.isArray(res.backups) ? res.backups : [];
       if (backups.length > 0) {
         text += '\n\n' + table(
-          ['pattern', 'mode', 'backup', 'wall time', 'copied before guest writes', 'discarded', 'fleecing image peak'],
-          backups.map((b) => [String(b.pattern), String(b.mode), String(b.kind), num(b.wallSeconds, 1, ' s'), num((b.copiedBytes as number) / MiB, 1, ' MiB'), num((b.discardedBytes as number) / MiB, 0, ' MiB'), b.fleecingPeakBytes === null ? '—' : num((b.fleecingPeakBytes as number) / MiB, 1, ' MiB')]),
+          ['pattern', 'mode', 'backup', 'wall time', 'copied before guest writes', 'discarded', 'fleecing image peak', 'fio jobs'],
+          backups.map((b) => [String(b.pattern), String(b.mode), String(b.kind), num(b.wallSeconds, 1, ' s'), num((b.copiedBytes as number) / MiB, 1, ' MiB'), num((b.discardedBytes as number) / MiB, 0, ' MiB'), b.fleecingPeakBytes === null ? '—' : num((b.fleecingPeakBytes as number) / MiB, 1, ' MiB'), b.fioWithinBackup ? 'all during the backup' : 'the backup ended first: later jobs ran idle']),
         );
       }
       const peaks = (res.peaks ?? []).filter((p) => p.ratio !== null);
