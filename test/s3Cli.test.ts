@@ -167,7 +167,7 @@ describe.concurrent('an S3 repository through the CLI', () => {
   it('through a flaky link (500s, stalls) backup, delta, restore, verify and prune succeed; a backup cut off fails alone, and prune collects what it uploaded', async () => {
     const repo = await location();
     ok(await vhdvaultAsync('init', repo));
-    const proxy = await startFaultProxy(s3.endpoint, { errorRate: 0.2, stallRate: 0.03, seed: 7 });
+    const proxy = await startFaultProxy(s3.endpoint, { errorRate: 0.2, stallRate: 0.03, seed: 7, maxInARow: 4 });
     try {
       // A short timeout so that stalls cost little, but not so short that a loaded machine's s3rver misses it
       // (1.5 s once failed a 2 MiB PUT 8 times over at load 10); attempts enough that a 1-in-5 failure rate never exhausts them.

@@ -228,7 +228,7 @@ for (const backend of backends) describe.skipIf(backend.skip !== undefined)(`sto
 
 describe('S3 storage: retries and errors', () => {
   it('retries server errors: 50 puts and gets through a proxy failing 30% of requests', async () => {
-    const proxy = await startFaultProxy(s3.endpoint, { errorRate: 0.3, seed: 7 });
+    const proxy = await startFaultProxy(s3.endpoint, { errorRate: 0.3, seed: 7, maxInARow: 2 });
     try {
       const storage = await s3Storage({ kind: 's3', bucket: await newBucket(s3.endpoint), prefix: 'r', endpoint: proxy.endpoint });
       const n = Array.from({ length: 50 }, (_, i) => i);
@@ -257,7 +257,7 @@ describe('S3 storage: retries and errors', () => {
   });
 
   it('retries requests that time out: 30 puts and gets through a proxy stalling 30% of requests', async () => {
-    const proxy = await startFaultProxy(s3.endpoint, { stallRate: 0.3, seed: 3 });
+    const proxy = await startFaultProxy(s3.endpoint, { stallRate: 0.3, seed: 3, maxInARow: 3 });
     try {
       const storage = await s3Storage({ kind: 's3', bucket: await newBucket(s3.endpoint), prefix: 'r', endpoint: proxy.endpoint }, { timeoutMs: 300, maxAttempts: 8 });
       const n = Array.from({ length: 15 }, (_, i) => i);

@@ -10,6 +10,11 @@ export interface Faults {
   seed?: number;
   /** Requests it returns true for (method, path without the query) are answered `500 InternalError`, whatever the rates draw. */
   fail?: (method: string, path: string) => boolean;
+  /**
+   * At most this many drawn faults in a row for one method and path; the next attempt is forwarded.
+   * Tests that must pass use it: with a bare rate, some request fails every attempt in a few runs of a hundred.
+   */
+  maxInARow?: number;
 }
 
 export interface FaultProxy {
@@ -29,11 +34,18 @@ export async function startFaultProxy(target: string, faults: Faults): Promise<F
   let random = mulberry32(faults.seed ?? 1);
   const stats = { requests: 0, errors: 0, stalls: 0 };
   const sockets = new Set<Socket>();
+  const inARow = new Map<string, number>();
 
   const server = createServer((req, res) => {
     stats.requests++;
-    const roll = random();
-    if (roll < rates.errorRate || rates.fail?.(req.method ?? '', (req.url ?? '').split('?')[0]!)) {
+    const method = req.method ?? '';
+    const path = (req.url ?? '').split('?')[0]!;
+    const key = `${method} ${path}`;
+    const exhausted = (inARow.get(key) ?? 0) >= (rates.maxInARow ?? Infinity);
+    const roll = exhausted ? 1 : random();
+    if (roll < rates.errorRate + rates.stallRate) inARow.set(key, (inARow.get(key) ?? 0) + 1);
+    else inARow.delete(key);
+    if (roll < rates.errorRate || rates.fail?.(method, path)) {
       stats.errors++;
       // Read the whole request first, as a server that fails after receiving it does.
       req.resume().on('end', () => answerInternalError(res));
