@@ -3,6 +3,8 @@ import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { nextRunAfter, nextRuns, previousRunBefore } from '../src/jobs/schedule.js';
+import { parseJob } from '../src/jobs/jobFile.js';
+import { backupArgs, vmBackupArgs } from '../src/jobs/diskBackup.js';
 import { CLI, cliEnv, type CliResult, vhdvault, vhdvaultAsync } from './helpers/cli.js';
 import { tempDir } from './helpers/files.js';
 
@@ -170,6 +172,7 @@ disks:
       concurrency: 3,
       maxRead: 20 * 1048576,
       maxWrite: 1048576,
+      idlePriority: false,
       verify: 'all',
       healthCheck: { scratch: join(dir, 'scratch') },
       retention: { last: 2, hourly: 12, daily: 7, weekly: 4, monthly: 6, yearly: 1 },
@@ -239,6 +242,18 @@ disks:
   });
 });
 
+describe('idlePriority', () => {
+  it('true: every backup and VM backup of the job runs with --idle-priority', () => {
+    const text = `${MINIMAL}idlePriority: true\nvms:\n  - name: web\n    qmp: /run/web.qmp\n    fleecing: /fast\n  - name: db\n    libvirt: db\n`;
+    const job = parseJob(text, join(dir, 'idle.yaml'));
+    expect(job.idlePriority).toBe(true);
+    expect(backupArgs(job, job.disks[0]!, false)).toContain('--idle-priority');
+    for (const vm of job.vms) expect(vmBackupArgs(job, vm, false)).toContain('--idle-priority');
+    const plain = parseJob(MINIMAL, join(dir, 'plain.yaml'));
+    expect(backupArgs(plain, plain.disks[0]!, false)).not.toContain('--idle-priority');
+  });
+});
+
 describe('job check: bad files exit 2 with one line naming the file and the key', () => {
   const replaceDisk = (disk: string) => MINIMAL.replace('  - name: d1\n    source: d1.raw\n', disk);
   // [file name, contents, key path (or position) the line must name, what it must say]
@@ -281,6 +296,9 @@ describe('job check: bad files exit 2 with one line naming the file and the key'
     ['vm-clash.yaml', `${MINIMAL.replace('name: d1', 'name: web.vda')}vms:\n  - name: web\n    libvirt: web\n`, 'vms[0].name', /disk "web\.vda" would be taken for one of its disks/],
     ['boot-no-vms.yaml', `${MINIMAL}healthCheck: boot\n`, 'healthCheck.boot', /the job has no vms:/],
     ['nothing.yaml', MINIMAL.replace(/disks:\n[\s\S]*$/, ''), 'disks', /expected at least one disk \(disks:\) or VM \(vms:\)/],
+    ['idle-direct.yaml', `${replaceDisk('  - name: d1\n    qmp: /run/vm1.qmp\n    node: disk0\n')}idlePriority: true\n`, 'disks[0].fleecing', /idlePriority needs a fleecing folder .*direct mode the guest waits/],
+    ['idle-vm-direct.yaml', `${MINIMAL}idlePriority: true\nvms:\n  - name: web\n    qmp: /run/web.qmp\n`, 'vms[0].fleecing', /idlePriority needs a fleecing folder/],
+    ['idle-bad.yaml', `${MINIMAL}idlePriority: yes please\n`, 'idlePriority', /expected true or false/],
   ];
 
   // Each case is a Node start-up: overlapping them saves most of the time.

@@ -15,6 +15,7 @@ import { parseRate, parseSize } from './sizes.js';
 import { formatBytes } from '../util/sizes.js';
 import { EXIT_FAILURE, ExitStatus } from './run.js';
 import { JSON_FORMATS, printJson } from './json.js';
+import { applyIdlePriority, IDLE_PRIORITY_HELP } from './idlePriority.js';
 
 // Each command imports what it runs when it runs (`await import` in its action): a start-up
 // then loads one command's code, not every command's (the QEMU and NBD stacks included).
@@ -90,6 +91,7 @@ interface BackupCliOptions {
   requireQuiesce?: boolean;
   /** false with --no-discard. */
   discard: boolean;
+  idlePriority?: boolean;
   concurrency?: number;
   maxRead?: number;
   maxWrite?: number;
@@ -163,6 +165,7 @@ export function storeCommands(): Command[] {
     .option('--qga <socket>', "with --qemu: the guest agent's socket: the guest's filesystems are frozen while the point in time is set (without an answer: crash-consistent, with a warning)")
     .option('--require-quiesce', 'with --qga: fail the backup, rather than go on crash-consistent, when the guest cannot be frozen')
     .option('--no-discard', 'with --qemu: keep what was read in the frozen view (by default each block is discarded from it once backed up: QEMU stops copying old data there before guest writes, and the fleecing image frees it)')
+    .option('--idle-priority', IDLE_PRIORITY_HELP)
     .option('--concurrency <n>', 'worker threads (default: number of cores)', parseCount)
     .option('--max-read <rate>', 'read bandwidth limit, e.g. 50M (per second)', parseRate)
     .option('--max-write <rate>', 'write bandwidth limit, e.g. 20M (per second)', parseRate)
@@ -176,6 +179,7 @@ export function storeCommands(): Command[] {
         if (!opts.discard) throw new UsageError('--no-discard needs --qemu');
         planSource({ ...opts, source: opts.source, fromRaw: opts.from === 'raw' }); // usage errors about the source (NBD URI, --bitmap) come first
       }
+      await applyIdlePriority(opts.idlePriority, live !== null && opts.fleecing === undefined);
       const repo = await Repository.open(root);
       repo.diskDir(disk); // validate the name before any work
       const bar = progressBar(`backup ${disk}`, opts.json ?? false);

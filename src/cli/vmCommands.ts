@@ -9,6 +9,7 @@ import { UsageError } from '../util/errors.js';
 import { progressBar } from './progress.js';
 import { ExitStatus } from './run.js';
 import { JSON_FORMATS, printJson } from './json.js';
+import { applyIdlePriority, IDLE_PRIORITY_HELP } from './idlePriority.js';
 
 // Each command imports what it runs when it runs (see storeCommands.ts).
 
@@ -25,6 +26,7 @@ interface VmBackupCliOptions {
   requireQuiesce?: boolean;
   /** false with --no-discard. */
   discard: boolean;
+  idlePriority?: boolean;
   full?: boolean;
   json?: boolean;
 }
@@ -77,6 +79,7 @@ export function vmCommand(): Command {
     .option('--no-quiesce', 'do not freeze the guest: pause the VM for the instant instead')
     .option('--no-discard', 'keep what was read in the frozen views (by default each block is discarded once backed up, where the view takes it, and QEMU stops copying old data there)')
     .option('--require-quiesce', 'fail, committing nothing, when the guest cannot be frozen')
+    .option('--idle-priority', IDLE_PRIORITY_HELP)
     .option('--full', 'read every disk whole, even where a checkpoint could give a delta')
     .option('--json', 'print one JSON object')
     .action(async (root: string, name: string, opts: VmBackupCliOptions) => {
@@ -87,6 +90,7 @@ export function vmCommand(): Command {
       } else if (opts.scratch !== undefined) throw new UsageError('--scratch goes with --libvirt (with --qemu, --fleecing names the folder of the copies)');
       const { checkVmName } = await import('../store/vmRecord.js');
       checkVmName(name);
+      await applyIdlePriority(opts.idlePriority, opts.qemu !== undefined && opts.fleecing === undefined);
       const repo = await Repository.open(root);
       const log = (message: string) => console.error(`vhdvault: ${message}`);
       const quiesce = !opts.quiesce ? ('off' as const) : opts.requireQuiesce ? ('require' as const) : ('try' as const);

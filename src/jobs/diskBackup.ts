@@ -39,6 +39,7 @@ export function backupArgs(job: Job, disk: JobDisk, full: boolean): string[] {
   if (full) args.push('--full');
   if (job.maxRead !== null) args.push('--max-read', String(job.maxRead));
   if (job.maxWrite !== null) args.push('--max-write', String(job.maxWrite));
+  if (job.idlePriority) args.push('--idle-priority');
   return args;
 }
 
@@ -52,6 +53,7 @@ export function vmBackupArgs(job: Job, vm: JobVm, full: boolean): string[] {
     if (vm.fleecing !== undefined) args.push('--fleecing', vm.fleecing);
   }
   if (full) args.push('--full');
+  if (job.idlePriority) args.push('--idle-priority');
   return args;
 }
 

@@ -76,6 +76,8 @@ export interface Job {
   /** Bytes per second, or null for no limit. */
   maxRead: number | null;
   maxWrite: number | null;
+  /** Every backup with --idle-priority: on spare CPU time only. */
+  idlePriority: boolean;
   verify: Verify;
   /** Null: off. `scratch` null: a temporary folder of the runner's choosing. `boot`: each VM's newest backup is booted (vm boot-check). */
   healthCheck: { scratch: string | null; boot: boolean } | null;
@@ -256,6 +258,7 @@ const jobSchema = mapping('a mapping of job keys (name, schedule, repository, di
   fullInterval: whole('a whole number of at least 1 (every Nth backup of a disk is full)').optional(),
   maxRead: bytes(RATE).optional(),
   maxWrite: bytes(RATE).optional(),
+  idlePriority: z.boolean(expected('true or false')).default(false),
   verify: z.enum(['none', 'new', 'all'], expected('none, new or all')).default('none'),
   // true is {} (a temporary scratch folder), false is off, boot is { boot: true }.
   healthCheck: z
@@ -407,6 +410,13 @@ function toJob(entry: JobEntry, file: string): Job {
   }
   const healthCheck = entry.healthCheck ? { scratch: entry.healthCheck.scratch === undefined ? null : resolve(dir, entry.healthCheck.scratch), boot: entry.healthCheck.boot === true } : null;
   if (healthCheck?.boot && (entry.vms?.length ?? 0) === 0) problems.push(fail(['healthCheck', 'boot'], 'boots VM backups, and the job has no vms:'));
+  if (entry.idlePriority) {
+    // Direct mode: the guest's writes wait for the backup's copies, which must not wait for spare CPU (as backup --idle-priority refuses).
+    const direct = (list: 'disks' | 'vms', i: number) => problems.push(fail([list, i, 'fleecing'], 'missing: idlePriority needs a fleecing folder for a running QEMU disk (in direct mode the guest waits for the backup)'));
+    // The entries as written: their indexes are the file's, whatever else was wrong with them.
+    (entry.disks ?? []).forEach((d, i) => d.qmp !== undefined && d.fleecing === undefined && direct('disks', i));
+    (entry.vms ?? []).forEach((v, i) => v.qmp !== undefined && v.fleecing === undefined && direct('vms', i));
+  }
   if (problems.length > 0) throw allOf(problems);
   return {
     file: resolve(file),
@@ -418,6 +428,7 @@ function toJob(entry: JobEntry, file: string): Job {
     fullInterval: entry.fullInterval ?? null,
     maxRead: entry.maxRead ?? null,
     maxWrite: entry.maxWrite ?? null,
+    idlePriority: entry.idlePriority,
     verify: entry.verify,
     healthCheck,
     retention: entry.retention ?? null,
