@@ -7,11 +7,27 @@ import { spawn } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { mkdir, open, rm, writeFile } from 'node:fs/promises';
+import { connect } from 'node:net';
 import { availableParallelism, cpus, totalmem } from 'node:os';
 import { dirname, join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 export const MiB = 1024 * 1024;
+
+/** Resolves once something accepts connections on the Unix socket `path` (a server just started creates it when ready). */
+export async function waitForSocket(path: string, withinMs = 10_000): Promise<void> {
+  const deadline = Date.now() + withinMs;
+  for (;;) {
+    const ok = await new Promise<boolean>((resolve) => {
+      const s = connect(path);
+      s.once('connect', () => (s.destroy(), resolve(true)));
+      s.once('error', () => resolve(false));
+    });
+    if (ok) return;
+    if (Date.now() > deadline) throw new Error(`nothing listens on ${path} after ${withinMs} ms`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
 
 export interface RunResult {
   code: number;

@@ -9,11 +9,13 @@
  * Environment: BENCH_SIZE_MIB (default 512), BENCH_SECONDS per fio job
  * (default 8), BENCH_REWRITE_PCT (default 90), BENCH_MAX_WRITE (default 20M),
  * BENCH_PATTERNS (default uniform,zipf,sequential), BENCH_MODES (default
- * fleecing,fleecing-no-discard,direct), BENCH_IOTHREAD=1 (the guest's disk in
- * an iothread), BENCH_BACKUP_ARGS (more options for the measured backups,
+ * fleecing,fleecing-no-discard,fleecing-idle-priority,direct), BENCH_GUEST (qsd, the default, or vm:
+ * a QEMU machine, see startVm), BENCH_IOTHREAD=1 (the guest's disk in an
+ * iothread; with vm, the virtio-blk device's), BENCH_BACKUP_ARGS (more options for the measured backups,
  * e.g. "--concurrency 1"), BENCH_DIR (where to work), BENCH_FLEECING_DIR (the fleecing
  * folder; default a folder in BENCH_DIR, on the same disk as the guest's
- * image and the repository).
+ * image and the repository), BENCH_RESULT_NAME (the results file's name, by
+ * default live plus the variant: live-tmpfs, live-vm-tmpfs-iothread…).
  *
  * The guest: qemu-storage-daemon serving a qcow2 image (file f0 → qcow2 disk0
  * → raw passthrough g0), g0 exported writable over NBD as `disk0` on a Unix
@@ -26,7 +28,11 @@
  *               first to its 64 KiB cluster (the worst case);
  *   zipf        randwrite with --random_distribution=zipf:1.2: hot areas
  *               rewritten, as real guests do;
- *   sequential  write, in order from the start.
+ *   sequential  write, in order from the start;
+ *   hot         (asked for by name only) randwrite over the first 8 MiB: a
+ *               diagnosis, since after the first write to each of its 128
+ *               clusters no write waits for a copy, what it shows is the
+ *               cost of sharing the machine and QEMU with the backup.
  * For each pattern: idle (iodepth 1, then 8); then for each mode, the first
  * BENCH_REWRITE_PCT % of the disk rewritten with fresh data (so the backup is
  * a delta of most of the disk), `backup --qemu … --max-write BENCH_MAX_WRITE
@@ -34,19 +40,21 @@
  * guest's path) the same two fio jobs while it runs; then idle again. Modes:
  *   fleecing             fleecing image, discard after read (the default);
  *   fleecing-no-discard  the same with --no-discard: what it was before;
+ *   fleecing-idle-priority  the same with --idle-priority (SCHED_IDLE);
  *   direct               no fleecing image: copies into the repository.
  * Goals (p99 against idle in the same run): fleecing zipf ≤ 1.3×, uniform
  * ≤ 1.5×, at iodepth 1 and 8; the fleecing image's peak with discard ≤ 50%
  * of its peak without, for the same workload.
  */
-import { type Daemon, startDaemon } from '../src/demo/qsd.js';
+import { type Daemon, startDaemon, stopper } from '../src/demo/qsd.js';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { cpus, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { queryBlockExports } from '../src/qmp/commands.js';
+import { spawn } from 'node:child_process';
+import { blockExportAdd, nbdServerStart, queryBlockExports } from '../src/qmp/commands.js';
 import { QmpClient } from '../src/qmp/QmpClient.js';
-import { describeFilesystem, formatTable, MiB, mustRun, runCommand, type RunResult, writeResults } from './lib.js';
+import { describeFilesystem, formatTable, MiB, mustRun, runCommand, type RunResult, waitForSocket, writeResults } from './lib.js';
 
 const CLI = fileURLToPath(new URL('../src/cli/main.js', import.meta.url));
 const BLOCK = 2 * MiB;
@@ -55,12 +63,15 @@ const PATTERNS = {
   uniform: ['--rw=randwrite'],
   zipf: ['--rw=randwrite', '--random_distribution=zipf:1.2'],
   sequential: ['--rw=write'],
+  // Not in the default list: a diagnosis. After its first 128 writes nothing is copied any more: what is left is the contention.
+  hot: ['--rw=randwrite', '--size=8M'],
 } as const;
 type Pattern = keyof typeof PATTERNS;
 
 const MODES = {
   fleecing: { fleecing: true, extra: [] as string[] },
   'fleecing-no-discard': { fleecing: true, extra: ['--no-discard'] },
+  'fleecing-idle-priority': { fleecing: true, extra: ['--idle-priority'] },
   direct: { fleecing: false, extra: [] as string[] },
 } as const;
 type Mode = keyof typeof MODES;
@@ -117,12 +128,54 @@ async function fill(uri: string, bytes: number): Promise<void> {
   await fio(uri, ['--rw=write', '--bs=1M', '--iodepth=4', '--refill_buffers', `--randseed=${seed}`, `--size=${bytes}`]);
 }
 
-/** qemu-storage-daemon as a running VM's disk (the demo's set-up), with a monitor for the bench to watch on. */
-async function startGuest(dir: string, size: number, iothread: boolean): Promise<Daemon & { watchSocket: string }> {
+type GuestKind = 'qsd' | 'vm';
+
+/** The guest's disk under qemu-storage-daemon (qsd) or a QEMU machine (vm), with a monitor for the bench to watch on. */
+async function startGuest(dir: string, size: number, kind: GuestKind, iothread: boolean): Promise<Daemon & { watchSocket: string }> {
   const image = join(dir, 'disk.qcow2');
   await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', image, String(size)]);
+  if (kind === 'vm') return startVm(dir, image, iothread);
   const daemon = await startDaemon(dir, image, { watchMonitor: true, iothread });
   return { ...daemon, watchSocket: daemon.watchSocket! };
+}
+
+/**
+ * qemu-system-x86_64 with the disk on a virtio-blk device, in an iothread when
+ * asked: what a user's VM has. Its CPU never starts (-S, no guest code: no
+ * emulation cost in the figures). The guest's writes come through an NBD
+ * export of the device's node g0, which runs in the device's thread, and pass
+ * the same copy-before-write filter a virtio write would.
+ */
+async function startVm(dir: string, image: string, iothread: boolean): Promise<Daemon & { watchSocket: string }> {
+  const qmpSocket = join(dir, 'qmp.sock');
+  const watchSocket = join(dir, 'qmp2.sock');
+  const nbdSocket = join(dir, 'nbd.sock');
+  const child = spawn('qemu-system-x86_64', [
+    ...['-M', 'q35', '-nodefaults', '-display', 'none', '-S'],
+    ...(iothread ? ['-object', 'iothread,id=io0'] : []),
+    ...['-blockdev', `driver=file,node-name=f0,filename=${image}`],
+    ...['-blockdev', 'driver=qcow2,node-name=disk0,file=f0'],
+    ...['-blockdev', 'driver=raw,node-name=g0,file=disk0'],
+    // share-rw: the NBD export writes beside the device.
+    ...['-device', `virtio-blk-pci,drive=g0,id=vd0,share-rw=on${iothread ? ',iothread=io0' : ''}`],
+    ...['-chardev', `socket,path=${qmpSocket},server=on,wait=off,id=m0`, '-mon', 'chardev=m0,mode=control'],
+    ...['-chardev', `socket,path=${watchSocket},server=on,wait=off,id=m1`, '-mon', 'chardev=m1,mode=control'],
+  ], { stdio: ['ignore', 'ignore', 'inherit'] });
+  const stop = stopper(child);
+  try {
+    await Promise.all([waitForSocket(qmpSocket), waitForSocket(watchSocket)]);
+    const qmp = await QmpClient.connect(watchSocket);
+    try {
+      await nbdServerStart(qmp, nbdSocket);
+      await blockExportAdd(qmp, { type: 'nbd', id: 'guest', nodeName: 'g0', name: 'disk0', writable: true });
+    } finally {
+      await qmp.close();
+    }
+  } catch (err) {
+    await stop();
+    throw err;
+  }
+  return { qmpSocket, watchSocket, nbdSocket, guestUri: `nbd+unix:///disk0?socket=${nbdSocket}`, stop };
 }
 
 /** A live backup's arguments: fleecing mode into `fleecing`, direct mode when it is null. */
@@ -207,8 +260,10 @@ async function main(): Promise<void> {
   const rewritePct = Number(process.env.BENCH_REWRITE_PCT ?? 90);
   const maxWrite = process.env.BENCH_MAX_WRITE ?? '20M';
   const patterns = list(process.env.BENCH_PATTERNS, Object.keys(PATTERNS) as Pattern[]);
+  if (!process.env.BENCH_PATTERNS) patterns.splice(patterns.indexOf('hot'), 1);
   const modes = list(process.env.BENCH_MODES, Object.keys(MODES) as Mode[]);
   const iothread = process.env.BENCH_IOTHREAD === '1';
+  const guest = list(process.env.BENCH_GUEST, ['qsd', 'vm'] as const)[0]!;
   const depths = [1, 8];
   const load = { before: loadavg().map((l) => Number(l.toFixed(2))), cores: cpus().length };
   const log = (s: string) => {
@@ -220,7 +275,7 @@ async function main(): Promise<void> {
   const repo = join(work, 'repo');
   const fleecing = await mkdtemp(join(process.env.BENCH_FLEECING_DIR ?? work, 'fleece-'));
   await mustRun(process.execPath, [CLI, 'init', repo, '--layout', 'dir', '--compression', 'none']);
-  const g = await startGuest(work, size, iothread);
+  const g = await startGuest(work, size, guest, iothread);
   const watch = await QmpClient.connect(g.watchSocket);
   const rewriteBytes = Math.max(BLOCK, Math.floor((size * rewritePct) / 100 / BLOCK) * BLOCK);
   const backupArgs = (process.env.BENCH_BACKUP_ARGS ?? '').split(/\s+/).filter(Boolean);
@@ -261,6 +316,7 @@ async function main(): Promise<void> {
       seconds,
       maxWrite,
       rewritePct,
+      guest,
       iothread,
       backupArgs,
       fleecingFs,
@@ -271,14 +327,14 @@ async function main(): Promise<void> {
       goal: 'fleecing p99 ≤ 1.3× idle (zipf) and ≤ 1.5× idle (uniform), iodepth 1 and 8; fleecing image peak with discard ≤ 50% of without',
     };
     // Variants keep their own results file: the fleecing folder on another filesystem (live-tmpfs, …), an iothread.
-    const name = `live${process.env.BENCH_FLEECING_DIR ? `-${fleecingFs}` : ''}${iothread ? '-iothread' : ''}`;
+    const name = `live${guest === 'vm' ? '-vm' : ''}${process.env.BENCH_FLEECING_DIR ? `-${fleecingFs}` : ''}${iothread ? '-iothread' : ''}`;
     const fleecingDir = process.env.BENCH_FLEECING_DIR ? `${fleecingFs} (${process.env.BENCH_FLEECING_DIR})` : "the same filesystem as the guest's image and the repository";
-    await writeResults('live', { sizeMiB, seconds, maxWrite, rewritePct, fleecingDir, iothread, backupArgs, patterns, modes }, result, { name });
+    await writeResults('live', { sizeMiB, seconds, maxWrite, rewritePct, guest, fleecingDir, iothread, backupArgs, patterns, modes }, result, { name });
     if (json) {
       console.log(JSON.stringify(result, null, 2));
       return;
     }
-    console.log(`guest 4 KiB writes (fio nbd engine, ${seconds} s per job, no ramp), ${sizeMiB} MiB qcow2 under qemu-storage-daemon${iothread ? ' (iothread)' : ''}; fleecing on ${fleecingFs}; ${load.cores} cores, load ${load.before.join(' ')} → ${loadAfter.join(' ')}`);
+    console.log(`guest 4 KiB writes (fio nbd engine, ${seconds} s per job, no ramp), ${sizeMiB} MiB qcow2 under ${guest === 'vm' ? 'qemu-system-x86_64 (virtio-blk)' : 'qemu-storage-daemon'}${iothread ? ' (iothread)' : ''}; fleecing on ${fleecingFs}; ${load.cores} cores, load ${load.before.join(' ')} → ${loadAfter.join(' ')}`);
     const table: string[][] = [];
     for (const r of rows) {
       const line = (state: string, x: FioWrite) => [r.pattern, String(r.iodepth), state, x.iops.toFixed(0), fmtUs(x.p50us), fmtUs(x.p99us), fmtUs(x.p999us), `${(x.p99us / r.idle.p99us).toFixed(2)}×`];

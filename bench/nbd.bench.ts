@@ -20,13 +20,12 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
-import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { backup } from '../src/store/backup.js';
 import { Repository, type LayoutName as Layout } from '../src/store/repository.js';
-import { formatTable, median, MiB, mustRun, timeIt, writeRandomFile, writeResults } from './lib.js';
+import { formatTable, median, MiB, mustRun, timeIt, writeRandomFile, waitForSocket, writeResults } from './lib.js';
 
 const CLI = fileURLToPath(new URL('../src/cli/main.js', import.meta.url));
 
@@ -44,17 +43,6 @@ async function fio(uri: string, job: string[], seconds: number, timed = true): P
   return { iops: read.iops, bytesPerSecond: read.bw_bytes, p99us: read.clat_ns.percentile['99.000000'] / 1000 };
 }
 
-/** Resolves once something accepts connections on the Unix socket. */
-async function waitForSocket(path: string): Promise<void> {
-  for (let i = 0; i < 200; i++) {
-    const ok = await new Promise<boolean>((resolve) => {
-      const s = connect(path).once('connect', () => (s.destroy(), resolve(true))).once('error', () => resolve(false));
-    });
-    if (ok) return;
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  throw new Error(`nothing listens on ${path}`);
-}
 
 async function startServer(kind: 'vhdvault' | 'qemu-nbd', work: string, repo: string, raw: string): Promise<{ uri: string; child: ChildProcess }> {
   const socket = join(work, `${kind}.sock`);

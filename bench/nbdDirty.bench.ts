@@ -24,13 +24,12 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { spawn } from 'node:child_process';
-import { connect } from 'node:net';
 import pLimit from 'p-limit';
 import { NbdClient } from '../src/nbd/NbdClient.js';
 import { bitmapContext, NbdSource } from '../src/nbd/NbdSource.js';
 import { DIRTY } from '../src/nbd/constants.js';
 import { testBit } from '../src/vhd/bitmap.js';
-import { dropCaches, formatTable, median, MiB, mustRun, writeResults } from './lib.js';
+import { dropCaches, formatTable, median, MiB, mustRun, waitForSocket, writeResults } from './lib.js';
 
 const BLOCK = 2 * MiB;
 const WRITE = 64 * 1024;
@@ -85,18 +84,6 @@ async function dirtyExtents(uri: string, bitmap: string): Promise<{ units: numbe
   }
 }
 
-async function waitForSocket(path: string): Promise<void> {
-  for (let i = 0; i < 500; i++) {
-    const ok = await new Promise<boolean>((resolve) => {
-      const s = connect(path);
-      s.once('connect', () => (s.destroy(), resolve(true)));
-      s.once('error', () => resolve(false));
-    });
-    if (ok) return;
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  throw new Error(`qemu-nbd never listened on ${path}`);
-}
 
 async function main(): Promise<void> {
   const json = process.argv.includes('--json');

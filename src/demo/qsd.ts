@@ -85,14 +85,7 @@ export async function startDaemon(dir: string, image: string, options: { watchMo
   // Kept for an error message only: our socket probes make it log "option negotiation failed".
   let stderr = '';
   child.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d));
-  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
-  const stop = async () => {
-    if (child.exitCode !== null || child.signalCode !== null) return;
-    child.kill('SIGTERM');
-    const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
-    await exited;
-    clearTimeout(timer);
-  };
+  const stop = stopper(child);
   try {
     await Promise.all([listening(nbdSocket), listening(qmpSocket), ...(watchSocket ? [listening(watchSocket)] : [])]);
   } catch (err) {
@@ -100,6 +93,18 @@ export async function startDaemon(dir: string, image: string, options: { watchMo
     throw new Error(`qemu-storage-daemon did not come up: ${(err as Error).message}; ${stderr.trim()}`);
   }
   return { qmpSocket, watchSocket, nbdSocket, guestUri: `nbd+unix:///disk0?socket=${nbdSocket}`, stop };
+}
+
+/** How to stop a QEMU process: SIGTERM (persistent bitmaps are written), SIGKILL after 5 s; resolves once it exited. */
+export function stopper(child: ChildProcess): () => Promise<void> {
+  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+  return async () => {
+    if (child.exitCode !== null || child.signalCode !== null) return;
+    child.kill('SIGTERM');
+    const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
+    await exited;
+    clearTimeout(timer);
+  };
 }
 
 /** Resolves once the daemon accepts connections on `socket`: it creates the socket when it is ready. */
