@@ -9,7 +9,8 @@
  * Environment: BENCH_SIZE_MIB (default 512), BENCH_SECONDS per fio job
  * (default 8), BENCH_REWRITE_PCT (default 90), BENCH_MAX_WRITE (default 20M),
  * BENCH_PATTERNS (default uniform,zipf,sequential), BENCH_MODES (default
- * fleecing,fleecing-no-discard,fleecing-idle-priority,direct), BENCH_GUEST (qsd, the default, or vm:
+ * qemu-img-read,fleecing,fleecing-no-discard,fleecing-idle-priority,direct),
+ * BENCH_GUEST (qsd, the default, or vm:
  * a QEMU machine, see startVm), BENCH_IOTHREAD=1 (the guest's disk in an
  * iothread; with vm, the virtio-blk device's), BENCH_BACKUP_ARGS (more options for the measured backups,
  * e.g. "--concurrency 1"), BENCH_DIR (where to work), BENCH_FLEECING_DIR (the fleecing
@@ -38,6 +39,9 @@
  * a delta of most of the disk), `backup --qemu … --max-write BENCH_MAX_WRITE
  * --json` started, and once its export shows in QEMU (the filter is in the
  * guest's path) the same two fio jobs while it runs; then idle again. Modes:
+ *   qemu-img-read        no backup: qemu-img convert reads the guest's disk
+ *                        through its export at the same pace, into QEMU's null
+ *                        driver: the baseline, the cost of a reader alone;
  *   fleecing             fleecing image, discard after read (the default);
  *   fleecing-no-discard  the same with --no-discard: what it was before;
  *   fleecing-idle-priority  the same with --idle-priority (SCHED_IDLE);
@@ -47,6 +51,7 @@
  * of its peak without, for the same workload.
  */
 import { type Daemon, startDaemon, stopper } from '../src/demo/qsd.js';
+import { existsSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { cpus, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -69,6 +74,8 @@ const PATTERNS = {
 type Pattern = keyof typeof PATTERNS;
 
 const MODES = {
+  // Not a backup: the baseline. qemu-img reads the guest's disk through its export at the same pace, no copies, no filter.
+  'qemu-img-read': { fleecing: false, extra: [] as string[] },
   fleecing: { fleecing: true, extra: [] as string[] },
   'fleecing-no-discard': { fleecing: true, extra: ['--no-discard'] },
   'fleecing-idle-priority': { fleecing: true, extra: ['--idle-priority'] },
@@ -202,10 +209,23 @@ async function viewExported(watch: QmpClient, backup: Promise<RunResult>): Promi
 
 interface During {
   fio: FioWrite[];
-  backup: BackupReport & { wallSeconds: number; fioWithinBackup: boolean };
+  backup: BackupReport & { wallSeconds: number; fioWithinBackup: boolean; cpuSeconds: number | null };
 }
 
+/** GNU time's line (-f below): the child's user and system CPU seconds. */
+const CPU_LINE = /^vv-cpu (\d+\.\d+) (\d+\.\d+)$/m;
+
+/** Run a command under GNU time when it is installed, for the CPU it spent; its report is the last stderr line. */
+async function timedRun(cmd: string, args: string[]): Promise<RunResult & { cpuSeconds: number | null }> {
+  if (!hasGnuTime) return { ...(await runCommand(cmd, args)), cpuSeconds: null };
+  const r = await runCommand('/usr/bin/time', ['-f', 'vv-cpu %U %S', cmd, ...args]);
+  const m = CPU_LINE.exec(r.stderr);
+  return { ...r, stderr: r.stderr.replace(CPU_LINE, '').trim(), cpuSeconds: m ? Number(m[1]) + Number(m[2]) : null };
+}
+const hasGnuTime = existsSync('/usr/bin/time');
+
 interface Context {
+  size: number;
   repo: string;
   g: Daemon;
   watch: QmpClient;
@@ -224,14 +244,24 @@ async function duringBackup(c: Context, pattern: Pattern, mode: Mode): Promise<D
   await fill(c.g.guestUri, c.rewriteBytes);
   const m = MODES[mode];
   const start = now();
-  const running = runCommand(process.execPath, liveBackupArgs(c.repo, c.g, m.fleecing ? c.fleecing : null, '--max-write', c.maxWrite, ...m.extra, ...c.backupArgs));
+  const baseline = mode === 'qemu-img-read';
+  const running = baseline
+    ? timedRun('qemu-img', ['convert', '-n', '-r', c.maxWrite, '-f', 'raw', '--target-image-opts', c.g.guestUri, `driver=null-co,size=${c.size}`])
+    : timedRun(process.execPath, liveBackupArgs(c.repo, c.g, m.fleecing ? c.fleecing : null, '--max-write', c.maxWrite, ...m.extra, ...c.backupArgs));
   let endMs = Infinity;
   void running.then(() => (endMs = now()));
-  await viewExported(c.watch, running);
+  if (!baseline) await viewExported(c.watch, running);
   const fio: FioWrite[] = [];
   for (const d of c.depths) fio.push(await writes(c.g.guestUri, pattern, d, c.seconds));
-  const report = parseReport(await running);
-  return { fio, backup: { ...report, wallSeconds: (endMs - start) / 1000, fioWithinBackup: fio.every((r) => r.endMs <= endMs) } };
+  const done = await running;
+  const report = baseline ? baselineReport(done, c.size, now() - start) : parseReport(done);
+  return { fio, backup: { ...report, wallSeconds: (endMs - start) / 1000, fioWithinBackup: fio.every((r) => r.endMs <= endMs), cpuSeconds: done.cpuSeconds } };
+}
+
+/** The qemu-img baseline as a report: it read the disk, copied and discarded nothing. */
+function baselineReport(r: RunResult, size: number, ms: number): BackupReport {
+  if (r.code !== 0) throw new Error(`qemu-img convert exited ${r.code}: ${r.stderr.trim()}`);
+  return { kind: 'read', mode: 'qemu-img', bytesRead: size, durationMs: Math.round(ms), fleecingPeakBytes: null, copiedBytes: 0, discardedBytes: 0 };
 }
 
 async function idleRuns(c: Context, pattern: Pattern, label: string): Promise<FioWrite[]> {
@@ -279,7 +309,7 @@ async function main(): Promise<void> {
   const watch = await QmpClient.connect(g.watchSocket);
   const rewriteBytes = Math.max(BLOCK, Math.floor((size * rewritePct) / 100 / BLOCK) * BLOCK);
   const backupArgs = (process.env.BENCH_BACKUP_ARGS ?? '').split(/\s+/).filter(Boolean);
-  const c: Context = { repo, g, watch, fleecing, maxWrite, depths, seconds, rewriteBytes, backupArgs, log };
+  const c: Context = { size, repo, g, watch, fleecing, maxWrite, depths, seconds, rewriteBytes, backupArgs, log };
   try {
     log(`fill ${sizeMiB} MiB with random data, then a first live backup (full, unthrottled)`);
     await fill(g.guestUri, size);
@@ -345,7 +375,8 @@ async function main(): Promise<void> {
     console.log(formatTable(['pattern', 'iodepth', 'state', 'IOPS', 'p50', 'p99', 'p99.9', 'p99 vs idle'], table));
     for (const b of backups) {
       const peak = b.fleecingPeakBytes === null ? '' : `, fleecing peak ${(b.fleecingPeakBytes / MiB).toFixed(1)} MiB`;
-      console.log(`${b.pattern}, ${b.mode}: ${b.kind} in ${b.wallSeconds.toFixed(1)} s, read ${(b.bytesRead / MiB).toFixed(0)} MiB, copied ${(b.copiedBytes / MiB).toFixed(1)} MiB, discarded ${(b.discardedBytes / MiB).toFixed(0)} MiB${peak}${b.fioWithinBackup ? '' : '; WARNING: the backup ended before fio did'}`);
+      const cpu = b.cpuSeconds === null ? '' : `, CPU ${((b.cpuSeconds * 1000) / (b.bytesRead / MiB)).toFixed(1)} ms per MiB read`;
+      console.log(`${b.pattern}, ${b.mode}: ${b.kind} in ${b.wallSeconds.toFixed(1)} s, read ${(b.bytesRead / MiB).toFixed(0)} MiB${cpu}, copied ${(b.copiedBytes / MiB).toFixed(1)} MiB, discarded ${(b.discardedBytes / MiB).toFixed(0)} MiB${peak}${b.fioWithinBackup ? '' : '; WARNING: the backup ended before fio did'}`);
     }
     for (const p of peaks) if (p.ratio !== null) console.log(`${p.pattern}: fleecing peak with discard ${(p.ratio * 100).toFixed(0)}% of without (goal ≤ 50%)`);
     for (const r of rows) if (r.goal !== null && r.goalMet !== null) console.log(`goal ${r.pattern} iodepth ${r.iodepth}: fleecing p99 ≤ ${r.goal}× idle: ${((r as unknown as Record<string, { p99Ratio: number }>).fleecing!.p99Ratio).toFixed(2)}× — ${r.goalMet ? 'met' : 'not met'}`);
