@@ -34,7 +34,11 @@ export function scryptParams(override?: ScryptParams): Promise<ScryptParams> {
   if (override) return Promise.resolve(override);
   const fromEnv = process.env[TEST_N_ENV];
   if (fromEnv !== undefined && fromEnv !== '') return Promise.resolve(testParams(fromEnv));
-  calibrated ??= calibrateScrypt();
+  // A failed measurement is not remembered: the next key file measures again.
+  calibrated ??= calibrateScrypt().catch((err: unknown) => {
+    calibrated = undefined;
+    throw err;
+  });
   return calibrated;
 }
 
