@@ -1,0 +1,145 @@
+/**
+ * Where the password of an encrypted repository comes from, in this order:
+ * VHDVAULT_PASSWORD, --password-file, VHDVAULT_PASSWORD_COMMAND (its
+ * standard output), a prompt on the terminal (not echoed). Scheduled jobs and
+ * scripts use the first three; a person at a terminal the last. Not wired into
+ * any command yet (docs/design/12-encryption.md).
+ */
+import { spawn } from 'node:child_process';
+import { open } from 'node:fs/promises';
+import { describeFsError, VaultError } from '../util/errors.js';
+
+export const PASSWORD_ENV = 'VHDVAULT_PASSWORD';
+export const PASSWORD_COMMAND_ENV = 'VHDVAULT_PASSWORD_COMMAND';
+
+/** A password is a line, not a document: what a file or a command may give, bounded. */
+const MAX_PASSWORD_BYTES = 4096;
+
+/** Control bytes a terminal in raw mode sends. */
+const ENTER = new Set([0x0a, 0x0d]);
+const BACKSPACE = new Set([0x08, 0x7f]);
+const CTRL_C = 0x03;
+const CTRL_D = 0x04;
+
+export interface PasswordSources {
+  /** --password-file. */
+  passwordFile?: string;
+  env?: NodeJS.ProcessEnv;
+  /** The terminal to prompt on (default: standard input and standard error, when both are terminals). */
+  terminal?: { input: NodeJS.ReadStream; output: NodeJS.WriteStream };
+}
+
+/** The password for `repo` (as the user should see it named), or one line saying how to give one. */
+export async function readPassword(repo: string, sources: PasswordSources = {}): Promise<string> {
+  const env = sources.env ?? process.env;
+  const fromEnv = env[PASSWORD_ENV];
+  if (fromEnv !== undefined && fromEnv !== '') return fromEnv;
+  if (sources.passwordFile !== undefined) return passwordFromFile(sources.passwordFile);
+  const command = env[PASSWORD_COMMAND_ENV];
+  if (command !== undefined && command.trim() !== '') return passwordFromCommand(command);
+  const terminal = sources.terminal ?? (process.stdin.isTTY && process.stderr.isTTY ? { input: process.stdin, output: process.stderr } : null);
+  if (terminal) return promptPassword(repo, terminal);
+  throw new VaultError(repo, `needs a password: set ${PASSWORD_ENV}, give --password-file, set ${PASSWORD_COMMAND_ENV}, or run on a terminal`);
+}
+
+/** A password file's first line (one trailing newline dropped), read up to the bound. */
+async function passwordFromFile(path: string): Promise<string> {
+  let fh;
+  try {
+    fh = await open(path, 'r');
+  } catch (err) {
+    throw new VaultError(path, `cannot read the password file: ${describeFsError(err)}`);
+  }
+  try {
+    const buf = Buffer.alloc(MAX_PASSWORD_BYTES + 1);
+    const { bytesRead } = await fh.read(buf, 0, buf.length, 0);
+    if (bytesRead > MAX_PASSWORD_BYTES) throw new VaultError(path, `larger than ${MAX_PASSWORD_BYTES} bytes: not a password file`);
+    return checked(path, 'the password file', buf.subarray(0, bytesRead));
+  } catch (err) {
+    if (err instanceof VaultError) throw err;
+    throw new VaultError(path, `cannot read the password file: ${describeFsError(err)}`);
+  } finally {
+    await fh.close();
+  }
+}
+
+/**
+ * The standard output of `command`, run by /bin/sh. Its standard error goes
+ * to ours: a password manager may ask something there. No time limit: it may
+ * wait for a person.
+ */
+function passwordFromCommand(command: string): Promise<string> {
+  const what = `${PASSWORD_COMMAND_ENV} (${command})`;
+  return new Promise((resolve, reject) => {
+    const child = spawn('/bin/sh', ['-c', command], { stdio: ['inherit', 'pipe', 'inherit'] });
+    const chunks: Buffer[] = [];
+    let size = 0;
+    let tooLong = false;
+    child.stdout.on('data', (chunk: Buffer) => {
+      size += chunk.length;
+      if (size > MAX_PASSWORD_BYTES) {
+        tooLong = true;
+        // Closing the pipe ends the writer too (SIGPIPE), also when it is a child of the shell that is killed.
+        child.stdout.destroy();
+        child.kill('SIGTERM');
+      } else chunks.push(chunk);
+    });
+    child.once('error', (err) => reject(new VaultError(what, `could not run: ${err.message}`)));
+    child.once('close', (code, signal) => {
+      if (tooLong) return reject(new VaultError(what, `printed more than ${MAX_PASSWORD_BYTES} bytes: not a password`));
+      if (code !== 0) return reject(new VaultError(what, `failed (${code === null ? `killed by ${signal}` : `exit ${code}`}): no password`));
+      try {
+        resolve(checked(what, 'its output', Buffer.concat(chunks)));
+      } catch (err) {
+        reject(err);
+      }
+    });
+  });
+}
+
+/** One trailing newline (\n or \r\n) dropped; an empty password, or one of several lines, refused. */
+function checked(what: string, where: string, bytes: Buffer): string {
+  const text = bytes.toString('utf8').replace(/\r?\n$/, '');
+  if (text === '') throw new VaultError(what, `${where} holds no password (it is empty)`);
+  if (/[\r\n]/.test(text)) throw new VaultError(what, `${where} holds more than one line: a password is one line`);
+  return text;
+}
+
+/** Ask on the terminal, echoing nothing; Enter ends, Backspace erases, Ctrl-C or Ctrl-D on an empty line gives up. */
+function promptPassword(repo: string, terminal: { input: NodeJS.ReadStream; output: NodeJS.WriteStream }): Promise<string> {
+  const { input, output } = terminal;
+  output.write(`Password for ${repo}: `);
+  const wasRaw = input.isRaw;
+  input.setRawMode(true);
+  input.resume();
+  return new Promise((resolve, reject) => {
+    let typed: Buffer = Buffer.alloc(0);
+    const finish = (err: Error | null) => {
+      input.off('data', onData);
+      input.setRawMode(wasRaw);
+      input.pause();
+      output.write('\n');
+      if (err) reject(err);
+      else resolve(typed.toString('utf8'));
+    };
+    const onData = (chunk: Buffer) => {
+      for (const byte of chunk) {
+        if (ENTER.has(byte)) return finish(typed.length > 0 ? null : new VaultError(repo, 'no password typed'));
+        if (byte === CTRL_C || (byte === CTRL_D && typed.length === 0)) return finish(new VaultError(repo, 'password prompt interrupted'));
+        if (BACKSPACE.has(byte)) typed = eraseLastCharacter(typed);
+        else if (byte >= 0x20) {
+          if (typed.length >= MAX_PASSWORD_BYTES) return finish(new VaultError(repo, `password longer than ${MAX_PASSWORD_BYTES} bytes`));
+          typed = Buffer.concat([typed, Buffer.from([byte])]);
+        }
+      }
+    };
+    input.on('data', onData);
+  });
+}
+
+/** Drop the last UTF-8 character (its continuation bytes 10xxxxxx, then its lead byte). */
+function eraseLastCharacter(bytes: Buffer): Buffer {
+  let end = bytes.length;
+  while (end > 0 && (bytes[end - 1]! & 0xc0) === 0x80) end--;
+  return bytes.subarray(0, Math.max(0, end - 1));
+}
