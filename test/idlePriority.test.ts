@@ -9,12 +9,11 @@ import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { threadPolicies } from '../src/util/priority.js';
+import { isIdlePolicy, threadPolicies } from '../src/util/priority.js';
 import { CLI, cliEnv, vhdvaultAsync } from './helpers/cli.js';
 import { makeRaw, tempDir } from './helpers/files.js';
 
 const MiB = 1024 * 1024;
-const SCHED_IDLE = 5;
 
 interface Sampled {
   code: number;
@@ -56,11 +55,11 @@ describe('backup --idle-priority', () => {
     // About 4 s at 2 MiB/s: long enough to watch, the pool's threads started within the first block.
     const r = await runSampled('backup', repo, 'idle', '--source', source, '--idle-priority', '--max-read', '2M');
     expect(r.code, r.stderr).toBe(0);
-    const all = r.samples.filter((p) => p.every((x) => x === SCHED_IDLE));
+    const all = r.samples.filter((p) => p.every(isIdlePolicy));
     expect(all.length, `samples: ${JSON.stringify(r.samples)}`).toBeGreaterThan(10);
     // Once every thread was idle, every later sample is: new threads (workers, libuv's) inherit it.
-    const first = r.samples.findIndex((p) => p.every((x) => x === SCHED_IDLE));
-    for (const p of r.samples.slice(first)) expect(p.every((x) => x === SCHED_IDLE), JSON.stringify(p)).toBe(true);
+    const first = r.samples.findIndex((p) => p.every(isIdlePolicy));
+    for (const p of r.samples.slice(first)) expect(p.every(isIdlePolicy), JSON.stringify(p)).toBe(true);
     expect(Math.max(...r.samples.slice(first).map((p) => p.length))).toBeGreaterThan(r.samples[first]!.length);
     expect((await vhdvaultAsync('verify', repo, 'idle')).code).toBe(0);
     const out = join(dir, 'idle.raw');

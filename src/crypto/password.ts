@@ -116,6 +116,7 @@ function promptPassword(repo: string, terminal: { input: NodeJS.ReadStream; outp
     let typed: Buffer = Buffer.alloc(0);
     const finish = (err: Error | null) => {
       input.off('data', onData);
+      input.off('end', onEnd);
       input.setRawMode(wasRaw);
       input.pause();
       output.write('\n');
@@ -133,7 +134,10 @@ function promptPassword(repo: string, terminal: { input: NodeJS.ReadStream; outp
         }
       }
     };
+    // The terminal went away (hung up) before Enter: nothing more will come.
+    const onEnd = () => finish(new VaultError(repo, 'password prompt interrupted'));
     input.on('data', onData);
+    input.once('end', onEnd);
   });
 }
 
