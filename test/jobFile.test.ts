@@ -243,12 +243,15 @@ disks:
 });
 
 describe('idlePriority', () => {
-  it('true: every backup and VM backup of the job runs with --idle-priority', () => {
+  it('true: every backup and VM backup of the job runs with --idle-priority, and job check says so', async () => {
     const text = `${MINIMAL}idlePriority: true\nvms:\n  - name: web\n    qmp: /run/web.qmp\n    fleecing: /fast\n  - name: db\n    libvirt: db\n`;
     const job = parseJob(text, join(dir, 'idle.yaml'));
     expect(job.idlePriority).toBe(true);
     expect(backupArgs(job, job.disks[0]!, false)).toContain('--idle-priority');
     for (const vm of job.vms) expect(vmBackupArgs(job, vm, false)).toContain('--idle-priority');
+    const file = join(dir, 'idle.yaml');
+    await writeFile(file, text);
+    expect((await vhdvaultAsync('job', 'check', file)).stdout).toContain('CPU: idle priority (backups run on spare CPU time only: --idle-priority)');
     const plain = parseJob(MINIMAL, join(dir, 'plain.yaml'));
     expect(backupArgs(plain, plain.disks[0]!, false)).not.toContain('--idle-priority');
   });

@@ -112,6 +112,7 @@ function printCheck(job: Job, zone: string, runs: Date[], { humanInZone, isoInZo
   console.log(`verify: ${job.verify}`);
   console.log(`health check: ${job.healthCheck === null ? 'off' : `restore into ${job.healthCheck.scratch ?? 'a temporary folder'}${job.healthCheck.boot ? "; boot each VM's newest backup" : ''}`}`);
   if (job.maxRead !== null || job.maxWrite !== null) console.log(`bandwidth: read ${describeRate(job.maxRead)}, write ${describeRate(job.maxWrite)}`);
+  if (job.idlePriority) console.log('CPU: idle priority (backups run on spare CPU time only: --idle-priority)');
   if (job.replicate) console.log(`replicate: ${job.replicate.repository}, retention ${describeRetention(job.replicate.retention)}`);
   console.log(`next runs (${zone}; local time ${here}):`);
   for (const run of runs) console.log(`  ${isoInZone(run, zone)}  ${humanInZone(run, here)}`);
