@@ -8,7 +8,7 @@ import type { BlockResult, BlockTask, WriteTask } from './blockTask.js';
 function workerFile(): string {
   const here = fileURLToPath(import.meta.url);
   const root = here.endsWith('.ts') ? resolve(dirname(here), '../../dist') : resolve(dirname(here), '../..');
-  return pathToFileURL(resolve(root, 'workers/blockWorker.js')).href;
+  return pathToFileURL(resolve(root, 'workers/blockWorkerEntry.cjs')).href;
 }
 
 export const defaultConcurrency = (): number => availableParallelism();
