@@ -5,7 +5,7 @@ import { UsageError } from '../../src/util/errors.js';
 import { fullBitmap } from '../../src/vhd/bitmap.js';
 import { newUuid } from '../../src/vhd/uuid.js';
 import type { OnProgress } from '../../src/util/progress.js';
-import { DigestList, digestOf } from '../../src/store/digests.js';
+import { DigestList, SHA256_DIGESTER } from '../../src/store/digests.js';
 import { mergeForward, reclaimMergeSpace } from '../../src/store/merge.js';
 import { newBackupId } from '../../src/store/names.js';
 import { type BackupMetadata, type LayoutName as Layout, newBackupMetadata, Repository } from '../../src/store/repository.js';
@@ -57,7 +57,7 @@ export async function buildMergeChain(root: string, layout: Layout, size: number
         written++;
         onBlockWritten?.();
       }
-      digests.append(digestOf(parent && isChanged ? update : base));
+      digests.append(SHA256_DIGESTER.of(parent && isChanged ? update : base));
     }
     await writer.finish(digests.bytes);
     const bytesWritten = written * (BLOCK + 512);

@@ -25,6 +25,7 @@ export const JSON_FORMATS = {
   vmList: 'vhdvault-vm-list/1',
   vmRestore: 'vhdvault-vm-restore/1',
   vmBootCheck: 'vhdvault-vm-boot-check/1',
+  keyList: 'vhdvault-key-list/1',
   error: 'vhdvault-error/1',
 } as const;
 

@@ -2,6 +2,8 @@ import { Command, Option } from 'commander';
 import { UsageError } from '../util/errors.js';
 import { daemonCommand } from './daemonCommand.js';
 import { jobCommand } from './jobCommands.js';
+import { keyCommand } from './keyCommands.js';
+import { PASSWORD_FILE_ENV, TARGET_PASSWORD_FILE_ENV } from '../crypto/password.js';
 import { replicateCommand } from './replicateCommand.js';
 import { wantsJson } from './json.js';
 import { reportError } from './run.js';
@@ -23,7 +25,9 @@ export function buildProgram(): Command {
   program.addCommand(replicateCommand());
   program.addCommand(jobCommand());
   program.addCommand(daemonCommand());
+  program.addCommand(keyCommand());
   for (const cmd of program.commands) addEndpointOption(cmd);
+  for (const cmd of program.commands) addPasswordOption(cmd);
   // Subcommands inherit exitOverride only when set on each.
   const override = (cmd: Command): void => {
     cmd.exitOverride();
@@ -51,6 +55,25 @@ function addEndpointOption(cmd: Command): void {
     if (endpoint === undefined) return;
     if (!/^https?:\/\/[^/\s]+/.test(endpoint)) throw new UsageError(`--endpoint ${endpoint}: give a URL such as http://127.0.0.1:9000 or https://s3.example.com`);
     process.env.AWS_ENDPOINT_URL_S3 = endpoint;
+  });
+}
+
+/** Commands that may open an encrypted repository: they take --password-file (init's is the new repository's). */
+const TAKES_PASSWORD = new Set([...TAKES_REPOSITORY, 'replicate', 'boot-check', 'add', 'remove', 'passwd']);
+
+/**
+ * `--password-file <file>` on every command that opens a repository. Set as
+ * VHDVAULT_PASSWORD_FILE for this run, as --endpoint is, so that what a job
+ * run or a daemon opens reads it too; VHDVAULT_PASSWORD still comes first.
+ */
+function addPasswordOption(cmd: Command): void {
+  cmd.commands.forEach(addPasswordOption);
+  if (!TAKES_PASSWORD.has(cmd.name()) || cmd.commands.length > 0) return;
+  cmd.addOption(new Option('--password-file <file>', "encrypted repositories: the password, in a file's first line (after VHDVAULT_PASSWORD; before VHDVAULT_PASSWORD_COMMAND and the prompt)"));
+  cmd.hook('preAction', (_cmd, action) => {
+    const { passwordFile, targetPasswordFile } = action.opts<{ passwordFile?: string; targetPasswordFile?: string }>();
+    if (passwordFile !== undefined) process.env[PASSWORD_FILE_ENV] = passwordFile;
+    if (targetPasswordFile !== undefined) process.env[TARGET_PASSWORD_FILE_ENV] = targetPasswordFile;
   });
 }
 

@@ -1,4 +1,5 @@
 import { Command } from 'commander';
+import { targetSources } from '../crypto/password.js';
 import { checkDiskName } from '../store/names.js';
 import type { DiskReplication } from '../store/replicate.js';
 import { Repository } from '../store/repository.js';
@@ -31,6 +32,7 @@ export function replicateCommand(): Command {
   for (const option of KEEP_OPTIONS) cmd.option(`--keep-${option} <n>`, `destination retention: keep the newest backup of this many ${option === 'last' ? 'backups' : `${option} periods`}`, parseKeep);
   cmd
     .option('--max-write <rate>', 'write bandwidth limit at the destination, e.g. 20M (per second)', parseRate)
+    .option('--target-password-file <file>', "an encrypted destination's password, when it differs from the source's (also VHDVAULT_TARGET_PASSWORD, VHDVAULT_TARGET_PASSWORD_COMMAND)")
     .option('--json', 'print one JSON object')
     .action(async (srcRoot: string, dstRoot: string, disks: string[], opts: Record<string, unknown>) => {
       for (const disk of disks) checkDiskName(disk);
@@ -38,7 +40,7 @@ export function replicateCommand(): Command {
       const retention = keep ? retentionPolicy(opts) : undefined;
       const json = opts.json === true;
       const src = await Repository.open(srcRoot);
-      const dst = await Repository.open(dstRoot);
+      const dst = await Repository.open(dstRoot, { password: targetSources() });
       // One bar per disk, replaced when the next disk starts.
       const bar: { disk: string | null; progress: Progress | null } = { disk: null, progress: null };
       let report;

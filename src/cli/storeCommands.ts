@@ -10,6 +10,7 @@ import { UsageError } from '../util/errors.js';
 import { columns, plural } from '../util/words.js';
 import { checkBackupId } from '../store/names.js';
 import { type Compression, COMPRESSIONS } from '../vhd/compression.js';
+import { type Cipher, CIPHERS } from '../crypto/aead.js';
 import { progressBar } from './progress.js';
 import { parseRate, parseSize } from './sizes.js';
 import { formatBytes } from '../util/sizes.js';
@@ -141,9 +142,15 @@ export function storeCommands(): Command[] {
       new Option('--layout <layout>', 'how backups are stored: dir (exploded, one file per block), vhd, or objects (block objects named by digest; the only one on s3://) (default: dir; objects on s3://)').choices(['dir', 'vhd', 'objects']),
     )
     .addOption(new Option('--compression <codec>', 'codec of stored blocks (dir and objects layouts)').choices([...COMPRESSIONS]).default('none'))
-    .action(async (root: string, opts: { layout?: Layout; compression: Compression }) => {
+    .addOption(
+      new Option('--encryption <cipher>', 'encrypt every block and all metadata (dir and objects layouts); the password comes from VHDVAULT_PASSWORD, --password-file, VHDVAULT_PASSWORD_COMMAND, or is typed twice').choices([
+        ...CIPHERS,
+      ]),
+    )
+    .action(async (root: string, opts: { layout?: Layout; compression: Compression; encryption?: Cipher }) => {
       const repo = await Repository.init(root, opts);
-      console.log(`initialized ${repo.root} (layout ${repo.config.layout}, compression ${opts.compression})`);
+      const sealed = repo.config.encryption ? `, encryption ${repo.config.encryption.cipher}, key ${repo.keyInUse}` : '';
+      console.log(`initialized ${repo.root} (layout ${repo.config.layout}, compression ${opts.compression}${sealed})`);
     });
 
   const backupCmd = new Command('backup')

@@ -1,5 +1,6 @@
 import { createCipheriv, createDecipheriv, createHmac, randomBytes } from 'node:crypto';
 import { VaultError } from '../util/errors.js';
+import { SEALED_MAGIC } from '../util/sealedMagic.js';
 
 /**
  * The envelope every encrypted object is sealed in (docs/design/12-encryption.md §12.1):
@@ -17,7 +18,7 @@ export type Cipher = 'aes-256-gcm' | 'chacha20-poly1305';
 export const CIPHERS: readonly Cipher[] = ['aes-256-gcm', 'chacha20-poly1305'];
 
 /** "VVE" then format 1: what starts every sealed object. */
-export const MAGIC = Buffer.from([0x56, 0x56, 0x45, 0x01]);
+export const MAGIC = SEALED_MAGIC;
 export const KEY_BYTES = 32;
 export const NONCE_BYTES = 12;
 export const TAG_BYTES = 16;

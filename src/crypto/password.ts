@@ -2,8 +2,8 @@
  * Where the password of an encrypted repository comes from, in this order:
  * VHDVAULT_PASSWORD, --password-file, VHDVAULT_PASSWORD_COMMAND (its
  * standard output), a prompt on the terminal (not echoed). Scheduled jobs and
- * scripts use the first three; a person at a terminal the last. Not wired into
- * any command yet (docs/design/12-encryption.md).
+ * scripts use the first three; a person at a terminal the last
+ * (docs/design/12-encryption.md).
  */
 import { spawn } from 'node:child_process';
 import { open } from 'node:fs/promises';
@@ -11,6 +11,35 @@ import { describeFsError, VaultError } from '../util/errors.js';
 
 export const PASSWORD_ENV = 'VHDVAULT_PASSWORD';
 export const PASSWORD_COMMAND_ENV = 'VHDVAULT_PASSWORD_COMMAND';
+/** What --password-file sets for the run (so that what the command starts reads it too); a user may set it as well. */
+export const PASSWORD_FILE_ENV = 'VHDVAULT_PASSWORD_FILE';
+
+/** A replication's destination, when its password differs from the source's: the same three sources under these names. */
+export const TARGET_PASSWORD_ENV = 'VHDVAULT_TARGET_PASSWORD';
+export const TARGET_PASSWORD_FILE_ENV = 'VHDVAULT_TARGET_PASSWORD_FILE';
+export const TARGET_PASSWORD_COMMAND_ENV = 'VHDVAULT_TARGET_PASSWORD_COMMAND';
+
+/**
+ * Where the destination's password comes from: its own sources when any of
+ * them is set (--target-password-file sets the file's), else the source's
+ * (one password for both), then the prompt, which names the destination.
+ */
+export function targetSources(env: NodeJS.ProcessEnv = process.env): PasswordSources {
+  if (!env[TARGET_PASSWORD_ENV] && !env[TARGET_PASSWORD_FILE_ENV] && !env[TARGET_PASSWORD_COMMAND_ENV]) return {};
+  return { env: { [PASSWORD_ENV]: env[TARGET_PASSWORD_ENV], [PASSWORD_FILE_ENV]: env[TARGET_PASSWORD_FILE_ENV], [PASSWORD_COMMAND_ENV]: env[TARGET_PASSWORD_COMMAND_ENV] } };
+}
+
+/** A new password (key add, key passwd): the same three sources under these names, or typed twice. */
+export const NEW_PASSWORD_ENV = 'VHDVAULT_NEW_PASSWORD';
+export const NEW_PASSWORD_COMMAND_ENV = 'VHDVAULT_NEW_PASSWORD_COMMAND';
+
+export function newPasswordSources(file: string | undefined, env: NodeJS.ProcessEnv = process.env): PasswordSources {
+  return {
+    env: { [PASSWORD_ENV]: env[NEW_PASSWORD_ENV], [PASSWORD_COMMAND_ENV]: env[NEW_PASSWORD_COMMAND_ENV] },
+    passwordFile: file,
+    ways: `set ${NEW_PASSWORD_ENV}, give --new-password-file, set ${NEW_PASSWORD_COMMAND_ENV}, or run on a terminal`,
+  };
+}
 
 /** A password is a line, not a document: what a file or a command may give, bounded. */
 const MAX_PASSWORD_BYTES = 4096;
@@ -27,19 +56,50 @@ export interface PasswordSources {
   env?: NodeJS.ProcessEnv;
   /** The terminal to prompt on (default: standard input and standard error, when both are terminals). */
   terminal?: { input: NodeJS.ReadStream; output: NodeJS.WriteStream };
+  /** false: never prompt (a check made in passing must not stop to ask). */
+  prompt?: boolean;
+  /** The ways to give this password, for the message when none is given (default: the four of an existing password). */
+  ways?: string;
 }
 
 /** The password for `repo` (as the user should see it named), or one line saying how to give one. */
 export async function readPassword(repo: string, sources: PasswordSources = {}): Promise<string> {
+  const given = await givenPassword(sources);
+  if (given !== null) return given;
+  return promptPassword(repo, terminalOf(repo, sources), `Password for ${repo}: `);
+}
+
+/**
+ * A new password for `repo` (init, key add, key passwd): from the same
+ * sources, but typed twice on a terminal, since a typo would lock the
+ * repository for good.
+ */
+export async function readNewPassword(repo: string, sources: PasswordSources = {}, what = 'New password'): Promise<string> {
+  const given = await givenPassword(sources);
+  if (given !== null) return given;
+  const terminal = terminalOf(repo, sources);
+  const first = await promptPassword(repo, terminal, `${what} for ${repo}: `);
+  const again = await promptPassword(repo, terminal, 'The same again: ');
+  if (first !== again) throw new VaultError(repo, 'the two passwords typed differ: nothing changed');
+  return first;
+}
+
+/** The password the environment, a file or a command gives, in that order; null when none does. */
+async function givenPassword(sources: PasswordSources): Promise<string | null> {
   const env = sources.env ?? process.env;
   const fromEnv = env[PASSWORD_ENV];
   if (fromEnv !== undefined && fromEnv !== '') return fromEnv;
-  if (sources.passwordFile !== undefined) return passwordFromFile(sources.passwordFile);
+  const file = sources.passwordFile ?? (env[PASSWORD_FILE_ENV] || undefined);
+  if (file !== undefined) return passwordFromFile(file);
   const command = env[PASSWORD_COMMAND_ENV];
   if (command !== undefined && command.trim() !== '') return passwordFromCommand(command);
-  const terminal = sources.terminal ?? (process.stdin.isTTY && process.stderr.isTTY ? { input: process.stdin, output: process.stderr } : null);
-  if (terminal) return promptPassword(repo, terminal);
-  throw new VaultError(repo, `needs a password: set ${PASSWORD_ENV}, give --password-file, set ${PASSWORD_COMMAND_ENV}, or run on a terminal`);
+  return null;
+}
+
+function terminalOf(repo: string, sources: PasswordSources): { input: NodeJS.ReadStream; output: NodeJS.WriteStream } {
+  const terminal = sources.prompt === false ? null : (sources.terminal ?? (process.stdin.isTTY && process.stderr.isTTY ? { input: process.stdin, output: process.stderr } : null));
+  if (terminal) return terminal;
+  throw new VaultError(repo, `needs a password: ${sources.ways ?? `set ${PASSWORD_ENV}, give --password-file, set ${PASSWORD_COMMAND_ENV}, or run on a terminal`}`);
 }
 
 /** A password file's first line (one trailing newline dropped), read up to the bound. */
@@ -106,9 +166,9 @@ function checked(what: string, where: string, bytes: Buffer): string {
 }
 
 /** Ask on the terminal, echoing nothing; Enter ends, Backspace erases, Ctrl-C or Ctrl-D on an empty line gives up. */
-function promptPassword(repo: string, terminal: { input: NodeJS.ReadStream; output: NodeJS.WriteStream }): Promise<string> {
+function promptPassword(repo: string, terminal: { input: NodeJS.ReadStream; output: NodeJS.WriteStream }, prompt: string): Promise<string> {
   const { input, output } = terminal;
-  output.write(`Password for ${repo}: `);
+  output.write(prompt);
   const wasRaw = input.isRaw;
   input.setRawMode(true);
   input.resume();

@@ -10,7 +10,7 @@ import { mkdtemp, open, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { DigestReader, digestOf } from '../store/digests.js';
+import { DigestReader } from '../store/digests.js';
 import type { Repository } from '../store/repository.js';
 import { restore } from '../store/restore.js';
 import { VaultError } from '../util/errors.js';
@@ -62,7 +62,7 @@ async function checkOne(repo: Repository, disk: string, id: string, size: number
       const length = Math.min(blockSize, size - block * blockSize);
       buf.fill(0);
       await fh.read(buf, 0, length, block * blockSize);
-      if (!digestOf(buf).equals(await digests.get(block))) return `block ${block} of the image qemu-img converted differs from the backup's digest`;
+      if (!repo.digester.of(buf).equals(await digests.get(block))) return `block ${block} of the image qemu-img converted differs from the backup's digest`;
     }
   } finally {
     await fh.close();

@@ -19,6 +19,7 @@ import { backupArgs, backupDisk, backupVm, type DiskOutcome, type Outcome, vmBac
 import { healthCheck } from './healthCheck.js';
 import type { Job, JobDisk, JobVm } from './jobFile.js';
 import { type DiskRun, type JobRunReport, retentionStep, RUN_REPORT_FORMAT, runStages, saveRunReport, type VmRun } from './runReport.js';
+import { targetSources } from '../crypto/password.js';
 
 export interface RunOptions {
   trigger?: JobRunReport['trigger'];
@@ -128,7 +129,7 @@ export async function runJob(job: Job, options: RunOptions = {}): Promise<JobRun
   if (job.replicate && !stopped()) {
     log(`replicate to ${job.replicate.repository}`);
     try {
-      const dst = await Repository.open(job.replicate.repository);
+      const dst = await Repository.open(job.replicate.repository, { password: targetSources() });
       const present = [];
       for (const disk of names) if (await repo.latest(disk).catch(() => undefined)) present.push(disk);
       replicationReport = await replicate(repo, dst, present, { ...(job.replicate.retention ? { retention: job.replicate.retention } : {}), ...(job.maxWrite !== null ? { maxWrite: job.maxWrite } : {}) });

@@ -112,6 +112,10 @@ export async function checkLiveOptions<T extends Pick<LiveBackupOptions, 'fleeci
   if (options.fleecing === undefined && !repo.storage.capabilities.localFiles) {
     throw new VaultError(repo.root, 'direct mode writes the copies of old data into the repository\'s folder, and an object store has none: give --fleecing <dir> (a fast local folder)');
   }
+  if (options.fleecing === undefined && repo.sealing !== null) {
+    // QEMU writes that file in place, as plain disk data: it cannot be sealed object by object.
+    throw new VaultError(repo.root, 'is encrypted, and direct mode would write the copies of old data into it unencrypted: give --fleecing <dir> (a fast local folder that stays yours)');
+  }
   if (options.fleecing !== undefined) {
     const folder = await stat(options.fleecing).catch(() => null);
     if (!folder?.isDirectory()) throw new VaultError(options.fleecing, 'is not a folder (--fleecing names the folder of the fleecing image)');

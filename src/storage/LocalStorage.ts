@@ -11,7 +11,7 @@ import { type BatchOp, type ListedObject, type LocalDescriptor, NotFoundError, S
  * fails if the name exists), fsync of the folder: restic's local Save.
  */
 export class LocalStorage implements Storage {
-  readonly capabilities: StorageCapabilities = { rename: true, localFiles: true };
+  readonly capabilities: StorageCapabilities = { rename: true, localFiles: true, rangedReads: true };
   readonly descriptor: LocalDescriptor;
 
   constructor(root: string) {

@@ -61,7 +61,7 @@ export async function openS3Storage(d: S3Descriptor, options: S3Options = {}): P
  * and the SDK retries 5xx, throttling, timeouts and lost connections with backoff.
  */
 export class S3Storage implements Storage {
-  readonly capabilities: StorageCapabilities = { rename: false, localFiles: false };
+  readonly capabilities: StorageCapabilities = { rename: false, localFiles: false, rangedReads: true };
   private readonly limit: LimitFunction;
   private readonly bucket: string;
   private readonly prefix: string;

@@ -21,6 +21,8 @@ export interface StorageCapabilities {
   rename: boolean;
   /** localPath(): objects are files that format code may open, seek in and write in place (the `vhd` layout needs it). */
   localFiles: boolean;
+  /** get() of a range reads only those bytes. Not so for sealed objects (an encrypted repository's): each is opened whole, so read it once. */
+  rangedReads: boolean;
 }
 
 export interface ObjectInfo {

@@ -234,6 +234,7 @@ export async function backupFrom(repo: Repository, disk: string, source: BlockSo
         source,
         writer,
         previous,
+        digester: repo.digester,
         changed,
         concurrency: Math.max(1, options.concurrency ?? defaultConcurrency()),
         readLimit: limiter(options.maxRead),

@@ -5,7 +5,7 @@ import type { BlockSource } from '../vhd/source.js';
 import { releaseBuffer } from '../util/bufferPool.js';
 import { BLOCK_READ_AHEAD, orderedReadAhead, range } from '../util/pipeline.js';
 import type { BlockTarget } from './blockTask.js';
-import { DigestList, zeroDigest } from './digests.js';
+import { type Digester, DigestList } from './digests.js';
 import type { BackupWriter, Digests } from './layouts/Layout.js';
 import { BlockPool } from './pool.js';
 import { BusyClock, figures, type Stage, type StageFigures } from './stages.js';
@@ -19,6 +19,8 @@ export interface PipelineInput {
   source: BlockSource;
   writer: BackupWriter;
   previous: Digests | null;
+  /** The repository's: workers digest blocks with it. */
+  digester: Digester;
   /** Blocks a changed-block bitmap or dirty bitmap marks (one bit per block); null: every block is read. */
   changed: Buffer | null;
   concurrency: number;
@@ -81,7 +83,7 @@ export class BackupPipeline {
     private readonly input: PipelineInput,
     private readonly pool: BlockPool,
   ) {
-    this.zero = zeroDigest(input.source.blockSize);
+    this.zero = input.digester.zero(input.source.blockSize);
     setMaxListeners(0, input.signal); // one per block waiting its turn: up to the read-ahead, by design
   }
 
@@ -127,7 +129,7 @@ export class BackupPipeline {
     }
     this.going();
     const output = await writer.output(block, this.input.paced);
-    const task = { block, data: data.buffer as ArrayBuffer, byteOffset: data.byteOffset, length: data.length, previousDigest: prev, compression: writer.codec, bare: writer.bare, output };
+    const task = { block, data: data.buffer as ArrayBuffer, byteOffset: data.byteOffset, length: data.length, previousDigest: prev, digestKey: this.input.digester.key, compression: writer.codec, bare: writer.bare, output };
     const result = await this.pool.run(task);
     this.workerMs.digest += result.digestMs;
     this.workerMs.compress += result.compressMs;

@@ -2,12 +2,15 @@ import { openStorage } from '../storage/open.js';
 import type { Storage, StorageDescriptor } from '../storage/Storage.js';
 import { fullBitmap } from '../vhd/bitmap.js';
 import { type Compression, compress } from '../vhd/compression.js';
-import { digestOf, zeroDigest } from './digests.js';
+import { type Digester, digesterFor } from './digests.js';
+import { type Sealing, sealedStorage } from './sealing.js';
 
 /** Where a worker creates a block: a key in a storage it reopens from the descriptor. */
 export interface BlockTarget {
   storage: StorageDescriptor;
   key: string;
+  /** The repository is encrypted: what is stored is sealed with these keys. */
+  sealing?: Sealing;
   /**
    * Stored whole and durably (put), not created fast under a staged folder: a
    * block object has its final name at once, and an existing one (same name, same
@@ -33,6 +36,8 @@ export interface BlockTask {
   length: number;
   /** The block's digest in the previous backup; null for a full backup. */
   previousDigest: Uint8Array | null;
+  /** The repository's MAC key when it is encrypted (digests are HMAC-SHA256 then), else null. */
+  digestKey: Uint8Array | null;
   compression: Compression;
   /** The stored bytes are the block's data alone, without the VHD sector bitmap (block objects). */
   bare: boolean;
@@ -72,9 +77,10 @@ const now = () => performance.now();
 export async function processBlock(task: BlockTask): Promise<BlockResult> {
   const data = new Uint8Array(task.data, task.byteOffset, task.length);
   let t = now();
-  const digest = digestOf(data);
+  const digester = digesterOf(task.digestKey);
+  const digest = digester.of(data);
   const digestMs = now() - t;
-  const store = task.previousDigest === null ? !digest.equals(zeroDigest(task.length)) : !digest.equals(task.previousDigest);
+  const store = task.previousDigest === null ? !digest.equals(digester.zero(task.length)) : !digest.equals(task.previousDigest);
   const result: BlockResult = { block: task.block, digest, store, data, storedBytes: 0, digestMs, compressMs: 0, writeMs: 0 };
   if (!store) return result;
   if (task.output.kind === 'data') {
@@ -95,14 +101,25 @@ export async function processBlock(task: BlockTask): Promise<BlockResult> {
   return result;
 }
 
-/** Storages this worker has opened, by descriptor: one per repository. */
+/** Digesters this worker has made, by key: the zero block's digest is computed once each. */
+const digesters = new Map<string, Digester>();
+
+function digesterOf(key: Uint8Array | null): Digester {
+  const id = key === null ? '' : Buffer.from(key).toString('hex');
+  let d = digesters.get(id);
+  if (!d) digesters.set(id, (d = digesterFor(key)));
+  return d;
+}
+
+/** Storages this worker has opened, by descriptor and repository: one per repository. */
 const storages = new Map<string, Promise<Storage>>();
 
-function storageFor(descriptor: StorageDescriptor): Promise<Storage> {
-  const id = JSON.stringify(descriptor);
+function storageFor(target: BlockTarget): Promise<Storage> {
+  const { storage: descriptor, sealing } = target;
+  const id = `${JSON.stringify(descriptor)}\0${sealing?.repositoryId ?? ''}`;
   const known = storages.get(id);
   if (known) return known;
-  const opened = openStorage(descriptor);
+  const opened = openStorage(descriptor).then((inner) => (sealing ? sealedStorage(inner, sealing) : inner));
   storages.set(id, opened);
   return opened;
 }
@@ -110,7 +127,7 @@ function storageFor(descriptor: StorageDescriptor): Promise<Storage> {
 /** Create a block file or object from its prepared bytes; returns the milliseconds spent. */
 export async function writePreparedBlock(task: WriteTask): Promise<number> {
   const t = now();
-  const storage = await storageFor(task.target.storage);
+  const storage = await storageFor(task.target);
   if (task.target.whole) await storage.put(task.target.key, Buffer.concat(task.parts));
   else await storage.create(task.target.key, task.parts);
   return now() - t;

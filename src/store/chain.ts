@@ -3,7 +3,6 @@ import type { BlockSource } from '../vhd/source.js';
 import { blocksWithData } from '../vhd/synthesize.js';
 import type { VhdChain } from '../vhd/VhdChain.js';
 import { VaultError } from '../util/errors.js';
-import { digestOf, zeroDigest } from './digests.js';
 import type { Digests } from './layouts/Layout.js';
 import type { BackupMetadata, Repository } from './repository.js';
 
@@ -45,11 +44,11 @@ export async function verifiedChain(repo: Repository, meta: BackupMetadata): Pro
     await chain.close();
     throw err;
   }
-  const zero = zeroDigest(meta.blockSize);
+  const zero = repo.digester.zero(meta.blockSize);
   const readBlock = async (block: number): Promise<Buffer | null> => {
     const data = await chain.readBlock(block);
     const expected = await digests.get(block);
-    if (!(data ? digestOf(data) : zero).equals(expected)) {
+    if (!(data ? repo.digester.of(data) : zero).equals(expected)) {
       const holder = chain.members.find((m) => m.isAllocated(block));
       const where = holder ? ` (block stored in backup ${backupIdOf(holder.path)})` : ' (no backup of the chain stores it)';
       throw new VaultError(repo.diskDir(meta.disk), `backup ${meta.id} block ${block} does not match its digest${where}`);

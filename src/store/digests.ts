@@ -1,27 +1,43 @@
-import { createHash } from 'node:crypto';
+import { createHash, createHmac } from 'node:crypto';
 import { isNotFound, type Storage } from '../storage/Storage.js';
 import { VaultError } from '../util/errors.js';
-import type { BackupMetadata } from './metadata.js';
+import type { BackupMetadata, DigestAlgorithm } from './metadata.js';
 
-/** SHA-256 of a block's content, 32 bytes. */
+/** A block's digest is 32 bytes: its SHA-256, or in an encrypted repository its HMAC-SHA256 under the MAC key. */
 export const DIGEST_SIZE = 32;
-export const DIGEST_ALGORITHM = 'sha256';
 
-export function digestOf(data: Buffer | Uint8Array): Buffer {
-  return createHash(DIGEST_ALGORITHM).update(data).digest();
+/** How a repository digests blocks (the worker threads rebuild it from `key`). */
+export interface Digester {
+  readonly algorithm: DigestAlgorithm;
+  /** The MAC key of an encrypted repository, else null. */
+  readonly key: Uint8Array | null;
+  of(data: Uint8Array): Buffer;
+  /** The digest of an all-zero block (cached per block size). */
+  zero(blockSize: number): Buffer;
 }
 
-const zeroDigests = new Map<number, Buffer>();
-
-/** Digest of an all-zero block (cached per block size). */
-export function zeroDigest(blockSize: number): Buffer {
-  let d = zeroDigests.get(blockSize);
-  if (!d) {
-    d = digestOf(Buffer.alloc(blockSize));
-    zeroDigests.set(blockSize, d);
-  }
-  return d;
+/**
+ * SHA-256 in a plain repository. In an encrypted one a plain digest would let
+ * anyone holding a candidate block confirm that a disk contains it (the
+ * objects layout names block objects by digest), so the digest is keyed.
+ */
+export function digesterFor(key: Uint8Array | null): Digester {
+  const of = key === null ? (data: Uint8Array) => createHash('sha256').update(data).digest() : (data: Uint8Array) => createHmac('sha256', key).update(data).digest();
+  const zeros = new Map<number, Buffer>();
+  return {
+    algorithm: key === null ? 'sha256' : 'hmac-sha256',
+    key,
+    of,
+    zero(blockSize) {
+      let d = zeros.get(blockSize);
+      if (!d) zeros.set(blockSize, (d = of(Buffer.alloc(blockSize))));
+      return d;
+    },
+  };
 }
+
+/** A plain repository's digester. */
+export const SHA256_DIGESTER = digesterFor(null);
 
 /**
  * A new backup's digests, one 32-byte digest per block of the disk in block
@@ -57,6 +73,8 @@ export class DigestReader {
     private readonly storage: Storage,
     private readonly key: string,
     readonly count: number,
+    /** Digests per read: all of them when a ranged read costs a whole read (sealed objects). */
+    private readonly perRead: number,
   ) {}
 
   static async open(storage: Storage, key: string, expectedCount: number): Promise<DigestReader> {
@@ -65,15 +83,15 @@ export class DigestReader {
     if (info.size !== expectedCount * DIGEST_SIZE) {
       throw new VaultError(storage.describe(key), `digests file has ${info.size} bytes, expected ${expectedCount * DIGEST_SIZE} (${expectedCount} blocks)`);
     }
-    return new DigestReader(storage, key, expectedCount);
+    return new DigestReader(storage, key, expectedCount, storage.capabilities.rangedReads ? CHUNK : Math.max(1, expectedCount));
   }
 
   async get(block: number): Promise<Buffer> {
     if (block < 0 || block >= this.count) throw new RangeError(`block ${block} outside ${this.count} digests`);
-    const start = Math.floor(block / CHUNK) * CHUNK;
+    const start = Math.floor(block / this.perRead) * this.perRead;
     if (start !== this.chunkStart) {
       // Read into a fresh buffer and swap it in whole: concurrent callers never see a half-filled chunk.
-      const length = Math.min(CHUNK, this.count - start) * DIGEST_SIZE;
+      const length = Math.min(this.perRead, this.count - start) * DIGEST_SIZE;
       const chunk = await this.storage.get(this.key, { offset: start * DIGEST_SIZE, length }).catch((err: unknown) => {
         throw isNotFound(err) ? new VaultError(this.storage.describe(this.key), 'digests file is missing') : err;
       });

@@ -41,9 +41,12 @@ export class DiskLock {
     private readonly where: string,
   ) {}
 
-  static async acquire(repo: Repository, disk: string, command: string): Promise<DiskLock> {
-    const { storage } = repo;
-    const lockKey = key(repo.diskKey(disk), 'lock');
+  static acquire(repo: Repository, disk: string, command: string): Promise<DiskLock> {
+    return DiskLock.acquireAt(repo.storage, key(repo.diskKey(disk), 'lock'), command, repo.diskDir(disk), (holder) => busy(repo, disk, holder));
+  }
+
+  /** The same lock at another key (the keyring's, `keys/lock`): `where` names what it guards in messages. */
+  static async acquireAt(storage: Storage, lockKey: string, command: string, where: string, busyError: (holder: LockOwner | null) => VaultError): Promise<DiskLock> {
     const owner = lockOwner(command);
     const text = JSON.stringify(owner);
     // Long enough for a takeover marker left by a killed process to become stale.
@@ -53,14 +56,14 @@ export class DiskLock {
       if (await storage.put(lockKey, text, { ifAbsent: true })) {
         // A takeover a killed process left half done (its marker) would be left forever once nobody needs to take over.
         await removeDeadMarker(storage, `${lockKey}.takeover`, owner);
-        return new DiskLock(storage, lockKey, owner, repo.diskDir(disk));
+        return new DiskLock(storage, lockKey, owner, where);
       }
       const seen = await readLock(storage, lockKey);
       if (seen === null) continue; // released meanwhile
-      if (!seen.stale(owner)) throw busy(repo, disk, seen.holder);
+      if (!seen.stale(owner)) throw busyError(seen.holder);
       if (!(await takeOver(storage, lockKey, seen.text, owner))) await sleep(20);
     }
-    throw new VaultError(repo.diskDir(disk), `could not take the lock ${storage.describe(lockKey)}`);
+    throw new VaultError(where, `could not take the lock ${storage.describe(lockKey)}`);
   }
 
   /**

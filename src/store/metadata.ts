@@ -2,7 +2,18 @@ import { createHash } from 'node:crypto';
 import { type Compression, isCompression } from '../vhd/compression.js';
 import { DEFAULT_BLOCK_SIZE } from '../vhd/constants.js';
 import { describeJsonError, VaultError } from '../util/errors.js';
+import { type Cipher, isCipher } from '../crypto/aead.js';
 import { isBackupId } from './names.js';
+
+/** SHA-256 of each block, or in an encrypted repository its HMAC-SHA256 under the MAC key (digests.ts). */
+export type DigestAlgorithm = 'sha256' | 'hmac-sha256';
+
+/** `vhdvault.json`'s `encryption`: the cipher, and the repository's id (bound into every sealed object). */
+export interface EncryptionConfig {
+  cipher: Cipher;
+  /** 16 random hex digits drawn at init: an object copied from another repository does not open here. */
+  id: string;
+}
 
 /**
  * dir: exploded VHD directories; vhd: VHD files (both need a local folder);
@@ -20,6 +31,8 @@ export interface RepositoryConfig {
   compression: Compression;
   blockSize: number;
   createdAt: string;
+  /** Present when the repository is encrypted (docs/design/12-encryption.md). */
+  encryption?: EncryptionConfig;
 }
 
 /** `<id>.json`: one backup; its presence is what makes the backup exist. */
@@ -43,7 +56,7 @@ export interface BackupMetadata {
   bytesWritten: number;
   /** Bytes the backup occupies: its VHD file or directory and its digests. */
   bytesStored: number;
-  digestAlgorithm: 'sha256';
+  digestAlgorithm: DigestAlgorithm;
   /**
    * SHA-256 (hex) of the backup's digests object (in the objects layout its block
    * map), binding it to this backup: a map swapped for another's, or damaged, is
@@ -111,6 +124,11 @@ export function parseConfig(value: unknown, path: string): RepositoryConfig {
   if (!LAYOUT_NAMES.includes(v.layout!)) throw new VaultError(path, `unknown layout ${JSON.stringify(v.layout)}`);
   if (!isCompression(v.compression)) throw new VaultError(path, `unknown compression ${JSON.stringify(v.compression)}`);
   if (v.blockSize !== DEFAULT_BLOCK_SIZE) throw new VaultError(path, `unsupported block size ${String(v.blockSize)}`);
+  if (v.encryption !== undefined) {
+    const e = v.encryption as Partial<EncryptionConfig> | null;
+    if (!e || !isCipher(e.cipher)) throw new VaultError(path, `unknown cipher ${JSON.stringify(e?.cipher)}`);
+    if (typeof e.id !== 'string' || !/^[0-9a-f]{16}$/.test(e.id)) throw new VaultError(path, 'encryption.id is not 16 hex digits');
+  }
   return v as RepositoryConfig;
 }
 

@@ -14,6 +14,7 @@ import { isNotFound, key } from '../storage/Storage.js';
 import { VaultError } from '../util/errors.js';
 import { pinKeys } from './names.js';
 import { type BackupMetadata, Repository } from './repository.js';
+import { targetSources } from '../crypto/password.js';
 
 const REPLICAS = 'replicas';
 
@@ -57,7 +58,7 @@ async function provablyStale(pin: ReplicaPin): Promise<boolean> {
   if (pin.host !== hostname()) return false;
   let destination: Repository;
   try {
-    destination = await Repository.open(pin.destination);
+    destination = await Repository.open(pin.destination, { password: { ...targetSources(), prompt: false } });
   } catch {
     return false; // unmounted, moved, unreadable: cannot tell, so it pins
   }

@@ -18,7 +18,7 @@ import { orderedReadAhead, range } from '../util/pipeline.js';
 import { isAllZero } from '../util/zero.js';
 import { withBackupLock } from './backup.js';
 import { openBackupChain, openBackupData, verifiedChain } from './chain.js';
-import { checkDigestsBinding, DIGEST_SIZE, digestOf } from './digests.js';
+import { checkDigestsBinding, DIGEST_SIZE } from './digests.js';
 import { lineageFindings } from './inspect.js';
 import { describeFinding } from './list.js';
 import { readingDisk } from './merge.js';
@@ -212,9 +212,15 @@ async function replicateDisk(run: Run, disk: string): Promise<DiskReplication> {
   return result;
 }
 
-/** Same backup on both sides: same id (the caller's), same VHD UUID and the same digests, i.e. the same disk content. */
+/**
+ * Same backup on both sides: same id (the caller's), same VHD UUID and the
+ * same digests, i.e. the same disk content. Between repositories that digest
+ * differently (either is encrypted), digests cannot be compared: the UUID,
+ * drawn at random for each backup and carried by its copies, says it alone.
+ */
 async function sameBackup(run: Run, source: BackupMetadata, copy: BackupMetadata): Promise<boolean> {
   if (source.uuid !== copy.uuid || source.size !== copy.size || source.blockCount !== copy.blockCount) return false;
+  if (!sameDigests(run)) return true;
   const [a, b] = await Promise.all([run.src.storage.get(run.src.digestsKey(source.disk, source.id)), run.dst.storage.get(run.dst.digestsKey(copy.disk, copy.id))]);
   return a.equals(b);
 }
@@ -354,7 +360,7 @@ async function ownBlocks(run: Run, meta: BackupMetadata, digests: Buffer, copyCo
       run.read.bytes += (sent as SentBlock).stored?.length ?? storedSize;
       // A partial block of a differencing disk is only part of the disk's block: nothing to check it against alone.
       const whole = !differencing || isBitmapFull(sent.bitmap, data.blockSize / SECTOR_SIZE);
-      if (whole && !digestOf(sent.data).equals(digests.subarray(block * DIGEST_SIZE, (block + 1) * DIGEST_SIZE))) {
+      if (whole && !src.digester.of(sent.data).equals(digests.subarray(block * DIGEST_SIZE, (block + 1) * DIGEST_SIZE))) {
         throw new VaultError(src.diskDir(meta.disk), `backup ${meta.id} block ${block} does not match its digest: not replicated (run vhdvault verify on the source)`);
       }
       return sent;
@@ -390,9 +396,12 @@ async function chainBlocks(run: Run, meta: BackupMetadata): Promise<StepSource> 
 async function sendBackup(run: Run, disk: string, step: Step, progress: (blocks: number, bytes: number) => void): Promise<CopiedBackup> {
   const { src, dst } = run;
   const { meta } = step;
-  const digests = await readDigests(run, meta);
+  const sourceDigests = await readDigests(run, meta);
   const parent = step.parent === null ? null : await dst.backup(disk, step.parent);
   const full = parent === null;
+  // The destination's digests: the source's, or recomputed as the blocks go when the two digest differently.
+  const recomputed = sameDigests(run) ? null : await DigestTranslation.start(run, meta, parent);
+  let digests = sourceDigests;
   let reader: StepSource | null = null;
   try {
     // The same disk as the source's backup: same UUID and timestamp (a merge carries both forward likewise).
@@ -400,8 +409,9 @@ async function sendBackup(run: Run, disk: string, step: Step, progress: (blocks:
     const writer = await dst.layout.createWriter(dst, { disk, id: meta.id, size: meta.size, blockCount: meta.blockCount, uuid: meta.uuid, parent, previous: null, timestamp });
     let sent: { blocks: number; bytes: number };
     try {
-      reader = full && meta.parent !== null ? await chainBlocks(run, meta) : await ownBlocks(run, meta, digests, writer.storedCodec);
-      sent = await sendBlocks(run, reader, writer, progress);
+      reader = full && meta.parent !== null ? await chainBlocks(run, meta) : await ownBlocks(run, meta, sourceDigests, writer.storedCodec);
+      sent = await sendBlocks(run, recomputed ? recomputed.through(reader) : reader, writer, progress);
+      if (recomputed) digests = await recomputed.finish();
       await run.writeLimit.take(digests.length);
       await run.write.time(() => writer.finish(digests));
     } catch (err) {
@@ -417,6 +427,68 @@ async function sendBackup(run: Run, disk: string, step: Step, progress: (blocks:
     return { id: meta.id, how: full ? 'full' : 'delta', ...(step.reason ? { reason: step.reason } : {}), blocks: sent.blocks, bytesSent: copy.bytesStored };
   } finally {
     await reader?.close();
+  }
+}
+
+/** Both repositories digest blocks alike (both plain): digests go across as they are. */
+function sameDigests(run: Run): boolean {
+  return run.src.digester.key === null && run.dst.digester.key === null;
+}
+
+/**
+ * The destination's digests of a backup when its repository digests
+ * differently from the source's (encryption keys its digests): a block sent
+ * is digested as it goes; one not sent is the destination parent's (a delta)
+ * or zeros (a full). A partial block (another writer's delta) is read whole
+ * through the source's chain, checked there, and digested.
+ */
+class DigestTranslation {
+  private chain: Awaited<ReturnType<typeof verifiedChain>> | null = null;
+
+  private constructor(
+    private readonly run: Run,
+    private readonly meta: BackupMetadata,
+    private readonly digests: Buffer,
+  ) {}
+
+  static async start(run: Run, meta: BackupMetadata, parent: BackupMetadata | null): Promise<DigestTranslation> {
+    const digests = Buffer.alloc(meta.blockCount * DIGEST_SIZE);
+    if (parent === null) {
+      const zero = run.dst.digester.zero(meta.blockSize);
+      for (let b = 0; b < meta.blockCount; b++) zero.copy(digests, b * DIGEST_SIZE);
+    } else {
+      const theirs = await run.dst.layoutOf(parent).openDigests(run.dst, parent);
+      try {
+        for (let b = 0; b < meta.blockCount; b++) (await theirs.get(b)).copy(digests, b * DIGEST_SIZE);
+      } finally {
+        await theirs.close();
+      }
+    }
+    return new DigestTranslation(run, meta, digests);
+  }
+
+  /** `reader`, digesting each block it gives for the destination. */
+  through(reader: StepSource): StepSource {
+    return {
+      ...reader,
+      read: async (block) => {
+        const sent = await reader.read(block);
+        const whole = sent === null || isBitmapFull(sent.bitmap, this.meta.blockSize / SECTOR_SIZE);
+        const content = whole ? (sent?.data ?? null) : await this.wholeBlock(block);
+        (content ? this.run.dst.digester.of(content) : this.run.dst.digester.zero(this.meta.blockSize)).copy(this.digests, block * DIGEST_SIZE);
+        return sent;
+      },
+    };
+  }
+
+  private async wholeBlock(block: number): Promise<Buffer | null> {
+    this.chain ??= await verifiedChain(this.run.src, this.meta);
+    return this.chain.source.readBlock(block);
+  }
+
+  async finish(): Promise<Buffer> {
+    await this.chain?.source.close();
+    return this.digests;
   }
 }
 

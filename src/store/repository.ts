@@ -7,7 +7,12 @@ import { nearest } from '../util/suggest.js';
 import { openStorage } from '../storage/open.js';
 import { isS3Uri, parseS3Uri } from '../storage/s3Uri.js';
 import { bytesBelow, isNotFound, isUnavailable, key, localPathOf, NotFoundError, type Storage, type StorageDescriptor } from '../storage/Storage.js';
-import { digestsSha256 } from './digests.js';
+import { createKeyring, KEYS } from '../crypto/keyring.js';
+import { type Cipher } from '../crypto/aead.js';
+import { type PasswordSources, readNewPassword } from '../crypto/password.js';
+import type { ChunkSeal } from '../vhd/chunkSeal.js';
+import { type Digester, digesterFor, digestsSha256, SHA256_DIGESTER } from './digests.js';
+import { directorySeal, newRepositoryId, type Sealing, sealedStorage, sealingOf, unlock, type Unlocked } from './sealing.js';
 import * as keys from './keys.js';
 import { defaultLayout, layoutNamed } from './layouts/index.js';
 import type { Layout } from './layouts/Layout.js';
@@ -22,6 +27,11 @@ export interface Location {
   root: string;
   /** --endpoint: overrides AWS_ENDPOINT_URL(_S3) for an s3:// repository. */
   endpoint?: string;
+}
+
+/** Where an encrypted repository's password comes from (default: VHDVAULT_PASSWORD, --password-file, VHDVAULT_PASSWORD_COMMAND, a prompt). */
+export interface OpenOptions {
+  password?: PasswordSources;
 }
 
 function descriptorOf(location: string | Location): StorageDescriptor {
@@ -53,7 +63,7 @@ export function newBackupMetadata(
     blockSize,
     layout,
     compression: repo.layout.storedCompression(compression),
-    digestAlgorithm: 'sha256',
+    digestAlgorithm: repo.digester.algorithm,
     digestsSha256: digestsSha256(digests),
     wholeBlocks: true,
   };
@@ -82,12 +92,31 @@ async function enclosingRepository(d: StorageDescriptor): Promise<string | null>
 export class Repository {
   /** The driver of the repository's layout: how its backups are written. */
   readonly layout: Layout;
+  /** How blocks are digested: SHA-256, or HMAC-SHA256 under the MAC key when encrypted. */
+  readonly digester: Digester;
 
   private constructor(
     readonly storage: Storage,
     readonly config: RepositoryConfig,
+    private readonly unlocked: Unlocked | null,
   ) {
     this.layout = layoutNamed(config.layout);
+    this.digester = unlocked ? digesterFor(unlocked.sealing.macKey) : SHA256_DIGESTER;
+  }
+
+  /** An encrypted repository's keys, as worker threads receive them; null when it is plain. */
+  get sealing(): Sealing | null {
+    return this.unlocked?.sealing ?? null;
+  }
+
+  /** The key file this process opened the repository with (the key in use); null when it is plain. */
+  get keyInUse(): string | null {
+    return this.unlocked?.keyId ?? null;
+  }
+
+  /** How the files of a disk's VHD directories are sealed (in place, by the dir layout); undefined when plain. */
+  directorySeal(disk: string): ChunkSeal | undefined {
+    return this.unlocked ? directorySeal(this.unlocked.sealing, disk) : undefined;
   }
 
   /** Where the repository is, as the user named it (for messages). */
@@ -96,13 +125,14 @@ export class Repository {
   }
 
   /** Create a repository in an empty or missing folder, or under an empty `s3://bucket/prefix`. */
-  static async init(location: string | Location, options: { layout?: LayoutName; compression: Compression }): Promise<Repository> {
+  static async init(location: string | Location, options: { layout?: LayoutName; compression: Compression; encryption?: Cipher; password?: PasswordSources }): Promise<Repository> {
     const descriptor = descriptorOf(location);
     const storage = await openStorage(descriptor);
     const layout = options.layout ? layoutNamed(options.layout) : defaultLayout(storage.capabilities);
     const unsupported = layout.unsupportedOn(storage.capabilities);
     if (unsupported) throw new UsageError(`an object store holds the objects layout only (${unsupported}; S3 can do neither)`);
     layout.checkCompression(options.compression);
+    if (options.encryption && !layout.sealable) throw new UsageError(`the ${layout.name} layout writes VHD files in place and cannot be encrypted: use --layout dir or objects`);
     const root = storage.describe('');
     if (await storage.head(keys.CONFIG_FILE)) throw new VaultError(root, 'is already a vhdvault repository');
     const outer = await enclosingRepository(descriptor);
@@ -121,20 +151,35 @@ export class Repository {
       compression: options.compression,
       blockSize: DEFAULT_BLOCK_SIZE,
       createdAt: new Date().toISOString(),
+      ...(options.encryption ? { encryption: { cipher: options.encryption, id: newRepositoryId() } } : {}),
     };
+    // The password is asked for before anything is written: giving up leaves nothing behind.
+    const password = config.encryption ? await readNewPassword(root, options.password) : null;
+    // Key file first, configuration last: a repository whose vhdvault.json exists can be opened.
+    const keyring = config.encryption && password !== null ? await createKeyring(storage, password, config.encryption.cipher) : null;
     if (!(await storage.put(keys.CONFIG_FILE, jsonText(config), { ifAbsent: true }))) throw new VaultError(root, 'is already a vhdvault repository');
     await ensureReserve(storage);
-    return new Repository(storage, config);
+    if (!config.encryption || !keyring) return new Repository(storage, config, null);
+    const opened = { sealing: sealingOf(keyring.master, config.encryption.id), keyId: keyring.keyId };
+    return new Repository(sealedStorage(storage, opened.sealing), config, opened);
   }
 
-  static async open(location: string | Location): Promise<Repository> {
+  static async open(location: string | Location, options: OpenOptions = {}): Promise<Repository> {
     const storage = await openStorage(descriptorOf(location));
     const info = await storage.head(keys.CONFIG_FILE);
     if (!info) throw new VaultError(storage.describe(''), 'is not a vhdvault repository (no vhdvault.json); create one with `vhdvault init`');
     const where = storage.describe(keys.CONFIG_FILE);
     const config = parseConfig(parseJson(await storage.get(keys.CONFIG_FILE), where), where);
-    if (layoutNamed(config.layout).unsupportedOn(storage.capabilities)) throw new VaultError(where, `says layout ${config.layout}, which needs a local folder`);
-    return new Repository(storage, config);
+    const layout = layoutNamed(config.layout);
+    if (layout.unsupportedOn(storage.capabilities)) throw new VaultError(where, `says layout ${config.layout}, which needs a local folder`);
+    if (!config.encryption) {
+      // Key files in a repository said to be plain: vhdvault.json was edited, and backups written now would be plain.
+      if ((await storage.list(KEYS)).length > 0) throw new VaultError(where, `says the repository is not encrypted, but ${storage.describe(KEYS)} holds key files: refusing to write plaintext into it (was vhdvault.json replaced?)`);
+      return new Repository(storage, config, null);
+    }
+    if (!layout.sealable) throw new VaultError(where, `says layout ${config.layout}, which cannot be encrypted`);
+    const opened = await unlock(storage, config.encryption, options.password ?? {});
+    return new Repository(sealedStorage(storage, opened.sealing), config, opened);
   }
 
   /** The driver of a backup's layout. */

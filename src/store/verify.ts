@@ -4,7 +4,7 @@ import type { VhdDisk } from '../vhd/disk.js';
 import type { VhdChain } from '../vhd/VhdChain.js';
 import { BLOCK_READ_AHEAD, orderedReadAhead } from '../util/pipeline.js';
 import type { OnProgress } from '../util/progress.js';
-import { checkDigestsBinding, digestOf, zeroDigest } from './digests.js';
+import { checkDigestsBinding } from './digests.js';
 import { openBackupChain, openDigests } from './chain.js';
 import { SharedObjectError } from './finding.js';
 import type { Digests } from './layouts/Layout.js';
@@ -142,7 +142,7 @@ async function verifyBackup(repo: Repository, meta: BackupMetadata, report: Veri
   const read = async (block: number) => {
     try {
       const data = await chain.readBlock(block);
-      return { digest: data ? digestOf(data) : null, error: null };
+      return { digest: data ? repo.digester.of(data) : null, error: null };
     } catch (err) {
       if (!(err instanceof VaultError)) throw err;
       return { digest: null, error: err };
@@ -161,7 +161,7 @@ async function verifyBackup(repo: Repository, meta: BackupMetadata, report: Veri
     // Where a backup's map is the whole disk, every object it names was just read.
     if (!digests || layout.sharedBlocks) return;
     parentDigests = meta.parent ? await openDigests(repo, { ...(await repo.backup(meta.disk, meta.parent)), blockCount: meta.blockCount }, { fresh: true }) : null;
-    await checkUnstored(meta, member, digests, parentDigests, problem);
+    await checkUnstored(meta, member, digests, parentDigests, repo.digester.zero(member.blockSize), problem);
   } catch (err) {
     if (!(err instanceof VaultError)) throw err;
     problem(null, err.message);
@@ -202,8 +202,7 @@ async function blocksToRead(member: VhdDisk, shared: Digests | null, checked: Ch
  * must its digest be, or a restore, which checks every block against these
  * digests, would fail on it.
  */
-async function checkUnstored(meta: BackupMetadata, member: VhdDisk, digests: Digests, parentDigests: Digests | null, problem: Problem): Promise<void> {
-  const zero = zeroDigest(member.blockSize);
+async function checkUnstored(meta: BackupMetadata, member: VhdDisk, digests: Digests, parentDigests: Digests | null, zero: Buffer, problem: Problem): Promise<void> {
   for (let b = 0; b < meta.blockCount; b++) {
     if (member.isAllocated(b)) continue;
     const expected = parentDigests ? await parentDigests.get(b) : zero;

@@ -11,6 +11,8 @@ import { type DynamicHeader, LOCATOR_COUNT, parseHeader, serializeHeader } from 
 import { MAX_LOCATOR_BYTES, PLATFORM_NONE } from './parentLocator.js';
 import { newDiskMetadata, type WriterOptions } from './VhdWriter.js';
 import { pathExists } from '../util/files.js';
+import { looksSealed } from '../util/sealedMagic.js';
+import type { ChunkSeal } from './chunkSeal.js';
 import { OpenFiles } from '../util/smallReads.js';
 import { AtomicFile, cleanUpAfter, fsyncDirectory, removeStaged, syncFilesystem, temporaryPath } from '../util/fsync.js';
 
@@ -46,19 +48,28 @@ export function batBitsSize(entries: number): number {
 const storedLimit = (contentLength: number, codec: Compression) =>
   codec === 'none' ? contentLength : contentLength + (contentLength >> 3) + 65536;
 
-/** Read one stored file of a VHD directory, decompressed, at most `maxLength` bytes of content. */
-async function readChunk(dir: string, name: string, codec: Compression, maxLength: number): Promise<Buffer> {
+/** A file's stored bytes (opened, when the directory is sealed), at most `limit` of them before sealing. */
+async function readStored(dir: string, name: string, limit: number, seal: ChunkSeal | undefined): Promise<Buffer> {
   const file = join(dir, name);
   let stored: Buffer;
   try {
     const s = await stat(file);
     if (!s.isFile()) throw new VaultError(file, 'is not a regular file');
-    if (s.size > storedLimit(maxLength, codec)) throw new VaultError(file, `is ${s.size} bytes, more than its content can be (${maxLength} bytes)`);
+    if (s.size > limit + (seal?.overhead ?? 0)) throw new VaultError(file, `is ${s.size} bytes, more than its content can be (${limit} bytes)`);
     stored = await readFile(file);
   } catch (err) {
     if (err instanceof VaultError) throw err;
     throw new VaultError(file, (err as NodeJS.ErrnoException).code === 'ENOENT' ? 'is missing' : describeFsError(err));
   }
+  if (seal) return seal.open(name, stored, file);
+  if (looksSealed(stored)) throw new VaultError(file, 'is sealed: it belongs to an encrypted repository (read its backups with vhdvault restore)');
+  return stored;
+}
+
+/** Read one stored file of a VHD directory, decompressed, at most `maxLength` bytes of content. */
+async function readChunk(dir: string, name: string, codec: Compression, maxLength: number, seal?: ChunkSeal): Promise<Buffer> {
+  const file = join(dir, name);
+  const stored = await readStored(dir, name, storedLimit(maxLength, codec), seal);
   try {
     return await decompress(codec, stored, maxLength);
   } catch (err) {
@@ -68,17 +79,14 @@ async function readChunk(dir: string, name: string, codec: Compression, maxLengt
 }
 
 /** The codec named by `chunk-filters.json`: absent, `[]` or `["none"]` mean none. */
-export async function readChunkFilters(dir: string): Promise<Compression> {
+export async function readChunkFilters(dir: string, seal?: ChunkSeal): Promise<Compression> {
   const file = join(dir, CHUNK_FILTERS_FILE);
   let text: string;
   try {
-    const s = await stat(file);
-    if (s.size > 4096) throw new VaultError(file, `is ${s.size} bytes: not a filter list`);
-    text = await readFile(file, 'utf8');
+    text = (await readStored(dir, CHUNK_FILTERS_FILE, 4096, seal)).toString('utf8');
   } catch (err) {
-    if (err instanceof VaultError) throw err;
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return 'none';
-    throw new VaultError(file, describeFsError(err));
+    if (err instanceof VaultError && err.problem === 'is missing') return 'none';
+    throw err;
   }
   let filters: unknown;
   try {
@@ -109,6 +117,7 @@ export class VhdDirectory implements WritableVhdDisk {
     private readonly bat: Buffer,
     readonly compression: Compression,
     private readonly writable: boolean,
+    private readonly seal: ChunkSeal | undefined,
   ) {}
 
   get size(): number {
@@ -127,20 +136,22 @@ export class VhdDirectory implements WritableVhdDisk {
     return bitmapByteSize(this.blockSize) + this.blockSize;
   }
 
-  static async open(path: string, options: { writable?: boolean } = {}): Promise<VhdDirectory> {
+  /** `seal`: the directory's files are sealed (an encrypted repository's). */
+  static async open(path: string, options: { writable?: boolean; seal?: ChunkSeal } = {}): Promise<VhdDirectory> {
+    const seal = options.seal;
     const s = await stat(path).catch((err: unknown) => {
       throw new VaultError(path, describeFsError(err));
     });
     if (!s.isDirectory()) throw new VaultError(path, 'is not a directory');
-    const codec = await readChunkFilters(path);
+    const codec = await readChunkFilters(path, seal);
     if (!(await pathExists(join(path, FOOTER_FILE)))) {
       throw new VaultError(path, 'is not a VHD directory (it has no footer file)');
     }
-    const footerBytes = await readChunk(path, FOOTER_FILE, codec, FOOTER_SIZE);
+    const footerBytes = await readChunk(path, FOOTER_FILE, codec, FOOTER_SIZE, seal);
     if (footerBytes.length !== FOOTER_SIZE) throw new VaultError(join(path, FOOTER_FILE), `is ${footerBytes.length} bytes, expected ${FOOTER_SIZE}`);
     const footer = parseFooter(footerBytes, join(path, FOOTER_FILE));
     if (footer.diskType === 'fixed') throw new VaultError(join(path, FOOTER_FILE), 'declares a fixed disk, which a VHD directory cannot hold');
-    const headerBytes = await readChunk(path, HEADER_FILE, codec, HEADER_SIZE);
+    const headerBytes = await readChunk(path, HEADER_FILE, codec, HEADER_SIZE, seal);
     if (headerBytes.length !== HEADER_SIZE) throw new VaultError(join(path, HEADER_FILE), `is ${headerBytes.length} bytes, expected ${HEADER_SIZE}`);
     const header = parseHeader(headerBytes, join(path, HEADER_FILE));
     const size = virtualSize(footer);
@@ -149,11 +160,11 @@ export class VhdDirectory implements WritableVhdDisk {
       throw new VaultError(join(path, HEADER_FILE), `block allocation table too small: ${header.maxTableEntries} entries for ${blockCount} blocks`);
     }
     // vhd-lib's bat has one byte per table entry; ours one bit per block. Accept either.
-    const bat = await readChunk(path, BAT_FILE, codec, Math.max(header.maxTableEntries, batBitsSize(blockCount)));
+    const bat = await readChunk(path, BAT_FILE, codec, Math.max(header.maxTableEntries, batBitsSize(blockCount)), seal);
     if (bat.length < batBitsSize(blockCount)) {
       throw new VaultError(join(path, BAT_FILE), `is ${bat.length} bytes, too short for ${blockCount} blocks (${batBitsSize(blockCount)} bytes)`);
     }
-    return new VhdDirectory(path, footer, header, bat, codec, options.writable ?? false);
+    return new VhdDirectory(path, footer, header, bat, codec, options.writable ?? false, seal);
   }
 
   isAllocated(block: number): boolean {
@@ -171,7 +182,7 @@ export class VhdDirectory implements WritableVhdDisk {
     const name = blockFile(block);
     let stored: Buffer;
     try {
-      stored = await readChunk(this.path, name, this.compression, this.storedBlockSize);
+      stored = await readChunk(this.path, name, this.compression, this.storedBlockSize, this.seal);
     } catch (err) {
       if (!(err instanceof VaultError)) throw err;
       const problem = err.problem === 'is missing' ? 'is missing although the bat marks the block present' : err.problem;
@@ -184,14 +195,14 @@ export class VhdDirectory implements WritableVhdDisk {
     return { bitmap: stored.subarray(0, bitmapSize), data: stored.subarray(bitmapSize) };
   }
 
-  /** Whether readBlockRange() reads in place: only uncompressed block files can be read at an offset. */
+  /** Whether readBlockRange() reads in place: only uncompressed, unsealed block files can be read at an offset. */
   get rangeReads(): boolean {
-    return this.compression === 'none';
+    return this.compression === 'none' && !this.seal;
   }
 
   /** Part of an allocated block's data, read in place from its file (uncompressed directories only). */
   async readBlockRange(block: number, offset: number, length: number): Promise<Buffer> {
-    if (!this.rangeReads) throw new Error(`${this.path}: compressed blocks are read whole`);
+    if (!this.rangeReads) throw new Error(`${this.path}: compressed or sealed blocks are read whole`);
     const name = blockFile(block);
     const data = Buffer.allocUnsafe(length);
     const n = await openBlockFiles.read(join(this.path, name), data, bitmapByteSize(this.blockSize) + offset).catch((err: unknown) => {
@@ -205,7 +216,7 @@ export class VhdDirectory implements WritableVhdDisk {
     const loc = this.header.parentLocators[index];
     if (!loc || loc.platformCode === PLATFORM_NONE || loc.dataLength === 0 || loc.dataLength > MAX_LOCATOR_BYTES) return null;
     try {
-      const data = await readChunk(this.path, locatorFile(index), this.compression, MAX_LOCATOR_BYTES);
+      const data = await readChunk(this.path, locatorFile(index), this.compression, MAX_LOCATOR_BYTES, this.seal);
       return data.subarray(0, loc.dataLength);
     } catch {
       return null;
@@ -232,15 +243,19 @@ export class VhdDirectory implements WritableVhdDisk {
     if (!this.writable) throw new Error(`${this.path} was opened read-only`);
     if (block < 0 || block >= this.blockCount) throw new RangeError(`block ${block} outside disk of ${this.blockCount} blocks`);
     if (data.length !== this.blockSize || bitmap.length !== bitmapByteSize(this.blockSize)) throw new RangeError('block or bitmap of the wrong size');
-    await writeBlockFile(this.path, block, Buffer.concat([bitmap, data]), this.compression);
+    await writeBlockFile(this.path, block, this.sealed(blockFile(block), await compress(this.compression, Buffer.concat([bitmap, data]))));
     if (!testBit(this.bat, block)) {
       setBit(this.bat, block);
-      await writeChunkAtomically(this.path, BAT_FILE, await compress(this.compression, this.bat));
+      await writeChunkAtomically(this.path, BAT_FILE, this.sealed(BAT_FILE, await compress(this.compression, this.bat)));
     }
   }
 
   async writeSectors(diskOffset: number, bytes: Buffer): Promise<void> {
     await writeSectors(this, diskOffset, bytes);
+  }
+
+  private sealed(name: string, stored: Buffer): Buffer {
+    return this.seal ? this.seal.seal(name, stored) : stored;
   }
 
   async close(): Promise<void> {
@@ -249,21 +264,23 @@ export class VhdDirectory implements WritableVhdDisk {
   }
 }
 
-/** Write `blocks/<a>/<b>` durably: temporary name, fsync, rename. */
-async function writeBlockFile(dir: string, block: number, stored: Buffer, codec: Compression): Promise<void> {
+/** Write `blocks/<a>/<b>` (its stored bytes) durably: temporary name, fsync, rename. */
+async function writeBlockFile(dir: string, block: number, stored: Buffer): Promise<void> {
   const target = join(dir, blockFile(block));
   // A folder made here must itself be durable before the bat can name a block inside it.
   const created = await mkdir(dirname(target), { recursive: true });
   if (created !== undefined) {
     for (let folder = dirname(target); folder !== dirname(created); folder = dirname(folder)) await fsyncDirectory(dirname(folder));
   }
-  await writeChunkAtomically(dirname(target), String(block % 1000), await compress(codec, stored));
+  await writeChunkAtomically(dirname(target), String(block % 1000), stored);
 }
 
 export interface DirectoryWriterOptions extends WriterOptions {
   compression?: Compression;
   /** Blocks compressed and written at once. */
   concurrency?: number;
+  /** Seal every file (an encrypted repository's directory). */
+  seal?: ChunkSeal;
 }
 
 /**
@@ -286,6 +303,7 @@ export class VhdDirectoryWriter {
     private readonly locatorData: Buffer[],
     readonly compression: Compression,
     concurrency: number,
+    private readonly seal: ChunkSeal | undefined,
   ) {
     this.bat = Buffer.alloc(batBitsSize(header.maxTableEntries));
     this.concurrency = concurrency;
@@ -296,7 +314,7 @@ export class VhdDirectoryWriter {
     if (await pathExists(target)) throw new VaultError(target, 'already exists: choose a new name for the directory');
     const temp = temporaryPath(target);
     await mkdir(join(temp, 'blocks'), { recursive: true });
-    return new VhdDirectoryWriter(target, temp, footer, header, locatorData, options.compression ?? 'none', options.concurrency ?? 4);
+    return new VhdDirectoryWriter(target, temp, footer, header, locatorData, options.compression ?? 'none', options.concurrency ?? 4, options.seal);
   }
 
   get blockSize(): number {
@@ -350,7 +368,7 @@ export class VhdDirectoryWriter {
   private async writeFile(name: string, content: Buffer | string): Promise<void> {
     const fh = await open(join(this.temp, name), 'wx');
     try {
-      await fh.writeFile(content);
+      await fh.writeFile(this.seal ? this.seal.seal(name, Buffer.from(content)) : content);
     } finally {
       await fh.close();
     }

@@ -2,6 +2,9 @@ import type { Storage, StorageCapabilities } from '../../storage/Storage.js';
 import type { Compression } from '../../vhd/compression.js';
 import type { VhdDisk } from '../../vhd/disk.js';
 import type { VhdChain } from '../../vhd/VhdChain.js';
+import type { ChunkSeal } from '../../vhd/chunkSeal.js';
+import type { Digester } from '../digests.js';
+import type { Sealing } from '../sealing.js';
 import type { BlockOutput, BlockTarget } from '../blockTask.js';
 import type { Finding } from '../finding.js';
 import type { BackupMetadata, LayoutName, RepositoryConfig } from '../metadata.js';
@@ -24,6 +27,12 @@ export interface LayoutContext {
   backup(disk: string, id: string): Promise<BackupMetadata>;
   /** The file behind a key, for layouts whose data is local by nature: the one place paths come from. */
   localPath(key: string): string;
+  /** How blocks are digested (keyed in an encrypted repository). */
+  readonly digester: Digester;
+  /** What worker threads need to seal as the storage does; null when the repository is plain. */
+  readonly sealing: Sealing | null;
+  /** How a disk's VHD directory files are sealed when read or written in place; undefined when plain. */
+  directorySeal(disk: string): ChunkSeal | undefined;
 }
 
 /** One digest per block of the disk at a backup (docs/design/04-repository.md §4.4). */
@@ -127,6 +136,8 @@ export interface Removal {
 
 export interface Layout {
   readonly name: LayoutName;
+  /** Can its repository be encrypted (every object sealed whole)? Not when data is written in place. */
+  readonly sealable: boolean;
   /** Why this layout cannot live on storage with these capabilities, or null. */
   unsupportedOn(capabilities: StorageCapabilities): string | null;
   /** Refuse a repository codec the layout cannot store (a UsageError). */

@@ -5,7 +5,7 @@ import { dirname, join } from 'node:path';
 import { decompress } from '../../vhd/compression.js';
 import { VaultError } from '../../util/errors.js';
 import { isNotFound, key } from '../../storage/Storage.js';
-import { checkDigestsBinding, DIGEST_SIZE, digestsSha256, zeroDigest } from '../digests.js';
+import { checkDigestsBinding, DIGEST_SIZE, digestsSha256 } from '../digests.js';
 import { blocksKey, digestsKey, diskKey, inDisk } from '../keys.js';
 import { SharedObjectError } from '../finding.js';
 import type { BackupMetadata } from '../metadata.js';
@@ -49,6 +49,8 @@ export class BlockMap {
   constructor(
     readonly bytes: Buffer,
     readonly blockSize: number,
+    /** The digest of an all-zero block, in the repository's digest. */
+    private readonly zero: Buffer,
   ) {}
 
   get blockCount(): number {
@@ -61,7 +63,7 @@ export class BlockMap {
 
   /** An all-zero block has no object: it reads as zeros. */
   hasObject(block: number): boolean {
-    return !this.digest(block).equals(zeroDigest(this.blockSize));
+    return !this.digest(block).equals(this.zero);
   }
 
   /** The same interface as DigestReader, for code that reads either. */
@@ -127,7 +129,7 @@ export async function loadBlockMap(repo: LayoutContext, meta: BackupMetadata, op
   if (cached && !trimmed.has(dirname(cached))) await trimMapCache(repo, meta.disk);
   if (cached && meta.digestsSha256 !== undefined) {
     const bytes = await readCached(cached, expected);
-    if (bytes && digestsSha256(bytes) === meta.digestsSha256 && (await repo.storage.head(k))?.size === expected) return new BlockMap(bytes, meta.blockSize);
+    if (bytes && digestsSha256(bytes) === meta.digestsSha256 && (await repo.storage.head(k))?.size === expected) return new BlockMap(bytes, meta.blockSize, repo.digester.zero(meta.blockSize));
   }
   let bytes: Buffer;
   try {
@@ -140,7 +142,7 @@ export async function loadBlockMap(repo: LayoutContext, meta: BackupMetadata, op
   checkDigestsBinding(bytes, meta, repo.storage.describe(k));
   const path = cachePath(repo, meta.disk, meta.id);
   if (path) await writeCached(path, bytes);
-  return new BlockMap(bytes, meta.blockSize);
+  return new BlockMap(bytes, meta.blockSize, repo.digester.zero(meta.blockSize));
 }
 
 /** A cached map, if a file of the map's size is there: anything else (a fifo, a huge file) is not even read. */

@@ -54,8 +54,9 @@ async function wholeBlockInDirectory(storage: Storage, dirKey: string, dir: VhdD
  */
 async function mergeBlocks(ctx: LayoutContext, p: MergePair, resumed: boolean): Promise<void> {
   const { storage } = ctx;
-  const parent = await VhdDirectory.open(p.parentPath);
-  const child = await VhdDirectory.open(p.childPath);
+  const seal = ctx.directorySeal(p.journal.child.disk);
+  const parent = await VhdDirectory.open(p.parentPath, { seal });
+  const child = await VhdDirectory.open(p.childPath, { seal });
   // vhdvault stores whole blocks only (docs/design/04-repository.md §4.3); other writers' blocks are checked one by one.
   const knownWhole = p.journal.child.wholeBlocks === true && child.compression === parent.compression;
   const parentIsDifferencing = parent.footer.diskType === 'differencing';
@@ -97,8 +98,9 @@ async function mergeBlocks(ctx: LayoutContext, p: MergePair, resumed: boolean): 
 
 /** The parent's bat gains the child's blocks; its footer takes the child's identity. */
 async function mergeIdentity(ctx: LayoutContext, p: MergePair): Promise<void> {
-  const parent = await VhdDirectory.open(p.parentPath);
-  const child = await VhdDirectory.open(p.childPath);
+  const seal = ctx.directorySeal(p.journal.child.disk);
+  const parent = await VhdDirectory.open(p.parentPath, { seal });
+  const child = await VhdDirectory.open(p.childPath, { seal });
   const bits = Buffer.alloc(Math.ceil(parent.header.maxTableEntries / 8));
   for (let b = 0; b < parent.blockCount; b++) {
     if (parent.isAllocated(b) || child.isAllocated(b)) setBit(bits, b);
@@ -109,7 +111,8 @@ async function mergeIdentity(ctx: LayoutContext, p: MergePair): Promise<void> {
 
 /** A staged VHD directory whose block files the workers create (storage.create), made durable together by finish(). */
 function directoryWriter(ctx: LayoutContext, disk: string, id: string, writer: VhdDirectoryWriter, codec: Compression): BackupWriter {
-  const target = (block: number): BlockTarget => ({ storage: ctx.storage.descriptor, key: key(inDisk(disk, writer.stagingName), ...blockFile(block).split('/')) });
+  const sealing = ctx.sealing ?? undefined;
+  const target = (block: number): BlockTarget => ({ storage: ctx.storage.descriptor, sealing, key: key(inDisk(disk, writer.stagingName), ...blockFile(block).split('/')) });
   return {
     codec,
     bare: false,
@@ -135,12 +138,13 @@ function directoryWriter(ctx: LayoutContext, disk: string, id: string, writer: V
 
 export const dirLayout = vhdBackedLayout({
   name: 'dir',
+  sealable: true,
   extension: 'vhd-dir',
   checkCompression: () => undefined,
   storedCompression: (c) => c,
   async createWriter(ctx, spec, path, link) {
     const codec = ctx.config.compression;
-    const writer = await VhdDirectoryWriter.create(path, { size: spec.size, blockSize: ctx.config.blockSize, parent: link, uuid: spec.uuid, compression: codec });
+    const writer = await VhdDirectoryWriter.create(path, { size: spec.size, blockSize: ctx.config.blockSize, parent: link, uuid: spec.uuid, compression: codec, seal: ctx.directorySeal(spec.disk) });
     if (spec.timestamp !== undefined) writer.footer.timestamp = spec.timestamp;
     return directoryWriter(ctx, spec.disk, spec.id, writer, codec);
   },

@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { VhdChain } from '../../vhd/VhdChain.js';
 import { UsageError, VaultError } from '../../util/errors.js';
 import { isNotFound } from '../../storage/Storage.js';
-import { DIGEST_SIZE, zeroDigest } from '../digests.js';
+import { DIGEST_SIZE } from '../digests.js';
 import type { Finding } from '../finding.js';
 import { blocksKey, deletingKey, digestsKey, metadataKey, pendingMetadataKey } from '../keys.js';
 import { type BackupMetadata, metadataText } from '../metadata.js';
@@ -21,7 +21,7 @@ import { ObjectBackupDisk } from './ObjectBackupDisk.js';
 /** A new backup: block objects uploaded as the workers prepare them, its map put at the commit. */
 async function objectsWriter(ctx: LayoutContext, spec: WriterSpec): Promise<BackupWriter> {
   const { disk, id, blockCount } = spec;
-  const zero = zeroDigest(ctx.config.blockSize);
+  const zero = ctx.digester.zero(ctx.config.blockSize);
   // Objects already in the store that this backup may name without uploading: the parent's, and its own as it goes.
   const present = new Set<string>();
   if (spec.previous) for (let b = 0; b < blockCount; b++) present.add((await spec.previous.get(b)).toString('hex'));
@@ -39,7 +39,7 @@ async function objectsWriter(ctx: LayoutContext, spec: WriterSpec): Promise<Back
       // Zeros need no object, and an object already there is named, not sent again.
       const known = digest.equals(zero) || present.has(hex);
       present.add(hex);
-      return known ? null : { storage: ctx.storage.descriptor, key: blockObjectKey(disk, digest), whole: true };
+      return known ? null : { storage: ctx.storage.descriptor, sealing: ctx.sealing ?? undefined, key: blockObjectKey(disk, digest), whole: true };
     },
     record: async () => undefined,
     storeBlock: async () => {
@@ -177,6 +177,7 @@ export const objectsLayout: Layout = {
   openChain: async (ctx, meta, options) => VhdChain.fromMembers([await ObjectBackupDisk.open(ctx, meta, options)]),
   openDigests: (ctx, meta, options) => loadBlockMap(ctx, meta, options),
   sharedBlocks: true,
+  sealable: true,
   readStored: async (ctx, meta) => {
     throw new VaultError(ctx.diskDir(meta.disk), `backup ${meta.id}: block objects are read through its block map`);
   },

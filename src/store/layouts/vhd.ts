@@ -104,6 +104,7 @@ function fileWriter(ctx: LayoutContext, disk: string, id: string, writer: Dynami
 
 export const vhdLayout = vhdBackedLayout({
   name: 'vhd',
+  sealable: false,
   extension: 'vhd',
   checkCompression(compression) {
     if (compression !== 'none') throw new UsageError('compression applies to the dir and objects layouts only (VHD files are stored uncompressed)');

@@ -43,6 +43,8 @@ export interface MergePair {
 /** What differs between the dir and vhd layouts. */
 export interface VhdFormat {
   name: LayoutName;
+  /** Its files are written whole (sealable) rather than in place. */
+  sealable: boolean;
   /** `<id>.<extension>`: the backup's data. */
   extension: string;
   checkCompression(compression: Compression): void;
@@ -117,11 +119,13 @@ class VhdBackedLayout implements Layout {
   readonly name: LayoutName;
   readonly dataSuffix: string;
   readonly sharedBlocks = false;
+  readonly sealable: boolean;
   readonly merge: LayoutMerge;
   private readonly noRemoval: Removal = { before: async () => undefined, after: async () => 0 };
 
   constructor(private readonly format: VhdFormat) {
     this.name = format.name;
+    this.sealable = format.sealable;
     this.dataSuffix = `.${format.extension}`;
     this.merge = new VhdMerge(this, format);
   }
@@ -199,7 +203,7 @@ class VhdBackedLayout implements Layout {
     const path = ctx.localPath(this.dataKey(meta.disk, meta.id));
     let disk: VhdDisk;
     try {
-      disk = await openDisk(path);
+      disk = await openDisk(path, { seal: ctx.directorySeal(meta.disk) });
     } catch (err) {
       if (!(err instanceof VaultError)) throw err;
       throw new VaultError(err.file, `${err.problem} (data of backup ${meta.id})`);
@@ -402,7 +406,7 @@ async function journalMismatch(ctx: LayoutContext, format: VhdFormat, p: MergePa
   const listed = async (id: string) => ctx.backup(child.disk, id).catch(() => null);
   const uuidAt = async (k: string) => {
     if (!(await ctx.storage.head(k))) return null;
-    const disk = await openDisk(ctx.localPath(k)).catch(() => null);
+    const disk = await openDisk(ctx.localPath(k), { seal: ctx.directorySeal(child.disk) }).catch(() => null);
     await disk?.close();
     return disk ? { uuid: disk.footer.uuid, differencing: disk.footer.diskType === 'differencing' } : undefined;
   };
