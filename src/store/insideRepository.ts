@@ -1,5 +1,6 @@
 import { realpath } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
+import { VaultError } from '../util/errors.js';
 import { pathExists } from '../util/files.js';
 import { readingDisk } from './merge.js';
 import { vhdDataId } from './layouts/index.js';
@@ -32,6 +33,10 @@ async function owningDisk(path: string): Promise<{ root: string; disk: string } 
 export async function readingPath<T>(path: string, fn: () => Promise<T>): Promise<T> {
   const owner = await owningDisk(path);
   if (!owner) return fn();
+  // Its files are sealed: no VHD tool reads them, whatever the password.
+  if ((await Repository.configOf(owner.root)).encryption) {
+    throw new VaultError(path, `is part of the encrypted repository ${owner.root}: its files are sealed; read the backup with vhdvault restore (or vhd convert <repo>/disks/<disk>/<id>)`);
+  }
   const repo = await Repository.open(owner.root);
   return readingDisk(repo, owner.disk, 'vhd', fn);
 }

@@ -84,6 +84,13 @@ async function enclosingRepository(d: StorageDescriptor): Promise<string | null>
   return null;
 }
 
+async function readConfig(storage: Storage): Promise<{ config: RepositoryConfig; where: string }> {
+  const info = await storage.head(keys.CONFIG_FILE);
+  if (!info) throw new VaultError(storage.describe(''), 'is not a vhdvault repository (no vhdvault.json); create one with `vhdvault init`');
+  const where = storage.describe(keys.CONFIG_FILE);
+  return { config: parseConfig(parseJson(await storage.get(keys.CONFIG_FILE), where), where), where };
+}
+
 /**
  * A repository: its configuration and the names of everything in it, over a
  * storage backend (src/storage), with its layout's driver (layouts/). Keys name
@@ -164,12 +171,14 @@ export class Repository {
     return new Repository(sealedStorage(storage, opened.sealing), config, opened);
   }
 
+  /** A repository's configuration, read without opening it (no password asked). */
+  static async configOf(location: string | Location): Promise<RepositoryConfig> {
+    return (await readConfig(await openStorage(descriptorOf(location)))).config;
+  }
+
   static async open(location: string | Location, options: OpenOptions = {}): Promise<Repository> {
     const storage = await openStorage(descriptorOf(location));
-    const info = await storage.head(keys.CONFIG_FILE);
-    if (!info) throw new VaultError(storage.describe(''), 'is not a vhdvault repository (no vhdvault.json); create one with `vhdvault init`');
-    const where = storage.describe(keys.CONFIG_FILE);
-    const config = parseConfig(parseJson(await storage.get(keys.CONFIG_FILE), where), where);
+    const { config, where } = await readConfig(storage);
     const layout = layoutNamed(config.layout);
     if (layout.unsupportedOn(storage.capabilities)) throw new VaultError(where, `says layout ${config.layout}, which needs a local folder`);
     if (!config.encryption) {

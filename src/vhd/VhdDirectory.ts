@@ -48,6 +48,9 @@ export function batBitsSize(entries: number): number {
 const storedLimit = (contentLength: number, codec: Compression) =>
   codec === 'none' ? contentLength : contentLength + (contentLength >> 3) + 65536;
 
+/** What sealing adds to a file (envelope header, nonce and tag). */
+const SEALED_SLACK = 64;
+
 /** A file's stored bytes (opened, when the directory is sealed), at most `limit` of them before sealing. */
 async function readStored(dir: string, name: string, limit: number, seal: ChunkSeal | undefined): Promise<Buffer> {
   const file = join(dir, name);
@@ -55,7 +58,8 @@ async function readStored(dir: string, name: string, limit: number, seal: ChunkS
   try {
     const s = await stat(file);
     if (!s.isFile()) throw new VaultError(file, 'is not a regular file');
-    if (s.size > limit + (seal?.overhead ?? 0)) throw new VaultError(file, `is ${s.size} bytes, more than its content can be (${limit} bytes)`);
+    // Unsealed, a sealed file's few extra bytes are read too: it is then named for what it is.
+    if (s.size > limit + (seal?.overhead ?? SEALED_SLACK)) throw new VaultError(file, `is ${s.size} bytes, more than its content can be (${limit} bytes)`);
     stored = await readFile(file);
   } catch (err) {
     if (err instanceof VaultError) throw err;
@@ -63,6 +67,7 @@ async function readStored(dir: string, name: string, limit: number, seal: ChunkS
   }
   if (seal) return seal.open(name, stored, file);
   if (looksSealed(stored)) throw new VaultError(file, 'is sealed: it belongs to an encrypted repository (read its backups with vhdvault restore)');
+  if (stored.length > limit) throw new VaultError(file, `is ${stored.length} bytes, more than its content can be (${limit} bytes)`);
   return stored;
 }
 
