@@ -5,9 +5,11 @@
  * taken at one instant (frozen through the agent, or with the VM paused), so
  * each restored disk is a clean ext4 and the two counters differ by at most
  * one; a delta follows from the checkpoints; `vm list` shows the VM backups.
+ * The repository is encrypted: VM records, definitions and every disk's
+ * backups go through the sealed storage (the other VM tests use plain ones).
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { writeFile } from 'node:fs/promises';
+import { readdir, readFile, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -15,6 +17,10 @@ import { markerPath } from '../src/live/quiesce.js';
 import { CLI, type CliResult, cliEnv, vhdvaultAsync } from './helpers/cli.js';
 import { tempDir } from './helpers/files.js';
 import { bootGuest, type Guest, guestSkip, guestTitle, makeExt4Disk, restoredCounters as restoreEach } from './helpers/guest.js';
+
+// Every CLI run of this file gets the password; key files made here are cheap to derive.
+process.env.VHDVAULT_PASSWORD = 'vm backups are sealed';
+process.env.VHDVAULT_TEST_SCRYPT_N = '1024';
 
 /** vhdvault with extra environment variables. */
 function vhdvaultWith(env: NodeJS.ProcessEnv, ...args: string[]): Promise<CliResult> {
@@ -45,7 +51,7 @@ describe.skipIf(guestSkip !== undefined)(guestTitle('vm backup --qemu of a runni
     for (const image of images) await makeExt4Disk(image, 32);
     guest = await bootGuest({ disks: images, writer: true });
     repo = join(dir, 'repo');
-    expect((await vhdvaultAsync('init', repo)).code).toBe(0);
+    expect((await vhdvaultAsync('init', repo, '--encryption', 'aes-256-gcm')).code).toBe(0);
   });
   afterAll(async () => {
     await guest?.kill();
@@ -126,6 +132,11 @@ describe.skipIf(guestSkip !== undefined)(guestTitle('vm backup --qemu of a runni
       expect(Object.keys(row.disks).sort()).toEqual(['vda', 'vdb']);
       expect(row.definition.kind).toBe('qemu');
     }
+    // Sealed: the VM's records are not readable JSON in the repository.
+    const records = join(repo, 'vms', 'web');
+    for (const name of (await readdir(records)).filter((n) => n.endsWith('.json'))) {
+      expect((await readFile(join(records, name))).subarray(0, 4).toString('latin1'), name).toBe('VVE\x01');
+    }
     const disks = await vhdvaultAsync('list', repo, '--json');
     expect((JSON.parse(disks.stdout) as { backups: Array<{ disk: string }> }).backups.map((d) => d.disk).sort()).toEqual([...Array(6).fill('web.vda'), ...Array(6).fill('web.vdb')]);
   });
@@ -137,7 +148,8 @@ describe.skipIf(guestSkip !== undefined)(guestTitle('vm backup --qemu of a runni
       [['--no-quiesce', '--require-quiesce'], /contradict/, 2],
     ] as const;
     for (const [args, message, code] of bad) {
-      const r = await vhdvaultAsync('vm', 'backup', repo, 'web', '--qemu', guest.qmpSocket, ...args);
+      // With --fleecing: direct mode is refused first on an encrypted repository.
+      const r = await vhdvaultAsync('vm', 'backup', repo, 'web', '--qemu', guest.qmpSocket, '--fleecing', dir, ...args);
       expect(r.code, r.stderr).toBe(code);
       expect(r.stderr).toMatch(message);
       expect(r.stderr.trim().split('\n')).toHaveLength(1);
