@@ -41,14 +41,14 @@ export class SealedStorage implements Storage {
     return this.inner.describe(key);
   }
 
-  /** The bytes to store for `key`. */
-  sealFor(key: string, plaintext: Buffer): Buffer {
+  /** The bytes to store for `key`: sealed, unless the key is one of the plain ones (then as given). */
+  private sealed(key: string, data: Buffer | string): Buffer | string {
     const ad = this.bindingOf(key);
-    return ad === null ? plaintext : seal(this.master.cipher, this.master.dataKey, plaintext, ad);
+    return ad === null ? data : seal(this.master.cipher, this.master.dataKey, Buffer.from(data), ad);
   }
 
   /** The plaintext of what is stored at `key`; a VaultError naming it when it does not open there. */
-  openAt(key: string, stored: Buffer): Buffer {
+  private openAt(key: string, stored: Buffer): Buffer {
     const ad = this.bindingOf(key);
     return ad === null ? stored : open(this.master.dataKey, stored, ad, this.describe(key));
   }
@@ -70,12 +70,13 @@ export class SealedStorage implements Storage {
   }
 
   put(key: string, data: Buffer | string, options?: { ifAbsent?: boolean }): Promise<boolean> {
-    return this.inner.put(key, this.sealFor(key, Buffer.from(data)), options);
+    return this.inner.put(key, this.sealed(key, data), options);
   }
 
   create(key: string, parts: Uint8Array[]): Promise<void> {
     if (this.bindingOf(key) === null) return this.inner.create(key, parts);
-    return this.inner.create(key, [this.sealFor(key, Buffer.concat(parts))]);
+    // The pieces (a bitmap and a block) go through the cipher in turn: no joined copy.
+    return this.inner.create(key, [seal(this.master.cipher, this.master.dataKey, parts, this.bindingOf(key)!)]);
   }
 
   sync(prefix: string): Promise<void> {
@@ -95,7 +96,7 @@ export class SealedStorage implements Storage {
   }
 
   batch(ops: BatchOp[]): Promise<void> {
-    return this.inner.batch(ops.map((op) => ('put' in op ? { put: op.put, data: this.sealFor(op.put, Buffer.from(op.data)) } : op)));
+    return this.inner.batch(ops.map((op) => ('put' in op ? { put: op.put, data: this.sealed(op.put, op.data) } : op)));
   }
 
   /** What the code above sees as an object's size: its plaintext's (a damaged, shorter object counts as empty). */
