@@ -4,7 +4,7 @@
  * docs/performance.md (writeResults).
  */
 import { spawn } from 'node:child_process';
-import { randomFillSync } from 'node:crypto';
+import { createCipheriv, createHash, randomFillSync } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { mkdir, open, rm, writeFile } from 'node:fs/promises';
 import { connect } from 'node:net';
@@ -110,6 +110,97 @@ export async function writeRandomFile(path: string, bytes: number, chunk = 8 * M
   }
 }
 
+/** mulberry32: a small seeded generator, uniform in [0, 1); the same seed gives the same numbers. */
+export function seededRandom(seed: number): () => number {
+  let s = seed >>> 0;
+  return () => {
+    s = (s + 0x6d2b79f5) >>> 0;
+    let t = Math.imul(s ^ (s >>> 15), 1 | s);
+    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
+    return ((t ^ (t >>> 14)) >>> 0) / 2 ** 32;
+  };
+}
+
+/**
+ * Seeded pseudo-random bytes at memory speed: the AES-256-CTR keystream under a
+ * key derived from `seed` (not secret, only reproducible). Each call returns the
+ * stream's next `n` bytes, so the same seed and the same calls give the same data.
+ */
+export function seededBytes(seed: string | number): (n: number) => Buffer {
+  const key = createHash('sha256').update(`vhdvault-bench:${seed}`).digest();
+  const stream = createCipheriv('aes-256-ctr', key, Buffer.alloc(16));
+  return (n) => stream.update(Buffer.alloc(n));
+}
+
+/** What writeSeededDisk wrote: which blocks are all zeros, which hold data. */
+export interface SeededDisk {
+  size: number;
+  blockSize: number;
+  zeroBlocks: number[];
+  dataBlocks: number[];
+}
+
+/**
+ * A reproducible disk image: pseudo-random data (seededBytes) with zero regions
+ * (runs of 1–8 whole blocks, `zeroShare` of the blocks in all, placed by
+ * seededRandom), written and fsynced. The same seed gives the same bytes.
+ */
+export async function writeSeededDisk(path: string, bytes: number, options: { seed?: number; zeroShare?: number; blockSize?: number } = {}): Promise<SeededDisk> {
+  const { seed = 1, zeroShare = 0.1, blockSize = 2 * MiB } = options;
+  const blocks = Math.ceil(bytes / blockSize);
+  const random = seededRandom(seed);
+  const zero = new Uint8Array(blocks);
+  const wanted = Math.round(blocks * zeroShare);
+  for (let zeros = 0; zeros < wanted; ) {
+    const start = Math.floor(random() * blocks);
+    const run = 1 + Math.floor(random() * 8);
+    for (let b = start; b < Math.min(blocks, start + run) && zeros < wanted; b++) if (!zero[b]) (zero[b] = 1), zeros++;
+  }
+  const data = seededBytes(seed);
+  const fh = await open(path, 'wx');
+  try {
+    const empty = Buffer.alloc(blockSize);
+    for (let b = 0; b < blocks; b++) {
+      const n = Math.min(blockSize, bytes - b * blockSize);
+      await fh.write(zero[b] ? empty : data(n), 0, n, b * blockSize);
+    }
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+  const all = [...Array(blocks).keys()];
+  return { size: bytes, blockSize, zeroBlocks: all.filter((b) => zero[b]), dataBlocks: all.filter((b) => !zero[b]) };
+}
+
+/**
+ * Rewrite `share` of a seeded disk's data blocks (chosen by seededRandom(seed),
+ * each distinct) whole with new seeded data, and fsync: a reproducible delta.
+ * Returns the blocks rewritten, in order.
+ */
+export async function rewriteSeededBlocks(path: string, disk: SeededDisk, share: number, seed = 2): Promise<number[]> {
+  const random = seededRandom(seed);
+  const pool = [...disk.dataBlocks];
+  const count = Math.max(1, Math.round(pool.length * share));
+  // A partial Fisher–Yates shuffle: the first `count` are the chosen blocks.
+  for (let i = 0; i < count; i++) {
+    const j = i + Math.floor(random() * (pool.length - i));
+    [pool[i], pool[j]] = [pool[j]!, pool[i]!];
+  }
+  const chosen = pool.slice(0, count).sort((a, b) => a - b);
+  const data = seededBytes(`rewrite:${seed}`);
+  const fh = await open(path, 'r+');
+  try {
+    for (const b of chosen) {
+      const n = Math.min(disk.blockSize, disk.size - b * disk.blockSize);
+      await fh.write(data(n), 0, n, b * disk.blockSize);
+    }
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+  return chosen;
+}
+
 /** True when the two files have identical bytes. */
 export async function sameContent(a: string, b: string, chunk = 8 * MiB): Promise<boolean> {
   const [fa, fb] = await Promise.all([open(a, 'r'), open(b, 'r')]);
@@ -190,7 +281,10 @@ export interface BenchResult {
   bench: string;
   /** When it ran: an ISO 8601 date or date and time. */
   date: string;
-  machine: { cpus: number; node: string; description?: string };
+  /** What results' layout is, when a benchmark versions it (e.g. "vhdvault-bench-crypto/1"). */
+  format?: string;
+  /** cpus, node and a description always; a benchmark may add facts of its own (e.g. CPU flags). */
+  machine: { cpus: number; node: string; description?: string; [fact: string]: unknown };
   /** How to run it again: the npm script, with the BENCH_* variables that were set. */
   command?: string | string[];
   /** The conditions: sizes, rounds, layout, … */
@@ -233,14 +327,15 @@ export async function writeResults(
   bench: string,
   params: Record<string, unknown>,
   results: unknown,
-  options: { name?: string; notes?: string[]; command?: string } = {},
+  options: { name?: string; notes?: string[]; command?: string; format?: string; machine?: Record<string, unknown> } = {},
 ): Promise<string> {
   const name = process.env.BENCH_RESULT_NAME || options.name || bench;
   if (!/^[\w.-]+$/.test(name)) throw new Error(`bench: "${name}" is not a usable results file name`);
   const record: BenchResult = {
     bench,
+    ...(options.format ? { format: options.format } : {}),
     date: new Date().toISOString(),
-    machine: { cpus: availableParallelism(), node: process.version, description: `${cpus()[0]?.model.trim() ?? 'unknown CPU'}, ${Math.round(totalmem() / 1024 ** 3)} GiB RAM` },
+    machine: { cpus: availableParallelism(), node: process.version, description: `${cpus()[0]?.model.trim() ?? 'unknown CPU'}, ${Math.round(totalmem() / 1024 ** 3)} GiB RAM`, ...options.machine },
     command: commandLine(options.command),
     params,
     results,
