@@ -7,7 +7,7 @@
  * vhd tools on a sealed directory).
  */
 import { randomBytes } from 'node:crypto';
-import { open, readFile, rm, writeFile } from 'node:fs/promises';
+import { copyFile, mkdir, open, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { spawnSync } from 'node:child_process';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -153,6 +153,22 @@ describe('an encrypted repository in use', () => {
       }
     })();
     expectRefused(r, a, /is encrypted, and direct mode would write the copies of old data into it unencrypted: give --fleecing/);
+  });
+
+  it('an init killed after its key file and before vhdvault.json: the next init goes on; anything else there is refused', async () => {
+    const killed = join(dir, 'killed-init');
+    const keyFile = (await readdir(join(a, 'keys'))).find((n) => n.endsWith('.json'))!;
+    await mkdir(join(killed, 'keys'), { recursive: true });
+    await copyFile(join(a, 'keys', keyFile), join(killed, 'keys', keyFile));
+    await writeFile(join(killed, 'keys', `.${keyFile}.4242.0badcafe.tmp`), 'half a key file');
+    ok(withPasswords(B, 'init', killed, '--encryption', 'aes-256-gcm'));
+    expect(await readdir(join(killed, 'keys'))).not.toContain(keyFile);
+    ok(withPasswords(B, 'list', killed));
+    const other = join(dir, 'not-ours');
+    await mkdir(join(other, 'keys'), { recursive: true });
+    await writeFile(join(other, 'keys', 'notes.txt'), 'mine');
+    expectRefused(withPasswords(B, 'init', other, '--encryption', 'aes-256-gcm'), other, /is not empty and is not a vhdvault repository/);
+    expect(await readFile(join(other, 'keys', 'notes.txt'), 'utf8')).toBe('mine');
   });
 
   it('says a sealed VHD directory is sealed, rather than damaged, to the vhd tools', async () => {

@@ -84,6 +84,22 @@ async function enclosingRepository(d: StorageDescriptor): Promise<string | null>
   return null;
 }
 
+/**
+ * What an encrypted init killed after its key file and before vhdvault.json
+ * leaves: `keys/` holding key files and nothing else anywhere. Such a key
+ * file opens nothing (no repository recorded its id, and nothing was written
+ * under it): it is removed, and the init goes on. True when that was all.
+ */
+async function removeInitLeftover(storage: Storage): Promise<boolean> {
+  if ((await storage.list('')).join('/') !== KEYS) return false;
+  const names = await storage.list(KEYS);
+  // Key files, and the temporary file of one whose put was killed.
+  if (names.length === 0 || names.length > 32 || !names.every((n) => /^\.?[0-9a-f]{16}\.json(\.\d+\.[0-9a-f]+\.tmp)?$/.test(n))) return false;
+  await storage.deleteMany(names.map((n) => key(KEYS, n)));
+  await storage.delete(KEYS);
+  return (await storage.list('')).length === 0;
+}
+
 async function readConfig(storage: Storage): Promise<{ config: RepositoryConfig; where: string }> {
   const info = await storage.head(keys.CONFIG_FILE);
   if (!info) throw new VaultError(storage.describe(''), 'is not a vhdvault repository (no vhdvault.json); create one with `vhdvault init`');
@@ -146,7 +162,7 @@ export class Repository {
     if (outer !== null) throw new VaultError(root, `is inside the repository ${outer}, whose folders are its own: choose a place outside it`);
     const top = await storage.head('');
     if (top && !top.prefix) throw new VaultError(root, 'exists and is not a folder');
-    if (top && (await storage.list('')).length > 0) throw new VaultError(root, `is not empty and is not a vhdvault repository: refusing to use it`);
+    if (top && (await storage.list('')).length > 0 && !(await removeInitLeftover(storage))) throw new VaultError(root, `is not empty and is not a vhdvault repository: refusing to use it`);
     // Only the repository's own folder is made: a mistyped parent would otherwise quietly become a new tree.
     if (descriptor.kind === 'local' && !top && !existsSync(dirname(descriptor.root))) {
       throw new VaultError(root, `its parent folder ${dirname(descriptor.root)} does not exist: create it first (init makes only the repository's own folder)`);
