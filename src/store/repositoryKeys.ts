@@ -1,6 +1,6 @@
 import { addKey, changePassword, KEYS, type KeyInfo, listKeys, type MasterKey, removeKey } from '../crypto/keyring.js';
 import { key } from '../storage/Storage.js';
-import { UsageError, VaultError } from '../util/errors.js';
+import { VaultError } from '../util/errors.js';
 import { DiskLock } from './lock.js';
 import type { Repository } from './repository.js';
 
@@ -18,7 +18,7 @@ export interface ListedKey extends KeyInfo {
 
 function masterOf(repo: Repository): MasterKey {
   const sealing = repo.sealing;
-  if (!sealing) throw new UsageError(`${repo.root} is not encrypted: it has no keys (create an encrypted one with vhdvault init --encryption)`);
+  if (!sealing) throw new VaultError(repo.root, 'is not encrypted: it has no keys (an encrypted repository is made by vhdvault init --encryption)');
   return { cipher: sealing.cipher, dataKey: Buffer.from(sealing.dataKey), macKey: Buffer.from(sealing.macKey) };
 }
 
