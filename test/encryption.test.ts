@@ -387,6 +387,12 @@ describe('refusals', () => {
     expect(existsSync(repo)).toBe(false);
   });
 
+  it('init --encryption without a password: one line, and no repository folder made', async () => {
+    const repo = join(work, 'no-password');
+    expectRefused(run({ VHDVAULT_PASSWORD: undefined }, 'init', repo, '--encryption', 'aes-256-gcm'), repo, /needs a password/);
+    expect(existsSync(repo)).toBe(false);
+  });
+
   it('vhdvault.json stripped of its encryption field, key files present: every command refuses, nothing written', async () => {
     const repo = join(work, 'stripped');
     const r = await Repository.init(repo, { layout: 'dir', compression: 'none', encryption: 'aes-256-gcm', password: { env: { VHDVAULT_PASSWORD: PASSWORD } } });
