@@ -393,7 +393,7 @@ describe('refusals', () => {
     expect(existsSync(repo)).toBe(false);
   });
 
-  it('vhdvault.json stripped of its encryption field, key files present: every command refuses, nothing written', async () => {
+  it('vhdvault.json stripped of its encryption field: every command refuses, nothing written (key files present, or removed too)', async () => {
     const repo = join(work, 'stripped');
     const r = await Repository.init(repo, { layout: 'dir', compression: 'none', encryption: 'aes-256-gcm', password: { env: { VHDVAULT_PASSWORD: PASSWORD } } });
     const source = join(work, 'stripped.raw');
@@ -414,6 +414,18 @@ describe('refusals', () => {
     }
     expect(existsSync(out)).toBe(false);
     expect(await snapshot(repo)).toEqual(before);
+
+    // The key files removed as well: the sealed metadata still says what the repository is.
+    await rm(join(repo, 'keys'), { recursive: true });
+    const stripped = await snapshot(repo);
+    for (const args of [['list', repo], ['backup', repo, 'vm', '--source', source], ['prune', repo, '--keep-last', '1'], ['restore', repo, 'vm', out]]) {
+      const refused = vhdvault(...args);
+      expect(refused.code, `${args.join(' ')}: ${refused.stderr}`).toBe(1);
+      expect(refused.stderr.trim().split('\n'), args.join(' ')).toHaveLength(1);
+      expect(refused.stderr, args.join(' ')).toMatch(/\.json: is sealed \(encrypted\), but .*vhdvault\.json says the repository is not encrypted/);
+    }
+    expect(existsSync(out)).toBe(false);
+    expect(await snapshot(repo)).toEqual(stripped);
   });
 });
 
