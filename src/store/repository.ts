@@ -19,6 +19,7 @@ import type { Layout } from './layouts/Layout.js';
 import { type BackupMetadata, jsonText, type LayoutName, metadataText, parseConfig, parseJson, parseMetadata, type RepositoryConfig } from './metadata.js';
 import { inUseByAnother, isBackupId, isTemporaryName } from './names.js';
 import { ensureReserve } from './reserve.js';
+import { looksSealed } from '../util/sealedMagic.js';
 
 export type { BackupMetadata, Checkpoint, LayoutName, RepositoryConfig } from './metadata.js';
 
@@ -362,8 +363,22 @@ export class Repository {
       const id = name.replace(/\.json$/, '');
       if (!name.endsWith('.json') || !isBackupId(id)) continue;
       const k = key(this.diskKey(disk), name);
+      let bytes: Buffer;
       try {
-        out.push(parseMetadata(await this.readJson(k), this.storage.describe(k), disk, id));
+        bytes = await this.storage.get(k);
+      } catch (err) {
+        if (isNotFound(err)) continue;
+        if (isUnavailable(err) || !(err instanceof VaultError)) throw err;
+        onProblem(err);
+        continue;
+      }
+      // Sealed metadata in a repository said to be plain: vhdvault.json was replaced (and the key files
+      // removed, or open() would have refused): a backup written now would put plaintext beside it.
+      if (!this.unlocked && looksSealed(bytes)) {
+        throw new VaultError(this.storage.describe(k), `is sealed (encrypted), but ${this.storage.describe(keys.CONFIG_FILE)} says the repository is not encrypted: refusing to use it (was vhdvault.json replaced and its key files removed?)`);
+      }
+      try {
+        out.push(parseMetadata(parseJson(bytes, this.storage.describe(k)), this.storage.describe(k), disk, id));
       } catch (err) {
         // Deleted since the listing: not a backup any more.
         if (isNotFound(err)) continue;

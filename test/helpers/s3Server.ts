@@ -31,6 +31,15 @@ export async function startS3(): Promise<S3Server> {
   return serverChild('s3server.mjs', ['--openssl-legacy-provider']);
 }
 
+/**
+ * A server of this test file's own (never CI's shared one) keeping its objects in `directory`,
+ * which it does not remove: for tests that read the bytes the server stores (its object files,
+ * whose paths hold the object keys). The caller removes the folder after close().
+ */
+export async function startS3In(directory: string): Promise<S3Server> {
+  return serverChild('s3server.mjs', ['--openssl-legacy-provider'], ['0', directory]);
+}
+
 /** The programs of a one-node Ceph that test/ceph.mjs starts, and what installs them. */
 const CEPH_PROGRAMS = ['radosgw', 'ceph-mon', 'ceph-osd'];
 const CEPH_PACKAGES = 'ceph-mon ceph-osd radosgw ceph-common';
@@ -66,9 +75,9 @@ function onPath(program: string): boolean {
 }
 
 /** test/<script> in a child (`node [flags] script`), once it has printed its endpoint; a failure to start carries what it said. */
-async function serverChild(script: string, flags: string[]): Promise<S3Server> {
+async function serverChild(script: string, flags: string[], args: string[] = []): Promise<S3Server> {
   const path = fileURLToPath(new URL(`../${script}`, import.meta.url));
-  const child = spawn(process.execPath, [...flags, path], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(process.execPath, [...flags, path, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
   let endpoint: string | null = null;
   let said = '';
   child.stderr.setEncoding('utf8').on('data', (chunk: string) => {

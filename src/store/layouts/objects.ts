@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { VhdChain } from '../../vhd/VhdChain.js';
 import { UsageError, VaultError } from '../../util/errors.js';
-import { isNotFound } from '../../storage/Storage.js';
+import { isNotFound, isUnavailable } from '../../storage/Storage.js';
 import { DIGEST_SIZE } from '../digests.js';
 import type { Finding } from '../finding.js';
 import { blocksKey, deletingKey, digestsKey, metadataKey, pendingMetadataKey } from '../keys.js';
@@ -82,7 +82,17 @@ async function structureFindings(ctx: LayoutContext, backups: BackupMetadata[]):
       present = new Set();
       for await (const o of ctx.storage.listAll(blocksKey(meta.disk))) present.add(o.key);
     }
-    const missing = await missingObjects(ctx, meta, present);
+    // A map that cannot be read (damaged, sealed for another place, not the one its metadata records)
+    // is this backup's finding: thrown, it would stop the checks of every other backup, and a prune
+    // would refuse without saying which backup, nor that nothing was changed.
+    let missing: Array<{ block: number; key: string }>;
+    try {
+      missing = await missingObjects(ctx, meta, present);
+    } catch (err) {
+      if (!(err instanceof VaultError) || isUnavailable(err)) throw err;
+      problem(err.message);
+      continue;
+    }
     const n = missing.length;
     if (n > 0) problem(`${n} block object${n > 1 ? 's' : ''} its block map names ${n > 1 ? 'are' : 'is'} missing (block ${missing[0]!.block}: ${ctx.storage.describe(missing[0]!.key)}${n > 1 ? ', …' : ''})`);
   }
