@@ -104,13 +104,12 @@ interface Damage {
   restores?: true;
   /**
    * Why `prune --keep-last 1` may go on: it checks the chains' structure (files present and
-   * openable, UUIDs, parents), never block data, nor (dir layout) the digests' content.
+   * openable, UUIDs, parents, each backup's digests bound to it), never block data.
    */
   pruneGoesOn?: string;
 }
 
 const BLOCK_DATA = 'prune reads no block data: a damaged block is found by verify and by the restores that read it';
-const DIR_DIGESTS = "prune does not read a dir-layout backup's digests, only their size";
 
 const esc = (s: string) => s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 
@@ -131,7 +130,7 @@ function dirDamages(): Damage[] {
     ['bat', (b: Base) => file(b.D1, 'bat')],
     ['block file', (b: Base) => file(b.D1, 'blocks/0/1')],
   ] as const) {
-    const pruneGoesOn = what === 'block file' ? BLOCK_DATA : what === 'digests' ? DIR_DIGESTS : undefined;
+    const pruneGoesOn = what === 'block file' ? BLOCK_DATA : undefined;
     damages.push({ name: `${what}: a byte flipped`, victim: d1, apply: (vm, b) => flip(join(vm, name(b))), named: what === 'block file' ? (b) => new RegExp(`${esc(b.D1)}.*(block 1|blocks/0/1)`) : names(name), intact: intactF, pruneGoesOn });
   }
   // Truncation where it meets another check than authentication (the digests' size) or reads another path (a block).
@@ -150,7 +149,7 @@ function dirDamages(): Damage[] {
     ['bat', (id: string) => file(id, 'bat')],
     ['block file (same index)', (id: string) => file(id, 'blocks/0/1')],
   ] as const) {
-    const pruneGoesOn = what.startsWith('block file') ? BLOCK_DATA : what === 'digests' ? DIR_DIGESTS : undefined;
+    const pruneGoesOn = what.startsWith('block file') ? BLOCK_DATA : undefined;
     damages.push({ name: `${what}: swapped between D1 and D2`, victim: d1, apply: (vm, b) => swap(join(vm, name(b.D1)), join(vm, name(b.D2))), named: (b) => new RegExp(esc(b.D1)), intact: intactF, pruneGoesOn });
   }
   damages.push({

@@ -6,9 +6,9 @@ import { serializeFooter } from '../../vhd/footer.js';
 import { openDisk } from '../../vhd/openDisk.js';
 import { checkParent, VhdChain } from '../../vhd/VhdChain.js';
 import type { ParentLink } from '../../vhd/VhdWriter.js';
-import { type BatchOp, bytesBelow, type StorageCapabilities } from '../../storage/Storage.js';
+import { type BatchOp, bytesBelow, isNotFound, isUnavailable, type StorageCapabilities } from '../../storage/Storage.js';
 import { VaultError } from '../../util/errors.js';
-import { DIGEST_SIZE, DigestReader } from '../digests.js';
+import { checkDigestsBinding, DIGEST_SIZE, DigestReader } from '../digests.js';
 import type { Finding } from '../finding.js';
 import { deletingKey, digestsKey, inDisk, metadataKey, pendingMetadataKey, stagedDigestsKey, stagedName } from '../keys.js';
 import { lineage } from '../lineage.js';
@@ -373,6 +373,17 @@ async function structureFindings(ctx: LayoutContext, layout: VhdBackedLayout, fo
       const digests = digestsKey(meta.disk, meta.id);
       const size = (await ctx.storage.head(digests))?.size ?? null;
       if (size !== null && size !== meta.blockCount * DIGEST_SIZE) problem(`its digests file ${ctx.storage.describe(digests)} has ${size} bytes, ${meta.blockCount * DIGEST_SIZE} expected`);
+      // Read whole (32 bytes per 2 MiB block): another backup's digests, or damaged ones, must stop a
+      // prune before it deletes the file — it may be the only copy of what it holds.
+      else if (size !== null) {
+        try {
+          checkDigestsBinding(await ctx.storage.get(digests), meta, ctx.storage.describe(digests));
+        } catch (err) {
+          if (isNotFound(err)) continue; // removed since the listing: missingFiles says so
+          if (!(err instanceof VaultError) || isUnavailable(err)) throw err;
+          problem(err.message);
+        }
+      }
     }
     for (const meta of backups) {
       const disk = opened.get(meta.id);
