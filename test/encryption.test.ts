@@ -418,7 +418,8 @@ describe('refusals', () => {
     // The key files removed as well: the sealed metadata still says what the repository is.
     await rm(join(repo, 'keys'), { recursive: true });
     const stripped = await snapshot(repo);
-    for (const args of [['list', repo], ['backup', repo, 'vm', '--source', source], ['prune', repo, '--keep-last', '1'], ['restore', repo, 'vm', out]]) {
+    // A new disk too: its first backup would otherwise be the repository's first plaintext.
+    for (const args of [['list', repo], ['backup', repo, 'vm', '--source', source], ['backup', repo, 'newdisk', '--source', source], ['prune', repo, '--keep-last', '1'], ['restore', repo, 'vm', out]]) {
       const refused = vhdvault(...args);
       expect(refused.code, `${args.join(' ')}: ${refused.stderr}`).toBe(1);
       expect(refused.stderr.trim().split('\n'), args.join(' ')).toHaveLength(1);

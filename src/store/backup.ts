@@ -194,6 +194,8 @@ async function planBackup(repo: Repository, disk: string, source: BlockSource, o
     throw new VaultError(options.source, `has ${source.blockSize}-byte blocks; backups use ${blockSize}-byte blocks (convert it first)`);
   }
   const latest = await repo.latest(disk);
+  // A disk's first backup in a repository said to be plain: the others' metadata must not be sealed.
+  if (!latest) await repo.refuseIfSealedElsewhere();
   const base = options.full ? { parent: null } : await deltaBase(repo, latest);
   let parent = base.parent;
   let note = base.note ?? extras.note;

@@ -335,6 +335,23 @@ export class Repository {
     await this.layoutOf(meta).deleteFiles(this, meta.disk, meta.id);
   }
 
+  /**
+   * Refuse to write plaintext into a repository whose other backups are
+   * sealed: its vhdvault.json lost its `encryption` field and its key files
+   * are gone (with key files, open() refuses already). The first metadata
+   * of up to three disks is looked at: a few reads, before a disk's first backup only.
+   */
+  async refuseIfSealedElsewhere(): Promise<void> {
+    if (this.unlocked) return;
+    for (const disk of (await this.disks()).slice(0, 3)) {
+      const name = (await this.storage.list(this.diskKey(disk))).find((n) => isBackupId(n.replace(/\.json$/, '')) && n.endsWith('.json'));
+      if (!name) continue;
+      const k = key(this.diskKey(disk), name);
+      const bytes = await this.storage.get(k, { offset: 0, length: 4 }).catch(() => Buffer.alloc(0));
+      if (looksSealed(bytes)) throw new VaultError(this.storage.describe(k), `is sealed (encrypted), but ${this.storage.describe(keys.CONFIG_FILE)} says the repository is not encrypted: refusing to write plaintext beside it (was vhdvault.json replaced and its key files removed?)`);
+    }
+  }
+
   /** A disk named on the command line must exist: a misspelt name must not read as "nothing wrong". */
   /** `disk`, when it has anything (a backup, or files to report); else the one error every command gives, with a suggestion. */
   async requireDisk(disk: string): Promise<string> {
