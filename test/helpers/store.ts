@@ -8,8 +8,8 @@ import { backup, type BackupOptions } from '../../src/store/backup.js';
 import { listBackups } from '../../src/store/list.js';
 import { type LayoutName as Layout, type Location, Repository } from '../../src/store/repository.js';
 import type { Compression } from '../../src/vhd/compression.js';
-import { readdir, readFile, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { readFile, writeFile } from 'node:fs/promises';
+import { openStorage } from '../../src/storage/open.js';
 import { expect } from 'vitest';
 import type { Cipher } from '../../src/crypto/aead.js';
 import { type BackupMetadata, metadataText } from '../../src/store/metadata.js';
@@ -34,15 +34,17 @@ export function useTestPassword(): void {
 }
 
 /**
- * The repository in folder `root` really is encrypted: its configuration says so and
- * one disk's backup metadata is a sealed envelope (its first bytes `VVE` 1), not JSON.
+ * The repository at `root` (a folder or an S3 location) really is encrypted: its configuration
+ * says so and one disk's backup metadata is stored as a sealed envelope (its first bytes `VVE` 1),
+ * not JSON. Read from the storage beneath the repository's sealing.
  */
-export async function expectEncrypted(root: string, disk = 'vm'): Promise<void> {
-  const config = JSON.parse(await readFile(join(root, 'vhdvault.json'), 'utf8')) as { encryption?: { cipher: string } };
-  expect(config.encryption?.cipher, `${root}/vhdvault.json`).toMatch(/^(aes-256-gcm|chacha20-poly1305)$/);
-  const meta = (await readdir(join(root, 'disks', disk))).find((f) => /^[^.].*\.json$/.test(f));
-  expect(meta, `a backup's metadata in ${root}/disks/${disk}`).toBeDefined();
-  const head = (await readFile(join(root, 'disks', disk, meta!))).subarray(0, 4);
+export async function expectEncrypted(root: string | Location, disk = 'vm'): Promise<void> {
+  const raw = await openStorage((await Repository.open(root)).storage.descriptor);
+  const config = JSON.parse((await raw.get('vhdvault.json')).toString('utf8')) as { encryption?: { cipher: string } };
+  expect(config.encryption?.cipher, 'vhdvault.json').toMatch(/^(aes-256-gcm|chacha20-poly1305)$/);
+  const meta = (await raw.list(`disks/${disk}`)).find((f) => /^[^.].*\.json$/.test(f));
+  expect(meta, `a backup's metadata in disks/${disk}`).toBeDefined();
+  const head = (await raw.get(`disks/${disk}/${meta}`)).subarray(0, 4);
   expect(head.toString('latin1'), `${meta} starts sealed`).toBe('VVE\x01');
 }
 
