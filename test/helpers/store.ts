@@ -41,7 +41,7 @@ export function useTestPassword(): void {
 export async function expectEncrypted(root: string | Location, disk = 'vm'): Promise<void> {
   const raw = await openStorage((await Repository.open(root)).storage.descriptor);
   const config = JSON.parse((await raw.get('vhdvault.json')).toString('utf8')) as { encryption?: { cipher: string } };
-  expect(config.encryption?.cipher, 'vhdvault.json').toMatch(/^(aes-256-gcm|chacha20-poly1305)$/);
+  expect(config.encryption?.cipher ?? 'none', 'the encryption vhdvault.json names').toMatch(/^(aes-256-gcm|chacha20-poly1305)$/);
   const meta = (await raw.list(`disks/${disk}`)).find((f) => /^[^.].*\.json$/.test(f));
   expect(meta, `a backup's metadata in disks/${disk}`).toBeDefined();
   const head = (await raw.get(`disks/${disk}/${meta}`)).subarray(0, 4);
