@@ -12,38 +12,45 @@ import { prune } from '../src/store/prune.js';
 import { Repository } from '../src/store/repository.js';
 import { verify } from '../src/store/verify.js';
 import { tempDir } from './helpers/files.js';
-import { backupOf, initRepo, listed } from './helpers/store.js';
+import { backupOf, expectEncrypted, initRepo, listed, useTestPassword } from './helpers/store.js';
 
 const MiB = 1024 * 1024;
 
-describe('a deletion whose intent and metadata both exist', () => {
-  it('is finished by the next prune: the backup is gone, the rest is sound (objects layout)', async () => {
-    const dir = await tempDir();
-    const root = join(dir, 'repo');
-    await initRepo(root, 'objects');
-    const disk = join(dir, 'disk.raw');
-    const ids: string[] = [];
-    for (let i = 0; i < 3; i++) {
-      await writeFile(disk, Buffer.alloc(4 * MiB, i + 1));
-      ids.push(await backupOf(root, 'vm', disk));
-    }
-    // The newest backup, its deletion begun: intent written, metadata not yet deleted.
-    const folder = join(root, 'disks', 'vm');
-    const victim = ids[2]!;
-    await copyFile(join(folder, `${victim}.json`), join(folder, `.${victim}.deleting.tmp`));
+// The encrypted repository's password (VHDVAULT_PASSWORD), for this process.
+useTestPassword();
 
-    const repo = await Repository.open(root);
-    const report = await prune(repo, 'vm', { policy: { last: 3 } });
-    expect(report.refused).toEqual([]);
-    expect((await listed(root, 'vm')).map((b) => b.id)).toEqual(ids.slice(0, 2));
-    const names = await readdir(folder);
-    expect(names.filter((n) => n.includes(victim))).toEqual([]);
-    const check = await verify(repo, 'vm');
-    expect(check.problems).toEqual([]);
-    expect(check.backups).toBe(2);
-    // And the disk takes new backups (a delta over the remaining chain).
-    await writeFile(disk, Buffer.alloc(4 * MiB, 9));
-    await backupOf(root, 'vm', disk);
-    expect((await listed(root, 'vm')).length).toBe(3);
-  });
+describe('a deletion whose intent and metadata both exist', () => {
+  // Also encrypted: the intent is a byte copy of the sealed metadata, bound to the metadata's key, so it must open as the intent.
+  for (const encryption of [undefined, 'aes-256-gcm'] as const) {
+    it(`is finished by the next prune: the backup is gone, the rest is sound (objects layout${encryption ? `, encrypted with ${encryption}` : ''})`, async () => {
+      const dir = await tempDir();
+      const root = join(dir, 'repo');
+      await initRepo(root, 'objects', 'none', encryption);
+      const disk = join(dir, 'disk.raw');
+      const ids: string[] = [];
+      for (let i = 0; i < 3; i++) {
+        await writeFile(disk, Buffer.alloc(4 * MiB, i + 1));
+        ids.push(await backupOf(root, 'vm', disk));
+      }
+      if (encryption) await expectEncrypted(root);
+      // The newest backup, its deletion begun: intent written, metadata not yet deleted.
+      const folder = join(root, 'disks', 'vm');
+      const victim = ids[2]!;
+      await copyFile(join(folder, `${victim}.json`), join(folder, `.${victim}.deleting.tmp`));
+
+      const repo = await Repository.open(root);
+      const report = await prune(repo, 'vm', { policy: { last: 3 } });
+      expect(report.refused).toEqual([]);
+      expect((await listed(root, 'vm')).map((b) => b.id)).toEqual(ids.slice(0, 2));
+      const names = await readdir(folder);
+      expect(names.filter((n) => n.includes(victim))).toEqual([]);
+      const check = await verify(repo, 'vm');
+      expect(check.problems).toEqual([]);
+      expect(check.backups).toBe(2);
+      // And the disk takes new backups (a delta over the remaining chain).
+      await writeFile(disk, Buffer.alloc(4 * MiB, 9));
+      await backupOf(root, 'vm', disk);
+      expect((await listed(root, 'vm')).length).toBe(3);
+    });
+  }
 });

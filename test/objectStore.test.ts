@@ -17,7 +17,7 @@ import { CLI, cliEnv, type CliResult, vhdvaultAsync } from './helpers/cli.js';
 import { makeRaw, sameBytes, tempDir } from './helpers/files.js';
 import { scribble } from './helpers/pruneChain.js';
 import { newBucket, s3Engines, s3Env } from './helpers/s3.js';
-import { backupOf } from './helpers/store.js';
+import { backupOf, expectEncrypted, useTestPassword } from './helpers/store.js';
 import { type Location, Repository } from '../src/store/repository.js';
 import { restore } from '../src/store/restore.js';
 import { verify } from '../src/store/verify.js';
@@ -31,6 +31,8 @@ const engines = s3Engines();
 // The CLI runs with this process's environment (helpers/cli.ts): credentials the standard AWS way. Each S3
 // repository names its engine's endpoint (--endpoint, Location.endpoint): the engines' tests run side by side.
 Object.assign(process.env, s3Env((await engines.find((e) => e.name === 's3rver')!.server()).endpoint), { VHDVAULT_CACHE_DIR: join(dir, 'cache') });
+// The encrypted repositories' password (VHDVAULT_PASSWORD), for this process and every CLI it starts.
+useTestPassword();
 
 interface Backend {
   name: string;
@@ -41,6 +43,8 @@ interface Backend {
   skip?: string;
   /** Whether its kill -9 test runs (the objects layout's, on a folder and on s3rver: see the Ceph note at the test). */
   kills: boolean;
+  /** Encrypted (initArgs say with which cipher): only the kill test runs, and checks that the repository really is. */
+  encrypted?: boolean;
 }
 
 const BACKENDS: Backend[] = [
@@ -58,6 +62,22 @@ const BACKENDS: Backend[] = [
       kills: engine.name === 's3rver',
     }),
   ),
+  // The kill test on encrypted repositories: the objects layout on a folder and on s3rver.
+  { name: 'folder (objects layout, encrypted)', location: async (tag) => ({ root: join(dir, `obj-enc-${tag}`) }), initArgs: ['--layout', 'objects', '--encryption', 'aes-256-gcm'], kills: true, encrypted: true },
+  ...engines
+    .filter((engine) => engine.name === 's3rver')
+    .map(
+      (engine): Backend => ({
+        name: `S3 (${engine.title}, encrypted)`,
+        async location(tag) {
+          const { endpoint } = await engine.server();
+          return { root: `s3://${await newBucket(endpoint)}/repo-enc-${tag}`, endpoint };
+        },
+        initArgs: ['--encryption', 'chacha20-poly1305'],
+        kills: true,
+        encrypted: true,
+      }),
+    ),
 ];
 
 /** The arguments of `vhdvault <command> <repo> ...rest` for a repository at `repo` (its endpoint, if it names one). */
@@ -129,10 +149,11 @@ async function blockObjects(repo: Location): Promise<number> {
 for (const backend of BACKENDS) {
   // The storages side by side (each its own repositories and disks), each one's tests in turn.
   describe.skipIf(backend.skip !== undefined).concurrent(`repository on ${backend.name}`, () => {
-    const it = test.sequential;
+    // An encrypted backend runs the kill test only (its life and prune are encryption's own tests').
+    const it = backend.encrypted ? () => undefined : test.sequential;
     const objects = !backend.name.includes('dir layout');
     // The dir layout's kill tests are crash.test.ts and pruneKill*.test.ts; here the objects layout's, on a folder and on s3rver.
-    const killIt = backend.kills ? it : () => undefined;
+    const killIt = backend.kills ? test.sequential : () => undefined;
 
     it('backs up a changing disk (full, then deltas), lists, verifies and restores every backup exactly, also as VHD', async () => {
       const repo = await backend.location('life');
@@ -192,6 +213,7 @@ for (const backend of BACKENDS) {
       await makeRaw(disk, SIZE, [[0, SIZE]]);
       const copies = new Map<string, string>();
       await backupAndCopy(repo, disk, copies);
+      if (backend.encrypted) await expectEncrypted(repo);
       const seed = Number(process.env.KILL_SEED ?? randomInt(1e9));
       console.log(`kill test on ${backend.name}: KILL_SEED=${seed}`);
       let state = seed;

@@ -14,18 +14,31 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { describe, expect, it } from 'vitest';
 import { CLI, cliEnv, vhdvault } from './helpers/cli.js';
 import { tempDir } from './helpers/files.js';
-import { backupAndCopy, expectSound, list, makeChain, scribble } from './helpers/pruneChain.js';
+import { backupAndCopy, type ChainLayout, expectSound, list, makeChain, scribble } from './helpers/pruneChain.js';
+import { expectEncrypted, useTestPassword } from './helpers/store.js';
+import type { Cipher } from '../src/crypto/aead.js';
 import { prune } from '../src/store/prune.js';
 import { Repository } from '../src/store/repository.js';
 
 const dir = await tempDir();
-const KILLS = 12;
+// The encrypted repositories' password, for this process and every CLI it starts.
+useTestPassword();
 
-for (const layout of ['dir', 'vhd'] as const) {
-  describe(`prune killed with SIGKILL at ${KILLS} random moments (layout ${layout})`, () => {
+const CASES: Array<{ layout: ChainLayout; encryption?: Cipher; kills: number }> = [
+  { layout: 'dir', kills: 12 },
+  { layout: 'vhd', kills: 12 },
+  // The layouts that can be encrypted (dir and objects, here on a folder), encrypted: fewer kills each.
+  { layout: 'dir', encryption: 'aes-256-gcm', kills: 4 },
+  { layout: 'objects', encryption: 'chacha20-poly1305', kills: 6 },
+];
+
+for (const { layout, encryption, kills } of CASES) {
+  const tag = `${layout}${encryption ? '-encrypted' : ''}`;
+  describe(`prune killed with SIGKILL at ${kills} random moments (layout ${layout}${encryption ? `, encrypted with ${encryption}` : ''})`, () => {
     it('every kept backup restores exactly after the rerun, and no orphan files remain', async () => {
-      const repo = join(dir, `kill-${layout}`);
-      const copies = await makeChain(repo, layout, 3);
+      const repo = join(dir, `kill-${tag}`);
+      const copies = await makeChain(repo, layout, 3, encryption);
+      if (encryption) await expectEncrypted(repo);
       const disk = `${repo}.raw`;
       const timed = (args: string[]) => {
         const start = performance.now();
@@ -44,7 +57,7 @@ for (const layout of ['dir', 'vhd'] as const) {
       await twoBackups();
       const runMs = timed(['prune', repo, '--keep-last', '3']);
       let interrupted = 0;
-      for (let k = 0; k < KILLS; k++) {
+      for (let k = 0; k < kills; k++) {
         // Two new backups, then a prune that merges two: killed somewhere in it.
         await twoBackups();
         const child = spawn(process.execPath, [CLI, 'prune', repo, '--keep-last', '3'], { stdio: 'ignore', env: cliEnv() });
@@ -68,10 +81,10 @@ for (const layout of ['dir', 'vhd'] as const) {
         expect(existsSync(journal)).toBe(false);
         const rows = await list(repo);
         expect(rows).toHaveLength(3);
-        if (k % 6 === 5 || k === KILLS - 1) await expectSound(repo, layout, copies, rows);
+        if (k % 6 === 5 || k === kills - 1) await expectSound(repo, layout, copies, rows);
       }
       // The kills must really have landed inside merges, or this test proves nothing.
-      expect(interrupted, `${interrupted} of ${KILLS} kills interrupted a merge`).toBeGreaterThanOrEqual(KILLS / 6);
+      expect(interrupted, `${interrupted} of ${kills} kills interrupted a merge`).toBeGreaterThanOrEqual(kills / 6);
       expect(vhdvault('verify', repo).code).toBe(0);
     });
   });

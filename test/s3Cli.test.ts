@@ -25,6 +25,7 @@ import { openStorage } from '../src/storage/open.js';
 import { key } from '../src/storage/Storage.js';
 import { blockObjectKey, loadBlockMap } from '../src/store/layouts/blockObjects.js';
 import { Repository } from '../src/store/repository.js';
+import { expectEncrypted, useTestPassword } from './helpers/store.js';
 
 const run = promisify(execFile);
 const MiB = 1024 * 1024;
@@ -36,6 +37,8 @@ const engines = s3Engines();
 const s3 = await engines.find((e) => e.name === 's3rver')!.server();
 // CLI children inherit this environment (helpers/cli.ts): the test server, the standard AWS way.
 Object.assign(process.env, s3Env(s3.endpoint), { VHDVAULT_CACHE_DIR: join(dir, 'cache') });
+// The encrypted repository's password (VHDVAULT_PASSWORD), for this process and every CLI it starts.
+useTestPassword();
 
 /** `s3://<a new bucket>/repo` on the server at `endpoint`, not initialised. */
 async function location(endpoint = s3.endpoint): Promise<string> {
@@ -310,30 +313,54 @@ describe.concurrent('an S3 repository through the CLI', () => {
     expectRefused(into, repo, /object store/);
   });
 
-  it('a lost block object: verify names the backup and block, restore fails with one line and leaves no output', async () => {
-    const repo = await location();
-    ok(await vhdvaultAsync('init', repo));
-    const disk = await newDisk('damage');
-    const id = idOf(await vhdvaultAsync('backup', repo, 'vm', '--source', disk));
-    const r = await Repository.open(repo);
-    const map = await loadBlockMap(r, await r.backup('vm', id), { fresh: true });
-    await r.storage.delete(blockObjectKey('vm', map.digest(2)));
-    const out = join(dir, 'damaged.raw');
-    const [verified, restored] = await Promise.all([vhdvaultAsync('verify', repo), vhdvaultAsync('restore', repo, 'vm', out)]);
-    expect(verified.code, verified.stderr).toBe(1);
-    expect(verified.stderr).toContain(`backup ${id} block 2`);
-    expect(verified.stderr).not.toContain('    at ');
-    expectRefused(restored, repo, /missing/);
-    expect((await readdir(dir)).filter((name) => name.includes('damaged'))).toEqual([]);
-    // The next backup does not name the lost object again: it is full, says why, and stores the block anew.
-    const next = JSON.parse(ok(await vhdvaultAsync('backup', repo, 'vm', '--source', disk, '--json')).stdout) as { id: string; kind: string; note?: string };
-    expect(next.kind).toBe('full');
-    expect(next.note).toMatch(/block object.*missing/);
-    ok(await vhdvaultAsync('verify', repo));
-    ok(await vhdvaultAsync('restore', repo, 'vm', out, '--backup', id));
-    expect(await sameBytes(out, disk)).toBe(true);
-    // A map gone from the store is missing, whatever this machine's cache remembers.
-    await r.storage.delete(r.digestsKey('vm', next.id));
-    expectRefused(await vhdvaultAsync('restore', repo, 'vm', join(dir, 'nomap.raw'), '--backup', next.id), repo, /block map .* is missing/);
-  });
+  // Also in an encrypted repository, where a block object's name is a keyed digest, and bytes damaged
+  // in an object fail its authentication.
+  for (const encryption of [undefined, 'aes-256-gcm'] as const) {
+    const tag = encryption ? `-${encryption}` : '';
+    it(`a lost block object${encryption ? ` (encrypted with ${encryption})` : ''}: verify names the backup and block, restore fails with one line and leaves no output`, async () => {
+      const repo = await location();
+      ok(await vhdvaultAsync('init', repo, ...(encryption ? ['--encryption', encryption] : [])));
+      const disk = await newDisk(`damage${tag}`);
+      const id = idOf(await vhdvaultAsync('backup', repo, 'vm', '--source', disk));
+      const r = await Repository.open(repo);
+      const map = await loadBlockMap(r, await r.backup('vm', id), { fresh: true });
+      await r.storage.delete(blockObjectKey('vm', map.digest(2)));
+      if (encryption) await expectEncrypted(repo);
+      // Names no other test's output contains (the tests run side by side).
+      const outName = encryption ? 'lost-sealed' : 'damaged';
+      const out = join(dir, `${outName}.raw`);
+      const [verified, restored] = await Promise.all([vhdvaultAsync('verify', repo), vhdvaultAsync('restore', repo, 'vm', out)]);
+      expect(verified.code, verified.stderr).toBe(1);
+      expect(verified.stderr).toContain(`backup ${id} block 2`);
+      expect(verified.stderr).not.toContain('    at ');
+      expectRefused(restored, repo, /missing/);
+      expect((await readdir(dir)).filter((name) => name.includes(outName))).toEqual([]);
+      // The next backup does not name the lost object again: it is full, says why, and stores the block anew.
+      const next = JSON.parse(ok(await vhdvaultAsync('backup', repo, 'vm', '--source', disk, '--json')).stdout) as { id: string; kind: string; note?: string };
+      expect(next.kind).toBe('full');
+      expect(next.note).toMatch(/block object.*missing/);
+      ok(await vhdvaultAsync('verify', repo));
+      ok(await vhdvaultAsync('restore', repo, 'vm', out, '--backup', id));
+      expect(await sameBytes(out, disk)).toBe(true);
+      if (encryption) {
+        // A block object's bytes damaged in place (beneath the sealing): it fails authentication, named by backup and block.
+        const raw = await openStorage(r.storage.descriptor);
+        const victim = blockObjectKey('vm', map.digest(3));
+        const sealed = await raw.get(victim);
+        const damaged = Buffer.from(sealed);
+        damaged[100]! ^= 0xa5;
+        await raw.put(victim, damaged);
+        const [v, restored] = await Promise.all([vhdvaultAsync('verify', repo), vhdvaultAsync('restore', repo, 'vm', join(dir, 'flipped-sealed.raw'), '--backup', id)]);
+        expect(v.code, v.stderr).toBe(1);
+        expect(v.stderr).toMatch(new RegExp(`backup ${id} block 3: .*${victim.split('/').at(-1)}: authentication failed`));
+        expect(v.stderr).not.toContain('    at ');
+        expectRefused(restored, repo, /authentication failed/);
+        expect((await readdir(dir)).filter((name) => name.includes('flipped-sealed'))).toEqual([]);
+        await raw.put(victim, sealed);
+      }
+      // A map gone from the store is missing, whatever this machine's cache remembers.
+      await r.storage.delete(r.digestsKey('vm', next.id));
+      expectRefused(await vhdvaultAsync('restore', repo, 'vm', join(dir, `nomap${tag}.raw`), '--backup', next.id), repo, /block map .* is missing/);
+    });
+  }
 });

@@ -81,6 +81,13 @@ export class DigestReader {
     const info = await storage.head(key);
     if (!info || info.prefix) throw new VaultError(storage.describe(key), 'digests file is missing');
     if (info.size !== expectedCount * DIGEST_SIZE) {
+      // A sealed object's size is only inferred (stored size less the envelope's): open it, so that
+      // damage (a truncation) is reported as what it is, not as a size the file does not have.
+      if (!storage.capabilities.rangedReads) {
+        await storage.get(key).catch((err: unknown) => {
+          throw isNotFound(err) ? new VaultError(storage.describe(key), 'digests file is missing') : err;
+        });
+      }
       throw new VaultError(storage.describe(key), `digests file has ${info.size} bytes, expected ${expectedCount * DIGEST_SIZE} (${expectedCount} blocks)`);
     }
     return new DigestReader(storage, key, expectedCount, storage.capabilities.rangedReads ? CHUNK : Math.max(1, expectedCount));

@@ -3,7 +3,10 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { vhdvault } from './cli.js';
+import type { Cipher } from '../../src/crypto/aead.js';
 import { sha256 } from './files.js';
+import { expectEncrypted } from './store.js';
+import { Repository } from '../../src/store/repository.js';
 import { copyFixture, type Fixture, isCoordination, makeFixture, snapshot } from './repoFixture.js';
 
 /**
@@ -40,13 +43,30 @@ interface Fault {
 
 const disk = (f: Fixture) => join(f.repo, 'disks', 'vm');
 
-export function faults(layout: 'dir' | 'vhd'): Fault[] {
+/** Store `text` at `key` sealed as the repository seals it (damaged content, not damaged bytes). */
+async function putSealed(f: Fixture, key: string, text: string): Promise<void> {
+  await (await Repository.open(f.repo)).storage.put(key, text);
+}
+
+export function faults(layout: 'dir' | 'vhd', sealed = false): Fault[] {
+  // In an encrypted repository, damage within a file's bytes is an authentication failure of that file;
+  // a damaged content sealed as vhdvault would seal it must read as it does unencrypted.
+  const authFailed = (file: string) => new RegExp(`${file.replaceAll('.', '\\.')}: authentication failed: damaged, or not where it belongs`);
   const data = (f: Fixture, id: string) => join(disk(f), `${id}.${layout === 'dir' ? 'vhd-dir' : 'vhd'}`);
   const common: Fault[] = [
     { name: 'metadata deleted', apply: (f, v) => rm(join(disk(f), `${v}.json`)), named: (v) => new RegExp(`${v}.json is missing`) },
-    { name: 'metadata corrupted', apply: (f, v) => writeFile(join(disk(f), `${v}.json`), '{"format":1,'), named: (v) => new RegExp(`${v}.json: is not valid JSON`) },
+    {
+      name: 'metadata corrupted',
+      apply: (f, v) => (sealed ? putSealed(f, `disks/vm/${v}.json`, '{"format":1,') : writeFile(join(disk(f), `${v}.json`), '{"format":1,')),
+      named: (v) => new RegExp(`${v}.json: is not valid JSON`),
+    },
+    ...(sealed ? [{ name: 'metadata bytes flipped', apply: (f: Fixture, v: string) => flip(join(disk(f), `${v}.json`), 40), named: (v: string) => authFailed(`${v}.json`) }] : []),
     { name: 'digests deleted', apply: (f, v) => rm(join(disk(f), `${v}.digests`)), named: (v) => new RegExp(`${v}.digests is missing`) },
-    { name: 'digests truncated', apply: (f, v) => truncate(join(disk(f), `${v}.digests`), 40), named: (v) => new RegExp(`${v}.digests: digests file has 40 bytes`) },
+    {
+      name: 'digests truncated',
+      apply: (f, v) => truncate(join(disk(f), `${v}.digests`), 40),
+      named: (v) => (sealed ? authFailed(`${v}.digests`) : new RegExp(`${v}.digests: digests file has 40 bytes`)),
+    },
     {
       name: 'stale lock with garbage in it',
       apply: async (f) => {
@@ -58,10 +78,23 @@ export function faults(layout: 'dir' | 'vhd'): Fault[] {
     },
     {
       name: 'merge journal damaged',
-      apply: (f) => writeFile(join(disk(f), 'merge.json'), '{"format":1,"parent":'),
+      apply: (f) => (sealed ? putSealed(f, 'disks/vm/merge.json', '{"format":1,"parent":') : writeFile(join(disk(f), 'merge.json'), '{"format":1,"parent":')),
       named: () => /merge\.json: the journal of an interrupted retention merge is damaged/,
       blocksAll: true,
     },
+    ...(sealed
+      ? [
+          {
+            name: 'merge journal bytes flipped',
+            apply: async (f: Fixture) => {
+              await putSealed(f, 'disks/vm/merge.json', '{"format":1,"parent":');
+              await flip(join(disk(f), 'merge.json'), 20, 4);
+            },
+            named: () => authFailed('merge.json'),
+            blocksAll: true,
+          },
+        ]
+      : []),
   ];
   if (layout === 'dir') {
     return [
@@ -70,7 +103,11 @@ export function faults(layout: 'dir' | 'vhd'): Fault[] {
       { name: 'header corrupted', apply: (f, v) => flip(join(data(f, v), 'header'), 40), named: (v) => new RegExp(`${v}.vhd-dir/header`) },
       { name: 'bat deleted', apply: (f, v) => rm(join(data(f, v), 'bat')), named: (v) => new RegExp(`${v}.vhd-dir/bat`) },
       { name: 'block deleted', apply: (f, v) => rm(join(data(f, v), 'blocks', '0', '0')), named: (v) => new RegExp(`${v}.vhd-dir.*blocks/0/0`) },
-      { name: 'block corrupted', apply: (f, v) => flip(join(data(f, v), 'blocks', '0', '0'), 4096), named: (v) => new RegExp(`backup ${v} block 0: stored data does not match its digest`) },
+      {
+        name: 'block corrupted',
+        apply: (f, v) => flip(join(data(f, v), 'blocks', '0', '0'), 4096),
+        named: (v) => (sealed ? new RegExp(`backup ${v} block 0: .*${v}\\.vhd-dir: block 0 \\(blocks/0/0\\) authentication failed`) : new RegExp(`backup ${v} block 0: stored data does not match its digest`)),
+      },
     ];
   }
   return [
@@ -90,17 +127,18 @@ export function faults(layout: 'dir' | 'vhd'): Fault[] {
 const noStack = (s: string) => expect(s, s).not.toMatch(/\n\s+at |node:internal/);
 
 /** The suite for one layout (a file per layout, so that vitest's two workers share them). */
-export function faultSuite(layout: 'dir' | 'vhd'): void {
-  describe(`one fault at a time (layout ${layout})`, () => {
+export function faultSuite(layout: 'dir' | 'vhd', encryption?: Cipher): void {
+  describe(`one fault at a time (layout ${layout}${encryption ? `, encrypted with ${encryption}` : ''})`, () => {
     let base: Fixture; // F ← D1 ← D2; the fault hits D1
     let dir: string;
     beforeAll(async () => {
       dir = await mkdtemp(join(tmpdir(), `vhdvault-faults-${layout}-`));
-      base = await makeFixture(join(dir, `base-${layout}`), layout, 3);
+      base = await makeFixture(join(dir, `base-${layout}`), layout, 3, undefined, encryption);
+      if (encryption) await expectEncrypted(base.repo);
     });
     afterAll(() => rm(dir, { recursive: true, force: true }));
     let n = 0;
-    for (const fault of faults(layout)) {
+    for (const fault of faults(layout, encryption !== undefined)) {
       it(fault.name, async () => {
         const f = await copyFixture(base, join(dir, `${layout}-${n++}`));
         const [full, victim, top] = f.ids as [string, string, string];

@@ -3,6 +3,7 @@ import { randomBytes } from 'node:crypto';
 import { copyFile, cp, open, readdir, rm, stat } from 'node:fs/promises';
 import { join, relative } from 'node:path';
 import { expect } from 'vitest';
+import type { Cipher } from '../../src/crypto/aead.js';
 import { Repository } from '../../src/store/repository.js';
 import { restore } from '../../src/store/restore.js';
 import { CLI, cliEnv, type CliResult } from './cli.js';
@@ -32,12 +33,13 @@ export interface Fixture {
 
 /**
  * A repository at `repo` holding `count` backups of a `size`-byte disk, each
- * after rewriting one block (block i for backup i), with every block random at first.
+ * after rewriting one block (block i for backup i), with every block random at first;
+ * encrypted with `encryption` when given (password: VHDVAULT_PASSWORD, see store.ts's useTestPassword).
  * Set-up, made in this process through the store's API (`vhdvault init` and `vhdvault backup`
  * without a Node start-up each): the tests drive what they check through the CLI.
  */
-export async function makeFixture(repo: string, layout: 'dir' | 'vhd', count: number, size = 8 * MiB): Promise<Fixture> {
-  await initRepo(repo, layout);
+export async function makeFixture(repo: string, layout: 'dir' | 'vhd', count: number, size = 8 * MiB, encryption?: Cipher): Promise<Fixture> {
+  await initRepo(repo, layout, 'none', encryption);
   const disk = `${repo}.raw`;
   await makeRaw(disk, size, [[0, size]]);
   const ids: string[] = [];

@@ -9,11 +9,43 @@ import { listBackups } from '../../src/store/list.js';
 import { type LayoutName as Layout, type Location, Repository } from '../../src/store/repository.js';
 import type { Compression } from '../../src/vhd/compression.js';
 import { readFile, writeFile } from 'node:fs/promises';
+import { openStorage } from '../../src/storage/open.js';
+import { expect } from 'vitest';
+import type { Cipher } from '../../src/crypto/aead.js';
 import { type BackupMetadata, metadataText } from '../../src/store/metadata.js';
 
-/** `vhdvault init <root> --layout <layout> [--compression <codec>]`. */
-export async function initRepo(root: string, layout: Layout, compression: Compression = 'none'): Promise<void> {
-  await Repository.init(root, { layout, compression });
+/**
+ * `vhdvault init <root> --layout <layout> [--compression <codec>] [--encryption <cipher>]`.
+ * An encrypted repository takes its password from VHDVAULT_PASSWORD (see `useTestPassword`).
+ */
+export async function initRepo(root: string, layout: Layout, compression: Compression = 'none', encryption?: Cipher): Promise<void> {
+  await Repository.init(root, { layout, compression, ...(encryption ? { encryption } : {}) });
+}
+
+/** The password of the tests' encrypted repositories. */
+export const TEST_PASSWORD = 'correct horse battery staple';
+
+/**
+ * Make this process, and every CLI it starts (helpers/cli.ts passes process.env on),
+ * open encrypted repositories with TEST_PASSWORD, with cheap key derivation.
+ */
+export function useTestPassword(): void {
+  Object.assign(process.env, { VHDVAULT_PASSWORD: TEST_PASSWORD, VHDVAULT_TEST_SCRYPT_N: '1024' });
+}
+
+/**
+ * The repository at `root` (a folder or an S3 location) really is encrypted: its configuration
+ * says so and one disk's backup metadata is stored as a sealed envelope (its first bytes `VVE` 1),
+ * not JSON. Read from the storage beneath the repository's sealing.
+ */
+export async function expectEncrypted(root: string | Location, disk = 'vm'): Promise<void> {
+  const raw = await openStorage((await Repository.open(root)).storage.descriptor);
+  const config = JSON.parse((await raw.get('vhdvault.json')).toString('utf8')) as { encryption?: { cipher: string } };
+  expect(config.encryption?.cipher ?? 'none', 'the encryption vhdvault.json names').toMatch(/^(aes-256-gcm|chacha20-poly1305)$/);
+  const meta = (await raw.list(`disks/${disk}`)).find((f) => /^[^.].*\.json$/.test(f));
+  expect(meta, `a backup's metadata in disks/${disk}`).toBeDefined();
+  const head = (await raw.get(`disks/${disk}/${meta}`)).subarray(0, 4);
+  expect(head.toString('latin1'), `${meta} starts sealed`).toBe('VVE\x01');
 }
 
 /**
