@@ -59,7 +59,7 @@ async function readStored(dir: string, name: string, limit: number, seal: ChunkS
     const s = await stat(file);
     if (!s.isFile()) throw new VaultError(file, 'is not a regular file');
     // Unsealed, a sealed file's few extra bytes are read too: it is then named for what it is.
-    if (s.size > limit + (seal?.overhead ?? SEALED_SLACK)) throw new VaultError(file, `is ${s.size} bytes, more than its content can be (${limit} bytes)`);
+    if (s.size > limit + (seal?.overhead ?? SEALED_SLACK)) throw new VaultError(file, `is ${s.size} bytes, more than its content can be (${limit} bytes${seal ? `, ${limit + seal.overhead} sealed` : ''})`);
     stored = await readFile(file);
   } catch (err) {
     if (err instanceof VaultError) throw err;
