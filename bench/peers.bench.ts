@@ -163,7 +163,7 @@ const TOOLS: Tool[] = [
  */
 const DURABILITY_DOCS: Record<ToolName, string> = {
   vhdvault:
-    'backup: block files written unsynced, then one syncfs of the filesystem (`sync -f`) before the commit; digests and metadata each written under a temporary name, fsynced, renamed, the folder fsynced (docs/design/04-repository.md §4.6, 05-writing-safely.md). restore: the output under a temporary name, fdatasynced, fsynced, renamed, the folder fsynced. prune: the merge journal, block moves, bat and footer durable, each touched folder fsynced.',
+    'backup: block files written unsynced, then one syncfs of the filesystem (`sync -f`, which flushes every writer\'s dirty data on that filesystem, not only the backup\'s) before the commit; digests and metadata each written under a temporary name, fsynced, renamed, the folder fsynced (docs/design/04-repository.md §4.6, 05-writing-safely.md). restore: the output under a temporary name, fdatasynced, fsynced, renamed, the folder fsynced. prune: the merge journal, block moves, bat and footer durable, each touched folder fsynced.',
   borg:
     'create and prune/compact: each segment file fdatasynced as it is closed, then its folder fsynced; at each commit the index, hints and integrity files written to temporary names, fsynced, renamed, the repository folder fsynced (borg/platform/base.py SyncFile and SaveFile, borg/repository.py); also its security and cache config files. extract: nothing synced.',
   restic:
@@ -284,7 +284,7 @@ export interface Row {
   peakRssMiBRange: [number, number] | null;
   /** `du -sb` of the repository after the step (median). */
   repoBytes: number;
-  /** The tool's local cache after the step (median); not in repoBytes. */
+  /** The tool's local cache after the step (median; vhdvault keeps none); not in repoBytes. */
   cacheBytes: number;
   /** This tool's median / vhdvault's median, same step (> 1: vhdvault is faster / smaller). */
   secondsVsVhdvault: number | null;
@@ -350,7 +350,7 @@ async function roundOf(tool: Tool, p: Paths, writes: readonly SeededWrite[], out
       await mustRun('sync', []);
       const m = await runSteps(cmds, env, p.timeFile);
       const syncSeconds = await timedSync();
-      const sample: Sample = { seconds: m.seconds, syncSeconds, peakKiB: m.peakKiB, repoBytes: await du(repo), cacheBytes: await du(cache) };
+      const sample: Sample = { seconds: m.seconds, syncSeconds, peakKiB: m.peakKiB, repoBytes: await du(repo), cacheBytes: tool.name === 'vhdvault' ? 0 : await du(cache) };
       if (tool.name === 'vhdvault' && (step === 'full' || step === 'delta')) sample.bytesRead = (JSON.parse(m.stdout) as { bytesRead: number }).bytesRead;
       (out.get(`${tool.name}\0${step}`) ?? out.set(`${tool.name}\0${step}`, []).get(`${tool.name}\0${step}`)!).push(sample);
       log(`bench: round ${round}  ${tool.name.padEnd(8)} ${step.padEnd(9)} ${m.seconds.toFixed(2)} s (+ sync ${syncSeconds.toFixed(2)} s), ${m.peakKiB === null ? '?' : (m.peakKiB / 1024).toFixed(0)} MiB peak, repository ${(sample.repoBytes / MiB).toFixed(1)} MiB`);
