@@ -201,6 +201,40 @@ export async function rewriteSeededBlocks(path: string, disk: SeededDisk, share:
   return chosen;
 }
 
+/** One write of seededScatteredWrites: `data` at byte `offset`. */
+export interface SeededWrite {
+  offset: number;
+  data: Buffer;
+}
+
+/**
+ * `share` of a disk's bytes as distinct `writeSize`-aligned writes at seeded
+ * random offsets anywhere on the disk (holes included), each with its own
+ * seeded data, sorted by offset: a reproducible scattered delta that any tool
+ * can replay (applySeededWrites for a file; qemu-io for an image).
+ */
+export function seededScatteredWrites(size: number, share: number, options: { seed?: number; writeSize?: number } = {}): SeededWrite[] {
+  const { seed = 3, writeSize = 4096 } = options;
+  const slots = Math.floor(size / writeSize);
+  const count = Math.min(slots, Math.max(1, Math.round((size * share) / writeSize)));
+  const random = seededRandom(seed);
+  const chosen = new Set<number>();
+  while (chosen.size < count) chosen.add(Math.floor(random() * slots));
+  const data = seededBytes(`scatter:${seed}`);
+  return [...chosen].sort((a, b) => a - b).map((slot) => ({ offset: slot * writeSize, data: data(writeSize) }));
+}
+
+/** Write each of `writes` into the file at `path` in place, then fsync it. */
+export async function applySeededWrites(path: string, writes: readonly SeededWrite[]): Promise<void> {
+  const fh = await open(path, 'r+');
+  try {
+    for (const w of writes) await fh.write(w.data, 0, w.data.length, w.offset);
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
 /** True when the two files have identical bytes. */
 export async function sameContent(a: string, b: string, chunk = 8 * MiB): Promise<boolean> {
   const [fa, fb] = await Promise.all([open(a, 'r'), open(b, 'r')]);

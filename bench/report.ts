@@ -470,6 +470,95 @@ const SECTIONS: Section[] = [
       return parts.join('\n\n');
     },
   },
+  {
+    bench: 'peers',
+    title: 'Against other tools',
+    what:
+      'The same work through vhdvault, borg and restic, each tool run as its own process (the `vhdvault` CLI too) in a fresh repository and cache per round, tools interleaved with the order rotating: a full backup of a seeded disk image (80% pseudo-random data, 20% holes, the same bytes for every tool), a delta after 1% of the disk was rewritten in place in scattered 4 KiB writes (seeded offsets and data), a restore of the latest backup (checked equal to the disk), and retention down to one backup (vhdvault `prune --keep-last 1`, which merges the delta into the full; borg `prune --keep-last 1` then `compact`; restic `forget --keep-last 1 --prune`). No compression, no encryption: vhdvault `--compression none`, borg `init -e none` and `create --compression none`, restic repository version 2 with `backup --compression off`. `sync` runs before each step, so no step pays for an earlier one\'s writeback, and again after it, timed apart ("then sync": what the tool left unflushed). Peak memory is GNU time\'s maximum RSS of the step\'s largest process; repository bytes are `du -sb` after the step, without the tools\' local caches (borg\'s chunks and files caches, restic\'s cache), shown apart. "× vhdvault" is the tool\'s median time over vhdvault\'s (above 1: vhdvault is faster). The delta from a qemu dirty bitmap (the same writes replayed by qemu-io into a qcow2 copy carrying a persistent bitmap, exported by `qemu-nbd -B`) is vhdvault only: neither borg nor restic reads an NBD export or a dirty bitmap. `vhd convert` VHD → raw is compared with `qemu-img convert` (which flushes nothing by default: an fsync of its output is timed with it). `serve` against `qemu-nbd` (first read of each block, 4 KiB random reads at iodepth 1 and 16, sequential reads) is measured by bench:nbd: see [Serving over NBD](#serving-over-nbd). The harness installs nothing and skips a tool it does not find (Debian: `apt-get install borgbackup restic qemu-utils strace time`).',
+    bound:
+      'vhdvault\'s unit is the 2 MiB block: a delta reads and digests the whole disk from a file (from a dirty bitmap only the dirty blocks), and stores every block holding a change whole, so 1% of the disk in scattered 4 KiB writes touches nearly every block and the delta stores nearly the whole disk. borg (content-defined chunks of about 2 MiB) and restic (about 1 MiB) store every chunk holding a change, which at this spread is also nearly all of them. With every block dirty, a dirty bitmap spares no reads (only what qemu reports unallocated is skipped), and reading through qemu-nbd costs more than reading the local file. borg 1.2 reads holes as zeros, and a chunk holding both part of a zero run and data is unique, so its full stores part of the holes. The restore writes a file of the whole disk: vhdvault\'s is fsynced before it appears, borg\'s and restic\'s are not (see "then sync").',
+    command: 'npm run bench:peers',
+    render: (r) => {
+      type PeerRow = Row & { tool: string; step: string };
+      const res = r.results as {
+        rows?: PeerRow[];
+        deltaAddedBytes?: Record<string, number>;
+        versions?: Record<string, string>;
+        settings?: Record<string, string>;
+        skipped?: Array<{ tool: string; reason: string }>;
+        nbdBitmapDelta?: Row | null;
+        convert?: Row[];
+        durability?: { documented?: Record<string, string>; probeMiB?: number; syncCalls?: Array<{ tool: string; step: string; calls: Record<string, number> }> };
+        delta?: { writes?: number; bytes?: number };
+        load?: { before?: string; after?: string };
+      };
+      const rows = res.rows ?? [];
+      const tools = [...new Set(rows.map((x) => x.tool))];
+      const steps: Array<[string, string]> = [
+        ['full', 'full backup'],
+        ['delta', 'delta (from the file)'],
+        ['restore', 'restore of the latest'],
+        ['retention', 'retention down to one backup'],
+      ];
+      const find = (tool: string, step: string) => rows.find((x) => x.tool === tool && x.step === step);
+      const timeCell = (x: Row | undefined) =>
+        x ? `${seconds(x.seconds, 2)} (${num(x.secondsRange, 2)})${x.tool === 'vhdvault' ? '' : ` · ${ratio(x.secondsVsVhdvault)}`}; then sync ${seconds(x.syncSeconds, 2)}` : '—';
+      const bytes = (v: unknown) => (typeof v === 'number' ? `${(v / MiB).toFixed(1)} MiB` : '—');
+      const parts: string[] = [];
+      parts.push(
+        table(
+          ['', ...tools],
+          [
+            ...steps.map(([step, label]) => [label, ...tools.map((t) => timeCell(find(t, step)))]),
+            ['bytes the delta added', ...tools.map((t) => bytes(res.deltaAddedBytes?.[t]))],
+          ],
+        ),
+      );
+      parts.push(
+        table(
+          ['peak memory · repository after the step (local cache)', ...tools],
+          steps.map(([step, label]) => [
+            label,
+            ...tools.map((t) => {
+              const x = find(t, step);
+              return x ? `${num(x.peakRssMiB, 0, ' MiB')} · ${bytes(x.repoBytes)}${typeof x.cacheBytes === 'number' && x.cacheBytes > 0 ? ` (${bytes(x.cacheBytes)})` : ''}` : '—';
+            }),
+          ]),
+        ),
+      );
+      const n = res.nbdBitmapDelta;
+      if (n) {
+        parts.push(
+          `vhdvault only, delta from an NBD dirty bitmap: ${seconds(n.seconds, 2)} (${num(n.secondsRange, 2)}), ${ratio(n.secondsVsFileDelta)} the delta from the file; read ${bytes(n.bytesRead)} where the file delta read ${bytes(n.fileDeltaBytesRead)}; added ${bytes(n.bytesAdded)} to the repository; peak ${num(n.peakRssMiB, 0, ' MiB')}.`,
+        );
+      }
+      if (res.convert && res.convert.length > 0) {
+        parts.push(
+          table(
+            ['VHD → raw, output synced', 'median (min–max)', '× vhdvault', 'peak memory'],
+            res.convert.map((x) => [String(x.tool), `${seconds(x.seconds, 2)} (${num(x.secondsRange, 2)})`, ratio(x.secondsVsVhdvault), num(x.peakRssMiB, 0, ' MiB')]),
+          ),
+        );
+      }
+      const d = res.durability;
+      if (d?.syncCalls && d.syncCalls.length > 0) {
+        const calls = ['fsync', 'fdatasync', 'syncfs', 'sync_file_range'];
+        parts.push(
+          `What each tool asks the kernel to make durable: sync calls per step, counted with \`strace -f -c\` on a ${num(d.probeMiB)} MiB disk (the same steps):\n\n` +
+            table(['tool', 'step', ...calls], d.syncCalls.map((c) => [c.tool, c.step, ...calls.map((k) => num(c.calls[k] ?? 0))])),
+        );
+      }
+      if (d?.documented) parts.push(Object.entries(d.documented).map(([t, text]) => `- **${t}**: ${text}`).join('\n'));
+      const facts: string[] = [];
+      if (res.versions) facts.push(`Versions: ${Object.values(res.versions).join('; ')}.`);
+      if (res.settings) facts.push(`Settings: ${Object.entries(res.settings).map(([t, s]) => `${t} ${s}`).join('; ')}.`);
+      if (res.delta) facts.push(`The delta: ${num(res.delta.writes)} writes of 4 KiB (${bytes(res.delta.bytes)}).`);
+      if (res.skipped && res.skipped.length > 0) facts.push(`Skipped: ${res.skipped.map((s) => `${s.tool} (${s.reason})`).join('; ')}.`);
+      if (res.load) facts.push(`Load average before / after: ${res.load.before} / ${res.load.after}.`);
+      parts.push(facts.join(' '));
+      return parts.join('\n\n');
+    },
+  },
 ];
 
 // ---------------------------------------------------------------- the page
