@@ -1,5 +1,5 @@
-import type { BatchOp, ListedObject, ObjectInfo, Storage, StorageCapabilities, StorageDescriptor } from '../storage/Storage.js';
-import { OVERHEAD, open, seal } from './aead.js';
+import type { BatchOp, ListedObject, ObjectInfo, PutData, Storage, StorageCapabilities, StorageDescriptor } from '../storage/Storage.js';
+import { OVERHEAD, open, seal, sealPieces } from './aead.js';
 import type { MasterKey } from './keyring.js';
 
 /**
@@ -44,7 +44,7 @@ export class SealedStorage implements Storage {
   /** The bytes to store for `key`: sealed, unless the key is one of the plain ones (then as given). */
   private sealed(key: string, data: Buffer | string): Buffer | string {
     const ad = this.bindingOf(key);
-    return ad === null ? data : seal(this.master.cipher, this.master.dataKey, Buffer.from(data), ad);
+    return ad === null ? data : seal(this.master.cipher, this.master.dataKey, typeof data === 'string' ? Buffer.from(data) : data, ad);
   }
 
   /** The plaintext of what is stored at `key`; a VaultError naming it when it does not open there. */
@@ -69,14 +69,18 @@ export class SealedStorage implements Storage {
     return this.inner.list(prefix);
   }
 
-  put(key: string, data: Buffer | string, options?: { ifAbsent?: boolean }): Promise<boolean> {
-    return this.inner.put(key, this.sealed(key, data), options);
+  put(key: string, data: PutData, options?: { ifAbsent?: boolean }): Promise<boolean> {
+    const ad = this.bindingOf(key);
+    if (ad === null) return this.inner.put(key, data, options);
+    // As pieces: a block object is not copied to join its envelope.
+    const pieces = typeof data === 'string' ? [Buffer.from(data)] : Buffer.isBuffer(data) ? [data] : data;
+    return this.inner.put(key, sealPieces(this.master.cipher, this.master.dataKey, pieces, ad), options);
   }
 
   create(key: string, parts: Uint8Array[]): Promise<void> {
     if (this.bindingOf(key) === null) return this.inner.create(key, parts);
     // The pieces (a bitmap and a block) go through the cipher in turn: no joined copy.
-    return this.inner.create(key, [seal(this.master.cipher, this.master.dataKey, parts, this.bindingOf(key)!)]);
+    return this.inner.create(key, sealPieces(this.master.cipher, this.master.dataKey, parts, this.bindingOf(key)!));
   }
 
   sync(prefix: string): Promise<void> {

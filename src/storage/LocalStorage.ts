@@ -3,7 +3,7 @@ import { dirname, join, resolve } from 'node:path';
 import pLimit from 'p-limit';
 import { describeFsError, VaultError } from '../util/errors.js';
 import { fsyncDirectory, syncFilesystem, temporaryPath } from '../util/fsync.js';
-import { type BatchOp, type ListedObject, type LocalDescriptor, NotFoundError, StorageError, type ObjectInfo, type Storage, type StorageCapabilities } from './Storage.js';
+import { type BatchOp, type ListedObject, type LocalDescriptor, NotFoundError, StorageError, type ObjectInfo, type PutData, type Storage, type StorageCapabilities } from './Storage.js';
 
 /**
  * A repository in a local (or mounted) folder: a key is a path below the root.
@@ -59,7 +59,7 @@ export class LocalStorage implements Storage {
     return (await readdir(this.localPath(prefix)).catch(() => [] as string[])).sort();
   }
 
-  async put(key: string, data: Buffer | string, options: { ifAbsent?: boolean } = {}): Promise<boolean> {
+  async put(key: string, data: PutData, options: { ifAbsent?: boolean } = {}): Promise<boolean> {
     const path = this.localPath(key);
     await mkdir(dirname(path), { recursive: true }).catch((err: unknown) => {
       throw this.failure(key, err);
@@ -68,7 +68,8 @@ export class LocalStorage implements Storage {
     try {
       const fh = await open(temp, 'wx');
       try {
-        await fh.writeFile(data);
+        if (typeof data === 'string' || Buffer.isBuffer(data)) await fh.writeFile(data);
+        else await fh.writev([...data]);
         await fh.sync();
       } finally {
         await fh.close();

@@ -4,7 +4,7 @@ import pLimit, { type LimitFunction } from 'p-limit';
 import type { ListObjectsV2CommandOutput, S3Client } from '@aws-sdk/client-s3';
 import { UsageError } from '../util/errors.js';
 import { CLAIMS, type ConditionalWrites, ExclusiveCreator } from './s3ExclusiveCreate.js';
-import { type BatchOp, type ListedObject, NotFoundError, type ObjectInfo, type S3Descriptor, type Storage, type StorageCapabilities, StorageError } from './Storage.js';
+import { type BatchOp, joined, type ListedObject, NotFoundError, type ObjectInfo, type PutData, type S3Descriptor, type Storage, type StorageCapabilities, StorageError } from './Storage.js';
 
 // The SDK warns on Node 20 that its support ends in 2027: nothing a user of the CLI can act on.
 process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
@@ -169,7 +169,8 @@ export class S3Storage implements Storage {
     }
   }
 
-  async put(k: string, data: Buffer | string, options: { ifAbsent?: boolean } = {}): Promise<boolean> {
+  async put(k: string, pieces: PutData, options: { ifAbsent?: boolean } = {}): Promise<boolean> {
+    const data = joined(pieces); // one request body
     if (options.ifAbsent) return this.exclusive.create(k, data);
     await this.send(k, (c, sdk) => c.send(new sdk.PutObjectCommand({ Bucket: this.bucket, Key: this.objectKey(k), ...body(data) })));
     return true;
@@ -177,7 +178,7 @@ export class S3Storage implements Storage {
 
   async create(k: string, parts: Uint8Array[]): Promise<void> {
     // A PUT is durable when S3 answers it: there is nothing for sync() to do.
-    await this.put(k, Buffer.concat(parts));
+    await this.put(k, parts);
   }
 
   async sync(): Promise<void> {}

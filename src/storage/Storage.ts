@@ -40,6 +40,14 @@ export interface ListedObject {
   mtimeMs: number;
 }
 
+/** What put() stores: bytes, text, or pieces of bytes taken in order. */
+export type PutData = Buffer | string | readonly Uint8Array[];
+
+/** Pieces joined (for a backend that needs one body). */
+export function joined(data: PutData): Buffer | string {
+  return typeof data === 'string' || Buffer.isBuffer(data) ? data : Buffer.concat(data);
+}
+
 export type BatchOp = { put: string; data: Buffer | string } | { delete: string } | { rename: string; to: string };
 
 export interface Storage {
@@ -56,8 +64,9 @@ export interface Storage {
   /**
    * Store an object whole and durably: readers see the old object or the new
    * one, never part. With `ifAbsent`, only if nothing is at `key` (false then).
+   * Pieces are the object's bytes in order (a block and its envelope, written without joining them).
    */
-  put(key: string, data: Buffer | string, options?: { ifAbsent?: boolean }): Promise<boolean>;
+  put(key: string, data: PutData, options?: { ifAbsent?: boolean }): Promise<boolean>;
   /**
    * Create a new object fast, not yet durable: for the many block files of a
    * backup under its staged (temporary) prefix, made durable at once by sync().

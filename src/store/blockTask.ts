@@ -128,7 +128,8 @@ function storageFor(target: BlockTarget): Promise<Storage> {
 export async function writePreparedBlock(task: WriteTask): Promise<number> {
   const t = now();
   const storage = await storageFor(task.target);
-  if (task.target.whole) await storage.put(task.target.key, Buffer.concat(task.parts));
+  // As pieces: no 2 MiB copy to join them.
+  if (task.target.whole) await storage.put(task.target.key, task.parts);
   else await storage.create(task.target.key, task.parts);
   return now() - t;
 }
