@@ -39,7 +39,7 @@ export function buildProgram(): Command {
 
 /** Commands that open a repository (directly, or through a job file or a daemon): they take --endpoint. */
 // Not replicate: it refuses object stores (its own line says so), so an S3 endpoint would only mislead.
-const TAKES_REPOSITORY = new Set(['init', 'backup', 'list', 'restore', 'verify', 'prune', 'unlock', 'serve', 'run', 'check', 'history', 'daemon', 'convert']);
+const TAKES_REPOSITORY = new Set(['init', 'backup', 'list', 'restore', 'verify', 'prune', 'unlock', 'serve', 'run', 'check', 'history', 'daemon', 'convert', 'add', 'remove', 'passwd']);
 
 /**
  * `--endpoint <url>` on every command that opens a repository: the S3 endpoint
@@ -59,7 +59,7 @@ function addEndpointOption(cmd: Command): void {
 }
 
 /** Commands that may open an encrypted repository: they take --password-file (init's is the new repository's). */
-const TAKES_PASSWORD = new Set([...TAKES_REPOSITORY, 'replicate', 'boot-check', 'add', 'remove', 'passwd']);
+const TAKES_PASSWORD = new Set([...TAKES_REPOSITORY, 'replicate', 'boot-check']);
 
 /**
  * `--password-file <file>` on every command that opens a repository. Set as
