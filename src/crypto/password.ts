@@ -168,9 +168,11 @@ function checked(what: string, where: string, bytes: Buffer): string {
 /** Ask on the terminal, echoing nothing; Enter ends, Backspace erases, Ctrl-C or Ctrl-D on an empty line gives up. */
 function promptPassword(repo: string, terminal: { input: NodeJS.ReadStream; output: NodeJS.WriteStream }, prompt: string): Promise<string> {
   const { input, output } = terminal;
-  output.write(prompt);
   const wasRaw = input.isRaw;
+  // Raw before the prompt shows: keys typed as soon as it appears are never echoed nor
+  // edited by the terminal's line discipline (which would erase a byte, not a character).
   input.setRawMode(true);
+  output.write(prompt);
   input.resume();
   return new Promise((resolve, reject) => {
     let typed: Buffer = Buffer.alloc(0);
