@@ -54,17 +54,18 @@ function missingParent(repo: Repository, disk: string, parent: string, names: Se
  * data (each layout checks its own: data and digests present and of the right
  * shape, UUIDs as recorded, parents linked as the metadata says).
  */
-export async function structureFindings(repo: Repository, backups: BackupMetadata[]): Promise<Finding[]> {
+export async function structureFindings(repo: Repository, backups: BackupMetadata[], options: { digests?: boolean } = {}): Promise<Finding[]> {
   const findings: Finding[] = [];
   for (const layout of new Set(backups.map((b) => repo.layoutOf(b)))) {
-    findings.push(...(await layout.structureFindings(repo, backups.filter((b) => repo.layoutOf(b) === layout))));
+    findings.push(...(await layout.structureFindings(repo, backups.filter((b) => repo.layoutOf(b) === layout), options)));
   }
   return findings;
 }
 
 /** Everything structurally wrong with a disk's backups: what verify reports besides block data, and what stops prune. */
 export async function diskFindings(repo: Repository, disk: string, backups: BackupMetadata[]): Promise<Finding[]> {
-  return [...(await fileFindings(repo, disk, backups)), ...(await structureFindings(repo, backups))];
+  // Each backup's digests are read too: a prune deletes digests files, and one may hold another backup's.
+  return [...(await fileFindings(repo, disk, backups)), ...(await structureFindings(repo, backups, { digests: true }))];
 }
 
 /**

@@ -183,7 +183,11 @@ export interface Layout {
   /** Files a backup needs that are not among its disk folder's `names`. */
   missingFiles(ctx: LayoutContext, meta: BackupMetadata, names: ReadonlySet<string>): Array<Pick<Finding, 'kind' | 'problem'>>;
   /** What is wrong with these backups' structure, without reading block data. */
-  structureFindings(ctx: LayoutContext, backups: BackupMetadata[]): Promise<Finding[]>;
+  /**
+   * `digests`: also read each backup's digests whole and check they are its own
+   * (what a prune needs before it deletes any; a backup building on its chain does not).
+   */
+  structureFindings(ctx: LayoutContext, backups: BackupMetadata[], options?: { digests?: boolean }): Promise<Finding[]>;
 
   readonly merge: LayoutMerge;
   /** A prune's removal of backups of `disk`. */

@@ -246,8 +246,8 @@ class VhdBackedLayout implements Layout {
     return out;
   }
 
-  structureFindings(ctx: LayoutContext, backups: BackupMetadata[]): Promise<Finding[]> {
-    return structureFindings(ctx, this, this.format, backups);
+  structureFindings(ctx: LayoutContext, backups: BackupMetadata[], options: { digests?: boolean } = {}): Promise<Finding[]> {
+    return structureFindings(ctx, this, this.format, backups, options.digests === true);
   }
 
   removal(): Removal {
@@ -354,7 +354,7 @@ class VhdMerge implements LayoutMerge {
  * its parent listed and linked as the metadata says. Each backup's data is
  * opened once (headers and tables only).
  */
-async function structureFindings(ctx: LayoutContext, layout: VhdBackedLayout, format: VhdFormat, backups: BackupMetadata[]): Promise<Finding[]> {
+async function structureFindings(ctx: LayoutContext, layout: VhdBackedLayout, format: VhdFormat, backups: BackupMetadata[], readDigests: boolean): Promise<Finding[]> {
   const findings: Finding[] = [];
   const opened = new Map<string, VhdDisk>();
   try {
@@ -375,7 +375,7 @@ async function structureFindings(ctx: LayoutContext, layout: VhdBackedLayout, fo
       if (size !== null && size !== meta.blockCount * DIGEST_SIZE) problem(`its digests file ${ctx.storage.describe(digests)} has ${size} bytes, ${meta.blockCount * DIGEST_SIZE} expected`);
       // Read whole (32 bytes per 2 MiB block): another backup's digests, or damaged ones, must stop a
       // prune before it deletes the file — it may be the only copy of what it holds.
-      else if (size !== null) {
+      else if (size !== null && readDigests) {
         try {
           checkDigestsBinding(await ctx.storage.get(digests), meta, ctx.storage.describe(digests));
         } catch (err) {
