@@ -31,6 +31,7 @@ import {
   describeFilesystem,
   detectCpMechanism,
   dropCaches,
+  envInt,
   formatTable,
   fsyncFile,
   median,
@@ -72,14 +73,6 @@ export interface Row {
   ratioVsCpFsync: number;
   goal: number;
   meetsGoal: boolean | null;
-}
-
-function envInt(name: string, fallback: number): number {
-  const v = process.env[name];
-  if (v === undefined || v === '') return fallback;
-  const n = Number(v);
-  if (!Number.isInteger(n) || n <= 0) throw new Error(`${name} must be a positive integer, got "${v}"`);
-  return n;
 }
 
 async function main(): Promise<void> {

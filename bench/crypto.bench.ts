@@ -5,7 +5,7 @@
  *   npm run bench:crypto              # 1 GiB disk, 3 rounds, tables
  *   npm run bench:crypto -- --json    # the results as JSON on stdout
  *
- * Environment: BENCH_SIZE (the disk: MiB, or with a unit, 64M, 1G; default 1G),
+ * Environment: BENCH_SIZE_MIB (the disk, default 1024), or BENCH_SIZE (a size with a unit: 64M, 1G),
  * BENCH_ROUNDS (default 3), BENCH_DIR (where to work; default the system's
  * temporary folder, a local filesystem).
  *
@@ -43,7 +43,8 @@ import { backup } from '../src/store/backup.js';
 import { prune } from '../src/store/prune.js';
 import { Repository, type LayoutName } from '../src/store/repository.js';
 import { restore } from '../src/store/restore.js';
-import { describeFilesystem, formatTable, median, MiB, rewriteSeededBlocks, sameContent, syncAll, timeIt, writeResults, writeSeededDisk } from './lib.js';
+import { describeFilesystem, envInt, formatTable, median, MiB, rewriteSeededBlocks, sameContent, syncAll, timeIt, writeResults, writeSeededDisk } from './lib.js';
+import { parseSize } from '../src/util/sizes.js';
 
 const FORMAT = 'vhdvault-bench-crypto/1';
 const GOAL = 0.9;
@@ -65,14 +66,6 @@ const note = (line: string) => process.stderr.write(`crypto bench: ${line}\n`);
 const round3 = (n: number) => Math.round(n * 1000) / 1000;
 const round2 = (n: number) => Math.round(n * 100) / 100;
 const round1 = (n: number) => Math.round(n * 10) / 10;
-
-/** BENCH_SIZE: MiB, or a number with K, M, G (binary units, an optional "iB"/"B"). */
-function parseSize(text: string): number {
-  const m = /^\s*(\d+(?:\.\d+)?)\s*([KMG]?)(?:i?B)?\s*$/i.exec(text);
-  if (!m) throw new Error(`BENCH_SIZE=${text}: give MiB (1024) or a size with a unit (64M, 1G)`);
-  const unit = { '': MiB, K: 1024, M: MiB, G: 1024 * MiB }[m[2]!.toUpperCase() as '' | 'K' | 'M' | 'G'];
-  return Math.round(Number(m[1]) * unit);
-}
 
 /** The CPU as /proc/cpuinfo names it, and whether it has AES-NI (the `aes` flag). */
 async function cpuFacts(): Promise<{ cpuModel: string; aes: boolean | null }> {
@@ -179,8 +172,8 @@ interface Row {
 
 async function main(): Promise<void> {
   const json = process.argv.includes('--json');
-  const size = parseSize(process.env.BENCH_SIZE ?? process.env.BENCH_SIZE_MIB ?? '1024');
-  const rounds = Number(process.env.BENCH_ROUNDS ?? 3);
+  const size = process.env.BENCH_SIZE ? parseSize(process.env.BENCH_SIZE) : envInt('BENCH_SIZE_MIB', 1024) * MiB;
+  const rounds = envInt('BENCH_ROUNDS', 3);
   if (!Number.isInteger(size / BLOCK) || size / BLOCK < 20) throw new Error('BENCH_SIZE must be a multiple of 2 MiB and at least 40 MiB');
   if (!Number.isInteger(rounds) || rounds < 1) throw new Error('BENCH_ROUNDS must be a whole number ≥ 1');
   // Key files made by this process derive their key at N = 1024: opening costs milliseconds, not the calibrated half second.

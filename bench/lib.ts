@@ -110,6 +110,15 @@ export async function writeRandomFile(path: string, bytes: number, chunk = 8 * M
   }
 }
 
+/** A positive integer from the environment (BENCH_SIZE_MIB, BENCH_ROUNDS), else `fallback`. */
+export function envInt(name: string, fallback: number): number {
+  const v = process.env[name];
+  if (v === undefined || v === '') return fallback;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n <= 0) throw new Error(`${name} must be a positive integer, got "${v}"`);
+  return n;
+}
+
 /** mulberry32: a small seeded generator, uniform in [0, 1); the same seed gives the same numbers. */
 export function seededRandom(seed: number): () => number {
   let s = seed >>> 0;

@@ -29,7 +29,7 @@ import { NbdClient } from '../src/nbd/NbdClient.js';
 import { bitmapContext, NbdSource } from '../src/nbd/NbdSource.js';
 import { DIRTY } from '../src/nbd/constants.js';
 import { testBit } from '../src/vhd/bitmap.js';
-import { dropCaches, formatTable, median, MiB, mustRun, waitForSocket, writeResults } from './lib.js';
+import { dropCaches, formatTable, median, MiB, mustRun, seededRandom, waitForSocket, writeResults } from './lib.js';
 
 const BLOCK = 2 * MiB;
 const WRITE = 64 * 1024;
@@ -42,16 +42,6 @@ interface Row {
   seconds: number;
 }
 
-/** A small deterministic generator: the same offsets every run. */
-function random(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = Math.imul(s ^ (s >>> 15), 1 | s);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 2 ** 32;
-  };
-}
 
 async function wholeBlocks(uri: string, bitmap: string): Promise<{ units: number; bytesRead: number }> {
   const source = await NbdSource.open(uri, { bitmap });
@@ -97,7 +87,7 @@ async function main(): Promise<void> {
   try {
     await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', image, String(size)]);
     await mustRun('qemu-io', ['-f', 'qcow2', '-c', `write -P 0x11 0 ${size}`, image]);
-    const next = random(42);
+    const next = seededRandom(42); // the same offsets every run
     for (const n of counts) {
       await mustRun('qemu-img', ['bitmap', '--add', image, `w${n}`]);
       const writes = Array.from({ length: n }, () => `write -P 0xab ${Math.floor(next() * (size / WRITE)) * WRITE} ${WRITE}`);

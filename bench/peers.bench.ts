@@ -56,6 +56,7 @@ import { fileURLToPath } from 'node:url';
 import {
   applySeededWrites,
   describeFilesystem,
+  envInt,
   formatTable,
   fsyncFile,
   median,
@@ -424,14 +425,6 @@ async function durabilityProbe(tools: Tool[], work: string): Promise<SyncCounts[
 }
 
 // ---------------------------------------------------------------- main
-
-function envInt(name: string, fallback: number): number {
-  const v = process.env[name];
-  if (v === undefined || v === '') return fallback;
-  const n = Number(v);
-  if (!Number.isInteger(n) || n <= 0) throw new Error(`${name} must be a positive integer, got "${v}"`);
-  return n;
-}
 
 async function main(): Promise<void> {
   const json = process.argv.includes('--json');

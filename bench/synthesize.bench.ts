@@ -27,17 +27,11 @@ import { VhdDirectoryWriter } from '../src/vhd/VhdDirectory.js';
 import { DynamicVhdWriter, type ParentLink } from '../src/vhd/VhdWriter.js';
 import { openDisk } from '../src/vhd/openDisk.js';
 import { synthesizeVhd } from '../src/vhd/synthesize.js';
-import { dropCaches, formatTable, median, MiB, mustRun, syncAll, timeIt, writeRandomFile, writeResults } from './lib.js';
+import { dropCaches, envInt, formatTable, median, MiB, mustRun, syncAll, timeIt, writeRandomFile, writeResults } from './lib.js';
 
 const GOAL = 0.8;
 const BLOCK = 2 * MiB;
 const DEPTH = 10;
-
-function envInt(name: string, fallback: number): number {
-  const n = Number(process.env[name] ?? fallback);
-  if (!Number.isInteger(n) || n <= 0) throw new Error(`${name} must be a positive integer`);
-  return n;
-}
 
 async function parentLink(parentPath: string): Promise<ParentLink> {
   const parent = await openDisk(parentPath);
