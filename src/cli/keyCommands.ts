@@ -7,6 +7,12 @@ import { JSON_FORMATS, printJson } from './json.js';
 
 const NEW_PASSWORD_HELP = 'the new password, in a file (also VHDVAULT_NEW_PASSWORD, VHDVAULT_NEW_PASSWORD_COMMAND; else typed twice on the terminal)';
 
+/** The repository, opened with its password, and the new password for it. */
+async function withNewPassword(root: string, file: string | undefined): Promise<{ repo: Repository; password: string }> {
+  const repo = await Repository.open(root);
+  return { repo, password: await readNewPassword(repo.root, newPasswordSources(file)) };
+}
+
 /** `vhdvault key …`: the passwords of an encrypted repository (docs/design/12-encryption.md §12.3). */
 export function keyCommand(): Command {
   const keyCmd = new Command('key').description("an encrypted repository's passwords: one key file each");
@@ -34,8 +40,7 @@ export function keyCommand(): Command {
     .argument('<repo>', 'the repository: a folder, or s3://bucket/prefix')
     .option('--new-password-file <file>', NEW_PASSWORD_HELP)
     .action(async (root: string, opts: { newPasswordFile?: string }) => {
-      const repo = await Repository.open(root);
-      const password = await readNewPassword(repo.root, newPasswordSources(opts.newPasswordFile));
+      const { repo, password } = await withNewPassword(root, opts.newPasswordFile);
       console.log(`added key ${await addRepositoryKey(repo, password)}`);
     });
 
@@ -56,8 +61,7 @@ export function keyCommand(): Command {
     .argument('<repo>', 'the repository: a folder, or s3://bucket/prefix')
     .option('--new-password-file <file>', NEW_PASSWORD_HELP)
     .action(async (root: string, opts: { newPasswordFile?: string }) => {
-      const repo = await Repository.open(root);
-      const password = await readNewPassword(repo.root, newPasswordSources(opts.newPasswordFile));
+      const { repo, password } = await withNewPassword(root, opts.newPasswordFile);
       const old = repo.keyInUse;
       console.log(`password changed: key ${await changeRepositoryPassword(repo, password)} replaces ${old}`);
     });

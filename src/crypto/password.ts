@@ -37,7 +37,7 @@ export function newPasswordSources(file: string | undefined, env: NodeJS.Process
   return {
     env: { [PASSWORD_ENV]: env[NEW_PASSWORD_ENV], [PASSWORD_COMMAND_ENV]: env[NEW_PASSWORD_COMMAND_ENV] },
     passwordFile: file,
-    ways: `set ${NEW_PASSWORD_ENV}, give --new-password-file, set ${NEW_PASSWORD_COMMAND_ENV}, or run on a terminal`,
+    ways: `needs a new password: set ${NEW_PASSWORD_ENV}, give --new-password-file, set ${NEW_PASSWORD_COMMAND_ENV}, or run on a terminal`,
   };
 }
 
@@ -58,7 +58,7 @@ export interface PasswordSources {
   terminal?: { input: NodeJS.ReadStream; output: NodeJS.WriteStream };
   /** false: never prompt (a check made in passing must not stop to ask). */
   prompt?: boolean;
-  /** The ways to give this password, for the message when none is given (default: the four of an existing password). */
+  /** The message when none is given, saying the ways to give this password (default: the four of an existing password). */
   ways?: string;
 }
 
@@ -99,7 +99,7 @@ async function givenPassword(sources: PasswordSources): Promise<string | null> {
 function terminalOf(repo: string, sources: PasswordSources): { input: NodeJS.ReadStream; output: NodeJS.WriteStream } {
   const terminal = sources.prompt === false ? null : (sources.terminal ?? (process.stdin.isTTY && process.stderr.isTTY ? { input: process.stdin, output: process.stderr } : null));
   if (terminal) return terminal;
-  throw new VaultError(repo, `needs a password: ${sources.ways ?? `set ${PASSWORD_ENV}, give --password-file, set ${PASSWORD_COMMAND_ENV}, or run on a terminal`}`);
+  throw new VaultError(repo, sources.ways ?? `needs a password: set ${PASSWORD_ENV}, give --password-file, set ${PASSWORD_COMMAND_ENV}, or run on a terminal`);
 }
 
 /** A password file's first line (one trailing newline dropped), read up to the bound. */
