@@ -11,6 +11,7 @@
  * through backup-dumpxml and aborts the job when that process is gone.
  */
 import { readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { basename, dirname, join, resolve } from 'node:path';
 import { nbdAddress } from '../nbd/uri.js';
 import { VaultError } from '../util/errors.js';
@@ -141,12 +142,35 @@ export async function endBackup(connect: string, domain: string, scratchDir?: st
   if (dir !== null) await removeScratch(dir);
 }
 
+/** How long libvirt may take to end an aborted job before we say it did not. */
+const ABORT_WAIT_MS = 60_000;
+
 async function abortJob(connect: string, domain: string): Promise<void> {
   try {
     await onDomain(connect, domain, ['domjobabort', domain]);
   } catch (err) {
     // Nothing to end: no job, or a domain shut off meanwhile (its jobs ended with it).
     if (!(err instanceof VirshError && /no job is active|domain is not running/i.test(err.said))) throw err;
+    return;
+  }
+  await jobEnded(connect, domain);
+}
+
+/**
+ * domjobabort returns once QEMU was asked to cancel the backup's block jobs;
+ * libvirt ends the job when QEMU says they are gone. A backup begun before
+ * then would be refused, so wait for it.
+ */
+async function jobEnded(connect: string, domain: string): Promise<void> {
+  const deadline = Date.now() + ABORT_WAIT_MS;
+  for (let pause = 20; ; pause = Math.min(pause * 2, 500)) {
+    const info = await onDomain(connect, domain, ['domjobinfo', domain]).catch((err: unknown) => {
+      if (err instanceof VirshError && /domain is not running/i.test(err.said)) return 'Job type: None';
+      throw err;
+    });
+    if (/^Job type:\s*None\b/m.test(info)) return;
+    if (Date.now() > deadline) throw new VaultError(domainSubject(domain), `its backup job was aborted but has not ended after ${ABORT_WAIT_MS / 1000} s: see virsh domjobinfo ${domain}`);
+    await sleep(pause);
   }
 }
 
