@@ -175,7 +175,7 @@ const SECTIONS: Section[] = [
     title: 'Memory',
     what: 'Peak memory (RSS) of `vhd convert` each way on a 64 GiB sparse raw image holding 9 MiB of data; the round trip is checked with `cmp` and `qemu-img compare`.',
     target: '≤ 150 MiB whatever the disk size.',
-    bound: 'the time of raw → VHD goes to reading the image\'s holes: Node offers no `SEEK_DATA`/`SEEK_HOLE`.',
+    bound: 'Node offers no `SEEK_DATA`/`SEEK_HOLE`: raw → VHD asks `qemu-img map` which blocks are holes and reads only the others; without qemu-img on the PATH it reads the holes too, and its time goes to copying zeros out of the kernel.',
     command: 'bash bench/rss.sh',
     render: (r) => table(['operation', 'peak RSS', 'elapsed', 'target'], rowsOf(r.results).map((x) => [String(x.operation), num(x.maxRssMiB, 1, ' MiB'), seconds(x.elapsedSeconds, 2), goal(x)])),
   },

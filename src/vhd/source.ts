@@ -7,13 +7,14 @@ import { ForeignImageError, foreignFormat } from './imageFormat.js';
 import { takeBuffer } from '../util/bufferPool.js';
 import { blockDeviceSize } from '../util/device.js';
 import { notADiskImage } from '../util/files.js';
+import { dataBlocks } from './rawExtents.js';
 
 export { ForeignImageError };
 
 /** Bytes an open file or block device holds (fstat says 0 for a device). */
-async function sizeOf(fh: FileHandle): Promise<{ size: number; isFile: boolean; isBlockDevice: boolean }> {
+async function sizeOf(fh: FileHandle): Promise<{ size: number; isFile: boolean; isBlockDevice: boolean; allocated: number }> {
   const s = await fh.stat();
-  return { size: s.isBlockDevice() ? await blockDeviceSize(fh) : s.size, isFile: s.isFile(), isBlockDevice: s.isBlockDevice() };
+  return { size: s.isBlockDevice() ? await blockDeviceSize(fh) : s.size, isFile: s.isFile(), isBlockDevice: s.isBlockDevice(), allocated: s.blocks * 512 };
 }
 
 import type { BlockSource } from './blockSource.js';
@@ -30,6 +31,8 @@ export class RawSource implements BlockSource {
     private readonly fileSize: number,
     readonly size: number,
     readonly blockSize: number,
+    /** Per block, 0 when the file system says it is a hole (see rawExtents.ts); null: read them all. */
+    private readonly data: Uint8Array | null,
   ) {
     this.blockCount = Math.ceil(size / blockSize);
   }
@@ -49,10 +52,13 @@ export class RawSource implements BlockSource {
       await fh.close();
       throw new VaultError(path, size === 0 ? 'raw image is empty' : `raw image of ${stat.size} bytes is above the VHD maximum of 2040 GiB`);
     }
-    return new RawSource(path, fh, stat.size, size, blockSize);
+    // A file with as many bytes allocated as it is long has no hole worth asking about.
+    const data = stat.isFile && stat.allocated < stat.size ? await dataBlocks(path, stat.size, blockSize) : null;
+    return new RawSource(path, fh, stat.size, size, blockSize, data);
   }
 
   async readBlock(block: number): Promise<Buffer | null> {
+    if (this.data !== null && this.data[block] === 0) return null;
     const start = block * this.blockSize;
     const length = Math.max(0, Math.min(this.blockSize, this.fileSize - start));
     const buf = length === this.blockSize ? takeBuffer(this.blockSize) : Buffer.alloc(this.blockSize);
