@@ -36,7 +36,10 @@
  * vhdvault only: the delta from a qemu dirty bitmap (the same writes replayed
  * by qemu-io into a qcow2 copy of the disk carrying a persistent bitmap,
  * exported by qemu-nbd -B; `backup --source nbd+unix://… --bitmap`), against
- * the delta from the file, with the bytes each read.
+ * the delta from the file, with the bytes each read. Then, once, the same 1%
+ * of the disk changed in writes of 4 KiB, 64 KiB and 1 MiB: how many 2 MiB
+ * blocks each touches, and what vhdvault's delta reads and stores from the
+ * file and from a dirty bitmap (sizes only, not timed).
  *
  * Conversion: `vhdvault vhd convert` VHD → raw (which fsyncs its output)
  * against `qemu-img convert -f vpc -O raw` followed by an fsync of the output,
@@ -164,9 +167,9 @@ const TOOLS: Tool[] = [
  */
 const DURABILITY_DOCS: Record<ToolName, string> = {
   vhdvault:
-    'backup: block files written unsynced, then one syncfs of the filesystem (`sync -f`, which flushes every writer\'s dirty data on that filesystem, not only the backup\'s) before the commit; digests and metadata each written under a temporary name, fsynced, renamed, the folder fsynced (docs/design/04-repository.md §4.6, 05-writing-safely.md). restore: the output under a temporary name, fdatasynced, fsynced, renamed, the folder fsynced. prune: the merge journal, block moves, bat and footer durable, each touched folder fsynced.',
+    'backup: block files written unsynced, then one syncfs of the filesystem (`sync -f`, which flushes every writer\'s dirty data on that filesystem, not only the backup\'s) before the commit; digests and metadata each written under a temporary name, fsynced, renamed, the folder fsynced (design chapters 4 and 5). restore: the output under a temporary name, fdatasynced, fsynced, renamed, the folder fsynced. prune: the merge journal, block moves, bat and footer durable, each touched folder fsynced.',
   borg:
-    'create and prune/compact: each segment file fdatasynced as it is closed, then its folder fsynced; at each commit the index, hints and integrity files written to temporary names, fsynced, renamed, the repository folder fsynced (borg/platform/base.py SyncFile and SaveFile, borg/repository.py); also its security and cache config files. extract: nothing synced.',
+    'create and prune/compact: each segment file fdatasynced as it is closed, then its folder fsynced; at each commit the index, hints and integrity files written to temporary names, fsynced, renamed, the repository folder fsynced; also its security and cache config files. extract: nothing synced.',
   restic:
     'local backend: every file it stores (each pack, index, snapshot, lock) written to a temporary name, fsynced, renamed, and its folder fsynced. restore: nothing synced but its lock file.',
 };
@@ -259,6 +262,104 @@ async function qemuIoWrites(image: string, writes: readonly SeededWrite[], scrat
     await mustRun('qemu-io', ['-f', 'qcow2', ...cmds, image]);
   }
   await rm(scratch, { recursive: true, force: true });
+}
+
+/**
+ * A qcow2 copy of `base` carrying a persistent bitmap named "delta" that
+ * records `writes` (replayed by qemu-io, then checked equal to the same writes
+ * applied to a file), exported read-only by qemu-nbd -B on a Unix socket.
+ */
+async function bitmapExport(work: string, name: string, base: string, writes: readonly SeededWrite[]): Promise<{ uri: string; server: ChildProcess }> {
+  const image = join(work, `${name}.qcow2`);
+  const modified = join(work, `${name}-modified.raw`);
+  await mustRun('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', base, image]);
+  await mustRun('qemu-img', ['bitmap', '--add', image, 'delta']);
+  await qemuIoWrites(image, writes, join(work, `${name}-writes`));
+  await mustRun('qemu-img', ['bitmap', '--disable', image, 'delta']);
+  await mustRun('cp', ['--sparse=always', base, modified]);
+  await applySeededWrites(modified, writes);
+  const same = await runCommand('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'qcow2', modified, image]);
+  await rm(modified);
+  if (same.code !== 0) throw new Error('the qcow2 image with the replayed writes differs from the file with the same writes');
+  const socket = join(work, `${name}.sock`);
+  const server = spawn('qemu-nbd', ['-r', '-t', '-f', 'qcow2', '-x', 'disk', '-B', 'delta', '-k', socket, image], { stdio: 'ignore' });
+  await waitForSocket(socket);
+  return { uri: `nbd+unix:///disk?socket=${socket}`, server };
+}
+
+async function stopServer(server: ChildProcess): Promise<void> {
+  if (server.exitCode !== null || server.signalCode !== null) return;
+  const gone = new Promise((r) => server.once('exit', r));
+  server.kill('SIGTERM');
+  await gone;
+}
+
+// ---------------------------------------------------------------- delta locality
+
+/** The sizes of the writes the locality study spreads the same 1% of the disk in. */
+const LOCALITY_WRITE_SIZES = [4096, 64 * 1024, 1024 * 1024];
+
+export interface LocalityRow {
+  writeSize: number;
+  writes: number;
+  changedBytes: number;
+  /** 2 MiB blocks holding at least one changed byte. */
+  blocksTouched: number;
+  blocks: number;
+  fileDelta: { bytesRead: number; bytesAdded: number };
+  bitmapDelta: { bytesRead: number; bytesAdded: number } | null;
+}
+
+/**
+ * vhdvault only, one run per write size: the same share of the disk changed
+ * in writes of 4 KiB, 64 KiB and 1 MiB, and what the delta then reads and
+ * stores, from the file and from a dirty bitmap. Sizes, not times: a VHD
+ * delta's unit is the 2 MiB block, so what it stores follows how many blocks
+ * the writes touch, not how many bytes they change.
+ */
+async function localityStudy(p: Paths, size: number, withBitmap: boolean, servers: ChildProcess[], log: (s: string) => void): Promise<LocalityRow[]> {
+  const rows: LocalityRow[] = [];
+  const blockSize = 2 * MiB;
+  for (const writeSize of LOCALITY_WRITE_SIZES) {
+    const writes = seededScatteredWrites(size, DELTA_SHARE, { seed: WRITES_SEED, writeSize });
+    const touched = new Set<number>();
+    for (const w of writes) for (let b = Math.floor(w.offset / blockSize); b * blockSize < w.offset + w.data.length; b++) touched.add(b);
+    const fileDelta = await deltaSizes(p, async (repo) => {
+      await mustRun('cp', ['--sparse=always', p.base, p.disk]);
+      await applySeededWrites(p.disk, writes);
+      return ['backup', repo, 'disk', '--source', p.disk, '--json'];
+    });
+    let bitmapDelta: LocalityRow['bitmapDelta'] = null;
+    if (withBitmap) {
+      const exported = await bitmapExport(p.work, `locality-${writeSize}`, p.base, writes);
+      servers.push(exported.server);
+      try {
+        bitmapDelta = await deltaSizes(p, async (repo) => ['backup', repo, 'disk', '--source', exported.uri, '--bitmap', 'delta', '--json']);
+      } finally {
+        await stopServer(exported.server);
+        await rm(join(p.work, `locality-${writeSize}.qcow2`), { force: true });
+      }
+    }
+    const row = { writeSize, writes: writes.length, changedBytes: writes.length * writeSize, blocksTouched: touched.size, blocks: Math.ceil(size / blockSize), fileDelta, bitmapDelta };
+    rows.push(row);
+    log(`bench: locality ${writeSize / 1024} KiB writes: ${row.blocksTouched}/${row.blocks} blocks touched; file delta read ${(fileDelta.bytesRead / MiB).toFixed(1)} MiB, added ${(fileDelta.bytesAdded / MiB).toFixed(1)} MiB${bitmapDelta ? `; bitmap delta read ${(bitmapDelta.bytesRead / MiB).toFixed(1)} MiB` : ''}`);
+  }
+  return rows;
+}
+
+/** A full backup of the disk from its file, then the delta `deltaArgs` gives: what the delta read and what it added. */
+async function deltaSizes(p: Paths, deltaArgs: (repo: string) => Promise<string[]>): Promise<{ bytesRead: number; bytesAdded: number }> {
+  const repo = join(p.work, 'locality-repo');
+  try {
+    await mustRun(process.execPath, [CLI, 'init', repo, '--layout', 'dir', '--compression', 'none']);
+    await mustRun(process.execPath, [CLI, 'backup', repo, 'disk', '--source', p.base]);
+    const before = await du(repo);
+    const out = await mustRun(process.execPath, [CLI, ...(await deltaArgs(repo))]);
+    return { bytesRead: (JSON.parse(out.stdout) as { bytesRead: number }).bytesRead, bytesAdded: (await du(repo)) - before };
+  } finally {
+    await rm(repo, { recursive: true, force: true });
+    await rm(p.disk, { force: true });
+  }
 }
 
 // ---------------------------------------------------------------- results
@@ -453,13 +554,9 @@ async function main(): Promise<void> {
   for (const s of skipped) log(`bench: skipping ${s.tool}: ${s.reason}`);
 
   const work = await mkdtemp(join(process.env.BENCH_DIR || tmpdir(), 'vhdvault-bench-peers-'));
-  let server: ChildProcess | null = null;
+  const servers: ChildProcess[] = [];
   const cleanup = async () => {
-    if (server && server.exitCode === null) {
-      const gone = new Promise((r) => server!.once('exit', r));
-      server.kill('SIGTERM');
-      await gone;
-    }
+    for (const server of servers.splice(0)) await stopServer(server);
     await rm(work, { recursive: true, force: true });
   };
   const onSignal = () => void cleanup().finally(() => process.exit(130));
@@ -486,21 +583,9 @@ async function main(): Promise<void> {
     let nbdUri = '';
     if (nbdRow) {
       log('bench: making the qcow2 image with a dirty bitmap for the NBD delta ...');
-      const image = join(work, 'disk.qcow2');
-      const modified = join(work, 'modified.raw');
-      await mustRun('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', p.base, image]);
-      await mustRun('qemu-img', ['bitmap', '--add', image, 'delta']);
-      await qemuIoWrites(image, writes, join(work, 'writes'));
-      await mustRun('qemu-img', ['bitmap', '--disable', image, 'delta']);
-      await mustRun('cp', ['--sparse=always', p.base, modified]);
-      await applySeededWrites(modified, writes);
-      const same = await runCommand('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'qcow2', modified, image]);
-      await rm(modified);
-      if (same.code !== 0) throw new Error('the qcow2 image with the replayed writes differs from the file with the same writes');
-      const socket = join(work, 'nbd.sock');
-      server = spawn('qemu-nbd', ['-r', '-t', '-f', 'qcow2', '-x', 'disk', '-B', 'delta', '-k', socket, image], { stdio: 'ignore' });
-      await waitForSocket(socket);
-      nbdUri = `nbd+unix:///disk?socket=${socket}`;
+      const exported = await bitmapExport(work, 'nbd', p.base, writes);
+      servers.push(exported.server);
+      nbdUri = exported.uri;
     }
 
     // The VHD for the conversion comparison.
@@ -557,6 +642,8 @@ async function main(): Promise<void> {
       }
     }
 
+    const locality = tools.some((t) => t.name === 'vhdvault') ? await localityStudy(p, size, nbdRow, servers, log) : [];
+
     // The rows: each tool's steps, then "bytes the delta added" (delta minus full, per round).
     const rows: Row[] = [];
     for (const tool of tools) {
@@ -597,6 +684,7 @@ async function main(): Promise<void> {
       rows: ratioed,
       deltaAddedBytes: deltaAdded,
       nbdBitmapDelta: nbdResult,
+      locality,
       convert: convertRows,
       durability: { documented: Object.fromEntries(tools.map((t) => [t.name, DURABILITY_DOCS[t.name]])), probeMiB: PROBE_MIB, syncCalls: durability },
       filesystem,
@@ -618,6 +706,8 @@ async function main(): Promise<void> {
     say(`\nbytes the delta added: ${Object.entries(deltaAdded).map(([t, b]) => `${t} ${mib(b)} MiB`).join(', ')}`);
     if (nbdResult)
       say(`vhdvault delta from the NBD dirty bitmap: ${nbdResult.seconds.toFixed(2)} s (${nbdResult.secondsVsFileDelta}× the file delta), read ${mib(nbdResult.bytesRead ?? 0)} MiB against ${mib(nbdResult.fileDeltaBytesRead ?? 0)} MiB from the file, added ${mib(nbdResult.bytesAdded)} MiB`);
+    for (const l of locality)
+      say(`locality, ${l.writes} writes of ${l.writeSize / 1024} KiB: ${l.blocksTouched} of ${l.blocks} blocks touched; from the file read ${mib(l.fileDelta.bytesRead)} MiB, added ${mib(l.fileDelta.bytesAdded)} MiB${l.bitmapDelta ? `; from the bitmap read ${mib(l.bitmapDelta.bytesRead)} MiB, added ${mib(l.bitmapDelta.bytesAdded)} MiB` : ''}`);
     for (const r of convertRows) say(`${r.tool}: ${r.seconds.toFixed(2)} s (${r.secondsRange.join('–')}), peak ${r.peakRssMiB ?? '—'} MiB`);
     if (durability.length) {
       say('\nsync calls per step (strace -f -c, 16 MiB disk):');
