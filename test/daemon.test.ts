@@ -4,13 +4,15 @@
  * one still goes, reloads job files on SIGHUP (a broken edit keeps the old
  * version), and exits on SIGTERM leaving no partial backup.
  */
-import { type ChildProcess, spawn } from 'node:child_process';
 import { readdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { CLI, cliEnv, vhdvaultAsync } from './helpers/cli.js';
+import { vhdvaultAsync } from './helpers/cli.js';
 import { makeRaw, tempDir } from './helpers/files.js';
+import { Daemon, killDaemons } from './helpers/daemon.js';
 import { initRepo, listed } from './helpers/store.js';
+
+afterAll(killDaemons);
 
 const MiB = 1024 * 1024;
 const dir = await tempDir('vhdvault-daemon-');
@@ -18,58 +20,6 @@ const repo = join(dir, 'repo');
 await initRepo(repo, 'dir');
 await makeRaw(join(dir, 'small.raw'), 4 * MiB, [[0, 4 * MiB]]);
 await makeRaw(join(dir, 'big.raw'), 16 * MiB, [[0, 16 * MiB]]);
-
-interface Event {
-  time: string;
-  event: string;
-  job?: string;
-  message: string;
-}
-
-/** A daemon whose JSON events the test can wait for. */
-class Daemon {
-  readonly events: Event[] = [];
-  readonly exited: Promise<number | null>;
-  private readonly child: ChildProcess;
-  private waiters: Array<() => void> = [];
-
-  constructor(...paths: string[]) {
-    this.child = spawn(process.execPath, [CLI, 'daemon', ...paths, '--json'], { stdio: ['ignore', 'pipe', 'pipe'], env: cliEnv() });
-    let buffered = '';
-    this.child.stdout!.setEncoding('utf8').on('data', (d: string) => {
-      buffered += d;
-      const lines = buffered.split('\n');
-      buffered = lines.pop()!;
-      for (const line of lines) this.events.push(JSON.parse(line) as Event);
-      for (const w of this.waiters.splice(0)) w();
-    });
-    this.exited = new Promise((resolve) => this.child.once('exit', (code) => resolve(code)));
-    running.add(this);
-  }
-
-  /** Resolves with the first event from index `from` on that matches. */
-  async waitFor(match: (e: Event) => boolean, from = 0, withinMs = 60_000): Promise<number> {
-    const deadline = Date.now() + withinMs;
-    for (;;) {
-      const i = this.events.findIndex((e, k) => k >= from && match(e));
-      if (i >= 0) return i;
-      if (Date.now() > deadline) throw new Error(`no such daemon event within ${withinMs} ms; events: ${JSON.stringify(this.events.map((e) => e.message))}`);
-      await new Promise<void>((resolve) => {
-        this.waiters.push(resolve);
-        setTimeout(resolve, 200);
-      });
-    }
-  }
-
-  signal(s: NodeJS.Signals): void {
-    this.child.kill(s);
-  }
-}
-
-const running = new Set<Daemon>();
-afterAll(() => {
-  for (const d of running) d.signal('SIGKILL');
-});
 
 const job = (name: string, schedule: string, disks: string[], extra = '') =>
   `name: ${name}\nschedule: "${schedule}"\nrepository: repo\n${extra}disks:\n${disks.map((d) => `  - name: ${d}\n    source: ${d.replace(/-.*/, '')}.raw\n`).join('')}`;

@@ -1,6 +1,7 @@
 import { Command } from 'commander';
 import type { DaemonEvent } from '../jobs/daemon.js';
 import { UsageError } from '../util/errors.js';
+import { HTTP_HELP, type HttpOptions, serveDashboard, TOKEN_HELP } from './dashboardCommand.js';
 import { JSON_FORMATS, printJsonLine } from './json.js';
 
 /** `vhdvault daemon <folder-or-file>...`: the jobs on their schedules, one event per line, until SIGTERM/SIGINT. */
@@ -9,7 +10,10 @@ export function daemonCommand(): Command {
     .description('run every job (job files, or folders of *.yaml) on its schedule until SIGTERM; SIGHUP reloads the job files')
     .argument('<folder-or-file...>')
     .option('--json', 'one JSON object per event')
-    .action(async (paths: string[], opts: { json?: boolean }) => {
+    .option('--http [host:port]', HTTP_HELP)
+    .option('--token-file <file>', TOKEN_HELP)
+    .action(async (paths: string[], opts: { json?: boolean } & HttpOptions) => {
+      if (opts.tokenFile !== undefined && opts.http === undefined) throw new UsageError('--token-file is for the dashboard: give --http too');
       const loaded = { count: 0 };
       const emit = (e: DaemonEvent) => {
         if (e.event === 'loaded') loaded.count++;
@@ -35,6 +39,24 @@ export function daemonCommand(): Command {
       started = daemon.start();
       await started;
       if (loaded.count === 0) throw new UsageError(`no valid job in ${paths.join(', ')}`);
+      let dashboard: { stop: () => Promise<void> } | null = null;
+      if (opts.http !== undefined) {
+        const sources = {
+          jobs: () => daemon.scheduledJobs(),
+          repositories: [],
+          live: { running: (job: string) => daemon.running(job), nextRun: (job: string) => daemon.nextRun(job) },
+          runNow: (job: string) => daemon.runNow(job),
+        };
+        try {
+          const served = await serveDashboard(opts, sources, (line) => console.error(`vhdvault: ${line}`));
+          dashboard = served;
+          emit({ event: 'listening', message: `dashboard at ${served.url}` });
+        } catch (err) {
+          await daemon.stop();
+          throw err;
+        }
+      }
       await stopped;
+      await dashboard?.stop();
     });
 }

@@ -5,7 +5,9 @@
  * refuse what it does not know instead of misreading it. docs/json.md
  * describes each one.
  */
+import { JOB_HISTORY_FORMAT } from '../jobs/history.js';
 import { RUN_REPORT_FORMAT } from '../jobs/runReport.js';
+import { DASHBOARD_FORMAT } from '../web/format.js';
 
 export const JSON_FORMATS = {
   backup: 'vhdvault-backup/1',
@@ -18,7 +20,8 @@ export const JSON_FORMATS = {
   serveReady: 'vhdvault-serve-ready/1',
   replicate: 'vhdvault-replicate/1',
   jobRun: RUN_REPORT_FORMAT,
-  jobHistory: 'vhdvault-job-history/1',
+  jobHistory: JOB_HISTORY_FORMAT,
+  dashboard: DASHBOARD_FORMAT,
   jobCheck: 'vhdvault-job-check/1',
   daemonEvent: 'vhdvault-daemon-event/1',
   vmBackup: 'vhdvault-vm-backup/1',

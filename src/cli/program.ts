@@ -1,6 +1,7 @@
 import { Command, Option } from 'commander';
 import { UsageError } from '../util/errors.js';
 import { daemonCommand } from './daemonCommand.js';
+import { uiCommand } from './dashboardCommand.js';
 import { jobCommand } from './jobCommands.js';
 import { keyCommand } from './keyCommands.js';
 import { PASSWORD_FILE_ENV, TARGET_PASSWORD_FILE_ENV } from '../crypto/password.js';
@@ -25,6 +26,7 @@ export function buildProgram(): Command {
   program.addCommand(replicateCommand());
   program.addCommand(jobCommand());
   program.addCommand(daemonCommand());
+  program.addCommand(uiCommand());
   program.addCommand(keyCommand());
   for (const cmd of program.commands) addEndpointOption(cmd);
   for (const cmd of program.commands) addPasswordOption(cmd);
@@ -39,7 +41,7 @@ export function buildProgram(): Command {
 
 /** Commands that open a repository (directly, or through a job file or a daemon): they take --endpoint. */
 // Not replicate: it refuses object stores (its own line says so), so an S3 endpoint would only mislead.
-const TAKES_REPOSITORY = new Set(['init', 'backup', 'list', 'restore', 'verify', 'prune', 'unlock', 'serve', 'run', 'check', 'history', 'daemon', 'convert', 'add', 'remove', 'passwd']);
+const TAKES_REPOSITORY = new Set(['init', 'backup', 'list', 'restore', 'verify', 'prune', 'unlock', 'serve', 'run', 'check', 'history', 'daemon', 'ui', 'convert', 'add', 'remove', 'passwd']);
 
 /**
  * `--endpoint <url>` on every command that opens a repository: the S3 endpoint

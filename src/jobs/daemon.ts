@@ -19,7 +19,7 @@ import { type JobRunReport, loadRunReports, RUN_REPORT_FORMAT, saveRunReport } f
 import { delayUntil, nextRunAfter, previousRunBefore } from './schedule.js';
 
 export interface DaemonEvent {
-  event: 'started' | 'loaded' | 'invalid' | 'missed' | 'run' | 'finished' | 'skipped' | 'removed' | 'reloading' | 'stopping' | 'stopped';
+  event: 'started' | 'listening' | 'loaded' | 'invalid' | 'missed' | 'run' | 'finished' | 'skipped' | 'removed' | 'reloading' | 'stopping' | 'stopped';
   job?: string;
   file?: string;
   message: string;
@@ -32,6 +32,9 @@ interface Scheduled {
   running: Promise<void> | null;
   stop: AbortController | null;
   next: Date | null;
+  /** When the run in progress began, and each of its disks' progress (0 to 1) while it is backed up. */
+  startedAt: string | null;
+  progress: Map<string, number>;
 }
 
 const isJobFile = (name: string) => /\.ya?ml$/i.test(name);
@@ -103,7 +106,7 @@ export class JobDaemon {
       }
       const current = this.jobs.get(file);
       if (current?.timer) clearTimeout(current.timer);
-      const entry: Scheduled = current ? Object.assign(current, { job, timer: null }) : { job, timer: null, running: null, stop: null, next: null };
+      const entry: Scheduled = current ? Object.assign(current, { job, timer: null }) : { job, timer: null, running: null, stop: null, next: null, startedAt: null, progress: new Map() };
       this.jobs.set(file, entry);
       if (first) await this.reportMissed(job);
       this.arm(entry);
@@ -154,10 +157,21 @@ export class JobDaemon {
       void this.recordSkipped(job, due);
       return;
     }
+    this.emit({ event: 'run', job: job.name, message: `${job.name}: run due at ${due.toISOString()} starts` });
+    this.begin(entry, 'scheduled');
+  }
+
+  private begin(entry: Scheduled, trigger: 'scheduled' | 'manual'): void {
+    const { job } = entry;
     const stop = new AbortController();
     entry.stop = stop;
-    this.emit({ event: 'run', job: job.name, message: `${job.name}: run due at ${due.toISOString()} starts` });
-    entry.running = runJob(job, { trigger: 'scheduled', signal: stop.signal })
+    entry.startedAt = new Date().toISOString();
+    entry.progress = new Map();
+    const progress = (unit: string, f: { done: number; total: number } | null) => {
+      if (f === null) entry.progress.delete(unit);
+      else entry.progress.set(unit, f.total > 0 ? f.done / f.total : 0);
+    };
+    entry.running = runJob(job, { trigger, signal: stop.signal, progress })
       .then(
         (r) => this.emit({ event: 'finished', job: job.name, message: `${job.name}: run ${r.runId} ${r.ok ? 'ok' : r.stopped ? 'stopped' : 'FAILED'} in ${(r.durationMs / 1000).toFixed(1)} s${failures(r)}` }),
         (err: Error) => this.emit({ event: 'finished', job: job.name, message: `${job.name}: run FAILED: ${err.message}` }),
@@ -165,7 +179,40 @@ export class JobDaemon {
       .finally(() => {
         entry.running = null;
         entry.stop = null;
+        entry.startedAt = null;
+        entry.progress = new Map();
       });
+  }
+
+  /** The jobs scheduled now. */
+  scheduledJobs(): Job[] {
+    return [...this.jobs.values()].map((s) => s.job);
+  }
+
+  /** The job's run in progress, or null. */
+  running(name: string): { runId: null; startedAt: string; progress: Map<string, number> } | null {
+    const entry = this.entry(name);
+    return entry?.running && entry.startedAt ? { runId: null, startedAt: entry.startedAt, progress: entry.progress } : null;
+  }
+
+  nextRun(name: string): Date | null | undefined {
+    const entry = this.entry(name);
+    return entry ? entry.next : undefined;
+  }
+
+  /** A run of the job now, outside its schedule (the dashboard's "run now"): null, or why not. */
+  runNow(name: string): string | null {
+    const entry = this.entry(name);
+    if (!entry) return `no job named ${JSON.stringify(name)}`;
+    if (this.stopping) return 'the daemon is stopping';
+    if (entry.running) return `${name} is running (since ${entry.startedAt ?? '?'}): one run of a job at a time`;
+    this.emit({ event: 'run', job: name, message: `${name}: run asked for now starts` });
+    this.begin(entry, 'manual');
+    return null;
+  }
+
+  private entry(name: string): Scheduled | undefined {
+    return [...this.jobs.values()].find((s) => s.job.name === name);
   }
 
   /** A skipped run is part of the job's history too. */

@@ -7,6 +7,9 @@ import { formatBytes } from '../util/sizes.js';
 import { plural } from '../util/words.js';
 import type { JobRunReport } from './runReport.js';
 
+/** `job history --json` and the dashboard's /api/history: {runs, trends}. */
+export const JOB_HISTORY_FORMAT = 'vhdvault-job-history/1';
+
 export interface DiskTrend {
   job: string;
   disk: string;
