@@ -186,7 +186,7 @@ export class DashboardServer {
     const form = html`<div class="login"><h1>vhdvault</h1><p>This dashboard needs its token (the first line of the file given to <code>--token-file</code>).</p>${problem ? html`<p class="error">${problem}</p>` : ''}
 <form method="post" action="/login"><input type="password" name="token" autocomplete="current-password" autofocus size="40"> <button type="submit">Open</button></form></div>`;
     // Inline: the style sheet is behind the token too.
-    this.send(req, res, 401, 'text/html; charset=utf-8', `<!doctype html><html lang="en"><head><meta charset="utf-8"><title>vhdvault: token</title></head><body>${form.text}</body></html>`, headers);
+    this.send(req, res, 401, 'text/html; charset=utf-8', `<!doctype html><html lang="en"><head><meta charset="utf-8"><title>vhdvault: token</title><link rel="icon" href="data:,"></head><body>${form.text}</body></html>`, headers);
   }
 
   private send(req: IncomingMessage, res: ServerResponse, status: number, type: string, body: string | Buffer, extra: Record<string, string> = {}): void {

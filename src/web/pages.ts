@@ -22,7 +22,7 @@ const STATE_WORDS: Record<DiskState, string> = {
 export function page(title: string, body: Html, scripts: string[] = []): string {
   return html`<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>${title} · vhdvault</title><link rel="stylesheet" href="/assets/style.css">${scripts.map((s) => html`<script defer src="/assets/${s}"></script>`)}</head>
+<title>${title} · vhdvault</title><link rel="icon" href="data:,"><link rel="stylesheet" href="/assets/style.css">${scripts.map((s) => html`<script defer src="/assets/${s}"></script>`)}</head>
 <body><header><a class="brand" href="/">vhdvault</a><nav><a href="/">Overview</a><a href="/trends">Trends</a><a href="/metrics">Metrics</a></nav></header>
 <main>${body}</main></body></html>
 `.text;
