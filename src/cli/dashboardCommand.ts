@@ -59,7 +59,8 @@ export function uiCommand(): Command {
       const { jobs, repositories } = await sortArguments(args);
       const { NO_LIVE_STATE } = await import('../web/dashboard.js');
       const { url, stop } = await serveDashboard(opts, { jobs: () => jobs, repositories, live: NO_LIVE_STATE }, (line) => console.error(`vhdvault: ${line}`));
-      console.log(`vhdvault ui: ${url} (${jobs.length} job${jobs.length === 1 ? '' : 's'}, ${repositories.length + new Set(jobs.map((j) => j.repository)).size} repositor${repositories.length === 1 ? 'y' : 'ies'})`);
+      const repos = new Set([...repositories, ...jobs.map((j) => j.repository)]).size;
+      console.log(`vhdvault ui: ${url} (${jobs.length} job${jobs.length === 1 ? '' : 's'}, ${repos} repositor${repos === 1 ? 'y' : 'ies'})`);
       await new Promise<void>((done) => {
         const onStop = () => void stop().then(done);
         process.once('SIGTERM', onStop);
