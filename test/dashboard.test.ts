@@ -8,6 +8,7 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { writeFile } from 'node:fs/promises';
 import { request } from 'node:http';
+import { connect, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CLI, cliEnv, expectRefused, vhdvault, vhdvaultAsync } from './helpers/cli.js';
@@ -212,6 +213,41 @@ describe('daemon --http', () => {
       after = (await (await fetch(`${base}/api/dashboard`)).json()) as typeof after;
     }
     expect(after.disks.find((x) => x.disk === 'big')!.state).toBe('ok');
+    d.signal('SIGTERM');
+    expect(await d.exited).toBe(0);
+  }, 120_000);
+
+  it('clients that send their headers a byte a second neither stall a run nor stay connected after 10 s', async () => {
+    const d = new Daemon(slowJob, '--http', '127.0.0.1:0');
+    const at = await d.waitFor((e) => e.event === 'listening');
+    const base = /dashboard at (http:\/\/\S+)\//.exec(d.events[at]!.message)![1]!;
+    const { hostname, port } = new URL(base);
+    const closed: number[] = [];
+    const opened = performance.now();
+    const slow: Socket[] = [];
+    const timers: NodeJS.Timeout[] = [];
+    for (let i = 0; i < 40; i++) {
+      const socket = connect(Number(port), hostname);
+      socket.on('error', () => undefined);
+      socket.once('close', () => closed.push(performance.now() - opened));
+      socket.write(`GET / HTTP/1.1\r\nHost: ${hostname}\r\nX-Slow: `);
+      timers.push(setInterval(() => socket.writable && socket.write('x'), 1000));
+      slow.push(socket);
+    }
+    try {
+      const from = d.events.length;
+      expect((await fetch(`${base}/api/jobs/slow/run`, { method: 'POST' })).status).toBe(202);
+      const done = await d.waitFor((e) => e.event === 'finished' && e.job === 'slow', from);
+      expect(d.events[done]!.message).toMatch(/^slow: run \S+ ok in /);
+      expect((await fetch(`${base}/api/dashboard`)).status).toBe(200);
+      for (let i = 0; i < 100 && closed.length < slow.length; i++) await new Promise((r) => setTimeout(r, 200));
+      // They would trickle forever: the server closed each (headersTimeout, 10 s).
+      expect(closed).toHaveLength(slow.length);
+      expect(Math.min(...closed)).toBeGreaterThan(9_000);
+    } finally {
+      for (const t of timers) clearInterval(t);
+      for (const s of slow) s.destroy();
+    }
     d.signal('SIGTERM');
     expect(await d.exited).toBe(0);
   }, 120_000);

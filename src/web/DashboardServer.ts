@@ -66,7 +66,8 @@ export class DashboardServer {
     private readonly sources: DashboardSources,
     private readonly options: DashboardServerOptions,
   ) {
-    this.server = createServer({ maxHeaderSize: 16 * 1024, headersTimeout: 10_000, requestTimeout: 30_000 }, (req, res) => void this.handle(req, res));
+    // Node looks for connections past these timeouts every connectionsCheckingInterval (30 s by default): every second here.
+    this.server = createServer({ maxHeaderSize: 16 * 1024, headersTimeout: 10_000, requestTimeout: 30_000, connectionsCheckingInterval: 1_000 }, (req, res) => void this.handle(req, res));
     this.server.keepAliveTimeout = 5_000;
     this.server.maxConnections = 128;
   }
