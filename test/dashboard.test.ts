@@ -15,6 +15,8 @@ import { CLI, cliEnv, expectRefused, vhdvault, vhdvaultAsync } from './helpers/c
 import { Daemon, killDaemons } from './helpers/daemon.js';
 import { makeRaw, tempDir } from './helpers/files.js';
 import { initRepo } from './helpers/store.js';
+import { Repository } from '../src/store/repository.js';
+import { writeVmRecord } from '../src/store/vmRecord.js';
 // @ts-expect-error: the package ships no types; its output is described below.
 import parsePrometheus from 'parse-prometheus-text-format';
 
@@ -151,6 +153,33 @@ describe('vhdvault ui on a repository two job runs filled', () => {
     expect(post.status).toBe(409);
     expect(JSON.parse(post.body).error).toMatch(/vhdvault ui.*schedules nothing/);
     expect((await text(`${base}/api/dashboard`, { method: 'DELETE' })).status).toBe(405);
+  });
+});
+
+describe('a VM backup', () => {
+  it('has a page: its backups, how each was made consistent, its disks\' backups and the commands to restore and boot it', async () => {
+    const vmRepo = join(dir, 'vm-repo');
+    await initRepo(vmRepo, 'dir');
+    const disks: Record<string, string> = {};
+    for (const target of ['vda', 'vdb']) {
+      const r = await vhdvaultAsync('backup', vmRepo, `web.${target}`, '--source', join(dir, 'alpha.raw'), '--json');
+      disks[target] = (JSON.parse(r.stdout) as { id: string }).id;
+    }
+    const definition = { kind: 'qemu' as const, machine: 'pc', memoryMiB: 256, cpus: 1, kernel: null, initrd: null, append: null, disks: [], agent: true };
+    const id = disks.vdb!;
+    await writeVmRecord(await Repository.open(vmRepo), { format: 1, vm: 'web', id, createdAt: new Date().toISOString(), disks, quiesced: true, frozenMs: 42, pausedMs: null, checkpoint: null, definition });
+    const base = await ui(vmRepo, '--http', '127.0.0.1:0');
+    const overview = await text(`${base}/`);
+    expect(overview.body).toContain('<a href="/vms/0/web">web</a>');
+    const { status, body } = await text(`${base}/vms/0/web`);
+    expect(status).toBe(200);
+    const seen = visible(body);
+    expect(seen).toContain(`VM web In ${vmRepo} : 1 VM backup.`);
+    expect(seen).toMatch(new RegExp(`${id} · quiesced \\(frozen 42 ms\\) · QEMU vda ${disks.vda} vdb ${disks.vdb}`));
+    expect(seen).toContain(`vhdvault vm restore ${vmRepo} web web-restored --backup ${id}`);
+    expect(seen).toContain(`vhdvault vm boot-check ${vmRepo} web --backup ${id}`);
+    expect((await text(`${base}/vms/0/nope`)).status).toBe(404);
+    expect((await text(`${base}/vms/0/..%2F..%2Fvhdvault.json`)).status).toBe(404);
   });
 });
 

@@ -19,7 +19,8 @@ import { type Asset, loadAssets } from './assets.js';
 import { type DashboardDocument, type LiveState, readDashboard } from './dashboard.js';
 import { html } from './html.js';
 import { MetricsExporter } from './metrics.js';
-import { diskPage, overviewPage, page, runPage, type TrendSeries, trendsPage } from './pages.js';
+import { vmNames, vmRecords } from '../store/vmRecord.js';
+import { diskPage, overviewPage, page, runPage, type TrendSeries, trendsPage, vmPage } from './pages.js';
 
 export interface DashboardSources {
   /** The jobs as they are now (a daemon reloads them). */
@@ -131,6 +132,7 @@ export class DashboardServer {
     if (s[0] === 'jobs' && s[2] === 'runs' && s.length === 4) return this.send(req, res, 200, htmlType, runPage(await this.run(s[1]!, s[3]!)));
     if (s[0] === 'api' && s[1] === 'runs' && s.length === 4) return json(await this.run(s[2]!, s[3]!));
     if (s[0] === 'disks' && s.length === 3) return this.send(req, res, 200, htmlType, await this.disk(s[1]!, s[2]!));
+    if (s[0] === 'vms' && s.length === 3) return this.send(req, res, 200, htmlType, await this.vm(s[1]!, s[2]!));
     if (route === 'api/history') {
       const repo = await this.repository(query.get('repository') ?? '0');
       const runs = await loadRunReports(repo);
@@ -253,6 +255,13 @@ export class DashboardServer {
     const reports = status.job === null ? [] : await loadRunReports(repo, status.job);
     const runs = reports.flatMap((report) => report.disks.filter((d) => d.disk === disk).map((d) => ({ report, disk: d })));
     return diskPage(status, backups, runs);
+  }
+
+  private async vm(index: string, vm: string): Promise<string> {
+    const repo = await this.repository(index);
+    // Only a name the repository lists reaches its storage.
+    if (!(await vmNames(repo)).includes(vm)) throw new HttpError(404, `no VM ${JSON.stringify(vm)} in repository number ${index}`);
+    return vmPage(vm, repo.root, await vmRecords(repo, vm));
   }
 
   private async trends(): Promise<TrendSeries[]> {

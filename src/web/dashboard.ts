@@ -12,6 +12,7 @@ import { loadRunReports, type DiskRun, type JobRunReport } from '../jobs/runRepo
 import { nextRunAfter, previousRunBefore } from '../jobs/schedule.js';
 import type { BackupMetadata } from '../store/metadata.js';
 import type { Repository } from '../store/repository.js';
+import { vmNames } from '../store/vmRecord.js';
 
 import { DASHBOARD_FORMAT } from './format.js';
 
@@ -114,7 +115,10 @@ export async function readDashboard(jobs: readonly Job[], repositories: readonly
         doc.disks.push(diskStatus(d.disk, d.vm, job, root, backups.get(d.disk) ?? [], own, live, now));
       }
     }
-    for (const [disk, list] of backups) if (!claimed.has(disk)) doc.disks.push(diskStatus(disk, null, null, root, list, [], live, now));
+    // A disk no job given here names: a VM's when the repository keeps that VM's backups.
+    const vms = await vmNames(repo).catch(() => [] as string[]);
+    const vmOf = (disk: string) => vms.find((vm) => disk.startsWith(`${vm}.`)) ?? null;
+    for (const [disk, list] of backups) if (!claimed.has(disk)) doc.disks.push(diskStatus(disk, vmOf(disk), null, root, list, [], live, now));
     const all = [...backups.values()].flat();
     doc.repositories.push({ repository: root, disks: backups.size, backups: all.length, bytesStored: sum(all.map((b) => b.bytesStored)), problem: null });
   }

@@ -5,6 +5,7 @@
  */
 import type { DiskRun, JobRunReport } from '../jobs/runReport.js';
 import type { BackupMetadata } from '../store/metadata.js';
+import type { VmRecord } from '../store/vmRecord.js';
 import { formatBytes } from '../util/sizes.js';
 import type { DashboardDocument, DiskState, DiskStatus } from './dashboard.js';
 import { duration, html, Html, urlPart } from './html.js';
@@ -29,6 +30,7 @@ export function page(title: string, body: Html, scripts: string[] = []): string 
 }
 
 export const diskLink = (d: { repository: string; disk: string }, repoIndex: number) => `/disks/${repoIndex}/${urlPart(d.disk)}`;
+export const vmLink = (vm: string, repoIndex: number) => `/vms/${repoIndex}/${urlPart(vm)}`;
 export const runLink = (job: string, runId: string) => `/jobs/${urlPart(job)}/runs/${urlPart(runId)}`;
 
 export function overviewPage(doc: DashboardDocument): string {
@@ -54,7 +56,7 @@ function diskTable(disks: DiskStatus[], repoIndex: (root: string) => number): Ht
   return html`<table id="disks"><thead><tr><th>disk</th><th>job</th><th>state</th><th>last backup</th><th>age</th><th>size</th><th>last run</th></tr></thead><tbody>
 ${disks.map(
   (d) => html`<tr data-disk="${d.disk}" data-repository="${d.repository}" class="${d.state}">
-<td><a href="${diskLink(d, repoIndex(d.repository))}">${d.disk}</a>${d.vm && d.vm !== d.disk ? html` <span class="muted">(VM ${d.vm})</span>` : ''}</td>
+<td><a href="${diskLink(d, repoIndex(d.repository))}">${d.disk}</a>${d.vm && d.latest ? html` <span class="muted">(VM <a href="${vmLink(d.vm, repoIndex(d.repository))}">${d.vm}</a>)</span>` : d.vm ? html` <span class="muted">(VM)</span>` : ''}</td>
 <td>${d.job ?? html`<span class="muted">—</span>`}</td>
 <td class="state"><span class="pill ${d.state}">${STATE_WORDS[d.state]}</span>${d.progress !== null ? html` <progress max="1" value="${d.progress.toFixed(3)}"></progress> ${Math.round(d.progress * 100)}%` : ''}</td>
 <td>${d.latest ? html`${d.latest.kind} <code>${d.latest.id}</code>` : '—'}</td>
@@ -135,6 +137,21 @@ ${runs.length === 0 ? html`<p class="muted">No job run recorded for this disk.</
     .reverse()
     .map(({ report, disk }) => html`<tr><td><a href="${runLink(report.job, report.runId)}">${report.startedAt}</a></td><td><span class="pill ${disk.ok ? 'ok' : 'failed'}">${disk.ok ? disk.kind ?? 'ok' : 'failed'}</span>${disk.error ? html` <span class="error">${disk.error}</span>` : ''}</td><td>${duration(disk.durationMs / 1000)}</td><td>${disk.boundingStage ?? '—'}</td><td>${report.verify ? (report.verify.ok ? 'ok' : html`<span class="error">${report.verify.problems.join('; ')}</span>`) : '—'}</td></tr>`)}</tbody></table>`}`;
   return page(status.disk, body);
+}
+
+/** A VM: its backups (each its disks' backups at one instant), how each was made consistent, and the commands to restore or boot one. */
+export function vmPage(vm: string, repository: string, records: VmRecord[]): string {
+  const body = html`
+<h1>VM ${vm}</h1>
+<p>In <code>${repository}</code>: ${records.length} VM backup${records.length === 1 ? '' : 's'}.</p>
+${records.length === 0 ? html`<p class="muted">No VM backup yet.</p>` : ''}
+<ol class="chain vm">${[...records].reverse().map(
+    (r) => html`<li data-id="${r.id}"><strong>${r.createdAt}</strong> <code>${r.id}</code> · ${r.quiesced ? `quiesced (frozen ${r.frozenMs ?? '?'} ms)` : r.pausedMs !== null ? `paused ${r.pausedMs} ms` : 'crash-consistent'} · ${r.definition.kind === 'libvirt' ? 'libvirt domain' : 'QEMU'}${r.checkpoint ? html` · checkpoint <code>${r.checkpoint}</code>` : ''}
+<br>${Object.entries(r.disks).map(([target, id]) => html`<span class="muted">${target}</span> <code>${id}</code> `)}
+<details><summary>restore or boot this VM backup</summary><pre>vhdvault vm restore ${repository} ${vm} ${vm}-restored --backup ${r.id}
+vhdvault vm boot-check ${repository} ${vm} --backup ${r.id}</pre></details></li>`,
+  )}</ol>`;
+  return page(`VM ${vm}`, body);
 }
 
 export interface TrendSeries {
