@@ -208,17 +208,19 @@ export class VhdDirectory implements WritableVhdDisk {
    * block, or looks sealed: readChunk then reads it and names what is wrong.
    */
   private async readPlainBlockFile(name: string): Promise<Buffer | null> {
-    // One byte more than a block: a longer file fills it and is left to readChunk.
+    // One byte more than a block: a longer file shows by filling it, and a
+    // file of the right size is read whole by its first read (no read at its end).
     const buffer = takeBuffer(this.storedBlockSize + 1);
     let fh: FileHandle;
     try {
       fh = await open(join(this.path, name), 'r');
     } catch {
+      releaseBuffer(buffer);
       return null;
     }
     try {
       let n = 0;
-      while (n < buffer.length) {
+      while (n < this.storedBlockSize) {
         const { bytesRead } = await fh.read(buffer, n, buffer.length - n, n);
         if (bytesRead === 0) break;
         n += bytesRead;
