@@ -11,6 +11,10 @@
  *   BENCH_ROUNDS    rounds (default 3); each round runs every tool once, the order rotating
  *   BENCH_DIR       where to work (default: the OS temp dir); a temp dir is made inside and removed
  *   BENCH_TOOLS     comma-separated subset of vhdvault,borg,restic (default: all present)
+ *   BENCH_PARTS     comma-separated subset of steps,nbd,convert,probe (default: all): steps are
+ *                   the four steps of every tool, nbd the vhdvault delta from a dirty bitmap,
+ *                   convert the VHD → raw comparison, probe the durability probe; leaving some
+ *                   out shortens a run spent on the others (the JSON then lacks their rows)
  *
  * Installs nothing: a tool (borg, restic, qemu-img, qemu-nbd, qemu-io, strace,
  * /usr/bin/time) that is missing is skipped, and the output says so. On Debian:
@@ -536,6 +540,7 @@ async function main(): Promise<void> {
   const say = (s: string) => (json ? process.stderr : process.stdout).write(s + '\n');
 
   haveTime = existsSync('/usr/bin/time');
+  const parts = (process.env.BENCH_PARTS ?? 'steps,nbd,convert,probe').split(',').map((t) => t.trim());
   const wanted = (process.env.BENCH_TOOLS ?? 'vhdvault,borg,restic').split(',').map((t) => t.trim());
   const skipped: Array<{ tool: string; reason: string }> = [];
   const tools: Tool[] = [];
@@ -547,9 +552,10 @@ async function main(): Promise<void> {
   }
   const haveQemu = ['qemu-img', 'qemu-nbd', 'qemu-io'].filter((c) => !which(c));
   const nbdRow = tools.some((t) => t.name === 'vhdvault') && haveQemu.length === 0;
+  const [stepRows, nbdDelta, convertRow] = [parts.includes('steps'), nbdRow && parts.includes('nbd'), nbdRow && parts.includes('convert')];
   if (!nbdRow && tools.some((t) => t.name === 'vhdvault')) skipped.push({ tool: 'vhdvault NBD dirty bitmap, qemu-img convert', reason: `${haveQemu.join(', ')} not found on PATH` });
   if (!haveTime) skipped.push({ tool: 'peak memory', reason: '/usr/bin/time (GNU time) not found' });
-  const haveStrace = which('strace');
+  const haveStrace = which('strace') && parts.includes('probe');
   if (!haveStrace) skipped.push({ tool: 'durability probe', reason: 'strace not found on PATH' });
   for (const s of skipped) log(`bench: skipping ${s.tool}: ${s.reason}`);
 
@@ -581,7 +587,7 @@ async function main(): Promise<void> {
     // The NBD source for vhdvault's bitmap delta: a qcow2 copy of the disk with a
     // persistent bitmap, the same writes replayed by qemu-io, exported read-only.
     let nbdUri = '';
-    if (nbdRow) {
+    if (nbdDelta) {
       log('bench: making the qcow2 image with a dirty bitmap for the NBD delta ...');
       const exported = await bitmapExport(work, 'nbd', p.base, writes);
       servers.push(exported.server);
@@ -591,14 +597,14 @@ async function main(): Promise<void> {
     // The VHD for the conversion comparison.
     const vhd = join(work, 'disk.vhd');
     const converted = join(work, 'converted.raw');
-    if (nbdRow) await mustRun(process.execPath, [CLI, 'vhd', 'convert', p.base, vhd]);
+    if (convertRow) await mustRun(process.execPath, [CLI, 'vhd', 'convert', p.base, vhd]);
 
     const samples = new Map<string, Sample[]>();
     const convertSamples = new Map<string, Sample[]>();
     for (let r = 0; r < rounds; r++) {
       const order = tools.map((_, i) => tools[(i + r) % tools.length]!);
-      for (const tool of order) await roundOf(tool, p, writes, samples, log, r + 1);
-      if (nbdRow) {
+      if (stepRows) for (const tool of order) await roundOf(tool, p, writes, samples, log, r + 1);
+      if (nbdDelta) {
         // vhdvault only: a full from the file, then the delta from the bitmap (timed).
         const repo = join(work, 'nbd-repo');
         try {
@@ -616,6 +622,8 @@ async function main(): Promise<void> {
         } finally {
           await rm(repo, { recursive: true, force: true });
         }
+      }
+      if (convertRow) {
         // Conversion VHD → raw, both synced, alternating which goes first.
         const ways: Array<[string, () => Promise<Measured>]> = [
           ['vhdvault vhd convert', () => runOne(node(['vhd', 'convert', vhd, converted]), {}, p.timeFile)],
@@ -653,7 +661,7 @@ async function main(): Promise<void> {
       }
     }
     const deltaAdded: Record<string, number> = {};
-    for (const tool of tools) {
+    for (const tool of stepRows ? tools : []) {
       const full = samples.get(`${tool.name}\0full`)!;
       const delta = samples.get(`${tool.name}\0delta`)!;
       deltaAdded[tool.name] = Math.round(median(delta.map((d, i) => d.repoBytes - full[i]!.repoBytes)));

@@ -48,7 +48,7 @@ export async function verifiedChain(repo: Repository, meta: BackupMetadata): Pro
   const readBlock = async (block: number): Promise<Buffer | null> => {
     const data = await chain.readBlock(block);
     const expected = await digests.get(block);
-    if (!(data ? repo.digester.of(data) : zero).equals(expected)) {
+    if (!(data ? await repo.digester.ofOffThread(data) : zero).equals(expected)) {
       const holder = chain.members.find((m) => m.isAllocated(block));
       const where = holder ? ` (block stored in backup ${backupIdOf(holder.path)})` : ' (no backup of the chain stores it)';
       throw new VaultError(repo.diskDir(meta.disk), `backup ${meta.id} block ${block} does not match its digest${where}`);
