@@ -11,9 +11,10 @@
  *   BENCH_ROUNDS    rounds (default 3); each round runs every tool once, the order rotating
  *   BENCH_DIR       where to work (default: the OS temp dir); a temp dir is made inside and removed
  *   BENCH_TOOLS     comma-separated subset of vhdvault,borg,restic (default: all present)
- *   BENCH_PARTS     comma-separated subset of steps,nbd,convert,probe (default: all): steps are
- *                   the four steps of every tool, nbd the vhdvault delta from a dirty bitmap,
- *                   convert the VHD → raw comparison, probe the durability probe; leaving some
+ *   BENCH_PARTS     comma-separated subset of steps,nbd,convert,probe,locality (default: all): steps
+ *                   are the four steps of every tool, nbd the vhdvault delta from a dirty bitmap,
+ *                   convert the VHD → raw comparison, probe the durability probe, locality the
+ *                   delta sizes for writes of 4 KiB, 64 KiB and 1 MiB; leaving some
  *                   out shortens a run spent on the others (the JSON then lacks their rows)
  *
  * Installs nothing: a tool (borg, restic, qemu-img, qemu-nbd, qemu-io, strace,
@@ -540,7 +541,7 @@ async function main(): Promise<void> {
   const say = (s: string) => (json ? process.stderr : process.stdout).write(s + '\n');
 
   haveTime = existsSync('/usr/bin/time');
-  const parts = (process.env.BENCH_PARTS ?? 'steps,nbd,convert,probe').split(',').map((t) => t.trim());
+  const parts = (process.env.BENCH_PARTS ?? 'steps,nbd,convert,probe,locality').split(',').map((t) => t.trim());
   const wanted = (process.env.BENCH_TOOLS ?? 'vhdvault,borg,restic').split(',').map((t) => t.trim());
   const skipped: Array<{ tool: string; reason: string }> = [];
   const tools: Tool[] = [];
@@ -650,7 +651,7 @@ async function main(): Promise<void> {
       }
     }
 
-    const locality = tools.some((t) => t.name === 'vhdvault') ? await localityStudy(p, size, nbdRow, servers, log) : [];
+    const locality = tools.some((t) => t.name === 'vhdvault') && parts.includes('locality') ? await localityStudy(p, size, nbdRow, servers, log) : [];
 
     // The rows: each tool's steps, then "bytes the delta added" (delta minus full, per round).
     const rows: Row[] = [];
