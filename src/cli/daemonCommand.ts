@@ -1,7 +1,7 @@
 import { Command } from 'commander';
 import type { DaemonEvent } from '../jobs/daemon.js';
 import { UsageError } from '../util/errors.js';
-import { HTTP_HELP, type HttpOptions, serveDashboard, TOKEN_HELP } from './dashboardCommand.js';
+import { HTTP_HELP, type HttpOptions, planDashboard, repositoryOpener, serveDashboard, TOKEN_HELP } from './dashboardCommand.js';
 import { JSON_FORMATS, printJsonLine } from './json.js';
 
 /** `vhdvault daemon <folder-or-file>...`: the jobs on their schedules, one event per line, until SIGTERM/SIGINT. */
@@ -14,6 +14,8 @@ export function daemonCommand(): Command {
     .option('--token-file <file>', TOKEN_HELP)
     .action(async (paths: string[], opts: { json?: boolean } & HttpOptions) => {
       if (opts.tokenFile !== undefined && opts.http === undefined) throw new UsageError('--token-file is for the dashboard: give --http too');
+      // Before any job is loaded or scheduled: a bad address or token file stops nothing that started.
+      const plan = opts.http === undefined ? null : await planDashboard(opts);
       const loaded = { count: 0 };
       const emit = (e: DaemonEvent) => {
         if (e.event === 'loaded') loaded.count++;
@@ -40,7 +42,7 @@ export function daemonCommand(): Command {
       await started;
       if (loaded.count === 0) throw new UsageError(`no valid job in ${paths.join(', ')}`);
       let dashboard: { stop: () => Promise<void> } | null = null;
-      if (opts.http !== undefined) {
+      if (plan !== null) {
         const sources = {
           jobs: () => daemon.scheduledJobs(),
           repositories: [],
@@ -48,7 +50,7 @@ export function daemonCommand(): Command {
           runNow: (job: string) => daemon.runNow(job),
         };
         try {
-          const served = await serveDashboard(opts, sources, (line) => console.error(`vhdvault: ${line}`));
+          const served = await serveDashboard(plan, sources, repositoryOpener(), (line) => console.error(`vhdvault: ${line}`));
           dashboard = served;
           emit({ event: 'listening', message: `dashboard at ${served.url}` });
         } catch (err) {

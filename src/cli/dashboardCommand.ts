@@ -5,6 +5,7 @@ import type { Job } from '../jobs/jobFile.js';
 import type { Repository } from '../store/repository.js';
 import { UsageError } from '../util/errors.js';
 import type { DashboardSources } from '../web/DashboardServer.js';
+import type { ListenAddress } from '../web/access.js';
 
 export interface HttpOptions {
   http?: string | true;
@@ -14,37 +15,47 @@ export interface HttpOptions {
 export const HTTP_HELP = 'serve the dashboard, /api and /metrics on <host:port> (default 127.0.0.1:8080; any other than loopback needs --token-file)';
 export const TOKEN_HELP = 'a file whose first line is the bearer token every request must carry';
 
-/**
- * Starts the dashboard's server for `daemon --http` and `ui`: a usage error
- * (exit 2) for an address that is not loopback without a token, before
- * anything listens. Resolves to a function that stops it.
- */
-export async function serveDashboard(opts: HttpOptions, sources: Omit<DashboardSources, 'open'>, log: (line: string) => void): Promise<{ url: string; stop: () => Promise<void> }> {
-  const { DEFAULT_LISTEN, isLoopback, parseListen, readToken } = await import('../web/access.js');
+/** What `--http` and `--token-file` ask for, checked before anything starts: usage errors exit 2, a bad token file 1. */
+export interface DashboardPlan {
+  listen: ListenAddress;
+  token: string | null;
+}
+
+export async function planDashboard(opts: HttpOptions): Promise<DashboardPlan> {
+  const { DEFAULT_LISTEN, isLoopback, parseListen, readToken, showListen } = await import('../web/access.js');
   const listen = parseListen(typeof opts.http === 'string' ? opts.http : DEFAULT_LISTEN);
   if (!isLoopback(listen.host) && opts.tokenFile === undefined) {
-    throw new UsageError(`--http ${listen.host}:${listen.port}: listening beyond this host (not a loopback address) needs --token-file`);
+    throw new UsageError(`--http ${showListen(listen)}: listening beyond this host (not a loopback address) needs --token-file`);
   }
-  const token = opts.tokenFile === undefined ? null : await readToken(opts.tokenFile);
-  const { DashboardServer } = await import('../web/DashboardServer.js');
-  const server = new DashboardServer({ ...sources, open: repositoryOpener() }, { listen, token, log });
+  return { listen, token: opts.tokenFile === undefined ? null : await readToken(opts.tokenFile) };
+}
+
+/** Starts the dashboard's server as planned; resolves to its URL and a function that stops it. */
+export async function serveDashboard(plan: DashboardPlan, sources: Omit<DashboardSources, 'open'>, open: (path: string) => Promise<Repository>, log: (line: string) => void): Promise<{ url: string; stop: () => Promise<void> }> {
+  const [{ DashboardServer }, { showListen }] = await Promise.all([import('../web/DashboardServer.js'), import('../web/access.js')]);
+  const server = new DashboardServer({ ...sources, open }, { listen: plan.listen, token: plan.token, log });
   const url = await server.start().catch((err: NodeJS.ErrnoException) => {
-    throw new UsageError(`--http ${listen.host}:${listen.port}: cannot listen (${err.code ?? err.message})`);
+    throw new UsageError(`--http ${showListen(plan.listen)}: cannot listen (${err.code ?? err.message})`);
   });
   return { url, stop: () => server.stop() };
 }
 
-/** Opens each repository once for the server's life (an encrypted one's key is derived once); a failure is tried again next time. */
-function repositoryOpener(): (path: string) => Promise<Repository> {
-  const open = new Map<string, Promise<Repository>>();
+/** How long a repository that would not open is left alone: a wrong password is not tried (a key derived) on every request. */
+const RETRY_OPEN_MS = 30_000;
+
+/** Opens each repository once for the server's life (an encrypted one's key is derived once); a failure is tried again after RETRY_OPEN_MS. */
+export function repositoryOpener(): (path: string) => Promise<Repository> {
+  const open = new Map<string, { at: number; repo: Promise<Repository>; failed: boolean }>();
   return (path) => {
-    let p = open.get(path);
-    if (!p) {
-      p = import('../store/repository.js').then(({ Repository }) => Repository.open(path));
-      open.set(path, p);
-      p.catch(() => open.delete(path));
-    }
-    return p;
+    const known = open.get(path);
+    if (known && (!known.failed || Date.now() - known.at < RETRY_OPEN_MS)) return known.repo;
+    const entry = { at: Date.now(), repo: import('../store/repository.js').then(({ Repository }) => Repository.open(path)), failed: false };
+    entry.repo.catch(() => {
+      entry.failed = true;
+      entry.at = Date.now();
+    });
+    open.set(path, entry);
+    return entry.repo;
   };
 }
 
@@ -56,9 +67,13 @@ export function uiCommand(): Command {
     .option('--http <host:port>', HTTP_HELP)
     .option('--token-file <file>', TOKEN_HELP)
     .action(async (args: string[], opts: HttpOptions) => {
+      const plan = await planDashboard(opts);
       const { jobs, repositories } = await sortArguments(args);
       const { NO_LIVE_STATE } = await import('../web/dashboard.js');
-      const { url, stop } = await serveDashboard(opts, { jobs: () => jobs, repositories, live: NO_LIVE_STATE }, (line) => console.error(`vhdvault: ${line}`));
+      // Opened before listening: a password prompt comes now, not when the first page is asked for. What fails is shown on the pages.
+      const open = repositoryOpener();
+      for (const root of new Set([...repositories, ...jobs.map((j) => j.repository)])) await open(root).catch(() => undefined);
+      const { url, stop } = await serveDashboard(plan, { jobs: () => jobs, repositories, live: NO_LIVE_STATE }, open, (line) => console.error(`vhdvault: ${line}`));
       const repos = new Set([...repositories, ...jobs.map((j) => j.repository)]).size;
       console.log(`vhdvault ui: ${url} (${jobs.length} job${jobs.length === 1 ? '' : 's'}, ${repos} repositor${repos === 1 ? 'y' : 'ies'})`);
       await new Promise<void>((done) => {

@@ -12,7 +12,7 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import type { AddressInfo } from 'node:net';
 import { diskTrends, JOB_HISTORY_FORMAT } from '../jobs/history.js';
 import type { Job } from '../jobs/jobFile.js';
-import { loadRunReports } from '../jobs/runReport.js';
+import { type JobRunReport, loadRunReports } from '../jobs/runReport.js';
 import type { Repository } from '../store/repository.js';
 import { type ListenAddress, isLoopback, sameToken, TOKEN_COOKIE, tokenOf } from './access.js';
 import { type Asset, loadAssets } from './assets.js';
@@ -52,6 +52,7 @@ class HttpError extends Error {
   constructor(
     readonly status: number,
     message: string,
+    readonly headers: Record<string, string> = {},
   ) {
     super(message);
   }
@@ -61,7 +62,9 @@ export class DashboardServer {
   private readonly server: Server;
   private readonly assets = loadAssets();
   private readonly metrics = new MetricsExporter();
-  private cached: { at: number; doc: Promise<{ doc: DashboardDocument; ms: number }> } | null = null;
+  /** Reads of the repositories by what they read: each serves every request for a second, and while it is still going. */
+  private readonly reads = new Map<string, { at: number; value: Promise<unknown> }>();
+  private wrongTokens = { logged: 0, since: 0 };
 
   constructor(
     private readonly sources: DashboardSources,
@@ -106,13 +109,14 @@ export class DashboardServer {
       if (segments[0] === 'login' && segments.length === 1 && req.method === 'POST') return await this.login(req, res);
       if (!this.authorized(req)) return this.askToken(req, res, null);
       if (req.method === 'POST') return await this.post(req, res, segments);
-      if (req.method !== 'GET' && req.method !== 'HEAD') throw new HttpError(405, `${req.method ?? '?'}: only GET, HEAD and POST /api/jobs/<job>/run`);
+      if (req.method !== 'GET' && req.method !== 'HEAD') throw new HttpError(405, `${req.method ?? '?'}: only GET, HEAD and POST /api/jobs/<job>/run`, { Allow: 'GET, HEAD, POST' });
       await this.get(req, res, segments, url.searchParams);
     } catch (err) {
       const status = err instanceof HttpError ? err.status : 500;
       const message = err instanceof Error ? err.message.split('\n')[0]! : String(err);
       if (status === 500) this.options.log(`dashboard: ${req.method} ${req.url}: ${message}`);
-      if (!res.headersSent) this.send(req, res, status, wantsHtml(req) ? 'text/html; charset=utf-8' : 'application/json', wantsHtml(req) ? page(`Error ${status}`, html`<h1>Error ${status}</h1><p class="error">${message}</p>`) : JSON.stringify({ error: message }));
+      const headers = err instanceof HttpError ? err.headers : {};
+      if (!res.headersSent) this.send(req, res, status, wantsHtml(req) ? 'text/html; charset=utf-8' : 'application/json', wantsHtml(req) ? page(`Error ${status}`, html`<h1>Error ${status}</h1><p class="error">${message}</p>`) : JSON.stringify({ error: message }), headers);
       else res.destroy();
     }
   }
@@ -121,7 +125,7 @@ export class DashboardServer {
     const htmlType = 'text/html; charset=utf-8';
     const json = (body: unknown) => this.send(req, res, 200, 'application/json', JSON.stringify(body, null, 2));
     const route = s.join('/');
-    if (route === '') return this.send(req, res, 200, htmlType, overviewPage((await this.document()).doc));
+    if (route === '') return this.send(req, res, 200, htmlType, overviewPage((await this.document()).doc, this.sources.runNow !== undefined));
     if (route === 'trends') return this.send(req, res, 200, htmlType, trendsPage(await this.trends(), TRENDS_RUNS));
     if (route === 'metrics') {
       const { doc, ms } = await this.document();
@@ -134,24 +138,23 @@ export class DashboardServer {
     if (s[0] === 'disks' && s.length === 3) return this.send(req, res, 200, htmlType, await this.disk(s[1]!, s[2]!));
     if (s[0] === 'vms' && s.length === 3) return this.send(req, res, 200, htmlType, await this.vm(s[1]!, s[2]!));
     if (route === 'api/history') {
-      const repo = await this.repository(query.get('repository') ?? '0');
-      const runs = await loadRunReports(repo);
+      const runs = await this.reports((await this.repositoryEntry(query.get('repository') ?? '0')).repository);
       return json({ format: JOB_HISTORY_FORMAT, runs, trends: diskTrends(runs) });
     }
     throw new HttpError(404, `no page at /${route}`);
   }
 
   private async post(req: IncomingMessage, res: ServerResponse, s: string[]): Promise<void> {
-    if (!(s[0] === 'api' && s[1] === 'jobs' && s[3] === 'run' && s.length === 4)) throw new HttpError(405, 'the only thing to POST is /api/jobs/<job>/run');
+    if (!(s[0] === 'api' && s[1] === 'jobs' && s[3] === 'run' && s.length === 4)) throw new HttpError(405, 'the only thing to POST is /api/jobs/<job>/run', { Allow: 'GET, HEAD' });
     // A page of another site may make the browser post here; the browser says where it came from.
     const site = req.headers['sec-fetch-site'];
-    if (site === 'cross-site' || (req.headers.origin !== undefined && new URL(req.headers.origin).host !== req.headers.host)) throw new HttpError(403, 'a run is started from this dashboard only');
+    if (site === 'cross-site' || (req.headers.origin !== undefined && originHost(req.headers.origin) !== req.headers.host)) throw new HttpError(403, 'a run is started from this dashboard only');
     if (!this.sources.runNow) throw new HttpError(409, 'this is `vhdvault ui`: it schedules nothing; run the job with `vhdvault job run` or from a daemon with --http');
     const job = s[2]!;
     if (!this.sources.jobs().some((j) => j.name === job)) throw new HttpError(404, `no job named ${JSON.stringify(job)}`);
     const refused = this.sources.runNow(job);
     if (refused !== null) throw new HttpError(409, refused);
-    this.cached = null;
+    this.reads.clear();
     this.options.log(`dashboard: run of ${job} started from ${req.socket.remoteAddress ?? '?'}`);
     if (wantsHtml(req)) {
       res.writeHead(303, { Location: '/', 'Cache-Control': 'no-store' });
@@ -161,6 +164,7 @@ export class DashboardServer {
   }
 
   private async login(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    if (this.options.token === null) throw new HttpError(404, 'this dashboard takes no token: there is nothing to log in to');
     const body = await readBody(req);
     const given = new URLSearchParams(body).get('token') ?? '';
     if (this.options.token === null || !sameToken(given, this.options.token)) return this.askToken(req, res, 'That is not the token.');
@@ -172,15 +176,25 @@ export class DashboardServer {
     if (this.options.token === null) return true;
     const given = tokenOf(req.headers);
     const ok = given !== null && sameToken(given, this.options.token);
-    if (!ok && given !== null) this.options.log(`dashboard: refused ${req.socket.remoteAddress ?? '?'}: wrong token`);
+    if (!ok && given !== null) this.logWrongToken(req);
     return ok;
+  }
+
+  /** One line a minute at most, with the count: wrong tokens must not flood the log. */
+  private logWrongToken(req: IncomingMessage): void {
+    const now = Date.now();
+    this.wrongTokens.logged++;
+    if (now - this.wrongTokens.since < 60_000) return;
+    this.options.log(`dashboard: refused ${this.wrongTokens.logged} request(s) with a wrong token (the last from ${req.socket.remoteAddress ?? '?'})`);
+    this.wrongTokens = { logged: 0, since: now };
   }
 
   /** Without a token, only requests naming a loopback host: a DNS-rebound name is refused. */
   private addressedHere(req: IncomingMessage): boolean {
     if (this.options.token !== null) return true;
-    const host = (req.headers.host ?? '').replace(/:\d+$/, '').replace(/^\[(.*)\]$/, '$1');
-    return isLoopback(host);
+    const host = (req.headers.host ?? '').toLowerCase();
+    const name = host.startsWith('[') ? host.replace(/^\[(.*)\](:\d+)?$/, '$1') : host.includes(':') && host.indexOf(':') === host.lastIndexOf(':') ? host.replace(/:\d+$/, '') : host;
+    return isLoopback(name);
   }
 
   private askToken(req: IncomingMessage, res: ServerResponse, problem: string | null): void {
@@ -212,48 +226,71 @@ export class DashboardServer {
     this.send(req, res, 200, a.type, a.body);
   }
 
-  /** The dashboard's document, read at most once a second however many ask. */
-  private document(): Promise<{ doc: DashboardDocument; ms: number }> {
+  /** What `read` gives, read at most once a second, and never twice at once, however many ask. */
+  private once<T>(key: string, read: () => Promise<T>): Promise<T> {
     const now = Date.now();
-    if (this.cached && now - this.cached.at < DOCUMENT_TTL_MS) return this.cached.doc;
-    const doc = (async () => {
+    const last = this.reads.get(key);
+    if (last && (now - last.at < DOCUMENT_TTL_MS || last.value === this.pending.get(key))) return last.value as Promise<T>;
+    const value = read();
+    this.reads.set(key, { at: now, value });
+    this.pending.set(key, value);
+    value.then(
+      () => this.pending.delete(key),
+      () => {
+        this.pending.delete(key);
+        if (this.reads.get(key)?.value === value) this.reads.delete(key);
+      },
+    );
+    return value;
+  }
+
+  private readonly pending = new Map<string, Promise<unknown>>();
+
+  /** The dashboard's document. */
+  private document(): Promise<{ doc: DashboardDocument; ms: number }> {
+    return this.once('document', async () => {
       const started = performance.now();
-      const d = await readDashboard(this.sources.jobs(), this.sources.repositories, this.sources.open, this.sources.live);
-      return { doc: d, ms: performance.now() - started };
-    })();
-    this.cached = { at: now, doc };
-    doc.catch(() => {
-      if (this.cached?.doc === doc) this.cached = null;
+      const doc = await readDashboard(this.sources.jobs(), this.sources.repositories, this.sources.open, this.sources.live);
+      return { doc, ms: performance.now() - started };
     });
-    return doc;
+  }
+
+  /** The run reports a repository of the document keeps (every job's). */
+  private reports(root: string) {
+    return this.once(`reports\0${root}`, async () => loadRunReports(await this.sources.open(root)));
   }
 
   /** The repository at this index of the document's list (a URL never carries a path). */
-  private async repository(index: string): Promise<Repository> {
+  private async repositoryEntry(index: string): Promise<{ repository: string; problem: string | null }> {
     const { doc } = await this.document();
     const entry = /^\d{1,4}$/.test(index) ? doc.repositories[Number(index)] : undefined;
     if (!entry) throw new HttpError(404, `no repository number ${JSON.stringify(index)}`);
-    return this.sources.open(entry.repository);
+    if (entry.problem !== null) throw new HttpError(503, `${entry.repository}: ${entry.problem}`);
+    return entry;
   }
 
-  private async run(jobName: string, runId: string) {
-    const job = this.sources.jobs().find((j) => j.name === jobName);
-    if (!job) throw new HttpError(404, `no job named ${JSON.stringify(jobName)}`);
-    const reports = await loadRunReports(await this.sources.open(job.repository), job.name);
-    const report = reports.find((r) => r.runId === runId);
-    if (!report) throw new HttpError(404, `job ${job.name} has no run ${JSON.stringify(runId)}`);
-    return report;
+  private async repository(index: string): Promise<Repository> {
+    return this.sources.open((await this.repositoryEntry(index)).repository);
+  }
+
+  /** A run of a job, looked for in every repository the dashboard reads (a job given or not). */
+  private async run(jobName: string, runId: string): Promise<JobRunReport> {
+    const { doc } = await this.document();
+    for (const r of doc.repositories.filter((x) => x.problem === null)) {
+      const found = (await this.reports(r.repository)).find((x) => x.job === jobName && x.runId === runId);
+      if (found) return found;
+    }
+    throw new HttpError(404, `no run ${JSON.stringify(runId)} of a job named ${JSON.stringify(jobName)}`);
   }
 
   private async disk(index: string, disk: string): Promise<string> {
     const { doc } = await this.document();
-    const repoEntry = /^\d{1,4}$/.test(index) ? doc.repositories[Number(index)] : undefined;
-    const status = doc.disks.find((d) => d.repository === repoEntry?.repository && d.disk === disk);
-    if (!repoEntry || !status) throw new HttpError(404, `no disk ${JSON.stringify(disk)} in repository number ${index}`);
-    const repo = await this.sources.open(repoEntry.repository);
+    const entry = await this.repositoryEntry(index);
+    const status = doc.disks.find((d) => d.repository === entry.repository && d.disk === disk);
+    if (!status) throw new HttpError(404, `no disk ${JSON.stringify(disk)} in repository number ${index}`);
+    const repo = await this.sources.open(entry.repository);
     const backups = status.backups > 0 ? await repo.backups(disk) : [];
-    const reports = status.job === null ? [] : await loadRunReports(repo, status.job);
-    const runs = reports.flatMap((report) => report.disks.filter((d) => d.disk === disk).map((d) => ({ report, disk: d })));
+    const runs = (await this.reports(entry.repository)).flatMap((report) => report.disks.filter((d) => d.disk === disk).map((d) => ({ report, disk: d })));
     return diskPage(status, backups, runs);
   }
 
@@ -264,21 +301,30 @@ export class DashboardServer {
     return vmPage(vm, repo.root, await vmRecords(repo, vm));
   }
 
+  /** Every disk's successful runs in every readable repository, by job and disk. */
   private async trends(): Promise<TrendSeries[]> {
-    const out: TrendSeries[] = [];
-    for (const job of this.sources.jobs()) {
-      const reports = await loadRunReports(await this.sources.open(job.repository), job.name).catch(() => []);
-      const byDisk = new Map<string, TrendSeries>();
-      for (const r of reports) {
-        for (const d of r.disks) {
+    const { doc } = await this.document();
+    const byDisk = new Map<string, TrendSeries>();
+    for (const r of doc.repositories.filter((x) => x.problem === null)) {
+      for (const report of await this.reports(r.repository).catch(() => [])) {
+        for (const d of report.disks) {
           if (!d.ok) continue;
-          const series = byDisk.get(d.disk) ?? byDisk.set(d.disk, { job: job.name, disk: d.disk, points: [] }).get(d.disk)!;
-          series.points.push({ at: r.startedAt, seconds: d.durationMs / 1000, bytesWritten: d.bytesWritten ?? 0, bounding: d.boundingStage ?? null });
+          const k = `${r.repository}\0${report.job}\0${d.disk}`;
+          const series = byDisk.get(k) ?? byDisk.set(k, { job: report.job, disk: d.disk, points: [] }).get(k)!;
+          series.points.push({ at: report.startedAt, seconds: d.durationMs / 1000, bytesWritten: d.bytesWritten ?? 0, bounding: d.boundingStage ?? null });
         }
       }
-      for (const s of byDisk.values()) out.push({ ...s, points: s.points.slice(-TRENDS_RUNS) });
     }
-    return out;
+    return [...byDisk.values()].map((s) => ({ ...s, points: s.points.slice(-TRENDS_RUNS) }));
+  }
+}
+
+/** The host of an Origin header; null for `null` or anything that is not a URL. */
+function originHost(origin: string): string | null {
+  try {
+    return new URL(origin).host;
+  } catch {
+    return null;
   }
 }
 

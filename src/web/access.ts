@@ -30,6 +30,9 @@ export function parseListen(text: string, flag = '--http'): ListenAddress {
   return { host: host === '' ? '0.0.0.0' : host, port };
 }
 
+/** `host:port` as a person writes it: an IPv6 address in brackets. */
+export const showListen = (a: ListenAddress) => (a.host.includes(':') ? `[${a.host}]:${a.port}` : `${a.host}:${a.port}`);
+
 /** Whether only this host can reach the address. A name other than localhost may resolve anywhere: not loopback. */
 export function isLoopback(host: string): boolean {
   if (host === 'localhost') return true;
@@ -49,6 +52,8 @@ export async function readToken(file: string): Promise<string> {
     throw new VaultError(file, describeFsError(err));
   }
   const token = text.split(/\r?\n/)[0]!.trim();
+  // It travels as `Authorization: Bearer <token>`: one word.
+  if (/\s/.test(token)) throw new VaultError(file, 'the token must be one word (no spaces): e.g. openssl rand -hex 32 > ' + file);
   if (token.length < MIN_TOKEN_LENGTH) throw new VaultError(file, `the token must be at least ${MIN_TOKEN_LENGTH} characters (found ${token.length}): e.g. openssl rand -hex 32 > ${file}`);
   return token;
 }

@@ -26,7 +26,7 @@ code { font-size: 12px; }
 .error { color: var(--failed); }
 .pill { display: inline-block; padding: 0 .55em; border-radius: 1em; color: #fff; font-size: 12px; background: var(--muted); }
 .pill.ok { background: var(--ok); } .pill.late { background: var(--late); } .pill.failed { background: var(--failed); }
-.pill.never { background: var(--never); } .pill.running { background: var(--running); }
+.pill.never { background: var(--never); } .pill.running { background: var(--running); } .pill.unreadable { background: var(--failed); }
 .stages { display: flex; width: 320px; height: 18px; border-radius: 3px; overflow: hidden; font-size: 11px; color: #fff; }
 .stage { display: inline-block; overflow: hidden; white-space: nowrap; padding: 0 3px; background: #8c959f; }
 .stage.read { background: #0969da; } .stage.digest { background: #8250df; } .stage.compress { background: #bf8700; } .stage.write { background: #1a7f37; }
@@ -44,7 +44,7 @@ pre { background: #f6f8fa; padding: .6em; overflow-x: auto; }
 const LIVE = `
 (() => {
   const cell = (row, sel) => row && row.querySelector(sel);
-  const words = { ok: 'protected', late: 'late', failed: 'failed', never: 'never backed up', running: 'running', unscheduled: 'no job' };
+  const words = { ok: 'protected', late: 'late', failed: 'failed', never: 'never backed up', running: 'running', unscheduled: 'no job', unreadable: 'repository unreadable' };
   const age = (s) => { const u = [['d', 86400], ['h', 3600], ['min', 60], ['s', 1]]; const out = []; for (const [n, z] of u) { if (s >= z || (!out.length && z === 1)) { out.push(Math.floor(s / z) + ' ' + n); s %= z; } if (out.length === 2) break; } return out.join(' ') + ' ago'; };
   async function refresh() {
     let doc;

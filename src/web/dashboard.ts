@@ -11,7 +11,7 @@ import type { Job } from '../jobs/jobFile.js';
 import { loadRunReports, type DiskRun, type JobRunReport } from '../jobs/runReport.js';
 import { nextRunAfter, previousRunBefore } from '../jobs/schedule.js';
 import type { BackupMetadata } from '../store/metadata.js';
-import type { Repository } from '../store/repository.js';
+import { Repository } from '../store/repository.js';
 import { vmNames } from '../store/vmRecord.js';
 
 import { DASHBOARD_FORMAT } from './format.js';
@@ -21,9 +21,10 @@ export { DASHBOARD_FORMAT };
 /**
  * `ok`: backed up since the schedule last fired; `late`: not; `failed`: its
  * last run failed; `never`: no backup yet; `running`: its job runs now;
- * `unscheduled`: in a repository no job given here backs up into.
+ * `unscheduled`: in a repository no job given here backs up into;
+ * `unreadable`: its repository could not be read (the problem says why).
  */
-export type DiskState = 'ok' | 'late' | 'failed' | 'never' | 'running' | 'unscheduled';
+export type DiskState = 'ok' | 'late' | 'failed' | 'never' | 'running' | 'unscheduled' | 'unreadable';
 
 export interface BackupSummary {
   id: string;
@@ -47,9 +48,11 @@ export interface DiskStatus {
   /** Bytes every backup of the disk occupies. */
   bytesStored: number;
   /** The disk's last run in a job: when, whether it succeeded, why not, how long. */
-  lastRun: { runId: string; startedAt: string; ok: boolean; error: string | null; durationMs: number; bytesRead: number | null; bytesWritten: number | null; boundingStage: string | null } | null;
+  lastRun: { job: string; runId: string; startedAt: string; ok: boolean; error: string | null; durationMs: number; bytesRead: number | null; bytesWritten: number | null; boundingStage: string | null } | null;
   /** Progress of the run in progress, 0 to 1, when the daemon knows it. */
   progress: number | null;
+  /** Why the disk's repository could not be read (state `unreadable`). */
+  problem?: string;
 }
 
 export interface JobStatus {
@@ -60,7 +63,7 @@ export interface JobStatus {
   timezone: string | null;
   nextRun: string | null;
   running: { runId: string | null; startedAt: string } | null;
-  lastRun: { runId: string; startedAt: string; finishedAt: string; ok: boolean; durationMs: number; trigger: string } | null;
+  lastRun: { runId: string; startedAt: string; finishedAt: string; ok: boolean; stopped: boolean; durationMs: number; trigger: string } | null;
   runs: number;
   failedRuns: number;
 }
@@ -92,37 +95,76 @@ export interface LiveState {
 
 export const NO_LIVE_STATE: LiveState = { running: () => null };
 
-/** Everything a page needs; `open` gives the repository at a path (the caller keeps them open). */
+/** How long one repository may take to be read for a page: past it, it is shown unreadable (a scrape must not time out). */
+export const REPOSITORY_READ_LIMIT_MS = 8_000;
+
+/**
+ * Everything a page needs; `open` gives the repository at a path (the caller
+ * keeps them open). A repository that cannot be read, or not within
+ * REPOSITORY_READ_LIMIT_MS, is listed with its problem, and the jobs backing
+ * up into it with their disks as `unreadable`: a disk never drops out of
+ * sight (or out of an alert) because its repository did.
+ */
 export async function readDashboard(jobs: readonly Job[], repositories: readonly string[], open: (path: string) => Promise<Repository>, live: LiveState, now = new Date()): Promise<DashboardDocument> {
   const doc: DashboardDocument = { format: DASHBOARD_FORMAT, generatedAt: now.toISOString(), jobs: [], disks: [], repositories: [] };
   const roots = [...new Set([...jobs.map((j) => j.repository), ...repositories])];
   for (const root of roots) {
-    let repo: Repository;
+    const own = jobs.filter((j) => j.repository === root);
+    let read: RepositoryRead;
     try {
-      repo = await open(root);
+      read = await withinLimit(readRepository(root, open), `did not answer within ${REPOSITORY_READ_LIMIT_MS / 1000} s`);
     } catch (err) {
-      doc.repositories.push({ repository: root, disks: 0, backups: 0, bytesStored: 0, problem: (err as Error).message });
+      const problem = (err as Error).message.split('\n')[0]!;
+      doc.repositories.push({ repository: root, disks: 0, backups: 0, bytesStored: 0, problem });
+      for (const job of own) {
+        doc.jobs.push(jobStatus(job, [], live, now));
+        for (const d of jobDisks(job, [], new Map())) doc.disks.push(unreadableDisk(d.disk, d.vm, job, root, problem, live));
+      }
       continue;
     }
-    const backups = await backupsByDisk(repo);
-    const reports = await loadRunReports(repo);
+    const { backups, reports, vms } = read;
     const claimed = new Set<string>();
-    for (const job of jobs.filter((j) => j.repository === root)) {
-      const own = reports.filter((r) => r.job === job.name);
-      doc.jobs.push(jobStatus(job, own, live, now));
-      for (const d of jobDisks(job, own, backups)) {
+    for (const job of own) {
+      const ownReports = reports.filter((r) => r.job === job.name);
+      doc.jobs.push(jobStatus(job, ownReports, live, now));
+      for (const d of jobDisks(job, ownReports, backups)) {
         claimed.add(d.disk);
-        doc.disks.push(diskStatus(d.disk, d.vm, job, root, backups.get(d.disk) ?? [], own, live, now));
+        doc.disks.push(diskStatus(d.disk, d.vm, job, root, backups.get(d.disk) ?? [], ownReports, live, now));
       }
     }
-    // A disk no job given here names: a VM's when the repository keeps that VM's backups.
-    const vms = await vmNames(repo).catch(() => [] as string[]);
+    // A disk no job given here names: a VM's when the repository keeps that VM's backups; its last run from any job's reports.
     const vmOf = (disk: string) => vms.find((vm) => disk.startsWith(`${vm}.`)) ?? null;
-    for (const [disk, list] of backups) if (!claimed.has(disk)) doc.disks.push(diskStatus(disk, vmOf(disk), null, root, list, [], live, now));
+    for (const [disk, list] of backups) if (!claimed.has(disk)) doc.disks.push(diskStatus(disk, vmOf(disk), null, root, list, reports, live, now));
     const all = [...backups.values()].flat();
     doc.repositories.push({ repository: root, disks: backups.size, backups: all.length, bytesStored: sum(all.map((b) => b.bytesStored)), problem: null });
   }
   return doc;
+}
+
+interface RepositoryRead {
+  backups: Map<string, BackupMetadata[]>;
+  reports: JobRunReport[];
+  vms: string[];
+}
+
+async function readRepository(root: string, open: (path: string) => Promise<Repository>): Promise<RepositoryRead> {
+  const repo = await open(root);
+  // The repository kept open may have gone since (its folder removed): its configuration says so.
+  await Repository.configOf(root);
+  return { backups: await backupsByDisk(repo), reports: await loadRunReports(repo), vms: await vmNames(repo).catch(() => [] as string[]) };
+}
+
+function withinLimit<T>(work: Promise<T>, problem: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(problem)), REPOSITORY_READ_LIMIT_MS);
+  });
+  return Promise.race([work, late]).finally(() => clearTimeout(timer));
+}
+
+function unreadableDisk(disk: string, vm: string | null, job: Job, repository: string, problem: string, live: LiveState): DiskStatus {
+  const running = live.running(job.name);
+  return { disk, vm, job: job.name, repository, state: running ? 'running' : 'unreadable', latest: null, ageSeconds: null, backups: 0, bytesStored: 0, lastRun: null, progress: running?.progress.get(disk) ?? null, problem };
 }
 
 const sum = (xs: number[]) => xs.reduce((a, b) => a + b, 0);
@@ -160,7 +202,7 @@ function jobStatus(job: Job, reports: JobRunReport[], live: LiveState, now: Date
     timezone: job.timezone,
     nextRun: next?.toISOString() ?? null,
     running: running ? { runId: running.runId, startedAt: running.startedAt } : null,
-    lastRun: last ? { runId: last.runId, startedAt: last.startedAt, finishedAt: last.finishedAt, ok: last.ok, durationMs: last.durationMs, trigger: last.trigger } : null,
+    lastRun: last ? { runId: last.runId, startedAt: last.startedAt, finishedAt: last.finishedAt, ok: last.ok, stopped: last.stopped === true, durationMs: last.durationMs, trigger: last.trigger } : null,
     runs: reports.filter((r) => !r.skipped).length,
     failedRuns: reports.filter((r) => !r.skipped && !r.ok).length,
   };
@@ -171,7 +213,7 @@ function diskStatus(disk: string, vm: string | null, job: Job | null, repository
   let lastRun: DiskStatus['lastRun'] = null;
   for (const r of reports) {
     const d: DiskRun | undefined = r.disks.find((x) => x.disk === disk);
-    if (d) lastRun = { runId: r.runId, startedAt: r.startedAt, ok: d.ok, error: d.error ?? null, durationMs: d.durationMs, bytesRead: d.bytesRead ?? null, bytesWritten: d.bytesWritten ?? null, boundingStage: d.boundingStage ?? null };
+    if (d) lastRun = { job: r.job, runId: r.runId, startedAt: r.startedAt, ok: d.ok, error: d.error ?? null, durationMs: d.durationMs, bytesRead: d.bytesRead ?? null, bytesWritten: d.bytesWritten ?? null, boundingStage: d.boundingStage ?? null };
   }
   const running = job ? live.running(job.name) : null;
   const progress = running?.progress.get(disk) ?? null;

@@ -8,7 +8,7 @@
 import { collectDefaultMetrics, Counter, Gauge, Registry } from 'prom-client';
 import type { DashboardDocument, DiskState } from './dashboard.js';
 
-const STATES: readonly DiskState[] = ['ok', 'late', 'failed', 'never', 'running', 'unscheduled'];
+const STATES: readonly DiskState[] = ['ok', 'late', 'failed', 'never', 'running', 'unscheduled', 'unreadable'];
 const seconds = (iso: string) => Date.parse(iso) / 1000;
 
 export class MetricsExporter {
@@ -28,7 +28,7 @@ export class MetricsExporter {
     const disk = ['repository', 'job', 'disk'] as const;
     const g = (name: string, help: string, labelNames: readonly string[]) => new Gauge({ name, help, labelNames, registers: [r] });
     const lastSuccess = g('vhdvault_disk_last_backup_timestamp_seconds', 'When the newest backup of the disk began (Unix time).', disk);
-    const state = g('vhdvault_disk_state', 'The disk\'s protection: 1 for its current state (ok, late, failed, never, running, unscheduled), 0 for the others.', [...disk, 'state']);
+    const state = g('vhdvault_disk_state', 'The disk\'s protection: 1 for its current state (ok, late, failed, never, running, unscheduled, unreadable), 0 for the others.', [...disk, 'state']);
     const duration = g('vhdvault_disk_last_run_duration_seconds', 'How long the disk\'s backup took in its job\'s last run.', disk);
     const result = g('vhdvault_disk_last_run_success', '1 when the disk\'s backup succeeded in its job\'s last run, 0 when it failed.', disk);
     const read = g('vhdvault_disk_last_run_read_bytes', 'Bytes the disk\'s backup read in its job\'s last run.', disk);

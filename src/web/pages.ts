@@ -17,6 +17,7 @@ const STATE_WORDS: Record<DiskState, string> = {
   never: 'never backed up',
   running: 'running',
   unscheduled: 'no job',
+  unreadable: 'repository unreadable',
 };
 
 /** The frame of every page: its title, the navigation, and the scripts it needs. */
@@ -33,7 +34,8 @@ export const diskLink = (d: { repository: string; disk: string }, repoIndex: num
 export const vmLink = (vm: string, repoIndex: number) => `/vms/${repoIndex}/${urlPart(vm)}`;
 export const runLink = (job: string, runId: string) => `/jobs/${urlPart(job)}/runs/${urlPart(runId)}`;
 
-export function overviewPage(doc: DashboardDocument): string {
+/** `canRun`: a daemon, which can start a job now (`ui` cannot: no button). */
+export function overviewPage(doc: DashboardDocument, canRun: boolean): string {
   const repoIndex = (root: string) => doc.repositories.findIndex((r) => r.repository === root);
   const counts = new Map<DiskState, number>();
   for (const d of doc.disks) counts.set(d.state, (counts.get(d.state) ?? 0) + 1);
@@ -44,7 +46,7 @@ export function overviewPage(doc: DashboardDocument): string {
 <h2>Disks and VMs</h2>
 ${doc.disks.length === 0 ? html`<p class="muted">No disk yet.</p>` : diskTable(doc.disks, repoIndex)}
 <h2>Jobs</h2>
-${doc.jobs.length === 0 ? html`<p class="muted">No job given: only repositories.</p>` : jobTable(doc)}
+${doc.jobs.length === 0 ? html`<p class="muted">No job given: only repositories.</p>` : jobTable(doc, canRun)}
 <h2>Repositories</h2>
 <table><thead><tr><th>repository</th><th>disks</th><th>backups</th><th>stored</th><th></th></tr></thead><tbody>
 ${doc.repositories.map((r) => html`<tr><td><code>${r.repository}</code></td><td>${r.disks}</td><td>${r.backups}</td><td>${formatBytes(r.bytesStored)}</td><td>${r.problem ? html`<span class="pill failed">${r.problem}</span>` : ''}</td></tr>`)}
@@ -53,7 +55,7 @@ ${doc.repositories.map((r) => html`<tr><td><code>${r.repository}</code></td><td>
 }
 
 function diskTable(disks: DiskStatus[], repoIndex: (root: string) => number): Html {
-  return html`<table id="disks"><thead><tr><th>disk</th><th>job</th><th>state</th><th>last backup</th><th>age</th><th>size</th><th>last run</th></tr></thead><tbody>
+  return html`<table id="disks"><thead><tr><th>disk</th><th>job</th><th>state</th><th>last backup</th><th>age</th><th title="what the newest backup occupies in the repository">stored</th><th>last run</th></tr></thead><tbody>
 ${disks.map(
   (d) => html`<tr data-disk="${d.disk}" data-repository="${d.repository}" class="${d.state}">
 <td><a href="${diskLink(d, repoIndex(d.repository))}">${d.disk}</a>${d.vm && d.latest ? html` <span class="muted">(VM <a href="${vmLink(d.vm, repoIndex(d.repository))}">${d.vm}</a>)</span>` : d.vm ? html` <span class="muted">(VM)</span>` : ''}</td>
@@ -62,24 +64,30 @@ ${disks.map(
 <td>${d.latest ? html`${d.latest.kind} <code>${d.latest.id}</code>` : '—'}</td>
 <td class="age">${d.ageSeconds === null ? '—' : `${duration(d.ageSeconds)} ago`}</td>
 <td>${d.latest ? formatBytes(d.latest.bytesStored) : '—'}</td>
-<td>${d.lastRun ? html`<a href="${runLink(d.job ?? '', d.lastRun.runId)}">${d.lastRun.ok ? 'ok' : 'failed'}</a>${d.lastRun.error ? html`: <span class="error">${d.lastRun.error}</span>` : ''}` : '—'}</td>
+<td>${d.problem ? html`<span class="error">${d.problem}</span>` : d.lastRun ? html`<a href="${runLink(d.lastRun.job, d.lastRun.runId)}">${d.lastRun.ok ? 'ok' : 'failed'}</a>${d.lastRun.error ? html`: <span class="error">${d.lastRun.error}</span>` : ''}` : '—'}</td>
 </tr>`,
 )}
 </tbody></table>`;
 }
 
-function jobTable(doc: DashboardDocument): Html {
+function jobTable(doc: DashboardDocument, canRun: boolean): Html {
   return html`<table id="jobs"><thead><tr><th>job</th><th>schedule</th><th>next run</th><th>last run</th><th>runs</th><th></th></tr></thead><tbody>
 ${doc.jobs.map(
   (j) => html`<tr data-job="${j.name}">
 <td>${j.name}</td><td><code>${j.schedule}</code>${j.timezone ? ` (${j.timezone})` : ''}</td>
 <td>${j.nextRun ?? 'never'}</td>
-<td class="job-state">${j.running ? html`<span class="pill running">running since ${j.running.startedAt}</span>` : j.lastRun ? html`<a href="${runLink(j.name, j.lastRun.runId)}">${j.lastRun.ok ? 'ok' : 'failed'}</a>, ${duration(j.lastRun.durationMs / 1000)}, ${j.lastRun.startedAt}` : '—'}</td>
+<td class="job-state">${j.running ? html`<span class="pill running">running since ${j.running.startedAt}</span>` : j.lastRun ? html`<a href="${runLink(j.name, j.lastRun.runId)}">${j.lastRun.ok ? 'ok' : j.lastRun.stopped ? 'stopped' : 'failed'}</a>, ${duration(j.lastRun.durationMs / 1000)}, ${j.lastRun.startedAt}` : '—'}</td>
 <td>${j.runs}${j.failedRuns ? html` <span class="error">(${j.failedRuns} failed)</span>` : ''}</td>
-<td><form method="post" action="/api/jobs/${urlPart(j.name)}/run" class="run-now"><button type="submit"${j.running ? ' disabled' : ''}>Run now</button></form></td>
+<td>${canRun ? html`<form method="post" action="/api/jobs/${urlPart(j.name)}/run" class="run-now"><button type="submit"${j.running ? ' disabled' : ''}>Run now</button></form>` : ''}</td>
 </tr>`,
 )}
 </tbody></table>`;
+}
+
+/** A vhdvault command line to copy into a shell: a word with anything but safe characters single-quoted. */
+function command(...words: string[]): string {
+  const quote = (w: string) => (/^[A-Za-z0-9_./:=@%+,-]+$/.test(w) ? w : `'${w.replaceAll("'", "'\\''")}'`);
+  return ['vhdvault', ...words.map(quote)].join(' ');
 }
 
 const STAGE_ORDER = ['read', 'digest', 'compress', 'write'] as const;
@@ -128,8 +136,8 @@ export function diskPage(status: DiskStatus, backups: BackupMetadata[], runs: Ar
 <ol class="chain">${backups.map(
     (b) => html`<li class="${b.kind}" data-id="${b.id}"><span class="bar" style="width:${Math.max(2, (b.bytesStored / newest) * 100).toFixed(1)}%"></span>
 <strong>${b.kind}</strong> <code>${b.id}</code> ${b.createdAt} · ${formatBytes(b.bytesStored)}${b.checkpoint ? html` · checkpoint <code>${b.checkpoint.bitmap}</code>` : ''}
-<details><summary>restore or serve this backup</summary><pre>vhdvault restore ${status.repository} ${status.disk} ${status.disk}.raw --backup ${b.id}
-vhdvault serve ${status.repository} ${status.disk} --backup ${b.id}</pre></details></li>`,
+<details><summary>restore or serve this backup</summary><pre>${command('restore', status.repository, status.disk, `${status.disk}.raw`, '--backup', b.id)}
+${command('serve', status.repository, status.disk, '--backup', b.id)}</pre></details></li>`,
   )}</ol>
 <h2>Runs</h2>
 ${runs.length === 0 ? html`<p class="muted">No job run recorded for this disk.</p>` : html`<table><thead><tr><th>run</th><th>result</th><th>duration</th><th>bounded by</th><th>verify</th></tr></thead><tbody>${runs
@@ -148,8 +156,8 @@ ${records.length === 0 ? html`<p class="muted">No VM backup yet.</p>` : ''}
 <ol class="chain vm">${[...records].reverse().map(
     (r) => html`<li data-id="${r.id}"><strong>${r.createdAt}</strong> <code>${r.id}</code> · ${r.quiesced ? `quiesced (frozen ${r.frozenMs ?? '?'} ms)` : r.pausedMs !== null ? `paused ${r.pausedMs} ms` : 'crash-consistent'} · ${r.definition.kind === 'libvirt' ? 'libvirt domain' : 'QEMU'}${r.checkpoint ? html` · checkpoint <code>${r.checkpoint}</code>` : ''}
 <br>${Object.entries(r.disks).map(([target, id]) => html`<span class="muted">${target}</span> <code>${id}</code> `)}
-<details><summary>restore or boot this VM backup</summary><pre>vhdvault vm restore ${repository} ${vm} ${vm}-restored --backup ${r.id}
-vhdvault vm boot-check ${repository} ${vm} --backup ${r.id}</pre></details></li>`,
+<details><summary>restore or boot this VM backup</summary><pre>${command('vm', 'restore', repository, vm, `${vm}-restored`, '--backup', r.id)}
+${command('vm', 'boot-check', repository, vm, '--backup', r.id)}</pre></details></li>`,
   )}</ol>`;
   return page(`VM ${vm}`, body);
 }
