@@ -8,7 +8,7 @@
  *
  * Environment: BENCH_SIZE_MIB (default 1024), BENCH_SECONDS per fio job
  * (default 10), BENCH_ROUNDS (default 2; servers alternate, medians kept),
- * BENCH_LAYOUT (dir | vhd, default dir), BENCH_DIR (where to work).
+ * BENCH_LAYOUT (dir | vhd | objects, default dir), BENCH_DIR (where to work).
  *
  * fio jobs (one connection each): 4 KiB random reads at iodepth 1 and 16, and
  * 1 MiB sequential reads at iodepth 4, each after a 2 s ramp (our server
@@ -55,6 +55,15 @@ async function startServer(kind: 'vhdvault' | 'qemu-nbd', work: string, repo: st
   return { uri: `nbd+unix:///${kind === 'vhdvault' ? 'vm' : ''}?socket=${socket}`, child };
 }
 
+/**
+ * Both servers' data read into the page cache before each server starts: the
+ * machine may reclaim pages it sees unused (DAMON), and a server should not
+ * win by its data having been read more recently than the other's.
+ */
+async function warm(raw: string, repo: string): Promise<void> {
+  await mustRun('sh', ['-c', 'cat "$1" > /dev/null && find "$2" -type f -exec cat {} + > /dev/null', 'warm', raw, repo]);
+}
+
 async function stop(child: ChildProcess): Promise<void> {
   const exited = new Promise((r) => child.once('exit', r));
   child.kill('SIGTERM');
@@ -85,6 +94,7 @@ async function main(): Promise<void> {
       const order = round % 2 === 0 ? (['vhdvault', 'qemu-nbd'] as const) : (['qemu-nbd', 'vhdvault'] as const);
       for (const kind of order) {
         // A fresh server per round: the first pass includes the digest checks.
+        await warm(raw, repo);
         const server = await startServer(kind, work, repo, raw);
         try {
           const record = (job: string, r: FioResult) => ((results[job] ??= {})[kind] ??= []).push(r);

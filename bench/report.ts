@@ -193,7 +193,7 @@ const SECTIONS: Section[] = [
     bench: 'nbd',
     title: 'Serving over NBD',
     what:
-      '`vhdvault serve` of a 1 GiB backup against `qemu-nbd` serving the same data as a raw file, read by fio\'s nbd engine over a Unix socket (one connection, 10 s per job after a 2 s ramp, servers alternating, medians); "first pass" reads a freshly started server once, every block\'s digest checked on the way. Then `backup --source nbd+unix://…` from qemu-nbd against the same backup taken from the file.',
+      '`vhdvault serve` of a 1 GiB backup against `qemu-nbd` serving the same data as a raw file, read by fio\'s nbd engine over a Unix socket (one connection, 10 s per job after a 2 s ramp, servers alternating, both servers\' data read into the page cache before each starts, medians); "first pass" reads a freshly started server once, every block\'s digest checked on the way. Then `backup --source nbd+unix://…` from qemu-nbd against the same backup taken from the file.',
     target: '≥ 0.7× qemu-nbd\'s IOPS at iodepth 16, ≥ 0.8× its sequential throughput, and a backup over NBD at ≥ 0.8× the speed of one from the file.',
     bound: 'each request\'s trip through Node\'s event loop (about twice qemu-nbd\'s cost at iodepth 1), and on a first read the 2 MiB block read through the chain and digested; sequential reads are answered from whole cached blocks.',
     command: 'npm run bench:nbd',

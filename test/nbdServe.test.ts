@@ -72,6 +72,37 @@ describe('real clients read through vhdvault serve', () => {
     });
   }
 
+  for (const layout of ['objects', 'dir', 'vhd'] as const) {
+    it(`a block read again once the cache let it go is read in place, exact (layout ${layout})`, async () => {
+      // 40 MiB: 20 blocks a backup, more than the server's 16 cached blocks.
+      const repo = join(dir, `again-${layout}`);
+      await initRepo(repo, layout);
+      const disk = join(dir, `again-${layout}.raw`);
+      await makeRaw(disk, 40 * MiB, [[0, 40 * MiB]]);
+      const first = await backupOf(repo, 'vm', disk);
+      const firstSha = await sha256(disk);
+      const fh = await open(disk, 'r+');
+      await fh.write(randomBytes(3 * BLOCK), 0, 3 * BLOCK, 5 * BLOCK + 4096);
+      await fh.close();
+      const second = await backupOf(repo, 'vm', disk);
+      const socket = join(dir, `again-${layout}.sock`);
+      const serving = await startServe(repo, 'vm', '--socket', socket);
+      try {
+        const copy = async (id: string, name: string) => {
+          const out = join(dir, `again-${layout}-${name}.raw`);
+          await run('nbdcopy', ['--request-size=65536', exportUri(serving, `vm@${id}`), out]);
+          return sha256(out);
+        };
+        // The first backup checked whole, then pushed out of the cache by the second, then read in 64 KiB pieces in place.
+        expect(await copy(first, 'first')).toBe(firstSha);
+        expect(await copy(second, 'second')).toBe(await sha256(disk));
+        expect(await copy(first, 'again')).toBe(firstSha);
+      } finally {
+        expect(await serving.stop()).toBe(0);
+      }
+    });
+  }
+
   it('nbdinfo lists every backup as an export and maps the blocks no backup stores as holes', async () => {
     const c = await chain('listing', 'dir');
     const serving = await startServe(c.repo, 'vm', '--listen', '127.0.0.1:0', '--backup', c.ids[1]!, '--name', 'restore-me');

@@ -5,6 +5,8 @@
  * member holds whole is read in place, a few KiB at a time, so random 4 KiB
  * reads do not cost a 2 MiB read and digest each; other blocks (compressed,
  * or composed from several members) are kept whole in a small cache.
+ * A reader going through the disk in order has the next blocks read and
+ * checked ahead of its requests, so that a first pass waits for neither.
  */
 import { AllocationFlag, Errno } from '../nbd/constants.js';
 import { ExportError } from '../nbd/errors.js';
@@ -41,6 +43,13 @@ export class BlockCache {
     if (this.blocks.size > this.capacity) this.blocks.delete(this.blocks.keys().next().value!);
   }
 }
+/**
+ * Blocks read and checked ahead of a reader that goes in order (4 MiB
+ * beside the cache's 16 blocks): enough that the next block's read and
+ * digest overlap the replies from this one.
+ */
+const READ_AHEAD = 2;
+
 /** Blocks one allocation answer covers at most (the client asks again for the rest). */
 const STATUS_BLOCKS = 65536;
 
@@ -79,6 +88,8 @@ export class BackupExport implements NbdExport {
   /** Per block: the member holding it whole and readable in place, -1 none (read whole), -2 not yet known. */
   private readonly holder: Int32Array;
   private readonly pending = new Map<number, Promise<Buffer | null>>();
+  /** Where the last read ended: a read that starts there continues an in-order pass. */
+  private lastEnd = -1;
 
   private constructor(
     readonly meta: BackupMetadata,
@@ -156,7 +167,21 @@ export class BackupExport implements NbdExport {
     return h;
   }
 
+  /**
+   * Start reading (and checking) the blocks after `block` that are stored and
+   * not yet checked. Errors are left to the read that needs the block.
+   */
+  private readAhead(block: number): void {
+    const last = Math.min(block + READ_AHEAD, this.source.blockCount - 1);
+    for (let b = block + 1; b <= last; b++) {
+      if (this.verified[b] || this.pending.has(b) || !this.isAllocated(b)) continue;
+      this.block(b).catch(() => {});
+    }
+  }
+
   async read(offset: number, length: number): Promise<ReadPiece[]> {
+    if (offset === this.lastEnd) this.readAhead(Math.floor((offset + length - 1) / this.blockSize));
+    this.lastEnd = offset + length;
     const pieces: ReadPiece[] = [];
     for (const s of segments(offset, length, this.blockSize)) {
       if (!this.isAllocated(s.block)) {

@@ -1,4 +1,5 @@
-import { type FileHandle, mkdir, open, readFile, rename, stat } from 'node:fs/promises';
+import { constants } from 'node:fs';
+import { type FileHandle, mkdir, open, rename, stat } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import pLimit from 'p-limit';
 import { bitmapByteSize, fullBitmap, setBit, testBit } from './bitmap.js';
@@ -57,11 +58,17 @@ async function readStored(dir: string, name: string, limit: number, seal: ChunkS
   const file = join(dir, name);
   let stored: Buffer;
   try {
-    const s = await stat(file);
-    if (!s.isFile()) throw new VaultError(file, 'is not a regular file');
-    // Unsealed, a sealed file's few extra bytes are read too: it is then named for what it is.
-    if (s.size > limit + (seal?.overhead ?? SEALED_SLACK)) throw new VaultError(file, `is ${s.size} bytes, more than its content can be (${limit} bytes${seal ? `, ${limit + seal.overhead} sealed` : ''})`);
-    stored = await readFile(file);
+    // Opened without waiting (a FIFO put there must not hang us), then checked: four calls, where stat and readFile took nine.
+    const fh = await open(file, constants.O_RDONLY | constants.O_NONBLOCK);
+    try {
+      const s = await fh.stat();
+      if (!s.isFile()) throw new VaultError(file, 'is not a regular file');
+      // Unsealed, a sealed file's few extra bytes are read too: it is then named for what it is.
+      if (s.size > limit + (seal?.overhead ?? SEALED_SLACK)) throw new VaultError(file, `is ${s.size} bytes, more than its content can be (${limit} bytes${seal ? `, ${limit + seal.overhead} sealed` : ''})`);
+      stored = await readAll(fh, s.size);
+    } finally {
+      await fh.close();
+    }
   } catch (err) {
     if (err instanceof VaultError) throw err;
     throw new VaultError(file, (err as NodeJS.ErrnoException).code === 'ENOENT' ? 'is missing' : describeFsError(err));
@@ -70,6 +77,18 @@ async function readStored(dir: string, name: string, limit: number, seal: ChunkS
   if (looksSealed(stored)) throw new VaultError(file, 'is sealed: it belongs to an encrypted repository (read its backups with vhdvault restore)');
   if (stored.length > limit) throw new VaultError(file, `is ${stored.length} bytes, more than its content can be (${limit} bytes)`);
   return stored;
+}
+
+/** The first `size` bytes of an open file in as few reads as it takes (one, for a regular file), fewer at its end. */
+async function readAll(fh: FileHandle, size: number): Promise<Buffer> {
+  const out = Buffer.allocUnsafe(size);
+  let n = 0;
+  while (n < size) {
+    const { bytesRead } = await fh.read(out, n, size - n, n);
+    if (bytesRead === 0) break;
+    n += bytesRead;
+  }
+  return n === size ? out : out.subarray(0, n);
 }
 
 /** Read one stored file of a VHD directory, decompressed, at most `maxLength` bytes of content. */

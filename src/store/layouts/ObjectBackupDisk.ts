@@ -3,7 +3,10 @@ import type { StoredBlock, VhdDisk } from '../../vhd/disk.js';
 import { type Footer, newFooter } from '../../vhd/footer.js';
 import { type DynamicHeader, newHeader } from '../../vhd/header.js';
 import { toVhdTimestamp } from '../../vhd/timestamp.js';
-import { type BlockMap, loadBlockMap, readBlockObject } from './blockObjects.js';
+import { type BlockMap, blockObjectKey, loadBlockMap, readBlockObject } from './blockObjects.js';
+import { isNotFound } from '../../storage/Storage.js';
+import { VaultError } from '../../util/errors.js';
+import { SharedObjectError } from '../finding.js';
 import { digestsKey } from '../keys.js';
 import type { BackupMetadata } from '../metadata.js';
 import type { LayoutContext } from './Layout.js';
@@ -53,6 +56,25 @@ export class ObjectBackupDisk implements VhdDisk {
   async readBlock(block: number): Promise<StoredBlock | null> {
     if (!this.isAllocated(block)) return null;
     return { bitmap: fullBitmap(this.blockSize), data: await readBlockObject(this.repo, this.meta, this.map.digest(block)) };
+  }
+
+  /**
+   * Whether readBlockRange() reads part of a block object in place: an
+   * uncompressed object holds the block's bytes as they are, and the storage
+   * reads a range of it (a sealed object is opened whole).
+   */
+  get rangeReads(): boolean {
+    return this.meta.compression === 'none' && this.repo.storage.capabilities.rangedReads;
+  }
+
+  /** Part of an allocated block, read from its object (a served 4 KiB read, after the block was checked whole). */
+  async readBlockRange(block: number, offset: number, length: number): Promise<Buffer> {
+    const k = blockObjectKey(this.meta.disk, this.map.digest(block));
+    const data = await this.repo.storage.get(k, { offset, length }).catch((err: unknown) => {
+      throw isNotFound(err) ? new SharedObjectError(this.repo.storage.describe(k), 'block object is missing', this.meta.id) : err;
+    });
+    if (data.length !== length) throw new VaultError(this.repo.storage.describe(k), `block object is shorter than a block (${this.blockSize} bytes)`);
+    return data;
   }
 
   async readLocatorData(): Promise<Buffer | null> {
