@@ -84,7 +84,11 @@ async function mergeBlocks(ctx: LayoutContext, p: MergePair, resumed: boolean): 
   );
   const move = storage.moveAll?.bind(storage);
   if (!move) throw new VaultError(ctx.root, 'this storage cannot rename: a dir-layout merge needs it');
-  await move(aside, { ignoreMissing: true });
+  // Not made durable on their own: setting a replaced block aside only keeps its freeing out of the
+  // rename over it. A crash that undoes some leaves those blocks where they were, and the resumed run
+  // sets them aside again (or, had only the move survived, the block would have been freed by it);
+  // either way nothing reads a replaced block again. The moves' folder fsyncs cover the parent's folder.
+  await move(aside, { ignoreMissing: true, durable: false });
   await move(moves, { ignoreMissing: resumed });
   // A partial block is combined with the parent's and stored whole over it; the child's file goes after.
   for (const b of partial) {
