@@ -146,11 +146,18 @@ export function localPathOf(storage: Storage, k: string): string {
 /** Bytes the given objects or prefixes occupy (a prefix: everything below it). */
 export async function bytesBelow(storage: Storage, keys: string[]): Promise<number> {
   let total = 0;
-  for (const k of keys) {
-    const info = await storage.head(k);
-    if (!info) continue;
-    if (!info.prefix) total += info.size;
-    else total += await bytesBelow(storage, (await storage.list(k)).map((name) => key(k, name)));
+  // A few dozen looked up at once: a merged 8 GiB backup is 4096 block files, and one at a time each waits its turn.
+  for (let i = 0; i < keys.length; i += HEADS_AT_ONCE) {
+    const sizes = await Promise.all(keys.slice(i, i + HEADS_AT_ONCE).map((k) => bytesAt(storage, k)));
+    total += sizes.reduce((a, b) => a + b, 0);
   }
   return total;
+}
+
+const HEADS_AT_ONCE = 32;
+
+async function bytesAt(storage: Storage, k: string): Promise<number> {
+  const info = await storage.head(k);
+  if (!info) return 0;
+  return info.prefix ? bytesBelow(storage, (await storage.list(k)).map((name) => key(k, name))) : info.size;
 }
