@@ -1,4 +1,4 @@
-import type { BatchOp, ListedObject, ObjectInfo, PutData, Storage, StorageCapabilities, StorageDescriptor } from '../storage/Storage.js';
+import type { BatchOp, DeleteOptions, ListedObject, ObjectInfo, PutData, Storage, StorageCapabilities, StorageDescriptor } from '../storage/Storage.js';
 import { OVERHEAD, open, seal, sealPieces } from './aead.js';
 import type { MasterKey } from './keyring.js';
 
@@ -19,7 +19,7 @@ export type BindingOf = (key: string) => string | null;
 export class SealedStorage implements Storage {
   readonly capabilities: StorageCapabilities;
   readonly rename?: (from: string, to: string) => Promise<void>;
-  readonly moveAll?: (pairs: Array<[from: string, to: string]>, options?: { ignoreMissing?: boolean }) => Promise<void>;
+  readonly moveAll?: (pairs: Array<[from: string, to: string]>, options?: { ignoreMissing?: boolean; durable?: boolean }) => Promise<void>;
   readonly localPath?: (key: string) => string;
 
   constructor(
@@ -87,8 +87,8 @@ export class SealedStorage implements Storage {
     return this.inner.sync(prefix);
   }
 
-  delete(key: string): Promise<void> {
-    return this.inner.delete(key);
+  delete(key: string, options?: DeleteOptions): Promise<void> {
+    return this.inner.delete(key, options);
   }
 
   deleteMany(keys: string[]): Promise<void> {

@@ -4,7 +4,7 @@ import pLimit from 'p-limit';
 import { describeFsError, VaultError } from '../util/errors.js';
 import { fsyncDirectory, syncFilesystem, temporaryPath } from '../util/fsync.js';
 import { readFileRange } from '../util/smallReads.js';
-import { type BatchOp, type ListedObject, type LocalDescriptor, NotFoundError, StorageError, type ObjectInfo, type PutData, type Storage, type StorageCapabilities } from './Storage.js';
+import { type BatchOp, type ListedObject, type LocalDescriptor, NotFoundError, StorageError, type ObjectInfo, type PutData, type DeleteOptions, type Storage, type StorageCapabilities } from './Storage.js';
 
 /**
  * A repository in a local (or mounted) folder: a key is a path below the root.
@@ -118,12 +118,13 @@ export class LocalStorage implements Storage {
     await syncFilesystem(this.localPath(prefix));
   }
 
-  async delete(key: string): Promise<void> {
+  async delete(key: string, options: DeleteOptions = {}): Promise<void> {
     const path = this.localPath(key);
     await rm(path, { recursive: true, force: true }).catch((err: unknown) => {
       throw this.failure(key, err);
     });
-    await fsyncDirectory(dirname(path)).catch(() => undefined);
+    // Garbage need not stay gone: a folder fsync after freeing data also waits for the filesystem to discard it.
+    if (options.durable !== false) await fsyncDirectory(dirname(path)).catch(() => undefined);
   }
 
   async deleteMany(keys: string[]): Promise<void> {
@@ -174,7 +175,7 @@ export class LocalStorage implements Storage {
     if (dirname(from) !== dirname(to)) await fsyncDirectory(dirname(this.localPath(from)));
   }
 
-  async moveAll(pairs: Array<[string, string]>, options: { ignoreMissing?: boolean } = {}): Promise<void> {
+  async moveAll(pairs: Array<[string, string]>, options: { ignoreMissing?: boolean; durable?: boolean } = {}): Promise<void> {
     const limit = pLimit(16);
     const folders = new Set<string>();
     await Promise.all(
@@ -192,7 +193,7 @@ export class LocalStorage implements Storage {
       ),
     );
     // Renames are durable once their folders are: one fsync per folder, not per file.
-    for (const f of folders) await fsyncDirectory(f);
+    if (options.durable !== false) for (const f of folders) await fsyncDirectory(f);
   }
 
   /** rename(2); the target's folder is made only when missing (the rename says so), sparing a syscall per block. */

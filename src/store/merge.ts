@@ -39,7 +39,8 @@ async function runJournal(repo: Repository, journal: MergeJournal, resumed: bool
   await repo.storage.put(metadataKey(child.disk, child.id), metadataText(merge.merged(journal)));
   // Still listed unless its metadata is gone: a failed read is an error, never "already deleted".
   if (await repo.storage.head(metadataKey(parent.disk, parent.id))) await repo.deleteBackup(await repo.backup(parent.disk, parent.id));
-  await repo.storage.delete(mergeJournalKey(child.disk));
+  // Not durable on its own: a journal a crash brings back stands at this step, whose rerun changes nothing.
+  await repo.storage.delete(mergeJournalKey(child.disk), { durable: false });
 }
 
 /**

@@ -84,7 +84,11 @@ async function mergeBlocks(ctx: LayoutContext, p: MergePair, resumed: boolean): 
   );
   const move = storage.moveAll?.bind(storage);
   if (!move) throw new VaultError(ctx.root, 'this storage cannot rename: a dir-layout merge needs it');
-  await move(aside, { ignoreMissing: true });
+  // Not made durable on their own: setting a replaced block aside only keeps its freeing out of the
+  // rename over it. A crash that undoes some leaves those blocks where they were, and the resumed run
+  // sets them aside again (or, had only the move survived, the block would have been freed by it);
+  // either way nothing reads a replaced block again. The moves' folder fsyncs cover the parent's folder.
+  await move(aside, { ignoreMissing: true, durable: false });
   await move(moves, { ignoreMissing: resumed });
   // A partial block is combined with the parent's and stored whole over it; the child's file goes after.
   for (const b of partial) {
@@ -105,8 +109,9 @@ async function mergeIdentity(ctx: LayoutContext, p: MergePair): Promise<void> {
   for (let b = 0; b < parent.blockCount; b++) {
     if (parent.isAllocated(b) || child.isAllocated(b)) setBit(bits, b);
   }
-  await ctx.storage.put(key(p.parentKey, BAT_FILE), await compress(parent.compression, bits));
-  await ctx.storage.put(key(p.parentKey, FOOTER_FILE), await compress(parent.compression, Buffer.from(p.journal.footer, 'base64')));
+  // Both at once, their fsyncs overlapping: the step is redone whole after a crash, so their order does not matter.
+  const [bat, footer] = [await compress(parent.compression, bits), await compress(parent.compression, Buffer.from(p.journal.footer, 'base64'))];
+  await Promise.all([ctx.storage.put(key(p.parentKey, BAT_FILE), bat), ctx.storage.put(key(p.parentKey, FOOTER_FILE), footer)]);
 }
 
 /** A staged VHD directory whose block files the workers create (storage.create), made durable together by finish(). */

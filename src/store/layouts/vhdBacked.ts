@@ -191,8 +191,15 @@ class VhdBackedLayout implements Layout {
     return false;
   }
 
+  /**
+   * The intent goes only once the data and digests are durably gone: the digests' removal fsyncs
+   * the disk's folder, which holds the data's name too. The intent's own removal need not be durable:
+   * one a crash brings back makes the next cleanup redo a deletion that is already done.
+   */
   async deleteFiles(ctx: LayoutContext, disk: string, id: string): Promise<void> {
-    await ctx.storage.batch([{ delete: this.dataKey(disk, id) }, { delete: digestsKey(disk, id) }, { delete: deletingKey(disk, id) }]);
+    await ctx.storage.delete(this.dataKey(disk, id), { durable: false });
+    await ctx.storage.delete(digestsKey(disk, id));
+    await ctx.storage.delete(deletingKey(disk, id), { durable: false });
   }
 
   keepsTemporary(): boolean {
@@ -318,12 +325,18 @@ class VhdMerge implements LayoutMerge {
     };
   }
 
+  /**
+   * The recount first (it counts the merged data only, not what was set aside): its metadata write
+   * is durable, and an fsync after the freeing would wait for the filesystem to discard the freed space.
+   * Then the garbage goes, both folders at once and not durably: the merge is committed, so what a
+   * crash brings back is still garbage, which the next writer's cleanup removes (leftover()).
+   */
   async reclaim(ctx: LayoutContext, { parent, child }: MergeJournal): Promise<void> {
-    await ctx.storage.delete(inDisk(child.disk, replacedName(parent.id)));
-    await ctx.storage.delete(inDisk(child.disk, trashName(this.layout.dataName(child.id))));
     const meta = await ctx.backup(child.disk, child.id);
     const bytesStored = await bytesBelow(ctx.storage, [this.layout.dataKey(meta.disk, meta.id), digestsKey(meta.disk, meta.id)]);
     if (bytesStored !== meta.bytesStored) await ctx.storage.put(metadataKey(meta.disk, meta.id), metadataText({ ...meta, bytesStored }));
+    const garbage = [replacedName(parent.id), trashName(this.layout.dataName(child.id))];
+    await Promise.all(garbage.map((name) => ctx.storage.delete(inDisk(child.disk, name), { durable: false })));
   }
 
   /**
