@@ -156,6 +156,22 @@ describe('vhdvault ui on a repository two job runs filled', () => {
   });
 });
 
+describe('a disk whose job\'s schedule fired since its newest backup', () => {
+  it('is late, in the page and in /metrics', async () => {
+    // Every second: the schedule last fired less than a second ago, after alpha's backups of the beforeAll.
+    const lateJob = join(dir, 'late.yaml');
+    await writeFile(lateJob, 'name: late\nschedule: "* * * * * *"\nrepository: repo\ndisks:\n  - name: alpha\n    source: alpha.raw\n');
+    const base = await ui(lateJob, '--http', '127.0.0.1:0');
+    const doc = (await (await fetch(`${base}/api/dashboard`)).json()) as { disks: Array<{ disk: string; job: string; state: string }> };
+    expect(doc.disks.find((d) => d.disk === 'alpha')).toMatchObject({ job: 'late', state: 'late' });
+    expect(visible((await text(`${base}/`)).body)).toMatch(/alpha late late delta/);
+    const families = parsePrometheus((await text(`${base}/metrics`)).body) as Family[];
+    const on = families.find((f) => f.name === 'vhdvault_disk_state')!.metrics.filter((m) => m.value === '1').map((m) => `${m.labels!.disk}=${m.labels!.state}`);
+    // gamma, which no job given here names, keeps the failure of its last run (in nightly).
+    expect(on.sort()).toEqual(['alpha=late', 'gamma=failed']);
+  });
+});
+
 describe('a VM backup', () => {
   it('has a page: its backups, how each was made consistent, its disks\' backups and the commands to restore and boot it', async () => {
     const vmRepo = join(dir, 'vm-repo');
