@@ -5,13 +5,13 @@
  * reports, "run now" on a daemon, and the access rules (token, loopback,
  * foreign Host, sizes).
  */
-import { type ChildProcess, spawn } from 'node:child_process';
 import { writeFile } from 'node:fs/promises';
 import { request } from 'node:http';
 import { connect, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { CLI, cliEnv, expectRefused, vhdvault, vhdvaultAsync } from './helpers/cli.js';
+import { expectRefused, vhdvault, vhdvaultAsync } from './helpers/cli.js';
+import { daemonDashboard, killUis, startUi } from './helpers/dashboard.js';
 import { Daemon, killDaemons } from './helpers/daemon.js';
 import { makeRaw, tempDir } from './helpers/files.js';
 import { initRepo } from './helpers/store.js';
@@ -33,11 +33,10 @@ const jobFile = join(dir, 'nightly.yaml');
 const slowJob = join(dir, 'slow.yaml');
 const token = 'a-token-of-thirty-two-characters';
 const tokenFile = join(dir, 'token');
-const children = new Set<ChildProcess>();
 
 afterAll(() => {
   killDaemons();
-  for (const c of children) c.kill('SIGKILL');
+  killUis();
 });
 
 beforeAll(async () => {
@@ -52,20 +51,6 @@ beforeAll(async () => {
 }, 120_000);
 
 /** `vhdvault ui …` on a free port; resolves to its base URL once it listens. */
-async function ui(...args: string[]): Promise<string> {
-  const child = spawn(process.execPath, [CLI, 'ui', ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: cliEnv() });
-  children.add(child);
-  let out = '';
-  child.stdout!.setEncoding('utf8');
-  return new Promise((resolve, reject) => {
-    child.stdout!.on('data', (d: string) => {
-      out += d;
-      const m = /vhdvault ui: (http:\/\/\S+\/)/.exec(out);
-      if (m) resolve(m[1]!.replace(/\/$/, ''));
-    });
-    child.once('exit', (code) => reject(new Error(`ui exited with ${code}: ${out}`)));
-  });
-}
 
 const text = async (url: string, init: RequestInit = {}) => {
   const r = await fetch(url, init);
@@ -87,7 +72,7 @@ const visible = (htmlText: string) => htmlText.replace(/<script[\s\S]*?<\/script
 describe('vhdvault ui on a repository two job runs filled', () => {
   let base = '';
   beforeAll(async () => {
-    base = await ui(jobFile, '--http', '127.0.0.1:0');
+    base = await startUi(jobFile, '--http', '127.0.0.1:0');
   });
 
   it('the overview shows each disk: protected with its age, failed with its reason; the job and the repository', async () => {
@@ -161,7 +146,7 @@ describe('a disk whose job\'s schedule fired since its newest backup', () => {
     // Every second: the schedule last fired less than a second ago, after alpha's backups of the beforeAll.
     const lateJob = join(dir, 'late.yaml');
     await writeFile(lateJob, 'name: late\nschedule: "* * * * * *"\nrepository: repo\ndisks:\n  - name: alpha\n    source: alpha.raw\n');
-    const base = await ui(lateJob, '--http', '127.0.0.1:0');
+    const base = await startUi(lateJob, '--http', '127.0.0.1:0');
     const doc = (await (await fetch(`${base}/api/dashboard`)).json()) as { disks: Array<{ disk: string; job: string; state: string }> };
     expect(doc.disks.find((d) => d.disk === 'alpha')).toMatchObject({ job: 'late', state: 'late' });
     expect(visible((await text(`${base}/`)).body)).toMatch(/alpha late late delta/);
@@ -184,7 +169,7 @@ describe('a VM backup', () => {
     const definition = { kind: 'qemu' as const, machine: 'pc', memoryMiB: 256, cpus: 1, kernel: null, initrd: null, append: null, disks: [], agent: true };
     const id = disks.vdb!;
     await writeVmRecord(await Repository.open(vmRepo), { format: 1, vm: 'web', id, createdAt: new Date().toISOString(), disks, quiesced: true, frozenMs: 42, pausedMs: null, checkpoint: null, definition });
-    const base = await ui(vmRepo, '--http', '127.0.0.1:0');
+    const base = await startUi(vmRepo, '--http', '127.0.0.1:0');
     const overview = await text(`${base}/`);
     expect(overview.body).toContain('<a href="/vms/0/web">web</a>');
     const { status, body } = await text(`${base}/vms/0/web`);
@@ -207,7 +192,7 @@ describe('the token', () => {
   });
 
   it('with one, every route answers 401 without it or with another; a browser gives it once through the form', async () => {
-    const base = await ui(repo, '--http', '127.0.0.1:0', '--token-file', tokenFile);
+    const base = await startUi(repo, '--http', '127.0.0.1:0', '--token-file', tokenFile);
     for (const path of ['/', '/metrics', '/assets/style.css', '/api/dashboard', '/trends', '/nope']) {
       expect((await text(`${base}${path}`)).status, path).toBe(401);
       expect((await text(`${base}${path}`, { headers: { Authorization: 'Bearer not-the-token-at-all' } })).status, path).toBe(401);
@@ -237,8 +222,7 @@ describe('the token', () => {
 describe('daemon --http', () => {
   it('"run now" starts a run the overview shows running with its progress; a second is refused while it goes; the page shows it done', async () => {
     const d = new Daemon(slowJob, '--http', '127.0.0.1:0');
-    const at = await d.waitFor((e) => e.event === 'listening');
-    const base = /dashboard at (http:\/\/\S+)\//.exec(d.events[at]!.message)![1]!;
+    const base = await daemonDashboard(d);
     const before = (await (await fetch(`${base}/api/dashboard`)).json()) as { jobs: Array<{ name: string; runs: number }> };
     expect(before.jobs.find((j) => j.name === 'slow')!.runs).toBe(0);
     const started = await fetch(`${base}/api/jobs/slow/run`, { method: 'POST' });
@@ -264,8 +248,7 @@ describe('daemon --http', () => {
 
   it('clients that send their headers a byte a second neither stall a run nor stay connected after 10 s', async () => {
     const d = new Daemon(slowJob, '--http', '127.0.0.1:0');
-    const at = await d.waitFor((e) => e.event === 'listening');
-    const base = /dashboard at (http:\/\/\S+)\//.exec(d.events[at]!.message)![1]!;
+    const base = await daemonDashboard(d);
     const { hostname, port } = new URL(base);
     const closed: number[] = [];
     const opened = performance.now();

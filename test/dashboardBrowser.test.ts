@@ -7,14 +7,14 @@
  * token form. Each page's screenshot is taken; with
  * VHDVAULT_DOC_SCREENSHOTS=1 they are written to docs/images/ for the docs.
  */
-import { type ChildProcess, spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { mkdir, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import puppeteer, { type Browser, type Page } from 'puppeteer-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { CLI, cliEnv, vhdvaultAsync } from './helpers/cli.js';
+import { vhdvaultAsync } from './helpers/cli.js';
+import { daemonDashboard, killUis, startUi } from './helpers/dashboard.js';
 import { Daemon, killDaemons } from './helpers/daemon.js';
 import { makeRaw, tempDir } from './helpers/files.js';
 import { initRepo } from './helpers/store.js';
@@ -29,7 +29,6 @@ const jobFile = join(dir, 'nightly.yaml');
 const slowJob = join(dir, 'slow.yaml');
 const token = 'browser-token-0123456789abcdef';
 const shots = process.env.VHDVAULT_DOC_SCREENSHOTS === '1' ? fileURLToPath(new URL('../docs/images/', import.meta.url)) : join(dir, 'shots');
-const children = new Set<ChildProcess>();
 let browser: Browser;
 
 beforeAll(async () => {
@@ -57,23 +56,9 @@ beforeAll(async () => {
 afterAll(async () => {
   await browser?.close();
   killDaemons();
-  for (const c of children) c.kill('SIGKILL');
+  killUis();
 });
 
-async function ui(...args: string[]): Promise<string> {
-  const child = spawn(process.execPath, [CLI, 'ui', ...args, '--http', '127.0.0.1:0'], { stdio: ['ignore', 'pipe', 'pipe'], env: cliEnv() });
-  children.add(child);
-  let out = '';
-  child.stdout!.setEncoding('utf8');
-  return new Promise((resolve, reject) => {
-    child.stdout!.on('data', (d: string) => {
-      out += d;
-      const m = /vhdvault ui: (http:\/\/\S+)\//.exec(out);
-      if (m) resolve(m[1]!);
-    });
-    child.once('exit', (code) => reject(new Error(`ui exited with ${code}: ${out}`)));
-  });
-}
 
 /** A fresh page that fails the test on any script error or failed request. */
 async function open(url: string): Promise<{ page: Page; problems: string[] }> {
@@ -110,7 +95,7 @@ async function shoot(page: Page, name: string): Promise<void> {
 describe.skipIf(!hasChromium)('the dashboard in chromium', () => {
   let base = '';
   beforeAll(async () => {
-    base = await ui(jobFile);
+    base = await startUi(jobFile, '--http', '127.0.0.1:0');
   });
 
   it('overview: each disk with its state, age and size; the failed one with its reason', async () => {
@@ -161,7 +146,7 @@ describe.skipIf(!hasChromium)('the dashboard in chromium', () => {
   });
 
   it('with a token, the page asks for it once and remembers it', async () => {
-    const guarded = await ui(repo, '--token-file', join(dir, 'token'));
+    const guarded = await startUi(repo, '--token-file', join(dir, 'token'), '--http', '127.0.0.1:0');
     const { page, problems } = await open(`${guarded}/`);
     expect(await page.$eval('body', (b) => (b as HTMLElement).innerText)).toContain('This dashboard needs its token');
     await page.type('input[name="token"]', token);
@@ -176,8 +161,7 @@ describe.skipIf(!hasChromium)('the dashboard in chromium', () => {
 describe.skipIf(!hasChromium)('a daemon\'s dashboard in chromium', () => {
   it('"run now" turns the job and its disk to running with progress, then back, without a reload', async () => {
     const d = new Daemon(slowJob, '--http', '127.0.0.1:0');
-    const at = await d.waitFor((e) => e.event === 'listening');
-    const base = /dashboard at (http:\/\/\S+)\//.exec(d.events[at]!.message)![1]!;
+    const base = await daemonDashboard(d);
     const { page, problems } = await open(`${base}/`);
     expect(await rowText(page, '#disks tr[data-disk="big"] td.state')).toBe('never backed up');
     await page.click('#jobs tr[data-job="slow"] button');
