@@ -108,13 +108,13 @@ export const REPOSITORY_READ_LIMIT_MS = 8_000;
 export async function readDashboard(jobs: readonly Job[], repositories: readonly string[], open: (path: string) => Promise<Repository>, live: LiveState, now = new Date()): Promise<DashboardDocument> {
   const doc: DashboardDocument = { format: DASHBOARD_FORMAT, generatedAt: now.toISOString(), jobs: [], disks: [], repositories: [] };
   const roots = [...new Set([...jobs.map((j) => j.repository), ...repositories])];
-  for (const root of roots) {
+  // All at once: one slow repository costs its time limit once, not once per repository after it.
+  const reads = await Promise.all(roots.map((root) => withinLimit(readOnce(root, open), `did not answer within ${REPOSITORY_READ_LIMIT_MS / 1000} s`).catch((err: unknown) => err as Error)));
+  for (const [i, root] of roots.entries()) {
     const own = jobs.filter((j) => j.repository === root);
-    let read: RepositoryRead;
-    try {
-      read = await withinLimit(readRepository(root, open), `did not answer within ${REPOSITORY_READ_LIMIT_MS / 1000} s`);
-    } catch (err) {
-      const problem = (err as Error).message.split('\n')[0]!;
+    const read = reads[i]!;
+    if (read instanceof Error) {
+      const problem = read.message.split('\n')[0]!;
       doc.repositories.push({ repository: root, disks: 0, backups: 0, bytesStored: 0, problem });
       for (const job of own) {
         doc.jobs.push(jobStatus(job, [], live, now));
@@ -145,6 +145,24 @@ interface RepositoryRead {
   backups: Map<string, BackupMetadata[]>;
   reports: JobRunReport[];
   vms: string[];
+}
+
+/**
+ * A read of the repository still going is joined, not doubled: a store that
+ * never answers (its requests time out only after minutes) holds one read,
+ * however many pages are asked for meanwhile.
+ */
+const inFlight = new Map<string, Promise<RepositoryRead>>();
+
+function readOnce(root: string, open: (path: string) => Promise<Repository>): Promise<RepositoryRead> {
+  let read = inFlight.get(root);
+  if (!read) {
+    read = readRepository(root, open);
+    inFlight.set(root, read);
+    const done = () => inFlight.delete(root);
+    read.then(done, done);
+  }
+  return read;
 }
 
 async function readRepository(root: string, open: (path: string) => Promise<Repository>): Promise<RepositoryRead> {
